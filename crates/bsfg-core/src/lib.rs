@@ -1,0 +1,22 @@
+//! # bsfg-core
+//!
+//! The heart of BSFG, the Bidirectional Store-and-Forward Gateway: the message model
+//! and its validation ([`model`]), the one error type with stable reasons
+//! ([`error`]), the ports that adapters implement ([`ports`]) and the Boundary engine
+//! that serves the four operations over them ([`engine`]).
+//!
+//! Architecture invariant: this crate performs no I/O and depends on no adapter.
+
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod names;
+pub mod ports;
+
+pub use engine::Boundary;
+pub use error::{BoundaryError, Reason};
+pub use model::{ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, ValidatedMessage};
+pub use ports::{
+    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact,
+    Frontier, ObjectInfo, ObjectStore,
+};

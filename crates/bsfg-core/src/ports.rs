@@ -1,0 +1,137 @@
+//! The ports: what the engine needs from a store, and what every transport serves.
+//!
+//! Adapters implement these traits in their own crates; bsfg-core never names them.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::error::BoundaryError;
+use crate::model::{Message, ValidatedMessage};
+
+/// A stream of byte chunks, used for artifacts in both directions so that no artifact
+/// is ever held whole in memory.
+pub type ByteStream = BoxStream<'static, Result<Bytes, BoundaryError>>;
+
+/// Result of an AppendFact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// Stream (stream class) that holds the fact.
+    pub stream: String,
+    /// Offset of the fact in that stream.
+    pub offset: u64,
+    /// True when the message_id was already stored with the same payload; nothing new
+    /// was stored and `offset` is the original one.
+    pub duplicate: bool,
+}
+
+/// A FetchFacts request. The server keeps the read position; the client never sends one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Durable consumer name.
+    pub consumer: String,
+    /// Upper bound on the page size (at least 1).
+    pub limit: u32,
+    /// How long to wait when nothing is ready (long-poll). Zero returns at once.
+    pub wait: Duration,
+}
+
+/// One fact of a fetched page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedFact {
+    /// Offset in the consumer's stream.
+    pub offset: u64,
+    /// When this zone appended it (Unix ms, the store's clock).
+    pub appended_at_unix_ms: i64,
+    /// How many times it has been delivered to this consumer (1 = first time).
+    pub delivery_count: u64,
+    /// The message as stored (canonical object_json).
+    pub message: Message,
+}
+
+/// A page of facts plus the stream and consumer positions, so a receiver can compute
+/// lag and detect gaps without extra calls.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FactPage {
+    /// Stream the consumer reads.
+    pub stream: String,
+    /// Facts in offset order. Unconfirmed facts may come again (at-least-once).
+    pub facts: Vec<FetchedFact>,
+    /// Oldest offset still retained by the stream (0 when the stream is empty).
+    pub first_offset: u64,
+    /// Newest offset in the stream.
+    pub last_offset: u64,
+    /// The consumer's frontier: highest contiguous confirmed offset.
+    pub frontier: u64,
+    /// Facts not yet confirmed by this consumer (delivered or not).
+    pub pending: u64,
+}
+
+/// Result of a ConfirmReceipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frontier {
+    /// Highest contiguous confirmed offset of the consumer.
+    pub offset: u64,
+}
+
+/// Result of a PutObject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// `sha256:<hex>` of the bytes.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The four boundary operations. Implemented by the engine and by transport clients,
+/// so a replicator is just a client of two `BoundaryApi` values.
+#[async_trait]
+pub trait BoundaryApi: Send + Sync {
+    /// Durable, idempotent append to this zone's log.
+    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError>;
+    /// Paged pull for a durable named consumer.
+    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError>;
+    /// "Everything up to `offset` is durably committed on my side."
+    async fn confirm_receipt(&self, consumer: &str, offset: u64)
+    -> Result<Frontier, BoundaryError>;
+    /// Stores an artifact, streamed. Same key + same bytes is idempotent; same key +
+    /// different bytes is refused.
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError>;
+}
+
+/// The zone-local log of facts.
+#[async_trait]
+pub trait FactLog: Send + Sync {
+    /// Appends durably. Permanently idempotent on message_id: same id + same digest
+    /// returns the original offset with `duplicate = true` and stores nothing; same
+    /// id + different digest is `ConflictingDuplicate` and stores nothing.
+    async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError>;
+    /// Returns up to `request.limit` facts for the durable consumer, waiting up to
+    /// `request.wait` when none is ready; an empty page when nothing arrives.
+    async fn fetch(&self, request: &FetchRequest) -> Result<FactPage, BoundaryError>;
+    /// Acknowledges what was delivered up to `offset` and returns the frontier.
+    /// Past the highest delivered offset is `InvalidArgument`; at or below the
+    /// frontier changes nothing.
+    async fn confirm(&self, consumer: &str, offset: u64) -> Result<Frontier, BoundaryError>;
+}
+
+/// The zone-local artifact store.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// Stores `body` under `bucket/key`, streamed; see [`BoundaryApi::put_object`].
+    async fn put(&self, bucket: &str, key: &str, body: ByteStream)
+    -> Result<ObjectInfo, BoundaryError>;
+    /// Reads an object back as a stream of chunks.
+    async fn get(&self, bucket: &str, key: &str) -> Result<ByteStream, BoundaryError>;
+}

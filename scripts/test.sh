@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, checks format and lints, runs every test.
+# Tests that touch JetStream start real nats-servers on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export BSFG_NATS_SERVER="$PWD/.tools/bin/nats-server"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
