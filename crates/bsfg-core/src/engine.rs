@@ -11,8 +11,8 @@ use crate::error::BoundaryError;
 use crate::model::{Limits, Message};
 use crate::names;
 use crate::ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
-    ObjectInfo, ObjectStore,
+    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier, ObjectInfo,
+    ObjectStore,
 };
 
 /// Implements [`BoundaryApi`] for one zone.

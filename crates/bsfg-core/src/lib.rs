@@ -17,6 +17,6 @@ pub use engine::Boundary;
 pub use error::{BoundaryError, Reason};
 pub use model::{ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, ValidatedMessage};
 pub use ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact,
-    Frontier, ObjectInfo, ObjectStore,
+    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact, Frontier,
+    ObjectInfo, ObjectStore,
 };

@@ -203,7 +203,11 @@ pub fn validate_subject(field: &str, subject: &str) -> Result<(), BoundaryError>
         return Err(BoundaryError::invalid(field, RULE));
     }
     let parts: Vec<&str> = rest.split('/').collect();
-    if parts.len() > 2 || parts.iter().any(|p| p.is_empty() || !p.chars().all(is_id_char)) {
+    if parts.len() > 2
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.chars().all(is_id_char))
+    {
         return Err(BoundaryError::invalid(field, RULE));
     }
     Ok(())
@@ -227,9 +231,9 @@ pub fn validate_predicate(field: &str, predicate: &str) -> Result<(), BoundaryEr
 
 /// Checks `sha256:<64 lowercase hex>`.
 pub fn validate_object_digest(field: &str, digest: &str) -> Result<(), BoundaryError> {
-    let ok = digest.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
-    });
+    let ok = digest
+        .strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
     if ok {
         Ok(())
     } else {
@@ -373,7 +377,10 @@ fn approximate_size(m: &Message) -> usize {
         + e.to_zone.len()
         + e.correlation_id.as_ref().map_or(0, String::len)
         + e.causation_id.as_ref().map_or(0, String::len)
-        + e.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + e.labels
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
         + e.object_media_type.as_ref().map_or(0, String::len)
         + e.object_schema.as_ref().map_or(0, String::len)
         + f.subject.len()
@@ -447,7 +454,10 @@ mod tests {
     #[test]
     fn valid_message_gets_canonical_object_json() {
         let v = Limits::default().validate(sample()).expect("valid");
-        assert_eq!(v.message().fact.object_json, r#"{"operator":"jdoe","step":3}"#);
+        assert_eq!(
+            v.message().fact.object_json,
+            r#"{"operator":"jdoe","step":3}"#
+        );
         assert_eq!(v.subject_kind(), "batch");
     }
 
@@ -484,32 +494,109 @@ mod tests {
     #[test]
     fn each_invalid_field_is_named() {
         let cases: Vec<(&str, Box<dyn Fn(&mut Message)>)> = vec![
-            ("envelope.message_id", Box::new(|m| m.envelope.message_id.clear())),
-            ("envelope.message_id", Box::new(|m| m.envelope.message_id = "x".repeat(300))),
-            ("envelope.message_id", Box::new(|m| m.envelope.message_id = "a b".into())),
-            ("envelope.from_zone", Box::new(|m| m.envelope.from_zone = "plant.a".into())),
-            ("envelope.to_zone", Box::new(|m| m.envelope.to_zone = String::new())),
-            ("envelope.produced_at_unix_ms", Box::new(|m| m.envelope.produced_at_unix_ms = 0)),
-            ("envelope.correlation_id", Box::new(|m| m.envelope.correlation_id = Some(String::new()))),
-            ("envelope.causation_id", Box::new(|m| m.envelope.causation_id = Some("\n".into()))),
-            ("envelope.labels", Box::new(|m| { m.envelope.labels.insert("bad key".into(), "v".into()); })),
-            ("envelope.labels.site", Box::new(|m| { m.envelope.labels.insert("site".into(), "\u{7}".into()); })),
-            ("envelope.object_media_type", Box::new(|m| m.envelope.object_media_type = Some("pdf".into()))),
-            ("fact.subject", Box::new(|m| m.fact.subject = "Batch:B1".into())),
-            ("fact.subject", Box::new(|m| m.fact.subject = "batch".into())),
-            ("fact.subject", Box::new(|m| m.fact.subject = "batch:a/b/c".into())),
-            ("fact.subject", Box::new(|m| m.fact.subject = "batch:".into())),
-            ("fact.predicate", Box::new(|m| m.fact.predicate = "StepCompleted".into())),
-            ("fact.predicate", Box::new(|m| m.fact.predicate = "step__done".into())),
-            ("fact.object_json", Box::new(|m| m.fact.object_json = "{not json".into())),
-            ("fact.object_json", Box::new(|m| m.fact.object_json = format!("\"{}\"", "x".repeat(1024 * 1024 + 1)))),
-            ("fact.artifacts[0].digest", Box::new(|m| {
-                m.envelope.object_media_type = Some("application/pdf".into());
-                m.fact.artifacts.push(ArtifactRef { bucket: "b".into(), key: "k".into(), digest: "md5:00".into(), size: 1 });
-            })),
-            ("envelope.object_media_type", Box::new(|m| {
-                m.fact.artifacts.push(ArtifactRef { bucket: "b".into(), key: "k".into(), digest: format!("sha256:{}", "0".repeat(64)), size: 1 });
-            })),
+            (
+                "envelope.message_id",
+                Box::new(|m| m.envelope.message_id.clear()),
+            ),
+            (
+                "envelope.message_id",
+                Box::new(|m| m.envelope.message_id = "x".repeat(300)),
+            ),
+            (
+                "envelope.message_id",
+                Box::new(|m| m.envelope.message_id = "a b".into()),
+            ),
+            (
+                "envelope.from_zone",
+                Box::new(|m| m.envelope.from_zone = "plant.a".into()),
+            ),
+            (
+                "envelope.to_zone",
+                Box::new(|m| m.envelope.to_zone = String::new()),
+            ),
+            (
+                "envelope.produced_at_unix_ms",
+                Box::new(|m| m.envelope.produced_at_unix_ms = 0),
+            ),
+            (
+                "envelope.correlation_id",
+                Box::new(|m| m.envelope.correlation_id = Some(String::new())),
+            ),
+            (
+                "envelope.causation_id",
+                Box::new(|m| m.envelope.causation_id = Some("\n".into())),
+            ),
+            (
+                "envelope.labels",
+                Box::new(|m| {
+                    m.envelope.labels.insert("bad key".into(), "v".into());
+                }),
+            ),
+            (
+                "envelope.labels.site",
+                Box::new(|m| {
+                    m.envelope.labels.insert("site".into(), "\u{7}".into());
+                }),
+            ),
+            (
+                "envelope.object_media_type",
+                Box::new(|m| m.envelope.object_media_type = Some("pdf".into())),
+            ),
+            (
+                "fact.subject",
+                Box::new(|m| m.fact.subject = "Batch:B1".into()),
+            ),
+            (
+                "fact.subject",
+                Box::new(|m| m.fact.subject = "batch".into()),
+            ),
+            (
+                "fact.subject",
+                Box::new(|m| m.fact.subject = "batch:a/b/c".into()),
+            ),
+            (
+                "fact.subject",
+                Box::new(|m| m.fact.subject = "batch:".into()),
+            ),
+            (
+                "fact.predicate",
+                Box::new(|m| m.fact.predicate = "StepCompleted".into()),
+            ),
+            (
+                "fact.predicate",
+                Box::new(|m| m.fact.predicate = "step__done".into()),
+            ),
+            (
+                "fact.object_json",
+                Box::new(|m| m.fact.object_json = "{not json".into()),
+            ),
+            (
+                "fact.object_json",
+                Box::new(|m| m.fact.object_json = format!("\"{}\"", "x".repeat(1024 * 1024 + 1))),
+            ),
+            (
+                "fact.artifacts[0].digest",
+                Box::new(|m| {
+                    m.envelope.object_media_type = Some("application/pdf".into());
+                    m.fact.artifacts.push(ArtifactRef {
+                        bucket: "b".into(),
+                        key: "k".into(),
+                        digest: "md5:00".into(),
+                        size: 1,
+                    });
+                }),
+            ),
+            (
+                "envelope.object_media_type",
+                Box::new(|m| {
+                    m.fact.artifacts.push(ArtifactRef {
+                        bucket: "b".into(),
+                        key: "k".into(),
+                        digest: format!("sha256:{}", "0".repeat(64)),
+                        size: 1,
+                    });
+                }),
+            ),
         ];
         for (field, mutate) in cases {
             let mut m = sample();
@@ -520,7 +607,12 @@ mod tests {
 
     #[test]
     fn subjects_of_the_contract_are_accepted() {
-        for s in ["batch:PlantA/B1042", "asset:PlantB/FILLER-07", "document:QMS/SOP-123.v4", "order:4711"] {
+        for s in [
+            "batch:PlantA/B1042",
+            "asset:PlantB/FILLER-07",
+            "document:QMS/SOP-123.v4",
+            "order:4711",
+        ] {
             validate_subject("s", s).expect(s);
         }
     }

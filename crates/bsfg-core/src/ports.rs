@@ -130,8 +130,12 @@ pub trait FactLog: Send + Sync {
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Stores `body` under `bucket/key`, streamed; see [`BoundaryApi::put_object`].
-    async fn put(&self, bucket: &str, key: &str, body: ByteStream)
-    -> Result<ObjectInfo, BoundaryError>;
+    async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError>;
     /// Reads an object back as a stream of chunks.
     async fn get(&self, bucket: &str, key: &str) -> Result<ByteStream, BoundaryError>;
 }

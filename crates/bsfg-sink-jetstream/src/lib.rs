@@ -1,1 +1,300 @@
-//! placeholder
+//! # bsfg-sink-jetstream
+//!
+//! A zone's [`FactLog`] and [`ObjectStore`] on its own JetStream domain:
+//! - one stream per stream class (`facts_operational`, ...) over subjects
+//!   `facts.<class>.<subject kind>.<id token>`, the class picked from a label;
+//! - a permanent idempotency index (`bsfg_ids`), written before the fact in an
+//!   order that no crash can turn into a lost or doubled fact (see [`append`]);
+//! - durable pull consumers with explicit acks for FetchFacts / ConfirmReceipt;
+//! - JetStream Object Store buckets for artifacts.
+//!
+//! Start-up creates what is missing and reports what conflicts; it never silently
+//! changes an existing stream or consumer.
+
+pub mod append;
+pub mod config;
+pub mod durability;
+pub mod error;
+mod fetch;
+mod objects;
+pub mod streams;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use async_trait::async_trait;
+use bsfg_core::{
+    AppendOutcome, BoundaryError, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
+    ObjectInfo, ObjectStore, ValidatedMessage, names,
+};
+use tokio::sync::{RwLock, mpsc, oneshot};
+
+pub use config::{ConsumerConfig, JetStreamConfig, StreamClass};
+pub use durability::Durability;
+pub use error::SinkError;
+
+/// A zone log on JetStream. Cheap to share behind an `Arc`.
+pub struct JetStreamZone {
+    config: JetStreamConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    streams: HashMap<String, jetstream::stream::Stream>,
+    queue: mpsc::Sender<append::Job>,
+    consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
+    buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
+    durability: Durability,
+}
+
+fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
+    let bad = |e: BoundaryError| SinkError::Config(e.to_string());
+    if cfg.classes.is_empty() {
+        return Err(SinkError::Config(
+            "at least one stream class is required".into(),
+        ));
+    }
+    for c in &cfg.classes {
+        names::validate_class("classes.name", &c.name).map_err(bad)?;
+    }
+    if !cfg.classes.iter().any(|c| c.name == cfg.default_class) {
+        return Err(SinkError::Config(format!(
+            "default_class `{}` is not one of the configured classes",
+            cfg.default_class
+        )));
+    }
+    if !(1..=1000).contains(&cfg.max_batch) {
+        return Err(SinkError::Config(
+            "max_batch must be between 1 and 1000".into(),
+        ));
+    }
+    if cfg.queue_capacity == 0 || cfg.max_inflight_batches == 0 {
+        return Err(SinkError::Config(
+            "queue_capacity and max_inflight_batches must be at least 1".into(),
+        ));
+    }
+    for c in &cfg.consumers {
+        names::validate_consumer("consumers.name", &c.name).map_err(bad)?;
+        if !cfg.classes.iter().any(|k| k.name == c.class) {
+            return Err(SinkError::Config(format!(
+                "consumer `{}` reads class `{}`, which is not configured",
+                c.name, c.class
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl JetStreamZone {
+    /// Connects, creates or verifies the streams, index and declared consumers, probes
+    /// durability, and starts the append pipeline.
+    pub async fn connect(config: JetStreamConfig) -> Result<Self, SinkError> {
+        validate_config(&config)?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("bsfg-{}", config.zone))
+            .connect(&config.url)
+            .await
+            .map_err(|source| SinkError::Connect {
+                url: config.url.clone(),
+                source,
+            })?;
+        let js = match &config.domain {
+            Some(d) => jetstream::with_domain(client.clone(), d),
+            None => jetstream::new(client.clone()),
+        };
+        let mut streams = HashMap::new();
+        for class in &config.classes {
+            let s = streams::ensure(&js, streams::class_stream_config(class, &config)).await?;
+            streams.insert(class.stream_name(), s);
+        }
+        let index = streams::ensure(&js, streams::index_stream_config(&config)).await?;
+
+        let durability = match &config.monitor_url {
+            Some(url) => durability::probe(url).await,
+            None => Durability::Unknown,
+        };
+        match durability {
+            Durability::Lazy => tracing::warn!(
+                zone = %config.zone,
+                "nats-server flushes JetStream lazily: acknowledged facts can be lost on power failure; run it with `sync_interval: always`"
+            ),
+            Durability::Unknown => tracing::info!(
+                zone = %config.zone,
+                "could not tell whether nats-server syncs every write (set monitor_url to check)"
+            ),
+            Durability::SyncAlways => {
+                tracing::info!(zone = %config.zone, "nats-server syncs every JetStream write")
+            }
+        }
+
+        let (tx, rx) = mpsc::channel(config.queue_capacity);
+        let appender = Arc::new(append::Appender {
+            client: client.clone(),
+            js: js.clone(),
+            index,
+            streams: streams.clone(),
+            max_batch: config.max_batch,
+            zone: config.zone.clone(),
+        });
+        tokio::spawn(append::run(appender, rx, config.max_inflight_batches));
+
+        let zone = JetStreamZone {
+            config,
+            client,
+            js,
+            streams,
+            queue: tx,
+            consumers: RwLock::new(HashMap::new()),
+            buckets: RwLock::new(HashMap::new()),
+            durability,
+        };
+        for c in zone.config.consumers.clone() {
+            zone.declare_consumer(&c).await?;
+        }
+        Ok(zone)
+    }
+
+    /// What start-up learned about the server's flushing.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &JetStreamConfig {
+        &self.config
+    }
+
+    /// The NATS client (shared connection), for tools and tests.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Creates or verifies a durable consumer at run time.
+    pub async fn declare_consumer(&self, c: &ConsumerConfig) -> Result<(), SinkError> {
+        names::validate_consumer("consumer.name", &c.name)
+            .map_err(|e| SinkError::Config(e.to_string()))?;
+        let class = self
+            .config
+            .classes
+            .iter()
+            .find(|k| k.name == c.class)
+            .ok_or_else(|| SinkError::Config(format!("class `{}` is not configured", c.class)))?;
+        let stream = self
+            .streams
+            .get(&class.stream_name())
+            .ok_or_else(|| SinkError::Config(format!("no stream for class `{}`", c.class)))?;
+        let handle = fetch::ensure(stream, c).await?;
+        self.consumers
+            .write()
+            .await
+            .insert(c.name.clone(), Arc::new(handle));
+        Ok(())
+    }
+
+    async fn consumer(&self, name: &str) -> Result<Arc<fetch::ConsumerHandle>, BoundaryError> {
+        if let Some(h) = self.consumers.read().await.get(name) {
+            return Ok(h.clone());
+        }
+        Err(BoundaryError::UnknownConsumer(name.to_owned()))
+    }
+
+    /// Picks the class stream for a message from its class label.
+    fn route(&self, msg: &ValidatedMessage) -> Result<(String, String), BoundaryError> {
+        let m = msg.message();
+        let class = match m.envelope.labels.get(&self.config.class_label) {
+            None => &self.config.default_class,
+            Some(v) => self
+                .config
+                .classes
+                .iter()
+                .find(|c| &c.name == v)
+                .map(|c| &c.name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self
+                        .config
+                        .classes
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    BoundaryError::invalid(
+                        format!("envelope.labels.{}", self.config.class_label),
+                        format!("must be one of the zone's stream classes {known:?}"),
+                    )
+                })?,
+        };
+        let subject = format!(
+            "facts.{class}.{}.{}",
+            msg.subject_kind(),
+            append::id_token(msg.message_id())
+        );
+        Ok((format!("facts_{class}"), subject))
+    }
+
+    async fn bucket(
+        &self,
+        name: &str,
+    ) -> Result<jetstream::object_store::ObjectStore, BoundaryError> {
+        if let Some(b) = self.buckets.read().await.get(name) {
+            return Ok(b.clone());
+        }
+        let b = objects::bucket(&self.js, name, self.config.replicas).await?;
+        self.buckets
+            .write()
+            .await
+            .insert(name.to_owned(), b.clone());
+        Ok(b)
+    }
+}
+
+#[async_trait]
+impl FactLog for JetStreamZone {
+    async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError> {
+        let (stream, subject) = self.route(&message)?;
+        let (reply, rx) = oneshot::channel();
+        let job = append::Job {
+            msg: message,
+            stream,
+            subject,
+            reply,
+        };
+        self.queue.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => BoundaryError::Backpressure(format!(
+                "zone {} has {} appends waiting; retry later",
+                self.config.zone, self.config.queue_capacity
+            )),
+            mpsc::error::TrySendError::Closed(_) => {
+                BoundaryError::Unavailable("append pipeline stopped".into())
+            }
+        })?;
+        rx.await
+            .map_err(|_| BoundaryError::Unavailable("append pipeline dropped the request".into()))?
+    }
+
+    async fn fetch(&self, request: &FetchRequest) -> Result<FactPage, BoundaryError> {
+        self.consumer(&request.consumer).await?.fetch(request).await
+    }
+
+    async fn confirm(&self, consumer: &str, offset: u64) -> Result<Frontier, BoundaryError> {
+        self.consumer(consumer)
+            .await?
+            .confirm(&self.client, consumer, offset)
+            .await
+    }
+}
+
+#[async_trait]
+impl ObjectStore for JetStreamZone {
+    async fn put(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError> {
+        let store = self.bucket(bucket).await?;
+        objects::put(&store, bucket, key, self.config.object_chunk_size, body).await
+    }
+
+    async fn get(&self, bucket: &str, key: &str) -> Result<ByteStream, BoundaryError> {
+        let store = self.bucket(bucket).await?;
+        objects::get(&store, key).await
+    }
+}

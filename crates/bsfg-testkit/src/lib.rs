@@ -61,7 +61,10 @@ pub struct NatsServer {
 
 fn free_port() -> Result<u16, TestkitError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::Io("bind", e))?;
-    let port = l.local_addr().map_err(|e| TestkitError::Io("bind", e))?.port();
+    let port = l
+        .local_addr()
+        .map_err(|e| TestkitError::Io("bind", e))?
+        .port();
     Ok(port)
 }
 

@@ -1,0 +1,469 @@
+//! The append pipeline: group commit with permanent, crash-safe idempotency.
+//!
+//! ## Write order (per page of concurrent appends)
+//! 1. **Reserve** in the index stream `bsfg_ids`: one message per fact on subject
+//!    `bsfg.ids.<token>` (token = first 128 bits of SHA-256(message_id)) carrying
+//!    `{id, digest, stream, subject}`, published as one atomic batch with
+//!    `Nats-Expected-Last-Subject-Sequence: 0` on every message. The server commits
+//!    the batch only if no message_id in it was ever reserved: exactly one appender
+//!    (task, process or gateway instance) wins each id.
+//! 2. **Publish** the facts to their class stream on per-id subjects
+//!    `facts.<class>.<kind>.<token>`, again one atomic batch with
+//!    `Nats-Expected-Last-Subject-Sequence: 0`: a fact subject can hold one fact only.
+//! 3. Answer the callers with their offsets, then **record** the offsets in the index
+//!    (one more batch, replacing the reservation since the index keeps one message
+//!    per subject). Step 3 only speeds up later duplicate look-ups.
+//!
+//! ## Why no crash point stores two copies or loses one
+//! - Crash before 1 commits: nothing stored, the caller got no offset and retries.
+//! - Crash between 1 and 2: a reservation without a fact. A retry finds the
+//!   reservation with the same digest, looks for the fact under its subject, finds
+//!   none, and publishes it (step 2's compare-and-set stops two completers).
+//! - Crash between 2 and 3: a retry finds the fact under its subject and returns its
+//!   offset as a duplicate (and repairs the index).
+//! - Same id, different payload: the reservation's digest differs, so the append is
+//!   `conflicting_duplicate` whatever the class label says.
+//!
+//! Every write is a server-side compare-and-set and each step costs one disk sync
+//! per batch, not per fact, under `sync_interval: always`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::Stream};
+use bsfg_core::{AppendOutcome, BoundaryError, ValidatedMessage};
+use bytes::Bytes;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::streams::INDEX_PREFIX;
+
+/// Header carrying the message_id on stored facts.
+pub const HDR_MESSAGE_ID: &str = "Bsfg-Message-Id";
+/// Header carrying the payload digest (hex) on stored facts.
+pub const HDR_DIGEST: &str = "Bsfg-Digest";
+const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+
+/// Rounds of compare-and-set before an append gives up with `unavailable`.
+const MAX_ATTEMPTS: usize = 5;
+
+/// 128-bit subject token of a message_id: a valid NATS token whatever the id holds.
+pub fn id_token(message_id: &str) -> String {
+    let d = Sha256::digest(message_id.as_bytes());
+    hex::encode(&d[..16])
+}
+
+/// Index entry stored at `bsfg.ids.<token>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct IndexEntry {
+    pub id: String,
+    pub digest: String,
+    pub stream: String,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+pub(crate) struct Job {
+    pub msg: ValidatedMessage,
+    /// Class stream chosen from the labels.
+    pub stream: String,
+    /// Fact subject in that stream.
+    pub subject: String,
+    pub reply: oneshot::Sender<Result<AppendOutcome, BoundaryError>>,
+}
+
+impl Job {
+    fn token(&self) -> String {
+        id_token(self.msg.message_id())
+    }
+}
+
+/// Shared handles of the pipeline.
+pub(crate) struct Appender {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub index: Stream,
+    pub streams: HashMap<String, Stream>,
+    pub max_batch: usize,
+    pub zone: String,
+}
+
+/// Why an atomic batch did not commit.
+enum BatchError {
+    /// A compare-and-set failed: some subject already holds a message.
+    Taken,
+    /// Anything else; the outcome is unknown only if the commit was sent.
+    Other(String),
+}
+
+/// Runs the batcher: takes jobs off the queue, forms batches, runs up to
+/// `max_inflight` of them at once. Ends when every sender is dropped.
+pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, max_inflight: usize) {
+    let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < appender.max_batch {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let a = appender.clone();
+        tokio::spawn(async move {
+            a.process(jobs).await;
+            drop(permit);
+        });
+    }
+    // Wait for in-flight batches before returning, so shutdown loses no answer.
+    let _ = permits.acquire_many(max_inflight.max(1) as u32).await;
+}
+
+fn header(h: &mut HeaderMap, k: &'static str, v: &str) {
+    h.insert(k, v);
+}
+
+impl Appender {
+    /// Processes one batch of jobs. Jobs sharing a message_id are handled in later
+    /// rounds, so each round holds every id once and sees the earlier rounds' result.
+    async fn process(&self, jobs: Vec<Job>) {
+        let mut rest = jobs;
+        while !rest.is_empty() {
+            let mut seen = HashSet::new();
+            let (round, later): (Vec<Job>, Vec<Job>) = rest
+                .into_iter()
+                .partition(|j| seen.insert(j.msg.message_id().to_owned()));
+            self.round(round).await;
+            rest = later;
+        }
+    }
+
+    async fn round(&self, jobs: Vec<Job>) {
+        // Step 1: reserve.
+        let mut to_reserve: Vec<Job> = jobs;
+        let mut to_publish: Vec<(Job, String, String)> = Vec::new(); // job, stream, subject
+        let mut commits: Vec<IndexEntry> = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            if to_reserve.is_empty() {
+                break;
+            }
+            let msgs = to_reserve
+                .iter()
+                .map(|j| {
+                    let entry = IndexEntry {
+                        id: j.msg.message_id().to_owned(),
+                        digest: j.msg.digest().to_hex(),
+                        stream: j.stream.clone(),
+                        subject: j.subject.clone(),
+                        offset: None,
+                    };
+                    let mut h = HeaderMap::new();
+                    header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
+                    (format!("{INDEX_PREFIX}.{}", j.token()), h, to_json(&entry))
+                })
+                .collect();
+            match self.publish_atomic(msgs).await {
+                Ok(_) => {
+                    for j in to_reserve.drain(..) {
+                        let (s, subj) = (j.stream.clone(), j.subject.clone());
+                        to_publish.push((j, s, subj));
+                    }
+                }
+                Err(BatchError::Other(e)) => {
+                    fail_all(to_reserve, &e);
+                    to_reserve = Vec::new();
+                }
+                Err(BatchError::Taken) => {
+                    // Someone holds at least one id: look every id up.
+                    let lookups = join_all(to_reserve.iter().map(|j| self.lookup_index(j))).await;
+                    let mut still_new = Vec::new();
+                    for (j, found) in to_reserve.drain(..).zip(lookups) {
+                        match found {
+                            Err(e) => reply(j, Err(e)),
+                            Ok(None) => still_new.push(j),
+                            Ok(Some(entry)) => {
+                                self.resolve_existing(j, entry, &mut to_publish, &mut commits)
+                                    .await
+                            }
+                        }
+                    }
+                    to_reserve = still_new;
+                }
+            }
+        }
+        fail_all(to_reserve, "index reservation did not settle");
+
+        // Step 2: publish per stream.
+        let mut by_stream: HashMap<String, Vec<(Job, String)>> = HashMap::new();
+        for (j, stream, subject) in to_publish {
+            by_stream.entry(stream).or_default().push((j, subject));
+        }
+        let results = join_all(
+            by_stream
+                .into_iter()
+                .map(|(stream, jobs)| self.publish_facts(stream, jobs)),
+        )
+        .await;
+        for r in results {
+            commits.extend(r);
+        }
+
+        // Step 3: record offsets in the index (best effort; see module docs).
+        if !commits.is_empty() {
+            let msgs = commits
+                .iter()
+                .map(|e| {
+                    (
+                        format!("{INDEX_PREFIX}.{}", id_token(&e.id)),
+                        HeaderMap::new(),
+                        to_json(e),
+                    )
+                })
+                .collect();
+            let outcome = self.publish_atomic(msgs).await;
+            if let Err(BatchError::Other(e)) = outcome {
+                tracing::warn!(zone = %self.zone, error = %e, "recording offsets in the idempotency index failed; look-ups repair it");
+            }
+        }
+    }
+
+    /// An id is already reserved: decide duplicate, conflict, or completion.
+    async fn resolve_existing(
+        &self,
+        job: Job,
+        entry: IndexEntry,
+        to_publish: &mut Vec<(Job, String, String)>,
+        commits: &mut Vec<IndexEntry>,
+    ) {
+        let stored_offset = match entry.offset {
+            Some(o) => Ok(Some(o)),
+            None => self
+                .lookup_fact(&entry.stream, &entry.subject)
+                .await
+                .map(|f| f.map(|(seq, _)| seq)),
+        };
+        let stored_offset = match stored_offset {
+            Ok(o) => o,
+            Err(e) => return reply(job, Err(e)),
+        };
+        if entry.digest != job.msg.digest().to_hex() {
+            return reply(
+                job,
+                Err(BoundaryError::ConflictingDuplicate {
+                    message_id: entry.id,
+                    stream: entry.stream,
+                    offset: stored_offset.unwrap_or(0),
+                }),
+            );
+        }
+        match stored_offset {
+            Some(offset) => {
+                if entry.offset.is_none() {
+                    commits.push(IndexEntry {
+                        offset: Some(offset),
+                        ..entry.clone()
+                    });
+                }
+                reply(
+                    job,
+                    Ok(AppendOutcome {
+                        stream: entry.stream,
+                        offset,
+                        duplicate: true,
+                    }),
+                )
+            }
+            // Reserved but never published (a crash between steps 1 and 2, or the
+            // winner is still in flight): complete it in the reserved stream.
+            None => to_publish.push((job, entry.stream, entry.subject)),
+        }
+    }
+
+    async fn publish_facts(&self, stream: String, mut jobs: Vec<(Job, String)>) -> Vec<IndexEntry> {
+        let mut commits = Vec::new();
+        for _ in 0..MAX_ATTEMPTS {
+            if jobs.is_empty() {
+                return commits;
+            }
+            let msgs = jobs
+                .iter()
+                .map(|(j, subject)| {
+                    let mut h = HeaderMap::new();
+                    header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
+                    header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
+                    header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
+                    (subject.clone(), h, to_json(j.msg.message()))
+                })
+                .collect();
+            match self.publish_atomic(msgs).await {
+                Ok(seqs) => {
+                    for ((j, subject), seq) in jobs.drain(..).zip(seqs) {
+                        commits.push(IndexEntry {
+                            id: j.msg.message_id().to_owned(),
+                            digest: j.msg.digest().to_hex(),
+                            stream: stream.clone(),
+                            subject,
+                            offset: Some(seq),
+                        });
+                        reply(
+                            j,
+                            Ok(AppendOutcome {
+                                stream: stream.clone(),
+                                offset: seq,
+                                duplicate: false,
+                            }),
+                        );
+                    }
+                }
+                Err(BatchError::Other(e)) => {
+                    fail_all(jobs.into_iter().map(|(j, _)| j).collect(), &e);
+                    return commits;
+                }
+                Err(BatchError::Taken) => {
+                    // Another completer published some of these: find which.
+                    let found =
+                        join_all(jobs.iter().map(|(_, s)| self.lookup_fact(&stream, s))).await;
+                    let mut retry = Vec::new();
+                    for ((j, subject), f) in jobs.drain(..).zip(found) {
+                        match f {
+                            Err(e) => reply(j, Err(e)),
+                            Ok(None) => retry.push((j, subject)),
+                            Ok(Some((seq, digest))) if digest == j.msg.digest().to_hex() => reply(
+                                j,
+                                Ok(AppendOutcome {
+                                    stream: stream.clone(),
+                                    offset: seq,
+                                    duplicate: true,
+                                }),
+                            ),
+                            Ok(Some((seq, _))) => reply(
+                                j,
+                                Err(BoundaryError::Internal(format!(
+                                    "fact subject {subject} holds offset {seq} with another digest than its index reservation"
+                                ))),
+                            ),
+                        }
+                    }
+                    jobs = retry;
+                }
+            }
+        }
+        fail_all(
+            jobs.into_iter().map(|(j, _)| j).collect(),
+            "fact publish did not settle",
+        );
+        commits
+    }
+
+    async fn lookup_index(&self, job: &Job) -> Result<Option<IndexEntry>, BoundaryError> {
+        let subject = format!("{INDEX_PREFIX}.{}", job.token());
+        match self.index.direct_get_last_for_subject(subject).await {
+            Ok(m) => serde_json::from_slice(&m.payload).map(Some).map_err(|e| {
+                BoundaryError::Internal(format!("corrupt idempotency index entry: {e}"))
+            }),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BoundaryError::Unavailable(format!("index look-up: {e}"))),
+        }
+    }
+
+    /// Finds the fact stored under `subject`: its offset and digest.
+    async fn lookup_fact(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Option<(u64, String)>, BoundaryError> {
+        let Some(s) = self.streams.get(stream) else {
+            return Err(BoundaryError::Internal(format!(
+                "index refers to stream {stream}, which this zone does not configure"
+            )));
+        };
+        match s.direct_get_last_for_subject(subject).await {
+            Ok(m) => {
+                let digest = m
+                    .headers
+                    .get(HDR_DIGEST)
+                    .map(|v| v.as_str().to_owned())
+                    .unwrap_or_default();
+                Ok(Some((m.sequence, digest)))
+            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BoundaryError::Unavailable(format!("fact look-up: {e}"))),
+        }
+    }
+
+    /// Publishes messages as one atomic batch (ADR-50) in chunks of `max_batch`.
+    /// Returns the stream sequence of every message, in order.
+    async fn publish_atomic(
+        &self,
+        msgs: Vec<(String, HeaderMap, Bytes)>,
+    ) -> Result<Vec<u64>, BatchError> {
+        let mut seqs = Vec::with_capacity(msgs.len());
+        let mut msgs = msgs.into_iter().peekable();
+        while msgs.peek().is_some() {
+            let chunk: Vec<_> = msgs.by_ref().take(self.max_batch.clamp(1, 1000)).collect();
+            let n = chunk.len() as u64;
+            let batch_id = nuid::next().to_string();
+            let mut ack = None;
+            for (i, (subject, mut h, payload)) in chunk.into_iter().enumerate() {
+                header(&mut h, "Nats-Batch-Id", &batch_id);
+                header(&mut h, "Nats-Batch-Sequence", &(i as u64 + 1).to_string());
+                if i as u64 + 1 == n {
+                    header(&mut h, "Nats-Batch-Commit", "1");
+                    ack = Some(
+                        self.js
+                            .publish_with_headers(subject, h, payload)
+                            .await
+                            .map_err(|e| BatchError::Other(format!("publish: {e}")))?,
+                    );
+                } else {
+                    self.client
+                        .publish_with_headers(subject, h, payload)
+                        .await
+                        .map_err(|e| BatchError::Other(format!("publish: {e}")))?;
+                }
+            }
+            let Some(ack) = ack else { break };
+            match ack.await {
+                Ok(a) => {
+                    let count = a.batch_size.unwrap_or(n);
+                    if count != n || a.sequence < n {
+                        return Err(BatchError::Other(format!(
+                            "atomic batch committed {count} of {n} messages (ack seq {})",
+                            a.sequence
+                        )));
+                    }
+                    // An atomic batch is stored as one contiguous run ending at the
+                    // ack's sequence.
+                    seqs.extend(a.sequence + 1 - n..=a.sequence);
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(BatchError::Taken);
+                }
+                Err(e) => return Err(BatchError::Other(format!("batch commit: {e}"))),
+            }
+        }
+        Ok(seqs)
+    }
+}
+
+fn to_json<T: Serialize>(v: &T) -> Bytes {
+    // Serializing plain structs of strings and integers cannot fail.
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn reply(job: Job, result: Result<AppendOutcome, BoundaryError>) {
+    // A caller that went away no longer needs the answer; the write stands.
+    let _ = job.reply.send(result);
+}
+
+fn fail_all(jobs: Vec<Job>, why: &str) {
+    for j in jobs {
+        reply(j, Err(BoundaryError::Unavailable(why.to_owned())));
+    }
+}

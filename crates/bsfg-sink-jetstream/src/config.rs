@@ -1,0 +1,127 @@
+//! Typed configuration of a zone's JetStream sink, with documented defaults.
+
+use std::time::Duration;
+
+/// One stream class: a JetStream stream `facts_<name>` over subjects `facts.<name>.>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamClass {
+    /// Class name, `[a-z0-9_]`; also the value of the class label that selects it.
+    pub name: String,
+    /// Retention: facts older than this are removed by JetStream.
+    pub max_age: Duration,
+}
+
+impl StreamClass {
+    /// A class with the given retention.
+    pub fn new(name: impl Into<String>, max_age: Duration) -> Self {
+        StreamClass {
+            name: name.into(),
+            max_age,
+        }
+    }
+
+    /// JetStream stream name (`facts_<class>`; stream names cannot contain dots).
+    pub fn stream_name(&self) -> String {
+        format!("facts_{}", self.name)
+    }
+}
+
+/// A durable pull consumer declared in config ("governed infrastructure").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// Durable name, stable across restarts, shareable by instances of one reader.
+    pub name: String,
+    /// Stream class it reads.
+    pub class: String,
+    /// Subject kinds to read (`batch`, `asset`); empty reads the whole class.
+    pub subject_kinds: Vec<String>,
+    /// Delivered but unconfirmed facts come again after this long.
+    pub ack_wait: Duration,
+    /// Upper bound on delivered-but-unconfirmed facts.
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerConfig {
+    /// A consumer of a whole class with default ack wait (30 s) and 10 000 pending.
+    pub fn new(name: impl Into<String>, class: impl Into<String>) -> Self {
+        ConsumerConfig {
+            name: name.into(),
+            class: class.into(),
+            subject_kinds: Vec::new(),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+        }
+    }
+
+    /// Sets the ack wait.
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+}
+
+/// Everything the sink needs to run a zone log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// Zone name, for logs.
+    pub zone: String,
+    /// NATS URL of the zone-local server, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// JetStream domain of the zone, if the server has one.
+    pub domain: Option<String>,
+    /// nats-server monitoring URL (`http://127.0.0.1:8222`); when set, start-up warns
+    /// if the server flushes lazily (no `sync_interval: always`).
+    pub monitor_url: Option<String>,
+    /// Stream classes. Default: operational (30 d), audit (365 d), documents (90 d).
+    pub classes: Vec<StreamClass>,
+    /// Label whose value picks the class. Default `class`.
+    pub class_label: String,
+    /// Class used when the label is absent. Default `operational`.
+    pub default_class: String,
+    /// JetStream replicas of every stream. Default 1.
+    pub replicas: usize,
+    /// JetStream's own duplicate window (BSFG's idempotency does not depend on it).
+    /// Default 2 minutes.
+    pub duplicate_window: Duration,
+    /// Retention of the idempotency index; zero keeps entries forever. Default zero.
+    pub index_max_age: Duration,
+    /// Consumers created or verified at start-up.
+    pub consumers: Vec<ConsumerConfig>,
+    /// Most facts committed in one atomic batch (at most 1000). Default 500.
+    pub max_batch: usize,
+    /// Batches in flight at once. Default 4.
+    pub max_inflight_batches: usize,
+    /// Appends waiting for a batch before new ones get `backpressure`. Default 20 000.
+    pub queue_capacity: usize,
+    /// Replicas and storage for object store buckets follow `replicas`; buckets are
+    /// created on first put.
+    pub object_chunk_size: usize,
+}
+
+impl JetStreamConfig {
+    /// Defaults for a zone reachable at `url`.
+    pub fn new(zone: impl Into<String>, url: impl Into<String>) -> Self {
+        const DAY: u64 = 24 * 3600;
+        JetStreamConfig {
+            zone: zone.into(),
+            url: url.into(),
+            domain: None,
+            monitor_url: None,
+            classes: vec![
+                StreamClass::new("operational", Duration::from_secs(30 * DAY)),
+                StreamClass::new("audit", Duration::from_secs(365 * DAY)),
+                StreamClass::new("documents", Duration::from_secs(90 * DAY)),
+            ],
+            class_label: "class".into(),
+            default_class: "operational".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            index_max_age: Duration::ZERO,
+            consumers: Vec::new(),
+            max_batch: 500,
+            max_inflight_batches: 4,
+            queue_capacity: 20_000,
+            object_chunk_size: 128 * 1024,
+        }
+    }
+}

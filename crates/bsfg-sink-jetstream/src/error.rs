@@ -1,0 +1,53 @@
+//! Start-up errors of the sink. Runtime errors of the four operations are
+//! [`bsfg_core::BoundaryError`]s.
+
+/// Why a zone log could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The configuration breaks a rule.
+    #[error("sink config: {0}")]
+    Config(String),
+    /// The NATS server could not be reached.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// URL tried.
+        url: String,
+        /// Cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// A stream or consumer exists with settings other than the configured ones. It is
+    /// reported, never silently changed.
+    #[error(
+        "{kind} `{name}` exists with {field} = {existing}, but the config wants {wanted}; change the config or migrate the {kind} by hand"
+    )]
+    Conflict {
+        /// `stream` or `consumer`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The differing setting.
+        field: &'static str,
+        /// What the server has.
+        existing: String,
+        /// What the config wants.
+        wanted: String,
+    },
+    /// A JetStream API call failed.
+    #[error("JetStream {op}: {message}")]
+    JetStream {
+        /// What was being done.
+        op: &'static str,
+        /// The server's or client's message.
+        message: String,
+    },
+}
+
+impl SinkError {
+    pub(crate) fn js(op: &'static str, e: impl std::fmt::Display) -> Self {
+        SinkError::JetStream {
+            op,
+            message: e.to_string(),
+        }
+    }
+}

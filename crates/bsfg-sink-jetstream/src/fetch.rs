@@ -1,0 +1,279 @@
+//! FetchFacts and ConfirmReceipt on durable pull consumers with explicit acks.
+//!
+//! The frontier is the consumer's ack floor: JetStream only advances it over a
+//! gap-free prefix of acknowledged offsets. A confirm acknowledges what this gateway
+//! delivered up to the offset, with a double ack so the server has applied it before
+//! the frontier is read back.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    stream::Stream,
+};
+use bsfg_core::{BoundaryError, FactPage, FetchRequest, FetchedFact, Frontier, Message};
+use futures::{StreamExt, TryStreamExt};
+
+use crate::config::ConsumerConfig;
+use crate::error::SinkError;
+
+/// A declared consumer and the ack handles of what this gateway delivered.
+pub(crate) struct ConsumerHandle {
+    pub stream_name: String,
+    pub stream: Stream,
+    pub consumer: PullConsumer,
+    /// stream offset -> ack subject of its latest delivery through this gateway.
+    delivered: Mutex<BTreeMap<u64, String>>,
+}
+
+pub(crate) fn consumer_config(c: &ConsumerConfig) -> pull::Config {
+    let filter_subjects = if c.subject_kinds.is_empty() {
+        vec![format!("facts.{}.>", c.class)]
+    } else {
+        c.subject_kinds
+            .iter()
+            .map(|k| format!("facts.{}.{k}.*", c.class))
+            .collect()
+    };
+    pull::Config {
+        durable_name: Some(c.name.clone()),
+        description: Some("BSFG durable consumer".into()),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: c.ack_wait,
+        max_ack_pending: c.max_ack_pending,
+        filter_subjects,
+        ..Default::default()
+    }
+}
+
+fn conflict(name: &str, field: &'static str, existing: String, wanted: String) -> SinkError {
+    SinkError::Conflict {
+        kind: "consumer",
+        name: name.into(),
+        field,
+        existing,
+        wanted,
+    }
+}
+
+/// Creates the consumer or verifies an existing one.
+pub(crate) async fn ensure(
+    stream: &Stream,
+    c: &ConsumerConfig,
+) -> Result<ConsumerHandle, SinkError> {
+    let wanted = consumer_config(c);
+    let consumer: PullConsumer = match stream.get_consumer::<pull::Config>(&c.name).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| SinkError::js("consumer info", e))?;
+            let cfg = &info.config;
+            let mut have = cfg.filter_subjects.clone();
+            if !cfg.filter_subject.is_empty() {
+                have.push(cfg.filter_subject.clone());
+            }
+            have.sort();
+            let mut want = wanted.filter_subjects.clone();
+            want.sort();
+            if have != want {
+                return Err(conflict(
+                    &c.name,
+                    "filter_subjects",
+                    format!("{have:?}"),
+                    format!("{want:?}"),
+                ));
+            }
+            if cfg.ack_policy != AckPolicy::Explicit {
+                return Err(conflict(
+                    &c.name,
+                    "ack_policy",
+                    format!("{:?}", cfg.ack_policy),
+                    "Explicit".into(),
+                ));
+            }
+            if cfg.ack_wait != wanted.ack_wait {
+                return Err(conflict(
+                    &c.name,
+                    "ack_wait",
+                    format!("{:?}", cfg.ack_wait),
+                    format!("{:?}", wanted.ack_wait),
+                ));
+            }
+            existing
+        }
+        Err(_) => stream
+            .create_consumer(wanted)
+            .await
+            .map_err(|e| SinkError::js("create consumer", e))?,
+    };
+    Ok(ConsumerHandle {
+        stream_name: stream.cached_info().config.name.clone(),
+        stream: stream.clone(),
+        consumer,
+        delivered: Mutex::new(BTreeMap::new()),
+    })
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> BoundaryError {
+    BoundaryError::Unavailable(format!("{what}: {e}"))
+}
+
+fn unix_ms(t: time::OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl ConsumerHandle {
+    async fn pull(
+        &self,
+        limit: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<jetstream::Message>, BoundaryError> {
+        let stream = match wait {
+            None => self.consumer.fetch().max_messages(limit).messages().await,
+            Some(w) => {
+                self.consumer
+                    .batch()
+                    .max_messages(limit)
+                    .expires(w)
+                    .messages()
+                    .await
+            }
+        }
+        .map_err(|e| unavailable("fetch", e))?;
+        stream
+            .try_collect()
+            .await
+            .map_err(|e| unavailable("fetch", e))
+    }
+
+    /// One page: whatever is ready now, else wait for the first fact up to `wait`.
+    pub async fn fetch(&self, req: &FetchRequest) -> Result<FactPage, BoundaryError> {
+        let limit = req.limit as usize;
+        let mut msgs = self.pull(limit, None).await?;
+        if msgs.is_empty() && req.wait >= Duration::from_millis(1) {
+            // Long-poll for one, then take whatever else is ready without waiting.
+            msgs = self.pull(1, Some(req.wait)).await?;
+            if !msgs.is_empty() && limit > 1 {
+                msgs.extend(self.pull(limit - 1, None).await?);
+            }
+        }
+        let mut facts = Vec::with_capacity(msgs.len());
+        {
+            let mut delivered = self
+                .delivered
+                .lock()
+                .map_err(|_| BoundaryError::Internal("delivered map poisoned".into()))?;
+            for m in msgs {
+                let info = m.info().map_err(|e| unavailable("message info", e))?;
+                let offset = info.stream_sequence;
+                let message: Message = serde_json::from_slice(&m.payload).map_err(|e| {
+                    BoundaryError::Internal(format!(
+                        "stream {} offset {offset} is not a BSFG fact: {e}",
+                        self.stream_name
+                    ))
+                })?;
+                facts.push(FetchedFact {
+                    offset,
+                    appended_at_unix_ms: unix_ms(info.published),
+                    delivery_count: info.delivered.max(1) as u64,
+                    message,
+                });
+                if let Some(reply) = &m.reply {
+                    delivered.insert(offset, reply.to_string());
+                }
+            }
+        }
+        facts.sort_by_key(|f| f.offset);
+        let (sinfo, cinfo) = futures::join!(self.stream.get_info(), self.consumer.get_info());
+        let sinfo = sinfo.map_err(|e| unavailable("stream info", e))?;
+        let cinfo = cinfo.map_err(|e| unavailable("consumer info", e))?;
+        Ok(FactPage {
+            stream: self.stream_name.clone(),
+            facts,
+            first_offset: sinfo.state.first_sequence,
+            last_offset: sinfo.state.last_sequence,
+            frontier: cinfo.ack_floor.stream_sequence,
+            pending: cinfo.num_pending + cinfo.num_ack_pending as u64,
+        })
+    }
+
+    /// Acknowledges what this gateway delivered up to `offset`; returns the frontier.
+    pub async fn confirm(
+        &self,
+        client: &async_nats::Client,
+        name: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        let info = self
+            .consumer
+            .get_info()
+            .await
+            .map_err(|e| unavailable("consumer info", e))?;
+        let highest = info.delivered.stream_sequence;
+        if offset > highest {
+            return Err(BoundaryError::invalid(
+                "offset",
+                format!(
+                    "must not exceed the highest offset delivered to consumer `{name}` ({highest})"
+                ),
+            ));
+        }
+        let floor = info.ack_floor.stream_sequence;
+        if offset <= floor {
+            return Ok(Frontier { offset: floor });
+        }
+        let to_ack: Vec<(u64, String)> = {
+            let delivered = self
+                .delivered
+                .lock()
+                .map_err(|_| BoundaryError::Internal("delivered map poisoned".into()))?;
+            delivered
+                .range(..=offset)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect()
+        };
+        let acks: Vec<_> = to_ack
+            .into_iter()
+            .map(|(_, subject)| {
+                let client = client.clone();
+                async move {
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.request(subject, bytes::Bytes::from_static(b"+ACK")),
+                    )
+                    .await
+                }
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(acks)
+            .buffer_unordered(256)
+            .collect()
+            .await;
+        let failed = results.iter().filter(|r| !matches!(r, Ok(Ok(_)))).count();
+        if failed > 0 {
+            // Unacked facts are redelivered after ack_wait: at-least-once holds.
+            tracing::warn!(
+                consumer = name,
+                failed,
+                "some acknowledgements were not confirmed by the server"
+            );
+        }
+        let info = self
+            .consumer
+            .get_info()
+            .await
+            .map_err(|e| unavailable("consumer info", e))?;
+        let frontier = info.ack_floor.stream_sequence;
+        if let Ok(mut delivered) = self.delivered.lock() {
+            // Everything up to `offset` was acknowledged (or will be redelivered with a
+            // new ack subject), so only later deliveries stay tracked.
+            *delivered = delivered.split_off(&(offset + 1));
+        }
+        Ok(Frontier { offset: frontier })
+    }
+}

@@ -1,0 +1,472 @@
+//! The zone log against a real nats-server: idempotency, fetch/confirm, consumers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bsfg_core::{BoundaryApi, BoundaryError, FetchRequest, Reason};
+use bsfg_sink_jetstream::{Durability, JetStreamConfig, JetStreamZone, SinkError};
+use common::*;
+
+fn req(consumer: &str, limit: u32, wait_ms: u64) -> FetchRequest {
+    FetchRequest {
+        consumer: consumer.into(),
+        limit,
+        wait: Duration::from_millis(wait_ms),
+    }
+}
+
+#[tokio::test]
+async fn append_with_same_id_and_payload_returns_original_offset_after_window_and_restart() {
+    let mut nats = server();
+    let mut cfg = config(&nats);
+    cfg.duplicate_window = Duration::from_millis(500);
+    let z = zone(cfg.clone()).await;
+    let api = engine(&z);
+    let first = api.append_fact(fact("evt-1", 1)).await.unwrap();
+    assert!(!first.duplicate);
+    assert_eq!(first.stream, "facts_operational");
+    // Same payload, other whitespace and key order: still the same canonical payload.
+    let mut again = fact("evt-1", 1);
+    again.fact.object_json = r#"{ "operator": "jdoe", "step": 1 }"#.into();
+    let second = api.append_fact(again.clone()).await.unwrap();
+    assert!(second.duplicate);
+    assert_eq!(second.offset, first.offset);
+
+    // Past JetStream's own duplicate window.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let third = api.append_fact(again.clone()).await.unwrap();
+    assert_eq!((third.offset, third.duplicate), (first.offset, true));
+
+    // After a hard restart of nats-server, through a fresh connection.
+    drop(api);
+    drop(z);
+    nats.kill_and_restart().unwrap();
+    let z = zone(cfg).await;
+    let api = engine(&z);
+    let fourth = api.append_fact(again).await.unwrap();
+    assert_eq!((fourth.offset, fourth.duplicate), (first.offset, true));
+    assert_eq!(stream_messages(&z, "facts_operational").await, 1);
+}
+
+#[tokio::test]
+async fn append_with_same_id_and_different_payload_is_conflicting_duplicate_and_stores_nothing() {
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let api = engine(&z);
+    let first = api.append_fact(fact("evt-2", 1)).await.unwrap();
+    let err = api.append_fact(fact("evt-2", 2)).await.unwrap_err();
+    assert_eq!(err.reason(), Reason::ConflictingDuplicate);
+    match err {
+        BoundaryError::ConflictingDuplicate { offset, stream, .. } => {
+            assert_eq!(
+                (stream.as_str(), offset),
+                ("facts_operational", first.offset)
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // A different class label does not sneak a second copy into another stream.
+    let mut audit = fact("evt-2", 2);
+    audit.envelope.labels.insert("class".into(), "audit".into());
+    assert_eq!(
+        api.append_fact(audit).await.unwrap_err().reason(),
+        Reason::ConflictingDuplicate
+    );
+    let mut same_in_audit = fact("evt-2", 1);
+    same_in_audit
+        .envelope
+        .labels
+        .insert("class".into(), "audit".into());
+    let dup = api.append_fact(same_in_audit).await.unwrap();
+    assert_eq!(
+        (dup.stream.as_str(), dup.offset, dup.duplicate),
+        ("facts_operational", first.offset, true)
+    );
+    assert_eq!(stream_messages(&z, "facts_operational").await, 1);
+    assert_eq!(stream_messages(&z, "facts_audit").await, 0);
+}
+
+#[tokio::test]
+async fn invalid_fields_are_named_and_store_nothing() {
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let api = engine(&z);
+    let mut bad_subject = fact("evt-3", 1);
+    bad_subject.fact.subject = "Batch B1".into();
+    let mut bad_class = fact("evt-4", 1);
+    bad_class
+        .envelope
+        .labels
+        .insert("class".into(), "secret".into());
+    let mut bad_json = fact("evt-5", 1);
+    bad_json.fact.object_json = "{".into();
+    for (m, field) in [
+        (bad_subject, "fact.subject"),
+        (bad_class, "envelope.labels.class"),
+        (bad_json, "fact.object_json"),
+    ] {
+        let e = api.append_fact(m).await.unwrap_err();
+        assert_eq!(e.reason(), Reason::InvalidArgument);
+        assert_eq!(e.field(), Some(field));
+    }
+    for s in [
+        "facts_operational",
+        "facts_audit",
+        "facts_documents",
+        "bsfg_ids",
+    ] {
+        assert_eq!(stream_messages(&z, s).await, 0, "{s}");
+    }
+}
+
+#[tokio::test]
+async fn hundred_concurrent_appenders_with_repeated_ids_store_each_unique_id_once() {
+    let nats = server();
+    // Two gateway instances on one zone, each serving half of the appenders.
+    let a = zone(config(&nats)).await;
+    let b = zone(config(&nats)).await;
+    let mut tasks = Vec::new();
+    for t in 0..100 {
+        let api = engine(if t % 2 == 0 { &a } else { &b });
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100 {
+                // 20 % of each appender's facts reuse ids shared by every appender.
+                let id = if i < 80 {
+                    format!("t{t}-f{i}")
+                } else {
+                    format!("shared-{}", i - 80)
+                };
+                let value = if i < 80 { i } else { 1000 + i };
+                api.append_fact(fact(&id, value)).await.expect("append");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let unique = 100 * 80 + 20;
+    assert_eq!(stream_messages(&a, "facts_operational").await, unique);
+    // Read every stored fact back: each id exactly once.
+    let api = engine(&a);
+    let mut seen = HashSet::new();
+    loop {
+        let page = api
+            .fetch_facts(req("enterprise-pull", 1000, 0))
+            .await
+            .unwrap();
+        if page.facts.is_empty() {
+            break;
+        }
+        for f in &page.facts {
+            assert!(
+                seen.insert(f.message.envelope.message_id.clone()),
+                "stored twice: {}",
+                f.message.envelope.message_id
+            );
+        }
+        let last = page.facts.last().unwrap().offset;
+        api.confirm_receipt("enterprise-pull", last).await.unwrap();
+    }
+    assert_eq!(seen.len() as u64, unique);
+}
+
+#[tokio::test]
+async fn fetch_confirm_frontier_rules_and_resume_across_restarts() {
+    let mut nats = server();
+    let cfg = config(&nats);
+    let z = zone(cfg.clone()).await;
+    let api = engine(&z);
+    for i in 0..10 {
+        api.append_fact(fact(&format!("e{i}"), i)).await.unwrap();
+    }
+    let page = api.fetch_facts(req("enterprise-pull", 4, 0)).await.unwrap();
+    let offsets: Vec<u64> = page.facts.iter().map(|f| f.offset).collect();
+    assert_eq!(offsets, [1, 2, 3, 4]);
+    assert_eq!(
+        (page.first_offset, page.last_offset, page.frontier),
+        (1, 10, 0)
+    );
+    assert!(page.facts[0].appended_at_unix_ms > 0);
+    assert_eq!(page.facts[0].message.envelope.message_id, "e0");
+
+    assert_eq!(
+        api.confirm_receipt("enterprise-pull", 4)
+            .await
+            .unwrap()
+            .offset,
+        4
+    );
+    // Backwards: unchanged.
+    assert_eq!(
+        api.confirm_receipt("enterprise-pull", 2)
+            .await
+            .unwrap()
+            .offset,
+        4
+    );
+    // Past what was delivered: an error naming the offset.
+    let e = api.confirm_receipt("enterprise-pull", 9).await.unwrap_err();
+    assert_eq!(
+        (e.reason(), e.field()),
+        (Reason::InvalidArgument, Some("offset"))
+    );
+
+    // Deliver 5..8, do not confirm, restart the server and the client.
+    let page = api.fetch_facts(req("enterprise-pull", 4, 0)).await.unwrap();
+    assert_eq!(page.facts.first().map(|f| f.offset), Some(5));
+    drop(api);
+    drop(z);
+    nats.restart().unwrap();
+    let z = zone(cfg).await;
+    let api = engine(&z);
+    // Resumes after the frontier: 9 and 10 at once, 5..8 once their ack wait ran out.
+    let page = api
+        .fetch_facts(req("enterprise-pull", 10, 5000))
+        .await
+        .unwrap();
+    assert_eq!(page.frontier, 4);
+    let mut all: Vec<u64> = page.facts.iter().map(|f| f.offset).collect();
+    while all.len() < 6 {
+        let p = api
+            .fetch_facts(req("enterprise-pull", 10, 3000))
+            .await
+            .unwrap();
+        assert!(!p.facts.is_empty(), "facts 5..10 must all come back");
+        all.extend(p.facts.iter().map(|f| f.offset));
+    }
+    all.sort();
+    all.dedup();
+    assert_eq!(all, [5, 6, 7, 8, 9, 10]);
+    assert_eq!(
+        api.confirm_receipt("enterprise-pull", 10)
+            .await
+            .unwrap()
+            .offset,
+        10
+    );
+}
+
+#[tokio::test]
+async fn after_a_hard_server_kill_every_unconfirmed_fact_still_arrives() {
+    // nats-server persists consumer ack state lazily, so after SIGKILL the frontier
+    // may fall back and confirmed facts come again (at-least-once); none is lost.
+    let mut nats = server();
+    let cfg = config(&nats);
+    let z = zone(cfg.clone()).await;
+    let api = engine(&z);
+    for i in 0..10 {
+        api.append_fact(fact(&format!("k{i}"), i)).await.unwrap();
+    }
+    let page = api.fetch_facts(req("enterprise-pull", 4, 0)).await.unwrap();
+    api.confirm_receipt("enterprise-pull", page.facts.last().unwrap().offset)
+        .await
+        .unwrap();
+    drop(api);
+    drop(z);
+    nats.kill_and_restart().unwrap();
+    let z = zone(cfg).await;
+    let api = engine(&z);
+    let mut seen = HashSet::new();
+    loop {
+        let p = api
+            .fetch_facts(req("enterprise-pull", 10, 1500))
+            .await
+            .unwrap();
+        let Some(last) = p.facts.last().map(|f| f.offset) else {
+            break;
+        };
+        seen.extend(p.facts.iter().map(|f| f.offset));
+        api.confirm_receipt("enterprise-pull", last).await.unwrap();
+    }
+    assert!((5..=10).all(|o| seen.contains(&o)), "lost facts: {seen:?}");
+    assert_eq!(stream_messages(&z, "facts_operational").await, 10);
+}
+
+#[tokio::test]
+async fn unconfirmed_facts_are_redelivered_after_ack_wait() {
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let api = engine(&z);
+    for i in 0..3 {
+        api.append_fact(fact(&format!("r{i}"), i)).await.unwrap();
+    }
+    let first = api
+        .fetch_facts(req("enterprise-pull", 10, 0))
+        .await
+        .unwrap();
+    assert_eq!(first.facts.len(), 3);
+    assert!(first.facts.iter().all(|f| f.delivery_count == 1));
+    let again = api
+        .fetch_facts(req("enterprise-pull", 10, 4000))
+        .await
+        .unwrap();
+    let offsets: Vec<u64> = again.facts.iter().map(|f| f.offset).collect();
+    assert_eq!(offsets, [1, 2, 3]);
+    assert!(again.facts.iter().all(|f| f.delivery_count == 2));
+}
+
+#[tokio::test]
+async fn frontier_advances_only_over_a_contiguous_confirmed_prefix() {
+    let nats = server();
+    let a = zone(config(&nats)).await;
+    let b = zone(config(&nats)).await;
+    let (api_a, api_b) = (engine(&a), engine(&b));
+    for i in 0..6 {
+        api_a.append_fact(fact(&format!("c{i}"), i)).await.unwrap();
+    }
+    let pa = api_a
+        .fetch_facts(req("enterprise-pull", 3, 0))
+        .await
+        .unwrap();
+    let pb = api_b
+        .fetch_facts(req("enterprise-pull", 3, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        pa.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(
+        pb.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
+        [4, 5, 6]
+    );
+    // B confirms first: 1..3 are still open, so the frontier stays.
+    assert_eq!(
+        api_b
+            .confirm_receipt("enterprise-pull", 6)
+            .await
+            .unwrap()
+            .offset,
+        0
+    );
+    // A closes the gap: the frontier jumps over both pages.
+    assert_eq!(
+        api_a
+            .confirm_receipt("enterprise-pull", 3)
+            .await
+            .unwrap()
+            .offset,
+        6
+    );
+}
+
+#[tokio::test]
+async fn instances_sharing_a_consumer_get_disjoint_pages_that_cover_every_fact() {
+    let nats = server();
+    let a = zone(config(&nats)).await;
+    let b = zone(config(&nats)).await;
+    let writer = engine(&a);
+    for i in 0..200 {
+        writer.append_fact(fact(&format!("s{i}"), i)).await.unwrap();
+    }
+    let mut handles = Vec::new();
+    for z in [a.clone(), b.clone()] {
+        handles.push(tokio::spawn(async move {
+            let api = engine(&z);
+            let mut mine = Vec::new();
+            loop {
+                let p = api
+                    .fetch_facts(req("enterprise-pull", 7, 200))
+                    .await
+                    .unwrap();
+                let Some(last) = p.facts.last().map(|f| f.offset) else {
+                    break;
+                };
+                mine.extend(p.facts.iter().map(|f| f.offset));
+                api.confirm_receipt("enterprise-pull", last).await.unwrap();
+            }
+            mine
+        }));
+    }
+    let ra = handles.remove(0).await.unwrap();
+    let rb = handles.remove(0).await.unwrap();
+    let sa: HashSet<u64> = ra.iter().copied().collect();
+    let sb: HashSet<u64> = rb.iter().copied().collect();
+    assert!(sa.is_disjoint(&sb), "pages overlap");
+    assert_eq!(sa.len() + sb.len(), 200);
+    assert_eq!(sa.union(&sb).copied().max(), Some(200));
+}
+
+#[tokio::test]
+async fn idle_fetch_waits_for_a_new_fact_and_returns_it() {
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let api = engine(&z);
+    let empty = api
+        .fetch_facts(req("enterprise-pull", 10, 200))
+        .await
+        .unwrap();
+    assert!(empty.facts.is_empty());
+    let writer = engine(&z);
+    let w = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        writer.append_fact(fact("late", 1)).await.unwrap();
+    });
+    let page = api
+        .fetch_facts(req("enterprise-pull", 10, 10_000))
+        .await
+        .unwrap();
+    w.await.unwrap();
+    assert_eq!(page.facts.len(), 1);
+    assert_eq!(page.facts[0].message.envelope.message_id, "late");
+}
+
+#[tokio::test]
+async fn unknown_consumer_is_refused() {
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let e = engine(&z)
+        .fetch_facts(req("nobody", 1, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), Reason::UnknownConsumer);
+    let e = engine(&z).confirm_receipt("nobody", 1).await.unwrap_err();
+    assert_eq!(e.reason(), Reason::UnknownConsumer);
+}
+
+#[tokio::test]
+async fn existing_stream_with_conflicting_settings_is_reported_not_changed() {
+    let nats = server();
+    let mut cfg = config(&nats);
+    zone(cfg.clone()).await;
+    cfg.classes[0].max_age = Duration::from_secs(3600);
+    let err = JetStreamZone::connect(cfg)
+        .await
+        .err()
+        .expect("must refuse");
+    match err {
+        SinkError::Conflict { name, field, .. } => {
+            assert_eq!((name.as_str(), field), ("facts_operational", "max_age"));
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // The stream kept its original retention.
+    let z = zone(config(&nats)).await;
+    let js = async_nats::jetstream::new(z.client().clone());
+    let mut s = js.get_stream("facts_operational").await.unwrap();
+    assert_eq!(
+        s.info().await.unwrap().config.max_age,
+        Duration::from_secs(30 * 24 * 3600)
+    );
+}
+
+#[tokio::test]
+async fn start_up_tells_a_lazily_flushing_server_from_a_syncing_one() {
+    let durable = server();
+    assert_eq!(
+        zone(config(&durable)).await.durability(),
+        Durability::SyncAlways
+    );
+    let lazy = bsfg_testkit::NatsServer::start_with(bsfg_testkit::NatsOptions {
+        sync_always: false,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(zone(config(&lazy)).await.durability(), Durability::Lazy);
+    let mut no_monitor: JetStreamConfig = config(&lazy);
+    no_monitor.monitor_url = None;
+    assert_eq!(zone(no_monitor).await.durability(), Durability::Unknown);
+}
