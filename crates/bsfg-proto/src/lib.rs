@@ -1,1 +1,264 @@
-//! placeholder
+//! # bsfg-proto
+//!
+//! The `bsfg.v1` wire messages generated from `proto/bsfg/v1/boundary.proto`, and
+//! lossless conversions to and from the domain types of bsfg-core. Transports use
+//! these; the engine never sees protobuf.
+
+/// Generated `bsfg.v1` messages.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/bsfg.v1.rs"));
+}
+
+use std::collections::BTreeMap;
+
+use bsfg_core::{
+    AppendOutcome, ArtifactRef, BoundaryError, Envelope, Fact, FactPage, FetchedFact, Message,
+};
+
+/// The `google.rpc.ErrorInfo` domain of BSFG errors.
+pub const ERROR_DOMAIN: &str = "bsfg.v1";
+
+impl From<Message> for v1::FactMessage {
+    fn from(m: Message) -> Self {
+        let e = m.envelope;
+        let f = m.fact;
+        v1::FactMessage {
+            envelope: Some(v1::Envelope {
+                message_id: e.message_id,
+                from_zone: e.from_zone,
+                to_zone: e.to_zone,
+                produced_at_unix_ms: e.produced_at_unix_ms,
+                correlation_id: e.correlation_id,
+                causation_id: e.causation_id,
+                labels: e.labels,
+                object_media_type: e.object_media_type,
+                object_schema: e.object_schema,
+            }),
+            fact: Some(v1::Fact {
+                subject: f.subject,
+                predicate: f.predicate,
+                object_json: f.object_json,
+                artifacts: f
+                    .artifacts
+                    .into_iter()
+                    .map(|a| v1::ArtifactRef {
+                        bucket: a.bucket,
+                        key: a.key,
+                        digest: a.digest,
+                        size: a.size,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+}
+
+impl TryFrom<v1::FactMessage> for Message {
+    type Error = BoundaryError;
+
+    /// Fails only when the envelope or fact is missing; field rules are checked by the
+    /// engine's validation.
+    fn try_from(m: v1::FactMessage) -> Result<Self, BoundaryError> {
+        let e = m
+            .envelope
+            .ok_or_else(|| BoundaryError::invalid("envelope", "is required"))?;
+        let f = m
+            .fact
+            .ok_or_else(|| BoundaryError::invalid("fact", "is required"))?;
+        Ok(Message {
+            envelope: Envelope {
+                message_id: e.message_id,
+                from_zone: e.from_zone,
+                to_zone: e.to_zone,
+                produced_at_unix_ms: e.produced_at_unix_ms,
+                correlation_id: e.correlation_id,
+                causation_id: e.causation_id,
+                labels: e.labels,
+                object_media_type: e.object_media_type,
+                object_schema: e.object_schema,
+            },
+            fact: Fact {
+                subject: f.subject,
+                predicate: f.predicate,
+                object_json: f.object_json,
+                artifacts: f
+                    .artifacts
+                    .into_iter()
+                    .map(|a| ArtifactRef {
+                        bucket: a.bucket,
+                        key: a.key,
+                        digest: a.digest,
+                        size: a.size,
+                    })
+                    .collect(),
+            },
+        })
+    }
+}
+
+impl From<AppendOutcome> for v1::AppendFactResponse {
+    fn from(o: AppendOutcome) -> Self {
+        v1::AppendFactResponse {
+            stream: o.stream,
+            offset: o.offset,
+            duplicate: o.duplicate,
+        }
+    }
+}
+
+impl From<v1::AppendFactResponse> for AppendOutcome {
+    fn from(o: v1::AppendFactResponse) -> Self {
+        AppendOutcome {
+            stream: o.stream,
+            offset: o.offset,
+            duplicate: o.duplicate,
+        }
+    }
+}
+
+impl From<FactPage> for v1::FetchFactsResponse {
+    fn from(p: FactPage) -> Self {
+        v1::FetchFactsResponse {
+            stream: p.stream,
+            facts: p
+                .facts
+                .into_iter()
+                .map(|f| v1::StoredFact {
+                    offset: f.offset,
+                    appended_at_unix_ms: f.appended_at_unix_ms,
+                    delivery_count: f.delivery_count,
+                    message: Some(f.message.into()),
+                })
+                .collect(),
+            first_offset: p.first_offset,
+            last_offset: p.last_offset,
+            frontier: p.frontier,
+            pending: p.pending,
+        }
+    }
+}
+
+impl TryFrom<v1::FetchFactsResponse> for FactPage {
+    type Error = BoundaryError;
+
+    fn try_from(p: v1::FetchFactsResponse) -> Result<Self, BoundaryError> {
+        let facts = p
+            .facts
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let m = f.message.ok_or_else(|| {
+                    BoundaryError::invalid(format!("facts[{i}].message"), "is required")
+                })?;
+                Ok(FetchedFact {
+                    offset: f.offset,
+                    appended_at_unix_ms: f.appended_at_unix_ms,
+                    delivery_count: f.delivery_count,
+                    message: Message::try_from(m)?,
+                })
+            })
+            .collect::<Result<_, BoundaryError>>()?;
+        Ok(FactPage {
+            stream: p.stream,
+            facts,
+            first_offset: p.first_offset,
+            last_offset: p.last_offset,
+            frontier: p.frontier,
+            pending: p.pending,
+        })
+    }
+}
+
+/// The `google.rpc.ErrorInfo` metadata of an error: what a client branches on besides
+/// the reason.
+pub fn error_metadata(e: &BoundaryError) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    match e {
+        BoundaryError::InvalidArgument { field, rule } => {
+            m.insert("field".into(), field.clone());
+            m.insert("rule".into(), rule.clone());
+        }
+        BoundaryError::ConflictingDuplicate {
+            message_id,
+            stream,
+            offset,
+        } => {
+            m.insert("message_id".into(), message_id.clone());
+            m.insert("stream".into(), stream.clone());
+            m.insert("offset".into(), offset.to_string());
+        }
+        BoundaryError::ImmutableObject {
+            bucket,
+            key,
+            existing_digest,
+            ..
+        } => {
+            m.insert("bucket".into(), bucket.clone());
+            m.insert("key".into(), key.clone());
+            m.insert("existing_digest".into(), existing_digest.clone());
+        }
+        BoundaryError::UnknownConsumer(c) => {
+            m.insert("consumer".into(), c.clone());
+        }
+        _ => {}
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use prost::Message as _;
+
+    fn sample() -> Message {
+        let mut m = Message::default();
+        m.envelope.message_id = "id-1".into();
+        m.envelope.from_zone = "plant-a".into();
+        m.envelope.to_zone = "enterprise".into();
+        m.envelope.produced_at_unix_ms = 1;
+        m.envelope.correlation_id = Some("c".into());
+        m.envelope.labels.insert("class".into(), "audit".into());
+        m.envelope.object_media_type = Some("application/pdf".into());
+        m.fact.subject = "batch:PlantA/B1".into();
+        m.fact.predicate = "has_artifact".into();
+        m.fact.object_json = "{}".into();
+        m.fact.artifacts.push(ArtifactRef {
+            bucket: "b".into(),
+            key: "k".into(),
+            digest: "sha256:00".into(),
+            size: 3,
+        });
+        m
+    }
+
+    #[test]
+    fn message_survives_protobuf_encoding_unchanged() {
+        let wire = v1::FactMessage::from(sample()).encode_to_vec();
+        let back = Message::try_from(v1::FactMessage::decode(wire.as_slice()).unwrap()).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn missing_envelope_or_fact_is_named() {
+        let mut p = v1::FactMessage::from(sample());
+        p.envelope = None;
+        assert_eq!(Message::try_from(p).unwrap_err().field(), Some("envelope"));
+        let mut p = v1::FactMessage::from(sample());
+        p.fact = None;
+        assert_eq!(Message::try_from(p).unwrap_err().field(), Some("fact"));
+    }
+
+    #[test]
+    fn conflicting_duplicate_metadata_carries_the_original_offset() {
+        let e = BoundaryError::ConflictingDuplicate {
+            message_id: "id".into(),
+            stream: "facts_audit".into(),
+            offset: 42,
+        };
+        let m = error_metadata(&e);
+        assert_eq!(m.get("offset").map(String::as_str), Some("42"));
+        assert_eq!(e.reason().as_str(), "conflicting_duplicate");
+    }
+}
