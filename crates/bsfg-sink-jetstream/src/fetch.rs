@@ -1,9 +1,14 @@
 //! FetchFacts and ConfirmReceipt on durable pull consumers with explicit acks.
 //!
 //! The frontier is the consumer's ack floor: JetStream only advances it over a
-//! gap-free prefix of acknowledged offsets. A confirm acknowledges what this gateway
-//! delivered up to the offset, with a double ack so the server has applied it before
-//! the frontier is read back.
+//! gap-free prefix of acknowledged offsets.
+//!
+//! A confirm of offset X acknowledges the deliveries **of the page that delivered X**,
+//! up to X, with double acks so the server has applied them before the frontier is
+//! read back. It never acknowledges another page: a page handed to a receiver that
+//! crashed before appending it, or to another instance sharing the consumer, stays
+//! unacknowledged and comes again after the ack wait. So a receiver can only ever
+//! confirm facts it actually received.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -25,8 +30,10 @@ pub(crate) struct ConsumerHandle {
     pub stream_name: String,
     pub stream: Stream,
     pub consumer: PullConsumer,
-    /// stream offset -> ack subject of its latest delivery through this gateway.
-    delivered: Mutex<BTreeMap<u64, String>>,
+    /// stream offset -> (page, ack subject) of its latest delivery through this gateway.
+    delivered: Mutex<BTreeMap<u64, (u64, String)>>,
+    /// Page counter: every fetch is a new page.
+    pages: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) fn consumer_config(c: &ConsumerConfig) -> pull::Config {
@@ -116,6 +123,7 @@ pub(crate) async fn ensure(
         stream: stream.clone(),
         consumer,
         delivered: Mutex::new(BTreeMap::new()),
+        pages: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
@@ -163,6 +171,9 @@ impl ConsumerHandle {
             }
         }
         let mut facts = Vec::with_capacity(msgs.len());
+        let page = self
+            .pages
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
             let mut delivered = self
                 .delivered
@@ -184,7 +195,7 @@ impl ConsumerHandle {
                     message,
                 });
                 if let Some(reply) = &m.reply {
-                    delivered.insert(offset, reply.to_string());
+                    delivered.insert(offset, (page, reply.to_string()));
                 }
             }
         }
@@ -232,11 +243,21 @@ impl ConsumerHandle {
                 .delivered
                 .lock()
                 .map_err(|_| BoundaryError::Internal("delivered map poisoned".into()))?;
-            delivered
-                .range(..=offset)
-                .map(|(k, v)| (*k, v.clone()))
-                .collect()
+            match delivered.get(&offset) {
+                // Not delivered through this gateway (or already confirmed): nothing
+                // of ours to acknowledge; report the frontier as it stands.
+                None => Vec::new(),
+                Some((page, _)) => {
+                    let page = *page;
+                    delivered
+                        .range(..=offset)
+                        .filter(|(_, (p, _))| *p == page)
+                        .map(|(k, (_, ack))| (*k, ack.clone()))
+                        .collect()
+                }
+            }
         };
+        let acked: Vec<u64> = to_ack.iter().map(|(k, _)| *k).collect();
         let acks: Vec<_> = to_ack
             .into_iter()
             .map(|(_, subject)| {
@@ -270,9 +291,11 @@ impl ConsumerHandle {
             .map_err(|e| unavailable("consumer info", e))?;
         let frontier = info.ack_floor.stream_sequence;
         if let Ok(mut delivered) = self.delivered.lock() {
-            // Everything up to `offset` was acknowledged (or will be redelivered with a
-            // new ack subject), so only later deliveries stay tracked.
-            *delivered = delivered.split_off(&(offset + 1));
+            for k in &acked {
+                delivered.remove(k);
+            }
+            // Offsets at or below the frontier are acknowledged by someone: forget them.
+            *delivered = delivered.split_off(&(frontier + 1));
         }
         Ok(Frontier { offset: frontier })
     }

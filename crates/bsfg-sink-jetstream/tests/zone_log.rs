@@ -354,6 +354,45 @@ async fn frontier_advances_only_over_a_contiguous_confirmed_prefix() {
 }
 
 #[tokio::test]
+async fn confirm_never_acknowledges_a_page_the_receiver_did_not_receive() {
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let api = engine(&z);
+    for i in 0..6 {
+        api.append_fact(fact(&format!("p{i}"), i)).await.unwrap();
+    }
+    // Page 1 goes to a receiver that crashes before appending it.
+    let lost = api.fetch_facts(req("enterprise-pull", 3, 0)).await.unwrap();
+    assert_eq!(lost.facts.len(), 3);
+    // Its successor gets page 2 and confirms it: page 1 stays open.
+    let p2 = api.fetch_facts(req("enterprise-pull", 3, 0)).await.unwrap();
+    assert_eq!(p2.facts.first().map(|f| f.offset), Some(4));
+    assert_eq!(
+        api.confirm_receipt("enterprise-pull", 6)
+            .await
+            .unwrap()
+            .offset,
+        0
+    );
+    // Page 1 comes again after the ack wait, and only then is the frontier whole.
+    let again = api
+        .fetch_facts(req("enterprise-pull", 10, 4000))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(
+        api.confirm_receipt("enterprise-pull", 3)
+            .await
+            .unwrap()
+            .offset,
+        6
+    );
+}
+
+#[tokio::test]
 async fn instances_sharing_a_consumer_get_disjoint_pages_that_cover_every_fact() {
     let nats = server();
     let a = zone(config(&nats)).await;
