@@ -493,7 +493,8 @@ mod tests {
 
     #[test]
     fn each_invalid_field_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Message)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Message)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "envelope.message_id",
                 Box::new(|m| m.envelope.message_id.clear()),
