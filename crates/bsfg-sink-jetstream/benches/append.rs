@@ -3,7 +3,7 @@
 //! stream, measured in the same run on the same server, under both flush settings.
 //!
 //! Run: `cargo bench -p bsfg-sink-jetstream --bench append`
-//! Size: `BSFG_BENCH_FACTS` (default 40 000), `BSFG_BENCH_CONCURRENCY` (default 256).
+//! Size: `BSFG_BENCH_FACTS` (default 40 000), `BSFG_BENCH_CONCURRENCY` (default 1024, the raw baseline's acks in flight).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::sync::Arc;
@@ -86,6 +86,8 @@ async fn engine_append(
 ) -> (f64, Vec<Duration>) {
     let mut cfg = JetStreamConfig::new("bench", url);
     cfg.monitor_url = Some(monitor);
+    cfg.max_inflight_batches = env("BSFG_BENCH_INFLIGHT", cfg.max_inflight_batches);
+    cfg.max_batch = env("BSFG_BENCH_MAX_BATCH", cfg.max_batch);
     let zone = Arc::new(JetStreamZone::connect(cfg).await.unwrap());
     let api = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
     let per = n / concurrency;
@@ -116,7 +118,7 @@ async fn engine_append(
 #[tokio::main]
 async fn main() {
     let n = env("BSFG_BENCH_FACTS", 40_000);
-    let concurrency = env("BSFG_BENCH_CONCURRENCY", 256);
+    let concurrency = env("BSFG_BENCH_CONCURRENCY", 1024);
     let stored = serde_json::to_vec(&fact("bench", 0)).unwrap().len();
     println!(
         "# AppendFact benchmark: {n} facts, {concurrency} concurrent appenders, object_json 256 B (stored record {stored} B)"

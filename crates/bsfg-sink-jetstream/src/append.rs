@@ -117,8 +117,10 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
         };
         let a = appender.clone();
         tokio::spawn(async move {
-            a.process(jobs).await;
+            let commits = a.process(jobs).await;
+            // Callers have their answers; free the slot before the index bookkeeping.
             drop(permit);
+            a.record_offsets(commits).await;
         });
     }
     // Wait for in-flight batches before returning, so shutdown loses no answer.
@@ -130,21 +132,45 @@ fn header(h: &mut HeaderMap, k: &'static str, v: &str) {
 }
 
 impl Appender {
-    /// Processes one batch of jobs. Jobs sharing a message_id are handled in later
+    /// Processes one batch of jobs and returns the index entries whose offsets are
+    /// still to be recorded (step 3). Jobs sharing a message_id are handled in later
     /// rounds, so each round holds every id once and sees the earlier rounds' result.
-    async fn process(&self, jobs: Vec<Job>) {
+    async fn process(&self, jobs: Vec<Job>) -> Vec<IndexEntry> {
         let mut rest = jobs;
+        let mut commits = Vec::new();
         while !rest.is_empty() {
             let mut seen = HashSet::new();
             let (round, later): (Vec<Job>, Vec<Job>) = rest
                 .into_iter()
                 .partition(|j| seen.insert(j.msg.message_id().to_owned()));
-            self.round(round).await;
+            commits.extend(self.round(round).await);
             rest = later;
+        }
+        commits
+    }
+
+    /// Step 3: records offsets in the index, replacing the reservations. Best effort:
+    /// a missing record is repaired by the next look-up of that id.
+    async fn record_offsets(&self, commits: Vec<IndexEntry>) {
+        if commits.is_empty() {
+            return;
+        }
+        let msgs = commits
+            .iter()
+            .map(|e| {
+                (
+                    format!("{INDEX_PREFIX}.{}", id_token(&e.id)),
+                    HeaderMap::new(),
+                    to_json(e),
+                )
+            })
+            .collect();
+        if let Err(BatchError::Other(e)) = self.publish_atomic(msgs).await {
+            tracing::warn!(zone = %self.zone, error = %e, "recording offsets in the idempotency index failed; look-ups repair it");
         }
     }
 
-    async fn round(&self, jobs: Vec<Job>) {
+    async fn round(&self, jobs: Vec<Job>) -> Vec<IndexEntry> {
         // Step 1: reserve.
         let mut to_reserve: Vec<Job> = jobs;
         let mut to_publish: Vec<(Job, String, String)> = Vec::new(); // job, stream, subject
@@ -214,23 +240,7 @@ impl Appender {
             commits.extend(r);
         }
 
-        // Step 3: record offsets in the index (best effort; see module docs).
-        if !commits.is_empty() {
-            let msgs = commits
-                .iter()
-                .map(|e| {
-                    (
-                        format!("{INDEX_PREFIX}.{}", id_token(&e.id)),
-                        HeaderMap::new(),
-                        to_json(e),
-                    )
-                })
-                .collect();
-            let outcome = self.publish_atomic(msgs).await;
-            if let Err(BatchError::Other(e)) = outcome {
-                tracing::warn!(zone = %self.zone, error = %e, "recording offsets in the idempotency index failed; look-ups repair it");
-            }
-        }
+        commits
     }
 
     /// An id is already reserved: decide duplicate, conflict, or completion.

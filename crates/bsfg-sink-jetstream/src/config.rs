@@ -89,7 +89,9 @@ pub struct JetStreamConfig {
     pub consumers: Vec<ConsumerConfig>,
     /// Most facts committed in one atomic batch (at most 1000). Default 500.
     pub max_batch: usize,
-    /// Batches in flight at once. Default 4.
+    /// Batches in flight at once. Default 1: each atomic batch commit carries a fixed
+    /// server-side cost, so one large batch beats several small ones (measured in
+    /// docs/benchmarks.md); concurrent appends still share each batch.
     pub max_inflight_batches: usize,
     /// Appends waiting for a batch before new ones get `backpressure`. Default 20 000.
     pub queue_capacity: usize,
@@ -119,7 +121,7 @@ impl JetStreamConfig {
             index_max_age: Duration::ZERO,
             consumers: Vec::new(),
             max_batch: 500,
-            max_inflight_batches: 4,
+            max_inflight_batches: 1,
             queue_capacity: 20_000,
             object_chunk_size: 128 * 1024,
         }
