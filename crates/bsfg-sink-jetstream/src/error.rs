@@ -44,10 +44,31 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    pub(crate) fn conflict(
+        kind: &'static str,
+        name: &str,
+        field: &'static str,
+        existing: String,
+        wanted: String,
+    ) -> Self {
+        SinkError::Conflict {
+            kind,
+            name: name.into(),
+            field,
+            existing,
+            wanted,
+        }
+    }
+
     pub(crate) fn js(op: &'static str, e: impl std::fmt::Display) -> Self {
         SinkError::JetStream {
             op,
             message: e.to_string(),
         }
     }
+}
+
+/// A store call failed in a way a retry may fix.
+pub(crate) fn unavailable(what: &str, e: impl std::fmt::Display) -> bsfg_core::BoundaryError {
+    bsfg_core::BoundaryError::Unavailable(format!("{what}: {e}"))
 }

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::error::unavailable;
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
@@ -58,13 +59,7 @@ pub(crate) fn consumer_config(c: &ConsumerConfig) -> pull::Config {
 }
 
 fn conflict(name: &str, field: &'static str, existing: String, wanted: String) -> SinkError {
-    SinkError::Conflict {
-        kind: "consumer",
-        name: name.into(),
-        field,
-        existing,
-        wanted,
-    }
+    SinkError::conflict("consumer", name, field, existing, wanted)
 }
 
 /// Creates the consumer or verifies an existing one.
@@ -125,10 +120,6 @@ pub(crate) async fn ensure(
         delivered: Mutex::new(BTreeMap::new()),
         pages: std::sync::atomic::AtomicU64::new(0),
     })
-}
-
-fn unavailable(what: &str, e: impl std::fmt::Display) -> BoundaryError {
-    BoundaryError::Unavailable(format!("{what}: {e}"))
 }
 
 fn unix_ms(t: time::OffsetDateTime) -> i64 {

@@ -3,16 +3,13 @@
 //! Referenced artifacts are immutable: the same key with the same bytes is
 //! idempotent, the same key with other bytes is refused.
 
+use crate::error::unavailable;
 use async_nats::jetstream::{self, object_store};
 use base64::Engine as _;
 use bsfg_core::{BoundaryError, ByteStream, ObjectInfo};
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tokio_util::io::{ReaderStream, StreamReader};
-
-fn unavailable(what: &str, e: impl std::fmt::Display) -> BoundaryError {
-    BoundaryError::Unavailable(format!("{what}: {e}"))
-}
 
 /// Converts the Object Store's `SHA-256=<base64url>` to `sha256:<hex>`.
 pub(crate) fn nats_digest_to_hex(d: &str) -> Option<String> {

@@ -56,13 +56,7 @@ pub(crate) fn index_stream_config(cfg: &JetStreamConfig) -> Config {
 }
 
 fn conflict(name: &str, field: &'static str, existing: String, wanted: String) -> SinkError {
-    SinkError::Conflict {
-        kind: "stream",
-        name: name.into(),
-        field,
-        existing,
-        wanted,
-    }
+    SinkError::conflict("stream", name, field, existing, wanted)
 }
 
 /// Compares the settings BSFG relies on; the first difference is an error.
