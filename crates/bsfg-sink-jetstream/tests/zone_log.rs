@@ -518,3 +518,45 @@ async fn start_up_tells_a_lazily_flushing_server_from_a_syncing_one() {
     no_monitor.monitor_url = None;
     assert_eq!(zone(no_monitor).await.durability(), Durability::Unknown);
 }
+
+#[tokio::test]
+async fn a_full_append_queue_refuses_with_backpressure_and_stores_nothing() {
+    let mut nats = server();
+    let mut cfg = config(&nats);
+    cfg.queue_capacity = 1;
+    cfg.max_inflight_batches = 1;
+    let z = zone(cfg).await;
+    // The server goes away: one batch stalls in flight, the next waits for its slot,
+    // and one more fills the queue.
+    nats.kill();
+    let mut stalled = Vec::new();
+    for i in 0..3 {
+        let api = engine(&z);
+        stalled.push(tokio::spawn(async move {
+            api.append_fact(fact(&format!("bp-{i}"), i)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let e = engine(&z).append_fact(fact("bp-3", 3)).await.unwrap_err();
+    assert_eq!(e.reason(), Reason::Backpressure, "{e}");
+    // The stalled appends end with an answer (stored or unavailable), never silence.
+    for t in stalled {
+        let _ = t.await.unwrap();
+    }
+    nats.restart().unwrap();
+    // bp-3 was refused, so it is new when sent again.
+    let mut stored = None;
+    for _ in 0..50 {
+        match engine(&z).append_fact(fact("bp-3", 3)).await {
+            Ok(o) => {
+                stored = Some(o);
+                break;
+            }
+            Err(e) if e.reason() == Reason::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(!stored.expect("zone recovers after restart").duplicate);
+}
