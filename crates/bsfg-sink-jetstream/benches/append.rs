@@ -83,12 +83,15 @@ async fn engine_append(
     monitor: String,
     n: usize,
     concurrency: usize,
-) -> (f64, Vec<Duration>) {
+) -> (f64, Vec<Duration>, String) {
     let mut cfg = JetStreamConfig::new("bench", url);
     cfg.monitor_url = Some(monitor);
-    cfg.max_inflight_batches = env("BSFG_BENCH_INFLIGHT", cfg.max_inflight_batches);
+    if let Ok(v) = std::env::var("BSFG_BENCH_INFLIGHT") {
+        cfg.max_inflight_batches = v.parse().ok();
+    }
     cfg.max_batch = env("BSFG_BENCH_MAX_BATCH", cfg.max_batch);
     let zone = Arc::new(JetStreamZone::connect(cfg).await.unwrap());
+    let mode = format!("{:?}", zone.publish_mode());
     let api = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
     let per = n / concurrency;
     let start = Instant::now();
@@ -112,7 +115,7 @@ async fn engine_append(
     }
     let rate = (per * concurrency) as f64 / start.elapsed().as_secs_f64();
     lat.sort();
-    (rate, lat)
+    (rate, lat, mode)
 }
 
 #[tokio::main]
@@ -124,9 +127,9 @@ async fn main() {
         "# AppendFact benchmark: {n} facts, {concurrency} concurrent appenders, object_json 256 B (stored record {stored} B)"
     );
     println!(
-        "| nats-server flush | raw publish (1024 acks in flight), msg/s | engine AppendFact, facts/s | ratio | engine p50 ms | engine p99 ms |"
+        "| nats-server flush | raw publish (1024 acks in flight), msg/s | engine mode | engine AppendFact, facts/s | ratio | engine p50 ms | engine p99 ms |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for sync_always in [true, false] {
         let server = NatsServer::start_with(NatsOptions {
             sync_always,
@@ -134,9 +137,10 @@ async fn main() {
         })
         .unwrap();
         let raw = raw_publish(&server.url(), n, stored).await;
-        let (eng, lat) = engine_append(&server.url(), server.monitor_url(), n, concurrency).await;
+        let (eng, lat, mode) =
+            engine_append(&server.url(), server.monitor_url(), n, concurrency).await;
         println!(
-            "| {} | {:.0} | {:.0} | {:.2}x | {:.1} | {:.1} |",
+            "| {} | {:.0} | {mode} | {:.0} | {:.2}x | {:.1} | {:.1} |",
             if sync_always {
                 "sync_interval: always"
             } else {

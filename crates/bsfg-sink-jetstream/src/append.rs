@@ -24,8 +24,12 @@
 //! - Same id, different payload: the reservation's digest differs, so the append is
 //!   `conflicting_duplicate` whatever the class label says.
 //!
-//! Every write is a server-side compare-and-set and each step costs one disk sync
-//! per batch, not per fact, under `sync_interval: always`.
+//! Every write is a server-side compare-and-set on one id, so the argument holds per
+//! fact whichever way the writes travel ([`PublishMode`]):
+//! - `AtomicBatch`: each step is one atomic batch (ADR-50), one disk sync per batch
+//!   under `sync_interval: always`, instead of one per fact;
+//! - `Pipelined`: each write is its own publish, all in flight at once; faster when
+//!   the server flushes lazily, where an atomic batch only adds its staging cost.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -49,6 +53,17 @@ const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence
 
 /// Rounds of compare-and-set before an append gives up with `unavailable`.
 const MAX_ATTEMPTS: usize = 5;
+
+/// How the pipeline's writes travel to JetStream. Correctness is the same in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishMode {
+    /// One atomic batch per step: one disk sync per batch. Best under
+    /// `sync_interval: always`.
+    AtomicBatch,
+    /// One publish per write, all in flight together. Best when the server flushes
+    /// lazily.
+    Pipelined,
+}
 
 /// 128-bit subject token of a message_id: a valid NATS token whatever the id holds.
 pub fn id_token(message_id: &str) -> String {
@@ -76,12 +91,6 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<Result<AppendOutcome, BoundaryError>>,
 }
 
-impl Job {
-    fn token(&self) -> String {
-        id_token(self.msg.message_id())
-    }
-}
-
 /// Shared handles of the pipeline.
 pub(crate) struct Appender {
     pub client: async_nats::Client,
@@ -89,18 +98,23 @@ pub(crate) struct Appender {
     pub index: Stream,
     pub streams: HashMap<String, Stream>,
     pub max_batch: usize,
+    pub mode: PublishMode,
     pub zone: String,
 }
 
-/// Why an atomic batch did not commit.
-enum BatchError {
-    /// A compare-and-set failed: some subject already holds a message.
+/// Why one write did not land.
+#[derive(Debug, Clone)]
+enum WriteError {
+    /// A compare-and-set failed: the subject already holds a message (for an atomic
+    /// batch: some subject of the batch did, so nothing of it landed).
     Taken,
-    /// Anything else; the outcome is unknown only if the commit was sent.
+    /// Anything else; the write may or may not have landed, a retry is safe.
     Other(String),
 }
 
-/// Runs the batcher: takes jobs off the queue, forms batches, runs up to
+type Outbound = (String, HeaderMap, Bytes);
+
+/// Runs the batcher: takes jobs off the queue, forms rounds, runs up to
 /// `max_inflight` of them at once. Ends when every sender is dropped.
 pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, max_inflight: usize) {
     let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
@@ -123,7 +137,7 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
             a.record_offsets(commits).await;
         });
     }
-    // Wait for in-flight batches before returning, so shutdown loses no answer.
+    // Wait for in-flight rounds before returning, so shutdown loses no answer.
     let _ = permits.acquire_many(max_inflight.max(1) as u32).await;
 }
 
@@ -131,8 +145,12 @@ fn header(h: &mut HeaderMap, k: &'static str, v: &str) {
     h.insert(k, v);
 }
 
+fn index_subject(message_id: &str) -> String {
+    format!("{INDEX_PREFIX}.{}", id_token(message_id))
+}
+
 impl Appender {
-    /// Processes one batch of jobs and returns the index entries whose offsets are
+    /// Processes one round of jobs and returns the index entries whose offsets are
     /// still to be recorded (step 3). Jobs sharing a message_id are handled in later
     /// rounds, so each round holds every id once and sees the earlier rounds' result.
     async fn process(&self, jobs: Vec<Job>) -> Vec<IndexEntry> {
@@ -157,16 +175,16 @@ impl Appender {
         }
         let msgs = commits
             .iter()
-            .map(|e| {
-                (
-                    format!("{INDEX_PREFIX}.{}", id_token(&e.id)),
-                    HeaderMap::new(),
-                    to_json(e),
-                )
-            })
+            .map(|e| (index_subject(&e.id), HeaderMap::new(), to_json(e)))
             .collect();
-        if let Err(BatchError::Other(e)) = self.publish_atomic(msgs).await {
-            tracing::warn!(zone = %self.zone, error = %e, "recording offsets in the idempotency index failed; look-ups repair it");
+        let failed = self
+            .publish_all(msgs)
+            .await
+            .into_iter()
+            .filter(Result::is_err)
+            .count();
+        if failed > 0 {
+            tracing::warn!(zone = %self.zone, failed, "recording offsets in the idempotency index failed; look-ups repair it");
         }
     }
 
@@ -191,35 +209,31 @@ impl Appender {
                     };
                     let mut h = HeaderMap::new();
                     header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
-                    (format!("{INDEX_PREFIX}.{}", j.token()), h, to_json(&entry))
+                    (index_subject(j.msg.message_id()), h, to_json(&entry))
                 })
                 .collect();
-            match self.publish_atomic(msgs).await {
-                Ok(_) => {
-                    for j in to_reserve.drain(..) {
+            let results = self.publish_all(msgs).await;
+            let mut taken = Vec::new();
+            for (j, r) in to_reserve.drain(..).zip(results) {
+                match r {
+                    Ok(_) => {
                         let (s, subj) = (j.stream.clone(), j.subject.clone());
                         to_publish.push((j, s, subj));
                     }
+                    Err(WriteError::Taken) => taken.push(j),
+                    Err(WriteError::Other(e)) => reply(j, Err(BoundaryError::Unavailable(e))),
                 }
-                Err(BatchError::Other(e)) => {
-                    fail_all(to_reserve, &e);
-                    to_reserve = Vec::new();
-                }
-                Err(BatchError::Taken) => {
-                    // Someone holds at least one id: look every id up.
-                    let lookups = join_all(to_reserve.iter().map(|j| self.lookup_index(j))).await;
-                    let mut still_new = Vec::new();
-                    for (j, found) in to_reserve.drain(..).zip(lookups) {
-                        match found {
-                            Err(e) => reply(j, Err(e)),
-                            Ok(None) => still_new.push(j),
-                            Ok(Some(entry)) => {
-                                self.resolve_existing(j, entry, &mut to_publish, &mut commits)
-                                    .await
-                            }
-                        }
+            }
+            // Someone may hold these ids: look them up.
+            let lookups = join_all(taken.iter().map(|j| self.lookup_index(j))).await;
+            for (j, found) in taken.into_iter().zip(lookups) {
+                match found {
+                    Err(e) => reply(j, Err(e)),
+                    Ok(None) => to_reserve.push(j),
+                    Ok(Some(entry)) => {
+                        self.resolve_existing(j, entry, &mut to_publish, &mut commits)
+                            .await
                     }
-                    to_reserve = still_new;
                 }
             }
         }
@@ -239,7 +253,6 @@ impl Appender {
         for r in results {
             commits.extend(r);
         }
-
         commits
     }
 
@@ -311,9 +324,11 @@ impl Appender {
                     (subject.clone(), h, to_json(j.msg.message()))
                 })
                 .collect();
-            match self.publish_atomic(msgs).await {
-                Ok(seqs) => {
-                    for ((j, subject), seq) in jobs.drain(..).zip(seqs) {
+            let results = self.publish_all(msgs).await;
+            let mut taken = Vec::new();
+            for ((j, subject), r) in jobs.drain(..).zip(results) {
+                match r {
+                    Ok(seq) => {
                         commits.push(IndexEntry {
                             id: j.msg.message_id().to_owned(),
                             digest: j.msg.digest().to_hex(),
@@ -330,37 +345,30 @@ impl Appender {
                             }),
                         );
                     }
+                    Err(WriteError::Taken) => taken.push((j, subject)),
+                    Err(WriteError::Other(e)) => reply(j, Err(BoundaryError::Unavailable(e))),
                 }
-                Err(BatchError::Other(e)) => {
-                    fail_all(jobs.into_iter().map(|(j, _)| j).collect(), &e);
-                    return commits;
-                }
-                Err(BatchError::Taken) => {
-                    // Another completer published some of these: find which.
-                    let found =
-                        join_all(jobs.iter().map(|(_, s)| self.lookup_fact(&stream, s))).await;
-                    let mut retry = Vec::new();
-                    for ((j, subject), f) in jobs.drain(..).zip(found) {
-                        match f {
-                            Err(e) => reply(j, Err(e)),
-                            Ok(None) => retry.push((j, subject)),
-                            Ok(Some((seq, digest))) if digest == j.msg.digest().to_hex() => reply(
-                                j,
-                                Ok(AppendOutcome {
-                                    stream: stream.clone(),
-                                    offset: seq,
-                                    duplicate: true,
-                                }),
-                            ),
-                            Ok(Some((seq, _))) => reply(
-                                j,
-                                Err(BoundaryError::Internal(format!(
-                                    "fact subject {subject} holds offset {seq} with another digest than its index reservation"
-                                ))),
-                            ),
-                        }
-                    }
-                    jobs = retry;
+            }
+            // Another completer may have published some of these: find which.
+            let found = join_all(taken.iter().map(|(_, s)| self.lookup_fact(&stream, s))).await;
+            for ((j, subject), f) in taken.into_iter().zip(found) {
+                match f {
+                    Err(e) => reply(j, Err(e)),
+                    Ok(None) => jobs.push((j, subject)),
+                    Ok(Some((seq, digest))) if digest == j.msg.digest().to_hex() => reply(
+                        j,
+                        Ok(AppendOutcome {
+                            stream: stream.clone(),
+                            offset: seq,
+                            duplicate: true,
+                        }),
+                    ),
+                    Ok(Some((seq, _))) => reply(
+                        j,
+                        Err(BoundaryError::Internal(format!(
+                            "fact subject {subject} holds offset {seq} with another digest than its index reservation"
+                        ))),
+                    ),
                 }
             }
         }
@@ -372,7 +380,7 @@ impl Appender {
     }
 
     async fn lookup_index(&self, job: &Job) -> Result<Option<IndexEntry>, BoundaryError> {
-        let subject = format!("{INDEX_PREFIX}.{}", job.token());
+        let subject = index_subject(job.msg.message_id());
         match self.index.direct_get_last_for_subject(subject).await {
             Ok(m) => serde_json::from_slice(&m.payload).map(Some).map_err(|e| {
                 BoundaryError::Internal(format!("corrupt idempotency index entry: {e}"))
@@ -407,58 +415,89 @@ impl Appender {
         }
     }
 
-    /// Publishes messages as one atomic batch (ADR-50) in chunks of `max_batch`.
-    /// Returns the stream sequence of every message, in order.
-    async fn publish_atomic(
-        &self,
-        msgs: Vec<(String, HeaderMap, Bytes)>,
-    ) -> Result<Vec<u64>, BatchError> {
-        let mut seqs = Vec::with_capacity(msgs.len());
-        let mut msgs = msgs.into_iter().peekable();
-        while msgs.peek().is_some() {
-            let chunk: Vec<_> = msgs.by_ref().take(self.max_batch.clamp(1, 1000)).collect();
-            let n = chunk.len() as u64;
-            let batch_id = nuid::next().to_string();
-            let mut ack = None;
-            for (i, (subject, mut h, payload)) in chunk.into_iter().enumerate() {
-                header(&mut h, "Nats-Batch-Id", &batch_id);
-                header(&mut h, "Nats-Batch-Sequence", &(i as u64 + 1).to_string());
-                if i as u64 + 1 == n {
-                    header(&mut h, "Nats-Batch-Commit", "1");
-                    ack = Some(
-                        self.js
-                            .publish_with_headers(subject, h, payload)
-                            .await
-                            .map_err(|e| BatchError::Other(format!("publish: {e}")))?,
-                    );
-                } else {
-                    self.client
-                        .publish_with_headers(subject, h, payload)
-                        .await
-                        .map_err(|e| BatchError::Other(format!("publish: {e}")))?;
-                }
-            }
-            let Some(ack) = ack else { break };
-            match ack.await {
-                Ok(a) => {
-                    let count = a.batch_size.unwrap_or(n);
-                    if count != n || a.sequence < n {
-                        return Err(BatchError::Other(format!(
-                            "atomic batch committed {count} of {n} messages (ack seq {})",
-                            a.sequence
-                        )));
+    /// Publishes every message and returns one result per message, in order.
+    async fn publish_all(&self, msgs: Vec<Outbound>) -> Vec<Result<u64, WriteError>> {
+        match self.mode {
+            PublishMode::Pipelined => self.publish_pipelined(msgs).await,
+            PublishMode::AtomicBatch => {
+                let mut out = Vec::with_capacity(msgs.len());
+                let mut msgs = msgs.into_iter().peekable();
+                while msgs.peek().is_some() {
+                    let chunk: Vec<_> = msgs.by_ref().take(self.max_batch.clamp(1, 1000)).collect();
+                    let n = chunk.len();
+                    match self.publish_atomic(chunk).await {
+                        Ok(seqs) => out.extend(seqs.into_iter().map(Ok)),
+                        Err(e) => out.extend(std::iter::repeat_n(Err(e), n)),
                     }
-                    // An atomic batch is stored as one contiguous run ending at the
-                    // ack's sequence.
-                    seqs.extend(a.sequence + 1 - n..=a.sequence);
                 }
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    return Err(BatchError::Taken);
-                }
-                Err(e) => return Err(BatchError::Other(format!("batch commit: {e}"))),
+                out
             }
         }
-        Ok(seqs)
+    }
+
+    async fn publish_pipelined(&self, msgs: Vec<Outbound>) -> Vec<Result<u64, WriteError>> {
+        let mut acks = Vec::with_capacity(msgs.len());
+        for (subject, h, payload) in msgs {
+            acks.push(self.js.publish_with_headers(subject, h, payload).await);
+        }
+        join_all(acks.into_iter().map(|a| async move {
+            match a {
+                Err(e) => Err(WriteError::Other(format!("publish: {e}"))),
+                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| {
+                    if e.kind() == PublishErrorKind::WrongLastSequence {
+                        WriteError::Taken
+                    } else {
+                        WriteError::Other(format!("publish ack: {e}"))
+                    }
+                }),
+            }
+        }))
+        .await
+    }
+
+    /// Publishes messages as one atomic batch (ADR-50) and returns the stream sequence
+    /// of every message, in order. At most 1000 messages.
+    async fn publish_atomic(&self, chunk: Vec<Outbound>) -> Result<Vec<u64>, WriteError> {
+        let n = chunk.len() as u64;
+        let batch_id = nuid::next().to_string();
+        let mut ack = None;
+        for (i, (subject, mut h, payload)) in chunk.into_iter().enumerate() {
+            header(&mut h, "Nats-Batch-Id", &batch_id);
+            header(&mut h, "Nats-Batch-Sequence", &(i as u64 + 1).to_string());
+            if i as u64 + 1 == n {
+                header(&mut h, "Nats-Batch-Commit", "1");
+                ack = Some(
+                    self.js
+                        .publish_with_headers(subject, h, payload)
+                        .await
+                        .map_err(|e| WriteError::Other(format!("publish: {e}")))?,
+                );
+            } else {
+                self.client
+                    .publish_with_headers(subject, h, payload)
+                    .await
+                    .map_err(|e| WriteError::Other(format!("publish: {e}")))?;
+            }
+        }
+        let Some(ack) = ack else {
+            return Ok(Vec::new());
+        };
+        match ack.await {
+            Ok(a) => {
+                let count = a.batch_size.unwrap_or(n);
+                if count != n || a.sequence < n {
+                    return Err(WriteError::Other(format!(
+                        "atomic batch committed {count} of {n} messages (ack seq {})",
+                        a.sequence
+                    )));
+                }
+                // An atomic batch is stored as one contiguous run ending at the ack's
+                // sequence.
+                Ok((a.sequence + 1 - n..=a.sequence).collect())
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
+            Err(e) => Err(WriteError::Other(format!("batch commit: {e}"))),
+        }
     }
 }
 

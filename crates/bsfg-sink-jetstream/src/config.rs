@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::append::PublishMode;
+
 /// One stream class: a JetStream stream `facts_<name>` over subjects `facts.<name>.>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamClass {
@@ -89,10 +91,14 @@ pub struct JetStreamConfig {
     pub consumers: Vec<ConsumerConfig>,
     /// Most facts committed in one atomic batch (at most 1000). Default 500.
     pub max_batch: usize,
-    /// Batches in flight at once. Default 1: each atomic batch commit carries a fixed
-    /// server-side cost, so one large batch beats several small ones (measured in
-    /// docs/benchmarks.md); concurrent appends still share each batch.
-    pub max_inflight_batches: usize,
+    /// How writes travel: `None` (default) picks from what start-up learns about the
+    /// server: atomic batches when it syncs every write (or cannot tell), pipelined
+    /// publishes when it flushes lazily. Correctness does not depend on the choice.
+    pub publish_mode: Option<PublishMode>,
+    /// Rounds of appends in flight at once. `None` (default): 1 with atomic batches
+    /// (each commit has a fixed server-side cost and holds the stream lock, so one
+    /// large batch beats several small ones, see docs/benchmarks.md), 8 pipelined.
+    pub max_inflight_batches: Option<usize>,
     /// Appends waiting for a batch before new ones get `backpressure`. Default 20 000.
     pub queue_capacity: usize,
     /// Replicas and storage for object store buckets follow `replicas`; buckets are
@@ -121,7 +127,8 @@ impl JetStreamConfig {
             index_max_age: Duration::ZERO,
             consumers: Vec::new(),
             max_batch: 500,
-            max_inflight_batches: 1,
+            publish_mode: None,
+            max_inflight_batches: None,
             queue_capacity: 20_000,
             object_chunk_size: 128 * 1024,
         }

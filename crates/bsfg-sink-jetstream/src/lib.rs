@@ -30,6 +30,7 @@ use bsfg_core::{
 };
 use tokio::sync::{RwLock, mpsc, oneshot};
 
+pub use append::PublishMode;
 pub use config::{ConsumerConfig, JetStreamConfig, StreamClass};
 pub use durability::Durability;
 pub use error::SinkError;
@@ -44,6 +45,7 @@ pub struct JetStreamZone {
     consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
+    mode: PublishMode,
 }
 
 fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
@@ -67,7 +69,7 @@ fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
             "max_batch must be between 1 and 1000".into(),
         ));
     }
-    if cfg.queue_capacity == 0 || cfg.max_inflight_batches == 0 {
+    if cfg.queue_capacity == 0 || cfg.max_inflight_batches == Some(0) {
         return Err(SinkError::Config(
             "queue_capacity and max_inflight_batches must be at least 1".into(),
         ));
@@ -126,6 +128,15 @@ impl JetStreamZone {
             }
         }
 
+        let mode = config.publish_mode.unwrap_or(match durability {
+            Durability::Lazy => PublishMode::Pipelined,
+            Durability::SyncAlways | Durability::Unknown => PublishMode::AtomicBatch,
+        });
+        let inflight = config.max_inflight_batches.unwrap_or(match mode {
+            PublishMode::AtomicBatch => 1,
+            PublishMode::Pipelined => 8,
+        });
+        tracing::info!(zone = %config.zone, ?mode, inflight, "append pipeline ready");
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let appender = Arc::new(append::Appender {
             client: client.clone(),
@@ -133,11 +144,13 @@ impl JetStreamZone {
             index,
             streams: streams.clone(),
             max_batch: config.max_batch,
+            mode,
             zone: config.zone.clone(),
         });
-        tokio::spawn(append::run(appender, rx, config.max_inflight_batches));
+        tokio::spawn(append::run(appender, rx, inflight));
 
         let zone = JetStreamZone {
+            mode,
             config,
             client,
             js,
@@ -156,6 +169,11 @@ impl JetStreamZone {
     /// What start-up learned about the server's flushing.
     pub fn durability(&self) -> Durability {
         self.durability
+    }
+
+    /// How appends travel to JetStream (configured, or picked from the durability probe).
+    pub fn publish_mode(&self) -> PublishMode {
+        self.mode
     }
 
     /// The configuration in force.

@@ -6,6 +6,7 @@ mod common;
 
 use async_nats::HeaderMap;
 use bsfg_core::{BoundaryApi, Limits};
+use bsfg_sink_jetstream::PublishMode;
 use bsfg_sink_jetstream::append::{HDR_DIGEST, HDR_MESSAGE_ID, id_token};
 use common::*;
 
@@ -76,9 +77,20 @@ async fn crash_after_publish_before_offset_record_returns_the_stored_offset() {
 
 #[tokio::test]
 async fn many_concurrent_retries_of_an_orphan_reservation_store_one_copy() {
+    orphan_reservation_retries_store_one_copy(PublishMode::AtomicBatch).await;
+}
+
+#[tokio::test]
+async fn many_concurrent_pipelined_retries_of_an_orphan_reservation_store_one_copy() {
+    orphan_reservation_retries_store_one_copy(PublishMode::Pipelined).await;
+}
+
+async fn orphan_reservation_retries_store_one_copy(mode: PublishMode) {
     let nats = server();
-    let a = zone(config(&nats)).await;
-    let b = zone(config(&nats)).await;
+    let mut cfg = config(&nats);
+    cfg.publish_mode = Some(mode);
+    let a = zone(cfg.clone()).await;
+    let b = zone(cfg).await;
     let msg = fact("crash-3", 1);
     let digest = Limits::default()
         .validate(msg.clone())

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bsfg_core::{BoundaryApi, BoundaryError, FetchRequest, Reason};
-use bsfg_sink_jetstream::{Durability, JetStreamConfig, JetStreamZone, SinkError};
+use bsfg_sink_jetstream::{Durability, JetStreamConfig, JetStreamZone, PublishMode, SinkError};
 use common::*;
 
 fn req(consumer: &str, limit: u32, wait_ms: u64) -> FetchRequest {
@@ -124,10 +124,22 @@ async fn invalid_fields_are_named_and_store_nothing() {
 
 #[tokio::test]
 async fn hundred_concurrent_appenders_with_repeated_ids_store_each_unique_id_once() {
+    concurrent_appenders_store_each_unique_id_once(PublishMode::AtomicBatch).await;
+}
+
+#[tokio::test]
+async fn hundred_concurrent_pipelined_appenders_with_repeated_ids_store_each_unique_id_once() {
+    concurrent_appenders_store_each_unique_id_once(PublishMode::Pipelined).await;
+}
+
+async fn concurrent_appenders_store_each_unique_id_once(mode: PublishMode) {
     let nats = server();
+    let mut cfg = config(&nats);
+    cfg.publish_mode = Some(mode);
     // Two gateway instances on one zone, each serving half of the appenders.
-    let a = zone(config(&nats)).await;
-    let b = zone(config(&nats)).await;
+    let a = zone(cfg.clone()).await;
+    let b = zone(cfg).await;
+    assert_eq!(a.publish_mode(), mode);
     let mut tasks = Vec::new();
     for t in 0..100 {
         let api = engine(if t % 2 == 0 { &a } else { &b });
@@ -513,7 +525,9 @@ async fn start_up_tells_a_lazily_flushing_server_from_a_syncing_one() {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(zone(config(&lazy)).await.durability(), Durability::Lazy);
+    let z = zone(config(&lazy)).await;
+    assert_eq!(z.durability(), Durability::Lazy);
+    assert_eq!(z.publish_mode(), PublishMode::Pipelined);
     let mut no_monitor: JetStreamConfig = config(&lazy);
     no_monitor.monitor_url = None;
     assert_eq!(zone(no_monitor).await.durability(), Durability::Unknown);
@@ -524,7 +538,7 @@ async fn a_full_append_queue_refuses_with_backpressure_and_stores_nothing() {
     let mut nats = server();
     let mut cfg = config(&nats);
     cfg.queue_capacity = 1;
-    cfg.max_inflight_batches = 1;
+    cfg.max_inflight_batches = Some(1);
     let z = zone(cfg).await;
     // The server goes away: one batch stalls in flight, the next waits for its slot,
     // and one more fills the queue.
