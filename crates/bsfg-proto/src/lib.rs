@@ -2,13 +2,18 @@
 //!
 //! The `bsfg.v1` wire messages generated from `proto/bsfg/v1/boundary.proto`, and
 //! lossless conversions to and from the domain types of bsfg-core. Transports use
-//! these; the engine never sees protobuf.
+//! these; the engine never sees protobuf. The tonic service code is generated here
+//! too, so that every gRPC adapter speaks the one contract.
 
-/// Generated `bsfg.v1` messages.
+/// Generated `bsfg.v1` messages, the `Boundary` service server trait and client.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/bsfg.v1.rs"));
 }
+
+/// Encoded `FileDescriptorSet` of `bsfg.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/bsfg_v1_descriptor.bin"));
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,224 @@
+//! A gRPC client that is itself a [`BoundaryApi`], so a replicator or a CLI talks to a
+//! remote zone exactly as to a local engine.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bsfg_core::{
+    AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
+    Message, ObjectInfo,
+};
+use bsfg_proto::v1::{self, boundary_client::BoundaryClient, put_object_request::Part};
+use futures::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::status::from_status;
+
+/// Settings of a client connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Largest message sent or accepted. Default 16 MiB.
+    pub max_message_bytes: usize,
+    /// Largest PutObject chunk sent. Default 1 MiB.
+    pub chunk_bytes: usize,
+    /// Connect timeout. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Per-call timeout on top of any long-poll wait. Default 60 s.
+    pub request_timeout: Duration,
+    /// Adaptive HTTP/2 windows (see the server's setting). Default on.
+    pub adaptive_window: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            max_message_bytes: 16 * 1024 * 1024,
+            chunk_bytes: 1024 * 1024,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            adaptive_window: true,
+        }
+    }
+}
+
+/// A `BoundaryApi` backed by a remote gateway over gRPC. Cheap to clone; clones share
+/// one HTTP/2 connection.
+#[derive(Clone)]
+pub struct GrpcClient {
+    inner: BoundaryClient<Channel>,
+    config: ClientConfig,
+}
+
+/// Converts `grpc://host:port` (or `http://`) to the URI tonic dials.
+pub fn endpoint_uri(url: &str) -> Result<String, BoundaryError> {
+    if let Some(rest) = url.strip_prefix("grpc://") {
+        Ok(format!("http://{rest}"))
+    } else if url.starts_with("http://") {
+        Ok(url.to_owned())
+    } else {
+        Err(BoundaryError::invalid(
+            "url",
+            format!("`{url}` is not a gRPC URL (grpc://host:port)"),
+        ))
+    }
+}
+
+impl GrpcClient {
+    /// Prepares a client for `url` (`grpc://host:port`). The connection is made on
+    /// first use and remade after a failure, so a peer that is down now is not an error
+    /// here.
+    pub fn connect_lazy(url: &str, config: ClientConfig) -> Result<Self, BoundaryError> {
+        let uri = endpoint_uri(url)?;
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
+            .connect_timeout(config.connect_timeout)
+            .http2_adaptive_window(config.adaptive_window)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let inner = BoundaryClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        Ok(GrpcClient { inner, config })
+    }
+
+    fn request<T>(&self, msg: T, extra: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.config.request_timeout + extra);
+        r
+    }
+}
+
+#[async_trait]
+impl BoundaryApi for GrpcClient {
+    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
+        let req = self.request(
+            v1::AppendFactRequest {
+                message: Some(message.into()),
+            },
+            Duration::ZERO,
+        );
+        let r = self
+            .inner
+            .clone()
+            .append_fact(req)
+            .await
+            .map_err(|s| from_status(&s))?;
+        Ok(r.into_inner().into())
+    }
+
+    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
+        let wait_ms = u32::try_from(request.wait.as_millis()).unwrap_or(u32::MAX);
+        let req = self.request(
+            v1::FetchFactsRequest {
+                consumer_name: request.consumer,
+                limit: request.limit,
+                wait_ms,
+            },
+            request.wait,
+        );
+        let r = self
+            .inner
+            .clone()
+            .fetch_facts(req)
+            .await
+            .map_err(|s| from_status(&s))?;
+        FactPage::try_from(r.into_inner())
+    }
+
+    async fn confirm_receipt(
+        &self,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        let req = self.request(
+            v1::ConfirmReceiptRequest {
+                consumer_name: consumer.to_owned(),
+                offset,
+            },
+            Duration::ZERO,
+        );
+        let r = self
+            .inner
+            .clone()
+            .confirm_receipt(req)
+            .await
+            .map_err(|s| from_status(&s))?;
+        Ok(Frontier {
+            offset: r.into_inner().frontier,
+        })
+    }
+
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError> {
+        let (err_tx, mut err_rx) = tokio::sync::oneshot::channel();
+        let parts = upload_parts(bucket, key, body, self.config.chunk_bytes, err_tx);
+        let mut req = tonic::Request::new(parts);
+        req.set_timeout(Duration::from_secs(24 * 3600));
+        let result = self.inner.clone().put_object(req).await;
+        if let Ok(e) = err_rx.try_recv() {
+            return Err(e);
+        }
+        let r = result.map_err(|s| from_status(&s))?.into_inner();
+        Ok(ObjectInfo {
+            bucket: r.bucket,
+            key: r.key,
+            digest: r.digest,
+            size: r.size,
+        })
+    }
+}
+
+/// The PutObject request stream: header, chunks of at most `chunk` bytes, end marker.
+/// A pump task reads the body; on a body error it reports the error and stops without
+/// the end marker, so the server stores nothing.
+fn upload_parts(
+    bucket: &str,
+    key: &str,
+    mut body: ByteStream,
+    chunk: usize,
+    err_tx: tokio::sync::oneshot::Sender<BoundaryError>,
+) -> tokio_stream::wrappers::ReceiverStream<v1::PutObjectRequest> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let header = v1::PutObjectRequest {
+        part: Some(Part::Header(v1::PutObjectHeader {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        })),
+    };
+    let chunk = chunk.max(1);
+    tokio::spawn(async move {
+        if tx.send(header).await.is_err() {
+            return;
+        }
+        let mut size = 0u64;
+        while let Some(item) = body.next().await {
+            let mut data = match item {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = err_tx.send(e);
+                    return;
+                }
+            };
+            while !data.is_empty() {
+                let piece = data.split_to(data.len().min(chunk));
+                size += piece.len() as u64;
+                let msg = v1::PutObjectRequest {
+                    part: Some(Part::Chunk(piece)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let end = v1::PutObjectRequest {
+            part: Some(Part::End(v1::PutObjectEnd { size })),
+        };
+        let _ = tx.send(end).await;
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
