@@ -1,0 +1,322 @@
+//! Client commands against a running gateway: append, fetch, confirm, put-object.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bsfg_core::{BoundaryApi, BoundaryError, Envelope, Fact, FactPage, FetchRequest, Message};
+use bsfg_transport_grpc::{ClientConfig, GrpcClient};
+use futures::{StreamExt, TryStreamExt};
+
+/// Connects to a gateway URL.
+pub fn connect(url: &str) -> anyhow::Result<GrpcClient> {
+    GrpcClient::connect_lazy(url, ClientConfig::default()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The fields of one fact given on the command line.
+#[derive(Debug, clap::Args)]
+pub struct FactArgs {
+    /// Idempotency key, derived from the business event.
+    #[arg(long)]
+    pub message_id: Option<String>,
+    /// Producing zone.
+    #[arg(long = "from")]
+    pub from_zone: Option<String>,
+    /// Destination zone.
+    #[arg(long = "to")]
+    pub to_zone: Option<String>,
+    /// `kind:id` or `kind:scope/id`.
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// lower_snake_case relation.
+    #[arg(long)]
+    pub predicate: Option<String>,
+    /// The object as JSON text.
+    #[arg(long = "object", default_value = "{}")]
+    pub object_json: String,
+    /// A label `key=value` (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Workflow grouping.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// message_id of the cause.
+    #[arg(long)]
+    pub causation_id: Option<String>,
+    /// Producer time in Unix ms (default: now).
+    #[arg(long)]
+    pub produced_at_unix_ms: Option<i64>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl FactArgs {
+    fn message(&self) -> anyhow::Result<Message> {
+        let need = |v: &Option<String>, flag: &str| {
+            v.clone()
+                .with_context(|| format!("--{flag} is required (or use --file)"))
+        };
+        Ok(Message {
+            envelope: Envelope {
+                message_id: need(&self.message_id, "message-id")?,
+                from_zone: need(&self.from_zone, "from")?,
+                to_zone: need(&self.to_zone, "to")?,
+                produced_at_unix_ms: self.produced_at_unix_ms.unwrap_or_else(now_ms),
+                correlation_id: self.correlation_id.clone(),
+                causation_id: self.causation_id.clone(),
+                labels: self.labels.iter().cloned().collect(),
+                ..Default::default()
+            },
+            fact: Fact {
+                subject: need(&self.subject, "subject")?,
+                predicate: need(&self.predicate, "predicate")?,
+                object_json: self.object_json.clone(),
+                artifacts: vec![],
+            },
+        })
+    }
+}
+
+fn print_outcome(json: bool, id: &str, out: &bsfg_core::AppendOutcome) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"message_id": id, "stream": out.stream, "offset": out.offset, "duplicate": out.duplicate})
+        );
+    } else if out.duplicate {
+        println!(
+            "duplicate {id} -> {}:{} (already stored, nothing new)",
+            out.stream, out.offset
+        );
+    } else {
+        println!("appended  {id} -> {}:{}", out.stream, out.offset);
+    }
+}
+
+/// `bsfg append`: one fact from flags, or JSON lines from a file or `-` (stdin).
+pub async fn append(
+    api: &dyn BoundaryApi,
+    args: &FactArgs,
+    file: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Some(file) = file else {
+        let m = args.message()?;
+        let id = m.envelope.message_id.clone();
+        let out = api.append_fact(m).await.map_err(op_error)?;
+        print_outcome(json, &id, &out);
+        return Ok(());
+    };
+    let (reader, total): (Box<dyn BufRead>, Option<u64>) = if file.as_os_str() == "-" {
+        (Box::new(std::io::stdin().lock()), None)
+    } else {
+        let f = std::fs::File::open(&file)
+            .with_context(|| format!("cannot open {}", file.display()))?;
+        let len = f.metadata().map(|m| m.len()).ok();
+        (Box::new(std::io::BufReader::new(f)), len)
+    };
+    let bar = match total {
+        Some(len) if !json => indicatif::ProgressBar::with_draw_target(
+            Some(len),
+            indicatif::ProgressDrawTarget::stderr(),
+        ),
+        _ => indicatif::ProgressBar::hidden(),
+    };
+    let (mut stored, mut dups) = (0u64, 0u64);
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.context("reading input")?;
+        bar.inc(line.len() as u64 + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let m: Message = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "line {}: not a message ({{\"envelope\": {{...}}, \"fact\": {{...}}}})",
+                i + 1
+            )
+        })?;
+        let id = m.envelope.message_id.clone();
+        let out = api
+            .append_fact(m)
+            .await
+            .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
+        if out.duplicate {
+            dups += 1;
+        } else {
+            stored += 1;
+        }
+        bar.suspend(|| print_outcome(json, &id, &out));
+    }
+    bar.finish_and_clear();
+    if !json {
+        eprintln!("{stored} stored, {dups} duplicate(s)");
+    }
+    Ok(())
+}
+
+fn op_error(e: BoundaryError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+fn print_page(json: bool, page: &FactPage) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let facts: Vec<_> = page
+            .facts
+            .iter()
+            .map(|f| serde_json::json!({"offset": f.offset, "appended_at_unix_ms": f.appended_at_unix_ms, "delivery_count": f.delivery_count, "message": f.message}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"stream": page.stream, "first_offset": page.first_offset, "last_offset": page.last_offset, "frontier": page.frontier, "pending": page.pending, "facts": facts})
+        )?;
+    } else {
+        for f in &page.facts {
+            let m = &f.message;
+            writeln!(
+                out,
+                "{}:{}  {} {} {}  id={}{}",
+                page.stream,
+                f.offset,
+                m.fact.subject,
+                m.fact.predicate,
+                m.fact.object_json,
+                m.envelope.message_id,
+                if f.delivery_count > 1 {
+                    format!(" (delivery {})", f.delivery_count)
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+        writeln!(
+            out,
+            "# {} fact(s); stream {} holds {}..{}; frontier {}; {} not yet confirmed",
+            page.facts.len(),
+            page.stream,
+            page.first_offset,
+            page.last_offset,
+            page.frontier,
+            page.pending
+        )?;
+    }
+    Ok(())
+}
+
+/// `bsfg fetch`: prints a page (or keeps fetching with `follow`); with `confirm`, each
+/// page is confirmed once printed.
+pub async fn fetch(
+    api: &dyn BoundaryApi,
+    consumer: &str,
+    limit: u32,
+    wait: Duration,
+    follow: bool,
+    confirm: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    loop {
+        let page = api
+            .fetch_facts(FetchRequest {
+                consumer: consumer.to_owned(),
+                limit,
+                wait,
+            })
+            .await
+            .map_err(op_error)?;
+        print_page(json, &page)?;
+        if confirm && let Some(last) = page.facts.last() {
+            let f = api
+                .confirm_receipt(consumer, last.offset)
+                .await
+                .map_err(op_error)?;
+            if !json {
+                println!("# confirmed up to {}; frontier {}", last.offset, f.offset);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+    }
+}
+
+/// `bsfg confirm`.
+pub async fn confirm(
+    api: &dyn BoundaryApi,
+    consumer: &str,
+    offset: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let f = api
+        .confirm_receipt(consumer, offset)
+        .await
+        .map_err(op_error)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"consumer": consumer, "frontier": f.offset})
+        );
+    } else {
+        println!("consumer {consumer}: frontier {}", f.offset);
+    }
+    Ok(())
+}
+
+/// `bsfg put-object`: streams a file with a progress bar.
+pub async fn put_object(
+    api: &dyn BoundaryApi,
+    bucket: &str,
+    key: Option<String>,
+    file: PathBuf,
+    json: bool,
+) -> anyhow::Result<()> {
+    let key = match key {
+        Some(k) => k,
+        None => match file.file_name().and_then(|n| n.to_str()) {
+            Some(n) => n.to_owned(),
+            None => bail!(
+                "--key is required: {} has no usable file name",
+                file.display()
+            ),
+        },
+    };
+    let f = tokio::fs::File::open(&file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr())
+    };
+    let progress = bar.clone();
+    let body = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024)
+        .inspect_ok(move |b| progress.inc(b.len() as u64))
+        .map_err(|e| BoundaryError::Unavailable(format!("reading the file: {e}")))
+        .boxed();
+    let info = api.put_object(bucket, &key, body).await.map_err(op_error)?;
+    bar.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"bucket": info.bucket, "key": info.key, "digest": info.digest, "size": info.size})
+        );
+    } else {
+        println!(
+            "stored {}/{} {} ({} bytes)",
+            info.bucket, info.key, info.digest, info.size
+        );
+    }
+    Ok(())
+}

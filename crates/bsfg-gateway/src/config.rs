@@ -1,0 +1,776 @@
+//! A zone's gateway, composed from one TOML file.
+//!
+//! Every component is chosen by name: the sink by `type`, each listener by its URL
+//! scheme. [`load`] parses and checks everything before anything starts, and reports
+//! each problem as `file:line:column: key: rule`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bsfg_core::{Limits, names};
+use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, PublishMode, StreamClass};
+use bsfg_transport_grpc::ServerConfig;
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// Dotted key (`listeners[0].url`), empty for syntax errors.
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem of one file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct Problems(pub Vec<Problem>);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    zone: RawZone,
+    #[serde(default)]
+    limits: RawLimits,
+    sink: Spanned<RawJetStream>,
+    #[serde(default)]
+    consumers: Vec<RawConsumer>,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZone {
+    name: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_fact_bytes: Option<Spanned<usize>>,
+    max_fetch_limit: Option<Spanned<u32>>,
+    max_labels: Option<Spanned<usize>>,
+}
+
+/// The `[sink]` table. Its `type` names the component in [`SINKS`]; the other keys
+/// are that component's settings. (A serde-tagged enum would lose the spans that
+/// error messages need.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJetStream {
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    url: Spanned<String>,
+    domain: Option<Spanned<String>>,
+    monitor_url: Option<Spanned<String>>,
+    class_label: Option<String>,
+    default_class: Option<Spanned<String>>,
+    replicas: Option<Spanned<usize>>,
+    duplicate_window: Option<Spanned<String>>,
+    index_max_age: Option<Spanned<String>>,
+    max_batch: Option<Spanned<usize>>,
+    max_inflight_batches: Option<Spanned<usize>>,
+    queue_capacity: Option<Spanned<usize>>,
+    publish_mode: Option<Spanned<String>>,
+    classes: Option<Vec<RawClass>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: Spanned<String>,
+    max_age: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    name: Spanned<String>,
+    class: Spanned<String>,
+    #[serde(default)]
+    subject_kinds: Vec<String>,
+    ack_wait: Option<Spanned<String>>,
+    max_ack_pending: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    url: Spanned<String>,
+    insecure: Option<Spanned<bool>>,
+    max_message_bytes: Option<Spanned<usize>>,
+    max_fetch_wait: Option<Spanned<String>>,
+    max_concurrent_streams: Option<Spanned<u32>>,
+    request_timeout: Option<Spanned<String>>,
+}
+
+/// A listener, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// The URL as written (`grpc://127.0.0.1:7443`).
+    pub url: String,
+    /// URL scheme: picks the transport.
+    pub scheme: String,
+    /// Socket address to bind.
+    pub addr: SocketAddr,
+    /// Transport settings.
+    pub server: ServerConfig,
+}
+
+/// A checked gateway configuration: everything needed to start the zone.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Zone name.
+    pub zone: String,
+    /// Validation limits of the engine.
+    pub limits: Limits,
+    /// The zone log (the only sink type so far).
+    pub sink: JetStreamConfig,
+    /// Listeners, in file order.
+    pub listeners: Vec<Listener>,
+}
+
+/// Transports known by URL scheme.
+pub const SCHEMES: &[&str] = &["grpc"];
+/// Sinks known by `type`.
+pub const SINKS: &[&str] = &["jetstream"];
+
+struct Checker<'a> {
+    file: &'a Path,
+    src: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn at(
+        &mut self,
+        span: std::ops::Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let (line, column) = line_col(self.src, span.start);
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.at(
+                    v.span(),
+                    key,
+                    format!(
+                        "`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"30d\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn name(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+        check: fn(&str, &str) -> Result<(), bsfg_core::BoundaryError>,
+    ) {
+        if let Err(e) = check(key, v.get_ref()) {
+            let rule = match e {
+                bsfg_core::BoundaryError::InvalidArgument { rule, .. } => rule,
+                other => other.to_string(),
+            };
+            self.at(v.span(), key, rule);
+        }
+    }
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<GatewayConfig, Problems> {
+    let src = std::fs::read_to_string(path).map_err(|e| {
+        Problems(vec![Problem {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(path, &src)
+}
+
+/// Parses and checks config text; `path` is only used in messages.
+pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
+    let raw: RawConfig = toml::from_str(src).map_err(|e| {
+        let (line, column) = e.span().map_or((0, 0), |s| line_col(src, s.start));
+        let message = e.message().trim().to_owned();
+        Problems(vec![Problem {
+            file: path.to_path_buf(),
+            line,
+            column,
+            key: String::new(),
+            message,
+        }])
+    })?;
+    let mut c = Checker {
+        file: path,
+        src,
+        problems: Vec::new(),
+    };
+
+    c.name(&raw.zone.name, "zone.name", names::validate_zone);
+    let zone = raw.zone.name.get_ref().clone();
+
+    let mut limits = Limits::default();
+    if let Some(v) = &raw.limits.max_fact_bytes {
+        if *v.get_ref() == 0 || *v.get_ref() > 64 * 1024 * 1024 {
+            c.at(
+                v.span(),
+                "limits.max_fact_bytes",
+                "must be between 1 and 67108864 (64 MiB)",
+            );
+        }
+        limits.max_fact_bytes = *v.get_ref();
+    }
+    if let Some(v) = &raw.limits.max_fetch_limit {
+        if *v.get_ref() == 0 || *v.get_ref() > 10_000 {
+            c.at(
+                v.span(),
+                "limits.max_fetch_limit",
+                "must be between 1 and 10000",
+            );
+        }
+        limits.max_fetch_limit = *v.get_ref();
+    }
+    if let Some(v) = &raw.limits.max_labels {
+        limits.max_labels = *v.get_ref();
+    }
+
+    let sink_span = raw.sink.span();
+    let js = raw.sink.into_inner();
+    if !SINKS.contains(&js.kind.get_ref().as_str()) {
+        c.at(
+            js.kind.span(),
+            "sink.type",
+            format!(
+                "unknown sink type `{}`; known: {}",
+                js.kind.get_ref(),
+                SINKS.join(", ")
+            ),
+        );
+    }
+    let mut sink = JetStreamConfig::new(zone.clone(), js.url.get_ref().clone());
+    if !js.url.get_ref().starts_with("nats://") {
+        c.at(
+            js.url.span(),
+            "sink.url",
+            "must be a nats:// URL of the zone-local nats-server",
+        );
+    }
+    if let Some(d) = &js.domain {
+        c.name(d, "sink.domain", names::validate_zone);
+        sink.domain = Some(d.get_ref().clone());
+    }
+    if let Some(m) = &js.monitor_url {
+        if !m.get_ref().starts_with("http://") {
+            c.at(
+                m.span(),
+                "sink.monitor_url",
+                "must be the http:// monitoring URL of the nats-server",
+            );
+        }
+        sink.monitor_url = Some(m.get_ref().clone());
+    }
+    if let Some(l) = js.class_label {
+        sink.class_label = l;
+    }
+    if let Some(r) = &js.replicas {
+        if !(1..=5).contains(r.get_ref()) {
+            c.at(r.span(), "sink.replicas", "must be between 1 and 5");
+        }
+        sink.replicas = *r.get_ref();
+    }
+    sink.duplicate_window = c.duration(
+        &js.duplicate_window,
+        "sink.duplicate_window",
+        sink.duplicate_window,
+    );
+    sink.index_max_age = c.duration(&js.index_max_age, "sink.index_max_age", sink.index_max_age);
+    if let Some(b) = &js.max_batch {
+        if !(1..=1000).contains(b.get_ref()) {
+            c.at(
+                b.span(),
+                "sink.max_batch",
+                "must be between 1 and 1000 (JetStream's atomic batch limit)",
+            );
+        }
+        sink.max_batch = *b.get_ref();
+    }
+    if let Some(b) = &js.max_inflight_batches {
+        if *b.get_ref() == 0 {
+            c.at(b.span(), "sink.max_inflight_batches", "must be at least 1");
+        }
+        sink.max_inflight_batches = Some(*b.get_ref());
+    }
+    if let Some(q) = &js.queue_capacity {
+        if *q.get_ref() == 0 {
+            c.at(q.span(), "sink.queue_capacity", "must be at least 1");
+        }
+        sink.queue_capacity = *q.get_ref();
+    }
+    if let Some(m) = &js.publish_mode {
+        sink.publish_mode = match m.get_ref().as_str() {
+            "auto" => None,
+            "atomic_batch" => Some(PublishMode::AtomicBatch),
+            "pipelined" => Some(PublishMode::Pipelined),
+            other => {
+                c.at(
+                    m.span(),
+                    "sink.publish_mode",
+                    format!("`{other}` is not one of auto, atomic_batch, pipelined"),
+                );
+                None
+            }
+        };
+    }
+    if let Some(classes) = &js.classes {
+        if classes.is_empty() {
+            c.at(
+                sink_span.clone(),
+                "sink.classes",
+                "must name at least one stream class",
+            );
+        }
+        let mut seen = HashSet::new();
+        sink.classes = classes
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let key = format!("sink.classes[{i}].name");
+                c.name(&k.name, &key, names::validate_class);
+                if !seen.insert(k.name.get_ref().clone()) {
+                    c.at(
+                        k.name.span(),
+                        key,
+                        format!("class `{}` is declared twice", k.name.get_ref()),
+                    );
+                }
+                let max_age = c.duration(
+                    &Some(k.max_age.clone()),
+                    &format!("sink.classes[{i}].max_age"),
+                    Duration::ZERO,
+                );
+                StreamClass::new(k.name.get_ref().clone(), max_age)
+            })
+            .collect();
+    }
+    let class_names: Vec<String> = sink.classes.iter().map(|k| k.name.clone()).collect();
+    if let Some(d) = &js.default_class {
+        if !class_names.contains(d.get_ref()) {
+            c.at(
+                d.span(),
+                "sink.default_class",
+                format!(
+                    "`{}` is not one of the classes {class_names:?}",
+                    d.get_ref()
+                ),
+            );
+        }
+        sink.default_class = d.get_ref().clone();
+    } else if !class_names.contains(&sink.default_class) {
+        c.at(
+            sink_span,
+            "sink.default_class",
+            format!(
+                "must be set: the default `operational` is not one of the classes {class_names:?}"
+            ),
+        );
+    }
+
+    let mut consumer_names = HashSet::new();
+    for (i, rc) in raw.consumers.iter().enumerate() {
+        let key = format!("consumers[{i}].name");
+        c.name(&rc.name, &key, names::validate_consumer);
+        if !consumer_names.insert(rc.name.get_ref().clone()) {
+            c.at(
+                rc.name.span(),
+                key,
+                format!("consumer `{}` is declared twice", rc.name.get_ref()),
+            );
+        }
+        if !class_names.contains(rc.class.get_ref()) {
+            c.at(
+                rc.class.span(),
+                format!("consumers[{i}].class"),
+                format!(
+                    "`{}` is not one of the classes {class_names:?}",
+                    rc.class.get_ref()
+                ),
+            );
+        }
+        let mut cc = ConsumerConfig::new(rc.name.get_ref().clone(), rc.class.get_ref().clone());
+        cc.subject_kinds = rc.subject_kinds.clone();
+        cc.ack_wait = c.duration(
+            &rc.ack_wait,
+            &format!("consumers[{i}].ack_wait"),
+            cc.ack_wait,
+        );
+        if let Some(a) = &rc.ack_wait
+            && cc.ack_wait < Duration::from_secs(1)
+        {
+            c.at(
+                a.span(),
+                format!("consumers[{i}].ack_wait"),
+                "must be at least 1s",
+            );
+        }
+        if let Some(p) = &rc.max_ack_pending {
+            if *p.get_ref() < 1 {
+                c.at(
+                    p.span(),
+                    format!("consumers[{i}].max_ack_pending"),
+                    "must be at least 1",
+                );
+            }
+            cc.max_ack_pending = *p.get_ref();
+        }
+        sink.consumers.push(cc);
+    }
+
+    let mut listeners = Vec::new();
+    let mut addrs = HashSet::new();
+    if raw.listeners.is_empty() {
+        c.at(
+            0..0,
+            "listeners",
+            "at least one [[listeners]] entry is needed, e.g. url = \"grpc://127.0.0.1:7443\"",
+        );
+    }
+    for (i, rl) in raw.listeners.iter().enumerate() {
+        let key = format!("listeners[{i}].url");
+        let url = rl.url.get_ref();
+        let Some((scheme, rest)) = url.split_once("://") else {
+            c.at(
+                rl.url.span(),
+                key,
+                format!("`{url}` is not a URL; write e.g. grpc://127.0.0.1:7443"),
+            );
+            continue;
+        };
+        if !SCHEMES.contains(&scheme) {
+            c.at(
+                rl.url.span(),
+                key,
+                format!(
+                    "no transport for scheme `{scheme}`; known: {}",
+                    SCHEMES.join(", ")
+                ),
+            );
+            continue;
+        }
+        let addr: SocketAddr = match rest.trim_end_matches('/').parse() {
+            Ok(a) => a,
+            Err(_) => {
+                c.at(
+                    rl.url.span(),
+                    key,
+                    format!("`{rest}` is not an IP address and port (e.g. 127.0.0.1:7443)"),
+                );
+                continue;
+            }
+        };
+        if !addrs.insert(addr) {
+            c.at(
+                rl.url.span(),
+                key.clone(),
+                format!("{addr} is used by another listener"),
+            );
+        }
+        let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
+        if !insecure {
+            let span = rl.insecure.as_ref().map_or(rl.url.span(), |v| v.span());
+            c.at(
+                span,
+                format!("listeners[{i}].insecure"),
+                "TLS listeners are not available yet: set `insecure = true` on a loopback address",
+            );
+        } else if !addr.ip().is_loopback() {
+            c.at(
+                rl.url.span(),
+                key,
+                format!("plaintext is allowed only on loopback; {addr} is not"),
+            );
+        }
+        let mut server = ServerConfig::default();
+        if let Some(m) = &rl.max_message_bytes {
+            let needed = limits.max_fact_bytes * 2;
+            if *m.get_ref() < needed {
+                c.at(m.span(), format!("listeners[{i}].max_message_bytes"), format!("must be at least twice limits.max_fact_bytes ({needed}) so that a fact and its envelope fit"));
+            }
+            server.max_message_bytes = *m.get_ref();
+        }
+        server.max_fetch_wait = c.duration(
+            &rl.max_fetch_wait,
+            &format!("listeners[{i}].max_fetch_wait"),
+            server.max_fetch_wait,
+        );
+        server.request_timeout = c.duration(
+            &rl.request_timeout,
+            &format!("listeners[{i}].request_timeout"),
+            server.request_timeout,
+        );
+        if server.request_timeout <= server.max_fetch_wait {
+            c.at(
+                rl.url.span(),
+                format!("listeners[{i}].request_timeout"),
+                "must be longer than max_fetch_wait, or long-polls time out",
+            );
+        }
+        if let Some(s) = &rl.max_concurrent_streams {
+            if *s.get_ref() == 0 {
+                c.at(
+                    s.span(),
+                    format!("listeners[{i}].max_concurrent_streams"),
+                    "must be at least 1",
+                );
+            }
+            server.max_concurrent_streams = *s.get_ref();
+        }
+        listeners.push(Listener {
+            url: url.clone(),
+            scheme: scheme.to_owned(),
+            addr,
+            server,
+        });
+    }
+
+    if c.problems.is_empty() {
+        Ok(GatewayConfig {
+            zone,
+            limits,
+            sink,
+            listeners,
+        })
+    } else {
+        c.problems.sort_by_key(|p| (p.line, p.column));
+        Err(Problems(c.problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[zone]
+name = "plant-a"
+
+[sink]
+type = "jetstream"
+url = "nats://127.0.0.1:4222"
+
+[[consumers]]
+name = "to-enterprise"
+class = "operational"
+
+[[listeners]]
+url = "grpc://127.0.0.1:7443"
+insecure = true
+"#;
+
+    fn problems(src: &str) -> Vec<Problem> {
+        parse(Path::new("zone.toml"), src)
+            .expect_err("must be refused")
+            .0
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let c = parse(Path::new("zone.toml"), GOOD).expect("valid");
+        assert_eq!(c.zone, "plant-a");
+        assert_eq!(c.sink.classes.len(), 3);
+        assert_eq!(c.sink.default_class, "operational");
+        assert_eq!(c.sink.consumers[0].ack_wait, Duration::from_secs(30));
+        assert_eq!(c.listeners[0].addr, "127.0.0.1:7443".parse().expect("addr"));
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    /// Each broken config: what to change, then the line, key and words expected.
+    #[test]
+    fn each_broken_config_names_file_line_and_key() {
+        let cases: &[(&str, &str, usize, &str, &str)] = &[
+            // (find, replace, line, key, words in message)
+            (
+                "name = \"plant-a\"",
+                "name = \"plant a\"",
+                3,
+                "zone.name",
+                "letters, digits",
+            ),
+            (
+                "type = \"jetstream\"",
+                "type = \"kafka\"",
+                6,
+                "sink.type",
+                "unknown sink type `kafka`; known: jetstream",
+            ),
+            (
+                "url = \"nats://127.0.0.1:4222\"",
+                "url = \"http://127.0.0.1:4222\"",
+                7,
+                "sink.url",
+                "nats://",
+            ),
+            (
+                "url = \"nats://127.0.0.1:4222\"",
+                "url = \"nats://127.0.0.1:4222\"\nmax_batch = 5000",
+                8,
+                "sink.max_batch",
+                "between 1 and 1000",
+            ),
+            (
+                "url = \"nats://127.0.0.1:4222\"",
+                "url = \"nats://127.0.0.1:4222\"\nduplicate_window = \"2 fortnights\"",
+                8,
+                "sink.duplicate_window",
+                "not a duration",
+            ),
+            (
+                "url = \"nats://127.0.0.1:4222\"",
+                "url = \"nats://127.0.0.1:4222\"\nmax_batchez = 5",
+                8,
+                "",
+                "unknown field `max_batchez`",
+            ),
+            (
+                "class = \"operational\"",
+                "class = \"secret\"",
+                11,
+                "consumers[0].class",
+                "not one of the classes",
+            ),
+            (
+                "url = \"grpc://127.0.0.1:7443\"",
+                "url = \"quic://127.0.0.1:7443\"",
+                14,
+                "listeners[0].url",
+                "no transport for scheme `quic`",
+            ),
+            (
+                "url = \"grpc://127.0.0.1:7443\"",
+                "url = \"grpc://gateway.local\"",
+                14,
+                "listeners[0].url",
+                "not an IP address and port",
+            ),
+            (
+                "url = \"grpc://127.0.0.1:7443\"",
+                "url = \"grpc://0.0.0.0:7443\"",
+                14,
+                "listeners[0].url",
+                "only on loopback",
+            ),
+            (
+                "insecure = true",
+                "insecure = false",
+                15,
+                "listeners[0].insecure",
+                "TLS listeners are not available",
+            ),
+            (
+                "insecure = true",
+                "insecure = true\nmax_message_bytes = 1024",
+                16,
+                "listeners[0].max_message_bytes",
+                "at least twice",
+            ),
+            (
+                "insecure = true",
+                "insecure = \"yes\"",
+                15,
+                "",
+                "invalid type",
+            ),
+            (
+                "name = \"to-enterprise\"",
+                "name = \"to.enterprise\"",
+                10,
+                "consumers[0].name",
+                "consumer name",
+            ),
+            ("[zone]", "[zone\n", 2, "", "unclosed table"),
+        ];
+        for (find, replace, line, key, words) in cases {
+            assert!(GOOD.contains(find), "fixture lacks {find}");
+            let src = GOOD.replacen(find, replace, 1);
+            let p = problems(&src);
+            let hit = p
+                .iter()
+                .find(|p| p.key == *key && p.message.contains(words));
+            let Some(hit) = hit else {
+                panic!("{replace:?}: expected {key} with {words:?}, got {p:?}");
+            };
+            assert_eq!(hit.line, *line, "{replace:?}: {hit}");
+            assert!(
+                hit.to_string().starts_with(&format!("zone.toml:{line}:")),
+                "{hit}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let src = GOOD
+            .replacen("class = \"operational\"", "class = \"secret\"", 1)
+            .replacen("insecure = true", "insecure = false", 1);
+        let p = problems(&src);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].line < p[1].line);
+    }
+
+    #[test]
+    fn two_listeners_on_one_address_are_refused() {
+        let src =
+            format!("{GOOD}\n[[listeners]]\nurl = \"grpc://127.0.0.1:7443\"\ninsecure = true\n");
+        let p = problems(&src);
+        assert!(
+            p.iter()
+                .any(|p| p.key == "listeners[1].url" && p.message.contains("another listener")),
+            "{p:?}"
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! `bsfg`: the BSFG gateway and its command-line client.
+//!
+//! - `bsfg run --config zone.toml` starts a zone; `bsfg validate --config zone.toml`
+//!   checks a config without starting anything.
+//! - `bsfg append|fetch|confirm|put-object` talk to a running gateway (`--url`).
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config.
+
+mod client;
+mod config;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bsfg",
+    version,
+    about = "BSFG: Bidirectional Store-and-Forward Gateway"
+)]
+struct Cli {
+    /// Gateway URL for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "BSFG_URL",
+        default_value = "grpc://127.0.0.1:7443"
+    )]
+    url: String,
+    /// Machine-readable JSON output (one object per line).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a zone from its config file and serve until SIGINT/SIGTERM.
+    Run {
+        /// The zone's TOML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file; print every problem with file, line and key.
+    Validate {
+        /// The zone's TOML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Append facts: one from flags, or JSON lines with --file (`-` for stdin).
+    Append {
+        #[command(flatten)]
+        fact: client::FactArgs,
+        /// JSON lines, one `{"envelope": {...}, "fact": {...}}` per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Fetch a page for a durable consumer.
+    Fetch {
+        /// Consumer name, declared in the zone's config.
+        #[arg(long)]
+        consumer: String,
+        /// Most facts per page.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Long-poll: wait this long for a first fact.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        /// Keep fetching (long-polls of at least 5 s) until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Confirm each page after printing it.
+        #[arg(long)]
+        confirm: bool,
+    },
+    /// Confirm everything up to an offset for a consumer.
+    Confirm {
+        /// Consumer name.
+        #[arg(long)]
+        consumer: String,
+        /// Offset (inclusive).
+        #[arg(long)]
+        offset: u64,
+    },
+    /// Store an artifact, streamed from a file.
+    PutObject {
+        /// Bucket.
+        #[arg(long)]
+        bucket: String,
+        /// Key (default: the file name).
+        #[arg(long)]
+        key: Option<String>,
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,async_nats=warn,h2=warn,tower=warn")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
+    let op = |e: anyhow::Error| (1u8, e);
+    match cli.command {
+        Command::Validate { config } => match config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok: zone {}, sink jetstream at {}, {} consumer(s), {} listener(s)",
+                    config.display(),
+                    c.zone,
+                    c.sink.url,
+                    c.sink.consumers.len(),
+                    c.listeners.len()
+                );
+                Ok(())
+            }
+            Err(p) => Err((2, p.into())),
+        },
+        Command::Run { config } => {
+            let c = config::load(&config).map_err(|p| (2u8, p.into()))?;
+            init_tracing();
+            run::run(c).await.map_err(op)
+        }
+        Command::Append { fact, file } => {
+            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            client::append(&api, &fact, file, cli.json)
+                .await
+                .map_err(op)
+        }
+        Command::Fetch {
+            consumer,
+            limit,
+            wait,
+            follow,
+            confirm,
+        } => {
+            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            let wait = if follow {
+                wait.max(Duration::from_secs(5))
+            } else {
+                wait
+            };
+            client::fetch(&api, &consumer, limit, wait, follow, confirm, cli.json)
+                .await
+                .map_err(op)
+        }
+        Command::Confirm { consumer, offset } => {
+            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            client::confirm(&api, &consumer, offset, cli.json)
+                .await
+                .map_err(op)
+        }
+        Command::PutObject { bucket, key, file } => {
+            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            client::put_object(&api, &bucket, key, file, cli.json)
+                .await
+                .map_err(op)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, e)) => {
+            eprintln!("bsfg: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
