@@ -109,6 +109,7 @@ pub async fn append(
     api: &dyn BoundaryApi,
     args: &FactArgs,
     file: Option<PathBuf>,
+    concurrency: usize,
     json: bool,
 ) -> anyhow::Result<()> {
     let Some(file) = file else {
@@ -133,24 +134,36 @@ pub async fn append(
         ),
         _ => indicatif::ProgressBar::hidden(),
     };
+    // Lines stream through with `concurrency` appends in flight; answers are printed
+    // in input order, and the first failure stops the run with its line number.
+    let appends = futures::stream::iter(reader.lines().enumerate())
+        .map(|(i, line)| {
+            let bar = bar.clone();
+            async move {
+                let line = line.context("reading input")?;
+                bar.inc(line.len() as u64 + 1);
+                if line.trim().is_empty() {
+                    return Ok(None);
+                }
+                let m: Message = serde_json::from_str(&line).with_context(|| {
+                    format!(
+                        "line {}: not a message ({{\"envelope\": {{...}}, \"fact\": {{...}}}})",
+                        i + 1
+                    )
+                })?;
+                let id = m.envelope.message_id.clone();
+                let out = api
+                    .append_fact(m)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
+                anyhow::Ok(Some((id, out)))
+            }
+        })
+        .buffered(concurrency.max(1));
+    futures::pin_mut!(appends);
     let (mut stored, mut dups) = (0u64, 0u64);
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.context("reading input")?;
-        bar.inc(line.len() as u64 + 1);
-        if line.trim().is_empty() {
-            continue;
-        }
-        let m: Message = serde_json::from_str(&line).with_context(|| {
-            format!(
-                "line {}: not a message ({{\"envelope\": {{...}}, \"fact\": {{...}}}})",
-                i + 1
-            )
-        })?;
-        let id = m.envelope.message_id.clone();
-        let out = api
-            .append_fact(m)
-            .await
-            .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
+    while let Some(r) = appends.next().await {
+        let Some((id, out)) = r? else { continue };
         if out.duplicate {
             dups += 1;
         } else {

@@ -59,6 +59,9 @@ enum Command {
         /// JSON lines, one `{"envelope": {...}, "fact": {...}}` per line.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Appends in flight at once with --file (answers stay in input order).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
     },
     /// Fetch a page for a durable consumer.
     Fetch {
@@ -132,9 +135,13 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             init_tracing();
             run::run(c).await.map_err(op)
         }
-        Command::Append { fact, file } => {
+        Command::Append {
+            fact,
+            file,
+            concurrency,
+        } => {
             let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
-            client::append(&api, &fact, file, cli.json)
+            client::append(&api, &fact, file, concurrency, cli.json)
                 .await
                 .map_err(op)
         }

@@ -1,0 +1,419 @@
+//! The real `bsfg` binary against a real nats-server: every CLI command, exit codes
+//! and output, broken configs, and SIGTERM in the middle of a stream of appends.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bsfg_testkit::NatsServer;
+
+const BSFG: &str = env!("CARGO_BIN_EXE_bsfg");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Gateway {
+    child: Child,
+    url: String,
+    config: PathBuf,
+}
+
+impl Gateway {
+    fn start(dir: &Path, nats: &NatsServer) -> Gateway {
+        let port = free_port();
+        let config = dir.join("zone.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[zone]
+name = "plant-a"
+
+[sink]
+type = "jetstream"
+url = "{}"
+monitor_url = "{}"
+
+[[consumers]]
+name = "reporting"
+class = "operational"
+ack_wait = "2s"
+
+[[listeners]]
+url = "grpc://127.0.0.1:{port}"
+insecure = true
+"#,
+                nats.url(),
+                nats.monitor_url()
+            ),
+        )
+        .unwrap();
+        Self::spawn(config, format!("grpc://127.0.0.1:{port}"))
+    }
+
+    fn spawn(config: PathBuf, url: String) -> Gateway {
+        let mut child = Command::new(BSFG)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.next().expect("gateway printed nothing").unwrap();
+        assert!(ready.contains("ready"), "{ready}");
+        Gateway { child, url, config }
+    }
+
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::spawn(self.config.clone(), self.url.clone());
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn bsfg(&self, args: &[&str]) -> Output {
+        Command::new(BSFG)
+            .arg("--url")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn step(id: &str, step: u32) -> Vec<String> {
+    [
+        "append",
+        "--message-id",
+        id,
+        "--from",
+        "plant-a",
+        "--to",
+        "enterprise",
+        "--subject",
+        "batch:PlantA/B1042",
+        "--predicate",
+        "step_completed",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(["--object".to_owned(), format!(r#"{{"step":{step}}}"#)])
+    .collect()
+}
+
+fn jsonl_line(id: &str, n: u32) -> String {
+    format!(
+        r#"{{"envelope":{{"message_id":"{id}","from_zone":"plant-a","to_zone":"enterprise","produced_at_unix_ms":1764000000000}},"fact":{{"subject":"batch:PlantA/B{n}","predicate":"step_completed","object_json":"{{\"n\":{n}}}"}}}}"#
+    )
+}
+
+#[test]
+fn every_cli_command_works_against_a_running_gateway() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &nats);
+
+    let out = Command::new(BSFG)
+        .args(["validate", "--config"])
+        .arg(&gw.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("ok: zone plant-a"));
+
+    let a = |args: Vec<String>| gw.bsfg(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = a(step("evt-1", 1));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("appended  evt-1 -> facts_operational:1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = a(step("evt-1", 1));
+    assert!(text(&out.stdout).contains("duplicate evt-1 -> facts_operational:1"));
+    let out = a(step("evt-1", 2));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("conflicting_duplicate"),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut bad = step("evt-9", 1);
+    bad[10] = "StepCompleted".into();
+    let out = a(bad);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("invalid_argument: field `fact.predicate`"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // JSON lines from a file, and from stdin, with --json output.
+    let file = dir.path().join("facts.jsonl");
+    std::fs::write(
+        &file,
+        (2..=4)
+            .map(|n| jsonl_line(&format!("evt-{n}"), n) + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = gw.bsfg(&["--json", "append", "--file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let acks: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let offsets: HashSet<u64> = acks.iter().map(|a| a["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, HashSet::from([2, 3, 4]));
+    let mut child = Command::new(BSFG)
+        .args(["--url", &gw.url, "append", "--file", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all((jsonl_line("evt-5", 5) + "\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(text(&out.stdout).contains("appended  evt-5 -> facts_operational:5"));
+
+    // Fetch, confirm, fetch --confirm.
+    let out = gw.bsfg(&["--json", "fetch", "--consumer", "reporting", "--limit", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let page: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(page["facts"].as_array().unwrap().len(), 3);
+    assert_eq!(page["last_offset"], 5);
+    let out = gw.bsfg(&["confirm", "--consumer", "reporting", "--offset", "3"]);
+    assert!(
+        text(&out.stdout).contains("frontier 3"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = gw.bsfg(&["fetch", "--consumer", "reporting", "--confirm"]);
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("facts_operational:4") && s.contains("facts_operational:5"),
+        "{s}"
+    );
+    assert!(s.contains("frontier 5"), "{s}");
+    let out = gw.bsfg(&["fetch", "--consumer", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("unknown_consumer"));
+
+    // put-object: digest as sha256sum computes it; other bytes under the key refused.
+    let art = dir.path().join("record.pdf");
+    std::fs::write(&art, vec![7u8; 3 * 1024 * 1024 + 5]).unwrap();
+    let out = gw.bsfg(&[
+        "--json",
+        "put-object",
+        "--bucket",
+        "batch-files",
+        art.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let sum = text(&Command::new("sha256sum").arg(&art).output().unwrap().stdout);
+    assert_eq!(
+        info["digest"],
+        format!("sha256:{}", sum.split_whitespace().next().unwrap())
+    );
+    assert_eq!(info["key"], "record.pdf");
+    std::fs::write(&art, b"other bytes").unwrap();
+    let out = gw.bsfg(&[
+        "put-object",
+        "--bucket",
+        "batch-files",
+        art.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("conflicting_duplicate"));
+}
+
+#[test]
+fn broken_configs_exit_non_zero_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("zone.toml");
+    std::fs::write(
+        &cfg,
+        "[zone]\nname = \"plant a\"\n\n[sink]\ntype = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\nmax_batch = 0\n\n[[listeners]]\nurl = \"grpc://10.0.0.1:7443\"\ninsecure = true\n",
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let out = Command::new(BSFG)
+            .args([cmd, "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = text(&out.stderr);
+        let path = cfg.display().to_string();
+        assert!(err.contains(&format!("{path}:2:8: zone.name:")), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{path}:7:13: sink.max_batch: must be between 1 and 1000"
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "{path}:10:7: listeners[0].url: plaintext is allowed only on loopback"
+            )),
+            "{err}"
+        );
+    }
+    let out = Command::new(BSFG)
+        .args(["validate", "--config", "/nonexistent/zone.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn sigterm_during_a_stream_of_appends_loses_no_acknowledged_fact() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = Gateway::start(dir.path(), &nats);
+    let total = 2000;
+    let file = dir.path().join("stream.jsonl");
+    std::fs::write(
+        &file,
+        (0..total)
+            .map(|n| jsonl_line(&format!("s-{n}"), n) + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+
+    let mut producer = Command::new(BSFG)
+        .args([
+            "--url",
+            &gw.url,
+            "--json",
+            "append",
+            "--concurrency",
+            "16",
+            "--file",
+        ])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acked = HashSet::new();
+    let mut lines = BufReader::new(producer.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        acked.insert(v["message_id"].as_str().unwrap().to_owned());
+        if acked.len() == 200 {
+            break;
+        }
+    }
+    let status = gw.sigterm();
+    assert!(
+        status.success(),
+        "gateway must exit cleanly on SIGTERM: {status:?}"
+    );
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        acked.insert(v["message_id"].as_str().unwrap().to_owned());
+    }
+    let producer_status = producer.wait().unwrap();
+    assert!(
+        !producer_status.success(),
+        "the producer must notice the stop"
+    );
+    assert!(
+        acked.len() < total as usize,
+        "the stop came too late to test anything"
+    );
+
+    // Back up: every acknowledged fact is stored, and a re-run of the whole file
+    // stores the rest exactly once.
+    gw.restart();
+    let out = gw.bsfg(&["--json", "append", "--file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut stored_before = HashSet::new();
+    for l in text(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v["duplicate"] == true {
+            stored_before.insert(v["message_id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(
+        acked.is_subset(&stored_before),
+        "acknowledged but lost: {:?}",
+        acked.difference(&stored_before).take(5).collect::<Vec<_>>()
+    );
+    let mut ids = HashSet::new();
+    loop {
+        let out = gw.bsfg(&[
+            "--json",
+            "fetch",
+            "--consumer",
+            "reporting",
+            "--limit",
+            "1000",
+            "--confirm",
+        ]);
+        let first = text(&out.stdout).lines().next().unwrap().to_owned();
+        let page: serde_json::Value = serde_json::from_str(&first).unwrap();
+        let facts = page["facts"].as_array().unwrap();
+        if facts.is_empty() {
+            break;
+        }
+        for f in facts {
+            let id = f["message"]["envelope"]["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert!(ids.insert(id), "stored twice");
+            assert!(
+                f["message"]["fact"]["object_json"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("{\"n\":")
+            );
+        }
+    }
+    assert_eq!(ids.len(), total as usize);
+}
