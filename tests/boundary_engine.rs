@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bsfg_core::{BoundaryApi, FetchRequest};
-use bsfg_e2e::{Zone, pull_once, step_completed};
+use bsfg_e2e::{Zone, pull_page, step_completed};
 
 #[tokio::test]
 async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
@@ -40,7 +40,7 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
     // The receiver restarts and pulls until drained; the unconfirmed page comes again.
     let mut duplicates = 0;
     loop {
-        let r = pull_once(
+        let r = pull_page(
             &plant.api,
             &enterprise.api,
             "to-enterprise",

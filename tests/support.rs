@@ -1,15 +1,10 @@
-//! Support for BSFG's end-to-end tests and demo: zones on real nats-servers, sample
-//! plant facts, and one hand-driven receiver step (fetch -> append -> confirm).
-//!
-//! The step is the contract's receiver-driven pull written out plainly; the real
-//! link loop (with backoff, gap detection and metrics) lives in bsfg-core later.
+//! Support for BSFG's end-to-end tests: zones on real nats-servers, sample
+//! plant facts; the receiver step (fetch -> append -> confirm) is bsfg-core's.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{
-    Boundary, BoundaryApi, BoundaryError, Envelope, Fact, FetchRequest, Limits, Message,
-};
+use bsfg_core::{Boundary, Envelope, Fact, Limits, Message};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone, SinkError};
 use bsfg_testkit::{NatsOptions, NatsServer, TestkitError};
 
@@ -82,52 +77,4 @@ pub fn step_completed(from: &str, to: &str, batch: &str, step: u32) -> Message {
     }
 }
 
-/// What one receiver step did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct StepReport {
-    /// Facts fetched from the source.
-    pub fetched: usize,
-    /// Of those, newly stored in the destination.
-    pub stored: usize,
-    /// Of those, already stored (replays absorbed by idempotency).
-    pub duplicates: usize,
-    /// The source's frontier after the confirm.
-    pub frontier: u64,
-}
-
-/// One receiver-driven step: fetch a page from `source`, append every fact to
-/// `destination` with its original message_id, and only then confirm the page.
-pub async fn pull_once(
-    source: &dyn BoundaryApi,
-    destination: &dyn BoundaryApi,
-    consumer: &str,
-    limit: u32,
-    wait: Duration,
-) -> Result<StepReport, BoundaryError> {
-    let page = source
-        .fetch_facts(FetchRequest {
-            consumer: consumer.into(),
-            limit,
-            wait,
-        })
-        .await?;
-    let mut report = StepReport {
-        fetched: page.facts.len(),
-        frontier: page.frontier,
-        ..Default::default()
-    };
-    let Some(last) = page.facts.last().map(|f| f.offset) else {
-        return Ok(report);
-    };
-    for f in page.facts {
-        // A failure here returns before the confirm: the page comes again.
-        let out = destination.append_fact(f.message).await?;
-        if out.duplicate {
-            report.duplicates += 1;
-        } else {
-            report.stored += 1;
-        }
-    }
-    report.frontier = source.confirm_receipt(consumer, last).await?.offset;
-    Ok(report)
-}
+pub use bsfg_core::link::{PullReport, pull_page};

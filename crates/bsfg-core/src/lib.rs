@@ -3,12 +3,14 @@
 //! The heart of BSFG, the Bidirectional Store-and-Forward Gateway: the message model
 //! and its validation ([`model`]), the one error type with stable reasons
 //! ([`error`]), the ports that adapters implement ([`ports`]) and the Boundary engine
-//! that serves the four operations over them ([`engine`]).
+//! that serves the four operations over them ([`engine`]), and the receiver-driven
+//! pull step ([`link`]).
 //!
 //! Architecture invariant: this crate performs no I/O and depends on no adapter.
 
 pub mod engine;
 pub mod error;
+pub mod link;
 pub mod model;
 pub mod names;
 pub mod ports;

@@ -333,3 +333,38 @@ pub async fn put_object(
     }
     Ok(())
 }
+
+/// `bsfg pull`: the receiver-driven step of `bsfg_core::link`, repeated.
+pub async fn pull(
+    source: &dyn BoundaryApi,
+    destination: &dyn BoundaryApi,
+    consumer: &str,
+    limit: u32,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let wait = if follow {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_millis(200)
+    };
+    loop {
+        let r = bsfg_core::link::pull_page(source, destination, consumer, limit, wait)
+            .await
+            .map_err(op_error)?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"fetched": r.fetched, "stored": r.stored, "duplicates": r.duplicates, "frontier": r.frontier, "last_offset": r.last_offset})
+            );
+        } else if r.fetched > 0 || !follow {
+            println!(
+                "pulled {} fact(s): {} stored, {} already present; source frontier {} of {}",
+                r.fetched, r.stored, r.duplicates, r.frontier, r.last_offset
+            );
+        }
+        if r.fetched == 0 && !follow {
+            return Ok(());
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //!
 //! - `bsfg run --config zone.toml` starts a zone; `bsfg validate --config zone.toml`
 //!   checks a config without starting anything.
-//! - `bsfg append|fetch|confirm|put-object` talk to a running gateway (`--url`).
+//! - `bsfg append|fetch|confirm|put-object|pull` talk to a running gateway (`--url`).
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config.
 
@@ -90,6 +90,23 @@ enum Command {
         #[arg(long)]
         offset: u64,
     },
+    /// Pull from a source zone into the zone at --url: fetch a page, append every fact
+    /// (original message_id kept), then confirm it to the source. Repeats until the
+    /// source has nothing more (or forever with --follow).
+    Pull {
+        /// The source zone's gateway URL.
+        #[arg(long)]
+        source: String,
+        /// The consumer name on the source.
+        #[arg(long)]
+        consumer: String,
+        /// Page size.
+        #[arg(long, default_value_t = 500)]
+        limit: u32,
+        /// Keep pulling (long-polls of 5 s) until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Store an artifact, streamed from a file.
     PutObject {
         /// Bucket.
@@ -165,6 +182,18 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::Confirm { consumer, offset } => {
             let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
             client::confirm(&api, &consumer, offset, cli.json)
+                .await
+                .map_err(op)
+        }
+        Command::Pull {
+            source,
+            consumer,
+            limit,
+            follow,
+        } => {
+            let dest = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            let src = client::connect(&source).map_err(|e| (2u8, e))?;
+            client::pull(&src, &dest, &consumer, limit, follow, cli.json)
                 .await
                 .map_err(op)
         }

@@ -417,3 +417,70 @@ fn sigterm_during_a_stream_of_appends_loses_no_acknowledged_fact() {
     }
     assert_eq!(ids.len(), total as usize);
 }
+
+#[test]
+fn pull_moves_every_fact_between_two_gateways_once() {
+    let (nats_a, nats_b) = (NatsServer::start().unwrap(), NatsServer::start().unwrap());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let plant = Gateway::start(dir_a.path(), &nats_a);
+    let enterprise = Gateway::start(dir_b.path(), &nats_b);
+    let file = dir_a.path().join("f.jsonl");
+    std::fs::write(
+        &file,
+        (0..30)
+            .map(|n| jsonl_line(&format!("p-{n}"), n) + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    assert!(
+        plant
+            .bsfg(&["append", "--file", file.to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    // The enterprise zone pulls from plant-a through plant-a's consumer `reporting`.
+    let out = enterprise.bsfg(&[
+        "pull",
+        "--source",
+        &plant.url,
+        "--consumer",
+        "reporting",
+        "--limit",
+        "7",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(s.contains("source frontier 30 of 30"), "{s}");
+    // A replay of plant-a's history into enterprise stores nothing new.
+    let out = enterprise.bsfg(&["--json", "append", "--file", file.to_str().unwrap()]);
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .all(|l| l.contains("\"duplicate\":true"))
+    );
+    let out = enterprise.bsfg(&[
+        "--json",
+        "fetch",
+        "--consumer",
+        "reporting",
+        "--limit",
+        "100",
+    ]);
+    let page: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let ids: HashSet<&str> = page["facts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["message"]["envelope"]["message_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..30)
+            .map(|n| format!("p-{n}"))
+            .collect::<HashSet<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect()
+    );
+}
