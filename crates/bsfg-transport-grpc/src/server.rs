@@ -220,10 +220,14 @@ pub async fn serve(
     health
         .set_serving::<BoundaryServer<BoundaryService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(bsfg_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl, Postman and grpcio still speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(bsfg_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = config.max_message_bytes;
     let boundary = BoundaryServer::new(BoundaryService::new(api, config.clone()))
         .max_decoding_message_size(max)
@@ -235,7 +239,8 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(config.request_timeout)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(boundary)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
