@@ -6,6 +6,7 @@
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config.
 
+mod bench;
 mod client;
 mod config;
 mod run;
@@ -107,6 +108,11 @@ enum Command {
         #[arg(long)]
         follow: bool,
     },
+    /// Benchmarks (print numbers against a baseline measured in the same run).
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
     /// Store an artifact, streamed from a file.
     PutObject {
         /// Bucket.
@@ -118,6 +124,12 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// AppendFact over gRPC vs raw JetStream publish, both flush settings.
+    Append(bench::AppendBench),
 }
 
 fn init_tracing() {
@@ -197,6 +209,9 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                 .await
                 .map_err(op)
         }
+        Command::Bench {
+            which: BenchCommand::Append(opts),
+        } => bench::append(opts).await.map_err(op),
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
             client::put_object(&api, &bucket, key, file, cli.json)

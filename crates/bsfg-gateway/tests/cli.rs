@@ -521,3 +521,34 @@ fn a_client_knowing_only_the_address_calls_the_gateway_through_reflection() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn bench_append_prints_a_row_per_flush_setting_with_its_baseline() {
+    let out = Command::new(BSFG)
+        .args([
+            "bench",
+            "append",
+            "--facts",
+            "512",
+            "--clients",
+            "2",
+            "--inflight",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let rows: Vec<&str> = s
+        .lines()
+        .filter(|l| l.starts_with("| sync") || l.starts_with("| default"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{s}");
+    for r in rows {
+        // raw msg/s, facts/s and the ratio are all present and positive.
+        let cells: Vec<&str> = r.split('|').map(str::trim).collect();
+        assert!(cells[2].parse::<f64>().unwrap() > 0.0, "{r}");
+        assert!(cells[3].parse::<f64>().unwrap() > 0.0, "{r}");
+        assert!(cells[4].ends_with('x'), "{r}");
+    }
+}

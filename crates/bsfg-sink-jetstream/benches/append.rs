@@ -9,11 +9,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
-use bsfg_core::{Boundary, BoundaryApi, Envelope, Fact, Limits, Message};
+use bsfg_core::{Boundary, BoundaryApi, Limits, Message};
 use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
 use bsfg_testkit::{NatsOptions, NatsServer};
-use futures::stream::{FuturesUnordered, StreamExt};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -22,60 +20,13 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A fact whose canonical object_json is exactly 256 bytes.
 fn fact(run: &str, i: usize) -> Message {
-    let prefix = format!(r#"{{"operator":"jdoe","seq":{i},"pad":""#);
-    let pad = "x".repeat(256 - prefix.len() - 2);
-    Message {
-        envelope: Envelope {
-            message_id: format!("{run}-{i}"),
-            from_zone: "plant-a".into(),
-            to_zone: "enterprise".into(),
-            produced_at_unix_ms: 1_764_000_000_000,
-            ..Default::default()
-        },
-        fact: Fact {
-            subject: "batch:PlantA/B1042".into(),
-            predicate: "step_completed".into(),
-            object_json: format!("{prefix}{pad}\"}}"),
-            artifacts: vec![],
-        },
-    }
+    bsfg_sink_jetstream::baseline::bench_fact(&format!("{run}-{i}"), i, 256)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1000.0
-}
-
-async fn raw_publish(url: &str, n: usize, size: usize) -> f64 {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::new(client);
-    js.create_stream(stream::Config {
-        name: "raw".into(),
-        subjects: vec!["raw.>".into()],
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let payload = bytes::Bytes::from(vec![b'x'; size]);
-    let start = Instant::now();
-    let mut inflight = FuturesUnordered::new();
-    for i in 0..n {
-        let ack = js
-            .publish(format!("raw.{}", i % 16), payload.clone())
-            .await
-            .unwrap();
-        inflight.push(ack.into_future());
-        if inflight.len() >= 1024 {
-            inflight.next().await.unwrap().unwrap();
-        }
-    }
-    while let Some(r) = inflight.next().await {
-        r.unwrap();
-    }
-    n as f64 / start.elapsed().as_secs_f64()
 }
 
 async fn engine_append(
@@ -136,7 +87,9 @@ async fn main() {
             ..Default::default()
         })
         .unwrap();
-        let raw = raw_publish(&server.url(), n, stored).await;
+        let raw = bsfg_sink_jetstream::baseline::raw_publish(&server.url(), n, stored, 1024)
+            .await
+            .unwrap();
         let (eng, lat, mode) =
             engine_append(&server.url(), server.monitor_url(), n, concurrency).await;
         println!(

@@ -12,6 +12,7 @@
 //! changes an existing stream or consumer.
 
 pub mod append;
+pub mod baseline;
 pub mod config;
 pub mod durability;
 pub mod error;

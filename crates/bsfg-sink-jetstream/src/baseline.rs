@@ -1,0 +1,67 @@
+//! The raw JetStream baseline that benchmarks compare BSFG against: async-nats
+//! publishing to a plain file stream with many acks in flight, nothing else.
+
+use std::time::Instant;
+
+use async_nats::jetstream::{self, stream};
+use bsfg_core::{Envelope, Fact, Message};
+use futures::stream::{FuturesUnordered, StreamExt};
+
+/// Publishes `n` messages of `size` bytes to a fresh stream `raw_baseline` with up to
+/// `inflight` acks outstanding; returns messages per second.
+pub async fn raw_publish(
+    url: &str,
+    n: usize,
+    size: usize,
+    inflight: usize,
+) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "raw_baseline".into(),
+        subjects: vec!["raw_baseline.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let start = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        let ack = js
+            .publish(format!("raw_baseline.{}", i % 16), payload.clone())
+            .await?;
+        pending.push(ack.into_future());
+        if pending.len() >= inflight.max(1)
+            && let Some(r) = pending.next().await
+        {
+            r?;
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The benchmark workload: a plant fact whose canonical object_json is exactly
+/// `object_len` bytes (at least 64).
+pub fn bench_fact(message_id: &str, seq: usize, object_len: usize) -> Message {
+    let prefix = format!(r#"{{"operator":"jdoe","seq":{seq},"pad":""#);
+    let pad = "x".repeat(object_len.max(64).saturating_sub(prefix.len() + 2));
+    Message {
+        envelope: Envelope {
+            message_id: message_id.to_owned(),
+            from_zone: "plant-a".into(),
+            to_zone: "enterprise".into(),
+            produced_at_unix_ms: 1_764_000_000_000,
+            ..Default::default()
+        },
+        fact: Fact {
+            subject: "batch:PlantA/B1042".into(),
+            predicate: "step_completed".into(),
+            object_json: format!("{prefix}{pad}\"}}"),
+            artifacts: vec![],
+        },
+    }
+}
