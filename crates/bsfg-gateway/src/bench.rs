@@ -33,6 +33,12 @@ pub struct AppendBench {
     /// Size of each fact's canonical object_json.
     #[arg(long, default_value_t = 256)]
     object_bytes: usize,
+    /// Override the sink's rounds in flight (default: by publish mode).
+    #[arg(long)]
+    max_inflight_batches: Option<usize>,
+    /// Force a publish mode (default: picked from the server's flush setting).
+    #[arg(long, value_parser = ["atomic_batch", "pipelined"])]
+    publish_mode: Option<String>,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -121,6 +127,12 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
 
         let mut cfg = JetStreamConfig::new("bench", nats.url());
         cfg.monitor_url = Some(nats.monitor_url());
+        cfg.max_inflight_batches = opts.max_inflight_batches;
+        cfg.publish_mode = match opts.publish_mode.as_deref() {
+            Some("atomic_batch") => Some(bsfg_sink_jetstream::PublishMode::AtomicBatch),
+            Some("pipelined") => Some(bsfg_sink_jetstream::PublishMode::Pipelined),
+            _ => None,
+        };
         let zone = Arc::new(JetStreamZone::connect(cfg).await?);
         let api: Arc<dyn BoundaryApi> =
             Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
