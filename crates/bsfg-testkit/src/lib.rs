@@ -9,6 +9,8 @@
 //! in the workspace (installed by `scripts/setup.sh`), or as `nats-server` on `PATH`.
 //! When none exists, [`NatsServer::start`] fails loudly: tests never skip silently.
 
+pub mod fixtures;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{
-    Boundary, BoundaryApi, BoundaryError, Envelope, Fact, FetchRequest, Limits, Message, Reason,
-};
+use bsfg_core::{Boundary, BoundaryApi, BoundaryError, FetchRequest, Limits, Reason};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone};
 use bsfg_testkit::NatsServer;
 use bsfg_transport_grpc::{ClientConfig, GrpcClient, ServerConfig, bind, serve};
@@ -49,23 +47,7 @@ fn client(g: &Gateway) -> GrpcClient {
     GrpcClient::connect_lazy(&g.url, ClientConfig::default()).unwrap()
 }
 
-fn fact(id: &str, step: u32) -> Message {
-    Message {
-        envelope: Envelope {
-            message_id: id.into(),
-            from_zone: "plant-a".into(),
-            to_zone: "enterprise".into(),
-            produced_at_unix_ms: 1_764_000_000_000,
-            ..Default::default()
-        },
-        fact: Fact {
-            subject: "batch:PlantA/B1042".into(),
-            predicate: "step_completed".into(),
-            object_json: format!(r#"{{"step":{step}}}"#),
-            artifacts: vec![],
-        },
-    }
-}
+use bsfg_testkit::fixtures::step_completed as fact;
 
 #[tokio::test]
 async fn every_operation_and_error_crosses_the_wire() {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{Boundary, Envelope, Fact, Limits, Message};
+use bsfg_core::{Boundary, Limits};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone};
 use bsfg_testkit::NatsServer;
 
@@ -29,23 +29,8 @@ pub fn engine(z: &Arc<JetStreamZone>) -> Boundary {
     Boundary::new(z.clone(), z.clone(), Limits::default())
 }
 
-pub fn fact(id: &str, value: i64) -> Message {
-    Message {
-        envelope: Envelope {
-            message_id: id.into(),
-            from_zone: "plant-a".into(),
-            to_zone: "enterprise".into(),
-            produced_at_unix_ms: 1_764_000_000_000,
-            ..Default::default()
-        },
-        fact: Fact {
-            subject: "batch:PlantA/B1042".into(),
-            predicate: "step_completed".into(),
-            object_json: format!(r#"{{"step":{value},"operator":"jdoe"}}"#),
-            artifacts: vec![],
-        },
-    }
-}
+#[allow(unused_imports)] // not every test binary appends facts
+pub use bsfg_testkit::fixtures::step_completed as fact;
 
 /// Number of messages in a stream, read from the server.
 pub async fn stream_messages(z: &JetStreamZone, stream: &str) -> u64 {
