@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use bsfg_core::{Boundary, BoundaryApi};
 use bsfg_sink_jetstream::{Durability, JetStreamZone};
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::config::GatewayConfig;
@@ -68,14 +69,35 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
     println!("bsfg: zone {zone} ready ({} listener(s))", servers.len());
 
-    shutdown_signal().await;
+    // Stop on a signal, or as soon as any listener fails (the others stop too).
+    let mut running: futures::stream::FuturesUnordered<_> = servers.into_iter().collect();
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
+        Some(r) = running.next() => Some(r),
+    };
     tracing::info!(zone = %zone, "stopping: no new requests; finishing those in flight");
     let _ = stop_tx.send(true);
-    for s in servers {
-        s.await.context("listener task")??;
+    let mut outcome = match failed {
+        Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a listener stopped unexpectedly")),
+        Some(Ok(Err(e))) => Err(anyhow::Error::new(e).context("listener failed")),
+        Some(Err(e)) => Err(anyhow::Error::new(e).context("listener task")),
+        None => Ok(()),
+    };
+    while let Some(r) = running.next().await {
+        if let Err(e) = r
+            .context("listener task")
+            .and_then(|r| r.map_err(anyhow::Error::new))
+        {
+            tracing::error!(zone = %zone, error = %e, "listener failed while stopping");
+            if outcome.is_ok() {
+                outcome = Err(e);
+            }
+        }
     }
     // Every request was answered; make sure the last writes left the client.
     let _ = log.client().flush().await;
-    tracing::info!(zone = %zone, "stopped cleanly");
-    Ok(())
+    if outcome.is_ok() {
+        tracing::info!(zone = %zone, "stopped cleanly");
+    }
+    outcome
 }
