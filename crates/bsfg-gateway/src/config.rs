@@ -367,6 +367,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             }
         };
     }
+    let duplicate_window = sink.duplicate_window;
     if let Some(classes) = &js.classes {
         if classes.is_empty() {
             c.at(
@@ -394,6 +395,16 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                     &format!("sink.classes[{i}].max_age"),
                     Duration::ZERO,
                 );
+                if !max_age.is_zero() && max_age < duplicate_window {
+                    c.at(
+                        k.max_age.span(),
+                        format!("sink.classes[{i}].max_age"),
+                        format!(
+                            "must be at least sink.duplicate_window ({}); JetStream refuses shorter",
+                            humantime::format_duration(duplicate_window)
+                        ),
+                    );
+                }
                 StreamClass::new(k.name.get_ref().clone(), max_age)
             })
             .collect();
@@ -733,6 +744,13 @@ insecure = true
                 "consumer name",
             ),
             ("[zone]", "[zone\n", 2, "", "unclosed table"),
+            (
+                "url = \"nats://127.0.0.1:4222\"",
+                "url = \"nats://127.0.0.1:4222\"\n[[sink.classes]]\nname = \"operational\"\nmax_age = \"30s\"",
+                10,
+                "sink.classes[0].max_age",
+                "at least sink.duplicate_window",
+            ),
         ];
         for (find, replace, line, key, words) in cases {
             assert!(GOOD.contains(find), "fixture lacks {find}");

@@ -58,6 +58,12 @@ fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
     }
     for c in &cfg.classes {
         names::validate_class("classes.name", &c.name).map_err(bad)?;
+        if !c.max_age.is_zero() && c.max_age < cfg.duplicate_window {
+            return Err(SinkError::Config(format!(
+                "class `{}` keeps facts for {:?}, less than duplicate_window {:?}; JetStream refuses that",
+                c.name, c.max_age, cfg.duplicate_window
+            )));
+        }
     }
     if !cfg.classes.iter().any(|c| c.name == cfg.default_class) {
         return Err(SinkError::Config(format!(

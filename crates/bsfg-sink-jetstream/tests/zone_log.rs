@@ -574,3 +574,48 @@ async fn a_full_append_queue_refuses_with_backpressure_and_stores_nothing() {
     }
     assert!(!stored.expect("zone recovers after restart").duplicate);
 }
+
+#[tokio::test]
+async fn retention_past_unconfirmed_facts_shows_as_first_offset_beyond_the_frontier() {
+    // The gap signal a receiver relies on: when retention removes facts this consumer
+    // never confirmed, its frontier stays while the stream's first offset moves past
+    // it. JetStream itself delivers what remains without a word, and a confirm past
+    // the hole would bury it, so the receiver must check before it confirms.
+    let nats = server();
+    let mut cfg = config(&nats);
+    cfg.classes[0].max_age = Duration::from_secs(2);
+    cfg.duplicate_window = Duration::from_secs(1);
+    let z = zone(cfg).await;
+    let api = engine(&z);
+    for i in 0..5 {
+        api.append_fact(fact(&format!("g{i}"), i)).await.unwrap();
+    }
+    let p = api.fetch_facts(req("enterprise-pull", 2, 0)).await.unwrap();
+    assert_eq!((p.first_offset, p.frontier), (1, 0), "no gap yet");
+    api.confirm_receipt("enterprise-pull", 2).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for i in 5..8 {
+        api.append_fact(fact(&format!("g{i}"), i)).await.unwrap();
+    }
+    let p = api
+        .fetch_facts(req("enterprise-pull", 10, 500))
+        .await
+        .unwrap();
+    assert_eq!((p.first_offset, p.last_offset, p.frontier), (6, 8, 2));
+    assert!(
+        p.first_offset > p.frontier + 1,
+        "offsets 3..5 are gone unconfirmed"
+    );
+    assert_eq!(
+        p.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
+        [6, 7, 8]
+    );
+    // Confirming past the hole moves the frontier over it: the gap is then invisible.
+    assert_eq!(
+        api.confirm_receipt("enterprise-pull", 8)
+            .await
+            .unwrap()
+            .offset,
+        8
+    );
+}
