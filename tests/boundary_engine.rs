@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use bsfg_core::link::{GapAcceptance, PullError};
 use bsfg_core::{BoundaryApi, FetchRequest};
 use bsfg_e2e::{Zone, pull_page, step_completed};
 
@@ -46,6 +47,7 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
             "to-enterprise",
             10,
             Duration::from_secs(3),
+            None,
         )
         .await
         .unwrap();
@@ -98,4 +100,122 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
         .await
         .unwrap();
     assert_eq!((p.frontier, p.last_offset), (25, 25));
+}
+
+#[tokio::test]
+async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is_a_fact() {
+    let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
+        // Long enough for steps 6..8 to outlive the rest of the test.
+        c.classes[0].max_age = Duration::from_secs(6);
+        c.duplicate_window = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let enterprise = Zone::start(
+        "enterprise",
+        &[("audit-reader", "audit"), ("reporting", "operational")],
+    )
+    .await
+    .unwrap();
+    for step in 1..=5 {
+        plant
+            .api
+            .append_fact(step_completed("plant-a", "enterprise", "B1", step))
+            .await
+            .unwrap();
+    }
+    let r = pull_page(
+        &plant.api,
+        &enterprise.api,
+        "to-enterprise",
+        2,
+        Duration::ZERO,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.stored, r.frontier), (2, 2));
+    // Steps 3..5 expire in plant-a before enterprise confirmed them.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    for step in 6..=8 {
+        plant
+            .api
+            .append_fact(step_completed("plant-a", "enterprise", "B1", step))
+            .await
+            .unwrap();
+    }
+    let e = pull_page(
+        &plant.api,
+        &enterprise.api,
+        "to-enterprise",
+        10,
+        Duration::ZERO,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e,
+        PullError::Gap {
+            consumer: "to-enterprise".into(),
+            missing_from: 3,
+            missing_to: 5
+        }
+    );
+    // Nothing moved: the gap is not buried by a confirm, nothing was appended.
+    let again = pull_page(
+        &plant.api,
+        &enterprise.api,
+        "to-enterprise",
+        10,
+        Duration::from_secs(3),
+        None,
+    )
+    .await;
+    assert!(matches!(again, Err(PullError::Gap { .. })), "{again:?}");
+
+    let acceptance = GapAcceptance {
+        local_zone: "enterprise".into(),
+        accepted_by: "operator jdoe".into(),
+        at_unix_ms: 1_764_000_000_000,
+    };
+    let mut stored = 0;
+    loop {
+        let r = pull_page(
+            &plant.api,
+            &enterprise.api,
+            "to-enterprise",
+            10,
+            Duration::from_secs(3),
+            Some(&acceptance),
+        )
+        .await
+        .unwrap();
+        if r.fetched == 0 {
+            assert_eq!(r.frontier, 8);
+            break;
+        }
+        stored += r.stored;
+    }
+    assert_eq!(stored, 3, "steps 6..8 crossed once the gap was accepted");
+    // The acceptance is an audit fact in the enterprise zone.
+    let audit = enterprise
+        .api
+        .fetch_facts(FetchRequest {
+            consumer: "audit-reader".into(),
+            limit: 10,
+            wait: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.facts.len(), 1);
+    let f = &audit.facts[0].message;
+    assert_eq!(
+        (f.fact.subject.as_str(), f.fact.predicate.as_str()),
+        ("link:to-enterprise", "gap_accepted")
+    );
+    assert!(
+        f.fact.object_json.contains(r#""missing_from":3"#)
+            && f.fact.object_json.contains(r#""missing_to":5"#)
+    );
 }

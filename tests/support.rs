@@ -34,6 +34,15 @@ pub enum ZoneError {
 impl Zone {
     /// Starts a zone whose log declares `consumers` (name, class) for its peers.
     pub async fn start(name: &str, consumers: &[(&str, &str)]) -> Result<Zone, ZoneError> {
+        Self::start_with(name, consumers, |_| {}).await
+    }
+
+    /// Like [`Zone::start`], with a last word on the sink config (retention, ...).
+    pub async fn start_with(
+        name: &str,
+        consumers: &[(&str, &str)],
+        tweak: impl FnOnce(&mut JetStreamConfig),
+    ) -> Result<Zone, ZoneError> {
         let nats = NatsServer::start_with(NatsOptions {
             domain: Some(name.to_owned()),
             ..Default::default()
@@ -45,6 +54,7 @@ impl Zone {
             .iter()
             .map(|(n, c)| ConsumerConfig::new(*n, *c).with_ack_wait(Duration::from_secs(2)))
             .collect();
+        tweak(&mut cfg);
         let log = Arc::new(JetStreamZone::connect(cfg).await?);
         let api = Boundary::new(log.clone(), log.clone(), Limits::default());
         Ok(Zone {

@@ -55,7 +55,8 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{s}` is not key=value"))
 }
 
-fn now_ms() -> i64 {
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -334,13 +335,16 @@ pub async fn put_object(
     Ok(())
 }
 
-/// `bsfg pull`: the receiver-driven step of `bsfg_core::link`, repeated.
+/// `bsfg pull`: the receiver-driven step of `bsfg_core::link`, repeated. A gap stops
+/// it with an error unless `accept_gap` is given, which records the gap as a fact in
+/// the destination zone and passes over it.
 pub async fn pull(
     source: &dyn BoundaryApi,
     destination: &dyn BoundaryApi,
     consumer: &str,
     limit: u32,
     follow: bool,
+    accept_gap: Option<bsfg_core::link::GapAcceptance>,
     json: bool,
 ) -> anyhow::Result<()> {
     let wait = if follow {
@@ -349,9 +353,16 @@ pub async fn pull(
         Duration::from_millis(200)
     };
     loop {
-        let r = bsfg_core::link::pull_page(source, destination, consumer, limit, wait)
-            .await
-            .map_err(op_error)?;
+        let r = bsfg_core::link::pull_page(
+            source,
+            destination,
+            consumer,
+            limit,
+            wait,
+            accept_gap.as_ref(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         if json {
             println!(
                 "{}",

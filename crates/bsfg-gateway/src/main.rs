@@ -107,6 +107,16 @@ enum Command {
         /// Keep pulling (long-polls of 5 s) until interrupted.
         #[arg(long)]
         follow: bool,
+        /// Pass over a gap (facts the source lost before they were confirmed), after
+        /// recording it as a `gap_accepted` fact in this zone. Needs --zone.
+        #[arg(long, requires = "zone")]
+        accept_gap: bool,
+        /// This (the destination) zone's name, for the gap record.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Who accepts the gap, kept in the record.
+        #[arg(long, env = "USER", default_value = "operator")]
+        accepted_by: String,
     },
     /// Benchmarks (print numbers against a baseline measured in the same run).
     Bench {
@@ -202,10 +212,21 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             consumer,
             limit,
             follow,
+            accept_gap,
+            zone,
+            accepted_by,
         } => {
             let dest = client::connect(&cli.url).map_err(|e| (2u8, e))?;
             let src = client::connect(&source).map_err(|e| (2u8, e))?;
-            client::pull(&src, &dest, &consumer, limit, follow, cli.json)
+            let acceptance = match (accept_gap, zone) {
+                (true, Some(local_zone)) => Some(bsfg_core::link::GapAcceptance {
+                    local_zone,
+                    accepted_by,
+                    at_unix_ms: client::now_ms(),
+                }),
+                _ => None,
+            };
+            client::pull(&src, &dest, &consumer, limit, follow, acceptance, cli.json)
                 .await
                 .map_err(op)
         }

@@ -619,3 +619,34 @@ async fn retention_past_unconfirmed_facts_shows_as_first_offset_beyond_the_front
         8
     );
 }
+
+#[tokio::test]
+async fn known_limit_when_every_unconfirmed_fact_expires_the_frontier_jumps_to_the_end() {
+    // JetStream behaviour the link must guard against (see ARCHITECTURE.md): when
+    // facts that were delivered but not confirmed expire and the stream is left empty,
+    // the consumer's ack floor moves to the last offset although nothing was
+    // confirmed, so page metadata alone cannot show this gap. (Facts never delivered
+    // do not move it.) A receiver needs its own durable record of what it confirmed.
+    // If this test starts to fail, JetStream changed and the guard can be simpler.
+    let nats = server();
+    let mut cfg = config(&nats);
+    cfg.classes[0].max_age = Duration::from_secs(1);
+    cfg.duplicate_window = Duration::from_secs(1);
+    let z = zone(cfg).await;
+    let api = engine(&z);
+    for i in 0..3 {
+        api.append_fact(fact(&format!("x{i}"), i)).await.unwrap();
+    }
+    let delivered = api
+        .fetch_facts(req("enterprise-pull", 10, 0))
+        .await
+        .unwrap();
+    assert_eq!(delivered.facts.len(), 3, "delivered, never confirmed");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let p = api
+        .fetch_facts(req("enterprise-pull", 10, 0))
+        .await
+        .unwrap();
+    assert!(p.facts.is_empty());
+    assert_eq!((p.first_offset, p.last_offset, p.frontier), (4, 3, 3));
+}
