@@ -41,7 +41,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::streams::INDEX_PREFIX;
 
@@ -114,11 +114,39 @@ enum WriteError {
 
 type Outbound = (String, HeaderMap, Bytes);
 
+/// The two stages of a round, each a gate: reserving in the index stream, then
+/// publishing to the class streams. With atomic batches each gate admits one round,
+/// so round k+1 reserves while round k publishes (different streams, different
+/// locks) and a batch forms while the previous reservation runs.
+struct Stages {
+    reserve: Arc<Semaphore>,
+    publish: Arc<Semaphore>,
+}
+
 /// Runs the batcher: takes jobs off the queue, forms rounds, runs up to
 /// `max_inflight` of them at once. Ends when every sender is dropped.
 pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, max_inflight: usize) {
-    let permits = Arc::new(Semaphore::new(max_inflight.max(1)));
-    while let Some(first) = rx.recv().await {
+    let max_inflight = max_inflight.max(1);
+    let per_stage = match appender.mode {
+        PublishMode::AtomicBatch => 1,
+        PublishMode::Pipelined => max_inflight,
+    };
+    let stages = Arc::new(Stages {
+        reserve: Arc::new(Semaphore::new(per_stage)),
+        publish: Arc::new(Semaphore::new(per_stage)),
+    });
+    let slots = Arc::new(Semaphore::new(max_inflight));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(first) = rx.recv().await else { break };
+        // Take the reservation stage before draining the queue, so that appends
+        // arriving while the previous round reserves join this batch. (Never held
+        // while idle: a follow-up round of a batch may need it.)
+        let Ok(gate) = stages.reserve.clone().acquire_owned().await else {
+            break;
+        };
         let mut jobs = vec![first];
         while jobs.len() < appender.max_batch {
             match rx.try_recv() {
@@ -126,19 +154,17 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
                 Err(_) => break,
             }
         }
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
         let a = appender.clone();
+        let stages = stages.clone();
         tokio::spawn(async move {
-            let commits = a.process(jobs).await;
+            let commits = a.process(jobs, gate, &stages).await;
             // Callers have their answers; free the slot before the index bookkeeping.
-            drop(permit);
+            drop(slot);
             a.record_offsets(commits).await;
         });
     }
     // Wait for in-flight rounds before returning, so shutdown loses no answer.
-    let _ = permits.acquire_many(max_inflight.max(1) as u32).await;
+    let _ = slots.acquire_many(max_inflight as u32).await;
 }
 
 fn header(h: &mut HeaderMap, k: &'static str, v: &str) {
@@ -153,15 +179,32 @@ impl Appender {
     /// Processes one round of jobs and returns the index entries whose offsets are
     /// still to be recorded (step 3). Jobs sharing a message_id are handled in later
     /// rounds, so each round holds every id once and sees the earlier rounds' result.
-    async fn process(&self, jobs: Vec<Job>) -> Vec<IndexEntry> {
+    async fn process(
+        &self,
+        jobs: Vec<Job>,
+        gate: OwnedSemaphorePermit,
+        stages: &Stages,
+    ) -> Vec<IndexEntry> {
         let mut rest = jobs;
         let mut commits = Vec::new();
+        let mut gate = Some(gate);
         while !rest.is_empty() {
             let mut seen = HashSet::new();
             let (round, later): (Vec<Job>, Vec<Job>) = rest
                 .into_iter()
                 .partition(|j| seen.insert(j.msg.message_id().to_owned()));
-            commits.extend(self.round(round).await);
+            let permit = match gate.take() {
+                Some(p) => p,
+                None => match stages.reserve.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        fail_all(round, "append pipeline stopped");
+                        fail_all(later, "append pipeline stopped");
+                        return commits;
+                    }
+                },
+            };
+            commits.extend(self.round(round, permit, &stages.publish).await);
             rest = later;
         }
         commits
@@ -188,7 +231,12 @@ impl Appender {
         }
     }
 
-    async fn round(&self, jobs: Vec<Job>) -> Vec<IndexEntry> {
+    async fn round(
+        &self,
+        jobs: Vec<Job>,
+        reserve_stage: OwnedSemaphorePermit,
+        publish_stage: &Semaphore,
+    ) -> Vec<IndexEntry> {
         // Step 1: reserve.
         let mut to_reserve: Vec<Job> = jobs;
         let mut to_publish: Vec<(Job, String, String)> = Vec::new(); // job, stream, subject
@@ -238,6 +286,15 @@ impl Appender {
             }
         }
         fail_all(to_reserve, "index reservation did not settle");
+        // The next round may reserve while this one publishes.
+        drop(reserve_stage);
+        let Ok(_publishing) = publish_stage.acquire().await else {
+            fail_all(
+                to_publish.into_iter().map(|(j, _, _)| j).collect(),
+                "append pipeline stopped",
+            );
+            return commits;
+        };
 
         // Step 2: publish per stream.
         let mut by_stream: HashMap<String, Vec<(Job, String)>> = HashMap::new();

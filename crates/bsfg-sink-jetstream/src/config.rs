@@ -95,9 +95,10 @@ pub struct JetStreamConfig {
     /// server: atomic batches when it syncs every write (or cannot tell), pipelined
     /// publishes when it flushes lazily. Correctness does not depend on the choice.
     pub publish_mode: Option<PublishMode>,
-    /// Rounds of appends in flight at once. `None` (default): 1 with atomic batches
-    /// (each commit has a fixed server-side cost and holds the stream lock, so one
-    /// large batch beats several small ones, see docs/benchmarks.md), 8 pipelined.
+    /// Rounds of appends in flight at once. `None` (default): 2 with atomic batches
+    /// (one reserving while the other publishes; each stage admits one round, since
+    /// every commit has a fixed server-side cost and holds its stream's lock, see
+    /// docs/benchmarks.md), 8 pipelined.
     pub max_inflight_batches: Option<usize>,
     /// Appends waiting for a batch before new ones get `backpressure`. Default 20 000.
     pub queue_capacity: usize,

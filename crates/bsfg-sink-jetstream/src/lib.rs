@@ -140,7 +140,7 @@ impl JetStreamZone {
             Durability::SyncAlways | Durability::Unknown => PublishMode::AtomicBatch,
         });
         let inflight = config.max_inflight_batches.unwrap_or(match mode {
-            PublishMode::AtomicBatch => 1,
+            PublishMode::AtomicBatch => 2,
             PublishMode::Pipelined => 8,
         });
         tracing::info!(zone = %config.zone, ?mode, inflight, "append pipeline ready");
