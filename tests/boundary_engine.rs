@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bsfg_core::link::{GapAcceptance, PullError};
-use bsfg_core::{BoundaryApi, FetchRequest};
-use bsfg_e2e::{Zone, pull_page, step_completed};
+use bsfg_core::BoundaryApi;
+use bsfg_e2e::{Zone, pull_page};
 
 #[tokio::test]
 async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
@@ -17,22 +17,14 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
     let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
         .await
         .unwrap();
-    for step in 1..=25 {
-        plant
-            .api
-            .append_fact(step_completed("plant-a", "enterprise", "B1042", step))
-            .await
-            .unwrap();
-    }
+    plant
+        .append_steps("enterprise", "B1042", 1..=25)
+        .await
+        .unwrap();
     // First page is appended in the destination, then its confirm is "lost":
     // the receiver crashed after appending and before confirming.
     let page = plant
-        .api
-        .fetch_facts(FetchRequest {
-            consumer: "to-enterprise".into(),
-            limit: 10,
-            wait: Duration::ZERO,
-        })
+        .fetch("to-enterprise", 10, Duration::ZERO)
         .await
         .unwrap();
     for f in &page.facts {
@@ -65,12 +57,7 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
     let mut ids = HashSet::new();
     loop {
         let p = enterprise
-            .api
-            .fetch_facts(FetchRequest {
-                consumer: "reporting".into(),
-                limit: 100,
-                wait: Duration::ZERO,
-            })
+            .fetch("reporting", 100, Duration::ZERO)
             .await
             .unwrap();
         let Some(last) = p.facts.last().map(|f| f.offset) else {
@@ -91,12 +78,7 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
     assert_eq!(ids, expected);
     // And the source's frontier covers everything.
     let p = plant
-        .api
-        .fetch_facts(FetchRequest {
-            consumer: "to-enterprise".into(),
-            limit: 1,
-            wait: Duration::ZERO,
-        })
+        .fetch("to-enterprise", 1, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!((p.frontier, p.last_offset), (25, 25));
@@ -117,13 +99,7 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
     )
     .await
     .unwrap();
-    for step in 1..=5 {
-        plant
-            .api
-            .append_fact(step_completed("plant-a", "enterprise", "B1", step))
-            .await
-            .unwrap();
-    }
+    plant.append_steps("enterprise", "B1", 1..=5).await.unwrap();
     let r = pull_page(
         &plant.api,
         &enterprise.api,
@@ -137,13 +113,7 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
     assert_eq!((r.stored, r.frontier), (2, 2));
     // Steps 3..5 expire in plant-a before enterprise confirmed them.
     tokio::time::sleep(Duration::from_secs(7)).await;
-    for step in 6..=8 {
-        plant
-            .api
-            .append_fact(step_completed("plant-a", "enterprise", "B1", step))
-            .await
-            .unwrap();
-    }
+    plant.append_steps("enterprise", "B1", 6..=8).await.unwrap();
     let e = pull_page(
         &plant.api,
         &enterprise.api,
@@ -200,12 +170,7 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
     assert_eq!(stored, 3, "steps 6..8 crossed once the gap was accepted");
     // The acceptance is an audit fact in the enterprise zone.
     let audit = enterprise
-        .api
-        .fetch_facts(FetchRequest {
-            consumer: "audit-reader".into(),
-            limit: 10,
-            wait: Duration::ZERO,
-        })
+        .fetch("audit-reader", 10, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(audit.facts.len(), 1);

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{Boundary, Envelope, Fact, Limits, Message};
+use bsfg_core::{
+    Boundary, BoundaryApi, BoundaryError, Envelope, Fact, FactPage, FetchRequest, Limits, Message,
+};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone, SinkError};
 use bsfg_testkit::{NatsOptions, NatsServer, TestkitError};
 
@@ -63,6 +65,39 @@ impl Zone {
             log,
             api,
         })
+    }
+}
+
+impl Zone {
+    /// Appends `step_completed` facts for `steps` of `batch`, addressed to `to`.
+    pub async fn append_steps(
+        &self,
+        to: &str,
+        batch: &str,
+        steps: std::ops::RangeInclusive<u32>,
+    ) -> Result<(), BoundaryError> {
+        for step in steps {
+            self.api
+                .append_fact(step_completed(&self.name, to, batch, step))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One page for a consumer of this zone.
+    pub async fn fetch(
+        &self,
+        consumer: &str,
+        limit: u32,
+        wait: Duration,
+    ) -> Result<FactPage, BoundaryError> {
+        self.api
+            .fetch_facts(FetchRequest {
+                consumer: consumer.into(),
+                limit,
+                wait,
+            })
+            .await
     }
 }
 
