@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use bsfg_core::link::{GapAcceptance, PullError};
 use bsfg_core::BoundaryApi;
+use bsfg_core::link::{GapAcceptance, PullError};
 use bsfg_e2e::{Zone, pull_page};
 
 #[tokio::test]
