@@ -84,7 +84,8 @@ pub(crate) struct IndexEntry {
 
 pub(crate) struct Job {
     pub msg: ValidatedMessage,
-    /// Class stream chosen from the labels.
+    /// Class stream chosen from the labels (or, when completing a reservation, the
+    /// stream the reservation names).
     pub stream: String,
     /// Fact subject in that stream.
     pub subject: String,
@@ -100,6 +101,14 @@ pub(crate) struct Appender {
     pub max_batch: usize,
     pub mode: PublishMode,
     pub zone: String,
+}
+
+/// What became of a job whose id was already reserved.
+enum Resolved {
+    /// Answered (duplicate or conflict); maybe with an offset to record in the index.
+    Answered(Option<IndexEntry>),
+    /// Reserved but never published: publish it to the reservation's stream.
+    Complete(Box<Job>),
 }
 
 /// Why one write did not land.
@@ -239,7 +248,7 @@ impl Appender {
     ) -> Vec<IndexEntry> {
         // Step 1: reserve.
         let mut to_reserve: Vec<Job> = jobs;
-        let mut to_publish: Vec<(Job, String, String)> = Vec::new(); // job, stream, subject
+        let mut to_publish: Vec<Job> = Vec::new();
         let mut commits: Vec<IndexEntry> = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
             if to_reserve.is_empty() {
@@ -264,24 +273,26 @@ impl Appender {
             let mut taken = Vec::new();
             for (j, r) in to_reserve.drain(..).zip(results) {
                 match r {
-                    Ok(_) => {
-                        let (s, subj) = (j.stream.clone(), j.subject.clone());
-                        to_publish.push((j, s, subj));
-                    }
+                    Ok(_) => to_publish.push(j),
                     Err(WriteError::Taken) => taken.push(j),
                     Err(WriteError::Other(e)) => reply(j, Err(BoundaryError::Unavailable(e))),
                 }
             }
-            // Someone may hold these ids: look them up.
+            // Someone may hold these ids: look them up, then resolve them all at once
+            // (a replayed page is mostly ids that exist already).
             let lookups = join_all(taken.iter().map(|j| self.lookup_index(j))).await;
+            let mut existing = Vec::new();
             for (j, found) in taken.into_iter().zip(lookups) {
                 match found {
                     Err(e) => reply(j, Err(e)),
                     Ok(None) => to_reserve.push(j),
-                    Ok(Some(entry)) => {
-                        self.resolve_existing(j, entry, &mut to_publish, &mut commits)
-                            .await
-                    }
+                    Ok(Some(entry)) => existing.push(self.resolve_existing(j, entry)),
+                }
+            }
+            for r in join_all(existing).await {
+                match r {
+                    Resolved::Answered(commit) => commits.extend(commit),
+                    Resolved::Complete(j) => to_publish.push(*j),
                 }
             }
         }
@@ -289,17 +300,14 @@ impl Appender {
         // The next round may reserve while this one publishes.
         drop(reserve_stage);
         let Ok(_publishing) = publish_stage.acquire().await else {
-            fail_all(
-                to_publish.into_iter().map(|(j, _, _)| j).collect(),
-                "append pipeline stopped",
-            );
+            fail_all(to_publish, "append pipeline stopped");
             return commits;
         };
 
         // Step 2: publish per stream.
-        let mut by_stream: HashMap<String, Vec<(Job, String)>> = HashMap::new();
-        for (j, stream, subject) in to_publish {
-            by_stream.entry(stream).or_default().push((j, subject));
+        let mut by_stream: HashMap<String, Vec<Job>> = HashMap::new();
+        for j in to_publish {
+            by_stream.entry(j.stream.clone()).or_default().push(j);
         }
         let results = join_all(
             by_stream
@@ -313,14 +321,9 @@ impl Appender {
         commits
     }
 
-    /// An id is already reserved: decide duplicate, conflict, or completion.
-    async fn resolve_existing(
-        &self,
-        job: Job,
-        entry: IndexEntry,
-        to_publish: &mut Vec<(Job, String, String)>,
-        commits: &mut Vec<IndexEntry>,
-    ) {
+    /// An id is already reserved: decide duplicate, conflict, or completion. Answers
+    /// the caller unless the job must be completed.
+    async fn resolve_existing(&self, mut job: Job, entry: IndexEntry) -> Resolved {
         let stored_offset = match entry.offset {
             Some(o) => Ok(Some(o)),
             None => self
@@ -330,10 +333,13 @@ impl Appender {
         };
         let stored_offset = match stored_offset {
             Ok(o) => o,
-            Err(e) => return reply(job, Err(e)),
+            Err(e) => {
+                reply(job, Err(e));
+                return Resolved::Answered(None);
+            }
         };
         if entry.digest != job.msg.digest().to_hex() {
-            return reply(
+            reply(
                 job,
                 Err(BoundaryError::ConflictingDuplicate {
                     message_id: entry.id,
@@ -341,15 +347,14 @@ impl Appender {
                     offset: stored_offset.unwrap_or(0),
                 }),
             );
+            return Resolved::Answered(None);
         }
         match stored_offset {
             Some(offset) => {
-                if entry.offset.is_none() {
-                    commits.push(IndexEntry {
-                        offset: Some(offset),
-                        ..entry.clone()
-                    });
-                }
+                let commit = entry.offset.is_none().then(|| IndexEntry {
+                    offset: Some(offset),
+                    ..entry.clone()
+                });
                 reply(
                     job,
                     Ok(AppendOutcome {
@@ -357,15 +362,20 @@ impl Appender {
                         offset,
                         duplicate: true,
                     }),
-                )
+                );
+                Resolved::Answered(commit)
             }
             // Reserved but never published (a crash between steps 1 and 2, or the
             // winner is still in flight): complete it in the reserved stream.
-            None => to_publish.push((job, entry.stream, entry.subject)),
+            None => {
+                job.stream = entry.stream;
+                job.subject = entry.subject;
+                Resolved::Complete(Box::new(job))
+            }
         }
     }
 
-    async fn publish_facts(&self, stream: String, mut jobs: Vec<(Job, String)>) -> Vec<IndexEntry> {
+    async fn publish_facts(&self, stream: String, mut jobs: Vec<Job>) -> Vec<IndexEntry> {
         let mut commits = Vec::new();
         for _ in 0..MAX_ATTEMPTS {
             if jobs.is_empty() {
@@ -373,24 +383,24 @@ impl Appender {
             }
             let msgs = jobs
                 .iter()
-                .map(|(j, subject)| {
+                .map(|j| {
                     let mut h = HeaderMap::new();
                     header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
                     header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
                     header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
-                    (subject.clone(), h, to_json(j.msg.message()))
+                    (j.subject.clone(), h, to_json(j.msg.message()))
                 })
                 .collect();
             let results = self.publish_all(msgs).await;
             let mut taken = Vec::new();
-            for ((j, subject), r) in jobs.drain(..).zip(results) {
+            for (j, r) in jobs.drain(..).zip(results) {
                 match r {
                     Ok(seq) => {
                         commits.push(IndexEntry {
                             id: j.msg.message_id().to_owned(),
                             digest: j.msg.digest().to_hex(),
                             stream: stream.clone(),
-                            subject,
+                            subject: j.subject.clone(),
                             offset: Some(seq),
                         });
                         reply(
@@ -402,16 +412,16 @@ impl Appender {
                             }),
                         );
                     }
-                    Err(WriteError::Taken) => taken.push((j, subject)),
+                    Err(WriteError::Taken) => taken.push(j),
                     Err(WriteError::Other(e)) => reply(j, Err(BoundaryError::Unavailable(e))),
                 }
             }
             // Another completer may have published some of these: find which.
-            let found = join_all(taken.iter().map(|(_, s)| self.lookup_fact(&stream, s))).await;
-            for ((j, subject), f) in taken.into_iter().zip(found) {
+            let found = join_all(taken.iter().map(|j| self.lookup_fact(&stream, &j.subject))).await;
+            for (j, f) in taken.into_iter().zip(found) {
                 match f {
                     Err(e) => reply(j, Err(e)),
-                    Ok(None) => jobs.push((j, subject)),
+                    Ok(None) => jobs.push(j),
                     Ok(Some((seq, digest))) if digest == j.msg.digest().to_hex() => reply(
                         j,
                         Ok(AppendOutcome {
@@ -420,19 +430,19 @@ impl Appender {
                             duplicate: true,
                         }),
                     ),
-                    Ok(Some((seq, _))) => reply(
-                        j,
-                        Err(BoundaryError::Internal(format!(
-                            "fact subject {subject} holds offset {seq} with another digest than its index reservation"
-                        ))),
-                    ),
+                    Ok(Some((seq, _))) => {
+                        let subject = j.subject.clone();
+                        reply(
+                            j,
+                            Err(BoundaryError::Internal(format!(
+                                "fact subject {subject} holds offset {seq} with another digest than its index reservation"
+                            ))),
+                        )
+                    }
                 }
             }
         }
-        fail_all(
-            jobs.into_iter().map(|(j, _)| j).collect(),
-            "fact publish did not settle",
-        );
+        fail_all(jobs, "fact publish did not settle");
         commits
     }
 
