@@ -18,6 +18,7 @@ use crate::error::unavailable;
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    context::ConsumerInfoErrorKind,
     stream::Stream,
 };
 use bsfg_core::{BoundaryError, FactPage, FetchRequest, FetchedFact, Frontier, Message};
@@ -68,12 +69,8 @@ pub(crate) async fn ensure(
     c: &ConsumerConfig,
 ) -> Result<ConsumerHandle, SinkError> {
     let wanted = consumer_config(c);
-    let consumer: PullConsumer = match stream.get_consumer::<pull::Config>(&c.name).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| SinkError::js("consumer info", e))?;
+    let consumer: PullConsumer = match stream.consumer_info(&c.name).await {
+        Ok(info) => {
             let cfg = &info.config;
             let mut have = cfg.filter_subjects.clone();
             if !cfg.filter_subject.is_empty() {
@@ -106,12 +103,18 @@ pub(crate) async fn ensure(
                     format!("{:?}", wanted.ack_wait),
                 ));
             }
-            existing
+            stream
+                .get_consumer(&c.name)
+                .await
+                .map_err(|e| SinkError::js("get consumer", e))?
         }
-        Err(_) => stream
+        // Only a consumer the server says does not exist is created; any other
+        // failure is reported rather than turned into a create attempt.
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => stream
             .create_consumer(wanted)
             .await
             .map_err(|e| SinkError::js("create consumer", e))?,
+        Err(e) => return Err(SinkError::js("consumer info", e)),
     };
     Ok(ConsumerHandle {
         stream_name: stream.cached_info().config.name.clone(),

@@ -650,3 +650,28 @@ async fn known_limit_when_every_unconfirmed_fact_expires_the_frontier_jumps_to_t
     assert!(p.facts.is_empty());
     assert_eq!((p.first_offset, p.last_offset, p.frontier), (4, 3, 3));
 }
+
+#[tokio::test]
+async fn existing_consumer_with_conflicting_settings_is_reported_not_changed() {
+    let nats = server();
+    zone(config(&nats)).await;
+    let mut cfg = config(&nats);
+    cfg.consumers[0].ack_wait = Duration::from_secs(9);
+    match JetStreamZone::connect(cfg)
+        .await
+        .err()
+        .expect("must refuse")
+    {
+        SinkError::Conflict {
+            kind, name, field, ..
+        } => {
+            assert_eq!(
+                (kind, name.as_str(), field),
+                ("consumer", "enterprise-pull", "ack_wait")
+            );
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // Unchanged: the original settings still connect.
+    zone(config(&nats)).await;
+}
