@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bsfg_core::{Boundary, BoundaryApi, Limits};
-use bsfg_sink_jetstream::baseline::{bench_fact, raw_publish};
+use bsfg_sink_jetstream::baseline::raw_publish;
 use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
+use bsfg_testkit::fixtures::padded_fact as bench_fact;
 use bsfg_testkit::{NatsOptions, NatsServer};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient, ServerConfig};
 

@@ -21,7 +21,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn fact(run: &str, i: usize) -> Message {
-    bsfg_sink_jetstream::baseline::bench_fact(&format!("{run}-{i}"), i, 256)
+    bsfg_testkit::fixtures::padded_fact(&format!("{run}-{i}"), i, 256)
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {

@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use async_nats::jetstream::{self, stream};
-use bsfg_core::{Envelope, Fact, Message};
 use futures::stream::{FuturesUnordered, StreamExt};
 
 /// Publishes `n` messages of `size` bytes to a fresh stream `raw_baseline` with up to
@@ -42,26 +41,4 @@ pub async fn raw_publish(
         r?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
-}
-
-/// The benchmark workload: a plant fact whose canonical object_json is exactly
-/// `object_len` bytes (at least 64).
-pub fn bench_fact(message_id: &str, seq: usize, object_len: usize) -> Message {
-    let prefix = format!(r#"{{"operator":"jdoe","seq":{seq},"pad":""#);
-    let pad = "x".repeat(object_len.max(64).saturating_sub(prefix.len() + 2));
-    Message {
-        envelope: Envelope {
-            message_id: message_id.to_owned(),
-            from_zone: "plant-a".into(),
-            to_zone: "enterprise".into(),
-            produced_at_unix_ms: 1_764_000_000_000,
-            ..Default::default()
-        },
-        fact: Fact {
-            subject: "batch:PlantA/B1042".into(),
-            predicate: "step_completed".into(),
-            object_json: format!("{prefix}{pad}\"}}"),
-            artifacts: vec![],
-        },
-    }
 }
