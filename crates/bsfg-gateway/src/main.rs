@@ -60,7 +60,10 @@ enum Command {
         /// JSON lines, one `{"envelope": {...}, "fact": {...}}` per line.
         #[arg(long)]
         file: Option<PathBuf>,
-        /// Appends in flight at once with --file (answers stay in input order).
+        /// Appends in flight at once with --file (answers stay in input order). The
+        /// first failure stops the run with its line number; appends already in flight
+        /// past that line may have been stored. Re-running the file is safe: stored
+        /// facts come back as duplicates.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
