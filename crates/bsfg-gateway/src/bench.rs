@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bsfg_core::{Boundary, BoundaryApi, Limits};
-use bsfg_sink_jetstream::baseline::raw_publish;
+use bsfg_sink_jetstream::baseline::{percentile_ms as pct, raw_publish};
 use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
 use bsfg_testkit::fixtures::padded_fact as bench_fact;
 use bsfg_testkit::{NatsOptions, NatsServer};
@@ -40,14 +40,6 @@ pub struct AppendBench {
     /// Force a publish mode (default: picked from the server's flush setting).
     #[arg(long, value_parser = ["atomic_batch", "pipelined"])]
     publish_mode: Option<String>,
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 /// Appends `n` facts from `clients` connections; `rate` paces the whole load

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bsfg_core::{Boundary, BoundaryApi, Limits, Message};
+use bsfg_sink_jetstream::baseline::percentile_ms as pct;
 use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
 use bsfg_testkit::{NatsOptions, NatsServer};
 
@@ -22,11 +23,6 @@ fn env(name: &str, default: usize) -> usize {
 
 fn fact(run: &str, i: usize) -> Message {
     bsfg_testkit::fixtures::padded_fact(&format!("{run}-{i}"), i, 256)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 async fn engine_append(

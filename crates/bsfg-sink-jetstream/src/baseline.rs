@@ -1,7 +1,7 @@
 //! The raw JetStream baseline that benchmarks compare BSFG against: async-nats
 //! publishing to a plain file stream with many acks in flight, nothing else.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -41,4 +41,13 @@ pub async fn raw_publish(
         r?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The `p` quantile (0.0-1.0) of sorted latencies, in milliseconds; 0 when empty.
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
 }
