@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bsfg_core::BoundaryApi;
 use bsfg_core::link::{GapAcceptance, PullError};
-use bsfg_e2e::{Zone, pull_page};
+use bsfg_e2e::Zone;
 
 #[tokio::test]
 async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
@@ -33,16 +33,10 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
     // The receiver restarts and pulls until drained; the unconfirmed page comes again.
     let mut duplicates = 0;
     loop {
-        let r = pull_page(
-            &plant.api,
-            &enterprise.api,
-            "to-enterprise",
-            10,
-            Duration::from_secs(3),
-            None,
-        )
-        .await
-        .unwrap();
+        let r = enterprise
+            .pull_from(&plant, "to-enterprise", 10, Duration::from_secs(3), None)
+            .await
+            .unwrap();
         if r.fetched == 0 {
             break;
         }
@@ -100,30 +94,18 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
     .await
     .unwrap();
     plant.append_steps("enterprise", "B1", 1..=5).await.unwrap();
-    let r = pull_page(
-        &plant.api,
-        &enterprise.api,
-        "to-enterprise",
-        2,
-        Duration::ZERO,
-        None,
-    )
-    .await
-    .unwrap();
+    let r = enterprise
+        .pull_from(&plant, "to-enterprise", 2, Duration::ZERO, None)
+        .await
+        .unwrap();
     assert_eq!((r.stored, r.frontier), (2, 2));
     // Steps 3..5 expire in plant-a before enterprise confirmed them.
     tokio::time::sleep(Duration::from_secs(7)).await;
     plant.append_steps("enterprise", "B1", 6..=8).await.unwrap();
-    let e = pull_page(
-        &plant.api,
-        &enterprise.api,
-        "to-enterprise",
-        10,
-        Duration::ZERO,
-        None,
-    )
-    .await
-    .unwrap_err();
+    let e = enterprise
+        .pull_from(&plant, "to-enterprise", 10, Duration::ZERO, None)
+        .await
+        .unwrap_err();
     assert_eq!(
         e,
         PullError::Gap {
@@ -133,34 +115,29 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
         }
     );
     // Nothing moved: the gap is not buried by a confirm, nothing was appended.
-    let again = pull_page(
-        &plant.api,
-        &enterprise.api,
-        "to-enterprise",
-        10,
-        Duration::from_secs(3),
-        None,
-    )
-    .await;
+    let again = enterprise
+        .pull_from(&plant, "to-enterprise", 10, Duration::from_secs(3), None)
+        .await;
     assert!(matches!(again, Err(PullError::Gap { .. })), "{again:?}");
 
     let acceptance = GapAcceptance {
         local_zone: "enterprise".into(),
         accepted_by: "operator jdoe".into(),
         at_unix_ms: 1_764_000_000_000,
+        range: None,
     };
     let mut stored = 0;
     loop {
-        let r = pull_page(
-            &plant.api,
-            &enterprise.api,
-            "to-enterprise",
-            10,
-            Duration::from_secs(3),
-            Some(&acceptance),
-        )
-        .await
-        .unwrap();
+        let r = enterprise
+            .pull_from(
+                &plant,
+                "to-enterprise",
+                10,
+                Duration::from_secs(3),
+                Some(&acceptance),
+            )
+            .await
+            .unwrap();
         if r.fetched == 0 {
             assert_eq!(r.frontier, 8);
             break;
@@ -182,5 +159,104 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
     assert!(
         f.fact.object_json.contains(r#""missing_from":3"#)
             && f.fact.object_json.contains(r#""missing_to":5"#)
+    );
+}
+
+#[tokio::test]
+async fn replicated_facts_carry_their_source_zone_and_offset_beside_an_unchanged_fact() {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
+        .await
+        .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant.append_steps("enterprise", "B7", 1..=3).await.unwrap();
+    let original = plant
+        .fetch("to-enterprise", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    // The link reads through its own consumer after this peek comes back.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = enterprise
+        .pull_from(&plant, "to-enterprise", 10, Duration::from_secs(3), None)
+        .await
+        .unwrap();
+    assert_eq!(r.stored, 3);
+    let copy = enterprise
+        .fetch("reporting", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(copy.facts.len(), 3);
+    for (o, c) in original.facts.iter().zip(&copy.facts) {
+        assert_eq!(o.message, c.message, "fact and envelope unchanged");
+        assert_eq!(o.provenance, None, "a local append has no provenance");
+        let p = c.provenance.as_ref().expect("provenance recorded");
+        assert_eq!(
+            (
+                p.zone.as_str(),
+                p.stream.as_str(),
+                p.offset,
+                p.link.as_str()
+            ),
+            ("plant-a", "facts_operational", o.offset, "to-enterprise")
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_link_checkpoint_catches_a_gap_that_left_the_source_stream_empty() {
+    // JetStream moves the ack floor to the end when every delivered-but-unconfirmed
+    // fact expires (pinned in the sink's known_limit test); the link's own
+    // checkpoint still shows the gap.
+    let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
+        c.classes[0].max_age = Duration::from_secs(2);
+        c.duplicate_window = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant.append_steps("enterprise", "B1", 1..=5).await.unwrap();
+    let r = enterprise
+        .pull_from(&plant, "to-enterprise", 2, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!((r.stored, r.frontier), (2, 2));
+    // A receiver takes steps 3..5 and crashes before appending them.
+    let lost = plant
+        .fetch("to-enterprise", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(lost.facts.len(), 3);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Everything expired: the stream is empty and its consumer's floor jumped to 5.
+    let e = enterprise
+        .pull_from(&plant, "to-enterprise", 10, Duration::ZERO, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e,
+        PullError::Gap {
+            consumer: "to-enterprise".into(),
+            missing_from: 3,
+            missing_to: 5
+        }
+    );
+    // A new fact does not hide it either.
+    plant.append_steps("enterprise", "B1", 6..=6).await.unwrap();
+    let e = enterprise
+        .pull_from(&plant, "to-enterprise", 10, Duration::ZERO, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            PullError::Gap {
+                missing_from: 3,
+                ..
+            }
+        ),
+        "{e:?}"
     );
 }

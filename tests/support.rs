@@ -122,4 +122,25 @@ pub fn step_completed(from: &str, to: &str, batch: &str, step: u32) -> Message {
     }
 }
 
-pub use bsfg_core::link::{PullReport, pull_page};
+pub use bsfg_core::link::{PullError, PullReport, PullStep, pull_page};
+
+impl Zone {
+    /// One receiver step into this zone from `source`'s `consumer`, as the link loop
+    /// runs it (link named after the consumer: checkpoint and provenance kept here).
+    pub async fn pull_from(
+        &self,
+        source: &Zone,
+        consumer: &str,
+        limit: u32,
+        wait: Duration,
+        accept_gap: Option<&bsfg_core::link::GapAcceptance>,
+    ) -> Result<PullReport, PullError> {
+        let step = PullStep {
+            link: consumer.to_owned(),
+            consumer: consumer.to_owned(),
+            limit,
+            wait,
+        };
+        pull_page(&source.api, &self.api, &step, accept_gap).await
+    }
+}

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::BoundaryError;
-use crate::model::{Limits, Message};
+use crate::link::Destination;
+use crate::model::{Limits, Message, Provenance};
 use crate::names;
 use crate::ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier, ObjectInfo,
@@ -78,5 +79,30 @@ impl BoundaryApi for Boundary {
         names::validate_bucket("bucket", bucket)?;
         names::validate_object_key("key", key)?;
         self.objects.put(bucket, key, body).await
+    }
+}
+
+/// The engine as a link's destination: the same validation as AppendFact, with the
+/// provenance stored beside the fact, and the link checkpoint kept in the zone log.
+#[async_trait]
+impl Destination for Boundary {
+    async fn append_replicated(
+        &self,
+        message: Message,
+        provenance: Option<Provenance>,
+    ) -> Result<AppendOutcome, BoundaryError> {
+        let mut validated = self.limits.validate(message)?;
+        if let Some(p) = provenance {
+            validated = validated.with_provenance(p);
+        }
+        self.log.append(validated).await
+    }
+
+    async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
+        self.log.link_checkpoint(link).await
+    }
+
+    async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
+        self.log.record_link_checkpoint(link, offset).await
     }
 }

@@ -3,8 +3,8 @@
 //! The heart of BSFG, the Bidirectional Store-and-Forward Gateway: the message model
 //! and its validation ([`model`]), the one error type with stable reasons
 //! ([`error`]), the ports that adapters implement ([`ports`]) and the Boundary engine
-//! that serves the four operations over them ([`engine`]), and the receiver-driven
-//! pull step ([`link`]).
+//! that serves the four operations over them ([`engine`]), and receiver-driven
+//! replication ([`link`]: the pull step and the link loop).
 //!
 //! Architecture invariant: this crate performs no I/O and depends on no adapter.
 
@@ -17,7 +17,9 @@ pub mod ports;
 
 pub use engine::Boundary;
 pub use error::{BoundaryError, Reason};
-pub use model::{ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, ValidatedMessage};
+pub use model::{
+    ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, Provenance, ValidatedMessage,
+};
 pub use ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact, Frontier,
     ObjectInfo, ObjectStore,

@@ -1,30 +1,113 @@
-//! The receiver-driven pull, one page at a time: FetchFacts from the source zone,
-//! AppendFact into the local zone with the original message_id, and only then
+//! Receiver-driven replication: the pull step ([`pull_page`]) and the long-running
+//! link loop ([`Link`]) built on it. FetchFacts from the source zone, AppendFact into
+//! the local zone with the original message_id and envelope, and only then
 //! ConfirmReceipt to the source.
 //!
-//! Architecture invariants:
+//! Architecture invariants, enforced here and nowhere else:
 //! - a confirm never precedes the durable append of every fact of its page; any
 //!   failure returns before the confirm, so the page comes again and idempotent append
 //!   absorbs what was already stored;
 //! - a gap is never skipped silently: when the source's retention removed facts this
-//!   consumer never confirmed (`first_offset > frontier + 1`), the step stops before
-//!   appending or confirming anything, unless the operator accepts exactly that gap,
-//!   and an accepted gap is recorded as a fact in the local zone first.
+//!   link never confirmed, the step stops before appending or confirming anything,
+//!   unless the operator accepts exactly that gap, and an accepted gap is recorded as a
+//!   fact in the local zone first. The link's own checkpoint (the frontier its last
+//!   confirm returned, kept durably in the local zone) is the reference, so a source
+//!   frontier that jumps without a confirm from this link cannot hide a gap.
 //!
-//! (The long-running link loop with backoff and metrics builds on this step.)
+//! This module performs no I/O of its own: it only calls the ports and sleeps.
 
-use std::time::Duration;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::error::BoundaryError;
-use crate::model::{Envelope, Fact, Message};
-use crate::ports::{BoundaryApi, FetchRequest};
+use crate::model::{Envelope, Fact, Message, Provenance};
+use crate::ports::{
+    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
+};
+
+/// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
+/// engine (provenance and checkpoint kept durably in the zone log) and by [`Remote`].
+#[async_trait]
+pub trait Destination: Send + Sync {
+    /// Validates and appends durably and idempotently, with the provenance beside the
+    /// fact when given. Same guarantees as [`BoundaryApi::append_fact`].
+    async fn append_replicated(
+        &self,
+        message: Message,
+        provenance: Option<Provenance>,
+    ) -> Result<AppendOutcome, BoundaryError>;
+    /// The link's durable checkpoint: the frontier its last confirm returned.
+    async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError>;
+    /// Records the checkpoint durably before returning.
+    async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError>;
+}
+
+/// A destination reached through its four operations only (for example a gateway
+/// over gRPC, as `bsfg pull` does). It cannot store provenance or a checkpoint, so
+/// gaps are judged against the source's frontier alone.
+pub struct Remote<'a>(pub &'a dyn BoundaryApi);
+
+#[async_trait]
+impl Destination for Remote<'_> {
+    async fn append_replicated(
+        &self,
+        message: Message,
+        _provenance: Option<Provenance>,
+    ) -> Result<AppendOutcome, BoundaryError> {
+        self.0.append_fact(message).await
+    }
+    async fn checkpoint(&self, _link: &str) -> Result<Option<u64>, BoundaryError> {
+        Ok(None)
+    }
+    async fn record_checkpoint(&self, _link: &str, _offset: u64) -> Result<(), BoundaryError> {
+        Ok(())
+    }
+}
+
+/// Which operation of a pull step failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// FetchFacts on the source.
+    Fetch,
+    /// AppendFact into the destination (including the gap record).
+    Append,
+    /// Reading or writing the link checkpoint in the destination.
+    Checkpoint,
+    /// ConfirmReceipt on the source.
+    Confirm,
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Operation::Fetch => "fetch",
+            Operation::Append => "append",
+            Operation::Checkpoint => "checkpoint",
+            Operation::Confirm => "confirm",
+        })
+    }
+}
 
 /// Why a pull step stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PullError {
     /// A boundary operation failed; retrying the step is safe.
-    #[error(transparent)]
-    Boundary(#[from] BoundaryError),
+    #[error("{op} failed: {error}")]
+    Boundary {
+        /// The operation that failed.
+        op: Operation,
+        /// What it returned.
+        error: BoundaryError,
+    },
     /// The source no longer holds offsets `missing_from..=missing_to`, which this
     /// consumer never confirmed. Nothing was appended or confirmed.
     #[error(
@@ -35,9 +118,13 @@ pub enum PullError {
         consumer: String,
         /// First missing offset (frontier + 1).
         missing_from: u64,
-        /// Last missing offset (first retained - 1).
+        /// Last missing offset.
         missing_to: u64,
     },
+}
+
+fn at(op: Operation) -> impl FnOnce(BoundaryError) -> PullError {
+    move |error| PullError::Boundary { op, error }
 }
 
 /// An operator's deliberate acceptance of one gap.
@@ -49,6 +136,9 @@ pub struct GapAcceptance {
     pub accepted_by: String,
     /// Unix ms of the acceptance.
     pub at_unix_ms: i64,
+    /// The exact gap accepted (`missing_from`, `missing_to`); `None` accepts whatever
+    /// gap this step finds. A different gap stops the step again.
+    pub range: Option<(u64, u64)>,
 }
 
 /// The fact that records an accepted gap: subject `link:<consumer>`, predicate
@@ -92,57 +182,704 @@ pub struct PullReport {
     pub frontier: u64,
     /// The source's newest offset (lag in facts = `last_offset - frontier`).
     pub last_offset: u64,
+    /// Zone that served the page.
+    pub source_zone: String,
+    /// Source append time (Unix ms) of the newest fact of the page, if any.
+    pub newest_appended_at_unix_ms: Option<i64>,
+    /// A gap that was accepted and recorded on this step.
+    pub gap_accepted: Option<(u64, u64)>,
 }
 
-/// Pulls one page from `source` into `destination` for `consumer`. With `accept_gap`,
-/// a gap found on this page is recorded in `destination` and then passed over.
+/// One pull step's parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullStep {
+    /// Link name: keys the checkpoint and is kept in provenance.
+    pub link: String,
+    /// Durable consumer on the source.
+    pub consumer: String,
+    /// Page size.
+    pub limit: u32,
+    /// Long-poll wait when nothing is ready.
+    pub wait: Duration,
+}
+
+/// The gap a page shows, judged against `base`, the lower of the link's checkpoint
+/// and the source frontier: facts after `base` that the stream no longer holds.
+fn find_gap(page: &FactPage, base: u64) -> Option<(u64, u64)> {
+    let stream_empty = page.first_offset == 0 || page.first_offset > page.last_offset;
+    if !page.facts.is_empty() && page.first_offset > base + 1 {
+        return Some((base + 1, page.first_offset - 1));
+    }
+    // Everything after `base` expired and the stream is empty: JetStream may have
+    // moved the consumer's ack floor to the end, but this link never confirmed it.
+    if page.facts.is_empty() && stream_empty && page.last_offset > base {
+        return Some((base + 1, page.last_offset));
+    }
+    None
+}
+
+/// Pulls one page from `source` into `destination`: checkpoint, fetch, gap check,
+/// append every fact (concurrently, so the zone log can commit them together), then
+/// confirm, then record the frontier the confirm returned as the new checkpoint.
+/// With `accept_gap`, a gap found on this page (and matching its range, if set) is
+/// recorded in `destination` and passed over.
 pub async fn pull_page(
     source: &dyn BoundaryApi,
-    destination: &dyn BoundaryApi,
-    consumer: &str,
-    limit: u32,
-    wait: Duration,
+    destination: &dyn Destination,
+    step: &PullStep,
     accept_gap: Option<&GapAcceptance>,
 ) -> Result<PullReport, PullError> {
+    let checkpoint = destination
+        .checkpoint(&step.link)
+        .await
+        .map_err(at(Operation::Checkpoint))?;
     let page = source
         .fetch_facts(FetchRequest {
-            consumer: consumer.into(),
-            limit,
-            wait,
+            consumer: step.consumer.clone(),
+            limit: step.limit,
+            wait: step.wait,
         })
-        .await?;
-    if page.first_offset > page.frontier + 1 && !page.facts.is_empty() {
-        let (missing_from, missing_to) = (page.frontier + 1, page.first_offset - 1);
-        let Some(acceptance) = accept_gap else {
+        .await
+        .map_err(at(Operation::Fetch))?;
+    let base = checkpoint.map_or(page.frontier, |c| c.min(page.frontier));
+    let mut report = PullReport {
+        fetched: page.facts.len(),
+        frontier: page.frontier,
+        last_offset: page.last_offset,
+        source_zone: page.zone.clone(),
+        newest_appended_at_unix_ms: page.facts.last().map(|f| f.appended_at_unix_ms),
+        ..Default::default()
+    };
+    if let Some((missing_from, missing_to)) = find_gap(&page, base) {
+        let acceptance =
+            accept_gap.filter(|a| a.range.is_none_or(|r| r == (missing_from, missing_to)));
+        let Some(acceptance) = acceptance else {
             return Err(PullError::Gap {
-                consumer: consumer.to_owned(),
+                consumer: step.consumer.clone(),
                 missing_from,
                 missing_to,
             });
         };
         destination
-            .append_fact(gap_fact(consumer, missing_from, missing_to, acceptance))
-            .await?;
+            .append_replicated(
+                gap_fact(&step.consumer, missing_from, missing_to, acceptance),
+                None,
+            )
+            .await
+            .map_err(at(Operation::Append))?;
+        report.gap_accepted = Some((missing_from, missing_to));
+        if page.facts.is_empty() {
+            destination
+                .record_checkpoint(&step.link, missing_to.max(page.frontier))
+                .await
+                .map_err(at(Operation::Checkpoint))?;
+            return Ok(report);
+        }
     }
-    let mut report = PullReport {
-        fetched: page.facts.len(),
-        frontier: page.frontier,
-        last_offset: page.last_offset,
-        ..Default::default()
-    };
     let Some(last) = page.facts.last().map(|f| f.offset) else {
         return Ok(report);
     };
-    for f in page.facts {
-        let out = destination.append_fact(f.message).await?;
-        if out.duplicate {
+    let appends = page.facts.into_iter().map(|f| {
+        let provenance = Provenance {
+            zone: page.zone.clone(),
+            stream: page.stream.clone(),
+            offset: f.offset,
+            link: step.link.clone(),
+        };
+        destination.append_replicated(f.message, Some(provenance))
+    });
+    let outcomes: Vec<_> = futures::stream::iter(appends)
+        .buffered(page_concurrency(report.fetched))
+        .collect()
+        .await;
+    for out in outcomes {
+        if out.map_err(at(Operation::Append))?.duplicate {
             report.duplicates += 1;
         } else {
             report.stored += 1;
         }
     }
-    report.frontier = source.confirm_receipt(consumer, last).await?.offset;
+    let frontier = source
+        .confirm_receipt(&step.consumer, last)
+        .await
+        .map_err(at(Operation::Confirm))?;
+    report.frontier = frontier.offset;
+    destination
+        .record_checkpoint(&step.link, frontier.offset)
+        .await
+        .map_err(at(Operation::Checkpoint))?;
     Ok(report)
+}
+
+fn page_concurrency(n: usize) -> usize {
+    n.clamp(1, 1000)
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A link's configuration, as composed from the zone's config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSettings {
+    /// Link name, unique in the zone; keys its checkpoint.
+    pub name: String,
+    /// This (the destination) zone's name, for the gap record.
+    pub local_zone: String,
+    /// Durable consumer on the source; it decides the class and subject kinds pulled.
+    pub consumer: String,
+    /// Facts per page.
+    pub page_size: u32,
+    /// Long-poll wait of an idle link.
+    pub wait: Duration,
+    /// First retry delay after a failure.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// How long a call to the source may take (beyond the long-poll wait for a fetch)
+    /// before the step counts as failed and backs off.
+    pub request_timeout: Duration,
+}
+
+impl LinkSettings {
+    /// Retry delay before attempt `attempt` (1-based): exponential from
+    /// `backoff_min`, capped at `backoff_max`, with jitter in its upper half so that
+    /// many links restarting together spread out.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .backoff_min
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
+        let cap = exp.min(self.backoff_max).max(self.backoff_min);
+        let half = cap / 2;
+        let span = (cap - half).as_millis().max(1) as u64;
+        let jitter = RandomState::new().hash_one(attempt) % span;
+        half + Duration::from_millis(jitter)
+    }
+}
+
+/// The state of a link, as `bsfg status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum LinkState {
+    /// Not yet past its first step.
+    Starting,
+    /// Steps succeed.
+    Running,
+    /// The last step failed; the next one runs after the backoff.
+    BackingOff {
+        /// Consecutive failures.
+        attempt: u32,
+        /// Delay before the next attempt.
+        retry_in_ms: u64,
+        /// The operation that failed.
+        op: Operation,
+        /// What failed.
+        error: String,
+    },
+    /// Stopped at a gap; only an operator's acceptance moves it on.
+    Gapped {
+        /// First missing offset.
+        missing_from: u64,
+        /// Last missing offset.
+        missing_to: u64,
+    },
+    /// Shut down.
+    Stopped,
+}
+
+impl LinkState {
+    /// Short name: `starting`, `running`, `backing_off`, `gapped`, `stopped`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkState::Starting => "starting",
+            LinkState::Running => "running",
+            LinkState::BackingOff { .. } => "backing_off",
+            LinkState::Gapped { .. } => "gapped",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Counters of one link, monotonic since the gateway started.
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    /// FetchFacts calls.
+    pub fetch_requests: AtomicU64,
+    /// Failed FetchFacts calls.
+    pub fetch_failures: AtomicU64,
+    /// AppendFact calls into the local zone (one per fact).
+    pub append_requests: AtomicU64,
+    /// Failed appends.
+    pub append_failures: AtomicU64,
+    /// ConfirmReceipt calls.
+    pub confirm_requests: AtomicU64,
+    /// Failed confirms.
+    pub confirm_failures: AtomicU64,
+    /// Facts newly stored locally.
+    pub facts_stored: AtomicU64,
+    /// Facts that were already stored (replays absorbed).
+    pub facts_duplicate: AtomicU64,
+    /// Gaps accepted by an operator.
+    pub gaps_accepted: AtomicU64,
+}
+
+/// A snapshot of a link for status and metrics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkStatus {
+    /// Link name.
+    pub name: String,
+    /// Consumer on the source.
+    pub consumer: String,
+    /// Source zone, as the source reports it (empty until the first page).
+    pub source_zone: String,
+    /// Current state.
+    #[serde(flatten)]
+    pub state: LinkState,
+    /// Source frontier of the consumer after the last step.
+    pub frontier: u64,
+    /// Source's newest offset at the last step.
+    pub source_last_offset: u64,
+    /// `source_last_offset - frontier`.
+    pub lag_facts: u64,
+    /// 0 when caught up; otherwise how old the newest replicated fact was when it was
+    /// stored here, plus the time since the last successful step (source clock vs
+    /// local clock: skew between zones shows up here).
+    pub lag_seconds: f64,
+    /// Unix ms of the last successful step.
+    pub last_success_unix_ms: Option<i64>,
+    /// Counters (see [`LinkCounters`]).
+    pub fetch_requests: u64,
+    /// Failed fetches.
+    pub fetch_failures: u64,
+    /// Appends.
+    pub append_requests: u64,
+    /// Failed appends.
+    pub append_failures: u64,
+    /// Confirms.
+    pub confirm_requests: u64,
+    /// Failed confirms.
+    pub confirm_failures: u64,
+    /// Facts newly stored.
+    pub facts_stored: u64,
+    /// Replays absorbed.
+    pub facts_duplicate: u64,
+    /// Gaps accepted.
+    pub gaps_accepted: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Progress {
+    state: LinkState,
+    source_zone: String,
+    frontier: u64,
+    source_last_offset: u64,
+    last_page_lag_ms: i64,
+    last_success_unix_ms: Option<i64>,
+}
+
+/// Shared between a running link and whoever watches or steers it.
+struct Shared {
+    settings: LinkSettings,
+    counters: LinkCounters,
+    progress: Mutex<Progress>,
+    acceptance: watch::Sender<Option<GapAcceptance>>,
+}
+
+/// Why an operator's gap acceptance was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptGapError {
+    /// The link is not gapped.
+    #[error("link `{0}` is not gapped")]
+    NotGapped(String),
+    /// The range does not match the link's current gap.
+    #[error("link `{link}` is gapped at {missing_from}..={missing_to}, not at the range given")]
+    OtherRange {
+        /// Link.
+        link: String,
+        /// Its current gap start.
+        missing_from: u64,
+        /// Its current gap end.
+        missing_to: u64,
+    },
+}
+
+/// Handle to a link: status snapshots and the operator's gap acceptance.
+#[derive(Clone)]
+pub struct LinkHandle {
+    shared: Arc<Shared>,
+}
+
+impl LinkHandle {
+    /// The link's name.
+    pub fn name(&self) -> &str {
+        &self.shared.settings.name
+    }
+
+    /// A consistent snapshot of state, positions and counters.
+    pub fn status(&self) -> LinkStatus {
+        let p = match self.shared.progress.lock() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let lag_facts = p.source_last_offset.saturating_sub(p.frontier);
+        let lag_seconds = match (lag_facts, &p.state, p.last_success_unix_ms) {
+            (0, LinkState::Running, _) => 0.0,
+            (_, _, Some(t)) => {
+                (p.last_page_lag_ms.max(0) + (now_unix_ms() - t).max(0)) as f64 / 1000.0
+            }
+            (_, _, None) => 0.0,
+        };
+        LinkStatus {
+            name: self.shared.settings.name.clone(),
+            consumer: self.shared.settings.consumer.clone(),
+            source_zone: p.source_zone,
+            state: p.state,
+            frontier: p.frontier,
+            source_last_offset: p.source_last_offset,
+            lag_facts,
+            lag_seconds,
+            last_success_unix_ms: p.last_success_unix_ms,
+            fetch_requests: get(&c.fetch_requests),
+            fetch_failures: get(&c.fetch_failures),
+            append_requests: get(&c.append_requests),
+            append_failures: get(&c.append_failures),
+            confirm_requests: get(&c.confirm_requests),
+            confirm_failures: get(&c.confirm_failures),
+            facts_stored: get(&c.facts_stored),
+            facts_duplicate: get(&c.facts_duplicate),
+            gaps_accepted: get(&c.gaps_accepted),
+        }
+    }
+
+    /// Accepts the link's current gap, which must be exactly
+    /// `missing_from..=missing_to`. The link records the acceptance as a fact in the
+    /// local zone and goes on; a different gap found later stops it again.
+    pub fn accept_gap(
+        &self,
+        missing_from: u64,
+        missing_to: u64,
+        accepted_by: &str,
+    ) -> Result<(), AcceptGapError> {
+        let state = self.status().state;
+        let LinkState::Gapped {
+            missing_from: f,
+            missing_to: t,
+        } = state
+        else {
+            return Err(AcceptGapError::NotGapped(self.name().to_owned()));
+        };
+        if (f, t) != (missing_from, missing_to) {
+            return Err(AcceptGapError::OtherRange {
+                link: self.name().to_owned(),
+                missing_from: f,
+                missing_to: t,
+            });
+        }
+        self.shared.acceptance.send_replace(Some(GapAcceptance {
+            local_zone: self.shared.settings.local_zone.clone(),
+            accepted_by: accepted_by.to_owned(),
+            at_unix_ms: now_unix_ms(),
+            range: Some((f, t)),
+        }));
+        Ok(())
+    }
+}
+
+/// A link: pulls from `source` into `destination` until shut down.
+pub struct Link {
+    shared: Arc<Shared>,
+    source: Arc<dyn BoundaryApi>,
+    destination: Arc<dyn Destination>,
+}
+
+impl Link {
+    /// Prepares a link; [`Link::run`] drives it.
+    pub fn new(
+        settings: LinkSettings,
+        source: Arc<dyn BoundaryApi>,
+        destination: Arc<dyn Destination>,
+    ) -> (Link, LinkHandle) {
+        let (acceptance, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            settings,
+            counters: LinkCounters::default(),
+            progress: Mutex::new(Progress {
+                state: LinkState::Starting,
+                source_zone: String::new(),
+                frontier: 0,
+                source_last_offset: 0,
+                last_page_lag_ms: 0,
+                last_success_unix_ms: None,
+            }),
+            acceptance,
+        });
+        let handle = LinkHandle {
+            shared: shared.clone(),
+        };
+        (
+            Link {
+                shared,
+                source,
+                destination,
+            },
+            handle,
+        )
+    }
+
+    fn set_state(&self, state: LinkState) {
+        if let Ok(mut p) = self.shared.progress.lock() {
+            p.state = state;
+        }
+    }
+
+    /// Runs until `shutdown` turns true. Never returns early on failures: it backs
+    /// off (capped, jittered, exponential) and retries; at a gap it waits for an
+    /// operator. Dropping a step half-way is safe: nothing is confirmed before its
+    /// appends are durable.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let settings = self.shared.settings.clone();
+        let step = PullStep {
+            link: settings.name.clone(),
+            consumer: settings.consumer.clone(),
+            limit: settings.page_size,
+            wait: settings.wait,
+        };
+        let metered_source = Metered {
+            inner: self.source.as_ref(),
+            counters: &self.shared.counters,
+            fetch_timeout: settings.wait + settings.request_timeout,
+            request_timeout: settings.request_timeout,
+        };
+        let metered_destination = MeteredDestination {
+            inner: self.destination.as_ref(),
+            counters: &self.shared.counters,
+        };
+        let mut acceptance_rx = self.shared.acceptance.subscribe();
+        let mut attempt: u32 = 0;
+        let mut accepting: Option<GapAcceptance> = None;
+        tracing::info!(link = %settings.name, consumer = %settings.consumer, "link started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                r = pull_page(&metered_source, &metered_destination, &step, accepting.as_ref()) => r,
+            };
+            match result {
+                Ok(report) => {
+                    attempt = 0;
+                    // An acceptance holds until the step that finds its gap uses it
+                    // (pages in between may be empty while facts await redelivery).
+                    if report.gap_accepted.is_some() {
+                        accepting = None;
+                    }
+                    self.record_success(&report);
+                }
+                Err(PullError::Gap {
+                    missing_from,
+                    missing_to,
+                    ..
+                }) => {
+                    let gap = LinkState::Gapped {
+                        missing_from,
+                        missing_to,
+                    };
+                    let already = self
+                        .shared
+                        .progress
+                        .lock()
+                        .map(|p| p.state == gap)
+                        .unwrap_or(false);
+                    if !already {
+                        tracing::error!(
+                            link = %settings.name,
+                            consumer = %settings.consumer,
+                            missing_from,
+                            missing_to,
+                            "link gapped: the source no longer holds facts this link never confirmed; an operator must accept the gap (bsfg link accept-gap)"
+                        );
+                    }
+                    self.set_state(gap);
+                    accepting = None;
+                    // Wait for an acceptance of exactly this gap (or shutdown).
+                    loop {
+                        let current = acceptance_rx.borrow_and_update().clone();
+                        if let Some(a) =
+                            current.filter(|a| a.range == Some((missing_from, missing_to)))
+                        {
+                            tracing::warn!(link = %settings.name, missing_from, missing_to, accepted_by = %a.accepted_by, "gap accepted by operator");
+                            accepting = Some(a);
+                            break;
+                        }
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.changed() => break,
+                            r = acceptance_rx.changed() => if r.is_err() { break },
+                        }
+                    }
+                }
+                Err(PullError::Boundary { op, error }) => {
+                    attempt = attempt.saturating_add(1);
+                    let delay = settings.backoff(attempt);
+                    tracing::warn!(
+                        link = %settings.name,
+                        consumer = %settings.consumer,
+                        %op,
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = %error,
+                        "link step failed; backing off"
+                    );
+                    self.set_state(LinkState::BackingOff {
+                        attempt,
+                        retry_in_ms: delay.as_millis() as u64,
+                        op,
+                        error: error.to_string(),
+                    });
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        self.set_state(LinkState::Stopped);
+        tracing::info!(link = %settings.name, "link stopped");
+    }
+
+    fn record_success(&self, report: &PullReport) {
+        let c = &self.shared.counters;
+        c.facts_stored
+            .fetch_add(report.stored as u64, Ordering::Relaxed);
+        c.facts_duplicate
+            .fetch_add(report.duplicates as u64, Ordering::Relaxed);
+        if report.gap_accepted.is_some() {
+            c.gaps_accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        let now = now_unix_ms();
+        if let Ok(mut p) = self.shared.progress.lock() {
+            if p.state != LinkState::Running {
+                tracing::info!(link = %self.shared.settings.name, frontier = report.frontier, "link running");
+            }
+            p.state = LinkState::Running;
+            p.source_zone.clone_from(&report.source_zone);
+            p.frontier = report.frontier;
+            p.source_last_offset = report.last_offset;
+            if let Some(t) = report.newest_appended_at_unix_ms {
+                p.last_page_lag_ms = now - t;
+            } else if report.last_offset <= report.frontier {
+                p.last_page_lag_ms = 0;
+            }
+            p.last_success_unix_ms = Some(now);
+        }
+    }
+}
+
+/// Counts requests and failures of the source's operations, and bounds their time.
+struct Metered<'a> {
+    inner: &'a dyn BoundaryApi,
+    counters: &'a LinkCounters,
+    fetch_timeout: Duration,
+    request_timeout: Duration,
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, BoundaryError>>,
+) -> Result<T, BoundaryError> {
+    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
+        Err(BoundaryError::Unavailable(format!(
+            "{what} took longer than {limit:?}"
+        )))
+    })
+}
+
+fn count<T>(
+    requests: &AtomicU64,
+    failures: &AtomicU64,
+    r: Result<T, BoundaryError>,
+) -> Result<T, BoundaryError> {
+    requests.fetch_add(1, Ordering::Relaxed);
+    if r.is_err() {
+        failures.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+#[async_trait]
+impl BoundaryApi for Metered<'_> {
+    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
+        self.inner.append_fact(message).await
+    }
+    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
+        let c = self.counters;
+        count(
+            &c.fetch_requests,
+            &c.fetch_failures,
+            bounded(self.fetch_timeout, "fetch", self.inner.fetch_facts(request)).await,
+        )
+    }
+    async fn confirm_receipt(
+        &self,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        let c = self.counters;
+        count(
+            &c.confirm_requests,
+            &c.confirm_failures,
+            bounded(
+                self.request_timeout,
+                "confirm",
+                self.inner.confirm_receipt(consumer, offset),
+            )
+            .await,
+        )
+    }
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError> {
+        self.inner.put_object(bucket, key, body).await
+    }
+}
+
+/// Counts appends and their failures into the local zone.
+struct MeteredDestination<'a> {
+    inner: &'a dyn Destination,
+    counters: &'a LinkCounters,
+}
+
+#[async_trait]
+impl Destination for MeteredDestination<'_> {
+    async fn append_replicated(
+        &self,
+        message: Message,
+        provenance: Option<Provenance>,
+    ) -> Result<AppendOutcome, BoundaryError> {
+        let c = self.counters;
+        count(
+            &c.append_requests,
+            &c.append_failures,
+            self.inner.append_replicated(message, provenance).await,
+        )
+    }
+    async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
+        self.inner.checkpoint(link).await
+    }
+    async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
+        self.inner.record_checkpoint(link, offset).await
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +893,7 @@ mod tests {
             local_zone: "enterprise".into(),
             accepted_by: "operator jdoe".into(),
             at_unix_ms: 1,
+            range: None,
         };
         let m = gap_fact("to-enterprise", 3, 5, &a);
         assert_eq!(m.envelope.message_id, "gap:to-enterprise:3-5");
@@ -170,5 +908,73 @@ mod tests {
                 .object_json
                 .contains(r#""accepted_by":"operator jdoe""#)
         );
+    }
+
+    fn page(first: u64, last: u64, frontier: u64, offsets: &[u64]) -> FactPage {
+        FactPage {
+            first_offset: first,
+            last_offset: last,
+            frontier,
+            facts: offsets
+                .iter()
+                .map(|&offset| crate::ports::FetchedFact {
+                    offset,
+                    appended_at_unix_ms: 0,
+                    delivery_count: 1,
+                    message: Message::default(),
+                    provenance: None,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_page_continuing_from_the_frontier_shows_no_gap() {
+        assert_eq!(find_gap(&page(1, 10, 4, &[5, 6]), 4), None);
+        assert_eq!(find_gap(&page(5, 10, 4, &[5, 6]), 4), None);
+        // Redelivery of older facts (first retained below the frontier) is no gap.
+        assert_eq!(find_gap(&page(1, 10, 8, &[3, 4]), 8), None);
+    }
+
+    #[test]
+    fn retention_past_the_base_is_a_gap_up_to_the_first_retained_offset() {
+        assert_eq!(find_gap(&page(7, 10, 4, &[7, 8]), 4), Some((5, 6)));
+    }
+
+    #[test]
+    fn an_empty_stream_beyond_the_base_is_a_gap_even_without_facts() {
+        // JetStream reports an emptied stream as first = last + 1.
+        assert_eq!(find_gap(&page(11, 10, 10, &[]), 4), Some((5, 10)));
+        // Caught up on an empty stream: nothing missing.
+        assert_eq!(find_gap(&page(11, 10, 10, &[]), 10), None);
+        assert_eq!(find_gap(&page(0, 0, 0, &[]), 0), None);
+        // An empty page of a non-empty stream says nothing about gaps.
+        assert_eq!(find_gap(&page(8, 10, 4, &[]), 4), None);
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_its_bounds_with_jitter() {
+        let s = LinkSettings {
+            name: "l".into(),
+            local_zone: "z".into(),
+            consumer: "c".into(),
+            page_size: 10,
+            wait: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(1),
+        };
+        for attempt in 1..40 {
+            let d = s.backoff(attempt);
+            let cap = Duration::from_millis(100 * 2u64.pow((attempt - 1).min(20)))
+                .min(Duration::from_secs(5));
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} vs {cap:?}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = (0..20).map(|_| s.backoff(10)).collect();
+        assert!(distinct.len() > 1, "jittered");
     }
 }

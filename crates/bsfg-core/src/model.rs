@@ -101,6 +101,23 @@ impl PayloadDigest {
 pub struct ValidatedMessage {
     message: Message,
     digest: PayloadDigest,
+    provenance: Option<Provenance>,
+}
+
+/// Where a replicated fact came from: the source zone and its offset there. Stored
+/// beside the fact (never inside it), so the fact and its payload digest are the same
+/// in every zone.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Zone the link fetched the fact from (the previous hop, not necessarily the
+    /// origin; the origin is `envelope.from_zone`).
+    pub zone: String,
+    /// Stream of the fact in the source zone.
+    pub stream: String,
+    /// Offset of the fact in that stream.
+    pub offset: u64,
+    /// Link that carried it.
+    pub link: String,
 }
 
 impl ValidatedMessage {
@@ -115,6 +132,15 @@ impl ValidatedMessage {
     /// Payload identity for idempotency.
     pub fn digest(&self) -> PayloadDigest {
         self.digest
+    }
+    /// Where the fact came from, when a link appends it.
+    pub fn provenance(&self) -> Option<&Provenance> {
+        self.provenance.as_ref()
+    }
+    /// Attaches provenance. It travels beside the fact and does not change the digest.
+    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
+        self.provenance = Some(provenance);
+        self
     }
     /// Shorthand for the envelope's message_id.
     pub fn message_id(&self) -> &str {
@@ -365,6 +391,7 @@ impl Limits {
         Ok(ValidatedMessage {
             message: msg,
             digest,
+            provenance: None,
         })
     }
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::error::BoundaryError;
-use crate::model::{Message, ValidatedMessage};
+use crate::model::{Message, Provenance, ValidatedMessage};
 
 /// A stream of byte chunks, used for artifacts in both directions so that no artifact
 /// is ever held whole in memory.
@@ -49,12 +49,16 @@ pub struct FetchedFact {
     pub delivery_count: u64,
     /// The message as stored (canonical object_json).
     pub message: Message,
+    /// Where this zone got it from, when a link replicated it here.
+    pub provenance: Option<Provenance>,
 }
 
 /// A page of facts plus the stream and consumer positions, so a receiver can compute
 /// lag and detect gaps without extra calls.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FactPage {
+    /// Zone that served the page (recorded as provenance by receivers).
+    pub zone: String,
     /// Stream the consumer reads.
     pub stream: String,
     /// Facts in offset order. Unconfirmed facts may come again (at-least-once).
@@ -124,6 +128,12 @@ pub trait FactLog: Send + Sync {
     /// Past the highest delivered offset is `InvalidArgument`; at or below the
     /// frontier changes nothing.
     async fn confirm(&self, consumer: &str, offset: u64) -> Result<Frontier, BoundaryError>;
+    /// The checkpoint of a link pulling into this zone: the highest source offset it
+    /// durably appended here and was about to confirm. `None` before the first page.
+    async fn link_checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError>;
+    /// Durably records a link's checkpoint (see [`FactLog::link_checkpoint`]). Returns
+    /// only after the record is durable.
+    async fn record_link_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError>;
 }
 
 /// The zone-local artifact store.

@@ -352,17 +352,17 @@ pub async fn pull(
     } else {
         Duration::from_millis(200)
     };
+    let step = bsfg_core::link::PullStep {
+        link: format!("cli-{consumer}"),
+        consumer: consumer.to_owned(),
+        limit,
+        wait,
+    };
+    let destination = bsfg_core::link::Remote(destination);
     loop {
-        let r = bsfg_core::link::pull_page(
-            source,
-            destination,
-            consumer,
-            limit,
-            wait,
-            accept_gap.as_ref(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = bsfg_core::link::pull_page(source, &destination, &step, accept_gap.as_ref())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if json {
             println!(
                 "{}",

@@ -226,6 +226,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                     local_zone,
                     accepted_by,
                     at_unix_ms: client::now_ms(),
+                    range: None,
                 }),
                 _ => None,
             };

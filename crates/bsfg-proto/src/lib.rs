@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use bsfg_core::{
     AppendOutcome, ArtifactRef, BoundaryError, Envelope, Fact, FactPage, FetchedFact, Message,
+    Provenance,
 };
 
 /// The `google.rpc.ErrorInfo` domain of BSFG errors.
@@ -134,12 +135,19 @@ impl From<FactPage> for v1::FetchFactsResponse {
                     appended_at_unix_ms: f.appended_at_unix_ms,
                     delivery_count: f.delivery_count,
                     message: Some(f.message.into()),
+                    provenance: f.provenance.map(|p| v1::Provenance {
+                        zone: p.zone,
+                        stream: p.stream,
+                        offset: p.offset,
+                        link: p.link,
+                    }),
                 })
                 .collect(),
             first_offset: p.first_offset,
             last_offset: p.last_offset,
             frontier: p.frontier,
             pending: p.pending,
+            zone: p.zone,
         }
     }
 }
@@ -161,10 +169,17 @@ impl TryFrom<v1::FetchFactsResponse> for FactPage {
                     appended_at_unix_ms: f.appended_at_unix_ms,
                     delivery_count: f.delivery_count,
                     message: Message::try_from(m)?,
+                    provenance: f.provenance.map(|p| Provenance {
+                        zone: p.zone,
+                        stream: p.stream,
+                        offset: p.offset,
+                        link: p.link,
+                    }),
                 })
             })
             .collect::<Result<_, BoundaryError>>()?;
         Ok(FactPage {
+            zone: p.zone,
             stream: p.stream,
             facts,
             first_offset: p.first_offset,

@@ -49,6 +49,14 @@ use crate::streams::INDEX_PREFIX;
 pub const HDR_MESSAGE_ID: &str = "Bsfg-Message-Id";
 /// Header carrying the payload digest (hex) on stored facts.
 pub const HDR_DIGEST: &str = "Bsfg-Digest";
+/// Provenance of a replicated fact: the zone it was fetched from.
+pub const HDR_SOURCE_ZONE: &str = "Bsfg-Source-Zone";
+/// Provenance: the stream in the source zone.
+pub const HDR_SOURCE_STREAM: &str = "Bsfg-Source-Stream";
+/// Provenance: the offset in the source stream.
+pub const HDR_SOURCE_OFFSET: &str = "Bsfg-Source-Offset";
+/// Provenance: the link that carried it.
+pub const HDR_LINK: &str = "Bsfg-Link";
 const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
 /// Rounds of compare-and-set before an append gives up with `unavailable`.
@@ -388,6 +396,12 @@ impl Appender {
                     header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
                     header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
                     header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
+                    if let Some(p) = j.msg.provenance() {
+                        header(&mut h, HDR_SOURCE_ZONE, &p.zone);
+                        header(&mut h, HDR_SOURCE_STREAM, &p.stream);
+                        header(&mut h, HDR_SOURCE_OFFSET, &p.offset.to_string());
+                        header(&mut h, HDR_LINK, &p.link);
+                    }
                     (j.subject.clone(), h, to_json(j.msg.message()))
                 })
                 .collect();

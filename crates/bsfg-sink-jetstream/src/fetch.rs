@@ -21,7 +21,11 @@ use async_nats::jetstream::{
     context::ConsumerInfoErrorKind,
     stream::Stream,
 };
-use bsfg_core::{BoundaryError, FactPage, FetchRequest, FetchedFact, Frontier, Message};
+use bsfg_core::{
+    BoundaryError, FactPage, FetchRequest, FetchedFact, Frontier, Message, Provenance,
+};
+
+use crate::append::{HDR_LINK, HDR_SOURCE_OFFSET, HDR_SOURCE_STREAM, HDR_SOURCE_ZONE};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::config::ConsumerConfig;
@@ -125,6 +129,17 @@ pub(crate) async fn ensure(
     })
 }
 
+/// Reads the provenance headers a link wrote beside a replicated fact.
+fn provenance(h: &async_nats::HeaderMap) -> Option<Provenance> {
+    let get = |k: &str| h.get(k).map(|v| v.as_str().to_owned());
+    Some(Provenance {
+        zone: get(HDR_SOURCE_ZONE)?,
+        stream: get(HDR_SOURCE_STREAM).unwrap_or_default(),
+        offset: get(HDR_SOURCE_OFFSET)?.parse().ok()?,
+        link: get(HDR_LINK).unwrap_or_default(),
+    })
+}
+
 fn unix_ms(t: time::OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
@@ -154,7 +169,7 @@ impl ConsumerHandle {
     }
 
     /// One page: whatever is ready now, else wait for the first fact up to `wait`.
-    pub async fn fetch(&self, req: &FetchRequest) -> Result<FactPage, BoundaryError> {
+    pub async fn fetch(&self, zone: &str, req: &FetchRequest) -> Result<FactPage, BoundaryError> {
         let limit = req.limit as usize;
         let mut msgs = self.pull(limit, None).await?;
         if msgs.is_empty() && req.wait >= Duration::from_millis(1) {
@@ -187,6 +202,7 @@ impl ConsumerHandle {
                     appended_at_unix_ms: unix_ms(info.published),
                     delivery_count: info.delivered.max(1) as u64,
                     message,
+                    provenance: m.headers.as_ref().and_then(provenance),
                 });
                 if let Some(reply) = &m.reply {
                     delivered.insert(offset, (page, reply.to_string()));
@@ -198,6 +214,7 @@ impl ConsumerHandle {
         let sinfo = sinfo.map_err(|e| unavailable("stream info", e))?;
         let cinfo = cinfo.map_err(|e| unavailable("consumer info", e))?;
         Ok(FactPage {
+            zone: zone.to_owned(),
             stream: self.stream_name.clone(),
             facts,
             first_offset: sinfo.state.first_sequence,

@@ -43,6 +43,7 @@ pub struct JetStreamZone {
     js: jetstream::Context,
     streams: HashMap<String, jetstream::stream::Stream>,
     queue: mpsc::Sender<append::Job>,
+    links: jetstream::stream::Stream,
     consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
@@ -116,6 +117,7 @@ impl JetStreamZone {
             streams.insert(class.stream_name(), s);
         }
         let index = streams::ensure(&js, streams::index_stream_config(&config)).await?;
+        let links = streams::ensure(&js, streams::links_stream_config(&config)).await?;
 
         let durability = match &config.monitor_url {
             Some(url) => durability::probe(url).await,
@@ -163,6 +165,7 @@ impl JetStreamZone {
             js,
             streams,
             queue: tx,
+            links,
             consumers: RwLock::new(HashMap::new()),
             buckets: RwLock::new(HashMap::new()),
             durability,
@@ -295,7 +298,10 @@ impl FactLog for JetStreamZone {
     }
 
     async fn fetch(&self, request: &FetchRequest) -> Result<FactPage, BoundaryError> {
-        self.consumer(&request.consumer).await?.fetch(request).await
+        self.consumer(&request.consumer)
+            .await?
+            .fetch(&self.config.zone, request)
+            .await
     }
 
     async fn confirm(&self, consumer: &str, offset: u64) -> Result<Frontier, BoundaryError> {
@@ -303,6 +309,35 @@ impl FactLog for JetStreamZone {
             .await?
             .confirm(&self.client, consumer, offset)
             .await
+    }
+
+    async fn link_checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
+        let subject = format!("{}.{}", streams::LINKS_PREFIX, append::id_token(link));
+        match self.links.direct_get_last_for_subject(subject).await {
+            Ok(m) => std::str::from_utf8(&m.payload)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    BoundaryError::Internal(format!("corrupt checkpoint of link `{link}`"))
+                }),
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BoundaryError::Unavailable(format!(
+                "checkpoint of link `{link}`: {e}"
+            ))),
+        }
+    }
+
+    async fn record_link_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
+        let subject = format!("{}.{}", streams::LINKS_PREFIX, append::id_token(link));
+        let ack = self
+            .js
+            .publish(subject, offset.to_string().into())
+            .await
+            .map_err(|e| BoundaryError::Unavailable(format!("checkpoint of link `{link}`: {e}")))?;
+        ack.await
+            .map_err(|e| BoundaryError::Unavailable(format!("checkpoint of link `{link}`: {e}")))?;
+        Ok(())
     }
 }
 

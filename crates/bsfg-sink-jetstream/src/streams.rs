@@ -16,6 +16,30 @@ pub const INDEX_STREAM: &str = "bsfg_ids";
 /// Subject prefix of index entries (`bsfg.ids.<id token>`).
 pub const INDEX_PREFIX: &str = "bsfg.ids";
 
+/// Name of the stream of link checkpoints (one message per link).
+pub const LINKS_STREAM: &str = "bsfg_links";
+/// Subject prefix of link checkpoints (`bsfg.links.<link name>`).
+pub const LINKS_PREFIX: &str = "bsfg.links";
+
+pub(crate) fn links_stream_config(cfg: &JetStreamConfig) -> Config {
+    Config {
+        name: LINKS_STREAM.into(),
+        description: Some(format!(
+            "BSFG link checkpoints: the frontier each link's last confirm returned (zone {})",
+            cfg.zone
+        )),
+        subjects: vec![format!("{LINKS_PREFIX}.*")],
+        max_messages_per_subject: 1,
+        storage: StorageType::File,
+        num_replicas: cfg.replicas,
+        duplicate_window: cfg.duplicate_window.min(Duration::from_secs(120)),
+        allow_direct: true,
+        allow_atomic_publish: false,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
 pub(crate) fn class_stream_config(class: &StreamClass, cfg: &JetStreamConfig) -> Config {
     Config {
         name: class.stream_name(),

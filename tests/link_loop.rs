@@ -1,0 +1,261 @@
+//! The long-running link loop between two in-process zones on real nats-servers:
+//! progress and counters, backoff through a source outage, and the gapped state that
+//! only an operator moves on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bsfg_core::link::{AcceptGapError, Link, LinkHandle, LinkSettings, LinkState, LinkStatus};
+use bsfg_core::{BoundaryApi, Frontier};
+use bsfg_e2e::Zone;
+use tokio::sync::watch;
+
+fn settings(name: &str) -> LinkSettings {
+    LinkSettings {
+        name: name.into(),
+        local_zone: "enterprise".into(),
+        consumer: "to-enterprise".into(),
+        page_size: 100,
+        wait: Duration::from_millis(500),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(400),
+        request_timeout: Duration::from_secs(2),
+    }
+}
+
+struct Running {
+    handle: LinkHandle,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("link stops promptly")
+            .unwrap();
+    }
+}
+
+fn start(source: &Zone, destination: &Zone, name: &str) -> Running {
+    let (link, handle) = Link::new(
+        settings(name),
+        Arc::new(source.api.clone()),
+        Arc::new(destination.api.clone()),
+    );
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(link.run(rx));
+    Running { handle, stop, task }
+}
+
+async fn wait_for(handle: &LinkHandle, what: &str, ok: impl Fn(&LinkStatus) -> bool) -> LinkStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = handle.status();
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every message_id in `zone`'s operational class, read through `reader`, each once.
+async fn ids(zone: &Zone, reader: &str) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    loop {
+        let p = zone.fetch(reader, 500, Duration::ZERO).await.unwrap();
+        let Some(last) = p.facts.last().map(|f| f.offset) else {
+            return ids;
+        };
+        for f in &p.facts {
+            assert!(
+                ids.insert(f.message.envelope.message_id.clone()),
+                "{} stored twice",
+                f.message.envelope.message_id
+            );
+        }
+        let _: Frontier = zone.api.confirm_receipt(reader, last).await.unwrap();
+    }
+}
+
+fn steps(batch: &str, r: std::ops::RangeInclusive<u32>) -> HashSet<String> {
+    r.map(|s| format!("plant-a:batch:{batch}:step:{s}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_link_replicates_every_fact_once_and_reports_progress_and_counters() {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
+        .await
+        .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant
+        .append_steps("enterprise", "B1", 1..=120)
+        .await
+        .unwrap();
+    let link = start(&plant, &enterprise, "plant-a");
+    let s = wait_for(&link.handle, "the backlog", |s| s.frontier == 120).await;
+    assert_eq!(s.state, LinkState::Running);
+    assert_eq!((s.source_zone.as_str(), s.lag_facts), ("plant-a", 0));
+    assert_eq!((s.facts_stored, s.facts_duplicate), (120, 0));
+    assert_eq!(s.append_requests, 120);
+    assert!(s.confirm_requests >= 2 && s.fetch_requests >= 2, "{s:?}");
+    assert_eq!(
+        (s.fetch_failures, s.append_failures, s.confirm_failures),
+        (0, 0, 0)
+    );
+    assert!(s.last_success_unix_ms.is_some());
+
+    // An idle link long-polls; a new fact crosses without waiting for a timer.
+    plant
+        .append_steps("enterprise", "B1", 121..=121)
+        .await
+        .unwrap();
+    let s = wait_for(&link.handle, "the new fact", |s| s.frontier == 121).await;
+    assert_eq!(s.lag_seconds, 0.0);
+    link.stop().await;
+    assert_eq!(
+        link_state_after_stop(&plant, &enterprise).await,
+        LinkState::Stopped
+    );
+    assert_eq!(ids(&enterprise, "reporting").await, steps("B1", 1..=121));
+}
+
+async fn link_state_after_stop(source: &Zone, destination: &Zone) -> LinkState {
+    // A link that is stopped before its first step reports `stopped`.
+    let link = start(source, destination, "probe");
+    let handle = link.handle.clone();
+    link.stop().await;
+    handle.status().state
+}
+
+#[tokio::test]
+async fn a_link_backs_off_while_the_source_server_is_down_and_resumes_by_itself() {
+    let mut plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
+        .await
+        .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant
+        .append_steps("enterprise", "B2", 1..=10)
+        .await
+        .unwrap();
+    let link = start(&plant, &enterprise, "plant-a");
+    wait_for(&link.handle, "the first facts", |s| s.frontier == 10).await;
+
+    plant.nats.kill();
+    let s = wait_for(
+        &link.handle,
+        "backing off",
+        |s| matches!(s.state, LinkState::BackingOff { attempt, .. } if attempt >= 2),
+    )
+    .await;
+    assert!(s.fetch_failures >= 1, "{s:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    plant.nats.restart().unwrap();
+
+    // The source zone keeps accepting local appends once its server is back; the
+    // link resumes without anyone touching it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while plant
+        .append_steps("enterprise", "B2", 11..=30)
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "plant-a never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = wait_for(&link.handle, "resumption", |s| {
+        s.frontier == 30 && s.state == LinkState::Running
+    })
+    .await;
+    assert_eq!(s.lag_facts, 0);
+    link.stop().await;
+    assert_eq!(ids(&enterprise, "reporting").await, steps("B2", 1..=30));
+}
+
+#[tokio::test]
+async fn a_gapped_link_waits_for_the_operator_and_records_the_acceptance() {
+    let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
+        c.classes[0].max_age = Duration::from_secs(3);
+        c.duplicate_window = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let enterprise = Zone::start(
+        "enterprise",
+        &[("reporting", "operational"), ("audit-reader", "audit")],
+    )
+    .await
+    .unwrap();
+    plant.append_steps("enterprise", "B3", 1..=2).await.unwrap();
+    let link = start(&plant, &enterprise, "plant-a");
+    wait_for(&link.handle, "the first facts", |s| s.frontier == 2).await;
+    link.stop().await;
+
+    // While the link is stopped, steps 3..5 are appended and expire unconfirmed.
+    plant.append_steps("enterprise", "B3", 3..=5).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    plant.append_steps("enterprise", "B3", 6..=7).await.unwrap();
+
+    let link = start(&plant, &enterprise, "plant-a");
+    let s = wait_for(&link.handle, "gapped", |s| {
+        matches!(s.state, LinkState::Gapped { .. })
+    })
+    .await;
+    assert_eq!(
+        s.state,
+        LinkState::Gapped {
+            missing_from: 3,
+            missing_to: 5
+        }
+    );
+    // It stays there: nothing after the gap is stored without the operator.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(link.handle.status().facts_stored, 0);
+    assert_eq!(
+        link.handle.accept_gap(3, 4, "operator jdoe"),
+        Err(AcceptGapError::OtherRange {
+            link: "plant-a".into(),
+            missing_from: 3,
+            missing_to: 5
+        })
+    );
+    link.handle.accept_gap(3, 5, "operator jdoe").unwrap();
+    let s = wait_for(&link.handle, "past the gap", |s| s.frontier == 7).await;
+    assert_eq!(
+        (s.state, s.gaps_accepted, s.facts_stored),
+        (LinkState::Running, 1, 2)
+    );
+    assert_eq!(
+        link.handle.accept_gap(3, 5, "operator jdoe"),
+        Err(AcceptGapError::NotGapped("plant-a".into()))
+    );
+    link.stop().await;
+    let mut got = ids(&enterprise, "reporting").await;
+    got.extend(steps("B3", 3..=5));
+    assert_eq!(got, steps("B3", 1..=7));
+    let audit = enterprise
+        .fetch("audit-reader", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(audit.facts.len(), 1);
+    assert!(
+        audit.facts[0]
+            .message
+            .fact
+            .object_json
+            .contains(r#""accepted_by":"operator jdoe""#)
+    );
+}
