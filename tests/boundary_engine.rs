@@ -106,13 +106,9 @@ async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is
         .pull_from(&plant, "to-enterprise", 10, Duration::ZERO, None)
         .await
         .unwrap_err();
-    assert_eq!(
-        e,
-        PullError::Gap {
-            consumer: "to-enterprise".into(),
-            missing_from: 3,
-            missing_to: 5
-        }
+    assert!(
+        matches!(&e, PullError::Gap { consumer, missing_from: 3, missing_to: 5, .. } if consumer == "to-enterprise"),
+        "{e:?}"
     );
     // Nothing moved: the gap is not buried by a confirm, nothing was appended.
     let again = enterprise
@@ -235,13 +231,9 @@ async fn the_link_checkpoint_catches_a_gap_that_left_the_source_stream_empty() {
         .pull_from(&plant, "to-enterprise", 10, Duration::ZERO, None)
         .await
         .unwrap_err();
-    assert_eq!(
-        e,
-        PullError::Gap {
-            consumer: "to-enterprise".into(),
-            missing_from: 3,
-            missing_to: 5
-        }
+    assert!(
+        matches!(&e, PullError::Gap { consumer, missing_from: 3, missing_to: 5, .. } if consumer == "to-enterprise"),
+        "{e:?}"
     );
     // A new fact does not hide it either.
     plant.append_steps("enterprise", "B1", 6..=6).await.unwrap();

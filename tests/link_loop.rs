@@ -19,6 +19,7 @@ fn settings(name: &str) -> LinkSettings {
         consumer: "to-enterprise".into(),
         page_size: 100,
         wait: Duration::from_millis(500),
+        streams: vec!["facts_operational".into()],
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(400),
         request_timeout: Duration::from_secs(2),

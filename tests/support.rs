@@ -140,6 +140,7 @@ impl Zone {
             consumer: consumer.to_owned(),
             limit,
             wait,
+            streams: vec![],
         };
         pull_page(&source.api, &self.api, &step, accept_gap).await
     }

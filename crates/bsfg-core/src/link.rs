@@ -120,6 +120,12 @@ pub enum PullError {
         missing_from: u64,
         /// Last missing offset.
         missing_to: u64,
+        /// The source zone, as it reported itself.
+        source_zone: String,
+        /// The consumer's frontier on the source.
+        frontier: u64,
+        /// The source stream's newest offset.
+        last_offset: u64,
     },
 }
 
@@ -201,6 +207,10 @@ pub struct PullStep {
     pub limit: u32,
     /// Long-poll wait when nothing is ready.
     pub wait: Duration,
+    /// Source streams this link may pull (`facts_<class>`); empty allows any. A page
+    /// from another stream (the source's consumer reads a class the link was not
+    /// meant to carry) fails the step before anything is appended.
+    pub streams: Vec<String>,
 }
 
 /// The gap a page shows, judged against `base`, the lower of the link's checkpoint
@@ -241,6 +251,18 @@ pub async fn pull_page(
         })
         .await
         .map_err(at(Operation::Fetch))?;
+    if !page.facts.is_empty() && !step.streams.is_empty() && !step.streams.contains(&page.stream) {
+        return Err(PullError::Boundary {
+            op: Operation::Fetch,
+            error: BoundaryError::invalid(
+                "consumer",
+                format!(
+                    "`{}` on zone `{}` reads stream `{}`, which is not one of this link's {:?}",
+                    step.consumer, page.zone, page.stream, step.streams
+                ),
+            ),
+        });
+    }
     let base = checkpoint.map_or(page.frontier, |c| c.min(page.frontier));
     let mut report = PullReport {
         fetched: page.facts.len(),
@@ -258,6 +280,9 @@ pub async fn pull_page(
                 consumer: step.consumer.clone(),
                 missing_from,
                 missing_to,
+                source_zone: page.zone.clone(),
+                frontier: page.frontier,
+                last_offset: page.last_offset,
             });
         };
         destination
@@ -334,6 +359,8 @@ pub struct LinkSettings {
     pub page_size: u32,
     /// Long-poll wait of an idle link.
     pub wait: Duration,
+    /// Source streams the link may carry (`facts_<class>`); empty allows any.
+    pub streams: Vec<String>,
     /// First retry delay after a failure.
     pub backoff_min: Duration,
     /// Longest retry delay.
@@ -511,6 +538,14 @@ pub struct LinkHandle {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("name", &self.shared.settings.name)
+            .finish()
+    }
+}
+
 impl LinkHandle {
     /// The link's name.
     pub fn name(&self) -> &str {
@@ -647,6 +682,7 @@ impl Link {
             consumer: settings.consumer.clone(),
             limit: settings.page_size,
             wait: settings.wait,
+            streams: settings.streams.clone(),
         };
         let metered_source = Metered {
             inner: self.source.as_ref(),
@@ -684,8 +720,16 @@ impl Link {
                 Err(PullError::Gap {
                     missing_from,
                     missing_to,
+                    source_zone,
+                    frontier,
+                    last_offset,
                     ..
                 }) => {
+                    if let Ok(mut p) = self.shared.progress.lock() {
+                        p.source_zone = source_zone;
+                        p.frontier = frontier;
+                        p.source_last_offset = last_offset;
+                    }
                     let gap = LinkState::Gapped {
                         missing_from,
                         missing_to,
@@ -961,6 +1005,7 @@ mod tests {
             consumer: "c".into(),
             page_size: 10,
             wait: Duration::from_secs(1),
+            streams: vec![],
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             request_timeout: Duration::from_secs(1),

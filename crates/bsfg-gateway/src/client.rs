@@ -357,6 +357,7 @@ pub async fn pull(
         consumer: consumer.to_owned(),
         limit,
         wait,
+        streams: vec![],
     };
     let destination = bsfg_core::link::Remote(destination);
     loop {
@@ -378,4 +379,113 @@ pub async fn pull(
             return Ok(());
         }
     }
+}
+
+/// One HTTP/1.1 request to a zone's admin endpoint; returns status and body.
+async fn admin_request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin endpoint {addr}: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| anyhow::anyhow!("admin endpoint {addr}: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| anyhow::anyhow!("admin endpoint {addr}: {e}"))?;
+    let code = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("admin endpoint {addr}: {e}"))?
+        .to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn ago(unix_ms: Option<i64>) -> String {
+    match unix_ms {
+        None => "never".into(),
+        Some(t) => {
+            let d = Duration::from_millis((now_ms() - t).max(0) as u64);
+            format!(
+                "{} ago",
+                humantime::format_duration(Duration::from_secs(d.as_secs()))
+            )
+        }
+    }
+}
+
+/// `bsfg status`: every link of the zone with its state, lag and last success.
+pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
+    let (code, body) = admin_request(addr, "GET", "/status").await?;
+    anyhow::ensure!(code == 200, "admin endpoint {addr} answered {code}: {body}");
+    if json {
+        println!("{}", body.trim());
+        return Ok(());
+    }
+    let s: crate::admin::ZoneStatus = serde_json::from_str(&body)?;
+    println!("zone {}: {} link(s)", s.zone, s.links.len());
+    for l in &s.links {
+        let get = |k: &str| l.get(k).cloned().unwrap_or_default();
+        let state = get("state").as_str().unwrap_or("?").to_owned();
+        let detail = match state.as_str() {
+            "gapped" => format!(
+                " at offsets {}..={} (accept with: bsfg link accept-gap --link {} --from {} --to {})",
+                get("missing_from"),
+                get("missing_to"),
+                get("name").as_str().unwrap_or(""),
+                get("missing_from"),
+                get("missing_to")
+            ),
+            "backing_off" => format!(
+                " (attempt {}, retry in {} ms; {} failed: {})",
+                get("attempt"),
+                get("retry_in_ms"),
+                get("op").as_str().unwrap_or("?"),
+                get("error").as_str().unwrap_or("?")
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "  {} <- {}/{}: {state}{detail}; frontier {} of {}, lag {} fact(s) / {:.3} s, last success {}",
+            get("name").as_str().unwrap_or("?"),
+            get("source_zone").as_str().unwrap_or("?"),
+            get("consumer").as_str().unwrap_or("?"),
+            get("frontier"),
+            get("source_last_offset"),
+            get("lag_facts"),
+            get("lag_seconds").as_f64().unwrap_or(0.0),
+            ago(get("last_success_unix_ms").as_i64()),
+        );
+    }
+    Ok(())
+}
+
+/// `bsfg link accept-gap`: asks the zone to pass its link over exactly this gap.
+pub async fn accept_gap(
+    addr: &str,
+    link: &str,
+    from: u64,
+    to: u64,
+    by: &str,
+) -> anyhow::Result<()> {
+    let query = serde_urlencoded::to_string([
+        ("from", from.to_string()),
+        ("to", to.to_string()),
+        ("by", by.to_owned()),
+    ])?;
+    let (code, body) =
+        admin_request(addr, "POST", &format!("/links/{link}/accept-gap?{query}")).await?;
+    anyhow::ensure!(code == 200, "{}", body.trim());
+    print!("{body}");
+    Ok(())
 }

@@ -56,6 +56,31 @@ struct RawConfig {
     consumers: Vec<RawConsumer>,
     #[serde(default)]
     listeners: Vec<RawListener>,
+    #[serde(default, alias = "link")]
+    links: Vec<RawLink>,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    name: Spanned<String>,
+    source: Spanned<String>,
+    insecure: Option<Spanned<bool>>,
+    consumer: Spanned<String>,
+    #[serde(default)]
+    classes: Vec<Spanned<String>>,
+    page_size: Option<Spanned<u32>>,
+    wait: Option<Spanned<String>>,
+    backoff_min: Option<Spanned<String>>,
+    backoff_max: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +162,17 @@ pub struct Listener {
     pub server: ServerConfig,
 }
 
+/// A link, resolved: pull from `source` into this zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// The source gateway's URL as written; its scheme picks the transport.
+    pub source: String,
+    /// URL scheme of `source`.
+    pub scheme: String,
+    /// The link loop's settings.
+    pub settings: bsfg_core::link::LinkSettings,
+}
+
 /// A checked gateway configuration: everything needed to start the zone.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -148,6 +184,11 @@ pub struct GatewayConfig {
     pub sink: JetStreamConfig,
     /// Listeners, in file order.
     pub listeners: Vec<Listener>,
+    /// Links pulling into this zone, in file order.
+    pub links: Vec<LinkConfig>,
+    /// Loopback address of the admin endpoint (`/metrics`, `/status`, gap
+    /// acceptance), if any.
+    pub admin: Option<SocketAddr>,
 }
 
 /// Transports known by URL scheme.
@@ -589,12 +630,168 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         });
     }
 
+    let mut links = Vec::new();
+    let mut link_names = HashSet::new();
+    for (i, rl) in raw.links.iter().enumerate() {
+        let key = |k: &str| format!("links[{i}].{k}");
+        c.name(&rl.name, &key("name"), names::validate_consumer);
+        if !link_names.insert(rl.name.get_ref().clone()) {
+            c.at(
+                rl.name.span(),
+                key("name"),
+                format!("link `{}` is declared twice", rl.name.get_ref()),
+            );
+        }
+        c.name(&rl.consumer, &key("consumer"), names::validate_consumer);
+        let url = rl.source.get_ref();
+        let scheme = match url.split_once("://") {
+            Some((scheme, rest)) if SCHEMES.contains(&scheme) && !rest.is_empty() => scheme,
+            Some((scheme, _)) if !SCHEMES.contains(&scheme) => {
+                c.at(
+                    rl.source.span(),
+                    key("source"),
+                    format!(
+                        "no transport for scheme `{scheme}`; known: {}",
+                        SCHEMES.join(", ")
+                    ),
+                );
+                continue;
+            }
+            _ => {
+                c.at(
+                    rl.source.span(),
+                    key("source"),
+                    format!("`{url}` is not a URL; write e.g. grpc://10.0.0.5:7443"),
+                );
+                continue;
+            }
+        };
+        if !rl.insecure.as_ref().is_some_and(|v| *v.get_ref()) {
+            let span = rl.insecure.as_ref().map_or(rl.source.span(), |v| v.span());
+            c.at(
+                span,
+                key("insecure"),
+                "TLS links are not available yet: set `insecure = true` to pull over plaintext",
+            );
+        }
+        let mut streams = Vec::new();
+        for (j, k) in rl.classes.iter().enumerate() {
+            c.name(
+                k,
+                &format!("links[{i}].classes[{j}]"),
+                names::validate_class,
+            );
+            streams.push(format!("facts_{}", k.get_ref()));
+        }
+        let page_size = rl.page_size.as_ref().map_or(500, |p| *p.get_ref());
+        if let Some(p) = &rl.page_size
+            && !(1..=limits.max_fetch_limit).contains(p.get_ref())
+        {
+            c.at(
+                p.span(),
+                key("page_size"),
+                format!(
+                    "must be between 1 and {} (the source refuses larger pages)",
+                    limits.max_fetch_limit
+                ),
+            );
+        }
+        let wait = c.duration(&rl.wait, &key("wait"), Duration::from_secs(5));
+        let backoff_min = c.duration(
+            &rl.backoff_min,
+            &key("backoff_min"),
+            Duration::from_millis(200),
+        );
+        let backoff_max = c.duration(
+            &rl.backoff_max,
+            &key("backoff_max"),
+            Duration::from_secs(30),
+        );
+        let request_timeout = c.duration(
+            &rl.request_timeout,
+            &key("request_timeout"),
+            Duration::from_secs(10),
+        );
+        if backoff_min.is_zero() || backoff_max < backoff_min {
+            let span = rl
+                .backoff_max
+                .as_ref()
+                .or(rl.backoff_min.as_ref())
+                .map_or(rl.name.span(), |v| v.span());
+            c.at(
+                span,
+                key("backoff_max"),
+                "backoff_min must be above zero and backoff_max at least backoff_min",
+            );
+        }
+        if wait < Duration::from_millis(10) {
+            let span = rl.wait.as_ref().map_or(rl.name.span(), |v| v.span());
+            c.at(
+                span,
+                key("wait"),
+                "must be at least 10ms: an idle link waits in long-poll rather than spinning",
+            );
+        }
+        links.push(LinkConfig {
+            source: url.clone(),
+            scheme: scheme.to_owned(),
+            settings: bsfg_core::link::LinkSettings {
+                name: rl.name.get_ref().clone(),
+                local_zone: zone.clone(),
+                consumer: rl.consumer.get_ref().clone(),
+                page_size,
+                wait,
+                streams,
+                backoff_min,
+                backoff_max,
+                request_timeout,
+            },
+        });
+    }
+
+    let admin = raw.admin.as_ref().and_then(|a| {
+        match a.listen.get_ref().parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(addr) => {
+                c.at(
+                    a.listen.span(),
+                    "admin.listen",
+                    format!("the admin endpoint has no authentication and may listen on loopback only; {addr} is not"),
+                );
+                None
+            }
+            Err(_) => {
+                c.at(
+                    a.listen.span(),
+                    "admin.listen",
+                    format!(
+                        "`{}` is not an IP address and port (e.g. 127.0.0.1:9464)",
+                        a.listen.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    if let Some(a) = admin
+        && listeners.iter().any(|l| l.addr == a)
+        && let Some(raw_admin) = &raw.admin
+    {
+        c.at(
+            raw_admin.listen.span(),
+            "admin.listen",
+            format!("{a} is used by a listener"),
+        );
+    }
+
     if c.problems.is_empty() {
         Ok(GatewayConfig {
             zone,
             limits,
             sink,
             listeners,
+            links,
+            admin,
         })
     } else {
         c.problems.sort_by_key(|p| (p.line, p.column));

@@ -3,9 +3,11 @@
 //! - `bsfg run --config zone.toml` starts a zone; `bsfg validate --config zone.toml`
 //!   checks a config without starting anything.
 //! - `bsfg append|fetch|confirm|put-object|pull` talk to a running gateway (`--url`).
+//! - `bsfg status` and `bsfg link accept-gap` talk to a zone's admin endpoint.
 //!
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config.
 
+mod admin;
 mod bench;
 mod client;
 mod config;
@@ -121,6 +123,16 @@ enum Command {
         #[arg(long, env = "USER", default_value = "operator")]
         accepted_by: String,
     },
+    /// Show each link of a running zone: state, frontier, lag, last success.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Operator commands for a running zone's links.
+    Link {
+        #[command(subcommand)]
+        which: LinkCommand,
+    },
     /// Benchmarks (print numbers against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -136,6 +148,59 @@ enum Command {
         key: Option<String>,
         /// The file.
         file: PathBuf,
+    },
+}
+
+/// Where the zone's admin endpoint is: given, or read from its config file.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct AdminArgs {
+    /// The zone's admin endpoint, e.g. http://127.0.0.1:9464.
+    #[arg(long)]
+    admin: Option<String>,
+    /// The zone's TOML file (its `[admin] listen` is used).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn address(&self) -> anyhow::Result<String> {
+        if let Some(a) = &self.admin {
+            return Ok(a
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned());
+        }
+        let path = self
+            .config
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("give --admin or --config"))?;
+        let c = config::load(path)?;
+        c.admin.map(|a| a.to_string()).ok_or_else(|| {
+            anyhow::anyhow!("{}: no [admin] listen address configured", path.display())
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum LinkCommand {
+    /// Move a gapped link past its gap deliberately. The gap (exactly FROM..=TO, as
+    /// `bsfg status` shows it) is recorded as a `gap_accepted` fact in this zone.
+    AcceptGap {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The link's name.
+        #[arg(long)]
+        link: String,
+        /// First missing offset.
+        #[arg(long)]
+        from: u64,
+        /// Last missing offset.
+        #[arg(long)]
+        to: u64,
+        /// Who accepts it, kept in the record.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
     },
 }
 
@@ -231,6 +296,25 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                 _ => None,
             };
             client::pull(&src, &dest, &consumer, limit, follow, acceptance, cli.json)
+                .await
+                .map_err(op)
+        }
+        Command::Status { admin } => {
+            let addr = admin.address().map_err(|e| (2u8, e))?;
+            client::status(&addr, cli.json).await.map_err(op)
+        }
+        Command::Link {
+            which:
+                LinkCommand::AcceptGap {
+                    admin,
+                    link,
+                    from,
+                    to,
+                    by,
+                },
+        } => {
+            let addr = admin.address().map_err(|e| (2u8, e))?;
+            client::accept_gap(&addr, &link, from, to, &by)
                 .await
                 .map_err(op)
         }

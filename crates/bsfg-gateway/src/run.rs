@@ -3,11 +3,13 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use bsfg_core::link::Link;
 use bsfg_core::{Boundary, BoundaryApi};
 use bsfg_sink_jetstream::{Durability, JetStreamZone};
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use crate::admin;
 use crate::config::GatewayConfig;
 
 /// Resolves on SIGINT or SIGTERM.
@@ -45,11 +47,55 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tracing::warn!(zone = %zone, "this zone's confirmations are not durable until nats-server runs with sync_interval: always");
     }
     let log = Arc::new(log);
-    let api: Arc<dyn BoundaryApi> =
-        Arc::new(Boundary::new(log.clone(), log.clone(), cfg.limits.clone()));
+    let engine = Boundary::new(log.clone(), log.clone(), cfg.limits.clone());
+    let api_metrics = Arc::new(admin::ApiMetrics::default());
+    let api: Arc<dyn BoundaryApi> = Arc::new(admin::MeteredApi {
+        inner: Arc::new(engine.clone()),
+        metrics: api_metrics.clone(),
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Links: each pulls from its source into this zone's engine, until stopped.
+    let mut handles = Vec::new();
+    let mut link_tasks = Vec::new();
+    for l in &cfg.links {
+        // Only one transport so far; the scheme was checked against the registry.
+        let source = bsfg_transport_grpc::GrpcClient::connect_lazy(
+            &l.source,
+            bsfg_transport_grpc::ClientConfig::default(),
+        )
+        .map_err(|e| anyhow::anyhow!("link {}: source {}: {e}", l.settings.name, l.source))?;
+        tracing::warn!(zone = %zone, link = %l.settings.name, source = %l.source, "link pulls over plaintext without TLS or peer authentication (insecure = true)");
+        let (link, handle) = Link::new(
+            l.settings.clone(),
+            Arc::new(source),
+            Arc::new(engine.clone()),
+        );
+        handles.push(handle);
+        link_tasks.push(tokio::spawn(link.run(stop_rx.clone())));
+    }
+
     let mut servers = Vec::new();
+    if let Some(addr) = cfg.admin {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("admin endpoint {addr}"))?;
+        tracing::info!(zone = %zone, %addr, "admin endpoint: /metrics, /status (loopback only)");
+        let a = admin::Admin {
+            zone: zone.clone(),
+            links: handles.clone(),
+            api: api_metrics.clone(),
+        };
+        let mut rx = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            admin::serve(a, listener, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(|e| anyhow::Error::new(e).context("admin endpoint"))
+        }));
+    }
     for l in &cfg.listeners {
         // Only one transport so far; the scheme was checked against the registry.
         let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
@@ -60,14 +106,23 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         let mut rx = stop_rx.clone();
         let api = api.clone();
         let server = l.server.clone();
+        let url = l.url.clone();
         servers.push(tokio::spawn(async move {
             bsfg_transport_grpc::serve(api, server, listener, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await
+            .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
         }));
     }
-    println!("bsfg: zone {zone} ready ({} listener(s))", servers.len());
+    println!(
+        "bsfg: zone {zone} ready ({} listener(s), {} link(s){})",
+        cfg.listeners.len(),
+        handles.len(),
+        cfg.admin
+            .map(|a| format!(", admin on http://{a}"))
+            .unwrap_or_default()
+    );
 
     // Stop on a signal, or as soon as any listener fails (the others stop too).
     let mut running: futures::stream::FuturesUnordered<_> = servers.into_iter().collect();
@@ -79,15 +134,17 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let mut outcome = match failed {
         Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a listener stopped unexpectedly")),
-        Some(Ok(Err(e))) => Err(anyhow::Error::new(e).context("listener failed")),
+        Some(Ok(Err(e))) => Err(e.context("listener failed")),
         Some(Err(e)) => Err(anyhow::Error::new(e).context("listener task")),
         None => Ok(()),
     };
+    // Links stop between steps or drop a step in flight; neither confirms anything
+    // that is not durably appended.
+    for t in link_tasks {
+        let _ = t.await;
+    }
     while let Some(r) = running.next().await {
-        if let Err(e) = r
-            .context("listener task")
-            .and_then(|r| r.map_err(anyhow::Error::new))
-        {
+        if let Err(e) = r.context("listener task").and_then(|r| r) {
             tracing::error!(zone = %zone, error = %e, "listener failed while stopping");
             if outcome.is_ok() {
                 outcome = Err(e);

@@ -5,118 +5,13 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bsfg_testkit::NatsServer;
 
-const BSFG: &str = env!("CARGO_BIN_EXE_bsfg");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Gateway {
-    child: Child,
-    url: String,
-    config: PathBuf,
-}
-
-impl Gateway {
-    fn start(dir: &Path, nats: &NatsServer) -> Gateway {
-        let port = free_port();
-        let config = dir.join("zone.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"[zone]
-name = "plant-a"
-
-[sink]
-type = "jetstream"
-url = "{}"
-monitor_url = "{}"
-
-[[consumers]]
-name = "reporting"
-class = "operational"
-ack_wait = "2s"
-
-[[listeners]]
-url = "grpc://127.0.0.1:{port}"
-insecure = true
-"#,
-                nats.url(),
-                nats.monitor_url()
-            ),
-        )
-        .unwrap();
-        Self::spawn(config, format!("grpc://127.0.0.1:{port}"))
-    }
-
-    fn spawn(config: PathBuf, url: String) -> Gateway {
-        let mut child = Command::new(BSFG)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines.next().expect("gateway printed nothing").unwrap();
-        assert!(ready.contains("ready"), "{ready}");
-        Gateway { child, url, config }
-    }
-
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        *self = Self::spawn(self.config.clone(), self.url.clone());
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn bsfg(&self, args: &[&str]) -> Output {
-        Command::new(BSFG)
-            .arg("--url")
-            .arg(&self.url)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+mod common;
+use common::{BSFG, Gateway, text};
 
 fn step(id: &str, step: u32) -> Vec<String> {
     [

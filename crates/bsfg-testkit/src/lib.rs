@@ -118,9 +118,21 @@ impl NatsServer {
             options,
             child: None,
         };
-        server.write_config()?;
-        server.spawn()?;
-        Ok(server)
+        // A port found free can be taken by someone else before nats-server binds
+        // it (tests run in parallel); a server that exits at start gets new ports.
+        let mut attempts = 0;
+        loop {
+            server.write_config()?;
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(_) if attempts < 3 && !server.is_running() => {
+                    attempts += 1;
+                    server.port = free_port()?;
+                    server.monitor_port = free_port()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn config_path(&self) -> PathBuf {

@@ -1,0 +1,429 @@
+//! The admin endpoint (loopback only, no authentication): Prometheus metrics on
+//! `/metrics`, link status as JSON on `/status`, and the operator's deliberate gap
+//! acceptance on `POST /links/{name}/accept-gap?from=F&to=T&by=WHO`.
+//!
+//! Metric names follow the contract (`bsfg_` prefix). Per link (labels `zone`,
+//! `link`, `consumer`): `bsfg_replication_lag_seconds`, `bsfg_replication_lag_facts`,
+//! `bsfg_frontier_offset`, `bsfg_source_last_offset`, `bsfg_link_state` (1 for the
+//! current state), `bsfg_link_last_success_timestamp_seconds`,
+//! `bsfg_fetch_requests_total`, `bsfg_fetch_failures_total`,
+//! `bsfg_confirm_requests_total`, `bsfg_confirm_failures_total`,
+//! `bsfg_append_requests_total`, `bsfg_append_failures_total`,
+//! `bsfg_replicated_facts_total`, `bsfg_replayed_facts_total`,
+//! `bsfg_gaps_accepted_total`. The zone's own API (label `link=""`):
+//! `bsfg_append_requests_total`, `bsfg_append_failures_total`,
+//! `bsfg_fetch_requests_total`, `bsfg_confirm_requests_total`, and the
+//! `bsfg_append_latency_seconds` histogram.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use bsfg_core::link::{LinkHandle, LinkStatus};
+use bsfg_core::{
+    AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
+    Message, ObjectInfo,
+};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+/// Counters of the zone's own API (what listeners serve), kept by [`MeteredApi`].
+#[derive(Debug)]
+pub struct ApiMetrics {
+    append_requests: AtomicU64,
+    append_failures: AtomicU64,
+    fetch_requests: AtomicU64,
+    confirm_requests: AtomicU64,
+    append_latency: Histogram,
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        ApiMetrics {
+            append_requests: AtomicU64::new(0),
+            append_failures: AtomicU64::new(0),
+            fetch_requests: AtomicU64::new(0),
+            confirm_requests: AtomicU64::new(0),
+            // 0.5 ms .. ~4 s
+            append_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
+            ),
+        }
+    }
+}
+
+/// The engine as served to listeners, counting requests, failures and append latency.
+pub struct MeteredApi {
+    /// The engine.
+    pub inner: Arc<dyn BoundaryApi>,
+    /// Where the counts go.
+    pub metrics: Arc<ApiMetrics>,
+}
+
+#[async_trait]
+impl BoundaryApi for MeteredApi {
+    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
+        let m = &self.metrics;
+        m.append_requests.fetch_add(1, Ordering::Relaxed);
+        let t = Instant::now();
+        let r = self.inner.append_fact(message).await;
+        m.append_latency.observe(t.elapsed().as_secs_f64());
+        if r.is_err() {
+            m.append_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
+        self.metrics.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.fetch_facts(request).await
+    }
+    async fn confirm_receipt(
+        &self,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        self.metrics
+            .confirm_requests
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.confirm_receipt(consumer, offset).await
+    }
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError> {
+        self.inner.put_object(bucket, key, body).await
+    }
+}
+
+/// What the admin endpoint serves.
+#[derive(Clone)]
+pub struct Admin {
+    /// Zone name.
+    pub zone: String,
+    /// The zone's links.
+    pub links: Vec<LinkHandle>,
+    /// The zone's API counters.
+    pub api: Arc<ApiMetrics>,
+}
+
+/// `/status` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ZoneStatus {
+    /// Zone name.
+    pub zone: String,
+    /// Each link, in config order.
+    pub links: Vec<serde_json::Value>,
+}
+
+#[derive(Debug)]
+struct Collector {
+    zone: String,
+    links: Vec<LinkHandle>,
+    api: Arc<ApiMetrics>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, M)],
+) -> Result<(), std::fmt::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let mut fam = encoder.encode_descriptor(name, help, None, first.1.metric_type())?;
+    for (labels, metric) in rows {
+        metric.encode(fam.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+const STATES: &[&str] = &["starting", "running", "backing_off", "gapped", "stopped"];
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let statuses: Vec<LinkStatus> = self.links.iter().map(LinkHandle::status).collect();
+        let labels = |s: &LinkStatus| -> Labels {
+            vec![
+                ("zone", self.zone.clone()),
+                ("link", s.name.clone()),
+                ("consumer", s.consumer.clone()),
+            ]
+        };
+        let api: Labels = vec![
+            ("zone", self.zone.clone()),
+            ("link", String::new()),
+            ("consumer", String::new()),
+        ];
+        let gauge = |f: fn(&LinkStatus) -> f64| -> Vec<(Labels, ConstGauge<f64>)> {
+            statuses
+                .iter()
+                .map(|s| (labels(s), ConstGauge::new(f(s))))
+                .collect()
+        };
+        let counter = |f: fn(&LinkStatus) -> u64| -> Vec<(Labels, ConstCounter<u64>)> {
+            statuses
+                .iter()
+                .map(|s| (labels(s), ConstCounter::new(f(s))))
+                .collect()
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+        family(
+            &mut e,
+            "bsfg_replication_lag_seconds",
+            "How far behind the source a link is, in seconds (0 when caught up).",
+            &gauge(|s| s.lag_seconds),
+        )?;
+        family(
+            &mut e,
+            "bsfg_replication_lag_facts",
+            "Facts the source holds beyond the link's frontier.",
+            &gauge(|s| s.lag_facts as f64),
+        )?;
+        family(
+            &mut e,
+            "bsfg_frontier_offset",
+            "The link consumer's frontier on the source.",
+            &gauge(|s| s.frontier as f64),
+        )?;
+        family(
+            &mut e,
+            "bsfg_source_last_offset",
+            "The source stream's newest offset at the link's last step.",
+            &gauge(|s| s.source_last_offset as f64),
+        )?;
+        family(
+            &mut e,
+            "bsfg_link_last_success_timestamp_seconds",
+            "Unix time of the link's last successful step (0 before the first).",
+            &gauge(|s| s.last_success_unix_ms.unwrap_or(0) as f64 / 1000.0),
+        )?;
+        let state_rows: Vec<(Labels, ConstGauge<i64>)> = statuses
+            .iter()
+            .flat_map(|s| {
+                STATES.iter().map(move |st| {
+                    let mut l = labels(s);
+                    l.push(("state", (*st).to_owned()));
+                    (l, ConstGauge::new(i64::from(s.state.name() == *st)))
+                })
+            })
+            .collect();
+        family(
+            &mut e,
+            "bsfg_link_state",
+            "1 for the link's current state (starting, running, backing_off, gapped, stopped).",
+            &state_rows,
+        )?;
+
+        let mut fetches = counter(|s| s.fetch_requests);
+        fetches.push((
+            api.clone(),
+            ConstCounter::new(load(&self.api.fetch_requests)),
+        ));
+        family(
+            &mut e,
+            "bsfg_fetch_requests",
+            "FetchFacts calls (link: made to the source; link=\"\": served by this zone).",
+            &fetches,
+        )?;
+        family(
+            &mut e,
+            "bsfg_fetch_failures",
+            "Failed FetchFacts calls of a link.",
+            &counter(|s| s.fetch_failures),
+        )?;
+        let mut confirms = counter(|s| s.confirm_requests);
+        confirms.push((
+            api.clone(),
+            ConstCounter::new(load(&self.api.confirm_requests)),
+        ));
+        family(
+            &mut e,
+            "bsfg_confirm_requests",
+            "ConfirmReceipt calls (link: made to the source; link=\"\": served by this zone).",
+            &confirms,
+        )?;
+        family(
+            &mut e,
+            "bsfg_confirm_failures",
+            "Failed ConfirmReceipt calls of a link.",
+            &counter(|s| s.confirm_failures),
+        )?;
+        let mut appends = counter(|s| s.append_requests);
+        appends.push((
+            api.clone(),
+            ConstCounter::new(load(&self.api.append_requests)),
+        ));
+        family(
+            &mut e,
+            "bsfg_append_requests",
+            "Appends into this zone (by a link, or link=\"\" through the API).",
+            &appends,
+        )?;
+        let mut append_failures = counter(|s| s.append_failures);
+        append_failures.push((
+            api.clone(),
+            ConstCounter::new(load(&self.api.append_failures)),
+        ));
+        family(
+            &mut e,
+            "bsfg_append_failures",
+            "Failed appends into this zone.",
+            &append_failures,
+        )?;
+        family(
+            &mut e,
+            "bsfg_replicated_facts",
+            "Facts a link stored newly in this zone.",
+            &counter(|s| s.facts_stored),
+        )?;
+        family(
+            &mut e,
+            "bsfg_replayed_facts",
+            "Facts a link found already stored (replays absorbed).",
+            &counter(|s| s.facts_duplicate),
+        )?;
+        family(
+            &mut e,
+            "bsfg_gaps_accepted",
+            "Gaps an operator accepted on a link.",
+            &counter(|s| s.gaps_accepted),
+        )?;
+        let hist = self.api.append_latency.clone();
+        family(
+            &mut e,
+            "bsfg_append_latency_seconds",
+            "AppendFact latency through the zone's API.",
+            &[(api, hist)],
+        )?;
+        Ok(())
+    }
+}
+
+impl Admin {
+    fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(Collector {
+            zone: self.zone.clone(),
+            links: self.links.clone(),
+            api: self.api.clone(),
+        }));
+        r
+    }
+
+    /// The `/status` body.
+    pub fn status(&self) -> ZoneStatus {
+        ZoneStatus {
+            zone: self.zone.clone(),
+            links: self
+                .links
+                .iter()
+                .map(|l| serde_json::to_value(l.status()).unwrap_or_default())
+                .collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("zone", &self.zone).finish()
+    }
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &admin.registry()) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "could not encode metrics\n".to_owned(),
+        ),
+    }
+}
+
+async fn status(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
+    axum::Json(admin.status())
+}
+
+#[derive(Debug, Deserialize)]
+struct AcceptGap {
+    from: u64,
+    to: u64,
+    by: String,
+}
+
+async fn accept_gap(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    Query(q): Query<AcceptGap>,
+) -> impl IntoResponse {
+    let Some(link) = admin.links.iter().find(|l| l.name() == name) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no link `{name}` in this zone\n"),
+        );
+    };
+    if q.by.trim().is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "by: must name who accepts the gap\n".to_owned(),
+        );
+    }
+    match link.accept_gap(q.from, q.to, &q.by) {
+        Ok(()) => {
+            tracing::warn!(zone = %admin.zone, link = %name, from = q.from, to = q.to, accepted_by = %q.by, "operator accepted a gap");
+            (
+                StatusCode::OK,
+                format!(
+                    "link `{name}`: gap {}..={} accepted by {}; it is recorded as a fact and the link goes on\n",
+                    q.from, q.to, q.by
+                ),
+            )
+        }
+        Err(e) => (StatusCode::CONFLICT, format!("{e}\n")),
+    }
+}
+
+/// Binds the admin endpoint.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves the admin endpoint until `shutdown` resolves.
+pub async fn serve(
+    admin: Admin,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/links/{name}/accept-gap", post(accept_gap))
+        .with_state(Arc::new(admin));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

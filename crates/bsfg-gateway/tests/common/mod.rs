@@ -1,0 +1,130 @@
+//! Shared by the binary-level tests: the real `bsfg` gateway as a child process.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bsfg_testkit::NatsServer;
+
+pub const BSFG: &str = env!("CARGO_BIN_EXE_bsfg");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Gateway {
+    pub child: Child,
+    pub url: String,
+    pub config: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(dir: &Path, nats: &NatsServer) -> Gateway {
+        let port = free_port();
+        let config = dir.join("zone.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[zone]
+name = "plant-a"
+
+[sink]
+type = "jetstream"
+url = "{}"
+monitor_url = "{}"
+
+[[consumers]]
+name = "reporting"
+class = "operational"
+ack_wait = "2s"
+
+[[listeners]]
+url = "grpc://127.0.0.1:{port}"
+insecure = true
+"#,
+                nats.url(),
+                nats.monitor_url()
+            ),
+        )
+        .unwrap();
+        Self::spawn(config, format!("grpc://127.0.0.1:{port}"))
+    }
+
+    pub fn spawn(config: PathBuf, url: String) -> Gateway {
+        let mut child = Command::new(BSFG)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.next().expect("gateway printed nothing").unwrap();
+        assert!(ready.contains("ready"), "{ready}");
+        Gateway { child, url, config }
+    }
+
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::spawn(self.config.clone(), self.url.clone());
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn bsfg(&self, args: &[&str]) -> Output {
+        Command::new(BSFG)
+            .arg("--url")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Gateway {
+    /// SIGKILL, no chance to finish anything.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same config (after kill9 or sigterm).
+    pub fn respawn(&mut self) {
+        *self = Self::spawn(self.config.clone(), self.url.clone());
+    }
+}

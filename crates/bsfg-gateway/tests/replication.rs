@@ -1,0 +1,390 @@
+//! Receiver-driven replication between real `bsfg` gateways, each zone on its own
+//! nats-server and JetStream domain: plant -> idmz -> enterprise with a link per hop,
+//! through crashes, restarts and outages; and the gapped state as an operator sees it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bsfg_core::{BoundaryApi, Envelope, Fact, FetchRequest, Message};
+use bsfg_testkit::{NatsOptions, NatsServer, http_get};
+use bsfg_transport_grpc::{ClientConfig, GrpcClient};
+use common::{Gateway, free_port, text};
+
+struct Site {
+    name: String,
+    nats: NatsServer,
+    gw: Gateway,
+    admin: u16,
+    _dir: tempfile::TempDir,
+}
+
+struct LinkSpec<'a> {
+    name: &'a str,
+    source: &'a str,
+    consumer: &'a str,
+}
+
+fn site(name: &str, consumers: &[&str], links: &[LinkSpec<'_>], max_age: &str) -> Site {
+    let nats = NatsServer::start_with(NatsOptions {
+        domain: Some(name.to_owned()),
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut cfg = format!(
+        r#"[zone]
+name = "{name}"
+
+[sink]
+type = "jetstream"
+url = "{url}"
+domain = "{name}"
+monitor_url = "{monitor}"
+duplicate_window = "1s"
+classes = [{{ name = "operational", max_age = "{max_age}" }}, {{ name = "audit", max_age = "365d" }}]
+
+[[listeners]]
+url = "grpc://127.0.0.1:{port}"
+insecure = true
+
+[admin]
+listen = "127.0.0.1:{admin}"
+"#,
+        url = nats.url(),
+        monitor = nats.monitor_url(),
+    );
+    for c in consumers {
+        let class = if *c == "audit-reader" {
+            "audit"
+        } else {
+            "operational"
+        };
+        cfg +=
+            &format!("\n[[consumers]]\nname = \"{c}\"\nclass = \"{class}\"\nack_wait = \"2s\"\n");
+    }
+    for l in links {
+        cfg += &format!(
+            "\n[[links]]\nname = \"{}\"\nsource = \"{}\"\ninsecure = true\nconsumer = \"{}\"\nclasses = [\"operational\"]\nwait = \"1s\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n",
+            l.name, l.source, l.consumer
+        );
+    }
+    let config = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&config, cfg).unwrap();
+    let gw = Gateway::spawn(config, format!("grpc://127.0.0.1:{port}"));
+    Site {
+        name: name.to_owned(),
+        nats,
+        gw,
+        admin,
+        _dir: dir,
+    }
+}
+
+fn client(url: &str) -> GrpcClient {
+    GrpcClient::connect_lazy(url, ClientConfig::default()).unwrap()
+}
+
+fn fact(i: u32) -> Message {
+    Message {
+        envelope: Envelope {
+            message_id: format!("plant:batch:B{}:step:{i}", i / 100),
+            from_zone: "plant".into(),
+            to_zone: "enterprise".into(),
+            produced_at_unix_ms: 1_764_000_000_000 + i64::from(i),
+            ..Default::default()
+        },
+        fact: Fact {
+            subject: format!("batch:Plant/B{}", i / 100),
+            predicate: "step_completed".into(),
+            object_json: format!(r#"{{"step":{i}}}"#),
+            artifacts: vec![],
+        },
+    }
+}
+
+/// Appends until the zone acknowledges: a producer that retries the same fact.
+async fn append_retrying(api: &GrpcClient, m: Message) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = api.append_fact(m.clone()).await {
+        assert!(Instant::now() < deadline, "append never succeeded: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads `reader` until `expected` is complete; every message_id must come once.
+/// Returns the provenance zones seen.
+async fn drain_exactly(
+    api: &GrpcClient,
+    reader: &str,
+    expected: &HashSet<String>,
+    timeout: Duration,
+) -> HashSet<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = HashSet::new();
+    let mut via = HashSet::new();
+    while seen.len() < expected.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} facts arrived",
+            seen.len(),
+            expected.len()
+        );
+        let Ok(page) = api
+            .fetch_facts(FetchRequest {
+                consumer: reader.into(),
+                limit: 500,
+                wait: Duration::from_secs(1),
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for f in &page.facts {
+            let id = f.message.envelope.message_id.clone();
+            assert!(expected.contains(&id), "unexpected fact {id}");
+            assert!(seen.insert(id.clone()), "{id} stored twice");
+            via.insert(
+                f.provenance
+                    .as_ref()
+                    .map(|p| p.zone.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        if let Some(last) = page.facts.last() {
+            api.confirm_receipt(reader, last.offset).await.unwrap();
+        }
+    }
+    via
+}
+
+fn status(s: &Site) -> serde_json::Value {
+    let out = std::process::Command::new(common::BSFG)
+        .args(["--json", "status", "--admin"])
+        .arg(format!("http://127.0.0.1:{}", s.admin))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_zones_hold_every_fact_exactly_once_through_crashes_restarts_and_outages() {
+    const N: u32 = 1200;
+    let mut plant = site("plant", &["to-idmz"], &[], "30d");
+    let mut idmz = site(
+        "idmz",
+        &["to-enterprise", "reporting"],
+        &[LinkSpec {
+            name: "from-plant",
+            source: &plant.gw.url.clone(),
+            consumer: "to-idmz",
+        }],
+        "30d",
+    );
+    let mut enterprise = site(
+        "enterprise",
+        &["reporting"],
+        &[LinkSpec {
+            name: "from-idmz",
+            source: &idmz.gw.url.clone(),
+            consumer: "to-enterprise",
+        }],
+        "30d",
+    );
+    let producer_url = plant.gw.url.clone();
+    let producer = tokio::spawn(async move {
+        let api = client(&producer_url);
+        for i in 0..N {
+            append_retrying(&api, fact(i)).await;
+        }
+    });
+
+    // kill -9 the last hop's gateway five times in the middle of the stream.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        enterprise.gw.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        enterprise.gw.respawn();
+    }
+    // Hard restart of the source zone's nats-server (producers retry meanwhile).
+    plant.nats.kill_and_restart().unwrap();
+    // Stop the middle gateway (the enterprise link's source) while the plant keeps
+    // appending locally.
+    assert!(idmz.gw.sigterm().success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    idmz.gw.respawn();
+
+    // Replays injected at each hop: a re-sent fact is stored once.
+    let (idmz_api, ent_api) = (client(&idmz.gw.url), client(&enterprise.gw.url));
+    for i in (0..N).step_by(37) {
+        append_retrying(&idmz_api, fact(i)).await;
+        append_retrying(&ent_api, fact(i)).await;
+    }
+    producer.await.unwrap();
+
+    let expected: HashSet<String> = (0..N).map(|i| fact(i).envelope.message_id).collect();
+    let via = drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(120)).await;
+    assert!(via.contains("idmz"), "provenance at the last hop: {via:?}");
+    let via = drain_exactly(&idmz_api, "reporting", &expected, Duration::from_secs(60)).await;
+    assert!(
+        via.contains("plant"),
+        "provenance at the first hop: {via:?}"
+    );
+
+    // Status and metrics show both links caught up and running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&enterprise);
+        let l = &s["links"][0];
+        if l["state"] == "running" && l["lag_facts"] == 0 {
+            assert_eq!(l["source_zone"], "idmz");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "enterprise link not caught up: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, metrics) = http_get(enterprise.admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "bsfg_replication_lag_seconds{",
+        "bsfg_replication_lag_facts{",
+        "bsfg_frontier_offset{",
+        "bsfg_fetch_requests_total{",
+        "bsfg_confirm_requests_total{",
+        "bsfg_append_requests_total{",
+        "bsfg_append_failures_total{",
+        "bsfg_append_latency_seconds_bucket{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in:\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"bsfg_link_state{zone="enterprise",link="from-idmz",consumer="to-enterprise",state="running"} 1"#),
+        "{metrics}"
+    );
+    let _ = (&plant.name, &idmz.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operator_accepts() {
+    let plant = site("plant", &["to-enterprise"], &[], "3s");
+    let mut enterprise = site(
+        "enterprise",
+        &["reporting", "audit-reader"],
+        &[LinkSpec {
+            name: "from-plant",
+            source: &plant.gw.url.clone(),
+            consumer: "to-enterprise",
+        }],
+        "30d",
+    );
+    let (plant_api, ent_api) = (client(&plant.gw.url), client(&enterprise.gw.url));
+    append_retrying(&plant_api, fact(1)).await;
+    let expected: HashSet<String> = [fact(1).envelope.message_id].into();
+    drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
+
+    // The enterprise gateway is down while facts 2..4 come and expire in the plant.
+    assert!(enterprise.gw.sigterm().success());
+    for i in 2..=4 {
+        append_retrying(&plant_api, fact(i)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    append_retrying(&plant_api, fact(5)).await;
+    enterprise.gw.respawn();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let link = loop {
+        let s = status(&enterprise);
+        if s["links"][0]["state"] == "gapped" {
+            break s["links"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "never gapped: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (link["missing_from"].as_u64(), link["missing_to"].as_u64()),
+        (Some(2), Some(4))
+    );
+    let (_, metrics) = http_get(enterprise.admin, "/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"bsfg_link_state{zone="enterprise",link="from-plant",consumer="to-enterprise",state="gapped"} 1"#),
+        "{metrics}"
+    );
+    // The human status says how to go on.
+    let out = enterprise.gw.bsfg(&[
+        "status",
+        "--admin",
+        &format!("127.0.0.1:{}", enterprise.admin),
+    ]);
+    let human = text(&out.stdout);
+    assert!(
+        human.contains("from-plant <- plant/to-enterprise: gapped at offsets 2..=4"),
+        "{human}"
+    );
+
+    let admin = format!("http://127.0.0.1:{}", enterprise.admin);
+    let wrong = enterprise.gw.bsfg(&[
+        "link",
+        "accept-gap",
+        "--admin",
+        &admin,
+        "--link",
+        "from-plant",
+        "--from",
+        "2",
+        "--to",
+        "3",
+        "--by",
+        "jdoe",
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong.stderr).contains("gapped at 2..=4"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    let ok = enterprise.gw.bsfg(&[
+        "link",
+        "accept-gap",
+        "--admin",
+        &admin,
+        "--link",
+        "from-plant",
+        "--from",
+        "2",
+        "--to",
+        "4",
+        "--by",
+        "jdoe",
+    ]);
+    assert!(ok.status.success(), "{}", text(&ok.stderr));
+
+    let expected: HashSet<String> = [fact(5).envelope.message_id].into();
+    drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
+    let audit = ent_api
+        .fetch_facts(FetchRequest {
+            consumer: "audit-reader".into(),
+            limit: 10,
+            wait: Duration::from_secs(2),
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.facts.len(), 1);
+    let f = &audit.facts[0].message.fact;
+    assert_eq!(f.predicate, "gap_accepted");
+    assert!(
+        f.object_json.contains(r#""accepted_by":"jdoe""#),
+        "{}",
+        f.object_json
+    );
+    let s = status(&enterprise);
+    assert_eq!(s["links"][0]["state"], "running");
+    assert_eq!(s["links"][0]["gaps_accepted"], 1);
+}
