@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The live demo: two zones (plant-a and enterprise), each with its own nats-server
-# (own JetStream domain, sync_interval: always) and its own bsfg gateway, configured
-# by examples/two-zones/*.toml. A producer appends plant facts in plant-a; the
-# enterprise zone pulls them over gRPC (FetchFacts -> AppendFact -> ConfirmReceipt).
-# Uses ports 4222/4232 (nats), 8222/8232 (monitoring), 7443/7453 (gateways).
+# The live demo: three zones, plant -> idmz -> enterprise, each with its own
+# nats-server (own JetStream domain, sync_interval: always) and its own bsfg gateway,
+# configured by examples/three-zones/*.toml. A producer appends plant facts in the
+# plant zone; the idmz pulls them through its link `from-plant`, and the enterprise
+# through its link `from-idmz` (FetchFacts -> AppendFact -> ConfirmReceipt, hop by
+# hop). Midway the idmz gateway goes down while the plant keeps working.
+# Ports: nats 4222/4232/4242, monitoring 8222/8232/8242, gRPC 7443/7453/7463,
+# admin (metrics, status) 9464/9465/9466.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,15 +15,15 @@ cargo build --quiet --locked -p bsfg-gateway
 BSFG=$PWD/target/debug/bsfg
 NATS=$PWD/.tools/bin/nats-server
 DATA=$(mktemp -d -t bsfg-demo-XXXXXX)
-PIDS=()
+declare -A PID
 cleanup() {
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PID[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$DATA"
 }
 trap cleanup EXIT
 
-for port in 4222 4232 7443 7453; do
+for port in 4222 4232 4242 7443 7453 7463 9464 9465 9466; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "demo: port $port is in use; stop whatever listens there and run again" >&2
     exit 1
@@ -33,48 +36,77 @@ wait_for() { # file, text
 
 say() { printf '\n== %s\n' "$*"; }
 run() { printf '$ bsfg %s\n' "$*"; "$BSFG" "$@"; }
-
-say "Starting zones plant-a and enterprise: nats-server + bsfg gateway each"
-for z in plant-a enterprise; do
-  sed "s|/tmp/bsfg-examples/$z|$DATA/$z|" "examples/two-zones/$z.nats.conf" > "$DATA/$z.nats.conf"
-  "$NATS" -c "$DATA/$z.nats.conf" > "$DATA/$z.nats.log" 2>&1 & PIDS+=($!)
-  wait_for "$DATA/$z.nats.log" "Server is ready"
-  "$BSFG" run --config "examples/two-zones/$z.toml" > "$DATA/$z.gateway.out" 2> "$DATA/$z.gateway.log" & PIDS+=($!)
-  wait_for "$DATA/$z.gateway.out" "ready"
-  echo "   zone $z is up ($(grep -o 'nats-server syncs every JetStream write' "$DATA/$z.gateway.log" || echo 'durability unknown'))"
-done
+EX=examples/three-zones
+start_gateway() { # zone
+  : > "$DATA/$1.gateway.out"
+  "$BSFG" run --config "$EX/$1.toml" > "$DATA/$1.gateway.out" 2>> "$DATA/$1.gateway.log" & PID[$1.gw]=$!
+  wait_for "$DATA/$1.gateway.out" "ready"
+}
+append_steps() { # batch, first, last
+  for step in $(seq "$2" "$3"); do
+    "$BSFG" --url $PLANT append --message-id "plant:batch:$1:step:$step" --from plant --to enterprise \
+      --subject "batch:Plant/$1" --predicate step_completed --object "{\"step\":$step,\"operator\":\"jdoe\"}" \
+      --label site=Plant > /dev/null
+  done
+  echo "   appended steps $2..$3 of batch $1 in the plant zone"
+}
+wait_caught_up() { # zone, frontier
+  for _ in $(seq 1 300); do
+    "$BSFG" --json status --config "$EX/$1.toml" 2>/dev/null | grep -q "\"frontier\":$2[,}]" && return 0
+    sleep 0.1
+  done
+  echo "demo: the $1 link did not reach frontier $2" >&2; "$BSFG" status --config "$EX/$1.toml"; exit 1
+}
 PLANT=grpc://127.0.0.1:7443
-ENTERPRISE=grpc://127.0.0.1:7453
+ENTERPRISE=grpc://127.0.0.1:7463
 
-say "A producer in plant-a stores a batch record, then appends facts about batch B1042"
+say "Starting zones plant, idmz and enterprise: nats-server + bsfg gateway each"
+for z in plant idmz enterprise; do
+  sed "s|/tmp/bsfg-examples/three-zones/$z|$DATA/$z|" "$EX/$z.nats.conf" > "$DATA/$z.nats.conf"
+  "$NATS" -c "$DATA/$z.nats.conf" > "$DATA/$z.nats.log" 2>&1 & PID[$z.nats]=$!
+  wait_for "$DATA/$z.nats.log" "Server is ready"
+  start_gateway "$z"
+  echo "   zone $z is up: $(cat "$DATA/$z.gateway.out")"
+done
+
+say "A producer in the plant stores a batch record, then appends facts about batch B1042"
 printf '%%PDF-1.7 batch B1042 record (demo)\n' > "$DATA/record.pdf"
 run --url $PLANT put-object --bucket batch-files --key B1042/record.pdf "$DATA/record.pdf"
-for step in 1 2 3 4 5; do
-  run --url $PLANT append --message-id "plant-a:batch:B1042:step:$step" --from plant-a --to enterprise \
-    --subject batch:PlantA/B1042 --predicate step_completed --object "{\"step\":$step,\"operator\":\"jdoe\"}" \
-    --label site=PlantA
-done
+append_steps B1042 1 5
 
 say "The producer retries step 3 (same id, same payload: nothing new is stored)"
-run --url $PLANT append --message-id "plant-a:batch:B1042:step:3" --from plant-a --to enterprise \
-  --subject batch:PlantA/B1042 --predicate step_completed --object '{ "operator": "jdoe", "step": 3 }' --label site=PlantA
+run --url $PLANT append --message-id "plant:batch:B1042:step:3" --from plant --to enterprise \
+  --subject batch:Plant/B1042 --predicate step_completed --object '{ "operator": "jdoe", "step": 3 }' --label site=Plant
 
 say "A changed step 4 under the same id is refused, and so is a malformed predicate"
-run --url $PLANT append --message-id "plant-a:batch:B1042:step:4" --from plant-a --to enterprise \
-  --subject batch:PlantA/B1042 --predicate step_completed --object '{"step":4,"operator":"mallory"}' || true
-run --url $PLANT append --message-id "plant-a:batch:B1042:step:6" --from plant-a --to enterprise \
-  --subject batch:PlantA/B1042 --predicate StepCompleted --object '{}' || true
+run --url $PLANT append --message-id "plant:batch:B1042:step:4" --from plant --to enterprise \
+  --subject batch:Plant/B1042 --predicate step_completed --object '{"step":4,"operator":"mallory"}' || true
+run --url $PLANT append --message-id "plant:batch:B1042:step:6" --from plant --to enterprise \
+  --subject batch:Plant/B1042 --predicate StepCompleted --object '{}' || true
 
-say "The enterprise zone pulls from plant-a: FetchFacts -> AppendFact -> ConfirmReceipt"
-run --url $ENTERPRISE pull --source $PLANT --consumer to-enterprise --limit 2
+say "The links carry the facts hop by hop, without anyone asking: idmz pulls from plant, enterprise from idmz"
+wait_caught_up enterprise 5
+run status --config $EX/idmz.toml
+run status --config $EX/enterprise.toml
 
-say "A reader in the enterprise zone fetches and confirms what arrived"
-run --url $ENTERPRISE fetch --consumer reporting --limit 20 --confirm
+say "The idmz gateway goes down (SIGTERM); the plant keeps accepting facts"
+kill -TERM "${PID[idmz.gw]}"; wait "${PID[idmz.gw]}" && echo "   idmz gateway stopped cleanly"
+append_steps B1043 1 20
+sleep 1
+run status --config $EX/enterprise.toml
 
-say "Pulling again finds nothing new; the plant-a frontier covers everything"
-run --url $ENTERPRISE pull --source $PLANT --consumer to-enterprise
+say "The idmz gateway comes back; both links resume by themselves and catch up"
+start_gateway idmz
+wait_caught_up enterprise 25
+run status --config $EX/enterprise.toml
+
+say "A reader in the enterprise zone fetches and confirms what arrived (via = where the link got it)"
+run --url $ENTERPRISE fetch --consumer reporting --limit 30 --confirm
+
+say "Metrics of the enterprise zone (Prometheus text on its admin endpoint), replication only"
+curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts)' || \
+  echo "   (curl not installed: see http://127.0.0.1:9466/metrics)"
 
 say "Stopping the gateways with SIGTERM: they finish what is in flight and exit"
-for i in 1 3; do kill -TERM "${PIDS[$i]}"; done
-for i in 1 3; do wait "${PIDS[$i]}" && echo "   gateway exited cleanly"; done
-say "Done: every fact crossed once, under its original message_id."
+for z in enterprise idmz plant; do kill -TERM "${PID[$z.gw]}"; wait "${PID[$z.gw]}" && echo "   $z gateway exited cleanly"; unset "PID[$z.gw]"; done
+say "Done: 25 facts crossed two hops once each, under their original message_ids."

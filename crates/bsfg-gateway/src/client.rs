@@ -189,25 +189,29 @@ fn print_page(json: bool, page: &FactPage) -> anyhow::Result<()> {
         let facts: Vec<_> = page
             .facts
             .iter()
-            .map(|f| serde_json::json!({"offset": f.offset, "appended_at_unix_ms": f.appended_at_unix_ms, "delivery_count": f.delivery_count, "message": f.message}))
+            .map(|f| serde_json::json!({"offset": f.offset, "appended_at_unix_ms": f.appended_at_unix_ms, "delivery_count": f.delivery_count, "message": f.message, "provenance": f.provenance}))
             .collect();
         writeln!(
             out,
             "{}",
-            serde_json::json!({"stream": page.stream, "first_offset": page.first_offset, "last_offset": page.last_offset, "frontier": page.frontier, "pending": page.pending, "facts": facts})
+            serde_json::json!({"zone": page.zone, "stream": page.stream, "first_offset": page.first_offset, "last_offset": page.last_offset, "frontier": page.frontier, "pending": page.pending, "facts": facts})
         )?;
     } else {
         for f in &page.facts {
             let m = &f.message;
             writeln!(
                 out,
-                "{}:{}  {} {} {}  id={}{}",
+                "{}:{}  {} {} {}  id={}{}{}",
                 page.stream,
                 f.offset,
                 m.fact.subject,
                 m.fact.predicate,
                 m.fact.object_json,
                 m.envelope.message_id,
+                f.provenance.as_ref().map_or(String::new(), |p| format!(
+                    "  via {}:{}:{}",
+                    p.zone, p.stream, p.offset
+                )),
                 if f.delivery_count > 1 {
                     format!(" (delivery {})", f.delivery_count)
                 } else {
