@@ -179,3 +179,196 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Options of `bsfg bench replicate`.
+#[derive(Debug, clap::Args)]
+pub struct ReplicateBench {
+    /// Size of the backlog drained from zone A to zone B.
+    #[arg(long, default_value_t = 100_000)]
+    facts: usize,
+    /// Size of each fact's canonical object_json.
+    #[arg(long, default_value_t = 256)]
+    object_bytes: usize,
+    /// Facts per FetchFacts page of the link (and per fetch of the raw baseline).
+    #[arg(long, default_value_t = 1000)]
+    page_size: u32,
+}
+
+async fn wait_until(
+    what: &str,
+    mut done: impl AsyncFnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while !done().await? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{what} did not finish in 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Runs `bsfg bench replicate` and prints a markdown table.
+pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
+    let n = opts.facts;
+    let leaf_port = bsfg_testkit::free_port()?;
+    let a_nats = NatsServer::start_with(NatsOptions {
+        domain: Some("zone_a".into()),
+        extra_config: format!("leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}"),
+        ..Default::default()
+    })
+    .context("starting nats-server A (run scripts/setup.sh)")?;
+    let b_nats = NatsServer::start_with(NatsOptions {
+        domain: Some("zone_b".into()),
+        extra_config: format!(
+            "leafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ]\n}}"
+        ),
+        ..Default::default()
+    })
+    .context("starting nats-server B")?;
+    let stored = serde_json::to_vec(&bench_fact("bench-0", 0, opts.object_bytes))?.len();
+    println!(
+        "# bsfg bench replicate: backlog of {n} facts (stored record {stored} B), zone A -> zone B, two nats-servers with sync_interval: always, joined by a leaf node for the native baseline"
+    );
+    let base = bsfg_sink_jetstream::baseline::replication_baselines(
+        (&a_nats.url(), "zone_a"),
+        (&b_nats.url(), "zone_b"),
+        n,
+        stored,
+        opts.page_size as usize,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("baselines: {e}"))?;
+    let (raw_publish, native, native_secs, raw_copy) = (
+        base.publish_rate,
+        base.native_rate,
+        base.native_secs,
+        base.fetch_publish_rate,
+    );
+
+    drop((a_nats, b_nats));
+
+    // BSFG: zone A's log behind a gRPC gateway, zone B pulling with a link. Zones get
+    // their own servers, not joined by a leaf node: a leaf node carries plain
+    // subjects across, so two zones' streams with the same subjects would both
+    // receive (zones talk only through BSFG; their servers are never joined).
+    let a_nats = NatsServer::start_with(NatsOptions {
+        domain: Some("zone_a".into()),
+        ..Default::default()
+    })?;
+    let b_nats = NatsServer::start_with(NatsOptions {
+        domain: Some("zone_b".into()),
+        ..Default::default()
+    })?;
+    let mut a_cfg = JetStreamConfig::new("zone_a", a_nats.url());
+    a_cfg.domain = Some("zone_a".into());
+    a_cfg.monitor_url = Some(a_nats.monitor_url());
+    a_cfg.consumers = vec![bsfg_sink_jetstream::ConsumerConfig::new(
+        "to-b",
+        "operational",
+    )];
+    let a_zone = Arc::new(JetStreamZone::connect(a_cfg).await?);
+    let mut limits = Limits::default();
+    limits.max_fetch_limit = limits.max_fetch_limit.max(opts.page_size);
+    let a_api = Arc::new(Boundary::new(a_zone.clone(), a_zone, limits.clone()));
+    let t = Instant::now();
+    {
+        use futures::StreamExt as _;
+        let api = a_api.clone();
+        let results: Vec<_> = futures::stream::iter(0..n)
+            .map(|i| {
+                let api = api.clone();
+                let m = bench_fact(&format!("rep-{i}"), i, opts.object_bytes);
+                async move { api.append_fact(m).await }
+            })
+            .buffer_unordered(1024)
+            .collect()
+            .await;
+        for r in results {
+            r.map_err(|e| anyhow::anyhow!("loading zone A: {e}"))?;
+        }
+    }
+    let load_rate = n as f64 / t.elapsed().as_secs_f64();
+    let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let a_served: Arc<dyn BoundaryApi> = a_api;
+    let server = tokio::spawn(bsfg_transport_grpc::serve(
+        a_served,
+        ServerConfig::default(),
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut b_cfg = JetStreamConfig::new("zone_b", b_nats.url());
+    b_cfg.domain = Some("zone_b".into());
+    b_cfg.monitor_url = Some(b_nats.monitor_url());
+    let b_zone = Arc::new(JetStreamZone::connect(b_cfg).await?);
+    let b_api = Boundary::new(b_zone.clone(), b_zone, limits);
+    let source = GrpcClient::connect_lazy(&format!("grpc://{addr}"), ClientConfig::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (link, handle) = bsfg_core::link::Link::new(
+        bsfg_core::link::LinkSettings {
+            name: "bench".into(),
+            local_zone: "zone_b".into(),
+            consumer: "to-b".into(),
+            page_size: opts.page_size,
+            wait: Duration::from_secs(1),
+            streams: vec![],
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(30),
+        },
+        Arc::new(source),
+        Arc::new(b_api),
+    );
+    let (stop_link, link_rx) = tokio::sync::watch::channel(false);
+    let t = Instant::now();
+    let task = tokio::spawn(link.run(link_rx));
+    wait_until("BSFG link", async || {
+        let s = handle.status();
+        anyhow::ensure!(
+            s.fetch_failures + s.append_failures + s.confirm_failures < 100,
+            "link keeps failing: {s:?}"
+        );
+        Ok(s.frontier as usize >= n)
+    })
+    .await?;
+    let bsfg_secs = t.elapsed().as_secs_f64();
+    let bsfg = n as f64 / bsfg_secs;
+    let s = handle.status();
+    stop_link.send_replace(true);
+    let _ = task.await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+
+    println!("| path | facts/s | drain time of the backlog | vs native sourcing |");
+    println!("|---|---|---|---|");
+    println!(
+        "| raw JetStream publish into A (loading the baseline backlog) | {raw_publish:.0} | | |"
+    );
+    println!(
+        "| native JetStream sourcing A -> B over a leaf node | {native:.0} | {native_secs:.2} s | 1.00x |"
+    );
+    println!(
+        "| raw JetStream fetch from A + publish to B + ack, page {} | {raw_copy:.0} | {:.2} s | {:.2}x |",
+        opts.page_size,
+        n as f64 / raw_copy,
+        raw_copy / native
+    );
+    println!(
+        "| BSFG link over gRPC (FetchFacts, AppendFact x page, ConfirmReceipt), page {} | {bsfg:.0} | {bsfg_secs:.2} s | {:.2}x |",
+        opts.page_size,
+        bsfg / native
+    );
+    println!(
+        "(loading zone A through the engine: {load_rate:.0} facts/s; link: {} fetches, {} confirms, {} stored, {} replays, {} failures)",
+        s.fetch_requests,
+        s.confirm_requests,
+        s.facts_stored,
+        s.facts_duplicate,
+        s.fetch_failures + s.append_failures + s.confirm_failures
+    );
+    Ok(())
+}

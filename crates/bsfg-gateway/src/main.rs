@@ -208,6 +208,9 @@ enum LinkCommand {
 enum BenchCommand {
     /// AppendFact over gRPC vs raw JetStream publish, both flush settings.
     Append(bench::AppendBench),
+    /// A backlog drained from zone A to zone B by a link over gRPC, beside native
+    /// JetStream sourcing over a leaf node and a raw fetch+publish copier.
+    Replicate(bench::ReplicateBench),
 }
 
 fn init_tracing() {
@@ -321,6 +324,9 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::Bench {
             which: BenchCommand::Append(opts),
         } => bench::append(opts).await.map_err(op),
+        Command::Bench {
+            which: BenchCommand::Replicate(opts),
+        } => bench::replicate(opts).await.map_err(op),
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
             client::put_object(&api, &bucket, key, file, cli.json)

@@ -43,6 +43,139 @@ pub async fn raw_publish(
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// What the replication baselines measured.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicationBaselines {
+    /// Raw publish into A's stream while loading the backlog, messages/s.
+    pub publish_rate: f64,
+    /// Native JetStream sourcing of the backlog from A into B over a leaf node.
+    pub native_rate: f64,
+    /// Time native sourcing took to hold the whole backlog in B.
+    pub native_secs: f64,
+    /// A raw copier: pull consumer on A, publish each batch to B (acks awaited), ack
+    /// the batch on A. Messages/s.
+    pub fetch_publish_rate: f64,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn wait_for_messages(s: &mut stream::Stream, n: usize) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while (s.info().await?.state.messages as usize) < n {
+        if Instant::now() > deadline {
+            return Err("native sourcing did not finish in 15 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// The two baselines a BSFG link is compared with, on servers `a` and `b` (URL,
+/// JetStream domain) that a leaf node joins: a backlog of `n` messages of `size`
+/// bytes published into A, then (1) sourced natively by a stream in B, and (2)
+/// copied by a raw fetch/publish/ack loop with batches of `batch`.
+pub async fn replication_baselines(
+    a: (&str, &str),
+    b: (&str, &str),
+    n: usize,
+    size: usize,
+    batch: usize,
+) -> Result<ReplicationBaselines, BoxError> {
+    use async_nats::jetstream::consumer;
+    let ajs = jetstream::with_domain(async_nats::connect(a.0).await?, a.1);
+    let bjs = jetstream::with_domain(async_nats::connect(b.0).await?, b.1);
+    let file = |name: &str, subjects: Vec<String>| stream::Config {
+        name: name.into(),
+        subjects,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    ajs.create_stream(file("native_src", vec!["native_src.>".into()]))
+        .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let start = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        let ack = ajs
+            .publish(format!("native_src.{}", i % 16), payload.clone())
+            .await?;
+        pending.push(ack.into_future());
+        if pending.len() >= 1024
+            && let Some(r) = pending.next().await
+        {
+            r?;
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    let publish_rate = n as f64 / start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let mut copy = bjs
+        .create_stream(stream::Config {
+            sources: Some(vec![stream::Source {
+                name: "native_src".into(),
+                // The server takes the domain as an external API prefix.
+                external: Some(stream::External {
+                    api_prefix: format!("$JS.{}.API", a.1),
+                    delivery_prefix: None,
+                }),
+                ..Default::default()
+            }]),
+            ..file("native_copy", vec![])
+        })
+        .await?;
+    wait_for_messages(&mut copy, n).await?;
+    let native_secs = start.elapsed().as_secs_f64();
+
+    bjs.create_stream(file("raw_copy", vec!["raw_copy.>".into()]))
+        .await?;
+    let c = ajs
+        .get_stream("native_src")
+        .await?
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw_copier".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let mut copied = 0;
+    while copied < n {
+        let mut msgs = c
+            .fetch()
+            .max_messages(batch)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await?;
+        let mut got = Vec::new();
+        while let Some(m) = msgs.next().await {
+            got.push(m?);
+        }
+        let mut acks = Vec::with_capacity(got.len());
+        for m in &got {
+            acks.push(
+                bjs.publish(format!("raw_copy.{}", copied % 16), m.payload.clone())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        for m in &got {
+            m.ack().await?;
+        }
+        copied += got.len();
+    }
+    Ok(ReplicationBaselines {
+        publish_rate,
+        native_rate: n as f64 / native_secs,
+        native_secs,
+        fetch_publish_rate: n as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
 /// The `p` quantile (0.0-1.0) of sorted latencies, in milliseconds; 0 when empty.
 pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {

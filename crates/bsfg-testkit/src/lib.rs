@@ -40,6 +40,9 @@ pub struct NatsOptions {
     pub domain: Option<String>,
     /// `sync_interval: always` (durable acks). Default true.
     pub sync_always: bool,
+    /// Extra nats-server configuration appended verbatim (for example a `leafnodes`
+    /// block). Default empty.
+    pub extra_config: String,
 }
 
 impl Default for NatsOptions {
@@ -47,6 +50,7 @@ impl Default for NatsOptions {
         NatsOptions {
             domain: None,
             sync_always: true,
+            extra_config: String::new(),
         }
     }
 }
@@ -61,7 +65,8 @@ pub struct NatsServer {
     child: Option<Child>,
 }
 
-fn free_port() -> Result<u16, TestkitError> {
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> Result<u16, TestkitError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::Io("bind", e))?;
     let port = l
         .local_addr()
@@ -157,8 +162,8 @@ impl NatsServer {
             js.push_str("  sync_interval: always\n");
         }
         let conf = format!(
-            "listen: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\nserver_name: bsfg_test_{}\nmax_payload: 8MB\njetstream {{\n{js}}}\n",
-            self.port, self.monitor_port, self.port
+            "listen: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\nserver_name: bsfg_test_{}\nmax_payload: 8MB\njetstream {{\n{js}}}\n{}\n",
+            self.port, self.monitor_port, self.port, self.options.extra_config
         );
         std::fs::write(self.config_path(), conf).map_err(|e| TestkitError::Io("config", e))
     }
