@@ -194,6 +194,8 @@ pub struct PullReport {
     pub newest_appended_at_unix_ms: Option<i64>,
     /// A gap that was accepted and recorded on this step.
     pub gap_accepted: Option<(u64, u64)>,
+    /// The checkpoint this step recorded, if it recorded one.
+    pub checkpoint: Option<u64>,
 }
 
 /// One pull step's parameters.
@@ -243,14 +245,32 @@ pub async fn pull_page(
         .checkpoint(&step.link)
         .await
         .map_err(at(Operation::Checkpoint))?;
-    let page = source
+    let page = fetch_page(source, step).await?;
+    apply_page(source, destination, step, page, checkpoint, accept_gap).await
+}
+
+/// FetchFacts for the step's consumer.
+pub async fn fetch_page(source: &dyn BoundaryApi, step: &PullStep) -> Result<FactPage, PullError> {
+    source
         .fetch_facts(FetchRequest {
             consumer: step.consumer.clone(),
             limit: step.limit,
             wait: step.wait,
         })
         .await
-        .map_err(at(Operation::Fetch))?;
+        .map_err(at(Operation::Fetch))
+}
+
+/// Everything of [`pull_page`] after the fetch: gap check against `checkpoint` (the
+/// link's durable checkpoint as last recorded), appends, confirm, new checkpoint.
+pub async fn apply_page(
+    source: &dyn BoundaryApi,
+    destination: &dyn Destination,
+    step: &PullStep,
+    page: FactPage,
+    checkpoint: Option<u64>,
+    accept_gap: Option<&GapAcceptance>,
+) -> Result<PullReport, PullError> {
     if !page.facts.is_empty() && !step.streams.is_empty() && !step.streams.contains(&page.stream) {
         return Err(PullError::Boundary {
             op: Operation::Fetch,
@@ -294,10 +314,12 @@ pub async fn pull_page(
             .map_err(at(Operation::Append))?;
         report.gap_accepted = Some((missing_from, missing_to));
         if page.facts.is_empty() {
+            let c = missing_to.max(page.frontier);
             destination
-                .record_checkpoint(&step.link, missing_to.max(page.frontier))
+                .record_checkpoint(&step.link, c)
                 .await
                 .map_err(at(Operation::Checkpoint))?;
+            report.checkpoint = Some(c);
             return Ok(report);
         }
     }
@@ -313,6 +335,7 @@ pub async fn pull_page(
         };
         destination.append_replicated(f.message, Some(provenance))
     });
+    let t_append = std::time::Instant::now();
     let outcomes: Vec<_> = futures::stream::iter(appends)
         .buffered(page_concurrency(report.fetched))
         .collect()
@@ -324,15 +347,28 @@ pub async fn pull_page(
             report.stored += 1;
         }
     }
+    let appended = t_append.elapsed();
+    let t_confirm = std::time::Instant::now();
     let frontier = source
         .confirm_receipt(&step.consumer, last)
         .await
         .map_err(at(Operation::Confirm))?;
     report.frontier = frontier.offset;
+    let confirmed = t_confirm.elapsed();
+    let t_checkpoint = std::time::Instant::now();
     destination
         .record_checkpoint(&step.link, frontier.offset)
         .await
         .map_err(at(Operation::Checkpoint))?;
+    report.checkpoint = Some(frontier.offset);
+    tracing::debug!(
+        link = %step.link,
+        facts = report.fetched,
+        append_ms = appended.as_millis() as u64,
+        confirm_ms = confirmed.as_millis() as u64,
+        checkpoint_ms = t_checkpoint.elapsed().as_millis() as u64,
+        "page replicated"
+    );
     Ok(report)
 }
 
@@ -697,6 +733,10 @@ impl Link {
         let mut acceptance_rx = self.shared.acceptance.subscribe();
         let mut attempt: u32 = 0;
         let mut accepting: Option<GapAcceptance> = None;
+        // The durable checkpoint as last read or recorded (None: read it again), and
+        // the next page, fetched while the previous one was being applied.
+        let mut checkpoint: Option<Option<u64>> = None;
+        let mut prefetched: Option<FactPage> = None;
         tracing::info!(link = %settings.name, consumer = %settings.consumer, "link started");
         loop {
             if *shutdown.borrow() {
@@ -705,8 +745,21 @@ impl Link {
             let result = tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                r = pull_page(&metered_source, &metered_destination, &step, accepting.as_ref()) => r,
+                r = self.step(
+                    &metered_source,
+                    &metered_destination,
+                    &step,
+                    accepting.as_ref(),
+                    &mut checkpoint,
+                    &mut prefetched,
+                ) => r,
             };
+            if result.is_err() {
+                // Read the durable checkpoint again; a prefetched page (if any) is
+                // dropped and comes again after the consumer's ack wait.
+                checkpoint = None;
+                prefetched = None;
+            }
             match result {
                 Ok(report) => {
                     attempt = 0;
@@ -715,7 +768,6 @@ impl Link {
                     if report.gap_accepted.is_some() {
                         accepting = None;
                     }
-                    self.record_success(&report);
                 }
                 Err(PullError::Gap {
                     missing_from,
@@ -796,6 +848,62 @@ impl Link {
         }
         self.set_state(LinkState::Stopped);
         tracing::info!(link = %settings.name, "link stopped");
+    }
+
+    /// One step: apply the prefetched (or a freshly fetched) page; while a page with
+    /// facts is appended and confirmed, the next page is fetched. The next page's gap
+    /// check waits for this one's new checkpoint, and its frontier is taken as at
+    /// least the one this page's confirm returned (it was read before that confirm).
+    async fn step(
+        &self,
+        source: &dyn BoundaryApi,
+        destination: &dyn Destination,
+        step: &PullStep,
+        accepting: Option<&GapAcceptance>,
+        checkpoint: &mut Option<Option<u64>>,
+        prefetched: &mut Option<FactPage>,
+    ) -> Result<PullReport, PullError> {
+        let ckpt = match *checkpoint {
+            Some(c) => c,
+            None => {
+                let c = destination
+                    .checkpoint(&step.link)
+                    .await
+                    .map_err(at(Operation::Checkpoint))?;
+                *checkpoint = Some(c);
+                c
+            }
+        };
+        let page = match prefetched.take() {
+            Some(p) => p,
+            None => fetch_page(source, step).await?,
+        };
+        if page.facts.is_empty() {
+            let report = apply_page(source, destination, step, page, ckpt, accepting).await?;
+            if let Some(c) = report.checkpoint {
+                *checkpoint = Some(Some(c));
+            }
+            self.record_success(&report);
+            return Ok(report);
+        }
+        let apply = async {
+            let r = apply_page(source, destination, step, page, ckpt, accepting).await;
+            if let Ok(report) = &r {
+                // Visible at once, even while the next fetch long-polls.
+                self.record_success(report);
+            }
+            r
+        };
+        let (report, next) = futures::join!(apply, fetch_page(source, step));
+        let report = report?;
+        if let Some(c) = report.checkpoint {
+            *checkpoint = Some(Some(c));
+        }
+        if let Ok(mut next) = next {
+            next.frontier = next.frontier.max(report.frontier);
+            *prefetched = Some(next);
+        }
+        Ok(report)
     }
 
     fn record_success(&self, report: &PullReport) {

@@ -192,6 +192,10 @@ pub struct ReplicateBench {
     /// Facts per FetchFacts page of the link (and per fetch of the raw baseline).
     #[arg(long, default_value_t = 1000)]
     page_size: u32,
+    /// Single facts timed across the idle link (append in A until stored in B and
+    /// confirmed) after the backlog.
+    #[arg(long, default_value_t = 100)]
+    idle_samples: usize,
 }
 
 async fn wait_until(
@@ -292,7 +296,7 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     let load_rate = n as f64 / t.elapsed().as_secs_f64();
     let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let a_served: Arc<dyn BoundaryApi> = a_api;
+    let a_served: Arc<dyn BoundaryApi> = a_api.clone();
     let server = tokio::spawn(bsfg_transport_grpc::serve(
         a_served,
         ServerConfig::default(),
@@ -338,6 +342,28 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     let bsfg_secs = t.elapsed().as_secs_f64();
     let bsfg = n as f64 / bsfg_secs;
     let s = handle.status();
+
+    // An idle link: single facts appended in A one at a time, each timed until the
+    // link's frontier covers it (stored in B and confirmed to A).
+    let mut crossing = Vec::new();
+    for i in 0..opts.idle_samples {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let target = (n + i + 1) as u64;
+        let t = Instant::now();
+        a_api
+            .append_fact(bench_fact(&format!("idle-{i}"), i, opts.object_bytes))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        while handle.status().frontier < target {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "idle fact {i} did not cross"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        crossing.push(t.elapsed());
+    }
+    crossing.sort();
     stop_link.send_replace(true);
     let _ = task.await;
     let _ = stop_tx.send(());
@@ -361,6 +387,12 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
         "| BSFG link over gRPC (FetchFacts, AppendFact x page, ConfirmReceipt), page {} | {bsfg:.0} | {bsfg_secs:.2} s | {:.2}x |",
         opts.page_size,
         bsfg / native
+    );
+    println!(
+        "idle link, append in A -> stored in B and confirmed: p50 {:.1} ms, p99 {:.1} ms ({} samples)",
+        pct(&crossing, 0.5),
+        pct(&crossing, 0.99),
+        crossing.len()
     );
     println!(
         "(loading zone A through the engine: {load_rate:.0} facts/s; link: {} fetches, {} confirms, {} stored, {} replays, {} failures)",

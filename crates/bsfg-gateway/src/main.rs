@@ -326,7 +326,10 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         } => bench::append(opts).await.map_err(op),
         Command::Bench {
             which: BenchCommand::Replicate(opts),
-        } => bench::replicate(opts).await.map_err(op),
+        } => {
+            init_tracing();
+            bench::replicate(opts).await.map_err(op)
+        }
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
             client::put_object(&api, &bucket, key, file, cli.json)
