@@ -988,4 +988,139 @@ insecure = true
             "{p:?}"
         );
     }
+
+    const LINK: &str = r#"
+[[links]]
+name = "from-idmz"
+source = "grpc://10.0.0.5:7453"
+insecure = true
+consumer = "to-plant-a"
+"#;
+
+    #[test]
+    fn a_link_gets_the_documented_defaults_and_admin_its_address() {
+        let src = format!("{GOOD}{LINK}\n[admin]\nlisten = \"127.0.0.1:9464\"\n");
+        let c = parse(Path::new("zone.toml"), &src).expect("valid");
+        let l = &c.links[0];
+        assert_eq!(
+            (l.scheme.as_str(), l.source.as_str()),
+            ("grpc", "grpc://10.0.0.5:7453")
+        );
+        let s = &l.settings;
+        assert_eq!(
+            (s.name.as_str(), s.consumer.as_str(), s.local_zone.as_str()),
+            ("from-idmz", "to-plant-a", "plant-a")
+        );
+        assert_eq!((s.page_size, s.wait), (500, Duration::from_secs(5)));
+        assert_eq!(
+            (s.backoff_min, s.backoff_max),
+            (Duration::from_millis(200), Duration::from_secs(30))
+        );
+        assert!(s.streams.is_empty());
+        assert_eq!(c.admin, Some("127.0.0.1:9464".parse().expect("addr")));
+        // `[[link]]` is accepted as well.
+        let singular = src.replace("[[links]]", "[[link]]");
+        assert_eq!(
+            parse(Path::new("zone.toml"), &singular)
+                .expect("valid")
+                .links
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn each_broken_link_or_admin_entry_names_its_line_and_key() {
+        let base = format!("{GOOD}{LINK}");
+        let line_of = |needle: &str, src: &str| {
+            src.lines()
+                .position(|l| l.contains(needle))
+                .expect("needle")
+                + 1
+        };
+        let cases: &[(&str, &str, &str, &str)] = &[
+            // (find, replace, key, words in message)
+            (
+                "source = \"grpc://10.0.0.5:7453\"",
+                "source = \"mqtt://10.0.0.5:1883\"",
+                "links[0].source",
+                "no transport for scheme `mqtt`",
+            ),
+            (
+                "insecure = true\nconsumer",
+                "insecure = false\nconsumer",
+                "links[0].insecure",
+                "TLS links are not available yet",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to plant\"",
+                "links[0].consumer",
+                "letters, digits",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\npage_size = 50000",
+                "links[0].page_size",
+                "between 1 and",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\nbackoff_min = \"5s\"\nbackoff_max = \"1s\"",
+                "links[0].backoff_max",
+                "at least backoff_min",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\nwait = \"0s\"",
+                "links[0].wait",
+                "at least 10ms",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\nclasses = [\"Ops!\"]",
+                "links[0].classes[0]",
+                "stream class must be",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\n[admin]\nlisten = \"0.0.0.0:9464\"",
+                "admin.listen",
+                "loopback only",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\n[admin]\nlisten = \"127.0.0.1:7443\"",
+                "admin.listen",
+                "used by a listener",
+            ),
+        ];
+        for (find, replace, key, words) in cases {
+            assert!(base.contains(find), "{find}");
+            let src = base.replacen(find, replace, 1);
+            let ps = problems(&src);
+            let p = ps
+                .iter()
+                .find(|p| p.key == *key)
+                .unwrap_or_else(|| panic!("{key}: {ps:?}"));
+            assert!(p.message.contains(words), "{key}: {}", p.message);
+            // The problem points at the replaced line that holds the key.
+            let field = key.rsplit('.').next().unwrap_or_default();
+            let field = field.split('[').next().unwrap_or_default();
+            let needle = replace
+                .lines()
+                .find(|l| l.trim_start().starts_with(field))
+                .unwrap_or_default();
+            let expected = line_of(needle, &src);
+            assert_eq!(p.line, expected, "{key}: {p}");
+        }
+        // A link name used twice.
+        let twice = format!("{base}{LINK}");
+        let ps = problems(&twice);
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "links[1].name" && p.message.contains("declared twice")),
+            "{ps:?}"
+        );
+    }
 }
