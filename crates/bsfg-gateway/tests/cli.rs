@@ -498,3 +498,44 @@ fn the_gateway_keeps_serving_across_a_hard_restart_of_its_nats_server() {
     let page: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(page["last_offset"], 2);
 }
+
+#[test]
+fn bench_replicate_prints_the_link_beside_native_sourcing_and_a_raw_copier() {
+    let out = Command::new(BSFG)
+        .args([
+            "bench",
+            "replicate",
+            "--facts",
+            "600",
+            "--page-size",
+            "200",
+            "--idle-samples",
+            "3",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let rate = |prefix: &str| -> f64 {
+        let row = s
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no row {prefix}: {s}"));
+        row.split('|')
+            .map(str::trim)
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(rate("| native JetStream sourcing") > 0.0);
+    assert!(rate("| raw JetStream fetch") > 0.0);
+    assert!(rate("| BSFG link over gRPC") > 0.0);
+    // Every fact of the backlog crossed once: the link stored them all, no replays.
+    assert!(s.contains("600 stored, 0 replays, 0 failures"), "{s}");
+    assert!(
+        s.contains("idle link, append in A -> stored in B and confirmed: p50"),
+        "{s}"
+    );
+}
