@@ -7,8 +7,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bsfg_core::link::{AcceptGapError, Link, LinkHandle, LinkSettings, LinkState, LinkStatus};
-use bsfg_core::{BoundaryApi, Frontier};
+use bsfg_core::link::{
+    AcceptGapError, IntakePolicy, Link, LinkHandle, LinkSettings, LinkState, LinkStatus, Operation,
+    Verdict,
+};
+use bsfg_core::{BoundaryApi, FetchedFact, Frontier};
 use bsfg_e2e::Zone;
 use tokio::sync::watch;
 
@@ -259,4 +262,66 @@ async fn a_gapped_link_waits_for_the_operator_and_records_the_acceptance() {
             .object_json
             .contains(r#""accepted_by":"operator jdoe""#)
     );
+}
+
+/// Denies facts whose object_json mentions a word.
+struct DenyWord(&'static str);
+
+#[async_trait::async_trait]
+impl IntakePolicy for DenyWord {
+    async fn decide(&self, _link: &str, _zone: &str, facts: &[FetchedFact]) -> Vec<Verdict> {
+        facts
+            .iter()
+            .map(|f| {
+                if f.message.fact.object_json.contains(self.0) {
+                    Verdict::Deny {
+                        policy: "deny-word".into(),
+                        reason: format!("mentions {}", self.0),
+                    }
+                } else {
+                    Verdict::Allow
+                }
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn an_intake_denial_appends_nothing_of_the_page_and_the_link_says_why() {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
+        .await
+        .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant.append_steps("enterprise", "B4", 1..=3).await.unwrap();
+    let (link, handle) = Link::new(
+        settings("plant-a"),
+        Arc::new(plant.api.clone()),
+        Arc::new(enterprise.api.clone()),
+    );
+    let link = link.with_policy(Arc::new(DenyWord("\"step\":2")));
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(link.run(rx));
+    let s = wait_for(&handle, "a policy stop", |s| {
+        matches!(
+            &s.state,
+            LinkState::BackingOff {
+                op: Operation::Policy,
+                ..
+            }
+        )
+    })
+    .await;
+    let LinkState::BackingOff { error, .. } = &s.state else {
+        unreachable!()
+    };
+    assert!(
+        error.contains("deny-word") && error.contains("step:2"),
+        "{error}"
+    );
+    assert_eq!((s.facts_stored, s.frontier), (0, 0));
+    stop.send_replace(true);
+    task.await.unwrap();
+    assert!(ids(&enterprise, "reporting").await.is_empty());
 }

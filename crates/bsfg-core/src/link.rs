@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use crate::error::BoundaryError;
 use crate::model::{Envelope, Fact, Message, Provenance};
 use crate::ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
+    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, FetchedFact, Frontier,
+    ObjectInfo,
 };
 
 /// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
@@ -72,6 +73,40 @@ impl Destination for Remote<'_> {
     }
 }
 
+/// What an intake policy decides for one fact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Append it.
+    Allow,
+    /// Do not append it.
+    Deny {
+        /// The policy that denied it.
+        policy: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The hook at link intake: decides a whole page before anything of it is appended,
+/// one verdict per fact, in order. [`PassThrough`] allows everything; sandboxed
+/// policies plug in here.
+#[async_trait]
+pub trait IntakePolicy: Send + Sync {
+    /// One verdict per fact of `facts`, in the same order.
+    async fn decide(&self, link: &str, source_zone: &str, facts: &[FetchedFact]) -> Vec<Verdict>;
+}
+
+/// The intake policy of a link without policies: allows every fact.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassThrough;
+
+#[async_trait]
+impl IntakePolicy for PassThrough {
+    async fn decide(&self, _link: &str, _zone: &str, facts: &[FetchedFact]) -> Vec<Verdict> {
+        vec![Verdict::Allow; facts.len()]
+    }
+}
+
 /// Which operation of a pull step failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,6 +119,8 @@ pub enum Operation {
     Checkpoint,
     /// ConfirmReceipt on the source.
     Confirm,
+    /// The intake policy denied a fact (nothing of the page was appended).
+    Policy,
 }
 
 impl std::fmt::Display for Operation {
@@ -93,6 +130,7 @@ impl std::fmt::Display for Operation {
             Operation::Append => "append",
             Operation::Checkpoint => "checkpoint",
             Operation::Confirm => "confirm",
+            Operation::Policy => "policy",
         })
     }
 }
@@ -246,7 +284,16 @@ pub async fn pull_page(
         .await
         .map_err(at(Operation::Checkpoint))?;
     let page = fetch_page(source, step).await?;
-    apply_page(source, destination, step, page, checkpoint, accept_gap).await
+    apply_page(
+        source,
+        destination,
+        &PassThrough,
+        step,
+        page,
+        checkpoint,
+        accept_gap,
+    )
+    .await
 }
 
 /// FetchFacts for the step's consumer.
@@ -266,6 +313,7 @@ pub async fn fetch_page(source: &dyn BoundaryApi, step: &PullStep) -> Result<Fac
 pub async fn apply_page(
     source: &dyn BoundaryApi,
     destination: &dyn Destination,
+    policy: &dyn IntakePolicy,
     step: &PullStep,
     page: FactPage,
     checkpoint: Option<u64>,
@@ -326,6 +374,33 @@ pub async fn apply_page(
     let Some(last) = page.facts.last().map(|f| f.offset) else {
         return Ok(report);
     };
+    let verdicts = policy.decide(&step.link, &page.zone, &page.facts).await;
+    if verdicts.len() != page.facts.len() {
+        return Err(PullError::Boundary {
+            op: Operation::Policy,
+            error: BoundaryError::Internal(format!(
+                "intake policy gave {} verdicts for {} facts",
+                verdicts.len(),
+                page.facts.len()
+            )),
+        });
+    }
+    // Until denied facts have a quarantine to go to, a denial stops the page (and
+    // the link backs off) rather than dropping a fact silently.
+    if let Some((f, Verdict::Deny { policy, reason })) = page
+        .facts
+        .iter()
+        .zip(&verdicts)
+        .find(|(_, v)| matches!(v, Verdict::Deny { .. }))
+    {
+        return Err(PullError::Boundary {
+            op: Operation::Policy,
+            error: BoundaryError::PermissionDenied(format!(
+                "policy `{policy}` denied {} (source offset {}): {reason}",
+                f.message.envelope.message_id, f.offset
+            )),
+        });
+    }
     let appends = page.facts.into_iter().map(|f| {
         let provenance = Provenance {
             zone: page.zone.clone(),
@@ -665,6 +740,7 @@ pub struct Link {
     shared: Arc<Shared>,
     source: Arc<dyn BoundaryApi>,
     destination: Arc<dyn Destination>,
+    policy: Arc<dyn IntakePolicy>,
 }
 
 impl Link {
@@ -696,9 +772,16 @@ impl Link {
                 shared,
                 source,
                 destination,
+                policy: Arc::new(PassThrough),
             },
             handle,
         )
+    }
+
+    /// Decides every page at intake before it is appended (default [`PassThrough`]).
+    pub fn with_policy(mut self, policy: Arc<dyn IntakePolicy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     fn set_state(&self, state: LinkState) {
@@ -879,7 +962,16 @@ impl Link {
             None => fetch_page(source, step).await?,
         };
         if page.facts.is_empty() {
-            let report = apply_page(source, destination, step, page, ckpt, accepting).await?;
+            let report = apply_page(
+                source,
+                destination,
+                self.policy.as_ref(),
+                step,
+                page,
+                ckpt,
+                accepting,
+            )
+            .await?;
             if let Some(c) = report.checkpoint {
                 *checkpoint = Some(Some(c));
             }
@@ -887,7 +979,16 @@ impl Link {
             return Ok(report);
         }
         let apply = async {
-            let r = apply_page(source, destination, step, page, ckpt, accepting).await;
+            let r = apply_page(
+                source,
+                destination,
+                self.policy.as_ref(),
+                step,
+                page,
+                ckpt,
+                accepting,
+            )
+            .await;
             if let Ok(report) = &r {
                 // Visible at once, even while the next fetch long-polls.
                 self.record_success(report);
