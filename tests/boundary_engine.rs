@@ -80,19 +80,10 @@ async fn receiver_pull_moves_every_fact_once_and_absorbs_replays() {
 
 #[tokio::test]
 async fn a_gap_stops_the_pull_until_an_operator_accepts_it_and_the_acceptance_is_a_fact() {
-    let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
-        // Long enough for steps 6..8 to outlive the rest of the test.
-        c.classes[0].max_age = Duration::from_secs(6);
-        c.duplicate_window = Duration::from_secs(1);
-    })
-    .await
-    .unwrap();
-    let enterprise = Zone::start(
-        "enterprise",
-        &[("audit-reader", "audit"), ("reporting", "operational")],
-    )
-    .await
-    .unwrap();
+    // Long enough for steps 6..8 to outlive the rest of the test.
+    let (plant, enterprise) = Zone::pair_with_retention(Duration::from_secs(6))
+        .await
+        .unwrap();
     plant.append_steps("enterprise", "B1", 1..=5).await.unwrap();
     let r = enterprise
         .pull_from(&plant, "to-enterprise", 2, Duration::ZERO, None)
@@ -204,13 +195,7 @@ async fn the_link_checkpoint_catches_a_gap_that_left_the_source_stream_empty() {
     // JetStream moves the ack floor to the end when every delivered-but-unconfirmed
     // fact expires (pinned in the sink's known_limit test); the link's own
     // checkpoint still shows the gap.
-    let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
-        c.classes[0].max_age = Duration::from_secs(2);
-        c.duplicate_window = Duration::from_secs(1);
-    })
-    .await
-    .unwrap();
-    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+    let (plant, enterprise) = Zone::pair_with_retention(Duration::from_secs(2))
         .await
         .unwrap();
     plant.append_steps("enterprise", "B1", 1..=5).await.unwrap();

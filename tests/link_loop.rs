@@ -90,6 +90,14 @@ async fn ids(zone: &Zone, reader: &str) -> HashSet<String> {
     }
 }
 
+/// plant-a (consumer `to-enterprise`) and enterprise (reader `reporting`).
+async fn zones() -> (Zone, Zone) {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")]);
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")]);
+    let (plant, enterprise) = tokio::join!(plant, enterprise);
+    (plant.unwrap(), enterprise.unwrap())
+}
+
 fn steps(batch: &str, r: std::ops::RangeInclusive<u32>) -> HashSet<String> {
     r.map(|s| format!("plant-a:batch:{batch}:step:{s}"))
         .collect()
@@ -97,12 +105,7 @@ fn steps(batch: &str, r: std::ops::RangeInclusive<u32>) -> HashSet<String> {
 
 #[tokio::test]
 async fn a_link_replicates_every_fact_once_and_reports_progress_and_counters() {
-    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
-        .await
-        .unwrap();
-    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
-        .await
-        .unwrap();
+    let (plant, enterprise) = zones().await;
     plant
         .append_steps("enterprise", "B1", 1..=120)
         .await
@@ -145,12 +148,7 @@ async fn link_state_after_stop(source: &Zone, destination: &Zone) -> LinkState {
 
 #[tokio::test]
 async fn a_link_backs_off_while_the_source_server_is_down_and_resumes_by_itself() {
-    let mut plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
-        .await
-        .unwrap();
-    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
-        .await
-        .unwrap();
+    let (mut plant, enterprise) = zones().await;
     plant
         .append_steps("enterprise", "B2", 1..=10)
         .await
@@ -191,18 +189,9 @@ async fn a_link_backs_off_while_the_source_server_is_down_and_resumes_by_itself(
 
 #[tokio::test]
 async fn a_gapped_link_waits_for_the_operator_and_records_the_acceptance() {
-    let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
-        c.classes[0].max_age = Duration::from_secs(3);
-        c.duplicate_window = Duration::from_secs(1);
-    })
-    .await
-    .unwrap();
-    let enterprise = Zone::start(
-        "enterprise",
-        &[("reporting", "operational"), ("audit-reader", "audit")],
-    )
-    .await
-    .unwrap();
+    let (plant, enterprise) = Zone::pair_with_retention(Duration::from_secs(3))
+        .await
+        .unwrap();
     plant.append_steps("enterprise", "B3", 1..=2).await.unwrap();
     let link = start(&plant, &enterprise, "plant-a");
     wait_for(&link.handle, "the first facts", |s| s.frontier == 2).await;
@@ -288,12 +277,7 @@ impl IntakePolicy for DenyWord {
 
 #[tokio::test]
 async fn an_intake_denial_appends_nothing_of_the_page_and_the_link_says_why() {
-    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
-        .await
-        .unwrap();
-    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
-        .await
-        .unwrap();
+    let (plant, enterprise) = zones().await;
     plant.append_steps("enterprise", "B4", 1..=3).await.unwrap();
     let (link, handle) = Link::new(
         settings("plant-a"),

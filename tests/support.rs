@@ -125,6 +125,22 @@ pub fn step_completed(from: &str, to: &str, batch: &str, step: u32) -> Message {
 pub use bsfg_core::link::{PullError, PullReport, PullStep, pull_page};
 
 impl Zone {
+    /// plant-a, whose operational facts expire after `max_age` (consumer
+    /// `to-enterprise`), and enterprise with readers `reporting` (operational) and
+    /// `audit-reader` (audit, where accepted gaps are recorded).
+    pub async fn pair_with_retention(max_age: Duration) -> Result<(Zone, Zone), ZoneError> {
+        let plant = Zone::start_with("plant-a", &[("to-enterprise", "operational")], |c| {
+            c.classes[0].max_age = max_age;
+            c.duplicate_window = Duration::from_secs(1);
+        });
+        let enterprise = Zone::start(
+            "enterprise",
+            &[("reporting", "operational"), ("audit-reader", "audit")],
+        );
+        let (plant, enterprise) = tokio::join!(plant, enterprise);
+        Ok((plant?, enterprise?))
+    }
+
     /// One receiver step into this zone from `source`'s `consumer`, as the link loop
     /// runs it (link named after the consumer: checkpoint and provenance kept here).
     pub async fn pull_from(

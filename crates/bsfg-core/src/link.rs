@@ -961,23 +961,7 @@ impl Link {
             Some(p) => p,
             None => fetch_page(source, step).await?,
         };
-        if page.facts.is_empty() {
-            let report = apply_page(
-                source,
-                destination,
-                self.policy.as_ref(),
-                step,
-                page,
-                ckpt,
-                accepting,
-            )
-            .await?;
-            if let Some(c) = report.checkpoint {
-                *checkpoint = Some(Some(c));
-            }
-            self.record_success(&report);
-            return Ok(report);
-        }
+        let overlap = !page.facts.is_empty();
         let apply = async {
             let r = apply_page(
                 source,
@@ -995,12 +979,20 @@ impl Link {
             }
             r
         };
-        let (report, next) = futures::join!(apply, fetch_page(source, step));
+        // An empty page means the source had nothing: the next step long-polls.
+        let next = async {
+            if overlap {
+                Some(fetch_page(source, step).await)
+            } else {
+                None
+            }
+        };
+        let (report, next) = futures::join!(apply, next);
         let report = report?;
         if let Some(c) = report.checkpoint {
             *checkpoint = Some(Some(c));
         }
-        if let Ok(mut next) = next {
+        if let Some(Ok(mut next)) = next {
             next.frontier = next.frontier.max(report.frontier);
             *prefetched = Some(next);
         }
