@@ -147,8 +147,8 @@ async fn link_state_after_stop(source: &Zone, destination: &Zone) -> LinkState {
 }
 
 #[tokio::test]
-async fn a_link_backs_off_while_the_source_server_is_down_and_resumes_by_itself() {
-    let (mut plant, enterprise) = zones().await;
+async fn a_link_backs_off_while_either_server_is_down_and_resumes_by_itself() {
+    let (mut plant, mut enterprise) = zones().await;
     plant
         .append_steps("enterprise", "B2", 1..=10)
         .await
@@ -183,8 +183,21 @@ async fn a_link_backs_off_while_the_source_server_is_down_and_resumes_by_itself(
     })
     .await;
     assert_eq!(s.lag_facts, 0);
+
+    // Now the destination's server dies hard while facts keep coming at the source.
+    enterprise.nats.kill_and_restart().unwrap();
+    plant
+        .append_steps("enterprise", "B2", 31..=40)
+        .await
+        .unwrap();
+    wait_for(
+        &link.handle,
+        "resumption after the destination restart",
+        |s| s.frontier == 40 && s.state == LinkState::Running,
+    )
+    .await;
     link.stop().await;
-    assert_eq!(ids(&enterprise, "reporting").await, steps("B2", 1..=30));
+    assert_eq!(ids(&enterprise, "reporting").await, steps("B2", 1..=40));
 }
 
 #[tokio::test]
