@@ -9,6 +9,7 @@
 
 mod admin;
 mod bench;
+mod certs;
 mod client;
 mod config;
 mod run;
@@ -133,6 +134,11 @@ enum Command {
         #[command(subcommand)]
         which: LinkCommand,
     },
+    /// The zone's certificate authority and the certificates it issues.
+    Certs {
+        #[command(subcommand)]
+        which: CertsCommand,
+    },
     /// Benchmarks (print numbers against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -202,6 +208,14 @@ enum LinkCommand {
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
     },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make the zone CA: DIR/ca.pem and DIR/ca.key.
+    Init(certs::Init),
+    /// Issue a server and/or client certificate signed by the zone CA.
+    Issue(certs::Issue),
 }
 
 #[derive(Subcommand)]
@@ -320,6 +334,17 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             client::accept_gap(&addr, &link, from, to, &by)
                 .await
                 .map_err(op)
+        }
+        Command::Certs { which } => {
+            let written = match &which {
+                CertsCommand::Init(o) => certs::init(o),
+                CertsCommand::Issue(o) => certs::issue(o),
+            }
+            .map_err(op)?;
+            for p in written {
+                println!("wrote {}", p.display());
+            }
+            Ok(())
         }
         Command::Bench {
             which: BenchCommand::Append(opts),
