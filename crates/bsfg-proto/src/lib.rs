@@ -123,6 +123,28 @@ impl From<v1::AppendFactResponse> for AppendOutcome {
     }
 }
 
+impl From<Provenance> for v1::Provenance {
+    fn from(p: Provenance) -> Self {
+        v1::Provenance {
+            zone: p.zone,
+            stream: p.stream,
+            offset: p.offset,
+            link: p.link,
+        }
+    }
+}
+
+impl From<v1::Provenance> for Provenance {
+    fn from(p: v1::Provenance) -> Self {
+        Provenance {
+            zone: p.zone,
+            stream: p.stream,
+            offset: p.offset,
+            link: p.link,
+        }
+    }
+}
+
 impl From<FactPage> for v1::FetchFactsResponse {
     fn from(p: FactPage) -> Self {
         v1::FetchFactsResponse {
@@ -135,12 +157,7 @@ impl From<FactPage> for v1::FetchFactsResponse {
                     appended_at_unix_ms: f.appended_at_unix_ms,
                     delivery_count: f.delivery_count,
                     message: Some(f.message.into()),
-                    provenance: f.provenance.map(|p| v1::Provenance {
-                        zone: p.zone,
-                        stream: p.stream,
-                        offset: p.offset,
-                        link: p.link,
-                    }),
+                    provenance: f.provenance.map(Into::into),
                 })
                 .collect(),
             first_offset: p.first_offset,
@@ -169,12 +186,7 @@ impl TryFrom<v1::FetchFactsResponse> for FactPage {
                     appended_at_unix_ms: f.appended_at_unix_ms,
                     delivery_count: f.delivery_count,
                     message: Message::try_from(m)?,
-                    provenance: f.provenance.map(|p| Provenance {
-                        zone: p.zone,
-                        stream: p.stream,
-                        offset: p.offset,
-                        link: p.link,
-                    }),
+                    provenance: f.provenance.map(Into::into),
                 })
             })
             .collect::<Result<_, BoundaryError>>()?;
