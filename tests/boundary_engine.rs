@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bsfg_core::BoundaryApi;
-use bsfg_core::link::{GapAcceptance, PullError};
+use bsfg_core::link::{GapAcceptance, Operation, PullError};
 use bsfg_e2e::Zone;
 
 #[tokio::test]
@@ -235,5 +235,90 @@ async fn the_link_checkpoint_catches_a_gap_that_left_the_source_stream_empty() {
             }
         ),
         "{e:?}"
+    );
+}
+
+/// A source zone that reports a zone name which is not a name (with a header
+/// injection attempt in it).
+struct LyingSource(bsfg_core::Boundary);
+
+#[async_trait::async_trait]
+impl BoundaryApi for LyingSource {
+    async fn append_fact(
+        &self,
+        m: bsfg_core::Message,
+    ) -> Result<bsfg_core::AppendOutcome, bsfg_core::BoundaryError> {
+        self.0.append_fact(m).await
+    }
+    async fn fetch_facts(
+        &self,
+        r: bsfg_core::FetchRequest,
+    ) -> Result<bsfg_core::FactPage, bsfg_core::BoundaryError> {
+        let mut page = self.0.fetch_facts(r).await?;
+        page.zone = "plant-a\r\nNats-Expected-Stream: other".into();
+        Ok(page)
+    }
+    async fn confirm_receipt(
+        &self,
+        c: &str,
+        o: u64,
+    ) -> Result<bsfg_core::Frontier, bsfg_core::BoundaryError> {
+        self.0.confirm_receipt(c, o).await
+    }
+    async fn put_object(
+        &self,
+        b: &str,
+        k: &str,
+        body: bsfg_core::ByteStream,
+    ) -> Result<bsfg_core::ObjectInfo, bsfg_core::BoundaryError> {
+        self.0.put_object(b, k, body).await
+    }
+}
+
+#[tokio::test]
+async fn a_source_that_sends_a_malformed_zone_name_gets_a_clear_error_and_stores_nothing() {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
+        .await
+        .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant.append_steps("enterprise", "B9", 1..=2).await.unwrap();
+    let step = bsfg_e2e::PullStep {
+        link: "from-plant".into(),
+        consumer: "to-enterprise".into(),
+        limit: 10,
+        wait: Duration::ZERO,
+        streams: vec![],
+    };
+    let e = bsfg_e2e::pull_page(
+        &LyingSource(plant.api.clone()),
+        &enterprise.api,
+        &step,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, PullError::Boundary { op: Operation::Append, error: bsfg_core::BoundaryError::InvalidArgument { field, .. } } if field == "provenance.zone"),
+        "{e:?}"
+    );
+    // Nothing was stored or confirmed, and the zone log still takes appends.
+    let p = enterprise
+        .fetch("reporting", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(p.facts.is_empty());
+    enterprise
+        .append_steps("enterprise", "B9", 1..=1)
+        .await
+        .unwrap();
+    assert_eq!(
+        plant
+            .fetch("to-enterprise", 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .frontier,
+        0
     );
 }

@@ -93,7 +93,7 @@ impl Destination for Boundary {
     ) -> Result<AppendOutcome, BoundaryError> {
         let mut validated = self.limits.validate(message)?;
         if let Some(p) = provenance {
-            validated = validated.with_provenance(p);
+            validated = validated.with_provenance(p)?;
         }
         self.log.append(validated).await
     }

@@ -137,10 +137,16 @@ impl ValidatedMessage {
     pub fn provenance(&self) -> Option<&Provenance> {
         self.provenance.as_ref()
     }
-    /// Attaches provenance. It travels beside the fact and does not change the digest.
-    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
+    /// Attaches provenance, after checking it (it comes from the source zone over the
+    /// network and is stored as message headers): zone, stream and link must be
+    /// names (`invalid_argument` on `provenance.<field>` otherwise). It travels beside
+    /// the fact and does not change the digest.
+    pub fn with_provenance(mut self, provenance: Provenance) -> Result<Self, BoundaryError> {
+        crate::names::validate_zone("provenance.zone", &provenance.zone)?;
+        crate::names::validate_consumer("provenance.stream", &provenance.stream)?;
+        crate::names::validate_consumer("provenance.link", &provenance.link)?;
         self.provenance = Some(provenance);
-        self
+        Ok(self)
     }
     /// Shorthand for the envelope's message_id.
     pub fn message_id(&self) -> &str {
@@ -642,6 +648,46 @@ mod tests {
             "order:4711",
         ] {
             validate_subject("s", s).expect(s);
+        }
+    }
+
+    #[test]
+    fn provenance_that_is_not_made_of_names_is_refused_by_field() {
+        let v = Limits::default().validate(sample()).expect("valid");
+        let good = Provenance {
+            zone: "plant-a".into(),
+            stream: "facts_operational".into(),
+            offset: 7,
+            link: "from-plant".into(),
+        };
+        assert!(v.clone().with_provenance(good.clone()).is_ok());
+        for (field, bad) in [
+            (
+                "provenance.zone",
+                Provenance {
+                    zone: "plant\r\nNats-Expected-Stream: x".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "provenance.stream",
+                Provenance {
+                    stream: String::new(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "provenance.link",
+                Provenance {
+                    link: "a b".into(),
+                    ..good.clone()
+                },
+            ),
+        ] {
+            match v.clone().with_provenance(bad) {
+                Err(BoundaryError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
         }
     }
 }
