@@ -237,6 +237,39 @@ impl Checker<'_> {
         }
     }
 
+    /// A transport URL `scheme://rest`: the scheme must name a known transport (the
+    /// registry is [`SCHEMES`]). Returns (scheme, rest) or records the problem.
+    fn transport_url<'v>(
+        &mut self,
+        v: &'v Spanned<String>,
+        key: &str,
+        example: &str,
+    ) -> Option<(&'v str, &'v str)> {
+        let url = v.get_ref();
+        match url.split_once("://") {
+            Some((scheme, rest)) if SCHEMES.contains(&scheme) => Some((scheme, rest)),
+            Some((scheme, _)) => {
+                self.at(
+                    v.span(),
+                    key,
+                    format!(
+                        "no transport for scheme `{scheme}`; known: {}",
+                        SCHEMES.join(", ")
+                    ),
+                );
+                None
+            }
+            None => {
+                self.at(
+                    v.span(),
+                    key,
+                    format!("`{url}` is not a URL; write e.g. {example}"),
+                );
+                None
+            }
+        }
+    }
+
     fn name(
         &mut self,
         v: &Spanned<String>,
@@ -535,25 +568,9 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
     for (i, rl) in raw.listeners.iter().enumerate() {
         let key = format!("listeners[{i}].url");
         let url = rl.url.get_ref();
-        let Some((scheme, rest)) = url.split_once("://") else {
-            c.at(
-                rl.url.span(),
-                key,
-                format!("`{url}` is not a URL; write e.g. grpc://127.0.0.1:7443"),
-            );
+        let Some((scheme, rest)) = c.transport_url(&rl.url, &key, "grpc://127.0.0.1:7443") else {
             continue;
         };
-        if !SCHEMES.contains(&scheme) {
-            c.at(
-                rl.url.span(),
-                key,
-                format!(
-                    "no transport for scheme `{scheme}`; known: {}",
-                    SCHEMES.join(", ")
-                ),
-            );
-            continue;
-        }
         let addr: SocketAddr = match rest.trim_end_matches('/').parse() {
             Ok(a) => a,
             Err(_) => {
@@ -644,28 +661,23 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         }
         c.name(&rl.consumer, &key("consumer"), names::validate_consumer);
         let url = rl.source.get_ref();
-        let scheme = match url.split_once("://") {
-            Some((scheme, rest)) if SCHEMES.contains(&scheme) && !rest.is_empty() => scheme,
-            Some((scheme, _)) if !SCHEMES.contains(&scheme) => {
-                c.at(
-                    rl.source.span(),
-                    key("source"),
-                    format!(
-                        "no transport for scheme `{scheme}`; known: {}",
-                        SCHEMES.join(", ")
-                    ),
-                );
-                continue;
-            }
-            _ => {
-                c.at(
-                    rl.source.span(),
-                    key("source"),
-                    format!("`{url}` is not a URL; write e.g. grpc://10.0.0.5:7443"),
-                );
-                continue;
-            }
+        let Some((scheme, rest)) =
+            c.transport_url(&rl.source, &key("source"), "grpc://10.0.0.5:7443")
+        else {
+            continue;
         };
+        let host_port = rest.trim_end_matches('/').rsplit_once(':');
+        if !host_port.is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }) {
+            c.at(
+                rl.source.span(),
+                key("source"),
+                format!(
+                    "`{rest}` is not a host and port (e.g. 10.0.0.5:7453 or idmz.example:7453)"
+                ),
+            );
+        }
         if !rl.insecure.as_ref().is_some_and(|v| *v.get_ref()) {
             let span = rl.insecure.as_ref().map_or(rl.source.span(), |v| v.span());
             c.at(
@@ -1040,6 +1052,18 @@ consumer = "to-plant-a"
         };
         let cases: &[(&str, &str, &str, &str)] = &[
             // (find, replace, key, words in message)
+            (
+                "source = \"grpc://10.0.0.5:7453\"",
+                "source = \"grpc://10.0.0.5\"",
+                "links[0].source",
+                "not a host and port",
+            ),
+            (
+                "source = \"grpc://10.0.0.5:7453\"",
+                "source = \"10.0.0.5:7453\"",
+                "links[0].source",
+                "not a URL",
+            ),
             (
                 "source = \"grpc://10.0.0.5:7453\"",
                 "source = \"mqtt://10.0.0.5:1883\"",
