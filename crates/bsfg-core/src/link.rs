@@ -860,22 +860,17 @@ impl Link {
                     last_offset,
                     ..
                 }) => {
-                    if let Ok(mut p) = self.shared.progress.lock() {
-                        p.source_zone = source_zone;
-                        p.frontier = frontier;
-                        p.source_last_offset = last_offset;
-                    }
                     let gap = LinkState::Gapped {
                         missing_from,
                         missing_to,
                     };
-                    let already = self
-                        .shared
-                        .progress
-                        .lock()
-                        .map(|p| p.state == gap)
-                        .unwrap_or(false);
-                    if !already {
+                    let newly_gapped = self.shared.progress.lock().is_ok_and(|mut p| {
+                        p.source_zone = source_zone;
+                        p.frontier = frontier;
+                        p.source_last_offset = last_offset;
+                        std::mem::replace(&mut p.state, gap.clone()) != gap
+                    });
+                    if newly_gapped {
                         tracing::error!(
                             link = %settings.name,
                             consumer = %settings.consumer,
@@ -884,7 +879,6 @@ impl Link {
                             "link gapped: the source no longer holds facts this link never confirmed; an operator must accept the gap (bsfg link accept-gap)"
                         );
                     }
-                    self.set_state(gap);
                     accepting = None;
                     // Wait for an acceptance of exactly this gap (or shutdown).
                     loop {

@@ -273,6 +273,15 @@ impl JetStreamZone {
     }
 }
 
+/// `bsfg.links.<token of the link name>`: one checkpoint per link.
+fn links_subject(link: &str) -> String {
+    format!("{}.{}", streams::LINKS_PREFIX, append::id_token(link))
+}
+
+fn checkpoint_unavailable(link: &str, e: impl std::fmt::Display) -> BoundaryError {
+    BoundaryError::Unavailable(format!("checkpoint of link `{link}`: {e}"))
+}
+
 #[async_trait]
 impl FactLog for JetStreamZone {
     async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError> {
@@ -312,8 +321,11 @@ impl FactLog for JetStreamZone {
     }
 
     async fn link_checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
-        let subject = format!("{}.{}", streams::LINKS_PREFIX, append::id_token(link));
-        match self.links.direct_get_last_for_subject(subject).await {
+        match self
+            .links
+            .direct_get_last_for_subject(links_subject(link))
+            .await
+        {
             Ok(m) => std::str::from_utf8(&m.payload)
                 .ok()
                 .and_then(|s| s.parse().ok())
@@ -322,21 +334,17 @@ impl FactLog for JetStreamZone {
                     BoundaryError::Internal(format!("corrupt checkpoint of link `{link}`"))
                 }),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BoundaryError::Unavailable(format!(
-                "checkpoint of link `{link}`: {e}"
-            ))),
+            Err(e) => Err(checkpoint_unavailable(link, e)),
         }
     }
 
     async fn record_link_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
-        let subject = format!("{}.{}", streams::LINKS_PREFIX, append::id_token(link));
         let ack = self
             .js
-            .publish(subject, offset.to_string().into())
+            .publish(links_subject(link), offset.to_string().into())
             .await
-            .map_err(|e| BoundaryError::Unavailable(format!("checkpoint of link `{link}`: {e}")))?;
-        ack.await
-            .map_err(|e| BoundaryError::Unavailable(format!("checkpoint of link `{link}`: {e}")))?;
+            .map_err(|e| checkpoint_unavailable(link, e))?;
+        ack.await.map_err(|e| checkpoint_unavailable(link, e))?;
         Ok(())
     }
 }
