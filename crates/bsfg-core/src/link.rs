@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::BoundaryError;
@@ -108,7 +108,7 @@ impl IntakePolicy for PassThrough {
 }
 
 /// Which operation of a pull step failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Operation {
     /// FetchFacts on the source.
@@ -498,7 +498,7 @@ impl LinkSettings {
 }
 
 /// The state of a link, as `bsfg status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum LinkState {
     /// Not yet past its first step.
@@ -563,8 +563,8 @@ pub struct LinkCounters {
     pub gaps_accepted: AtomicU64,
 }
 
-/// A snapshot of a link for status and metrics.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A snapshot of a link for status and metrics (the `/status` JSON of a zone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkStatus {
     /// Link name.
     pub name: String,

@@ -124,7 +124,7 @@ pub struct ZoneStatus {
     /// Zone name.
     pub zone: String,
     /// Each link, in config order.
-    pub links: Vec<serde_json::Value>,
+    pub links: Vec<LinkStatus>,
 }
 
 #[derive(Debug)]
@@ -330,11 +330,7 @@ impl Admin {
     pub fn status(&self) -> ZoneStatus {
         ZoneStatus {
             zone: self.zone.clone(),
-            links: self
-                .links
-                .iter()
-                .map(|l| serde_json::to_value(l.status()).unwrap_or_default())
-                .collect(),
+            links: self.links.iter().map(LinkHandle::status).collect(),
         }
     }
 }

@@ -439,36 +439,34 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
     let s: crate::admin::ZoneStatus = serde_json::from_str(&body)?;
     println!("zone {}: {} link(s)", s.zone, s.links.len());
     for l in &s.links {
-        let get = |k: &str| l.get(k).cloned().unwrap_or_default();
-        let state = get("state").as_str().unwrap_or("?").to_owned();
-        let detail = match state.as_str() {
-            "gapped" => format!(
-                " at offsets {}..={} (accept with: bsfg link accept-gap --link {} --from {} --to {})",
-                get("missing_from"),
-                get("missing_to"),
-                get("name").as_str().unwrap_or(""),
-                get("missing_from"),
-                get("missing_to")
+        use bsfg_core::link::LinkState;
+        let detail = match &l.state {
+            LinkState::Gapped {
+                missing_from: f,
+                missing_to: t,
+            } => format!(
+                " at offsets {f}..={t} (accept with: bsfg link accept-gap --link {} --from {f} --to {t})",
+                l.name
             ),
-            "backing_off" => format!(
-                " (attempt {}, retry in {} ms; {} failed: {})",
-                get("attempt"),
-                get("retry_in_ms"),
-                get("op").as_str().unwrap_or("?"),
-                get("error").as_str().unwrap_or("?")
-            ),
+            LinkState::BackingOff {
+                attempt,
+                retry_in_ms,
+                op,
+                error,
+            } => format!(" (attempt {attempt}, retry in {retry_in_ms} ms; {op} failed: {error})"),
             _ => String::new(),
         };
         println!(
-            "  {} <- {}/{}: {state}{detail}; frontier {} of {}, lag {} fact(s) / {:.3} s, last success {}",
-            get("name").as_str().unwrap_or("?"),
-            get("source_zone").as_str().unwrap_or("?"),
-            get("consumer").as_str().unwrap_or("?"),
-            get("frontier"),
-            get("source_last_offset"),
-            get("lag_facts"),
-            get("lag_seconds").as_f64().unwrap_or(0.0),
-            ago(get("last_success_unix_ms").as_i64()),
+            "  {} <- {}/{}: {}{detail}; frontier {} of {}, lag {} fact(s) / {:.3} s, last success {}",
+            l.name,
+            l.source_zone,
+            l.consumer,
+            l.state.name(),
+            l.frontier,
+            l.source_last_offset,
+            l.lag_facts,
+            l.lag_seconds,
+            ago(l.last_success_unix_ms),
         );
     }
     Ok(())
