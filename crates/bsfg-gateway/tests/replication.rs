@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bsfg_core::{BoundaryApi, Envelope, Fact, FetchRequest, Message};
 use bsfg_testkit::{NatsOptions, NatsServer, http_get};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
-use common::{Gateway, free_port, text};
+use common::{Gateway, free_ports, text};
 
 struct Site {
     name: String,
@@ -34,7 +34,7 @@ fn site(name: &str, consumers: &[&str], links: &[LinkSpec<'_>], max_age: &str) -
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
+    let [port, admin] = free_ports();
     let mut cfg = format!(
         r#"[zone]
 name = "{name}"

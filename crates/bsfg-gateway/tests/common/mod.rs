@@ -18,6 +18,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct loopback ports that were free a moment ago (held together while
+/// chosen, so two calls cannot hand out the same port).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 pub struct Gateway {
     pub child: Child,
     pub url: String,
@@ -57,15 +66,23 @@ insecure = true
     }
 
     pub fn spawn(config: PathBuf, url: String) -> Gateway {
+        // The gateway's log goes beside its config, to explain a failed start.
+        let log = config.with_extension("log");
         let mut child = Command::new(BSFG)
             .args(["run", "--config"])
             .arg(&config)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = lines.next().expect("gateway printed nothing").unwrap();
+        let ready = lines.next().and_then(Result::ok).unwrap_or_else(|| {
+            let _ = child.wait();
+            panic!(
+                "gateway did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
         assert!(ready.contains("ready"), "{ready}");
         Gateway { child, url, config }
     }
