@@ -8,6 +8,7 @@
 //!
 //! Architecture invariant: this crate performs no I/O and depends on no adapter.
 
+pub mod authz;
 pub mod engine;
 pub mod error;
 pub mod link;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod names;
 pub mod ports;
 
+pub use authz::{Authorization, Caller, Gate, Grant};
 pub use engine::Boundary;
 pub use error::{BoundaryError, Reason};
 pub use model::{

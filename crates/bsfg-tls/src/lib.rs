@@ -1,0 +1,638 @@
+//! Mutual TLS for BSFG transports.
+//!
+//! A zone's gateway has one identity (a certificate and key issued by its zone CA)
+//! and trusts named anchors (zone CAs, its own and its peers'). This crate turns those
+//! files into rustls configurations that guarantee:
+//!
+//! - TLS 1.3 only, with the `ring` provider; a server *requires* a client certificate
+//!   that chains to one of its anchors (there is no anonymous TLS);
+//! - the peer's identity is read from its certificate (first DNS subject alternative
+//!   name, or the common name where config says so) together with the name of the
+//!   anchor that issued it, so an identity is only ever believed from the CA it
+//!   belongs to ([`PeerIdentity`]);
+//! - files are reloaded when their contents change ([`Reloadable::reload_if_changed`],
+//!   driven by [`watch`]); a set of files that does not load is rejected and the
+//!   previous configuration stays; every reload and failure is logged and counted;
+//! - each certificate's expiry is exposed ([`Expiry`]) for a metric.
+//!
+//! Transports use [`ServerTls`] / [`ClientTls`]; for TCP, [`accept`] runs handshakes
+//! concurrently, each under a deadline, and classifies every failure.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+
+mod accept;
+pub use accept::{Accepted, accept, failure_reason};
+
+/// ALPN protocol of gRPC over TLS.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Why TLS material could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's contents are not what its role needs.
+    #[error("{path}: {rule}")]
+    Material {
+        /// The file.
+        path: PathBuf,
+        /// What was expected.
+        rule: String,
+    },
+    /// rustls refused the combination (for example a key that does not match the
+    /// certificate).
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built.
+    #[error("TLS client verification: {0}")]
+    Verifier(String),
+    /// A name to dial is not a DNS name or IP address.
+    #[error("`{0}` is not a valid server name")]
+    ServerName(String),
+}
+
+/// Where the peer's identity is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdentityFrom {
+    /// The first DNS subject alternative name (default).
+    #[default]
+    San,
+    /// The subject's common name.
+    Cn,
+}
+
+/// A trust anchor: a zone CA under a name the authorization config refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// Name of the anchor, e.g. the zone (`idmz`).
+    pub name: String,
+    /// PEM file with the CA certificate.
+    pub path: PathBuf,
+}
+
+/// The files of one TLS endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain of this gateway, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of this gateway (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// Anchors trusted for the peer's certificate.
+    pub trust: Vec<Anchor>,
+    /// Where peers' identities are read from.
+    pub identity_from: IdentityFrom,
+}
+
+/// When a certificate stops being valid, for the expiry metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    /// `cert` (this gateway's own) or `ca` (a trust anchor).
+    pub role: &'static str,
+    /// The anchor's name, or the own certificate's identity.
+    pub name: String,
+    /// Seconds since the Unix epoch of `notAfter`.
+    pub not_after_unix: i64,
+}
+
+/// A peer authenticated by its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The identity (DNS SAN or CN), e.g. `idmz-bsfg`.
+    pub identity: String,
+    /// The trust anchor that issued the peer's certificate. `None` when the leaf was
+    /// not issued directly by one of the anchors (an intermediate): such a peer is
+    /// authenticated but belongs to no configured CA, so authorization denies it.
+    pub anchor: Option<String>,
+}
+
+/// Counters shared by every TLS endpoint of a gateway.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    handshake_failures: Mutex<BTreeMap<(String, &'static str), u64>>,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+impl TlsStats {
+    /// Counts a failed handshake on `endpoint` for `reason`.
+    pub fn handshake_failed(&self, endpoint: &str, reason: &'static str) {
+        if let Ok(mut m) = self.handshake_failures.lock() {
+            *m.entry((endpoint.to_owned(), reason)).or_default() += 1;
+        }
+    }
+    /// Failed handshakes so far, by (endpoint, reason).
+    pub fn handshake_failures(&self) -> BTreeMap<(String, &'static str), u64> {
+        self.handshake_failures
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+    /// Successful reloads after a change of files.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+    /// Changed files that could not be loaded (the previous config stayed).
+    pub fn reload_failures(&self) -> u64 {
+        self.reload_failures.load(Ordering::Relaxed)
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.clone(),
+        source,
+    })
+}
+
+fn certs(path: &PathBuf, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Material {
+            path: path.clone(),
+            rule: format!("not a PEM certificate file: {e}"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Material {
+            path: path.clone(),
+            rule: "holds no certificate (expected -----BEGIN CERTIFICATE-----)".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn not_after(path: &PathBuf, der: &[u8]) -> Result<i64, TlsError> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Material {
+        path: path.clone(),
+        rule: format!("not an X.509 certificate: {e}"),
+    })?;
+    Ok(c.validity().not_after.timestamp())
+}
+
+/// Reads the identity from a DER certificate, as `from` says.
+pub fn identity_of(der: &[u8], from: IdentityFrom) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    match from {
+        IdentityFrom::Cn => c
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned),
+        IdentityFrom::San => {
+            let san = c.subject_alternative_name().ok()??;
+            san.value.general_names.iter().find_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                _ => None,
+            })
+        }
+    }
+}
+
+/// The name of the anchor that issued `leaf` directly (issuer matches the anchor's
+/// subject and the anchor's key verifies the signature).
+fn issuing_anchor(leaf: &[u8], anchors: &[(String, CertificateDer<'static>)]) -> Option<String> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    anchors.iter().find_map(|(name, ca)| {
+        let (_, ca) = x509_parser::parse_x509_certificate(ca).ok()?;
+        (leaf.issuer() == ca.subject() && leaf.verify_signature(Some(ca.public_key())).is_ok())
+            .then(|| name.clone())
+    })
+}
+
+/// Everything read from one set of files, with the fingerprint of their bytes.
+struct Material {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    anchors: Vec<(String, CertificateDer<'static>)>,
+    roots: Arc<RootCertStore>,
+    fingerprint: [u8; 32],
+    expiries: Vec<Expiry>,
+}
+
+impl Material {
+    fn load(files: &TlsFiles) -> Result<Material, TlsError> {
+        let mut h = Sha256::new();
+        let cert_bytes = read(&files.cert)?;
+        let key_bytes = read(&files.key)?;
+        h.update(&cert_bytes);
+        h.update(&key_bytes);
+        let chain = certs(&files.cert, &cert_bytes)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| TlsError::Material {
+            path: files.key.clone(),
+            rule: format!("not a PEM private key: {e}"),
+        })?;
+        let own = identity_of(&chain[0], files.identity_from).unwrap_or_else(|| "gateway".into());
+        let mut expiries = vec![Expiry {
+            role: "cert",
+            name: own,
+            not_after_unix: not_after(&files.cert, &chain[0])?,
+        }];
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        if files.trust.is_empty() {
+            return Err(TlsError::Material {
+                path: files.cert.clone(),
+                rule: "no trust anchor: a peer could not be verified".into(),
+            });
+        }
+        for a in &files.trust {
+            let bytes = read(&a.path)?;
+            h.update(&bytes);
+            for ca in certs(&a.path, &bytes)? {
+                roots.add(ca.clone()).map_err(|e| TlsError::Material {
+                    path: a.path.clone(),
+                    rule: format!("not usable as a trust anchor: {e}"),
+                })?;
+                expiries.push(Expiry {
+                    role: "ca",
+                    name: a.name.clone(),
+                    not_after_unix: not_after(&a.path, &ca)?,
+                });
+                anchors.push((a.name.clone(), ca));
+            }
+        }
+        Ok(Material {
+            chain,
+            key,
+            anchors,
+            roots: Arc::new(roots),
+            fingerprint: h.finalize().into(),
+            expiries,
+        })
+    }
+
+    fn fingerprint_now(files: &TlsFiles) -> Result<[u8; 32], TlsError> {
+        let mut h = Sha256::new();
+        h.update(read(&files.cert)?);
+        h.update(read(&files.key)?);
+        for a in &files.trust {
+            h.update(read(&a.path)?);
+        }
+        Ok(h.finalize().into())
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Logs the identity a rejected client certificate claimed, then passes the verdict
+/// of the wrapped webpki verifier through unchanged.
+#[derive(Debug)]
+struct LoggingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    from: IdentityFrom,
+    endpoint: String,
+}
+
+impl ClientCertVerifier for LoggingVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| {
+                let who = identity_of(end_entity, self.from).unwrap_or_else(|| "<none>".into());
+                tracing::warn!(endpoint = %self.endpoint, presented_identity = %who, error = %e, "client certificate rejected");
+            })
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+struct Loaded<C> {
+    config: Arc<C>,
+    anchors: Vec<(String, CertificateDer<'static>)>,
+    fingerprint: [u8; 32],
+    expiries: Vec<Expiry>,
+}
+
+/// Something whose files can change under it.
+pub trait Reloadable: Send + Sync {
+    /// Reloads when the files' contents changed. `Ok(true)`: a new configuration is in
+    /// use; `Ok(false)`: nothing changed; `Err`: the new files were rejected and the
+    /// previous configuration stays.
+    fn reload_if_changed(&self) -> Result<bool, TlsError>;
+    /// Which endpoint this is, for logs.
+    fn endpoint(&self) -> &str;
+    /// Expiry of every certificate in use.
+    fn expiries(&self) -> Vec<Expiry>;
+}
+
+/// The TLS side of a listener: requires and verifies client certificates.
+pub struct ServerTls {
+    files: TlsFiles,
+    alpn: Vec<Vec<u8>>,
+    endpoint: String,
+    stats: Arc<TlsStats>,
+    current: RwLock<Arc<Loaded<rustls::ServerConfig>>>,
+    rejected: Mutex<Option<[u8; 32]>>,
+}
+
+impl ServerTls {
+    /// Loads `files` for the listener `endpoint`, offering `alpn`.
+    pub fn new(
+        files: TlsFiles,
+        alpn: Vec<Vec<u8>>,
+        endpoint: impl Into<String>,
+        stats: Arc<TlsStats>,
+    ) -> Result<Arc<ServerTls>, TlsError> {
+        let endpoint = endpoint.into();
+        let loaded = Self::build(&files, &alpn, &endpoint)?;
+        Ok(Arc::new(ServerTls {
+            files,
+            alpn,
+            endpoint,
+            stats,
+            current: RwLock::new(Arc::new(loaded)),
+            rejected: Mutex::new(None),
+        }))
+    }
+
+    fn build(
+        files: &TlsFiles,
+        alpn: &[Vec<u8>],
+        endpoint: &str,
+    ) -> Result<Loaded<rustls::ServerConfig>, TlsError> {
+        let m = Material::load(files)?;
+        let webpki = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = Arc::new(LoggingVerifier {
+            inner: webpki,
+            from: files.identity_from,
+            endpoint: endpoint.to_owned(),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(m.chain, m.key)?;
+        config.alpn_protocols = alpn.to_vec();
+        // 0-RTT stays off: early data could be replayed.
+        config.max_early_data_size = 0;
+        Ok(Loaded {
+            config: Arc::new(config),
+            anchors: m.anchors,
+            fingerprint: m.fingerprint,
+            expiries: m.expiries,
+        })
+    }
+
+    fn loaded(&self) -> Arc<Loaded<rustls::ServerConfig>> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The configuration new connections use now.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        self.loaded().config.clone()
+    }
+
+    /// The counters this endpoint reports to.
+    pub fn stats(&self) -> &Arc<TlsStats> {
+        &self.stats
+    }
+
+    /// The authenticated identity of a completed handshake's peer.
+    pub fn identify(&self, peer_certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
+        let leaf = peer_certs?.first()?;
+        let identity = identity_of(leaf, self.files.identity_from)?;
+        let anchor = issuing_anchor(leaf, &self.loaded().anchors);
+        Some(PeerIdentity { identity, anchor })
+    }
+}
+
+fn reload<C>(
+    files: &TlsFiles,
+    current: &RwLock<Arc<Loaded<C>>>,
+    rejected: &Mutex<Option<[u8; 32]>>,
+    endpoint: &str,
+    stats: &TlsStats,
+    build: impl FnOnce() -> Result<Loaded<C>, TlsError>,
+) -> Result<bool, TlsError> {
+    let old = match current.read() {
+        Ok(g) => g.fingerprint,
+        Err(p) => p.into_inner().fingerprint,
+    };
+    let result = Material::fingerprint_now(files).and_then(|now| {
+        let seen = rejected.lock().ok().and_then(|r| *r);
+        if now == old || seen == Some(now) {
+            return Ok(None);
+        }
+        build().map(Some).inspect_err(|_| {
+            if let Ok(mut r) = rejected.lock() {
+                *r = Some(now);
+            }
+        })
+    });
+    match result {
+        Ok(None) => Ok(false),
+        Ok(Some(loaded)) => {
+            let expiry = loaded.expiries.first().map(|e| e.not_after_unix);
+            match current.write() {
+                Ok(mut g) => *g = Arc::new(loaded),
+                Err(p) => *p.into_inner() = Arc::new(loaded),
+            }
+            stats.reloads.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(endpoint, cert_not_after_unix = ?expiry, "TLS certificates reloaded; new connections use them");
+            Ok(true)
+        }
+        Err(e) => {
+            stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(endpoint, error = %e, "changed TLS files rejected; the previous certificates stay in use");
+            Err(e)
+        }
+    }
+}
+
+impl Reloadable for ServerTls {
+    fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        reload(
+            &self.files,
+            &self.current,
+            &self.rejected,
+            &self.endpoint,
+            &self.stats,
+            || Self::build(&self.files, &self.alpn, &self.endpoint),
+        )
+    }
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+    fn expiries(&self) -> Vec<Expiry> {
+        self.loaded().expiries.clone()
+    }
+}
+
+/// The TLS side of a client (a link or the CLI): presents this gateway's certificate
+/// and verifies the server against the given anchors and the name it dials.
+pub struct ClientTls {
+    files: TlsFiles,
+    alpn: Vec<Vec<u8>>,
+    endpoint: String,
+    stats: Arc<TlsStats>,
+    current: RwLock<Arc<Loaded<rustls::ClientConfig>>>,
+    rejected: Mutex<Option<[u8; 32]>>,
+}
+
+impl ClientTls {
+    /// Loads `files` for the client `endpoint` (e.g. the link's name).
+    pub fn new(
+        files: TlsFiles,
+        alpn: Vec<Vec<u8>>,
+        endpoint: impl Into<String>,
+        stats: Arc<TlsStats>,
+    ) -> Result<Arc<ClientTls>, TlsError> {
+        let loaded = Self::build(&files, &alpn)?;
+        Ok(Arc::new(ClientTls {
+            files,
+            alpn,
+            endpoint: endpoint.into(),
+            stats,
+            current: RwLock::new(Arc::new(loaded)),
+            rejected: Mutex::new(None),
+        }))
+    }
+
+    fn build(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<Loaded<rustls::ClientConfig>, TlsError> {
+        let m = Material::load(files)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(m.roots.clone())
+            .with_client_auth_cert(m.chain, m.key)?;
+        config.alpn_protocols = alpn.to_vec();
+        config.enable_early_data = false;
+        Ok(Loaded {
+            config: Arc::new(config),
+            anchors: m.anchors,
+            fingerprint: m.fingerprint,
+            expiries: m.expiries,
+        })
+    }
+
+    /// The configuration new connections use now.
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        match self.current.read() {
+            Ok(g) => g.config.clone(),
+            Err(p) => p.into_inner().config.clone(),
+        }
+    }
+
+    /// Dials `addr` over TCP (no Nagle delay) and completes a TLS 1.3 handshake that
+    /// verifies the server as `server_name` (a DNS name or an IP address).
+    pub async fn connect(
+        &self,
+        addr: &str,
+        server_name: &str,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = ServerName::try_from(server_name.to_owned()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                TlsError::ServerName(server_name.to_owned()),
+            )
+        })?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let r = tokio_rustls::TlsConnector::from(self.config())
+            .connect(name, tcp)
+            .await;
+        if let Err(e) = &r {
+            let reason = failure_reason(e);
+            self.stats.handshake_failed(&self.endpoint, reason);
+            tracing::warn!(endpoint = %self.endpoint, %addr, server_name, reason, error = %e, "TLS handshake with the server failed");
+        }
+        r
+    }
+}
+
+impl Reloadable for ClientTls {
+    fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        reload(
+            &self.files,
+            &self.current,
+            &self.rejected,
+            &self.endpoint,
+            &self.stats,
+            || Self::build(&self.files, &self.alpn),
+        )
+    }
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+    fn expiries(&self) -> Vec<Expiry> {
+        match self.current.read() {
+            Ok(g) => g.expiries.clone(),
+            Err(p) => p.into_inner().expiries.clone(),
+        }
+    }
+}
+
+/// Checks every endpoint's files every `interval` until `stop` turns true. A rejected
+/// change is logged and counted by the endpoint and retried on the next tick (when the
+/// operator finishes replacing the files, it loads).
+pub async fn watch(
+    endpoints: Vec<Arc<dyn Reloadable>>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for e in &endpoints {
+            let _ = e.reload_if_changed();
+        }
+    }
+}
