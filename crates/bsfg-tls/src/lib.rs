@@ -19,7 +19,7 @@
 //! concurrently, each under a deadline, and classifies every failure.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -157,32 +157,32 @@ impl TlsStats {
     }
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     })
 }
 
-fn certs(path: &PathBuf, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Material {
-            path: path.clone(),
+            path: path.to_path_buf(),
             rule: format!("not a PEM certificate file: {e}"),
         })?;
     if certs.is_empty() {
         return Err(TlsError::Material {
-            path: path.clone(),
+            path: path.to_path_buf(),
             rule: "holds no certificate (expected -----BEGIN CERTIFICATE-----)".into(),
         });
     }
     Ok(certs)
 }
 
-fn not_after(path: &PathBuf, der: &[u8]) -> Result<i64, TlsError> {
+fn not_after(path: &Path, der: &[u8]) -> Result<i64, TlsError> {
     let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Material {
-        path: path.clone(),
+        path: path.to_path_buf(),
         rule: format!("not an X.509 certificate: {e}"),
     })?;
     Ok(c.validity().not_after.timestamp())
