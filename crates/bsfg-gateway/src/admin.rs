@@ -13,7 +13,10 @@
 //! `bsfg_gaps_accepted_total`. The zone's own API (label `link=""`):
 //! `bsfg_append_requests_total`, `bsfg_append_failures_total`,
 //! `bsfg_fetch_requests_total`, `bsfg_confirm_requests_total`, and the
-//! `bsfg_append_latency_seconds` histogram.
+//! `bsfg_append_latency_seconds` histogram. Security (label `zone`):
+//! `bsfg_certificate_expiry_timestamp_seconds{endpoint,role,name}`,
+//! `bsfg_tls_handshake_failures_total{endpoint,reason}`, `bsfg_tls_reloads_total`,
+//! `bsfg_tls_reload_failures_total`, `bsfg_authz_denials_total{peer,operation}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -116,6 +119,28 @@ pub struct Admin {
     pub links: Vec<LinkHandle>,
     /// The zone's API counters.
     pub api: Arc<ApiMetrics>,
+    /// TLS endpoints and authorization, for their metrics.
+    pub security: Security,
+}
+
+/// What the security metrics read: every TLS endpoint (for certificate expiry), the
+/// shared handshake and reload counters, and the authorization denials.
+#[derive(Clone)]
+pub struct Security {
+    /// Listeners' and links' TLS endpoints.
+    pub endpoints: Vec<Arc<dyn bsfg_tls::Reloadable>>,
+    /// Handshake failures and reloads.
+    pub tls: Arc<bsfg_tls::TlsStats>,
+    /// Grants and denial counts.
+    pub authz: Arc<bsfg_core::Authorization>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
 }
 
 /// `/status` body.
@@ -132,6 +157,7 @@ struct Collector {
     zone: String,
     links: Vec<LinkHandle>,
     api: Arc<ApiMetrics>,
+    security: Security,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -311,7 +337,96 @@ impl prometheus_client::collector::Collector for Collector {
             "AppendFact latency through the zone's API.",
             &[(api, hist)],
         )?;
-        Ok(())
+        self.encode_security(&mut e)
+    }
+}
+
+impl Collector {
+    fn encode_security(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let zone = || ("zone", self.zone.clone());
+        let expiry: Vec<(Labels, ConstGauge<i64>)> = self
+            .security
+            .endpoints
+            .iter()
+            .flat_map(|ep| {
+                ep.expiries().into_iter().map(move |x| {
+                    (
+                        vec![
+                            zone(),
+                            ("endpoint", ep.endpoint().to_owned()),
+                            ("role", x.role.to_owned()),
+                            ("name", x.name),
+                        ],
+                        ConstGauge::new(x.not_after_unix),
+                    )
+                })
+            })
+            .collect();
+        family(
+            e,
+            "bsfg_certificate_expiry_timestamp_seconds",
+            "notAfter of each certificate in use (role cert: this gateway's; role ca: a trust anchor), Unix seconds.",
+            &expiry,
+        )?;
+        let handshakes: Vec<(Labels, ConstCounter<u64>)> = self
+            .security
+            .tls
+            .handshake_failures()
+            .into_iter()
+            .map(|((endpoint, reason), n)| {
+                (
+                    vec![
+                        zone(),
+                        ("endpoint", endpoint),
+                        ("reason", reason.to_owned()),
+                    ],
+                    ConstCounter::new(n),
+                )
+            })
+            .collect();
+        family(
+            e,
+            "bsfg_tls_handshake_failures",
+            "TLS handshakes refused or failed, by endpoint and reason (unknown_ca, expired_certificate, not_tls, handshake_timeout, ...).",
+            &handshakes,
+        )?;
+        family(
+            e,
+            "bsfg_tls_reloads",
+            "Certificate files reloaded after a change.",
+            &[(vec![zone()], ConstCounter::new(self.security.tls.reloads()))],
+        )?;
+        family(
+            e,
+            "bsfg_tls_reload_failures",
+            "Changed certificate files that were rejected (the previous ones stayed in use).",
+            &[(
+                vec![zone()],
+                ConstCounter::new(self.security.tls.reload_failures()),
+            )],
+        )?;
+        let denials: Vec<(Labels, ConstCounter<u64>)> = self
+            .security
+            .authz
+            .denials()
+            .into_iter()
+            .map(|((peer, op), n)| {
+                (
+                    vec![
+                        zone(),
+                        ("peer", peer),
+                        ("operation", op.as_str().to_owned()),
+                    ],
+                    ConstCounter::new(n),
+                )
+            })
+            .collect();
+        family(
+            e,
+            "bsfg_authz_denials",
+            "Requests refused by authorization, by peer identity and operation.",
+            &denials,
+        )
     }
 }
 
@@ -322,6 +437,7 @@ impl Admin {
             zone: self.zone.clone(),
             links: self.links.clone(),
             api: self.api.clone(),
+            security: self.security.clone(),
         }));
         r
     }

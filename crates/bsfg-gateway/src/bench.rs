@@ -132,9 +132,9 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
         let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(bsfg_transport_grpc::serve(
-            api,
+            bsfg_core::Gate::local_only(api),
             ServerConfig::default(),
-            listener,
+            bsfg_transport_grpc::Incoming::Plain(listener),
             async {
                 let _ = stop_rx.await;
             },
@@ -298,9 +298,9 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let a_served: Arc<dyn BoundaryApi> = a_api.clone();
     let server = tokio::spawn(bsfg_transport_grpc::serve(
-        a_served,
+        bsfg_core::Gate::local_only(a_served),
         ServerConfig::default(),
-        listener,
+        bsfg_transport_grpc::Incoming::Plain(listener),
         async {
             let _ = stop_rx.await;
         },

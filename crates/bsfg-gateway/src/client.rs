@@ -9,9 +9,55 @@ use bsfg_core::{BoundaryApi, BoundaryError, Envelope, Fact, FactPage, FetchReque
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
 use futures::{StreamExt, TryStreamExt};
 
-/// Connects to a gateway URL.
-pub fn connect(url: &str) -> anyhow::Result<GrpcClient> {
-    GrpcClient::connect_lazy(url, ClientConfig::default()).map_err(|e| anyhow::anyhow!("{e}"))
+/// The client's certificate for `grpcs://` URLs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Client certificate (PEM) for grpcs:// URLs.
+    #[arg(long, global = true, env = "BSFG_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM) for grpcs:// URLs.
+    #[arg(long, global = true, env = "BSFG_KEY")]
+    pub key: Option<PathBuf>,
+    /// CA certificate (PEM) the gateway's certificate must chain to.
+    #[arg(long, global = true, env = "BSFG_CA")]
+    pub ca: Option<PathBuf>,
+    /// Name the gateway's certificate must carry (default: the URL's host).
+    #[arg(long, global = true, env = "BSFG_SERVER_NAME")]
+    pub server_name: Option<String>,
+}
+
+/// Connects to a gateway URL: `grpc://` in plaintext, `grpcs://` with mutual TLS
+/// using `tls`.
+pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<GrpcClient> {
+    if !url.starts_with("grpcs://") {
+        return GrpcClient::connect_lazy(url, ClientConfig::default())
+            .map_err(|e| anyhow::anyhow!("{e}"));
+    }
+    let (Some(cert), Some(key), Some(ca)) = (&tls.cert, &tls.key, &tls.ca) else {
+        bail!("{url}: grpcs:// needs --cert, --key and --ca (or BSFG_CERT, BSFG_KEY, BSFG_CA)");
+    };
+    let files = bsfg_tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        trust: vec![bsfg_tls::Anchor {
+            name: "ca".into(),
+            path: ca.clone(),
+        }],
+        identity_from: bsfg_tls::IdentityFrom::San,
+    };
+    let client_tls = bsfg_tls::ClientTls::new(
+        files,
+        vec![bsfg_tls::ALPN_H2.to_vec()],
+        "cli",
+        std::sync::Arc::default(),
+    )?;
+    GrpcClient::connect_lazy_tls(
+        url,
+        ClientConfig::default(),
+        client_tls,
+        tls.server_name.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The fields of one fact given on the command line.

@@ -59,6 +59,37 @@ struct RawConfig {
     #[serde(default, alias = "link")]
     links: Vec<RawLink>,
     admin: Option<RawAdmin>,
+    tls: Option<Spanned<RawTls>>,
+    #[serde(default, alias = "peer")]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    identity_from: Option<Spanned<String>>,
+    reload_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    trust: std::collections::BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    identity: Spanned<String>,
+    ca: Spanned<String>,
+    #[serde(default)]
+    claim_from_zones: Vec<Spanned<String>>,
+    #[serde(default)]
+    to_zones: Vec<Spanned<String>>,
+    #[serde(default)]
+    consumers: Vec<Spanned<String>>,
+    #[serde(default)]
+    put_buckets: Vec<Spanned<String>>,
+    #[serde(default)]
+    read_buckets: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,6 +106,8 @@ struct RawLink {
     backoff_min: Option<Spanned<String>>,
     backoff_max: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
+    ca: Option<Spanned<String>>,
+    server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +180,8 @@ struct RawListener {
     max_fetch_wait: Option<Spanned<String>>,
     max_concurrent_streams: Option<Spanned<u32>>,
     request_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    handshake_timeout: Option<Spanned<String>>,
 }
 
 /// A listener, resolved.
@@ -158,8 +193,39 @@ pub struct Listener {
     pub scheme: String,
     /// Socket address to bind.
     pub addr: SocketAddr,
+    /// Mutual TLS with the zone's `[tls]` identity (`grpcs://`); otherwise plaintext
+    /// on loopback.
+    pub tls: bool,
     /// Transport settings.
     pub server: ServerConfig,
+}
+
+/// The zone's TLS identity and trust anchors (`[tls]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Certificate, key and every trust anchor (paths resolved against the config
+    /// file's directory).
+    pub files: bsfg_tls::TlsFiles,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+impl TlsSettings {
+    /// The same identity, trusting only the anchor `name` (a link's source).
+    pub fn trusting_only(&self, name: &str) -> bsfg_tls::TlsFiles {
+        let mut f = self.files.clone();
+        f.trust.retain(|a| a.name == name);
+        f
+    }
+}
+
+/// How a link authenticates its source (`grpcs://`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkTls {
+    /// The trust anchor the source's certificate must chain to.
+    pub ca: String,
+    /// The name the source's certificate must carry (default: the URL's host).
+    pub server_name: Option<String>,
 }
 
 /// A link, resolved: pull from `source` into this zone.
@@ -169,6 +235,8 @@ pub struct LinkConfig {
     pub source: String,
     /// URL scheme of `source`.
     pub scheme: String,
+    /// Mutual TLS to the source, when the scheme is `grpcs`.
+    pub tls: Option<LinkTls>,
     /// The link loop's settings.
     pub settings: bsfg_core::link::LinkSettings,
 }
@@ -189,10 +257,15 @@ pub struct GatewayConfig {
     /// Loopback address of the admin endpoint (`/metrics`, `/status`, gap
     /// acceptance), if any.
     pub admin: Option<SocketAddr>,
+    /// The zone's TLS identity, if it has one.
+    pub tls: Option<TlsSettings>,
+    /// What each peer identity may do (default deny).
+    pub grants: Vec<bsfg_core::Grant>,
 }
 
-/// Transports known by URL scheme.
-pub const SCHEMES: &[&str] = &["grpc"];
+/// Transports known by URL scheme: `grpc` is plaintext (loopback, `insecure = true`),
+/// `grpcs` is gRPC over mutual TLS.
+pub const SCHEMES: &[&str] = &["grpc", "grpcs"];
 /// Sinks known by `type`.
 pub const SINKS: &[&str] = &["jetstream"];
 
@@ -590,12 +663,28 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             );
         }
         let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
-        if !insecure {
+        let tls = scheme == "grpcs";
+        if tls {
+            if insecure && let Some(v) = &rl.insecure {
+                c.at(
+                    v.span(),
+                    format!("listeners[{i}].insecure"),
+                    "a grpcs:// listener is mutual TLS; remove `insecure` or use grpc://",
+                );
+            }
+            if raw.tls.is_none() {
+                c.at(
+                    rl.url.span(),
+                    key.clone(),
+                    "a grpcs:// listener needs the zone's [tls] section (cert, key, trust)",
+                );
+            }
+        } else if !insecure {
             let span = rl.insecure.as_ref().map_or(rl.url.span(), |v| v.span());
             c.at(
                 span,
                 format!("listeners[{i}].insecure"),
-                "TLS listeners are not available yet: set `insecure = true` on a loopback address",
+                "grpc:// is plaintext: use grpcs:// (mutual TLS), or set `insecure = true` on a loopback address",
             );
         } else if !addr.ip().is_loopback() {
             c.at(
@@ -629,6 +718,34 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 "must be longer than max_fetch_wait, or long-polls time out",
             );
         }
+        server.idle_timeout = c.duration(
+            &rl.idle_timeout,
+            &format!("listeners[{i}].idle_timeout"),
+            server.idle_timeout,
+        );
+        server.handshake_timeout = c.duration(
+            &rl.handshake_timeout,
+            &format!("listeners[{i}].handshake_timeout"),
+            server.handshake_timeout,
+        );
+        for (v, k, d) in [
+            (&rl.idle_timeout, "idle_timeout", server.idle_timeout),
+            (
+                &rl.handshake_timeout,
+                "handshake_timeout",
+                server.handshake_timeout,
+            ),
+        ] {
+            if let Some(v) = v
+                && d < Duration::from_millis(100)
+            {
+                c.at(
+                    v.span(),
+                    format!("listeners[{i}].{k}"),
+                    "must be at least 100ms",
+                );
+            }
+        }
         if let Some(s) = &rl.max_concurrent_streams {
             if *s.get_ref() == 0 {
                 c.at(
@@ -643,6 +760,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             url: url.clone(),
             scheme: scheme.to_owned(),
             addr,
+            tls,
             server,
         });
     }
@@ -678,12 +796,47 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 ),
             );
         }
-        if !rl.insecure.as_ref().is_some_and(|v| *v.get_ref()) {
+        let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
+        let mut link_tls = None;
+        if scheme == "grpcs" {
+            if insecure && let Some(v) = &rl.insecure {
+                c.at(
+                    v.span(),
+                    key("insecure"),
+                    "a grpcs:// source is mutual TLS; remove `insecure` or use grpc://",
+                );
+            }
+            match (&rl.ca, &raw.tls) {
+                (None, _) => c.at(
+                    rl.source.span(),
+                    key("ca"),
+                    "a grpcs:// link needs `ca`: the [tls.trust] anchor the source's certificate must chain to",
+                ),
+                (Some(_), None) => c.at(
+                    rl.source.span(),
+                    key("source"),
+                    "a grpcs:// link needs the zone's [tls] section (its client certificate)",
+                ),
+                (Some(ca), Some(t)) => {
+                    if !t.get_ref().trust.contains_key(ca.get_ref()) {
+                        c.at(
+                            ca.span(),
+                            key("ca"),
+                            format!("`{}` is not an anchor in [tls.trust]", ca.get_ref()),
+                        );
+                    }
+                    link_tls = Some(LinkTls {
+                        ca: ca.get_ref().clone(),
+                        server_name: rl.server_name.as_ref().map(|n| n.get_ref().clone()),
+                    });
+                }
+            }
+        } else if !insecure {
             let span = rl.insecure.as_ref().map_or(rl.source.span(), |v| v.span());
             c.at(
                 span,
                 key("insecure"),
-                "TLS links are not available yet: set `insecure = true` to pull over plaintext",
+                "grpc:// is plaintext: use grpcs:// (mutual TLS), or set `insecure = true` to pull over plaintext",
             );
         }
         let mut streams = Vec::new();
@@ -747,6 +900,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         links.push(LinkConfig {
             source: url.clone(),
             scheme: scheme.to_owned(),
+            tls: link_tls,
             settings: bsfg_core::link::LinkSettings {
                 name: rl.name.get_ref().clone(),
                 local_zone: zone.clone(),
@@ -796,6 +950,11 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         );
     }
 
+    let base = path.parent().unwrap_or(Path::new("."));
+    let tls = raw.tls.as_ref().and_then(|t| tls_section(&mut c, t, base));
+    let declared: HashSet<String> = sink.consumers.iter().map(|k| k.name.clone()).collect();
+    let grants = peers(&mut c, &raw.peers, tls.as_ref(), &declared);
+
     if c.problems.is_empty() {
         Ok(GatewayConfig {
             zone,
@@ -804,11 +963,180 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             listeners,
             links,
             admin,
+            tls,
+            grants,
         })
     } else {
         c.problems.sort_by_key(|p| (p.line, p.column));
         Err(Problems(c.problems))
     }
+}
+
+/// `[tls]`: files resolved against `base`, loaded once so that a wrong path, a key
+/// that does not match its certificate or a non-PEM file is a config problem.
+fn tls_section(c: &mut Checker<'_>, t: &Spanned<RawTls>, base: &Path) -> Option<TlsSettings> {
+    let raw = t.get_ref();
+    let identity_from = match raw
+        .identity_from
+        .as_ref()
+        .map(|v| (v, v.get_ref().as_str()))
+    {
+        None | Some((_, "san")) => bsfg_tls::IdentityFrom::San,
+        Some((_, "cn")) => bsfg_tls::IdentityFrom::Cn,
+        Some((v, other)) => {
+            c.at(
+                v.span(),
+                "tls.identity_from",
+                format!("`{other}` is not one of san, cn"),
+            );
+            bsfg_tls::IdentityFrom::San
+        }
+    };
+    let reload_interval = c.duration(
+        &raw.reload_interval,
+        "tls.reload_interval",
+        Duration::from_secs(10),
+    );
+    if reload_interval < Duration::from_secs(1) {
+        let span = raw.reload_interval.as_ref().map_or(t.span(), |v| v.span());
+        c.at(span, "tls.reload_interval", "must be at least 1s");
+    }
+    if raw.trust.is_empty() {
+        c.at(
+            t.span(),
+            "tls.trust",
+            "name at least one CA, e.g. trust = { plant = \"certs/plant/ca.pem\" }",
+        );
+    }
+    let mut trust = Vec::new();
+    for (name, p) in &raw.trust {
+        c.name(
+            &Spanned::new(p.span(), name.clone()),
+            &format!("tls.trust.{name}"),
+            names::validate_zone,
+        );
+        trust.push(bsfg_tls::Anchor {
+            name: name.clone(),
+            path: base.join(p.get_ref()),
+        });
+    }
+    let files = bsfg_tls::TlsFiles {
+        cert: base.join(raw.cert.get_ref()),
+        key: base.join(raw.key.get_ref()),
+        trust,
+        identity_from,
+    };
+    if !raw.trust.is_empty()
+        && let Err(e) = bsfg_tls::check(&files)
+    {
+        let (span, key) = match &e {
+            bsfg_tls::TlsError::Read { path, .. } | bsfg_tls::TlsError::Material { path, .. } => {
+                if *path == files.key {
+                    (raw.key.span(), "tls.key".to_owned())
+                } else if let Some((n, p)) = raw
+                    .trust
+                    .iter()
+                    .find(|(_, p)| base.join(p.get_ref()) == *path)
+                {
+                    (p.span(), format!("tls.trust.{n}"))
+                } else {
+                    (raw.cert.span(), "tls.cert".to_owned())
+                }
+            }
+            _ => (raw.key.span(), "tls.key".to_owned()),
+        };
+        c.at(span, key, e.to_string());
+        return None;
+    }
+    Some(TlsSettings {
+        files,
+        reload_interval,
+    })
+}
+
+/// `[[peers]]`: one grant per identity, bound to a trust anchor.
+fn peers(
+    c: &mut Checker<'_>,
+    raw: &[RawPeer],
+    tls: Option<&TlsSettings>,
+    consumers: &HashSet<String>,
+) -> Vec<bsfg_core::Grant> {
+    let mut seen = HashSet::new();
+    let mut grants = Vec::new();
+    for (i, p) in raw.iter().enumerate() {
+        let key = |k: &str| format!("peers[{i}].{k}");
+        let identity = p.identity.get_ref();
+        if identity.is_empty() || identity.chars().any(|ch| ch.is_control() || ch == ' ') {
+            c.at(
+                p.identity.span(),
+                key("identity"),
+                "must be the certificate's identity, e.g. idmz-bsfg (no spaces)",
+            );
+        }
+        if !seen.insert(identity.clone()) {
+            c.at(
+                p.identity.span(),
+                key("identity"),
+                format!("`{identity}` has a grant already; merge the two"),
+            );
+        }
+        match tls {
+            None => c.at(
+                p.ca.span(),
+                key("ca"),
+                "peers are authenticated by certificate: the zone needs a [tls] section",
+            ),
+            Some(t) if !t.files.trust.iter().any(|a| a.name == *p.ca.get_ref()) => c.at(
+                p.ca.span(),
+                key("ca"),
+                format!("`{}` is not an anchor in [tls.trust]", p.ca.get_ref()),
+            ),
+            Some(_) => {}
+        }
+        let mut list = |values: &[Spanned<String>],
+                        k: &str,
+                        check: fn(&str, &str) -> Result<(), bsfg_core::BoundaryError>|
+         -> Vec<String> {
+            values
+                .iter()
+                .enumerate()
+                .map(|(j, v)| {
+                    if v.get_ref() != "*" {
+                        c.name(v, &format!("peers[{i}].{k}[{j}]"), check);
+                    }
+                    v.get_ref().clone()
+                })
+                .collect()
+        };
+        let claim_from_zones = list(
+            &p.claim_from_zones,
+            "claim_from_zones",
+            names::validate_zone,
+        );
+        let to_zones = list(&p.to_zones, "to_zones", names::validate_zone);
+        let granted = list(&p.consumers, "consumers", names::validate_consumer);
+        let put_buckets = list(&p.put_buckets, "put_buckets", names::validate_bucket);
+        let read_buckets = list(&p.read_buckets, "read_buckets", names::validate_bucket);
+        for (j, v) in p.consumers.iter().enumerate() {
+            if v.get_ref() != "*" && !consumers.contains(v.get_ref()) {
+                c.at(
+                    v.span(),
+                    format!("peers[{i}].consumers[{j}]"),
+                    format!("`{}` is not declared in [[consumers]]", v.get_ref()),
+                );
+            }
+        }
+        grants.push(bsfg_core::Grant {
+            identity: identity.clone(),
+            ca: p.ca.get_ref().clone(),
+            claim_from_zones,
+            to_zones,
+            consumers: granted,
+            put_buckets,
+            read_buckets,
+        });
+    }
+    grants
 }
 
 #[cfg(test)]
@@ -929,7 +1257,7 @@ insecure = true
                 "insecure = false",
                 15,
                 "listeners[0].insecure",
-                "TLS listeners are not available",
+                "grpc:// is plaintext: use grpcs://",
             ),
             (
                 "insecure = true",
@@ -1074,7 +1402,7 @@ consumer = "to-plant-a"
                 "insecure = true\nconsumer",
                 "insecure = false\nconsumer",
                 "links[0].insecure",
-                "TLS links are not available yet",
+                "grpc:// is plaintext: use grpcs://",
             ),
             (
                 "consumer = \"to-plant-a\"",

@@ -38,6 +38,8 @@ struct Cli {
     /// Machine-readable JSON output (one object per line).
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    tls: client::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -264,7 +266,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             file,
             concurrency,
         } => {
-            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
             client::append(&api, &fact, file, concurrency, cli.json)
                 .await
                 .map_err(op)
@@ -276,7 +278,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             follow,
             confirm,
         } => {
-            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
             let wait = if follow {
                 wait.max(Duration::from_secs(5))
             } else {
@@ -287,7 +289,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                 .map_err(op)
         }
         Command::Confirm { consumer, offset } => {
-            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
             client::confirm(&api, &consumer, offset, cli.json)
                 .await
                 .map_err(op)
@@ -301,8 +303,8 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             zone,
             accepted_by,
         } => {
-            let dest = client::connect(&cli.url).map_err(|e| (2u8, e))?;
-            let src = client::connect(&source).map_err(|e| (2u8, e))?;
+            let dest = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
+            let src = client::connect(&source, &cli.tls).map_err(|e| (2u8, e))?;
             let acceptance = match (accept_gap, zone) {
                 (true, Some(local_zone)) => Some(bsfg_core::link::GapAcceptance {
                     local_zone,
@@ -356,7 +358,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             bench::replicate(opts).await.map_err(op)
         }
         Command::PutObject { bucket, key, file } => {
-            let api = client::connect(&cli.url).map_err(|e| (2u8, e))?;
+            let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
             client::put_object(&api, &bucket, key, file, cli.json)
                 .await
                 .map_err(op)

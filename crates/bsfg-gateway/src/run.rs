@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use bsfg_core::link::Link;
-use bsfg_core::{Boundary, BoundaryApi};
+use bsfg_core::{Authorization, Boundary, BoundaryApi, Gate};
 use bsfg_sink_jetstream::{Durability, JetStreamZone};
+use bsfg_tls::{ClientTls, Reloadable, ServerTls};
+use bsfg_transport_grpc::Incoming;
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -54,19 +56,44 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: api_metrics.clone(),
     });
 
+    let authz = Arc::new(Authorization::new(cfg.grants.clone()));
+    let gate = Gate::new(api, authz.clone());
+    let tls_stats = Arc::new(bsfg_tls::TlsStats::default());
+    let mut tls_endpoints: Vec<Arc<dyn Reloadable>> = Vec::new();
+    let alpn = || vec![bsfg_tls::ALPN_H2.to_vec()];
+
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Links: each pulls from its source into this zone's engine, until stopped.
     let mut handles = Vec::new();
     let mut link_tasks = Vec::new();
     for l in &cfg.links {
-        // Only one transport so far; the scheme was checked against the registry.
-        let source = bsfg_transport_grpc::GrpcClient::connect_lazy(
-            &l.source,
-            bsfg_transport_grpc::ClientConfig::default(),
-        )
-        .map_err(|e| anyhow::anyhow!("link {}: source {}: {e}", l.settings.name, l.source))?;
-        tracing::warn!(zone = %zone, link = %l.settings.name, source = %l.source, "link pulls over plaintext without TLS or peer authentication (insecure = true)");
+        let name = &l.settings.name;
+        let client = bsfg_transport_grpc::ClientConfig::default();
+        let source = match (&l.tls, &cfg.tls) {
+            (Some(lt), Some(t)) => {
+                let tls = ClientTls::new(
+                    t.trusting_only(&lt.ca),
+                    alpn(),
+                    format!("link:{name}"),
+                    tls_stats.clone(),
+                )
+                .with_context(|| format!("link {name}: TLS"))?;
+                tls_endpoints.push(tls.clone());
+                tracing::info!(zone = %zone, link = %name, source = %l.source, ca = %lt.ca, "link pulls over mutual TLS");
+                bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
+                    &l.source,
+                    client,
+                    tls,
+                    lt.server_name.clone(),
+                )
+            }
+            _ => {
+                tracing::warn!(zone = %zone, link = %name, source = %l.source, "link pulls over PLAINTEXT without TLS or peer authentication (insecure = true)");
+                bsfg_transport_grpc::GrpcClient::connect_lazy(&l.source, client)
+            }
+        }
+        .map_err(|e| anyhow::anyhow!("link {name}: source {}: {e}", l.source))?;
         let (link, handle) = Link::new(
             l.settings.clone(),
             Arc::new(source),
@@ -77,6 +104,36 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
 
     let mut servers = Vec::new();
+    for l in &cfg.listeners {
+        let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
+            .await
+            .with_context(|| format!("listener {}", l.url))?;
+        let incoming = match (&cfg.tls, l.tls) {
+            (Some(t), true) => {
+                let tls = ServerTls::new(t.files.clone(), alpn(), l.url.clone(), tls_stats.clone())
+                    .with_context(|| format!("listener {}: TLS", l.url))?;
+                tls_endpoints.push(tls.clone());
+                tracing::info!(zone = %zone, url = %l.url, grants = cfg.grants.len(), "mutual TLS 1.3 listener: peers need a certificate from a trust anchor and a grant");
+                Incoming::Tls(listener, tls)
+            }
+            _ => {
+                tracing::warn!(zone = %zone, url = %l.url, "PLAINTEXT listener (insecure = true, loopback only): callers are not authenticated and have FULL ACCESS to this zone");
+                Incoming::Plain(listener)
+            }
+        };
+        tracing::info!(zone = %zone, url = %format!("{}://{addr}", l.scheme), "listening");
+        let mut rx = stop_rx.clone();
+        let gate = gate.clone();
+        let server = l.server.clone();
+        let url = l.url.clone();
+        servers.push(tokio::spawn(async move {
+            bsfg_transport_grpc::serve(gate, server, incoming, async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            })
+            .await
+            .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
+        }));
+    }
     if let Some(addr) = cfg.admin {
         let listener = admin::bind(addr)
             .await
@@ -86,6 +143,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             zone: zone.clone(),
             links: handles.clone(),
             api: api_metrics.clone(),
+            security: admin::Security {
+                endpoints: tls_endpoints.clone(),
+                tls: tls_stats.clone(),
+                authz: authz.clone(),
+            },
         };
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(async move {
@@ -96,24 +158,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::Error::new(e).context("admin endpoint"))
         }));
     }
-    for l in &cfg.listeners {
-        // Only one transport so far; the scheme was checked against the registry.
-        let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
-            .await
-            .with_context(|| format!("listener {}", l.url))?;
-        tracing::warn!(zone = %zone, url = %l.url, "plaintext listener without TLS or peer authentication (insecure = true, loopback only)");
-        tracing::info!(zone = %zone, url = %format!("{}://{addr}", l.scheme), "listening");
-        let mut rx = stop_rx.clone();
-        let api = api.clone();
-        let server = l.server.clone();
-        let url = l.url.clone();
-        servers.push(tokio::spawn(async move {
-            bsfg_transport_grpc::serve(api, server, listener, async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
-            .await
-            .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
-        }));
+    if let Some(t) = &cfg.tls {
+        tokio::spawn(bsfg_tls::watch(
+            tls_endpoints.clone(),
+            t.reload_interval,
+            stop_rx.clone(),
+        ));
     }
     println!(
         "bsfg: zone {zone} ready ({} listener(s), {} link(s){})",

@@ -292,6 +292,14 @@ impl Material {
     }
 }
 
+/// Loads `files` once and builds a server configuration from them, as a listener
+/// would: a missing file, a non-PEM file, a key that does not match its certificate or
+/// a CA that cannot anchor anything is an error naming the file. Returns the expiry of
+/// every certificate.
+pub fn check(files: &TlsFiles) -> Result<Vec<Expiry>, TlsError> {
+    Ok(ServerTls::build(files, &[], "check")?.expiries)
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

@@ -1,6 +1,7 @@
 //! A gRPC client that is itself a [`BoundaryApi`], so a replicator or a CLI talks to a
 //! remote zone exactly as to a local engine.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,6 +10,7 @@ use bsfg_core::{
     Message, ObjectInfo,
 };
 use bsfg_proto::v1::{self, boundary_client::BoundaryClient, put_object_request::Part};
+use bsfg_tls::ClientTls;
 use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
@@ -49,18 +51,35 @@ pub struct GrpcClient {
     config: ClientConfig,
 }
 
-/// Converts `grpc://host:port` (or `http://`) to the URI tonic dials.
+/// Converts `grpc://host:port`, `grpcs://host:port` (or `http://`) to the URI tonic
+/// dials (TLS, if any, is done by this crate's connector, not by tonic).
 pub fn endpoint_uri(url: &str) -> Result<String, BoundaryError> {
-    if let Some(rest) = url.strip_prefix("grpc://") {
+    if let Some(rest) = url
+        .strip_prefix("grpc://")
+        .or_else(|| url.strip_prefix("grpcs://"))
+    {
         Ok(format!("http://{rest}"))
     } else if url.starts_with("http://") {
         Ok(url.to_owned())
     } else {
         Err(BoundaryError::invalid(
             "url",
-            format!("`{url}` is not a gRPC URL (grpc://host:port)"),
+            format!("`{url}` is not a gRPC URL (grpc://host:port or grpcs://host:port)"),
         ))
     }
+}
+
+/// `host:port` and the host alone (without IPv6 brackets) of a gRPC URL.
+fn host_port(url: &str) -> Result<(String, String), BoundaryError> {
+    let rest = url
+        .split_once("://")
+        .map_or(url, |(_, r)| r)
+        .trim_end_matches('/');
+    let (host, _) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| BoundaryError::invalid("url", format!("`{url}` has no port (host:port)")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((rest.to_owned(), host.to_owned()))
 }
 
 impl GrpcClient {
@@ -77,6 +96,39 @@ impl GrpcClient {
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let inner = BoundaryClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes);
+        Ok(GrpcClient { inner, config })
+    }
+
+    /// Prepares a mutual-TLS client for `url` (`grpcs://host:port`): it presents the
+    /// certificate of `tls` and accepts only a server whose certificate chains to
+    /// `tls`'s anchors and names `server_name` (default: the URL's host). Lazy like
+    /// [`GrpcClient::connect_lazy`]; each new connection uses the certificates in use
+    /// at that moment, so a reload takes effect on reconnect.
+    pub fn connect_lazy_tls(
+        url: &str,
+        config: ClientConfig,
+        tls: Arc<ClientTls>,
+        server_name: Option<String>,
+    ) -> Result<Self, BoundaryError> {
+        let uri = endpoint_uri(url)?;
+        let (addr, host) = host_port(url)?;
+        let name = server_name.unwrap_or(host);
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
+            .connect_timeout(config.connect_timeout)
+            .http2_adaptive_window(config.adaptive_window)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
+            async move {
+                let s = tls.connect(&addr, &name).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        });
+        let inner = BoundaryClient::new(endpoint.connect_with_connector_lazy(connector))
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
         Ok(GrpcClient { inner, config })

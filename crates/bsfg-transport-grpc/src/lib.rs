@@ -13,4 +13,4 @@ pub mod server;
 pub mod status;
 
 pub use client::{ClientConfig, GrpcClient};
-pub use server::{ServeError, ServerConfig, bind, serve};
+pub use server::{Incoming, PeerInfo, ServeError, ServerConfig, bind, serve};

@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{BoundaryApi, BoundaryError, ByteStream, FetchRequest, Message};
+use bsfg_core::{BoundaryError, ByteStream, Caller, FetchRequest, Gate, Message};
 use bsfg_proto::v1::{
     self,
     boundary_server::{Boundary, BoundaryServer},
     put_object_request::Part,
 };
+use bsfg_tls::ServerTls;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
@@ -33,6 +34,14 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     /// How long a request may take before the server gives up on it. Default 60 s.
     pub request_timeout: Duration,
+    /// Longest pause between two messages of a client stream (PutObject chunks):
+    /// a client that opens a stream and stops sending is cut off. Default 30 s.
+    pub idle_timeout: Duration,
+    /// Deadline for a TLS handshake; a client that connects and says nothing is
+    /// dropped. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; more connections wait. Default 256.
+    pub max_handshakes: usize,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +53,9 @@ impl Default for ServerConfig {
             max_concurrent_streams: 256,
             keepalive_interval: Duration::from_secs(20),
             request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
         }
     }
 }
@@ -68,16 +80,109 @@ pub enum ServeError {
     },
 }
 
-/// Adapts a [`BoundaryApi`] to the generated tonic service.
+/// Where a listener's connections come from.
+pub enum Incoming {
+    /// Plaintext TCP: every caller is [`Caller::Local`]. The gateway allows this only
+    /// on loopback with `insecure = true`.
+    Plain(TcpListener),
+    /// Mutual TLS: only peers with a certificate from a trust anchor get through, and
+    /// each call carries the peer's identity.
+    Tls(TcpListener, Arc<ServerTls>),
+}
+
+/// The authenticated peer of a TLS connection, as tonic hands it to each request.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Who the peer is.
+    pub caller: Caller,
+    /// Its address.
+    pub remote: SocketAddr,
+}
+
+/// A TLS connection with its authenticated peer, as tonic serves it.
+struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Adapts a [`Gate`] to the generated tonic service: each call is made as the
+/// connection's [`Caller`].
 pub struct BoundaryService {
-    api: Arc<dyn BoundaryApi>,
+    gate: Gate,
     config: ServerConfig,
+    plaintext: bool,
 }
 
 impl BoundaryService {
-    /// Wraps `api`.
-    pub fn new(api: Arc<dyn BoundaryApi>, config: ServerConfig) -> Self {
-        BoundaryService { api, config }
+    /// Serves `gate`; `plaintext` says the listener has no TLS (callers are local).
+    pub fn new(gate: Gate, config: ServerConfig, plaintext: bool) -> Self {
+        BoundaryService {
+            gate,
+            config,
+            plaintext,
+        }
+    }
+
+    /// The caller of `request`: the TLS peer, or local on a plaintext listener. A
+    /// request on a TLS listener without an authenticated peer is refused (never
+    /// treated as local).
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        match request.extensions().get::<PeerInfo>() {
+            Some(p) => Ok(p.caller.clone()),
+            None if self.plaintext => Ok(Caller::Local),
+            None => Err(Status::unauthenticated(
+                "no authenticated peer on this connection",
+            )),
+        }
     }
 }
 
@@ -88,29 +193,38 @@ fn status(e: BoundaryError) -> Status {
 /// Turns the client's PutObject stream (after the header) into chunks. A stream that
 /// ends without the end marker, or whose size disagrees, ends in an error, so that the
 /// store refuses the object: a broken upload never stores a truncated artifact.
-fn chunks(s: Streaming<v1::PutObjectRequest>) -> ByteStream {
-    futures::stream::unfold(Some((s, 0u64)), |state| async move {
+fn chunks(s: Streaming<v1::PutObjectRequest>, idle: Duration) -> ByteStream {
+    futures::stream::unfold(Some((s, 0u64)), move |state| async move {
         let (mut s, size) = state?;
-        let failure = match s.message().await {
-            Err(e) => BoundaryError::Unavailable(format!("upload interrupted: {}", e.message())),
-            Ok(None) => BoundaryError::invalid(
-                "end",
-                "the upload ended without its end marker; nothing was stored",
+        let next = tokio::time::timeout(idle, s.message()).await;
+        let failure = match next {
+            Err(_) => BoundaryError::invalid(
+                "chunk",
+                format!("no data for {idle:?}; the upload was cut off and nothing was stored"),
             ),
-            Ok(Some(m)) => match m.part {
-                Some(Part::Chunk(c)) => {
-                    let size = size + c.len() as u64;
-                    return Some((Ok(c), Some((s, size))));
+            Ok(next) => match next {
+                Err(e) => {
+                    BoundaryError::Unavailable(format!("upload interrupted: {}", e.message()))
                 }
-                Some(Part::End(end)) if end.size == size => return None,
-                Some(Part::End(end)) => BoundaryError::invalid(
-                    "end.size",
-                    format!("says {} bytes but {size} arrived", end.size),
+                Ok(None) => BoundaryError::invalid(
+                    "end",
+                    "the upload ended without its end marker; nothing was stored",
                 ),
-                Some(Part::Header(_)) | None => BoundaryError::invalid(
-                    "part",
-                    "after the header only chunks and one end marker may follow",
-                ),
+                Ok(Some(m)) => match m.part {
+                    Some(Part::Chunk(c)) => {
+                        let size = size + c.len() as u64;
+                        return Some((Ok(c), Some((s, size))));
+                    }
+                    Some(Part::End(end)) if end.size == size => return None,
+                    Some(Part::End(end)) => BoundaryError::invalid(
+                        "end.size",
+                        format!("says {} bytes but {size} arrived", end.size),
+                    ),
+                    Some(Part::Header(_)) | None => BoundaryError::invalid(
+                        "part",
+                        "after the header only chunks and one end marker may follow",
+                    ),
+                },
             },
         };
         Some((Err(failure), None))
@@ -124,12 +238,17 @@ impl Boundary for BoundaryService {
         &self,
         request: Request<v1::AppendFactRequest>,
     ) -> Result<Response<v1::AppendFactResponse>, Status> {
+        let caller = self.caller(&request)?;
         let m = request
             .into_inner()
             .message
             .ok_or_else(|| status(BoundaryError::invalid("message", "is required")))?;
         let message = Message::try_from(m).map_err(status)?;
-        let out = self.api.append_fact(message).await.map_err(status)?;
+        let out = self
+            .gate
+            .append_fact(&caller, message)
+            .await
+            .map_err(status)?;
         Ok(Response::new(out.into()))
     }
 
@@ -137,15 +256,19 @@ impl Boundary for BoundaryService {
         &self,
         request: Request<v1::FetchFactsRequest>,
     ) -> Result<Response<v1::FetchFactsResponse>, Status> {
+        let caller = self.caller(&request)?;
         let r = request.into_inner();
         let wait = Duration::from_millis(u64::from(r.wait_ms)).min(self.config.max_fetch_wait);
         let page = self
-            .api
-            .fetch_facts(FetchRequest {
-                consumer: r.consumer_name,
-                limit: r.limit,
-                wait,
-            })
+            .gate
+            .fetch_facts(
+                &caller,
+                FetchRequest {
+                    consumer: r.consumer_name,
+                    limit: r.limit,
+                    wait,
+                },
+            )
             .await
             .map_err(status)?;
         Ok(Response::new(page.into()))
@@ -155,10 +278,11 @@ impl Boundary for BoundaryService {
         &self,
         request: Request<v1::ConfirmReceiptRequest>,
     ) -> Result<Response<v1::ConfirmReceiptResponse>, Status> {
+        let caller = self.caller(&request)?;
         let r = request.into_inner();
         let f = self
-            .api
-            .confirm_receipt(&r.consumer_name, r.offset)
+            .gate
+            .confirm_receipt(&caller, &r.consumer_name, r.offset)
             .await
             .map_err(status)?;
         Ok(Response::new(v1::ConfirmReceiptResponse {
@@ -170,8 +294,16 @@ impl Boundary for BoundaryService {
         &self,
         request: Request<Streaming<v1::PutObjectRequest>>,
     ) -> Result<Response<v1::PutObjectResponse>, Status> {
+        let caller = self.caller(&request)?;
         let mut s = request.into_inner();
-        let header = match s.message().await? {
+        let idle = self.config.idle_timeout;
+        let first = tokio::time::timeout(idle, s.message()).await.map_err(|_| {
+            status(BoundaryError::invalid(
+                "header",
+                format!("no header within {idle:?}; the upload was cut off"),
+            ))
+        })?;
+        let header = match first? {
             Some(v1::PutObjectRequest {
                 part: Some(Part::Header(h)),
             }) => h,
@@ -183,8 +315,8 @@ impl Boundary for BoundaryService {
             }
         };
         let info = self
-            .api
-            .put_object(&header.bucket, &header.key, chunks(s))
+            .gate
+            .put_object(&caller, &header.bucket, &header.key, chunks(s, idle))
             .await
             .map_err(status)?;
         Ok(Response::new(v1::PutObjectResponse {
@@ -207,12 +339,12 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeEr
     Ok((l, local))
 }
 
-/// Serves `api` on `listener` until `shutdown` resolves, then stops accepting and
+/// Serves `gate` on `incoming` until `shutdown` resolves, then stops accepting and
 /// waits for the requests in flight to finish (graceful).
 pub async fn serve(
-    api: Arc<dyn BoundaryApi>,
+    gate: Gate,
     config: ServerConfig,
-    listener: TcpListener,
+    incoming: Incoming,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -228,10 +360,11 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let max = config.max_message_bytes;
-    let boundary = BoundaryServer::new(BoundaryService::new(api, config.clone()))
+    let plaintext = matches!(incoming, Incoming::Plain(_));
+    let boundary = BoundaryServer::new(BoundaryService::new(gate, config.clone(), plaintext))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(config.adaptive_window))
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.keepalive_interval))
@@ -240,12 +373,38 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(boundary)
+        .add_service(boundary);
+    match incoming {
         // Without TCP_NODELAY small replies wait for delayed ACKs: a ~40 ms tail.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
+        Incoming::Plain(listener) => {
+            router
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await?
+        }
+        Incoming::Tls(listener, tls) => {
+            let accepted = bsfg_tls::accept(
+                listener,
+                tls,
+                config.handshake_timeout,
+                config.max_handshakes,
+            );
+            let conns = tokio_stream::wrappers::ReceiverStream::new(accepted).map(|a| {
+                Ok::<_, std::io::Error>(TlsConn {
+                    inner: a.stream,
+                    info: PeerInfo {
+                        caller: Caller::Peer {
+                            identity: a.peer.identity,
+                            anchor: a.peer.anchor,
+                        },
+                        remote: a.remote,
+                    },
+                })
+            });
+            router.serve_with_incoming_shutdown(conns, shutdown).await?
+        }
+    }
     Ok(())
 }

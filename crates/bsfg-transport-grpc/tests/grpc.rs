@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{Boundary, BoundaryApi, BoundaryError, FetchRequest, Limits, Reason};
+use bsfg_core::{Boundary, BoundaryApi, BoundaryError, FetchRequest, Gate, Limits, Reason};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone};
 use bsfg_testkit::NatsServer;
-use bsfg_transport_grpc::{ClientConfig, GrpcClient, ServerConfig, bind, serve};
+use bsfg_transport_grpc::{ClientConfig, GrpcClient, Incoming, ServerConfig, bind, serve};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::oneshot;
@@ -29,9 +29,14 @@ async fn gateway() -> Gateway {
     let (listener, addr) = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(async move {
-        serve(api, ServerConfig::default(), listener, async {
-            let _ = rx.await;
-        })
+        serve(
+            Gate::local_only(api),
+            ServerConfig::default(),
+            Incoming::Plain(listener),
+            async {
+                let _ = rx.await;
+            },
+        )
         .await
         .unwrap();
     });
