@@ -16,7 +16,8 @@
 //! `bsfg_append_latency_seconds` histogram. Security (label `zone`):
 //! `bsfg_certificate_expiry_timestamp_seconds{endpoint,role,name}`,
 //! `bsfg_tls_handshake_failures_total{endpoint,reason}`, `bsfg_tls_reloads_total`,
-//! `bsfg_tls_reload_failures_total`, `bsfg_authz_denials_total{peer,operation}`.
+//! `bsfg_tls_reload_failures_total`, `bsfg_authz_denials_total{peer,operation}`,
+//! `bsfg_requests_refused_total{listener,peer,code}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -133,6 +134,8 @@ pub struct Security {
     pub tls: Arc<bsfg_tls::TlsStats>,
     /// Grants and denial counts.
     pub authz: Arc<bsfg_core::Authorization>,
+    /// Refused requests per listener (by URL).
+    pub listeners: Vec<(String, Arc<bsfg_transport_grpc::ServeStats>)>,
 }
 
 impl std::fmt::Debug for Security {
@@ -421,6 +424,30 @@ impl Collector {
                 )
             })
             .collect();
+        let refused: Vec<(Labels, ConstCounter<u64>)> = self
+            .security
+            .listeners
+            .iter()
+            .flat_map(|(url, st)| {
+                st.errors().into_iter().map(move |((peer, code), n)| {
+                    (
+                        vec![
+                            zone(),
+                            ("listener", url.clone()),
+                            ("peer", peer),
+                            ("code", code.to_owned()),
+                        ],
+                        ConstCounter::new(n),
+                    )
+                })
+            })
+            .collect();
+        family(
+            e,
+            "bsfg_requests_refused",
+            "Requests answered with an error status, by listener, peer and gRPC code (internal: malformed protobuf; out_of_range: oversized message; permission_denied: authorization).",
+            &refused,
+        )?;
         family(
             e,
             "bsfg_authz_denials",

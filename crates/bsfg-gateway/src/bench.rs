@@ -135,6 +135,7 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
             bsfg_core::Gate::local_only(api),
             ServerConfig::default(),
             bsfg_transport_grpc::Incoming::Plain(listener),
+            Default::default(),
             async {
                 let _ = stop_rx.await;
             },
@@ -301,6 +302,7 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
         bsfg_core::Gate::local_only(a_served),
         ServerConfig::default(),
         bsfg_transport_grpc::Incoming::Plain(listener),
+        Default::default(),
         async {
             let _ = stop_rx.await;
         },

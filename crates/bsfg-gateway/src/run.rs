@@ -104,6 +104,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
 
     let mut servers = Vec::new();
+    let mut listener_stats = Vec::new();
     for l in &cfg.listeners {
         let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
             .await
@@ -122,12 +123,14 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             }
         };
         tracing::info!(zone = %zone, url = %format!("{}://{addr}", l.scheme), "listening");
+        let served = Arc::new(bsfg_transport_grpc::ServeStats::default());
+        listener_stats.push((l.url.clone(), served.clone()));
         let mut rx = stop_rx.clone();
         let gate = gate.clone();
         let server = l.server.clone();
         let url = l.url.clone();
         servers.push(tokio::spawn(async move {
-            bsfg_transport_grpc::serve(gate, server, incoming, async move {
+            bsfg_transport_grpc::serve(gate, server, incoming, served, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await
@@ -147,6 +150,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 endpoints: tls_endpoints.clone(),
                 tls: tls_stats.clone(),
                 authz: authz.clone(),
+                listeners: listener_stats.clone(),
             },
         };
         let mut rx = stop_rx.clone();

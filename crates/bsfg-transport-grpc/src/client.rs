@@ -101,34 +101,16 @@ impl GrpcClient {
         Ok(GrpcClient { inner, config })
     }
 
-    /// Prepares a mutual-TLS client for `url` (`grpcs://host:port`): it presents the
-    /// certificate of `tls` and accepts only a server whose certificate chains to
-    /// `tls`'s anchors and names `server_name` (default: the URL's host). Lazy like
-    /// [`GrpcClient::connect_lazy`]; each new connection uses the certificates in use
-    /// at that moment, so a reload takes effect on reconnect.
+    /// Prepares a mutual-TLS client for `url` (`grpcs://host:port`): see
+    /// [`tls_channel`]. Lazy like [`GrpcClient::connect_lazy`].
     pub fn connect_lazy_tls(
         url: &str,
         config: ClientConfig,
         tls: Arc<ClientTls>,
         server_name: Option<String>,
     ) -> Result<Self, BoundaryError> {
-        let uri = endpoint_uri(url)?;
-        let (addr, host) = host_port(url)?;
-        let name = server_name.unwrap_or(host);
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
-            .connect_timeout(config.connect_timeout)
-            .http2_adaptive_window(config.adaptive_window)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
-        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
-            let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
-            async move {
-                let s = tls.connect(&addr, &name).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        });
-        let inner = BoundaryClient::new(endpoint.connect_with_connector_lazy(connector))
+        let channel = tls_channel(url, &config, tls, server_name)?;
+        let inner = BoundaryClient::new(channel)
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
         Ok(GrpcClient { inner, config })
@@ -139,6 +121,35 @@ impl GrpcClient {
         r.set_timeout(self.config.request_timeout + extra);
         r
     }
+}
+
+/// A lazy HTTP/2 channel to `url` over mutual TLS: it presents the certificate of
+/// `tls` and accepts only a server whose certificate chains to `tls`'s anchors and
+/// names `server_name` (default: the URL's host). Each new connection uses the
+/// certificates in use at that moment, so a reload takes effect on reconnect.
+pub fn tls_channel(
+    url: &str,
+    config: &ClientConfig,
+    tls: Arc<ClientTls>,
+    server_name: Option<String>,
+) -> Result<Channel, BoundaryError> {
+    let uri = endpoint_uri(url)?;
+    let (addr, host) = host_port(url)?;
+    let name = server_name.unwrap_or(host);
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
+        .connect_timeout(config.connect_timeout)
+        .http2_adaptive_window(config.adaptive_window)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
+        async move {
+            let s = tls.connect(&addr, &name).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
 #[async_trait]

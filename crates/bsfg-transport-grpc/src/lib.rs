@@ -6,11 +6,13 @@
 //! `BoundaryApi` backed by a remote gateway. Errors travel as gRPC status codes with
 //! the stable reason in a `google.rpc.ErrorInfo` detail ([`status`]).
 //!
-//! URL scheme: `grpc://host:port` (plaintext; TLS arrives with zone identity).
+//! URL schemes: `grpcs://host:port` is gRPC over mutual TLS 1.3 (bsfg-tls): the
+//! server serves each call as the peer's identity through a `Gate`; `grpc://host:port`
+//! is plaintext, for loopback only.
 
 pub mod client;
 pub mod server;
 pub mod status;
 
-pub use client::{ClientConfig, GrpcClient};
-pub use server::{Incoming, PeerInfo, ServeError, ServerConfig, bind, serve};
+pub use client::{ClientConfig, GrpcClient, tls_channel};
+pub use server::{Incoming, PeerInfo, ServeError, ServeStats, ServerConfig, bind, serve};

@@ -328,6 +328,114 @@ impl Boundary for BoundaryService {
     }
 }
 
+/// Refused requests of one listener, by peer and gRPC status code, for the metric.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    errors: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+}
+
+impl ServeStats {
+    /// Requests answered with a non-OK status so far, by (peer, code): malformed
+    /// protobuf (`internal`), oversized messages (`out_of_range`), denials, ...
+    pub fn errors(&self) -> std::collections::BTreeMap<(String, &'static str), u64> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "ok",
+        Cancelled => "cancelled",
+        Unknown => "unknown",
+        InvalidArgument => "invalid_argument",
+        DeadlineExceeded => "deadline_exceeded",
+        NotFound => "not_found",
+        AlreadyExists => "already_exists",
+        PermissionDenied => "permission_denied",
+        ResourceExhausted => "resource_exhausted",
+        FailedPrecondition => "failed_precondition",
+        Aborted => "aborted",
+        OutOfRange => "out_of_range",
+        Unimplemented => "unimplemented",
+        Internal => "internal",
+        Unavailable => "unavailable",
+        DataLoss => "data_loss",
+        Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Counts and logs every refused request with its peer. It sees what the handlers
+/// never see: bodies that are not protobuf, messages over the size limit.
+#[derive(Clone)]
+struct Observe<S> {
+    inner: S,
+    stats: Arc<ServeStats>,
+}
+
+impl<S, ReqB, ResB> tower::Service<tonic::codegen::http::Request<ReqB>> for Observe<S>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<ReqB>,
+            Response = tonic::codegen::http::Response<ResB>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<ReqB>) -> Self::Future {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map_or_else(|| "local".to_owned(), |p| p.caller.label().to_owned());
+        let path = req.uri().path().to_owned();
+        let stats = self.stats.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .map(|v| tonic::Code::from_bytes(v.as_bytes()));
+            if let Some(code) = code.filter(|c| *c != tonic::Code::Ok) {
+                let name = code_name(code);
+                if let Ok(mut e) = stats.errors.lock() {
+                    *e.entry((peer.clone(), name)).or_default() += 1;
+                }
+                let message = resp
+                    .headers()
+                    .get("grpc-message")
+                    .and_then(|m| m.to_str().ok())
+                    .unwrap_or("");
+                tracing::info!(%peer, %path, code = name, message, "request refused");
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[derive(Clone)]
+struct ObserveLayer(Arc<ServeStats>);
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            stats: self.0.clone(),
+        }
+    }
+}
+
 /// Binds `addr` (port 0 picks a free port) and returns the listener and its address.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let l = TcpListener::bind(addr)
@@ -340,11 +448,13 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeEr
 }
 
 /// Serves `gate` on `incoming` until `shutdown` resolves, then stops accepting and
-/// waits for the requests in flight to finish (graceful).
+/// waits for the requests in flight to finish (graceful). Every refused request is
+/// counted in `stats` and logged with its peer.
 pub async fn serve(
     gate: Gate,
     config: ServerConfig,
     incoming: Incoming,
+    stats: Arc<ServeStats>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -370,6 +480,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(config.request_timeout)
+        .layer(ObserveLayer(stats))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

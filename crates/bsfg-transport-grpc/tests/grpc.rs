@@ -33,6 +33,7 @@ async fn gateway() -> Gateway {
             Gate::local_only(api),
             ServerConfig::default(),
             Incoming::Plain(listener),
+            Default::default(),
             async {
                 let _ = rx.await;
             },
