@@ -193,41 +193,52 @@ fn status(e: BoundaryError) -> Status {
 /// Turns the client's PutObject stream (after the header) into chunks. A stream that
 /// ends without the end marker, or whose size disagrees, ends in an error, so that the
 /// store refuses the object: a broken upload never stores a truncated artifact.
-fn chunks(s: Streaming<v1::PutObjectRequest>, idle: Duration) -> ByteStream {
-    futures::stream::unfold(Some((s, 0u64)), move |state| async move {
-        let (mut s, size) = state?;
-        let next = tokio::time::timeout(idle, s.message()).await;
-        let failure = match next {
-            Err(_) => BoundaryError::invalid(
-                "chunk",
-                format!("no data for {idle:?}; the upload was cut off and nothing was stored"),
-            ),
-            Ok(next) => match next {
-                Err(e) => {
-                    BoundaryError::Unavailable(format!("upload interrupted: {}", e.message()))
-                }
-                Ok(None) => BoundaryError::invalid(
-                    "end",
-                    "the upload ended without its end marker; nothing was stored",
+fn chunks(
+    s: Streaming<v1::PutObjectRequest>,
+    idle: Duration,
+    first_error: Arc<std::sync::Mutex<Option<BoundaryError>>>,
+) -> ByteStream {
+    futures::stream::unfold(Some((s, 0u64)), move |state| {
+        let first_error = first_error.clone();
+        async move {
+            let (mut s, size) = state?;
+            let next = tokio::time::timeout(idle, s.message()).await;
+            let failure = match next {
+                Err(_) => BoundaryError::invalid(
+                    "chunk",
+                    format!("no data for {idle:?}; the upload was cut off and nothing was stored"),
                 ),
-                Ok(Some(m)) => match m.part {
-                    Some(Part::Chunk(c)) => {
-                        let size = size + c.len() as u64;
-                        return Some((Ok(c), Some((s, size))));
+                Ok(next) => match next {
+                    Err(e) => {
+                        BoundaryError::Unavailable(format!("upload interrupted: {}", e.message()))
                     }
-                    Some(Part::End(end)) if end.size == size => return None,
-                    Some(Part::End(end)) => BoundaryError::invalid(
-                        "end.size",
-                        format!("says {} bytes but {size} arrived", end.size),
+                    Ok(None) => BoundaryError::invalid(
+                        "end",
+                        "the upload ended without its end marker; nothing was stored",
                     ),
-                    Some(Part::Header(_)) | None => BoundaryError::invalid(
-                        "part",
-                        "after the header only chunks and one end marker may follow",
-                    ),
+                    Ok(Some(m)) => match m.part {
+                        Some(Part::Chunk(c)) => {
+                            let size = size + c.len() as u64;
+                            return Some((Ok(c), Some((s, size))));
+                        }
+                        Some(Part::End(end)) if end.size == size => return None,
+                        Some(Part::End(end)) => BoundaryError::invalid(
+                            "end.size",
+                            format!("says {} bytes but {size} arrived", end.size),
+                        ),
+                        Some(Part::Header(_)) | None => BoundaryError::invalid(
+                            "part",
+                            "after the header only chunks and one end marker may follow",
+                        ),
+                    },
                 },
-            },
-        };
-        Some((Err(failure), None))
+            };
+            // The store wraps a body error in its own; the handler answers with this one.
+            if let Ok(mut slot) = first_error.lock() {
+                slot.get_or_insert_with(|| failure.clone());
+            }
+            Some((Err(failure), None))
+        }
     })
     .boxed()
 }
@@ -314,11 +325,20 @@ impl Boundary for BoundaryService {
                 )));
             }
         };
+        let body_error = Arc::new(std::sync::Mutex::new(None));
         let info = self
             .gate
-            .put_object(&caller, &header.bucket, &header.key, chunks(s, idle))
+            .put_object(
+                &caller,
+                &header.bucket,
+                &header.key,
+                chunks(s, idle, body_error.clone()),
+            )
             .await
-            .map_err(status)?;
+            .map_err(|e| {
+                let cause = body_error.lock().ok().and_then(|mut b| b.take());
+                status(cause.unwrap_or(e))
+            })?;
         Ok(Response::new(v1::PutObjectResponse {
             bucket: info.bucket,
             key: info.key,
