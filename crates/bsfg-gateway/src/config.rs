@@ -953,7 +953,11 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
     let base = path.parent().unwrap_or(Path::new("."));
     let tls = raw.tls.as_ref().and_then(|t| tls_section(&mut c, t, base));
     let declared: HashSet<String> = sink.consumers.iter().map(|k| k.name.clone()).collect();
-    let grants = peers(&mut c, &raw.peers, tls.as_ref(), &declared);
+    let anchors: Option<HashSet<String>> = raw
+        .tls
+        .as_ref()
+        .map(|t| t.get_ref().trust.keys().cloned().collect());
+    let grants = peers(&mut c, &raw.peers, anchors.as_ref(), &declared);
 
     if c.problems.is_empty() {
         Ok(GatewayConfig {
@@ -1058,7 +1062,7 @@ fn tls_section(c: &mut Checker<'_>, t: &Spanned<RawTls>, base: &Path) -> Option<
 fn peers(
     c: &mut Checker<'_>,
     raw: &[RawPeer],
-    tls: Option<&TlsSettings>,
+    anchors: Option<&HashSet<String>>,
     consumers: &HashSet<String>,
 ) -> Vec<bsfg_core::Grant> {
     let mut seen = HashSet::new();
@@ -1080,13 +1084,13 @@ fn peers(
                 format!("`{identity}` has a grant already; merge the two"),
             );
         }
-        match tls {
+        match anchors {
             None => c.at(
                 p.ca.span(),
                 key("ca"),
                 "peers are authenticated by certificate: the zone needs a [tls] section",
             ),
-            Some(t) if !t.files.trust.iter().any(|a| a.name == *p.ca.get_ref()) => c.at(
+            Some(a) if !a.contains(p.ca.get_ref()) => c.at(
                 p.ca.span(),
                 key("ca"),
                 format!("`{}` is not an anchor in [tls.trust]", p.ca.get_ref()),
@@ -1164,6 +1168,177 @@ insecure = true
         parse(Path::new("zone.toml"), src)
             .expect_err("must be refused")
             .0
+    }
+
+    /// Every section, for the fuzzer to start from.
+    const FULL: &str = r#"
+[zone]
+name = "idmz"
+
+[limits]
+max_fact_bytes = 65536
+
+[sink]
+type = "jetstream"
+url = "nats://127.0.0.1:4222"
+domain = "idmz"
+classes = [{ name = "operational", max_age = "30d" }]
+
+[[consumers]]
+name = "to-enterprise"
+class = "operational"
+ack_wait = "5s"
+
+[[listeners]]
+url = "grpcs://0.0.0.0:7453"
+idle_timeout = "30s"
+
+[[listeners]]
+url = "grpc://127.0.0.1:7454"
+insecure = true
+
+[[links]]
+name = "from-plant"
+source = "grpcs://10.0.0.5:7443"
+ca = "plant"
+consumer = "to-idmz"
+classes = ["operational"]
+wait = "5s"
+
+[tls]
+cert = "certs/idmz/idmz-bsfg.pem"
+key = "certs/idmz/idmz-bsfg.key"
+trust = { plant = "certs/plant/ca.pem", idmz = "certs/idmz/ca.pem" }
+
+[[peers]]
+identity = "enterprise-bsfg"
+ca = "idmz"
+claim_from_zones = ["enterprise"]
+to_zones = ["*"]
+consumers = ["to-enterprise"]
+put_buckets = ["batch-files"]
+
+[admin]
+listen = "127.0.0.1:9465"
+"#;
+
+    #[test]
+    fn fuzz_config_parsing_never_panics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("zone.toml");
+        bsfg_testkit::fuzz::run("config", |u| {
+            let seed = if u.arbitrary()? { FULL } else { GOOD };
+            let bytes = bsfg_testkit::fuzz::mutate(u, seed.as_bytes())?;
+            let _ = parse(&path, &String::from_utf8_lossy(&bytes));
+            Ok(())
+        });
+    }
+
+    /// A CA and a gateway certificate in `dir/<zone>/`, made by `bsfg certs`.
+    fn zone_pki(dir: &Path, zone: &str, name: &str) {
+        let d = dir.join("certs").join(zone);
+        crate::certs::init(&crate::certs::Init {
+            zone: zone.into(),
+            dir: d.clone(),
+            valid_for: Duration::from_secs(86_400),
+            force: false,
+        })
+        .expect("ca");
+        crate::certs::issue(&crate::certs::Issue {
+            dir: d,
+            name: name.into(),
+            server: true,
+            client: true,
+            dns: vec![],
+            ip: vec![],
+            valid_for: Duration::from_secs(86_400),
+            force: false,
+        })
+        .expect("leaf");
+    }
+
+    #[test]
+    fn tls_listeners_links_and_peers_resolve_against_the_config_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        zone_pki(dir.path(), "idmz", "idmz-bsfg");
+        zone_pki(dir.path(), "plant", "plant-bsfg");
+        let full = FULL.replace("to-idmz", "to-enterprise");
+        let c = parse(&dir.path().join("zone.toml"), &full).expect("valid");
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.files.cert, dir.path().join("certs/idmz/idmz-bsfg.pem"));
+        assert_eq!(tls.files.trust.len(), 2);
+        assert!(c.listeners[0].tls && !c.listeners[1].tls);
+        assert_eq!(c.links[0].tls.as_ref().expect("link tls").ca, "plant");
+        assert_eq!(tls.trusting_only("plant").trust.len(), 1);
+        assert_eq!(c.grants[0].identity, "enterprise-bsfg");
+        assert_eq!(c.grants[0].to_zones, vec!["*".to_owned()]);
+    }
+
+    #[test]
+    fn broken_tls_and_peer_entries_name_their_line_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        zone_pki(dir.path(), "idmz", "idmz-bsfg");
+        zone_pki(dir.path(), "plant", "plant-bsfg");
+        let at = |src: String| -> Vec<String> {
+            parse(&dir.path().join("zone.toml"), &src)
+                .expect_err("must be refused")
+                .0
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect()
+        };
+        let full = FULL.replace("to-idmz", "to-enterprise");
+        let cases: Vec<(String, &str)> = vec![
+            (full.replace("idmz-bsfg.key", "missing.key"), "tls.key: "),
+            (
+                full.replace("certs/idmz/idmz-bsfg.key", "certs/plant/plant-bsfg.key"),
+                "tls.key: TLS configuration",
+            ),
+            (
+                full.replace("ca = \"idmz\"", "ca = \"corp\""),
+                "peers[0].ca: `corp` is not an anchor",
+            ),
+            (
+                full.replace("ca = \"plant\"", "ca = \"corp\""),
+                "links[0].ca: `corp` is not an anchor",
+            ),
+            (
+                full.replace(
+                    "consumers = [\"to-enterprise\"]\nput",
+                    "consumers = [\"nobody\"]\nput",
+                ),
+                "peers[0].consumers[0]: `nobody` is not declared",
+            ),
+            (
+                full.replace(
+                    "claim_from_zones = [\"enterprise\"]",
+                    "claim_from_zones = [\"bad zone\"]",
+                ),
+                "peers[0].claim_from_zones[0]",
+            ),
+            (
+                full.replace(
+                    "url = \"grpcs://0.0.0.0:7453\"",
+                    "url = \"grpcs://0.0.0.0:7453\"\ninsecure = true",
+                ),
+                "listeners[0].insecure: a grpcs:// listener is mutual TLS",
+            ),
+            (
+                GOOD.replace("grpc://127.0.0.1:7443", "grpcs://127.0.0.1:7443"),
+                "a grpcs:// listener needs the zone's [tls] section",
+            ),
+            (
+                full.replace("\nca = \"plant\"", ""),
+                "links[0].ca: a grpcs:// link needs `ca`",
+            ),
+        ];
+        for (src, expected) in cases {
+            let got = at(src);
+            assert!(
+                got.iter().any(|g| g.contains(expected)),
+                "expected `{expected}` in {got:#?}"
+            );
+        }
     }
 
     #[test]

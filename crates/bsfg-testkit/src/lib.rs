@@ -10,6 +10,7 @@
 //! When none exists, [`NatsServer::start`] fails loudly: tests never skip silently.
 
 pub mod fixtures;
+pub mod fuzz;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
