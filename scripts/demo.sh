@@ -4,7 +4,9 @@
 # configured by examples/three-zones/*.toml. A producer appends plant facts in the
 # plant zone; the idmz pulls them through its link `from-plant`, and the enterprise
 # through its link `from-idmz` (FetchFacts -> AppendFact -> ConfirmReceipt, hop by
-# hop). Midway the idmz gateway goes down while the plant keeps working.
+# hop). Every call between zones is mutual TLS 1.3 with zone-issued certificates
+# (examples/three-zones/make-certs.sh) and authorized per identity ([[peers]]).
+# Midway the idmz gateway goes down while the plant keeps working.
 # Ports: nats 4222/4232/4242, monitoring 8222/8232/8242, gRPC 7443/7453/7463,
 # admin (metrics, status) 9464/9465/9466.
 set -euo pipefail
@@ -14,6 +16,7 @@ echo "demo: building bsfg"
 cargo build --quiet --locked -p bsfg-gateway
 BSFG=$PWD/target/debug/bsfg
 NATS=$PWD/.tools/bin/nats-server
+examples/three-zones/make-certs.sh "$BSFG"
 DATA=$(mktemp -d -t bsfg-demo-XXXXXX)
 declare -A PID
 cleanup() {
@@ -42,9 +45,13 @@ start_gateway() { # zone
   "$BSFG" run --config "$EX/$1.toml" > "$DATA/$1.gateway.out" 2>> "$DATA/$1.gateway.log" & PID[$1.gw]=$!
   wait_for "$DATA/$1.gateway.out" "ready"
 }
+# The plant's producer and the enterprise's reader authenticate with their certificates.
+C=$EX/certs
+PRODUCER=(--tls-cert $C/plant/plant-producer.pem --tls-key $C/plant/plant-producer.key --tls-ca $C/plant/ca.pem)
+READER=(--tls-cert $C/enterprise/enterprise-reader.pem --tls-key $C/enterprise/enterprise-reader.key --tls-ca $C/enterprise/ca.pem)
 append_steps() { # batch, first, last
   for step in $(seq "$2" "$3"); do
-    "$BSFG" --url $PLANT append --message-id "plant:batch:$1:step:$step" --from plant --to enterprise \
+    "$BSFG" --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:$1:step:$step" --from plant --to enterprise \
       --subject "batch:Plant/$1" --predicate step_completed --object "{\"step\":$step,\"operator\":\"jdoe\"}" \
       --label site=Plant > /dev/null
   done
@@ -57,8 +64,8 @@ wait_caught_up() { # zone, frontier
   done
   echo "demo: the $1 link did not reach frontier $2" >&2; "$BSFG" status --config "$EX/$1.toml"; exit 1
 }
-PLANT=grpc://127.0.0.1:7443
-ENTERPRISE=grpc://127.0.0.1:7463
+PLANT=grpcs://127.0.0.1:7443
+ENTERPRISE=grpcs://127.0.0.1:7463
 
 say "Starting zones plant, idmz and enterprise: nats-server + bsfg gateway each"
 for z in plant idmz enterprise; do
@@ -71,18 +78,25 @@ done
 
 say "A producer in the plant stores a batch record, then appends facts about batch B1042"
 printf '%%PDF-1.7 batch B1042 record (demo)\n' > "$DATA/record.pdf"
-run --url $PLANT put-object --bucket batch-files --key B1042/record.pdf "$DATA/record.pdf"
+run --url $PLANT "${PRODUCER[@]}" put-object --bucket batch-files --key B1042/record.pdf "$DATA/record.pdf"
 append_steps B1042 1 5
 
 say "The producer retries step 3 (same id, same payload: nothing new is stored)"
-run --url $PLANT append --message-id "plant:batch:B1042:step:3" --from plant --to enterprise \
+run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:3" --from plant --to enterprise \
   --subject batch:Plant/B1042 --predicate step_completed --object '{ "operator": "jdoe", "step": 3 }' --label site=Plant
 
 say "A changed step 4 under the same id is refused, and so is a malformed predicate"
-run --url $PLANT append --message-id "plant:batch:B1042:step:4" --from plant --to enterprise \
+run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:4" --from plant --to enterprise \
   --subject batch:Plant/B1042 --predicate step_completed --object '{"step":4,"operator":"mallory"}' || true
-run --url $PLANT append --message-id "plant:batch:B1042:step:6" --from plant --to enterprise \
+run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:6" --from plant --to enterprise \
   --subject batch:Plant/B1042 --predicate StepCompleted --object '{}' || true
+
+say "The producer may speak for the plant only: claiming the enterprise zone is refused"
+run --url $PLANT "${PRODUCER[@]}" append --message-id "forged:1" --from enterprise --to plant \
+  --subject batch:Plant/B1042 --predicate step_completed --object '{"step":9}' || true
+say "A client without a certificate from a trusted CA does not get past the TLS handshake"
+run --url $PLANT --tls-cert $C/enterprise/enterprise-reader.pem --tls-key $C/enterprise/enterprise-reader.key --tls-ca $C/plant/ca.pem \
+  append --message-id "stranger:1" --from plant --to plant --subject batch:Plant/B1042 --predicate step_completed --object '{}' 2>&1 | head -3 || true
 
 say "The links carry the facts hop by hop, without anyone asking: idmz pulls from plant, enterprise from idmz"
 wait_caught_up enterprise 5
@@ -101,10 +115,13 @@ wait_caught_up enterprise 25
 run status --config $EX/enterprise.toml
 
 say "A reader in the enterprise zone fetches and confirms what arrived (via = where the link got it)"
-run --url $ENTERPRISE fetch --consumer reporting --limit 30 --confirm
+run --url $ENTERPRISE "${READER[@]}" fetch --consumer reporting --limit 30 --confirm
 
-say "Metrics of the enterprise zone (Prometheus text on its admin endpoint), replication only"
-curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts)' || \
+say "Security metrics of the plant zone: refused handshakes and denied requests, by identity"
+curl -s http://127.0.0.1:9464/metrics 2>/dev/null | grep -E '^bsfg_(tls_handshake_failures|authz_denials)' || true
+
+say "Metrics of the enterprise zone (Prometheus text on its admin endpoint): replication and certificates"
+curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts|certificate_expiry)' || \
   echo "   (curl not installed: see http://127.0.0.1:9466/metrics)"
 
 say "Stopping the gateways with SIGTERM: they finish what is in flight and exit"

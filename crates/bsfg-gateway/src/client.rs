@@ -13,17 +13,17 @@ use futures::{StreamExt, TryStreamExt};
 #[derive(Debug, Clone, clap::Args)]
 pub struct TlsArgs {
     /// Client certificate (PEM) for grpcs:// URLs.
-    #[arg(long, global = true, env = "BSFG_CERT")]
-    pub cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "BSFG_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
     /// Client private key (PEM) for grpcs:// URLs.
-    #[arg(long, global = true, env = "BSFG_KEY")]
-    pub key: Option<PathBuf>,
+    #[arg(long, global = true, env = "BSFG_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// CA certificate (PEM) the gateway's certificate must chain to.
-    #[arg(long, global = true, env = "BSFG_CA")]
-    pub ca: Option<PathBuf>,
+    #[arg(long, global = true, env = "BSFG_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Name the gateway's certificate must carry (default: the URL's host).
-    #[arg(long, global = true, env = "BSFG_SERVER_NAME")]
-    pub server_name: Option<String>,
+    #[arg(long, global = true, env = "BSFG_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 /// Connects to a gateway URL: `grpc://` in plaintext, `grpcs://` with mutual TLS
@@ -33,8 +33,10 @@ pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<GrpcClient> {
         return GrpcClient::connect_lazy(url, ClientConfig::default())
             .map_err(|e| anyhow::anyhow!("{e}"));
     }
-    let (Some(cert), Some(key), Some(ca)) = (&tls.cert, &tls.key, &tls.ca) else {
-        bail!("{url}: grpcs:// needs --cert, --key and --ca (or BSFG_CERT, BSFG_KEY, BSFG_CA)");
+    let (Some(cert), Some(key), Some(ca)) = (&tls.tls_cert, &tls.tls_key, &tls.tls_ca) else {
+        bail!(
+            "{url}: grpcs:// needs --tls-cert, --tls-key and --tls-ca (or BSFG_TLS_CERT, BSFG_TLS_KEY, BSFG_TLS_CA)"
+        );
     };
     let files = bsfg_tls::TlsFiles {
         cert: cert.clone(),
@@ -55,7 +57,7 @@ pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<GrpcClient> {
         url,
         ClientConfig::default(),
         client_tls,
-        tls.server_name.clone(),
+        tls.tls_server_name.clone(),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -44,7 +44,12 @@ pub fn from_status(s: &Status) -> BoundaryError {
         && let Some(reason) = Reason::parse(&info.reason)
     {
         let m = &info.metadata;
-        let msg = s.message().to_owned();
+        // The server's message starts with the reason already; do not say it twice.
+        let msg = s
+            .message()
+            .strip_prefix(&format!("{}: ", reason.as_str()))
+            .unwrap_or(s.message())
+            .to_owned();
         return match reason {
             Reason::InvalidArgument => BoundaryError::InvalidArgument {
                 field: meta(m, "field"),
@@ -71,7 +76,18 @@ pub fn from_status(s: &Status) -> BoundaryError {
             Reason::Internal => BoundaryError::Internal(msg),
         };
     }
-    let msg = format!("{}: {}", s.code(), s.message());
+    // Connection failures hide their cause (a refused certificate arrives as a TLS
+    // alert deep in the chain): name the innermost error.
+    let mut msg = format!("{}: {}", s.code(), s.message());
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(s);
+    let mut deepest = None;
+    while let Some(c) = cause {
+        deepest = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(d) = deepest.filter(|d| !msg.contains(d.as_str())) {
+        msg = format!("{msg} (cause: {d})");
+    }
     match s.code() {
         Code::InvalidArgument | Code::OutOfRange => BoundaryError::invalid("request", msg),
         Code::PermissionDenied | Code::Unauthenticated => BoundaryError::PermissionDenied(msg),
