@@ -786,3 +786,35 @@ listen = "127.0.0.1:{admin}"
     assert_eq!(ids.len(), 600, "every fact arrived once");
     assert_eq!(unique.len(), 600, "no fact arrived twice");
 }
+
+#[test]
+fn the_three_zone_example_validates_with_the_certificates_make_certs_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-zones");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+    }
+    let o = Command::new("bash")
+        .arg(dir.path().join("make-certs.sh"))
+        .arg(BSFG)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for zone in ["plant", "idmz", "enterprise"] {
+        let config = dir.path().join(format!("{zone}.toml"));
+        let o = Command::new(BSFG)
+            .args(["validate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{zone}: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+    }
+}
