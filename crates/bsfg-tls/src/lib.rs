@@ -644,3 +644,155 @@ pub async fn watch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pem: String,
+    }
+
+    fn ca(zone: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name
+            .push(DnType::CommonName, format!("{zone} zone CA"));
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let cert = p.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    fn leaf(ca: &Ca, cn: &str, dns: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.subject_alt_names = vec![SanType::DnsName(dns.try_into().unwrap())];
+        let cert = p.signed_by(&key, &ca.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn identity_comes_from_the_first_dns_name_or_the_common_name_and_its_issuing_anchor() {
+        let plant = ca("plant");
+        let idmz = ca("idmz");
+        let (pem, _) = leaf(&idmz, "idmz common name", "idmz-bsfg");
+        let cert = der(&pem);
+        assert_eq!(
+            identity_of(&cert, IdentityFrom::San).as_deref(),
+            Some("idmz-bsfg")
+        );
+        assert_eq!(
+            identity_of(&cert, IdentityFrom::Cn).as_deref(),
+            Some("idmz common name")
+        );
+        let anchors = vec![
+            ("plant".to_owned(), der(&plant.pem)),
+            ("idmz".to_owned(), der(&idmz.pem)),
+        ];
+        assert_eq!(issuing_anchor(&cert, &anchors).as_deref(), Some("idmz"));
+        assert_eq!(issuing_anchor(&cert, &anchors[..1]), None);
+    }
+
+    #[test]
+    fn a_rejected_reload_keeps_the_old_certificates_and_a_good_one_replaces_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let zone = ca("plant");
+        let (cert, key) = leaf(&zone, "plant-bsfg", "plant-bsfg");
+        let files = TlsFiles {
+            cert: dir.path().join("gw.pem"),
+            key: dir.path().join("gw.key"),
+            trust: vec![Anchor {
+                name: "plant".into(),
+                path: dir.path().join("ca.pem"),
+            }],
+            identity_from: IdentityFrom::San,
+        };
+        std::fs::write(&files.cert, &cert).unwrap();
+        std::fs::write(&files.key, &key).unwrap();
+        std::fs::write(&files.trust[0].path, &zone.pem).unwrap();
+        let stats = Arc::new(TlsStats::default());
+        let tls = ServerTls::new(files.clone(), vec![], "test", stats.clone()).unwrap();
+        let before = tls.config();
+        assert!(!tls.reload_if_changed().unwrap(), "nothing changed");
+
+        // Half-way through a rotation: a new certificate beside the old key.
+        let (cert2, key2) = leaf(&zone, "plant-bsfg", "plant-bsfg");
+        std::fs::write(&files.cert, &cert2).unwrap();
+        assert!(matches!(tls.reload_if_changed(), Err(TlsError::Config(_))));
+        assert!(Arc::ptr_eq(&before, &tls.config()), "the old config stays");
+        assert_eq!(stats.reload_failures(), 1);
+        assert!(
+            !tls.reload_if_changed().unwrap(),
+            "the same bad files are not retried"
+        );
+        assert_eq!(stats.reload_failures(), 1);
+
+        // The key arrives: the pair loads.
+        std::fs::write(&files.key, &key2).unwrap();
+        assert!(tls.reload_if_changed().unwrap());
+        assert!(!Arc::ptr_eq(&before, &tls.config()));
+        assert_eq!(stats.reloads(), 1);
+        assert_eq!(tls.expiries().len(), 2);
+    }
+
+    #[test]
+    fn missing_and_malformed_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("gw.pem"),
+            key: dir.path().join("gw.key"),
+            trust: vec![Anchor {
+                name: "plant".into(),
+                path: dir.path().join("ca.pem"),
+            }],
+            identity_from: IdentityFrom::San,
+        };
+        let e = check(&files).unwrap_err();
+        assert!(
+            matches!(&e, TlsError::Read { path, .. } if path.ends_with("gw.pem")),
+            "{e}"
+        );
+        std::fs::write(&files.cert, "not a certificate").unwrap();
+        std::fs::write(&files.key, "nor a key").unwrap();
+        let e = check(&files).unwrap_err();
+        assert!(e.to_string().contains("gw.pem"), "{e}");
+    }
+
+    #[test]
+    fn handshake_failures_have_stable_reasons() {
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            failure_reason(&io(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer
+            ))),
+            "unknown_ca"
+        );
+        assert_eq!(
+            failure_reason(&io(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired
+            ))),
+            "expired_certificate"
+        );
+        assert_eq!(
+            failure_reason(&io(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))),
+            "not_tls"
+        );
+        assert_eq!(
+            failure_reason(&std::io::Error::new(std::io::ErrorKind::TimedOut, "slow")),
+            "handshake_timeout"
+        );
+    }
+}

@@ -419,27 +419,32 @@ where
             .map_or_else(|| "local".to_owned(), |p| p.caller.label().to_owned());
         let path = req.uri().path().to_owned();
         let stats = self.stats.clone();
+        // Everything logged while serving the call carries the peer's identity.
+        let span = tracing::info_span!("request", %peer, %path);
         let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            let code = resp
-                .headers()
-                .get("grpc-status")
-                .map(|v| tonic::Code::from_bytes(v.as_bytes()));
-            if let Some(code) = code.filter(|c| *c != tonic::Code::Ok) {
-                let name = code_name(code);
-                if let Ok(mut e) = stats.errors.lock() {
-                    *e.entry((peer.clone(), name)).or_default() += 1;
-                }
-                let message = resp
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let resp = fut.await?;
+                let code = resp
                     .headers()
-                    .get("grpc-message")
-                    .and_then(|m| m.to_str().ok())
-                    .unwrap_or("");
-                tracing::info!(%peer, %path, code = name, message, "request refused");
-            }
-            Ok(resp)
-        })
+                    .get("grpc-status")
+                    .map(|v| tonic::Code::from_bytes(v.as_bytes()));
+                if let Some(code) = code.filter(|c| *c != tonic::Code::Ok) {
+                    let name = code_name(code);
+                    if let Ok(mut e) = stats.errors.lock() {
+                        *e.entry((peer.clone(), name)).or_default() += 1;
+                    }
+                    let message = resp
+                        .headers()
+                        .get("grpc-message")
+                        .and_then(|m| m.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info!(code = name, message, "request refused");
+                }
+                Ok(resp)
+            },
+            span,
+        ))
     }
 }
 
