@@ -182,6 +182,7 @@ struct RawListener {
     request_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     handshake_timeout: Option<Spanned<String>>,
+    max_object_bytes: Option<Spanned<u64>>,
 }
 
 /// A listener, resolved.
@@ -745,6 +746,16 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                     "must be at least 100ms",
                 );
             }
+        }
+        if let Some(m) = &rl.max_object_bytes {
+            if *m.get_ref() == 0 {
+                c.at(
+                    m.span(),
+                    format!("listeners[{i}].max_object_bytes"),
+                    "must be at least 1",
+                );
+            }
+            server.max_object_bytes = *m.get_ref();
         }
         if let Some(s) = &rl.max_concurrent_streams {
             if *s.get_ref() == 0 {

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// TLS handshakes in progress at once; more connections wait. Default 256.
     pub max_handshakes: usize,
+    /// Largest artifact one PutObject stream may carry. Default 4 GiB.
+    pub max_object_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +58,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            max_object_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -190,12 +193,34 @@ fn status(e: BoundaryError) -> Status {
     to_status(&e)
 }
 
+/// Trims a page from the end until its encoding fits `max` bytes, so a page of large
+/// facts never fails to encode (which would stall its consumer on the same page). The
+/// trimmed facts stay unconfirmed and come again after the consumer's ack wait; at
+/// least one fact always fits (`max_message_bytes` is at least twice the fact limit).
+fn fit(mut page: v1::FetchFactsResponse, max: usize) -> v1::FetchFactsResponse {
+    use prost::Message as _;
+    let before = page.facts.len();
+    while page.facts.len() > 1 && page.encoded_len() > max {
+        page.facts.pop();
+    }
+    if page.facts.len() < before {
+        tracing::info!(
+            kept = page.facts.len(),
+            trimmed = before - page.facts.len(),
+            max_message_bytes = max,
+            "page trimmed to fit the message size limit; the rest comes again after the ack wait"
+        );
+    }
+    page
+}
+
 /// Turns the client's PutObject stream (after the header) into chunks. A stream that
 /// ends without the end marker, or whose size disagrees, ends in an error, so that the
 /// store refuses the object: a broken upload never stores a truncated artifact.
 fn chunks(
     s: Streaming<v1::PutObjectRequest>,
     idle: Duration,
+    max_size: u64,
     first_error: Arc<std::sync::Mutex<Option<BoundaryError>>>,
 ) -> ByteStream {
     futures::stream::unfold(Some((s, 0u64)), move |state| {
@@ -217,10 +242,14 @@ fn chunks(
                         "the upload ended without its end marker; nothing was stored",
                     ),
                     Ok(Some(m)) => match m.part {
-                        Some(Part::Chunk(c)) => {
+                        Some(Part::Chunk(c)) if size + c.len() as u64 <= max_size => {
                             let size = size + c.len() as u64;
                             return Some((Ok(c), Some((s, size))));
                         }
+                        Some(Part::Chunk(_)) => BoundaryError::invalid(
+                            "chunk",
+                            format!("the object exceeds max_object_bytes ({max_size}); nothing was stored"),
+                        ),
                         Some(Part::End(end)) if end.size == size => return None,
                         Some(Part::End(end)) => BoundaryError::invalid(
                             "end.size",
@@ -282,7 +311,10 @@ impl Boundary for BoundaryService {
             )
             .await
             .map_err(status)?;
-        Ok(Response::new(page.into()))
+        Ok(Response::new(fit(
+            page.into(),
+            self.config.max_message_bytes,
+        )))
     }
 
     async fn confirm_receipt(
@@ -332,7 +364,7 @@ impl Boundary for BoundaryService {
                 &caller,
                 &header.bucket,
                 &header.key,
-                chunks(s, idle, body_error.clone()),
+                chunks(s, idle, self.config.max_object_bytes, body_error.clone()),
             )
             .await
             .map_err(|e| {

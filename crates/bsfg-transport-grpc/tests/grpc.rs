@@ -21,6 +21,10 @@ struct Gateway {
 }
 
 async fn gateway() -> Gateway {
+    gateway_with(ServerConfig::default()).await
+}
+
+async fn gateway_with(server: ServerConfig) -> Gateway {
     let nats = NatsServer::start().expect("nats-server");
     let mut cfg = JetStreamConfig::new("plant-a", nats.url());
     cfg.consumers = vec![ConsumerConfig::new("to-enterprise", "operational")];
@@ -31,7 +35,7 @@ async fn gateway() -> Gateway {
     let task = tokio::spawn(async move {
         serve(
             Gate::local_only(api),
-            ServerConfig::default(),
+            server,
             Incoming::Plain(listener),
             Default::default(),
             async {
@@ -108,6 +112,71 @@ async fn every_operation_and_error_crosses_the_wire() {
         .await
         .unwrap_err();
     assert_eq!(e, BoundaryError::UnknownConsumer("ghost".into()));
+}
+
+#[tokio::test]
+async fn an_upload_over_max_object_bytes_is_cut_off_and_stores_nothing() {
+    let g = gateway_with(ServerConfig {
+        max_object_bytes: 1024 * 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let c = client(&g);
+    let big: Vec<Result<Bytes, BoundaryError>> = vec![Ok(Bytes::from(vec![7u8; 2 * 1024 * 1024]))];
+    let e = c
+        .put_object(
+            "batch-files",
+            "huge.bin",
+            futures::stream::iter(big).boxed(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BoundaryError::InvalidArgument { field, rule } if field == "chunk" && rule.contains("max_object_bytes")),
+        "{e:?}"
+    );
+    let ok = c
+        .put_object(
+            "batch-files",
+            "huge.bin",
+            futures::stream::iter([Ok(Bytes::from_static(b"small"))]).boxed(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok.size, 5, "the refused upload left the key free");
+}
+
+#[tokio::test]
+async fn a_page_larger_than_max_message_bytes_is_trimmed_not_refused() {
+    let g = gateway_with(ServerConfig {
+        max_message_bytes: 64 * 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let c = client(&g);
+    for i in 0..10 {
+        c.append_fact(bsfg_testkit::fixtures::padded_fact(
+            &format!("big-{i}"),
+            i,
+            20_000,
+        ))
+        .await
+        .unwrap();
+    }
+    let page = c
+        .fetch_facts(FetchRequest {
+            consumer: "to-enterprise".into(),
+            limit: 10,
+            wait: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert!(
+        (1..10).contains(&page.facts.len()),
+        "{} facts of 20 kB cannot all fit in 64 KiB, one always does",
+        page.facts.len()
+    );
+    assert_eq!(page.facts[0].message.envelope.message_id, "big-0");
 }
 
 #[tokio::test]
