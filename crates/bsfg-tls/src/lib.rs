@@ -297,7 +297,7 @@ impl Material {
 /// a CA that cannot anchor anything is an error naming the file. Returns the expiry of
 /// every certificate.
 pub fn check(files: &TlsFiles) -> Result<Vec<Expiry>, TlsError> {
-    Ok(ServerTls::build(files, &[], "check")?.expiries)
+    Ok(build_server(files, &[], "check")?.expiries)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -373,66 +373,49 @@ pub trait Reloadable: Send + Sync {
     fn expiries(&self) -> Vec<Expiry>;
 }
 
-/// The TLS side of a listener: requires and verifies client certificates.
-pub struct ServerTls {
+type Build<C> = fn(&TlsFiles, &[Vec<u8>], &str) -> Result<Loaded<C>, TlsError>;
+
+/// One TLS endpoint: its files, the configuration built from them (swapped whole on
+/// reload) and the counters it reports to. See [`ServerTls`] and [`ClientTls`].
+pub struct Tls<C> {
     files: TlsFiles,
     alpn: Vec<Vec<u8>>,
     endpoint: String,
     stats: Arc<TlsStats>,
-    current: RwLock<Arc<Loaded<rustls::ServerConfig>>>,
+    build: Build<C>,
+    current: RwLock<Arc<Loaded<C>>>,
+    /// Fingerprint of the last set of files that failed to load: not retried (nor
+    /// logged again) until they change once more.
     rejected: Mutex<Option<[u8; 32]>>,
 }
 
-impl ServerTls {
-    /// Loads `files` for the listener `endpoint`, offering `alpn`.
-    pub fn new(
+/// The TLS side of a listener: requires and verifies client certificates.
+pub type ServerTls = Tls<rustls::ServerConfig>;
+/// The TLS side of a client (a link or the CLI): presents this gateway's certificate
+/// and verifies the server against the given anchors and the name it dials.
+pub type ClientTls = Tls<rustls::ClientConfig>;
+
+impl<C> Tls<C> {
+    fn load(
         files: TlsFiles,
         alpn: Vec<Vec<u8>>,
-        endpoint: impl Into<String>,
+        endpoint: String,
         stats: Arc<TlsStats>,
-    ) -> Result<Arc<ServerTls>, TlsError> {
-        let endpoint = endpoint.into();
-        let loaded = Self::build(&files, &alpn, &endpoint)?;
-        Ok(Arc::new(ServerTls {
+        build: Build<C>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let loaded = build(&files, &alpn, &endpoint)?;
+        Ok(Arc::new(Tls {
             files,
             alpn,
             endpoint,
             stats,
+            build,
             current: RwLock::new(Arc::new(loaded)),
             rejected: Mutex::new(None),
         }))
     }
 
-    fn build(
-        files: &TlsFiles,
-        alpn: &[Vec<u8>],
-        endpoint: &str,
-    ) -> Result<Loaded<rustls::ServerConfig>, TlsError> {
-        let m = Material::load(files)?;
-        let webpki = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let verifier = Arc::new(LoggingVerifier {
-            inner: webpki,
-            from: files.identity_from,
-            endpoint: endpoint.to_owned(),
-        });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(m.chain, m.key)?;
-        config.alpn_protocols = alpn.to_vec();
-        // 0-RTT stays off: early data could be replayed.
-        config.max_early_data_size = 0;
-        Ok(Loaded {
-            config: Arc::new(config),
-            anchors: m.anchors,
-            fingerprint: m.fingerprint,
-            expiries: m.expiries,
-        })
-    }
-
-    fn loaded(&self) -> Arc<Loaded<rustls::ServerConfig>> {
+    fn loaded(&self) -> Arc<Loaded<C>> {
         match self.current.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
@@ -440,13 +423,118 @@ impl ServerTls {
     }
 
     /// The configuration new connections use now.
-    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+    pub fn config(&self) -> Arc<C> {
         self.loaded().config.clone()
     }
 
     /// The counters this endpoint reports to.
     pub fn stats(&self) -> &Arc<TlsStats> {
         &self.stats
+    }
+}
+
+impl<C: Send + Sync> Reloadable for Tls<C> {
+    fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let old = self.loaded().fingerprint;
+        let endpoint = self.endpoint.as_str();
+        let result = Material::fingerprint_now(&self.files).and_then(|now| {
+            let seen = self.rejected.lock().ok().and_then(|r| *r);
+            if now == old || seen == Some(now) {
+                return Ok(None);
+            }
+            (self.build)(&self.files, &self.alpn, endpoint)
+                .map(Some)
+                .inspect_err(|_| {
+                    if let Ok(mut r) = self.rejected.lock() {
+                        *r = Some(now);
+                    }
+                })
+        });
+        match result {
+            Ok(None) => Ok(false),
+            Ok(Some(loaded)) => {
+                let expiry = loaded.expiries.first().map(|e| e.not_after_unix);
+                match self.current.write() {
+                    Ok(mut g) => *g = Arc::new(loaded),
+                    Err(p) => *p.into_inner() = Arc::new(loaded),
+                }
+                self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(endpoint, cert_not_after_unix = ?expiry, "TLS certificates reloaded; new connections use them");
+                Ok(true)
+            }
+            Err(e) => {
+                self.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(endpoint, error = %e, "changed TLS files rejected; the previous certificates stay in use");
+                Err(e)
+            }
+        }
+    }
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+    fn expiries(&self) -> Vec<Expiry> {
+        self.loaded().expiries.clone()
+    }
+}
+
+fn build_server(
+    files: &TlsFiles,
+    alpn: &[Vec<u8>],
+    endpoint: &str,
+) -> Result<Loaded<rustls::ServerConfig>, TlsError> {
+    let m = Material::load(files)?;
+    let webpki = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(LoggingVerifier {
+        inner: webpki,
+        from: files.identity_from,
+        endpoint: endpoint.to_owned(),
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain, m.key)?;
+    config.alpn_protocols = alpn.to_vec();
+    // 0-RTT stays off: early data could be replayed.
+    config.max_early_data_size = 0;
+    Ok(Loaded {
+        config: Arc::new(config),
+        anchors: m.anchors,
+        fingerprint: m.fingerprint,
+        expiries: m.expiries,
+    })
+}
+
+fn build_client(
+    files: &TlsFiles,
+    alpn: &[Vec<u8>],
+    _endpoint: &str,
+) -> Result<Loaded<rustls::ClientConfig>, TlsError> {
+    let m = Material::load(files)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(m.roots.clone())
+        .with_client_auth_cert(m.chain, m.key)?;
+    config.alpn_protocols = alpn.to_vec();
+    config.enable_early_data = false;
+    Ok(Loaded {
+        config: Arc::new(config),
+        anchors: m.anchors,
+        fingerprint: m.fingerprint,
+        expiries: m.expiries,
+    })
+}
+
+impl Tls<rustls::ServerConfig> {
+    /// Loads `files` for the listener `endpoint`, offering `alpn`.
+    pub fn new(
+        files: TlsFiles,
+        alpn: Vec<Vec<u8>>,
+        endpoint: impl Into<String>,
+        stats: Arc<TlsStats>,
+    ) -> Result<Arc<ServerTls>, TlsError> {
+        Self::load(files, alpn, endpoint.into(), stats, build_server)
     }
 
     /// The authenticated identity of a completed handshake's peer.
@@ -458,80 +546,7 @@ impl ServerTls {
     }
 }
 
-fn reload<C>(
-    files: &TlsFiles,
-    current: &RwLock<Arc<Loaded<C>>>,
-    rejected: &Mutex<Option<[u8; 32]>>,
-    endpoint: &str,
-    stats: &TlsStats,
-    build: impl FnOnce() -> Result<Loaded<C>, TlsError>,
-) -> Result<bool, TlsError> {
-    let old = match current.read() {
-        Ok(g) => g.fingerprint,
-        Err(p) => p.into_inner().fingerprint,
-    };
-    let result = Material::fingerprint_now(files).and_then(|now| {
-        let seen = rejected.lock().ok().and_then(|r| *r);
-        if now == old || seen == Some(now) {
-            return Ok(None);
-        }
-        build().map(Some).inspect_err(|_| {
-            if let Ok(mut r) = rejected.lock() {
-                *r = Some(now);
-            }
-        })
-    });
-    match result {
-        Ok(None) => Ok(false),
-        Ok(Some(loaded)) => {
-            let expiry = loaded.expiries.first().map(|e| e.not_after_unix);
-            match current.write() {
-                Ok(mut g) => *g = Arc::new(loaded),
-                Err(p) => *p.into_inner() = Arc::new(loaded),
-            }
-            stats.reloads.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(endpoint, cert_not_after_unix = ?expiry, "TLS certificates reloaded; new connections use them");
-            Ok(true)
-        }
-        Err(e) => {
-            stats.reload_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(endpoint, error = %e, "changed TLS files rejected; the previous certificates stay in use");
-            Err(e)
-        }
-    }
-}
-
-impl Reloadable for ServerTls {
-    fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        reload(
-            &self.files,
-            &self.current,
-            &self.rejected,
-            &self.endpoint,
-            &self.stats,
-            || Self::build(&self.files, &self.alpn, &self.endpoint),
-        )
-    }
-    fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-    fn expiries(&self) -> Vec<Expiry> {
-        self.loaded().expiries.clone()
-    }
-}
-
-/// The TLS side of a client (a link or the CLI): presents this gateway's certificate
-/// and verifies the server against the given anchors and the name it dials.
-pub struct ClientTls {
-    files: TlsFiles,
-    alpn: Vec<Vec<u8>>,
-    endpoint: String,
-    stats: Arc<TlsStats>,
-    current: RwLock<Arc<Loaded<rustls::ClientConfig>>>,
-    rejected: Mutex<Option<[u8; 32]>>,
-}
-
-impl ClientTls {
+impl Tls<rustls::ClientConfig> {
     /// Loads `files` for the client `endpoint` (e.g. the link's name).
     pub fn new(
         files: TlsFiles,
@@ -539,39 +554,7 @@ impl ClientTls {
         endpoint: impl Into<String>,
         stats: Arc<TlsStats>,
     ) -> Result<Arc<ClientTls>, TlsError> {
-        let loaded = Self::build(&files, &alpn)?;
-        Ok(Arc::new(ClientTls {
-            files,
-            alpn,
-            endpoint: endpoint.into(),
-            stats,
-            current: RwLock::new(Arc::new(loaded)),
-            rejected: Mutex::new(None),
-        }))
-    }
-
-    fn build(files: &TlsFiles, alpn: &[Vec<u8>]) -> Result<Loaded<rustls::ClientConfig>, TlsError> {
-        let m = Material::load(files)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(m.roots.clone())
-            .with_client_auth_cert(m.chain, m.key)?;
-        config.alpn_protocols = alpn.to_vec();
-        config.enable_early_data = false;
-        Ok(Loaded {
-            config: Arc::new(config),
-            anchors: m.anchors,
-            fingerprint: m.fingerprint,
-            expiries: m.expiries,
-        })
-    }
-
-    /// The configuration new connections use now.
-    pub fn config(&self) -> Arc<rustls::ClientConfig> {
-        match self.current.read() {
-            Ok(g) => g.config.clone(),
-            Err(p) => p.into_inner().config.clone(),
-        }
+        Self::load(files, alpn, endpoint.into(), stats, build_client)
     }
 
     /// Dials `addr` over TCP (no Nagle delay) and completes a TLS 1.3 handshake that
@@ -598,28 +581,6 @@ impl ClientTls {
             tracing::warn!(endpoint = %self.endpoint, %addr, server_name, reason, error = %e, "TLS handshake with the server failed");
         }
         r
-    }
-}
-
-impl Reloadable for ClientTls {
-    fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        reload(
-            &self.files,
-            &self.current,
-            &self.rejected,
-            &self.endpoint,
-            &self.stats,
-            || Self::build(&self.files, &self.alpn),
-        )
-    }
-    fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-    fn expiries(&self) -> Vec<Expiry> {
-        match self.current.read() {
-            Ok(g) => g.expiries.clone(),
-            Err(p) => p.into_inner().expiries.clone(),
-        }
     }
 }
 
