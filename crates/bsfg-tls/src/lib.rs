@@ -329,7 +329,13 @@ impl ClientCertVerifier for LoggingVerifier {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
             .inspect_err(|e| {
-                let who = identity_of(end_entity, self.from).unwrap_or_else(|| "<none>".into());
+                // Not verified, so attacker-chosen: printable and short before it is logged.
+                let who: String = identity_of(end_entity, self.from)
+                    .unwrap_or_else(|| "<none>".into())
+                    .chars()
+                    .take(128)
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect();
                 tracing::warn!(endpoint = %self.endpoint, presented_identity = %who, error = %e, "client certificate rejected");
             })
     }
