@@ -1,0 +1,358 @@
+//! A seeded UDP relay that emulates a bad link where no network namespaces can be
+//! made: loss, delay, jitter, reordering, duplication and a bandwidth cap, set per
+//! direction, plus a blackhole for a while (a partition). A client sends to
+//! [`UdpRelay::addr`]; the relay forwards to the target and sends replies back to
+//! wherever the client last sent from, so a client that changes its address (a new
+//! socket, NAT rebinding) keeps talking. The same seed and the same packet order give
+//! the same drops and delays.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::UdpSocket;
+
+/// How one direction of the link behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Profile {
+    /// Fraction of datagrams dropped (0.0 ..= 1.0).
+    pub loss: f64,
+    /// One-way delay added to every datagram.
+    pub delay: Duration,
+    /// Uniform extra delay, 0 ..= jitter.
+    pub jitter: Duration,
+    /// Fraction of datagrams held back by an extra `delay`, so later ones overtake them.
+    pub reorder: f64,
+    /// Fraction of datagrams sent twice.
+    pub duplicate: f64,
+    /// Bandwidth cap in bits per second (`None`: unlimited).
+    pub rate_bps: Option<u64>,
+}
+
+/// What the relay did so far, both directions together.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Datagrams sent on (duplicates included).
+    pub forwarded: AtomicU64,
+    /// Datagrams dropped by loss or a blackhole.
+    pub dropped: AtomicU64,
+    /// Bytes sent on.
+    pub bytes: AtomicU64,
+}
+
+struct Direction {
+    profile: Profile,
+    rng: SmallRng,
+    /// When the (rate-capped) link is free again.
+    free_at: Instant,
+}
+
+impl Direction {
+    /// When to send a datagram of `len` bytes that arrived now, and how many copies
+    /// (0: dropped).
+    fn schedule(&mut self, len: usize, now: Instant) -> (Instant, usize) {
+        let p = self.profile;
+        if self.rng.gen_bool(p.loss.clamp(0.0, 1.0)) {
+            return (now, 0);
+        }
+        let mut at = now + p.delay;
+        if !p.jitter.is_zero() {
+            at += p.jitter.mul_f64(self.rng.r#gen::<f64>());
+        }
+        if self.rng.gen_bool(p.reorder.clamp(0.0, 1.0)) {
+            at += p.delay.max(Duration::from_millis(5));
+        }
+        if let Some(rate) = p.rate_bps.filter(|r| *r > 0) {
+            let start = self.free_at.max(now);
+            self.free_at = start + Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
+            at = at.max(self.free_at);
+        }
+        let copies = if self.rng.gen_bool(p.duplicate.clamp(0.0, 1.0)) {
+            2
+        } else {
+            1
+        };
+        (at, copies)
+    }
+}
+
+/// A running relay; it stops when dropped.
+pub struct UdpRelay {
+    addr: SocketAddr,
+    stats: Arc<RelayStats>,
+    blackhole_until: Arc<Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl UdpRelay {
+    /// Relays to `target`: `up` applies to client -> target, `down` to the replies.
+    pub async fn start(
+        target: SocketAddr,
+        up: Profile,
+        down: Profile,
+        seed: u64,
+    ) -> std::io::Result<UdpRelay> {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+        back.connect(target).await?;
+        let addr = front.local_addr()?;
+        let stats = Arc::new(RelayStats::default());
+        let blackhole_until = Arc::new(Mutex::new(None::<Instant>));
+        let now = Instant::now();
+        let mut dirs = [
+            Direction {
+                profile: up,
+                rng: SmallRng::seed_from_u64(seed),
+                free_at: now,
+            },
+            Direction {
+                profile: down,
+                rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+                free_at: now,
+            },
+        ];
+        let (st, bh) = (stats.clone(), blackhole_until.clone());
+        let task = tokio::spawn(async move {
+            let mut client: Option<SocketAddr> = None;
+            let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            loop {
+                // Which side spoke, what it said, and where it goes.
+                let (dir, data, dest) = tokio::select! {
+                    r = front.recv_from(&mut a) => match r {
+                        Ok((n, from)) => { client = Some(from); (0, a[..n].to_vec(), None) }
+                        Err(_) => continue,
+                    },
+                    r = back.recv(&mut b) => match (r, client) {
+                        (Ok(n), Some(c)) => (1, b[..n].to_vec(), Some(c)),
+                        _ => continue,
+                    },
+                };
+                let now = Instant::now();
+                let holed = bh
+                    .lock()
+                    .ok()
+                    .and_then(|g| *g)
+                    .is_some_and(|until| now < until);
+                let (at, copies) = if holed {
+                    (now, 0)
+                } else {
+                    dirs[dir].schedule(data.len(), now)
+                };
+                if copies == 0 {
+                    st.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let (front, back, st) = (front.clone(), back.clone(), st.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    for _ in 0..copies {
+                        let sent = match dest {
+                            Some(c) => front.send_to(&data, c).await,
+                            None => back.send(&data).await,
+                        };
+                        if sent.is_ok() {
+                            st.forwarded.fetch_add(1, Ordering::Relaxed);
+                            st.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(UdpRelay {
+            addr,
+            stats,
+            blackhole_until,
+            task,
+        })
+    }
+
+    /// Where clients send.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Drops everything, both ways, for `d` from now (a partition).
+    pub fn blackhole(&self, d: Duration) {
+        if let Ok(mut g) = self.blackhole_until.lock() {
+            *g = Some(Instant::now() + d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A UDP echo server.
+    async fn echo() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let _ = s.send_to(&buf[..n], from).await;
+            }
+        });
+        addr
+    }
+
+    /// Sends `n` numbered datagrams, paced, while reading the echoes; returns the
+    /// numbers echoed back, stopping after `wait` without one. (Reading while sending
+    /// keeps the client's socket buffer from overflowing: loss the relay did not
+    /// decide.)
+    async fn round_trips(relay: SocketAddr, n: u32, wait: Duration) -> Vec<u32> {
+        let c = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let reader = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 16];
+                let mut idle = wait.max(Duration::from_millis(100));
+                while let Ok(Ok((len, _))) = tokio::time::timeout(idle, c.recv_from(&mut buf)).await
+                {
+                    if len == 4 {
+                        got.push(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]));
+                    }
+                    idle = wait;
+                }
+                got
+            })
+        };
+        for i in 0..n {
+            c.send_to(&i.to_be_bytes(), relay).await.unwrap();
+            if i % 20 == 19 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        reader.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_clean_link_delivers_everything_after_the_delay_both_ways() {
+        let p = Profile {
+            delay: Duration::from_millis(20),
+            ..Profile::default()
+        };
+        let relay = UdpRelay::start(echo().await, p, p, 1).await.unwrap();
+        let t = Instant::now();
+        let got = round_trips(relay.addr(), 50, Duration::from_millis(300)).await;
+        assert_eq!(got.len(), 50);
+        assert!(
+            t.elapsed() >= Duration::from_millis(40),
+            "two one-way delays"
+        );
+    }
+
+    #[tokio::test]
+    async fn loss_is_seeded_and_near_the_configured_rate() {
+        let lossy = Profile {
+            loss: 0.3,
+            ..Profile::default()
+        };
+        let run = |seed| async move {
+            let relay = UdpRelay::start(echo().await, lossy, Profile::default(), seed)
+                .await
+                .unwrap();
+            round_trips(relay.addr(), 1000, Duration::from_millis(200)).await
+        };
+        let a = run(7).await;
+        let b = run(7).await;
+        assert_eq!(a, b, "same seed, same packets lost");
+        assert!(
+            (600..=800).contains(&a.len()),
+            "{} of 1000 got through",
+            a.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blackhole_drops_everything_then_the_link_comes_back() {
+        let relay = UdpRelay::start(echo().await, Profile::default(), Profile::default(), 3)
+            .await
+            .unwrap();
+        relay.blackhole(Duration::from_millis(300));
+        assert!(
+            round_trips(relay.addr(), 20, Duration::from_millis(100))
+                .await
+                .is_empty()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            round_trips(relay.addr(), 20, Duration::from_millis(200))
+                .await
+                .len(),
+            20
+        );
+        assert!(relay.stats().dropped.load(Ordering::Relaxed) >= 20);
+    }
+
+    #[tokio::test]
+    async fn duplication_and_reordering_happen_and_a_new_client_address_is_followed() {
+        let p = Profile {
+            duplicate: 0.5,
+            reorder: 0.3,
+            delay: Duration::from_millis(5),
+            ..Profile::default()
+        };
+        let relay = UdpRelay::start(echo().await, p, Profile::default(), 11)
+            .await
+            .unwrap();
+        let got = round_trips(relay.addr(), 200, Duration::from_millis(200)).await;
+        assert!(
+            got.len() > 200,
+            "some datagrams arrive twice: {}",
+            got.len()
+        );
+        assert!(
+            got.windows(2).any(|w| w[1] < w[0]),
+            "some arrive out of order"
+        );
+        // Another socket (a changed source address) is answered too.
+        let again = round_trips(relay.addr(), 10, Duration::from_millis(200)).await;
+        assert!(again.len() >= 10);
+    }
+
+    #[tokio::test]
+    async fn a_rate_cap_spaces_datagrams_out() {
+        let p = Profile {
+            rate_bps: Some(80_000), // 10 kB/s
+            ..Profile::default()
+        };
+        let relay = UdpRelay::start(echo().await, p, Profile::default(), 5)
+            .await
+            .unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let t = Instant::now();
+        for _ in 0..20 {
+            c.send_to(&[0u8; 1000], relay.addr()).await.unwrap();
+        }
+        let mut buf = [0u8; 2000];
+        for _ in 0..20 {
+            tokio::time::timeout(Duration::from_secs(5), c.recv_from(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // 20 kB at 10 kB/s: about two seconds, not instantly.
+        assert!(
+            t.elapsed() >= Duration::from_millis(1800),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
