@@ -83,22 +83,26 @@ fn host_port(url: &str) -> Result<(String, String), BoundaryError> {
 }
 
 impl GrpcClient {
-    /// Prepares a client for `url` (`grpc://host:port`). The connection is made on
-    /// first use and remade after a failure, so a peer that is down now is not an error
-    /// here.
+    /// Prepares a plaintext client for `url` (`grpc://host:port`). The connection is
+    /// made on first use and remade after a failure, so a peer that is down now is not
+    /// an error here. A `grpcs://` URL is refused: it needs [`GrpcClient::connect_lazy_tls`]
+    /// and must never fall back to plaintext.
     pub fn connect_lazy(url: &str, config: ClientConfig) -> Result<Self, BoundaryError> {
-        let uri = endpoint_uri(url)?;
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
-            .connect_timeout(config.connect_timeout)
-            .http2_adaptive_window(config.adaptive_window)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .tcp_nodelay(true);
-        let inner = BoundaryClient::new(endpoint.connect_lazy())
+        if url.starts_with("grpcs://") {
+            return Err(BoundaryError::invalid(
+                "url",
+                format!("`{url}` is mutual TLS: it needs a client certificate (connect_lazy_tls)"),
+            ));
+        }
+        let channel = endpoint(url, &config)?.tcp_nodelay(true).connect_lazy();
+        Ok(Self::over(channel, config))
+    }
+
+    fn over(channel: Channel, config: ClientConfig) -> Self {
+        let inner = BoundaryClient::new(channel)
             .max_decoding_message_size(config.max_message_bytes)
             .max_encoding_message_size(config.max_message_bytes);
-        Ok(GrpcClient { inner, config })
+        GrpcClient { inner, config }
     }
 
     /// Prepares a mutual-TLS client for `url` (`grpcs://host:port`): see
@@ -110,10 +114,7 @@ impl GrpcClient {
         server_name: Option<String>,
     ) -> Result<Self, BoundaryError> {
         let channel = tls_channel(url, &config, tls, server_name)?;
-        let inner = BoundaryClient::new(channel)
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes);
-        Ok(GrpcClient { inner, config })
+        Ok(Self::over(channel, config))
     }
 
     fn request<T>(&self, msg: T, extra: Duration) -> tonic::Request<T> {
@@ -133,15 +134,8 @@ pub fn tls_channel(
     tls: Arc<ClientTls>,
     server_name: Option<String>,
 ) -> Result<Channel, BoundaryError> {
-    let uri = endpoint_uri(url)?;
     let (addr, host) = host_port(url)?;
     let name = server_name.unwrap_or(host);
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
-        .connect_timeout(config.connect_timeout)
-        .http2_adaptive_window(config.adaptive_window)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_while_idle(true);
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let (tls, addr, name) = (tls.clone(), addr.clone(), name.clone());
         async move {
@@ -149,7 +143,17 @@ pub fn tls_channel(
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
         }
     });
-    Ok(endpoint.connect_with_connector_lazy(connector))
+    Ok(endpoint(url, config)?.connect_with_connector_lazy(connector))
+}
+
+/// The HTTP/2 settings every connection to a gateway uses, whatever carries it.
+fn endpoint(url: &str, config: &ClientConfig) -> Result<Endpoint, BoundaryError> {
+    Ok(Endpoint::from_shared(endpoint_uri(url)?)
+        .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
+        .connect_timeout(config.connect_timeout)
+        .http2_adaptive_window(config.adaptive_window)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true))
 }
 
 #[async_trait]
@@ -284,4 +288,21 @@ fn upload_parts(
         let _ = tx.send(end).await;
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_grpcs_url_never_falls_back_to_plaintext() {
+        let e = GrpcClient::connect_lazy("grpcs://127.0.0.1:7443", ClientConfig::default())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("mutual TLS")),
+            "{e:?}"
+        );
+        assert!(GrpcClient::connect_lazy("grpc://127.0.0.1:7443", ClientConfig::default()).is_ok());
+    }
 }
