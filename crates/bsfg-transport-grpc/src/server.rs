@@ -227,39 +227,43 @@ fn chunks(
         let first_error = first_error.clone();
         async move {
             let (mut s, size) = state?;
-            let next = tokio::time::timeout(idle, s.message()).await;
-            let failure = match next {
-                Err(_) => BoundaryError::invalid(
+            let next = match tokio::time::timeout(idle, s.message()).await {
+                Err(_) => Err(BoundaryError::invalid(
                     "chunk",
                     format!("no data for {idle:?}; the upload was cut off and nothing was stored"),
+                )),
+                Ok(Err(e)) => Err(BoundaryError::Unavailable(format!(
+                    "upload interrupted: {}",
+                    e.message()
+                ))),
+                Ok(Ok(m)) => Ok(m),
+            };
+            let failure = match next {
+                Err(e) => e,
+                Ok(None) => BoundaryError::invalid(
+                    "end",
+                    "the upload ended without its end marker; nothing was stored",
                 ),
-                Ok(next) => match next {
-                    Err(e) => {
-                        BoundaryError::Unavailable(format!("upload interrupted: {}", e.message()))
+                Ok(Some(m)) => match m.part {
+                    Some(Part::Chunk(c)) if size + c.len() as u64 <= max_size => {
+                        let size = size + c.len() as u64;
+                        return Some((Ok(c), Some((s, size))));
                     }
-                    Ok(None) => BoundaryError::invalid(
-                        "end",
-                        "the upload ended without its end marker; nothing was stored",
+                    Some(Part::Chunk(_)) => BoundaryError::invalid(
+                        "chunk",
+                        format!(
+                            "the object exceeds max_object_bytes ({max_size}); nothing was stored"
+                        ),
                     ),
-                    Ok(Some(m)) => match m.part {
-                        Some(Part::Chunk(c)) if size + c.len() as u64 <= max_size => {
-                            let size = size + c.len() as u64;
-                            return Some((Ok(c), Some((s, size))));
-                        }
-                        Some(Part::Chunk(_)) => BoundaryError::invalid(
-                            "chunk",
-                            format!("the object exceeds max_object_bytes ({max_size}); nothing was stored"),
-                        ),
-                        Some(Part::End(end)) if end.size == size => return None,
-                        Some(Part::End(end)) => BoundaryError::invalid(
-                            "end.size",
-                            format!("says {} bytes but {size} arrived", end.size),
-                        ),
-                        Some(Part::Header(_)) | None => BoundaryError::invalid(
-                            "part",
-                            "after the header only chunks and one end marker may follow",
-                        ),
-                    },
+                    Some(Part::End(end)) if end.size == size => return None,
+                    Some(Part::End(end)) => BoundaryError::invalid(
+                        "end.size",
+                        format!("says {} bytes but {size} arrived", end.size),
+                    ),
+                    Some(Part::Header(_)) | None => BoundaryError::invalid(
+                        "part",
+                        "after the header only chunks and one end marker may follow",
+                    ),
                 },
             };
             // The store wraps a body error in its own; the handler answers with this one.
@@ -445,14 +449,13 @@ where
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<ReqB>) -> Self::Future {
-        let peer = req
-            .extensions()
-            .get::<PeerInfo>()
-            .map_or_else(|| "local".to_owned(), |p| p.caller.label().to_owned());
+        let info = req.extensions().get::<PeerInfo>();
+        let peer = info.map_or_else(|| "local".to_owned(), |p| p.caller.label().to_owned());
+        let remote = info.map(|p| p.remote);
         let path = req.uri().path().to_owned();
         let stats = self.stats.clone();
         // Everything logged while serving the call carries the peer's identity.
-        let span = tracing::info_span!("request", %peer, %path);
+        let span = tracing::info_span!("request", %peer, remote = ?remote, %path);
         let fut = self.inner.call(req);
         Box::pin(tracing::Instrument::instrument(
             async move {
