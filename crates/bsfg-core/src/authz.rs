@@ -328,6 +328,29 @@ impl Gate {
     }
 }
 
+/// Refused requests of one listener, by peer and code, for the
+/// `bsfg_requests_refused_total` metric. Transports fill it: gRPC with its status
+/// code names, QUIC with the stable reasons.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    errors: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+}
+
+impl ServeStats {
+    /// Counts one refused request of `peer`.
+    pub fn refused(&self, peer: &str, code: &'static str) {
+        if let Ok(mut e) = self.errors.lock() {
+            *e.entry((peer.to_owned(), code)).or_default() += 1;
+        }
+    }
+
+    /// Requests refused so far, by (peer, code): malformed messages, oversized
+    /// messages, denials, ...
+    pub fn errors(&self) -> std::collections::BTreeMap<(String, &'static str), u64> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

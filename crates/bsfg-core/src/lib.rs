@@ -16,7 +16,7 @@ pub mod model;
 pub mod names;
 pub mod ports;
 
-pub use authz::{Authorization, Caller, Gate, Grant};
+pub use authz::{Authorization, Caller, Gate, Grant, ServeStats};
 pub use engine::Boundary;
 pub use error::{BoundaryError, Reason};
 pub use model::{

@@ -135,7 +135,7 @@ pub struct Security {
     /// Grants and denial counts.
     pub authz: Arc<bsfg_core::Authorization>,
     /// Refused requests per listener (by URL).
-    pub listeners: Vec<(String, Arc<bsfg_transport_grpc::ServeStats>)>,
+    pub listeners: Vec<(String, Arc<bsfg_core::ServeStats>)>,
 }
 
 impl std::fmt::Debug for Security {

@@ -19,8 +19,10 @@ use std::collections::BTreeMap;
 
 use bsfg_core::{
     AppendOutcome, ArtifactRef, BoundaryError, Envelope, Fact, FactPage, FetchedFact, Message,
-    Provenance,
+    Provenance, Reason,
 };
+
+pub mod transfer;
 
 /// The `google.rpc.ErrorInfo` domain of BSFG errors.
 pub const ERROR_DOMAIN: &str = "bsfg.v1";
@@ -236,6 +238,66 @@ pub fn error_metadata(e: &BoundaryError) -> BTreeMap<String, String> {
         _ => {}
     }
     m
+}
+
+/// The error a server raised, rebuilt from its stable `reason`, its `message` and its
+/// metadata (as [`error_metadata`] made them), whichever transport carried them.
+pub fn error_from_parts(
+    reason: Reason,
+    message: &str,
+    metadata: &BTreeMap<String, String>,
+) -> BoundaryError {
+    let meta = |k: &str| metadata.get(k).cloned().unwrap_or_default();
+    // The server's message starts with the reason already; do not say it twice.
+    let msg = message
+        .strip_prefix(&format!("{}: ", reason.as_str()))
+        .unwrap_or(message)
+        .to_owned();
+    match reason {
+        Reason::InvalidArgument => BoundaryError::InvalidArgument {
+            field: meta("field"),
+            rule: meta("rule"),
+        },
+        Reason::ConflictingDuplicate if metadata.contains_key("bucket") => {
+            BoundaryError::ImmutableObject {
+                bucket: meta("bucket"),
+                key: meta("key"),
+                existing_digest: meta("existing_digest"),
+                offered_digest: String::new(),
+            }
+        }
+        Reason::ConflictingDuplicate => BoundaryError::ConflictingDuplicate {
+            message_id: meta("message_id"),
+            stream: meta("stream"),
+            offset: meta("offset").parse().unwrap_or(0),
+        },
+        Reason::UnknownConsumer => BoundaryError::UnknownConsumer(meta("consumer")),
+        Reason::Backpressure => BoundaryError::Backpressure(msg),
+        Reason::PermissionDenied => BoundaryError::PermissionDenied(msg),
+        Reason::Unavailable => BoundaryError::Unavailable(msg),
+        Reason::NotFound => BoundaryError::NotFound(msg),
+        Reason::Internal => BoundaryError::Internal(msg),
+    }
+}
+
+impl From<&BoundaryError> for v1::CallError {
+    fn from(e: &BoundaryError) -> Self {
+        v1::CallError {
+            reason: e.reason().as_str().to_owned(),
+            message: e.to_string(),
+            metadata: error_metadata(e),
+        }
+    }
+}
+
+impl From<v1::CallError> for BoundaryError {
+    /// An unknown reason (a newer server) becomes `internal` with the text kept.
+    fn from(e: v1::CallError) -> Self {
+        match Reason::parse(&e.reason) {
+            Some(r) => error_from_parts(r, &e.message, &e.metadata),
+            None => BoundaryError::Internal(format!("{} ({})", e.message, e.reason)),
+        }
+    }
 }
 
 #[cfg(test)]

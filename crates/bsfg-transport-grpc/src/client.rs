@@ -9,9 +9,9 @@ use bsfg_core::{
     AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
     Message, ObjectInfo,
 };
-use bsfg_proto::v1::{self, boundary_client::BoundaryClient, put_object_request::Part};
+use bsfg_proto::transfer::upload_parts;
+use bsfg_proto::v1::{self, boundary_client::BoundaryClient};
 use bsfg_tls::ClientTls;
-use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::status::from_status;
@@ -238,56 +238,6 @@ impl BoundaryApi for GrpcClient {
             size: r.size,
         })
     }
-}
-
-/// The PutObject request stream: header, chunks of at most `chunk` bytes, end marker.
-/// A pump task reads the body; on a body error it reports the error and stops without
-/// the end marker, so the server stores nothing.
-fn upload_parts(
-    bucket: &str,
-    key: &str,
-    mut body: ByteStream,
-    chunk: usize,
-    err_tx: tokio::sync::oneshot::Sender<BoundaryError>,
-) -> tokio_stream::wrappers::ReceiverStream<v1::PutObjectRequest> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let header = v1::PutObjectRequest {
-        part: Some(Part::Header(v1::PutObjectHeader {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-        })),
-    };
-    let chunk = chunk.max(1);
-    tokio::spawn(async move {
-        if tx.send(header).await.is_err() {
-            return;
-        }
-        let mut size = 0u64;
-        while let Some(item) = body.next().await {
-            let mut data = match item {
-                Ok(b) => b,
-                Err(e) => {
-                    let _ = err_tx.send(e);
-                    return;
-                }
-            };
-            while !data.is_empty() {
-                let piece = data.split_to(data.len().min(chunk));
-                size += piece.len() as u64;
-                let msg = v1::PutObjectRequest {
-                    part: Some(Part::Chunk(piece)),
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        }
-        let end = v1::PutObjectRequest {
-            part: Some(Part::End(v1::PutObjectEnd { size })),
-        };
-        let _ = tx.send(end).await;
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::{BoundaryError, ByteStream, Caller, FetchRequest, Gate, Message};
+use bsfg_core::{BoundaryError, Caller, FetchRequest, Gate, Message};
+use bsfg_proto::transfer::{fit_page, object_body};
 use bsfg_proto::v1::{
     self,
     boundary_server::{Boundary, BoundaryServer},
@@ -193,87 +194,15 @@ fn status(e: BoundaryError) -> Status {
     to_status(&e)
 }
 
-/// Trims a page from the end until its encoding fits `max` bytes, so a page of large
-/// facts never fails to encode (which would stall its consumer on the same page). The
-/// trimmed facts stay unconfirmed and come again after the consumer's ack wait; at
-/// least one fact always fits (`max_message_bytes` is at least twice the fact limit).
-fn fit(mut page: v1::FetchFactsResponse, max: usize) -> v1::FetchFactsResponse {
-    use prost::Message as _;
-    let before = page.facts.len();
-    while page.facts.len() > 1 && page.encoded_len() > max {
-        page.facts.pop();
-    }
-    if page.facts.len() < before {
-        tracing::info!(
-            kept = page.facts.len(),
-            trimmed = before - page.facts.len(),
-            max_message_bytes = max,
-            "page trimmed to fit the message size limit; the rest comes again after the ack wait"
-        );
-    }
-    page
-}
-
-/// Turns the client's PutObject stream (after the header) into chunks. A stream that
-/// ends without the end marker, or whose size disagrees, ends in an error, so that the
-/// store refuses the object: a broken upload never stores a truncated artifact.
-fn chunks(
+/// The client's PutObject parts after the header, with a broken stream as
+/// `unavailable` (see [`object_body`]).
+fn parts(
     s: Streaming<v1::PutObjectRequest>,
-    idle: Duration,
-    max_size: u64,
-    first_error: Arc<std::sync::Mutex<Option<BoundaryError>>>,
-) -> ByteStream {
-    futures::stream::unfold(Some((s, 0u64)), move |state| {
-        let first_error = first_error.clone();
-        async move {
-            let (mut s, size) = state?;
-            let next = match tokio::time::timeout(idle, s.message()).await {
-                Err(_) => Err(BoundaryError::invalid(
-                    "chunk",
-                    format!("no data for {idle:?}; the upload was cut off and nothing was stored"),
-                )),
-                Ok(Err(e)) => Err(BoundaryError::Unavailable(format!(
-                    "upload interrupted: {}",
-                    e.message()
-                ))),
-                Ok(Ok(m)) => Ok(m),
-            };
-            let failure = match next {
-                Err(e) => e,
-                Ok(None) => BoundaryError::invalid(
-                    "end",
-                    "the upload ended without its end marker; nothing was stored",
-                ),
-                Ok(Some(m)) => match m.part {
-                    Some(Part::Chunk(c)) if size + c.len() as u64 <= max_size => {
-                        let size = size + c.len() as u64;
-                        return Some((Ok(c), Some((s, size))));
-                    }
-                    Some(Part::Chunk(_)) => BoundaryError::invalid(
-                        "chunk",
-                        format!(
-                            "the object exceeds max_object_bytes ({max_size}); nothing was stored"
-                        ),
-                    ),
-                    Some(Part::End(end)) if end.size == size => return None,
-                    Some(Part::End(end)) => BoundaryError::invalid(
-                        "end.size",
-                        format!("says {} bytes but {size} arrived", end.size),
-                    ),
-                    Some(Part::Header(_)) | None => BoundaryError::invalid(
-                        "part",
-                        "after the header only chunks and one end marker may follow",
-                    ),
-                },
-            };
-            // The store wraps a body error in its own; the handler answers with this one.
-            if let Ok(mut slot) = first_error.lock() {
-                slot.get_or_insert_with(|| failure.clone());
-            }
-            Some((Err(failure), None))
-        }
+) -> impl futures::Stream<Item = Result<v1::PutObjectRequest, BoundaryError>> + Send + Unpin + 'static
+{
+    s.map(|r| {
+        r.map_err(|e| BoundaryError::Unavailable(format!("upload interrupted: {}", e.message())))
     })
-    .boxed()
 }
 
 #[tonic::async_trait]
@@ -315,7 +244,7 @@ impl Boundary for BoundaryService {
             )
             .await
             .map_err(status)?;
-        Ok(Response::new(fit(
+        Ok(Response::new(fit_page(
             page.into(),
             self.config.max_message_bytes,
         )))
@@ -368,7 +297,12 @@ impl Boundary for BoundaryService {
                 &caller,
                 &header.bucket,
                 &header.key,
-                chunks(s, idle, self.config.max_object_bytes, body_error.clone()),
+                object_body(
+                    parts(s),
+                    idle,
+                    self.config.max_object_bytes,
+                    body_error.clone(),
+                ),
             )
             .await
             .map_err(|e| {
@@ -384,19 +318,7 @@ impl Boundary for BoundaryService {
     }
 }
 
-/// Refused requests of one listener, by peer and gRPC status code, for the metric.
-#[derive(Debug, Default)]
-pub struct ServeStats {
-    errors: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
-}
-
-impl ServeStats {
-    /// Requests answered with a non-OK status so far, by (peer, code): malformed
-    /// protobuf (`internal`), oversized messages (`out_of_range`), denials, ...
-    pub fn errors(&self) -> std::collections::BTreeMap<(String, &'static str), u64> {
-        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
-    }
-}
+pub use bsfg_core::authz::ServeStats;
 
 fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -466,9 +388,7 @@ where
                     .map(|v| tonic::Code::from_bytes(v.as_bytes()));
                 if let Some(code) = code.filter(|c| *c != tonic::Code::Ok) {
                     let name = code_name(code);
-                    if let Ok(mut e) = stats.errors.lock() {
-                        *e.entry((peer.clone(), name)).or_default() += 1;
-                    }
+                    stats.refused(&peer, name);
                     let message = resp
                         .headers()
                         .get("grpc-message")

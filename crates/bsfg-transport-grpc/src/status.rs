@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use bsfg_core::{BoundaryError, Reason};
-use bsfg_proto::{ERROR_DOMAIN, error_metadata};
+use bsfg_proto::{ERROR_DOMAIN, error_from_parts, error_metadata};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -32,10 +32,6 @@ pub fn to_status(e: &BoundaryError) -> Status {
     )
 }
 
-fn meta(m: &HashMap<String, String>, k: &str) -> String {
-    m.get(k).cloned().unwrap_or_default()
-}
-
 /// Turns a status received by a client back into the error the server raised. A
 /// status without BSFG details (a proxy, a transport failure) maps by its code.
 pub fn from_status(s: &Status) -> BoundaryError {
@@ -43,38 +39,8 @@ pub fn from_status(s: &Status) -> BoundaryError {
         && info.domain == ERROR_DOMAIN
         && let Some(reason) = Reason::parse(&info.reason)
     {
-        let m = &info.metadata;
-        // The server's message starts with the reason already; do not say it twice.
-        let msg = s
-            .message()
-            .strip_prefix(&format!("{}: ", reason.as_str()))
-            .unwrap_or(s.message())
-            .to_owned();
-        return match reason {
-            Reason::InvalidArgument => BoundaryError::InvalidArgument {
-                field: meta(m, "field"),
-                rule: meta(m, "rule"),
-            },
-            Reason::ConflictingDuplicate if m.contains_key("bucket") => {
-                BoundaryError::ImmutableObject {
-                    bucket: meta(m, "bucket"),
-                    key: meta(m, "key"),
-                    existing_digest: meta(m, "existing_digest"),
-                    offered_digest: String::new(),
-                }
-            }
-            Reason::ConflictingDuplicate => BoundaryError::ConflictingDuplicate {
-                message_id: meta(m, "message_id"),
-                stream: meta(m, "stream"),
-                offset: meta(m, "offset").parse().unwrap_or(0),
-            },
-            Reason::UnknownConsumer => BoundaryError::UnknownConsumer(meta(m, "consumer")),
-            Reason::Backpressure => BoundaryError::Backpressure(msg),
-            Reason::PermissionDenied => BoundaryError::PermissionDenied(msg),
-            Reason::Unavailable => BoundaryError::Unavailable(msg),
-            Reason::NotFound => BoundaryError::NotFound(msg),
-            Reason::Internal => BoundaryError::Internal(msg),
-        };
+        let m: std::collections::BTreeMap<String, String> = info.metadata.into_iter().collect();
+        return error_from_parts(reason, s.message(), &m);
     }
     // Connection failures hide their cause (a refused certificate arrives as a TLS
     // alert deep in the chain): name the innermost error.
