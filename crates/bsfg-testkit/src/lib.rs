@@ -11,6 +11,7 @@
 
 pub mod fixtures;
 pub mod fuzz;
+pub mod pki;
 pub mod udp_relay;
 
 use std::io::{Read, Write};

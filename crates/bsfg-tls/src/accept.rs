@@ -65,6 +65,46 @@ pub fn failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// The same stable names for a handshake that failed with TLS alert `code`, for
+/// transports that see only the alert (QUIC carries it as a CRYPTO_ERROR). `detail`
+/// is the error text, which names the certificate problem when this end raised it;
+/// `sent` says whether this end sent the alert (it rejected the peer) or received it
+/// (the peer rejected us).
+pub fn alert_reason(code: u8, detail: &str, sent: bool) -> &'static str {
+    let a = AlertDescription::from(code);
+    if !sent {
+        return match a {
+            AlertDescription::UnknownCA
+            | AlertDescription::BadCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::CertificateRequired => "peer_rejected_our_certificate",
+            AlertDescription::NoApplicationProtocol => "no_common_alpn",
+            _ => "alert_received",
+        };
+    }
+    let d = detail.to_ascii_lowercase();
+    if d.contains("unknownissuer") || d.contains("unknown issuer") {
+        return "unknown_ca";
+    }
+    if d.contains("expired") {
+        return "expired_certificate";
+    }
+    if d.contains("notvalidforname") || d.contains("not valid for name") {
+        return "wrong_server_name";
+    }
+    match a {
+        AlertDescription::UnknownCA => "unknown_ca",
+        AlertDescription::CertificateExpired => "expired_certificate",
+        AlertDescription::CertificateRequired => "no_client_certificate",
+        AlertDescription::NoApplicationProtocol => "no_common_alpn",
+        AlertDescription::BadCertificate
+        | AlertDescription::CertificateUnknown
+        | AlertDescription::UnsupportedCertificate => "invalid_certificate",
+        _ => "tls_error",
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes TLS handshakes concurrently
 /// (at most `max_handshakes` at once, each within `handshake_timeout`). Authenticated
 /// connections come out of the returned channel; every failure is logged with the

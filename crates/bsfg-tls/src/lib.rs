@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
 mod accept;
-pub use accept::{Accepted, accept, failure_reason};
+pub use accept::{Accepted, accept, alert_reason, failure_reason};
 
 /// ALPN protocol of gRPC over TLS.
 pub const ALPN_H2: &[u8] = b"h2";

@@ -1,0 +1,369 @@
+//! A QUIC client that is itself a [`BoundaryApi`]: one connection reused across
+//! calls, made on first use and made again after it is lost.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bsfg_core::{
+    AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
+    Message, ObjectInfo,
+};
+use bsfg_proto::transfer::upload_parts;
+use bsfg_proto::v1;
+use bsfg_tls::ClientTls;
+use futures::StreamExt;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, RecvStream, VarInt};
+
+use crate::config::ClientConfig;
+use crate::handshake_reason;
+use crate::wire::{self, Op, STATUS_ERROR, STATUS_OK};
+
+/// A `BoundaryApi` backed by a remote gateway over QUIC (`quic://host:port`), with
+/// mutual TLS 1.3 (ALPN `bsfg/1`). Cheap to clone; clones share one connection.
+///
+/// Guarantees: calls never go out unencrypted or to a server whose certificate does
+/// not chain to the client's anchors and name the expected server; 0-RTT is never
+/// used (an append replayed by an attacker could not be told apart); a lost
+/// connection (idle timeout, peer restart, closed by the server) is replaced on the
+/// next call, so the caller only ever sees `unavailable` for calls made while the
+/// path was down.
+#[derive(Clone)]
+pub struct QuicClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    url: String,
+    target: String,
+    server_name: String,
+    tls: Arc<ClientTls>,
+    config: ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
+    conn: tokio::sync::Mutex<Option<Connection>>,
+    connects: AtomicU64,
+}
+
+/// `host:port` and the host alone (without IPv6 brackets) of a `quic://` URL.
+fn host_port(url: &str) -> Result<(String, String), BoundaryError> {
+    let rest = url
+        .strip_prefix("quic://")
+        .ok_or_else(|| {
+            BoundaryError::invalid(
+                "url",
+                format!("`{url}` is not a QUIC URL (quic://host:port)"),
+            )
+        })?
+        .trim_end_matches('/');
+    let (host, _) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| BoundaryError::invalid("url", format!("`{url}` has no port (host:port)")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((rest.to_owned(), host.to_owned()))
+}
+
+impl QuicClient {
+    /// Prepares a client for `url` (`quic://host:port`) that presents `tls`'s
+    /// certificate and accepts only a server that chains to `tls`'s anchors and names
+    /// `server_name` (default: the URL's host). `tls` must offer ALPN
+    /// [`wire::ALPN`]. Nothing is dialed until the first call, so a peer that is down
+    /// now is not an error here. Must be called inside a tokio runtime (it opens the
+    /// UDP socket).
+    pub fn new(
+        url: &str,
+        config: ClientConfig,
+        tls: Arc<ClientTls>,
+        server_name: Option<String>,
+    ) -> Result<Self, BoundaryError> {
+        let (target, host) = host_port(url)?;
+        let transport = config
+            .tuning
+            .transport()
+            .map_err(|e| BoundaryError::invalid(format!("quic.{}", e.field), e.rule))?;
+        let bind: SocketAddr = if host.contains(':') {
+            SocketAddr::from(([0u16; 8], 0))
+        } else {
+            SocketAddr::from(([0u8; 4], 0))
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| {
+            BoundaryError::Unavailable(format!("cannot open a UDP socket for {url}: {e}"))
+        })?;
+        Ok(QuicClient {
+            inner: Arc::new(Inner {
+                endpoint,
+                url: url.to_owned(),
+                target,
+                server_name: server_name.unwrap_or(host),
+                tls,
+                config,
+                transport,
+                conn: tokio::sync::Mutex::new(None),
+                connects: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// How many connections this client has established so far (1 while the first
+    /// one lives; each reconnection adds one).
+    pub fn connects(&self) -> u64 {
+        self.inner.connects.load(Ordering::Relaxed)
+    }
+
+    /// Statistics of the current connection (round-trip time, lost packets, bytes
+    /// sent and received over UDP), if there is one.
+    pub async fn connection_stats(&self) -> Option<quinn::ConnectionStats> {
+        let g = self.inner.conn.lock().await;
+        g.as_ref()
+            .filter(|c| c.close_reason().is_none())
+            .map(|c| c.stats())
+    }
+
+    /// Moves the client to a new local UDP socket bound to `addr`, as when the host's
+    /// address changes: the open connection migrates to the new path (the server
+    /// validates it) instead of being rebuilt.
+    pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
+        let socket = std::net::UdpSocket::bind(addr)?;
+        self.inner.endpoint.rebind(socket)
+    }
+
+    /// Closes the connection gracefully (the server sees an application close, not a
+    /// timeout). The next call connects again.
+    pub async fn close(&self) {
+        if let Some(c) = self.inner.conn.lock().await.take() {
+            c.close(VarInt::from_u32(0), b"client closing");
+        }
+    }
+
+    /// The live connection, or a new one.
+    async fn connection(&self) -> Result<Connection, BoundaryError> {
+        let inner = &self.inner;
+        let mut slot = inner.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            tracing::info!(url = %inner.url, reason = ?c.close_reason(), "QUIC connection lost; reconnecting");
+            *slot = None;
+        }
+        let unavailable =
+            |what: String| BoundaryError::Unavailable(format!("QUIC {}: {what}", inner.url));
+        let addr = tokio::net::lookup_host(&inner.target)
+            .await
+            .map_err(|e| unavailable(format!("cannot resolve {}: {e}", inner.target)))?
+            .next()
+            .ok_or_else(|| unavailable(format!("{} resolves to no address", inner.target)))?;
+        let crypto = QuicClientConfig::try_from(inner.tls.config())
+            .map_err(|e| BoundaryError::Internal(format!("QUIC TLS configuration: {e}")))?;
+        let mut cc = quinn::ClientConfig::new(Arc::new(crypto));
+        cc.transport_config(inner.transport.clone());
+        let connecting = inner
+            .endpoint
+            .connect_with(cc, addr, &inner.server_name)
+            .map_err(|e| unavailable(format!("cannot connect to {addr}: {e}")))?;
+        let conn = match tokio::time::timeout(inner.config.connect_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let reason = handshake_reason(&e);
+                use bsfg_tls::Reloadable as _;
+                inner
+                    .tls
+                    .stats()
+                    .handshake_failed(inner.tls.endpoint(), reason);
+                tracing::warn!(url = %inner.url, %addr, reason, error = %e, "QUIC handshake with the server failed");
+                return Err(unavailable(format!(
+                    "handshake with {addr} failed ({reason}): {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(unavailable(format!(
+                    "no handshake with {addr} within {:?}",
+                    inner.config.connect_timeout
+                )));
+            }
+        };
+        inner.connects.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(url = %inner.url, %addr, "QUIC connection established");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One call: open a stream, send `op` and its frames, read the answer.
+    async fn call<Req, Resp>(
+        &self,
+        op: Op,
+        req: &Req,
+        extra: Duration,
+    ) -> Result<Resp, BoundaryError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let limit = self.inner.config.request_timeout + extra;
+        let max = self.inner.config.max_message_bytes;
+        let attempt = async {
+            let conn = self.connection().await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
+            wire::write_frame(&mut send, Some(op as u8), req, max)
+                .await
+                .map_err(|e| e.into_boundary("request"))?;
+            let _ = send.finish();
+            self.answer(&mut recv)
+                .await
+                .map_err(|e| self.explain(&conn, e))
+        };
+        tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BoundaryError::Unavailable(format!(
+                    "QUIC {}: no answer within {limit:?}",
+                    self.inner.url
+                )))
+            })
+    }
+
+    /// A call that failed because its connection closed says why it closed: a
+    /// server that rejected our certificate does so after the client's side of the
+    /// TLS 1.3 handshake completed, so the reason arrives with the first answer.
+    fn explain(&self, conn: &Connection, e: BoundaryError) -> BoundaryError {
+        let Some(closed) = conn.close_reason() else {
+            return e;
+        };
+        if !matches!(e, BoundaryError::Unavailable(_)) {
+            return e;
+        }
+        let reason = handshake_reason(&closed);
+        if reason.starts_with("peer_rejected") || reason == "no_common_alpn" {
+            use bsfg_tls::Reloadable as _;
+            let tls = &self.inner.tls;
+            tls.stats().handshake_failed(tls.endpoint(), reason);
+            tracing::warn!(url = %self.inner.url, reason, error = %closed, "the server refused this client's certificate");
+        }
+        BoundaryError::Unavailable(format!(
+            "QUIC {}: connection closed ({reason}): {closed}",
+            self.inner.url
+        ))
+    }
+
+    fn lost(&self, e: quinn::ConnectionError) -> BoundaryError {
+        BoundaryError::Unavailable(format!("QUIC {}: connection lost: {e}", self.inner.url))
+    }
+
+    /// Reads the status byte and the response (or error) frame.
+    async fn answer<Resp: prost::Message + Default>(
+        &self,
+        recv: &mut RecvStream,
+    ) -> Result<Resp, BoundaryError> {
+        let max = self.inner.config.max_message_bytes;
+        let url = &self.inner.url;
+        let broken =
+            |e: wire::WireError| BoundaryError::Unavailable(format!("QUIC {url}: answer: {e}"));
+        match wire::read_byte(recv).await.map_err(broken)? {
+            Some(STATUS_OK) => wire::read_frame::<Resp>(recv, max, "response")
+                .await
+                .map_err(broken)?
+                .ok_or_else(|| BoundaryError::Unavailable(format!("QUIC {url}: empty answer"))),
+            Some(STATUS_ERROR) => {
+                let e = wire::read_frame::<v1::CallError>(recv, max, "CallError")
+                    .await
+                    .map_err(broken)?
+                    .ok_or_else(|| {
+                        BoundaryError::Unavailable(format!("QUIC {url}: empty error"))
+                    })?;
+                Err(BoundaryError::from(e))
+            }
+            Some(other) => Err(BoundaryError::Internal(format!(
+                "QUIC {url}: unknown answer status {other}"
+            ))),
+            None => Err(BoundaryError::Unavailable(format!(
+                "QUIC {url}: the stream closed without an answer"
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl BoundaryApi for QuicClient {
+    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
+        let req = v1::AppendFactRequest {
+            message: Some(message.into()),
+        };
+        let r: v1::AppendFactResponse = self.call(Op::Append, &req, Duration::ZERO).await?;
+        Ok(r.into())
+    }
+
+    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
+        let wait_ms = u32::try_from(request.wait.as_millis()).unwrap_or(u32::MAX);
+        let req = v1::FetchFactsRequest {
+            consumer_name: request.consumer,
+            limit: request.limit,
+            wait_ms,
+        };
+        let r: v1::FetchFactsResponse = self.call(Op::Fetch, &req, request.wait).await?;
+        FactPage::try_from(r)
+    }
+
+    async fn confirm_receipt(
+        &self,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        let req = v1::ConfirmReceiptRequest {
+            consumer_name: consumer.to_owned(),
+            offset,
+        };
+        let r: v1::ConfirmReceiptResponse = self.call(Op::Confirm, &req, Duration::ZERO).await?;
+        Ok(Frontier { offset: r.frontier })
+    }
+
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError> {
+        let max = self.inner.config.max_message_bytes;
+        let (err_tx, mut err_rx) = tokio::sync::oneshot::channel();
+        let chunk = self
+            .inner
+            .config
+            .chunk_bytes
+            .min(max.saturating_sub(64))
+            .max(1);
+        let mut parts = upload_parts(bucket, key, body, chunk, err_tx);
+        let conn = self.connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
+        let mut prefix = Some(Op::Put as u8);
+        let mut upload = Ok(());
+        while let Some(part) = parts.next().await {
+            if let Err(e) = wire::write_frame(&mut send, prefix.take(), &part, max).await {
+                upload = Err(e);
+                break;
+            }
+        }
+        if let Ok(e) = err_rx.try_recv() {
+            // The body failed: no end marker was sent, so the server stores nothing.
+            let _ = send.reset(VarInt::from_u32(1));
+            return Err(e);
+        }
+        let _ = send.finish();
+        // The server may have refused early (a denied bucket): its answer says why.
+        let answer: Result<v1::PutObjectResponse, BoundaryError> = self
+            .answer(&mut recv)
+            .await
+            .map_err(|e| self.explain(&conn, e));
+        let r = match (answer, upload) {
+            (Ok(r), _) => r,
+            (Err(e), _) => return Err(e),
+        };
+        Ok(ObjectInfo {
+            bucket: r.bucket,
+            key: r.key,
+            digest: r.digest,
+            size: r.size,
+        })
+    }
+}

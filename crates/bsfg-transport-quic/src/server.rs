@@ -1,0 +1,446 @@
+//! The QUIC listener: serves a [`Gate`] over mutual TLS 1.3, one call per
+//! bidirectional stream (see [`crate::wire`]), each call made as the connection's
+//! authenticated peer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bsfg_core::{BoundaryError, Caller, FetchRequest, Gate, Message, ServeStats};
+use bsfg_proto::transfer::{BodyError, fit_page, object_body};
+use bsfg_proto::v1::{self, put_object_request::Part};
+use bsfg_tls::ServerTls;
+use futures::StreamExt;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::{Semaphore, watch};
+use tracing::Instrument;
+
+use crate::config::{ServerConfig, TuningError};
+use crate::handshake_reason;
+use crate::wire::{self, Op, STATUS_ERROR, STATUS_OK, WireError};
+
+/// Application close code: the server is shutting down (graceful).
+pub const CLOSE_SHUTDOWN: u32 = 0;
+/// Application close code: the peer presented no usable identity.
+pub const CLOSE_UNAUTHENTICATED: u32 = 1;
+
+/// Why a QUIC listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The UDP address could not be bound.
+    #[error("cannot bind udp {addr}: {source}")]
+    Bind {
+        /// Address tried.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS configuration cannot carry QUIC.
+    #[error("QUIC TLS configuration: {0}")]
+    Tls(String),
+    /// A transport setting is out of bounds.
+    #[error(transparent)]
+    Tuning(#[from] TuningError),
+}
+
+/// A bound QUIC listener, not yet serving (so a test or the gateway can learn its
+/// address first).
+pub struct Listener {
+    endpoint: quinn::Endpoint,
+    config: ServerConfig,
+    tls: Arc<ServerTls>,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+fn server_config(
+    tls: &ServerTls,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig, ServeError> {
+    let crypto =
+        QuicServerConfig::try_from(tls.config()).map_err(|e| ServeError::Tls(e.to_string()))?;
+    let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    c.transport_config(transport.clone());
+    // A client whose address changes (NAT rebinding, a new uplink) keeps its
+    // connection; quinn validates the new path before using it.
+    c.migration(true);
+    Ok(c)
+}
+
+impl Listener {
+    /// Binds UDP `addr` (port 0 picks a free port). `tls` must offer ALPN
+    /// [`wire::ALPN`]; it is re-read when its files are reloaded.
+    pub fn bind(
+        addr: SocketAddr,
+        config: ServerConfig,
+        tls: Arc<ServerTls>,
+    ) -> Result<Listener, ServeError> {
+        let transport = config.tuning.transport()?;
+        let sc = server_config(&tls, &transport)?;
+        let endpoint = quinn::Endpoint::server(sc, addr)
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        Ok(Listener {
+            endpoint,
+            config,
+            tls,
+            transport,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, std::io::Error> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves `gate` until `shutdown` resolves; then stops taking connections and
+    /// calls, lets the calls in flight finish (up to `drain_timeout`), and closes every
+    /// connection with [`CLOSE_SHUTDOWN`] so clients reconnect elsewhere or later.
+    /// Refused calls are counted in `stats` by peer and reason.
+    pub async fn serve(
+        self,
+        gate: Gate,
+        stats: Arc<ServeStats>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let Listener {
+            endpoint,
+            config,
+            tls,
+            transport,
+        } = self;
+        let endpoint_name = tls_endpoint_name(&tls);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Every call holds a permit; draining takes them all.
+        const CALLS: u32 = 1 << 20;
+        let calls = Arc::new(Semaphore::new(CALLS as usize));
+        let ctx = Arc::new(Ctx {
+            gate,
+            config: config.clone(),
+            tls: tls.clone(),
+            stats,
+            calls: calls.clone(),
+            stop: stop_rx.clone(),
+            endpoint_name,
+        });
+        // Certificates reloaded from disk apply to new connections.
+        let reload = {
+            let (endpoint, tls, transport, mut stop) = (
+                endpoint.clone(),
+                tls.clone(),
+                transport.clone(),
+                stop_rx.clone(),
+            );
+            tokio::spawn(async move {
+                let mut current = tls.config();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    let now = tls.config();
+                    if !Arc::ptr_eq(&now, &current) {
+                        match server_config(&tls, &transport) {
+                            Ok(sc) => endpoint.set_server_config(Some(sc)),
+                            Err(e) => {
+                                tracing::error!(error = %e, "reloaded certificates cannot serve QUIC; keeping the previous ones")
+                            }
+                        }
+                        current = now;
+                    }
+                }
+            })
+        };
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let incoming = tokio::select! {
+                i = endpoint.accept() => i,
+                _ = &mut shutdown => break,
+            };
+            let Some(incoming) = incoming else { break };
+            tokio::spawn(connection(incoming, ctx.clone()));
+        }
+        // Graceful: no new connections or calls; the calls in flight finish.
+        endpoint.set_server_config(None);
+        let _ = stop_tx.send(true);
+        reload.abort();
+        let drained = tokio::time::timeout(config.drain_timeout, calls.acquire_many(CALLS)).await;
+        if drained.is_err() {
+            tracing::warn!(
+                drain_timeout = ?config.drain_timeout,
+                "calls still in flight at the end of the drain; their clients retry"
+            );
+        }
+        endpoint.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"server shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        Ok(())
+    }
+}
+
+fn tls_endpoint_name(tls: &ServerTls) -> String {
+    use bsfg_tls::Reloadable as _;
+    tls.endpoint().to_owned()
+}
+
+struct Ctx {
+    gate: Gate,
+    config: ServerConfig,
+    tls: Arc<ServerTls>,
+    stats: Arc<ServeStats>,
+    calls: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    endpoint_name: String,
+}
+
+/// One connection: handshake under a deadline, identify the peer from its
+/// certificate, then serve each stream it opens as one call.
+async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(ctx.config.handshake_timeout, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let reason = handshake_reason(&e);
+            ctx.tls.stats().handshake_failed(&ctx.endpoint_name, reason);
+            tracing::warn!(endpoint = %ctx.endpoint_name, %remote, reason, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.tls
+                .stats()
+                .handshake_failed(&ctx.endpoint_name, "handshake_timeout");
+            tracing::warn!(endpoint = %ctx.endpoint_name, %remote, "QUIC handshake timed out");
+            return;
+        }
+    };
+    let certs = conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .map(|b| *b);
+    let Some(peer) = ctx.tls.identify(certs.as_deref()) else {
+        // The handshake requires a client certificate; one without a usable name
+        // is not a caller.
+        tracing::warn!(endpoint = %ctx.endpoint_name, %remote, "QUIC peer has no usable identity; closed");
+        conn.close(
+            VarInt::from_u32(CLOSE_UNAUTHENTICATED),
+            b"no authenticated peer",
+        );
+        return;
+    };
+    let caller = Caller::Peer {
+        identity: peer.identity,
+        anchor: peer.anchor,
+    };
+    let label = caller.label().to_owned();
+    let span = tracing::info_span!("quic_connection", peer = %label, %remote);
+    async move {
+        tracing::debug!("QUIC connection established");
+        let mut stop = ctx.stop.clone();
+        loop {
+            let stream = tokio::select! {
+                s = conn.accept_bi() => s,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (send, recv) = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(reason = %e, "QUIC connection ended");
+                    return;
+                }
+            };
+            let Ok(permit) = ctx.calls.clone().try_acquire_owned() else {
+                break;
+            };
+            let (ctx, caller) = (ctx.clone(), caller.clone());
+            tokio::spawn(
+                async move {
+                    call(&ctx, &caller, send, recv).await;
+                    drop(permit);
+                }
+                .in_current_span(),
+            );
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Serves one call and answers it; a refused call is counted and logged.
+async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvStream) {
+    let idle = ctx.config.idle_timeout;
+    let max = ctx.config.max_message_bytes;
+    let op = match tokio::time::timeout(idle, wire::read_byte(&mut recv)).await {
+        Ok(Ok(Some(b))) => Op::from_byte(b),
+        Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
+    };
+    let name = op.map_or("unknown", Op::as_str);
+    // An upload is bounded by idle_timeout between parts and max_object_bytes, not
+    // by a total time: 64 MiB over a slow radio link takes what it takes.
+    let limit = match op {
+        Some(Op::Put) => Duration::MAX,
+        _ => ctx.config.request_timeout,
+    };
+    let served = async {
+        match op {
+            None => Err(BoundaryError::invalid(
+                "op",
+                "unknown operation byte (1 append, 2 fetch, 3 confirm, 4 put)",
+            )),
+            Some(op) => serve_op(ctx, caller, op, recv).await,
+        }
+    };
+    let answer = match limit {
+        Duration::MAX => Ok(served.await),
+        limit => tokio::time::timeout(limit, served).await,
+    }
+    .unwrap_or_else(|_| {
+        Err(BoundaryError::Unavailable(format!(
+            "the call took longer than request_timeout ({:?})",
+            ctx.config.request_timeout
+        )))
+    });
+    let written = match &answer {
+        Ok(bytes) => {
+            let mut buf = Vec::with_capacity(bytes.len() + 5);
+            buf.push(STATUS_OK);
+            buf.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+            buf.extend_from_slice(bytes);
+            send.write_all(&buf)
+                .await
+                .map_err(|e| WireError::Stream(e.to_string()))
+        }
+        Err(e) => {
+            let reason = e.reason().as_str();
+            ctx.stats.refused(caller.label(), reason);
+            tracing::info!(op = name, reason, error = %e, "request refused");
+            wire::write_frame(&mut send, Some(STATUS_ERROR), &v1::CallError::from(e), max).await
+        }
+    };
+    if written.is_ok() {
+        let _ = send.finish();
+        // Wait for the peer to take the answer (or go away), so that closing the
+        // connection on shutdown does not cut an answer short.
+        let _ = tokio::time::timeout(idle, send.stopped()).await;
+    }
+}
+
+/// Reads the request of `op`, makes the call through the gate and returns the encoded
+/// response message.
+async fn serve_op(
+    ctx: &Ctx,
+    caller: &Caller,
+    op: Op,
+    mut recv: RecvStream,
+) -> Result<Vec<u8>, BoundaryError> {
+    use prost::Message as _;
+    let max = ctx.config.max_message_bytes;
+    let idle = ctx.config.idle_timeout;
+    let gate = &ctx.gate;
+    async fn request<M: prost::Message + Default>(
+        recv: &mut RecvStream,
+        max: usize,
+        idle: Duration,
+        what: &'static str,
+    ) -> Result<M, BoundaryError> {
+        match tokio::time::timeout(idle, wire::read_frame::<M>(recv, max, what)).await {
+            Err(_) => Err(BoundaryError::invalid(
+                "request",
+                format!("incomplete after {idle:?}"),
+            )),
+            Ok(Err(e)) => Err(e.into_boundary("request")),
+            Ok(Ok(None)) => Err(BoundaryError::invalid("request", "is missing")),
+            Ok(Ok(Some(m))) => Ok(m),
+        }
+    }
+    Ok(match op {
+        Op::Append => {
+            let r: v1::AppendFactRequest =
+                request(&mut recv, max, idle, "AppendFactRequest").await?;
+            let m = r
+                .message
+                .ok_or_else(|| BoundaryError::invalid("message", "is required"))?;
+            let out = gate.append_fact(caller, Message::try_from(m)?).await?;
+            v1::AppendFactResponse::from(out).encode_to_vec()
+        }
+        Op::Fetch => {
+            let r: v1::FetchFactsRequest =
+                request(&mut recv, max, idle, "FetchFactsRequest").await?;
+            let wait = Duration::from_millis(u64::from(r.wait_ms)).min(ctx.config.max_fetch_wait);
+            let page = gate
+                .fetch_facts(
+                    caller,
+                    FetchRequest {
+                        consumer: r.consumer_name,
+                        limit: r.limit,
+                        wait,
+                    },
+                )
+                .await?;
+            fit_page(page.into(), max).encode_to_vec()
+        }
+        Op::Confirm => {
+            let r: v1::ConfirmReceiptRequest =
+                request(&mut recv, max, idle, "ConfirmReceiptRequest").await?;
+            let f = gate
+                .confirm_receipt(caller, &r.consumer_name, r.offset)
+                .await?;
+            v1::ConfirmReceiptResponse { frontier: f.offset }.encode_to_vec()
+        }
+        Op::Put => {
+            let first: v1::PutObjectRequest =
+                request(&mut recv, max, idle, "PutObjectRequest").await?;
+            let Some(Part::Header(header)) = first.part else {
+                return Err(BoundaryError::invalid(
+                    "header",
+                    "a PutObject stream must start with its header",
+                ));
+            };
+            let body_error: BodyError = Arc::default();
+            let parts = parts(recv, max);
+            let info = gate
+                .put_object(
+                    caller,
+                    &header.bucket,
+                    &header.key,
+                    object_body(parts, idle, ctx.config.max_object_bytes, body_error.clone()),
+                )
+                .await
+                .map_err(|e| {
+                    let cause = body_error.lock().ok().and_then(|mut b| b.take());
+                    cause.unwrap_or(e)
+                })?;
+            v1::PutObjectResponse {
+                bucket: info.bucket,
+                key: info.key,
+                digest: info.digest,
+                size: info.size,
+            }
+            .encode_to_vec()
+        }
+    })
+}
+
+/// The PutObject parts still on `recv`, as a stream (ends when the client finishes
+/// its side).
+fn parts(
+    recv: RecvStream,
+    max: usize,
+) -> futures::stream::BoxStream<'static, Result<v1::PutObjectRequest, BoundaryError>> {
+    futures::stream::unfold(Some(recv), move |state| async move {
+        let mut r = state?;
+        match wire::read_frame::<v1::PutObjectRequest>(&mut r, max, "PutObjectRequest").await {
+            Ok(Some(m)) => Some((Ok(m), Some(r))),
+            Ok(None) => None,
+            Err(WireError::Stream(s)) => Some((
+                Err(BoundaryError::Unavailable(format!(
+                    "upload interrupted: {s}"
+                ))),
+                None,
+            )),
+            Err(e) => Some((Err(e.into_boundary("chunk")), None)),
+        }
+    })
+    .boxed()
+}
