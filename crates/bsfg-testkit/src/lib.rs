@@ -11,6 +11,7 @@
 
 pub mod fixtures;
 pub mod fuzz;
+pub mod netem;
 pub mod pki;
 pub mod udp_relay;
 

@@ -43,17 +43,27 @@ pub struct RelayStats {
     pub bytes: AtomicU64,
 }
 
-struct Direction {
-    profile: Profile,
+/// One direction of an emulated link: its profile and its own seeded randomness.
+pub(crate) struct Direction {
+    pub(crate) profile: Profile,
     rng: SmallRng,
     /// When the (rate-capped) link is free again.
     free_at: Instant,
 }
 
 impl Direction {
+    /// A direction with `profile` whose drops and delays follow `seed`.
+    pub(crate) fn new(profile: Profile, seed: u64) -> Direction {
+        Direction {
+            profile,
+            rng: SmallRng::seed_from_u64(seed),
+            free_at: Instant::now(),
+        }
+    }
+
     /// When to send a datagram of `len` bytes that arrived now, and how many copies
     /// (0: dropped).
-    fn schedule(&mut self, len: usize, now: Instant) -> (Instant, usize) {
+    pub(crate) fn schedule(&mut self, len: usize, now: Instant) -> (Instant, usize) {
         let p = self.profile;
         if self.rng.gen_bool(p.loss.clamp(0.0, 1.0)) {
             return (now, 0);
@@ -107,18 +117,9 @@ impl UdpRelay {
         let addr = front.local_addr()?;
         let stats = Arc::new(RelayStats::default());
         let blackhole_until = Arc::new(Mutex::new(None::<Instant>));
-        let now = Instant::now();
         let mut dirs = [
-            Direction {
-                profile: up,
-                rng: SmallRng::seed_from_u64(seed),
-                free_at: now,
-            },
-            Direction {
-                profile: down,
-                rng: SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
-                free_at: now,
-            },
+            Direction::new(up, seed),
+            Direction::new(down, seed ^ 0x9e37_79b9_7f4a_7c15),
         ];
         let (st, bh) = (stats.clone(), blackhole_until.clone());
         let task = tokio::spawn(async move {
