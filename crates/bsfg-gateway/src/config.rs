@@ -108,6 +108,22 @@ struct RawLink {
     request_timeout: Option<Spanned<String>>,
     ca: Option<Spanned<String>>,
     server_name: Option<Spanned<String>>,
+    quic: Option<Spanned<RawQuic>>,
+}
+
+/// `quic = { ... }` on a `quic://` listener or link: the transport's tuning.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuic {
+    congestion: Option<Spanned<String>>,
+    stream_window: Option<Spanned<u64>>,
+    connection_window: Option<Spanned<u64>>,
+    send_window: Option<Spanned<u64>>,
+    initial_mtu: Option<Spanned<u16>>,
+    mtu_discovery: Option<Spanned<bool>>,
+    keep_alive: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_concurrent_streams: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,6 +199,7 @@ struct RawListener {
     idle_timeout: Option<Spanned<String>>,
     handshake_timeout: Option<Spanned<String>>,
     max_object_bytes: Option<Spanned<u64>>,
+    quic: Option<Spanned<RawQuic>>,
 }
 
 /// A listener, resolved.
@@ -194,11 +211,13 @@ pub struct Listener {
     pub scheme: String,
     /// Socket address to bind.
     pub addr: SocketAddr,
-    /// Mutual TLS with the zone's `[tls]` identity (`grpcs://`); otherwise plaintext
-    /// on loopback.
+    /// Mutual TLS with the zone's `[tls]` identity (`grpcs://`, `quic://`);
+    /// otherwise plaintext on loopback.
     pub tls: bool,
-    /// Transport settings.
+    /// Transport settings (gRPC).
     pub server: ServerConfig,
+    /// Transport settings (QUIC): the same limits and timeouts plus the `quic` tuning.
+    pub quic: bsfg_transport_quic::ServerConfig,
 }
 
 /// The zone's TLS identity and trust anchors (`[tls]`).
@@ -236,8 +255,10 @@ pub struct LinkConfig {
     pub source: String,
     /// URL scheme of `source`.
     pub scheme: String,
-    /// Mutual TLS to the source, when the scheme is `grpcs`.
+    /// Mutual TLS to the source, when the scheme is `grpcs` or `quic`.
     pub tls: Option<LinkTls>,
+    /// QUIC client settings, used when the scheme is `quic`.
+    pub quic: bsfg_transport_quic::ClientConfig,
     /// The link loop's settings.
     pub settings: bsfg_core::link::LinkSettings,
 }
@@ -265,8 +286,13 @@ pub struct GatewayConfig {
 }
 
 /// Transports known by URL scheme: `grpc` is plaintext (loopback, `insecure = true`),
-/// `grpcs` is gRPC over mutual TLS.
-pub const SCHEMES: &[&str] = &["grpc", "grpcs"];
+/// `grpcs` is gRPC over mutual TLS, `quic` is QUIC (always mutual TLS).
+pub const SCHEMES: &[&str] = &["grpc", "grpcs", "quic"];
+
+/// Schemes that are mutual TLS and need the zone's `[tls]` section.
+fn is_tls(scheme: &str) -> bool {
+    scheme == "grpcs" || scheme == "quic"
+}
 /// Sinks known by `type`.
 pub const SINKS: &[&str] = &["jetstream"];
 
@@ -309,6 +335,83 @@ impl Checker<'_> {
                 default
             }
         }
+    }
+
+    /// The `quic = { ... }` tuning at `key`, checked; defaults where absent. On a
+    /// scheme other than `quic` the table is a mistake and reported as one.
+    fn quic(
+        &mut self,
+        raw: &Option<Spanned<RawQuic>>,
+        scheme: &str,
+        key: &str,
+    ) -> bsfg_transport_quic::Tuning {
+        use bsfg_transport_quic::{Congestion, Tuning};
+        let mut t = Tuning::default();
+        let Some(table) = raw else { return t };
+        if scheme != "quic" {
+            self.at(
+                table.span(),
+                key,
+                format!("QUIC settings apply only to quic:// URLs, not {scheme}://"),
+            );
+            return t;
+        }
+        let q = table.get_ref();
+        if let Some(c) = &q.congestion {
+            match Congestion::parse(c.get_ref()) {
+                Some(v) => t.congestion = v,
+                None => self.at(
+                    c.span(),
+                    format!("{key}.congestion"),
+                    format!(
+                        "`{}` is not a congestion controller; known: cubic, bbr, newreno",
+                        c.get_ref()
+                    ),
+                ),
+            }
+        }
+        for (v, slot) in [
+            (&q.stream_window, &mut t.stream_window),
+            (&q.connection_window, &mut t.connection_window),
+            (&q.send_window, &mut t.send_window),
+        ] {
+            if let Some(v) = v {
+                *slot = *v.get_ref();
+            }
+        }
+        if let Some(v) = &q.initial_mtu {
+            t.initial_mtu = *v.get_ref();
+        }
+        if let Some(v) = &q.mtu_discovery {
+            t.mtu_discovery = *v.get_ref();
+        }
+        if let Some(v) = &q.max_concurrent_streams {
+            t.max_concurrent_streams = *v.get_ref();
+        }
+        t.keep_alive = self.duration(&q.keep_alive, &format!("{key}.keep_alive"), t.keep_alive);
+        t.idle_timeout = self.duration(
+            &q.idle_timeout,
+            &format!("{key}.idle_timeout"),
+            t.idle_timeout,
+        );
+        if let Err(e) = t.check() {
+            let span = match e.field {
+                "stream_window" => q.stream_window.as_ref().map(|v| v.span()),
+                "connection_window" => q.connection_window.as_ref().map(|v| v.span()),
+                "send_window" => q.send_window.as_ref().map(|v| v.span()),
+                "initial_mtu" => q.initial_mtu.as_ref().map(|v| v.span()),
+                "keep_alive" => q.keep_alive.as_ref().map(|v| v.span()),
+                "idle_timeout" => q.idle_timeout.as_ref().map(|v| v.span()),
+                "max_concurrent_streams" => q.max_concurrent_streams.as_ref().map(|v| v.span()),
+                _ => None,
+            };
+            self.at(
+                span.unwrap_or(table.span()),
+                format!("{key}.{}", e.field),
+                e.rule,
+            );
+        }
+        t
     }
 
     /// A transport URL `scheme://rest`: the scheme must name a known transport (the
@@ -656,7 +759,8 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 continue;
             }
         };
-        if !addrs.insert(addr) {
+        // gRPC takes a TCP port, QUIC a UDP port: the same number may serve both.
+        if !addrs.insert((scheme == "quic", addr)) {
             c.at(
                 rl.url.span(),
                 key.clone(),
@@ -664,20 +768,24 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             );
         }
         let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
-        let tls = scheme == "grpcs";
+        let tls = is_tls(scheme);
         if tls {
             if insecure && let Some(v) = &rl.insecure {
                 c.at(
                     v.span(),
                     format!("listeners[{i}].insecure"),
-                    "a grpcs:// listener is mutual TLS; remove `insecure` or use grpc://",
+                    format!(
+                        "a {scheme}:// listener is mutual TLS; remove `insecure` or use grpc://"
+                    ),
                 );
             }
             if raw.tls.is_none() {
                 c.at(
                     rl.url.span(),
                     key.clone(),
-                    "a grpcs:// listener needs the zone's [tls] section (cert, key, trust)",
+                    format!(
+                        "a {scheme}:// listener needs the zone's [tls] section (cert, key, trust)"
+                    ),
                 );
             }
         } else if !insecure {
@@ -767,12 +875,24 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             }
             server.max_concurrent_streams = *s.get_ref();
         }
+        let tuning = c.quic(&rl.quic, scheme, &format!("listeners[{i}].quic"));
+        let quic = bsfg_transport_quic::ServerConfig {
+            tuning,
+            max_message_bytes: server.max_message_bytes,
+            max_fetch_wait: server.max_fetch_wait,
+            request_timeout: server.request_timeout,
+            idle_timeout: server.idle_timeout,
+            handshake_timeout: server.handshake_timeout,
+            max_object_bytes: server.max_object_bytes,
+            ..bsfg_transport_quic::ServerConfig::default()
+        };
         listeners.push(Listener {
             url: url.clone(),
             scheme: scheme.to_owned(),
             addr,
             tls,
             server,
+            quic,
         });
     }
 
@@ -809,24 +929,24 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         }
         let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
         let mut link_tls = None;
-        if scheme == "grpcs" {
+        if is_tls(scheme) {
             if insecure && let Some(v) = &rl.insecure {
                 c.at(
                     v.span(),
                     key("insecure"),
-                    "a grpcs:// source is mutual TLS; remove `insecure` or use grpc://",
+                    format!("a {scheme}:// source is mutual TLS; remove `insecure` or use grpc://"),
                 );
             }
             match (&rl.ca, &raw.tls) {
                 (None, _) => c.at(
                     rl.source.span(),
                     key("ca"),
-                    "a grpcs:// link needs `ca`: the [tls.trust] anchor the source's certificate must chain to",
+                    format!("a {scheme}:// link needs `ca`: the [tls.trust] anchor the source's certificate must chain to"),
                 ),
                 (Some(_), None) => c.at(
                     rl.source.span(),
                     key("source"),
-                    "a grpcs:// link needs the zone's [tls] section (its client certificate)",
+                    format!("a {scheme}:// link needs the zone's [tls] section (its client certificate)"),
                 ),
                 (Some(ca), Some(t)) => {
                     if !t.get_ref().trust.contains_key(ca.get_ref()) {
@@ -908,10 +1028,17 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 "must be at least 10ms: an idle link waits in long-poll rather than spinning",
             );
         }
+        let tuning = c.quic(&rl.quic, scheme, &key("quic"));
+        let quic = bsfg_transport_quic::ClientConfig {
+            tuning,
+            request_timeout,
+            ..bsfg_transport_quic::ClientConfig::default()
+        };
         links.push(LinkConfig {
             source: url.clone(),
             scheme: scheme.to_owned(),
             tls: link_tls,
+            quic,
             settings: bsfg_core::link::LinkSettings {
                 name: rl.name.get_ref().clone(),
                 local_zone: zone.clone(),
@@ -1208,6 +1335,10 @@ idle_timeout = "30s"
 url = "grpc://127.0.0.1:7454"
 insecure = true
 
+[[listeners]]
+url = "quic://0.0.0.0:7453"
+quic = { congestion = "bbr", stream_window = 4194304, keep_alive = "2s" }
+
 [[links]]
 name = "from-plant"
 source = "grpcs://10.0.0.5:7443"
@@ -1215,6 +1346,14 @@ ca = "plant"
 consumer = "to-idmz"
 classes = ["operational"]
 wait = "5s"
+
+[[links]]
+name = "from-plant-radio"
+source = "quic://10.0.0.6:7443"
+ca = "plant"
+server_name = "plant-bsfg"
+consumer = "to-idmz"
+quic = { congestion = "bbr", idle_timeout = "20s", initial_mtu = 1280 }
 
 [tls]
 cert = "certs/idmz/idmz-bsfg.pem"
@@ -1283,6 +1422,29 @@ listen = "127.0.0.1:9465"
         assert_eq!(tls.trusting_only("plant").trust.len(), 1);
         assert_eq!(c.grants[0].identity, "enterprise-bsfg");
         assert_eq!(c.grants[0].to_zones, vec!["*".to_owned()]);
+        // gRPC and QUIC side by side: one zone listens on both, pulls over both.
+        let q = &c.listeners[2];
+        assert!(q.tls && q.scheme == "quic");
+        assert_eq!(
+            q.addr, c.listeners[0].addr,
+            "a TCP and a UDP port may share a number"
+        );
+        assert_eq!(
+            q.quic.tuning.congestion,
+            bsfg_transport_quic::Congestion::Bbr
+        );
+        assert_eq!(q.quic.tuning.stream_window, 4 * 1024 * 1024);
+        assert_eq!(q.quic.tuning.keep_alive, Duration::from_secs(2));
+        assert_eq!(q.quic.idle_timeout, c.listeners[0].server.idle_timeout);
+        let l = &c.links[1];
+        assert_eq!(l.scheme, "quic");
+        assert_eq!(
+            l.tls.as_ref().and_then(|t| t.server_name.as_deref()),
+            Some("plant-bsfg")
+        );
+        assert_eq!(l.quic.tuning.initial_mtu, 1280);
+        assert_eq!(l.quic.tuning.idle_timeout, Duration::from_secs(20));
+        assert_eq!(l.quic.request_timeout, l.settings.request_timeout);
     }
 
     #[test]
@@ -1339,8 +1501,38 @@ listen = "127.0.0.1:9465"
                 "a grpcs:// listener needs the zone's [tls] section",
             ),
             (
-                full.replace("\nca = \"plant\"", ""),
+                full.replacen("\nca = \"plant\"", "", 1),
                 "links[0].ca: a grpcs:// link needs `ca`",
+            ),
+            (
+                GOOD.replace("grpc://127.0.0.1:7443", "quic://127.0.0.1:7443"),
+                "a quic:// listener needs the zone's [tls] section",
+            ),
+            (
+                full.replace("\"bbr\", stream", "\"vegas\", stream"),
+                "listeners[2].quic.congestion: `vegas` is not a congestion controller",
+            ),
+            (
+                full.replace("initial_mtu = 1280", "initial_mtu = 1000"),
+                "links[1].quic.initial_mtu: must be at least 1200",
+            ),
+            (
+                full.replace("keep_alive = \"2s\"", "keep_alive = \"1m\""),
+                "listeners[2].quic.keep_alive: must be above zero and shorter than idle_timeout",
+            ),
+            (
+                full.replace(
+                    "idle_timeout = \"30s\"",
+                    "idle_timeout = \"30s\"\nquic = { congestion = \"bbr\" }",
+                ),
+                "listeners[0].quic: QUIC settings apply only to quic:// URLs",
+            ),
+            (
+                full.replace(
+                    "\"quic://10.0.0.6:7443\"\nca = \"plant\"",
+                    "\"quic://10.0.0.6:7443\"",
+                ),
+                "links[1].ca: a quic:// link needs `ca`",
             ),
         ];
         for (src, expected) in cases {
@@ -1419,10 +1611,10 @@ listen = "127.0.0.1:9465"
             ),
             (
                 "url = \"grpc://127.0.0.1:7443\"",
-                "url = \"quic://127.0.0.1:7443\"",
+                "url = \"http3://127.0.0.1:7443\"",
                 14,
                 "listeners[0].url",
-                "no transport for scheme `quic`",
+                "no transport for scheme `http3`",
             ),
             (
                 "url = \"grpc://127.0.0.1:7443\"",

@@ -60,7 +60,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let gate = Gate::new(api, authz.clone());
     let tls_stats = Arc::new(bsfg_tls::TlsStats::default());
     let mut tls_endpoints: Vec<Arc<dyn Reloadable>> = Vec::new();
-    let alpn = || vec![bsfg_tls::ALPN_H2.to_vec()];
+    // Each transport has its own ALPN: a QUIC client cannot end up on a gRPC port.
+    let alpn = |scheme: &str| match scheme {
+        "quic" => vec![bsfg_transport_quic::ALPN.to_vec()],
+        _ => vec![bsfg_tls::ALPN_H2.to_vec()],
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -70,35 +74,44 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     for l in &cfg.links {
         let name = &l.settings.name;
         let client = bsfg_transport_grpc::ClientConfig::default();
-        let source = match (&l.tls, &cfg.tls) {
+        let source: Arc<dyn BoundaryApi> = match (&l.tls, &cfg.tls) {
             (Some(lt), Some(t)) => {
                 let tls = ClientTls::new(
                     t.trusting_only(&lt.ca),
-                    alpn(),
+                    alpn(&l.scheme),
                     format!("link:{name}"),
                     tls_stats.clone(),
                 )
                 .with_context(|| format!("link {name}: TLS"))?;
                 tls_endpoints.push(tls.clone());
-                tracing::info!(zone = %zone, link = %name, source = %l.source, ca = %lt.ca, "link pulls over mutual TLS");
-                bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
-                    &l.source,
-                    client,
-                    tls,
-                    lt.server_name.clone(),
-                )
+                tracing::info!(zone = %zone, link = %name, source = %l.source, ca = %lt.ca, transport = %l.scheme, "link pulls over mutual TLS");
+                if l.scheme == "quic" {
+                    tracing::info!(zone = %zone, link = %name, congestion = l.quic.tuning.congestion.as_str(), "link pulls over QUIC");
+                    bsfg_transport_quic::QuicClient::new(
+                        &l.source,
+                        l.quic.clone(),
+                        tls,
+                        lt.server_name.clone(),
+                    )
+                    .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
+                } else {
+                    bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
+                        &l.source,
+                        client,
+                        tls,
+                        lt.server_name.clone(),
+                    )
+                    .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
+                }
             }
             _ => {
                 tracing::warn!(zone = %zone, link = %name, source = %l.source, "link pulls over PLAINTEXT without TLS or peer authentication (insecure = true)");
                 bsfg_transport_grpc::GrpcClient::connect_lazy(&l.source, client)
+                    .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
             }
         }
         .map_err(|e| anyhow::anyhow!("link {name}: source {}: {e}", l.source))?;
-        let (link, handle) = Link::new(
-            l.settings.clone(),
-            Arc::new(source),
-            Arc::new(engine.clone()),
-        );
+        let (link, handle) = Link::new(l.settings.clone(), source, Arc::new(engine.clone()));
         handles.push(handle);
         link_tasks.push(tokio::spawn(link.run(stop_rx.clone())));
     }
@@ -106,13 +119,50 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     let mut listener_stats = Vec::new();
     for l in &cfg.listeners {
+        if l.scheme == "quic" {
+            let Some(t) = &cfg.tls else {
+                anyhow::bail!("listener {}: quic:// needs the zone's [tls] section", l.url);
+            };
+            let tls = ServerTls::new(
+                t.files.clone(),
+                alpn("quic"),
+                l.url.clone(),
+                tls_stats.clone(),
+            )
+            .with_context(|| format!("listener {}: TLS", l.url))?;
+            tls_endpoints.push(tls.clone());
+            let listener = bsfg_transport_quic::Listener::bind(l.addr, l.quic.clone(), tls)
+                .with_context(|| format!("listener {}", l.url))?;
+            let addr = listener
+                .local_addr()
+                .with_context(|| format!("listener {}", l.url))?;
+            tracing::info!(zone = %zone, url = %format!("quic://{addr}"), congestion = l.quic.tuning.congestion.as_str(), grants = cfg.grants.len(), "listening (QUIC, mutual TLS 1.3): peers need a certificate from a trust anchor and a grant");
+            let served = Arc::new(bsfg_core::ServeStats::default());
+            listener_stats.push((l.url.clone(), served.clone()));
+            let mut rx = stop_rx.clone();
+            let (gate, url) = (gate.clone(), l.url.clone());
+            servers.push(tokio::spawn(async move {
+                listener
+                    .serve(gate, served, async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    })
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
+            }));
+            continue;
+        }
         let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
             .await
             .with_context(|| format!("listener {}", l.url))?;
         let incoming = match (&cfg.tls, l.tls) {
             (Some(t), true) => {
-                let tls = ServerTls::new(t.files.clone(), alpn(), l.url.clone(), tls_stats.clone())
-                    .with_context(|| format!("listener {}: TLS", l.url))?;
+                let tls = ServerTls::new(
+                    t.files.clone(),
+                    alpn(&l.scheme),
+                    l.url.clone(),
+                    tls_stats.clone(),
+                )
+                .with_context(|| format!("listener {}: TLS", l.url))?;
                 tls_endpoints.push(tls.clone());
                 tracing::info!(zone = %zone, url = %l.url, grants = cfg.grants.len(), "mutual TLS 1.3 listener: peers need a certificate from a trust anchor and a grant");
                 Incoming::Tls(listener, tls)
@@ -123,7 +173,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             }
         };
         tracing::info!(zone = %zone, url = %format!("{}://{addr}", l.scheme), "listening");
-        let served = Arc::new(bsfg_transport_grpc::ServeStats::default());
+        let served = Arc::new(bsfg_core::ServeStats::default());
         listener_stats.push((l.url.clone(), served.clone()));
         let mut rx = stop_rx.clone();
         let gate = gate.clone();

@@ -47,6 +47,10 @@ pub struct NatsOptions {
     /// Extra nats-server configuration appended verbatim (for example a `leafnodes`
     /// block). Default empty.
     pub extra_config: String,
+    /// Address the client port listens on, e.g. the side channel of a
+    /// [`netem::EmulatedLink`] so that processes in its namespace reach the server.
+    /// Default 127.0.0.1.
+    pub listen_host: Option<std::net::IpAddr>,
 }
 
 impl Default for NatsOptions {
@@ -55,6 +59,7 @@ impl Default for NatsOptions {
             domain: None,
             sync_always: true,
             extra_config: String::new(),
+            listen_host: None,
         }
     }
 }
@@ -166,8 +171,12 @@ impl NatsServer {
             js.push_str("  sync_interval: always\n");
         }
         let conf = format!(
-            "listen: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\nserver_name: bsfg_test_{}\nmax_payload: 8MB\njetstream {{\n{js}}}\n{}\n",
-            self.port, self.monitor_port, self.port, self.options.extra_config
+            "listen: {}:{}\nhttp: 127.0.0.1:{}\nserver_name: bsfg_test_{}\nmax_payload: 8MB\njetstream {{\n{js}}}\n{}\n",
+            self.host(),
+            self.port,
+            self.monitor_port,
+            self.port,
+            self.options.extra_config
         );
         std::fs::write(self.config_path(), conf).map_err(|e| TestkitError::Io("config", e))
     }
@@ -214,9 +223,15 @@ impl NatsServer {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// Client URL, `nats://127.0.0.1:PORT`.
+    fn host(&self) -> std::net::IpAddr {
+        self.options
+            .listen_host
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// Client URL, `nats://127.0.0.1:PORT` (or the `listen_host`).
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host(), self.port)
     }
 
     /// Monitoring URL, `http://127.0.0.1:PORT`.

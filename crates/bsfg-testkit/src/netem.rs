@@ -82,6 +82,7 @@ pub struct EmulatedLink {
     side_near: Ipv4Addr,
     side_far: Ipv4Addr,
     veth_near: String,
+    tun_near: String,
     control: Arc<Control>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -120,6 +121,7 @@ impl EmulatedLink {
             side_near,
             side_far,
             veth_near: veth_near.clone(),
+            tun_near: tun_near.clone(),
             control: Arc::new(Control {
                 dirs: [
                     Mutex::new(Direction::new(to_far, seed)),
@@ -151,6 +153,10 @@ impl EmulatedLink {
         ])?;
         ip(&["-n", &ns, "link", "set", &tun_far, "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // The far site can answer the near site's second address too (see
+        // `change_near_address`).
+        let moved = Ipv4Addr::new(10, hi, lo, block + 3).to_string();
+        ip(&["-n", &ns, "route", "add", &moved, "dev", &tun_far])?;
         ip(&[
             "link", "add", &veth_near, "type", "veth", "peer", "name", &veth_far, "netns", &ns,
         ])?;
@@ -202,6 +208,19 @@ impl EmulatedLink {
     /// The far site's address on the clean side channel.
     pub fn side_far_addr(&self) -> Ipv4Addr {
         self.side_far
+    }
+
+    /// Gives the near site a new address on the impaired path and makes it the source
+    /// of everything it sends to the far site from now on, as when a NAT rebinds or a
+    /// site changes uplinks: UDP flows change their source address mid-connection.
+    /// Returns the new address.
+    pub fn change_near_address(&self) -> Result<Ipv4Addr, NetemError> {
+        let o = self.near.octets();
+        let moved = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 2);
+        let (m, f) = (moved.to_string(), self.far.to_string());
+        ip(&["addr", "add", &format!("{m}/32"), "dev", &self.tun_near])?;
+        ip(&["route", "replace", &f, "dev", &self.tun_near, "src", &m])?;
+        Ok(moved)
     }
 
     /// A command that runs `program` inside the far site's namespace.

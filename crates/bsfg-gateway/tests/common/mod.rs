@@ -31,6 +31,8 @@ pub struct Gateway {
     pub child: Child,
     pub url: String,
     pub config: PathBuf,
+    /// The network namespace it runs in (the far site of an emulated link).
+    pub netns: Option<String>,
 }
 
 impl Gateway {
@@ -66,9 +68,22 @@ insecure = true
     }
 
     pub fn spawn(config: PathBuf, url: String) -> Gateway {
+        Self::spawn_in(None, config, url)
+    }
+
+    /// Starts the gateway inside the network namespace `netns`, if any.
+    pub fn spawn_in(netns: Option<String>, config: PathBuf, url: String) -> Gateway {
         // The gateway's log goes beside its config, to explain a failed start.
         let log = config.with_extension("log");
-        let mut child = Command::new(BSFG)
+        let mut cmd = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BSFG]);
+                c
+            }
+            None => Command::new(BSFG),
+        };
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(&config)
             .stdout(Stdio::piped())
@@ -84,13 +99,18 @@ insecure = true
             )
         });
         assert!(ready.contains("ready"), "{ready}");
-        Gateway { child, url, config }
+        Gateway {
+            child,
+            url,
+            config,
+            netns,
+        }
     }
 
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        *self = Self::spawn(self.config.clone(), self.url.clone());
+        *self = Self::spawn_in(self.netns.clone(), self.config.clone(), self.url.clone());
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
@@ -142,6 +162,6 @@ impl Gateway {
 
     /// Starts it again on the same config (after kill9 or sigterm).
     pub fn respawn(&mut self) {
-        *self = Self::spawn(self.config.clone(), self.url.clone());
+        *self = Self::spawn_in(self.netns.clone(), self.config.clone(), self.url.clone());
     }
 }
