@@ -9,6 +9,7 @@
 
 mod admin;
 mod bench;
+mod bench_transports;
 mod certs;
 mod client;
 mod config;
@@ -227,6 +228,9 @@ enum BenchCommand {
     /// A backlog drained from zone A to zone B by a link over gRPC, beside native
     /// JetStream sourcing over a leaf node and a raw fetch+publish copier.
     Replicate(bench::ReplicateBench),
+    /// Replication over gRPC and QUIC across the same emulated link, for a matrix of
+    /// round-trip times and loss rates (needs root: network namespaces, TUN).
+    Transports(bench_transports::TransportsBench),
 }
 
 fn init_tracing() {
@@ -358,6 +362,12 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         } => {
             init_tracing();
             bench::replicate(opts).await.map_err(op)
+        }
+        Command::Bench {
+            which: BenchCommand::Transports(opts),
+        } => {
+            init_tracing();
+            bench_transports::transports(opts).await.map_err(op)
         }
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::udp_relay::{Direction, Profile, RelayStats};
+use crate::udp_relay::{Direction, Profile, RelayStats, delay_line};
 
 /// Why the emulated link could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -173,14 +173,10 @@ impl EmulatedLink {
         ])?;
         ip(&["-n", &ns, "link", "set", &veth_far, "up"])?;
         let mut link = link;
-        link.tasks.push(pump(
-            dev_near.clone(),
-            dev_far.clone(),
-            0,
-            link.control.clone(),
-        ));
+        let c = link.control.clone();
         link.tasks
-            .push(pump(dev_far, dev_near, 1, link.control.clone()));
+            .extend(pump(dev_near.clone(), dev_far.clone(), 0, c.clone()));
+        link.tasks.extend(pump(dev_far, dev_near, 1, c));
         Ok(link)
     }
 
@@ -278,14 +274,31 @@ impl Drop for EmulatedLink {
     }
 }
 
-/// Moves packets from `from` to `to`, impaired by direction `dir`.
+/// Moves packets from `from` to `to`, impaired by direction `dir` (a reader task and
+/// the direction's delay line).
 fn pump(
     from: Arc<tun_rs::AsyncDevice>,
     to: Arc<tun_rs::AsyncDevice>,
     dir: usize,
     control: Arc<Control>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let (line, sender) = {
+        let control = control.clone();
+        delay_line(move |packet: Vec<u8>, copies| {
+            let (to, control) = (to.clone(), control.clone());
+            async move {
+                for _ in 0..copies {
+                    if to.send(&packet).await.is_ok() {
+                        let s = &control.stats[dir];
+                        s.forwarded.fetch_add(1, Ordering::Relaxed);
+                        s.bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                packet
+            }
+        })
+    };
+    let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 65_536];
         loop {
             let n = match from.recv(&mut buf).await {
@@ -310,32 +323,14 @@ fn pump(
                     Err(_) => (now, 1),
                 }
             };
-            let stats = &control.stats[dir];
             if copies == 0 {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                control.stats[dir].dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let packet = buf[..n].to_vec();
-            let (to, control) = (to.clone(), control.clone());
-            let send = async move {
-                for _ in 0..copies {
-                    if to.send(&packet).await.is_ok() {
-                        let s = &control.stats[dir];
-                        s.forwarded.fetch_add(1, Ordering::Relaxed);
-                        s.bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
-                    }
-                }
-            };
-            if at <= now {
-                send.await;
-            } else {
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(at.into()).await;
-                    send.await;
-                });
-            }
+            let _ = line.send((at, copies, buf[..n].to_vec()));
         }
-    })
+    });
+    [reader, sender]
 }
 
 #[cfg(test)]

@@ -89,17 +89,87 @@ impl Direction {
     }
 }
 
+/// A packet waiting in a [`delay_line`] until its time.
+struct Due<T> {
+    at: Instant,
+    seq: u64,
+    item: T,
+    copies: usize,
+}
+
+impl<T> PartialEq for Due<T> {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl<T> Eq for Due<T> {}
+impl<T> PartialOrd for Due<T> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl<T> Ord for Due<T> {
+    // Earliest first (BinaryHeap is a max-heap); ties keep arrival order.
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+/// Where one direction's packets wait for their send time.
+pub(crate) type Line<T> = tokio::sync::mpsc::UnboundedSender<(Instant, usize, T)>;
+
+/// One direction's delay line: packets leave at their scheduled time, and packets
+/// scheduled for the same time (or in increasing times, as with a constant delay)
+/// leave in the order they came. Only jitter and the `reorder` knob reorder; a task
+/// per packet would reorder on its own (timers firing together wake in any order),
+/// which QUIC and TCP take for loss.
+pub(crate) fn delay_line<T, F, Fut>(mut send: F) -> (Line<T>, tokio::task::JoinHandle<()>)
+where
+    T: Send + 'static,
+    F: FnMut(T, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, usize, T)>();
+    let task = tokio::spawn(async move {
+        let mut heap = std::collections::BinaryHeap::new();
+        let mut seq = 0u64;
+        loop {
+            let next = heap.peek().map(|d: &Due<T>| d.at);
+            tokio::select! {
+                got = rx.recv() => match got {
+                    Some((at, copies, item)) => {
+                        seq += 1;
+                        heap.push(Due { at, seq, item, copies });
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now).into()), if next.is_some() => {
+                    let now = Instant::now();
+                    while heap.peek().is_some_and(|d| d.at <= now) {
+                        if let Some(d) = heap.pop() {
+                            let _ = send(d.item, d.copies).await;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (tx, task)
+}
+
 /// A running relay; it stops when dropped.
 pub struct UdpRelay {
     addr: SocketAddr,
     stats: Arc<RelayStats>,
     blackhole_until: Arc<Mutex<Option<Instant>>>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for UdpRelay {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -122,18 +192,58 @@ impl UdpRelay {
             Direction::new(down, seed ^ 0x9e37_79b9_7f4a_7c15),
         ];
         let (st, bh) = (stats.clone(), blackhole_until.clone());
+        // Each direction's delay line sends a datagram `copies` times; replies go to
+        // wherever the client last spoke from.
+        let client = Arc::new(Mutex::new(None::<SocketAddr>));
+        let (up_line, up_task) = {
+            let (back, st) = (back.clone(), stats.clone());
+            delay_line(move |data: Vec<u8>, copies| {
+                let (back, st) = (back.clone(), st.clone());
+                async move {
+                    for _ in 0..copies {
+                        if back.send(&data).await.is_ok() {
+                            st.forwarded.fetch_add(1, Ordering::Relaxed);
+                            st.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    data
+                }
+            })
+        };
+        let (down_line, down_task) = {
+            let (front, st, client) = (front.clone(), stats.clone(), client.clone());
+            delay_line(move |data: Vec<u8>, copies| {
+                let (front, st) = (front.clone(), st.clone());
+                let to = client.lock().ok().and_then(|c| *c);
+                async move {
+                    for _ in 0..copies {
+                        if let Some(c) = to
+                            && front.send_to(&data, c).await.is_ok()
+                        {
+                            st.forwarded.fetch_add(1, Ordering::Relaxed);
+                            st.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    data
+                }
+            })
+        };
         let task = tokio::spawn(async move {
-            let mut client: Option<SocketAddr> = None;
             let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
             loop {
                 // Which side spoke, what it said, and where it goes.
-                let (dir, data, dest) = tokio::select! {
+                let (dir, data) = tokio::select! {
                     r = front.recv_from(&mut a) => match r {
-                        Ok((n, from)) => { client = Some(from); (0, a[..n].to_vec(), None) }
+                        Ok((n, from)) => {
+                            if let Ok(mut c) = client.lock() {
+                                *c = Some(from);
+                            }
+                            (0, a[..n].to_vec())
+                        }
                         Err(_) => continue,
                     },
-                    r = back.recv(&mut b) => match (r, client) {
-                        (Ok(n), Some(c)) => (1, b[..n].to_vec(), Some(c)),
+                    r = back.recv(&mut b) => match r {
+                        Ok(n) => (1, b[..n].to_vec()),
                         _ => continue,
                     },
                 };
@@ -152,27 +262,15 @@ impl UdpRelay {
                     st.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let (front, back, st) = (front.clone(), back.clone(), st.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(at.into()).await;
-                    for _ in 0..copies {
-                        let sent = match dest {
-                            Some(c) => front.send_to(&data, c).await,
-                            None => back.send(&data).await,
-                        };
-                        if sent.is_ok() {
-                            st.forwarded.fetch_add(1, Ordering::Relaxed);
-                            st.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        }
-                    }
-                });
+                let line = if dir == 0 { &up_line } else { &down_line };
+                let _ = line.send((at, copies, data));
             }
         });
         Ok(UdpRelay {
             addr,
             stats,
             blackhole_until,
-            task,
+            tasks: vec![task, up_task, down_task],
         })
     }
 
@@ -326,6 +424,21 @@ mod tests {
         // Another socket (a changed source address) is answered too.
         let again = round_trips(relay.addr(), 10, Duration::from_millis(200)).await;
         assert!(again.len() >= 10);
+    }
+
+    #[tokio::test]
+    async fn a_constant_delay_keeps_datagrams_in_order() {
+        let p = Profile {
+            delay: Duration::from_millis(20),
+            ..Profile::default()
+        };
+        let relay = UdpRelay::start(echo().await, p, p, 2).await.unwrap();
+        let got = round_trips(relay.addr(), 500, Duration::from_millis(300)).await;
+        assert_eq!(got.len(), 500);
+        assert!(
+            got.windows(2).all(|w| w[0] < w[1]),
+            "delay alone must not reorder (transports take reordering for loss)"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,422 @@
+//! `bsfg bench transports`: replication over gRPC (TCP) and QUIC (UDP) across the same
+//! emulated link (bsfg-testkit's namespace emulator), for a matrix of round-trip times
+//! and loss rates.
+//!
+//! The source zone is a real `bsfg run` inside the emulator's namespace, listening on
+//! grpcs:// and on two quic:// ports (BBR and CUBIC: the sender of the facts is the
+//! source, so its controller is the one that matters); its nats-server sits on the
+//! clean side channel and holds one backlog. Each cell pulls that backlog through a
+//! link of its own (its own consumer, a fresh destination nats-server) for a fixed
+//! window and reports facts replicated per second, the p99 time from a FetchFacts
+//! request to the ConfirmReceipt of that page, and the IP bytes that crossed the
+//! emulated link. Needs root (network namespaces and TUN devices).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use bsfg_core::link::{Link, LinkSettings};
+use bsfg_core::{
+    AppendOutcome, Boundary, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest,
+    Frontier, Limits, Message, ObjectInfo,
+};
+use bsfg_sink_jetstream::baseline::percentile_ms as pct;
+use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
+use bsfg_testkit::fixtures::padded_fact;
+use bsfg_testkit::netem::EmulatedLink;
+use bsfg_testkit::pki::Pki;
+use bsfg_testkit::udp_relay::Profile;
+use bsfg_testkit::{NatsOptions, NatsServer};
+use bsfg_tls::{ClientTls, TlsStats};
+
+/// Options of `bsfg bench transports`.
+#[derive(Debug, clap::Args)]
+pub struct TransportsBench {
+    /// Round-trip times to emulate, in ms (half each way).
+    #[arg(long, value_delimiter = ',', default_value = "1,50,200")]
+    rtt_ms: Vec<u64>,
+    /// Loss rates to emulate, in percent, the same both ways.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,5,10")]
+    loss_pct: Vec<f64>,
+    /// Measuring window of each cell.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Facts in the source's backlog (enough for the fastest cell's window).
+    #[arg(long, default_value_t = 150_000)]
+    facts: usize,
+    /// Size of each fact's canonical object_json.
+    #[arg(long, default_value_t = 256)]
+    object_bytes: usize,
+    /// Facts per FetchFacts page.
+    #[arg(long, default_value_t = 500)]
+    page_size: u32,
+    /// Bandwidth cap of the emulated link in Mbit/s, each way (default: none).
+    #[arg(long)]
+    rate_mbps: Option<f64>,
+    /// Seed of the emulated link's randomness.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// The transports compared, with the source listener each one dials.
+const TRANSPORTS: [(&str, &str, u16); 3] = [
+    ("gRPC (TCP, cubic)", "grpcs", 7443),
+    ("QUIC (bbr)", "quic", 7443),
+    ("QUIC (cubic)", "quic", 7444),
+];
+
+/// A source wrapper that times each page from its FetchFacts request to the
+/// ConfirmReceipt that covers it.
+struct Timed {
+    inner: Arc<dyn BoundaryApi>,
+    open: Mutex<VecDeque<(Instant, u64)>>,
+    samples: Mutex<Vec<Duration>>,
+    /// When the last confirm returned: the end of the completed work.
+    last_confirm: Mutex<Option<Instant>>,
+}
+
+#[async_trait]
+impl BoundaryApi for Timed {
+    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
+        self.inner.append_fact(message).await
+    }
+    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
+        let t = Instant::now();
+        let page = self.inner.fetch_facts(request).await?;
+        if let (Some(last), Ok(mut open)) = (page.facts.last(), self.open.lock()) {
+            open.push_back((t, last.offset));
+        }
+        Ok(page)
+    }
+    async fn confirm_receipt(
+        &self,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        let f = self.inner.confirm_receipt(consumer, offset).await?;
+        let now = Instant::now();
+        if let Ok(mut l) = self.last_confirm.lock() {
+            *l = Some(now);
+        }
+        if let (Ok(mut open), Ok(mut samples)) = (self.open.lock(), self.samples.lock()) {
+            while open.front().is_some_and(|(_, last)| *last <= offset) {
+                if let Some((t, _)) = open.pop_front() {
+                    samples.push(now - t);
+                }
+            }
+        }
+        Ok(f)
+    }
+    async fn put_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<ObjectInfo, BoundaryError> {
+        self.inner.put_object(bucket, key, body).await
+    }
+}
+
+struct Cell {
+    facts_per_sec: f64,
+    p99_ms: f64,
+    pages: usize,
+    confirmed: u64,
+    wire_bytes: u64,
+    failures: u64,
+}
+
+/// The source zone's gateway config: grpcs and two quic listeners, a consumer per cell.
+fn source_config(nats_url: &str, consumers: usize) -> String {
+    let mut c = format!(
+        r#"[zone]
+name = "source"
+
+[sink]
+type = "jetstream"
+url = "{nats_url}"
+domain = "source"
+
+[[listeners]]
+url = "grpcs://0.0.0.0:7443"
+
+[[listeners]]
+url = "quic://0.0.0.0:7443"
+quic = {{ congestion = "bbr" }}
+
+[[listeners]]
+url = "quic://0.0.0.0:7444"
+quic = {{ congestion = "cubic" }}
+
+[tls]
+cert = "source-bsfg.pem"
+key = "source-bsfg.key"
+trust = {{ bench = "bench-ca.pem" }}
+
+[[peers]]
+identity = "bench-bsfg"
+ca = "bench"
+consumers = ["*"]
+"#
+    );
+    for i in 0..consumers {
+        c += &format!(
+            "\n[[consumers]]\nname = \"cell-{i}\"\nclass = \"operational\"\nack_wait = \"60s\"\n"
+        );
+    }
+    c
+}
+
+/// Runs the matrix and prints one markdown table.
+pub async fn transports(opts: TransportsBench) -> anyhow::Result<()> {
+    let cells = opts.rtt_ms.len() * opts.loss_pct.len() * TRANSPORTS.len();
+    let link = EmulatedLink::create(Profile::default(), Profile::default(), opts.seed)
+        .context("the link emulator needs root (network namespaces, TUN devices)")?;
+    let dir = tempfile::tempdir()?;
+    let source_pki = Pki::new(dir.path(), "source")?;
+    let bench_pki = Pki::new(dir.path(), "bench")?;
+    source_pki.issue("source-bsfg")?;
+    let client_files = bench_pki.files("bench-bsfg", &[&source_pki])?;
+
+    let source_nats = NatsServer::start_with(NatsOptions {
+        domain: Some("source".into()),
+        listen_host: Some(link.side_near_addr().into()),
+        ..Default::default()
+    })
+    .context("starting nats-server (run scripts/setup.sh)")?;
+    let config = dir.path().join("source.toml");
+    std::fs::write(&config, source_config(&source_nats.url(), cells))?;
+    let exe = std::env::current_exe()?;
+    let log = std::fs::File::create(dir.path().join("source.log"))?;
+    let mut gateway = link
+        .command(&exe)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the source gateway in the namespace")?;
+    let ready = {
+        use std::io::BufRead as _;
+        let out = gateway.stdout.take().context("gateway stdout")?;
+        std::io::BufReader::new(out).lines().next()
+    };
+    if !ready.is_some_and(|l| l.is_ok_and(|l| l.contains("ready"))) {
+        let _ = gateway.kill();
+        let _ = gateway.wait();
+        anyhow::bail!(
+            "the source gateway did not start:\n{}",
+            std::fs::read_to_string(dir.path().join("source.log")).unwrap_or_default()
+        );
+    }
+    let result = matrix(&opts, &link, &source_nats, client_files).await;
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    result
+}
+
+async fn matrix(
+    opts: &TransportsBench,
+    link: &EmulatedLink,
+    source_nats: &NatsServer,
+    client_files: bsfg_tls::TlsFiles,
+) -> anyhow::Result<()> {
+    // The backlog, loaded once through the engine on the clean side channel.
+    let mut cfg = JetStreamConfig::new("source", source_nats.url());
+    cfg.domain = Some("source".into());
+    let zone = Arc::new(JetStreamZone::connect(cfg).await?);
+    let source = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
+    {
+        use futures::StreamExt as _;
+        let results: Vec<_> = futures::stream::iter(0..opts.facts)
+            .map(|i| {
+                let api = source.clone();
+                let m = padded_fact(&format!("net-{i}"), i, opts.object_bytes);
+                async move { api.append_fact(m).await }
+            })
+            .buffer_unordered(1024)
+            .collect()
+            .await;
+        for r in results {
+            r.map_err(|e| anyhow::anyhow!("loading the backlog: {e}"))?;
+        }
+    }
+    let stored = serde_json::to_vec(&padded_fact("net-0", 0, opts.object_bytes))?.len();
+    println!(
+        "# bsfg bench transports: a link pulls a backlog of {} facts (stored record {stored} B, page {}) across the emulated link for {:?} per cell; {}",
+        opts.facts,
+        opts.page_size,
+        opts.window,
+        opts.rate_mbps
+            .map_or("no bandwidth cap".to_owned(), |r| format!(
+                "{r} Mbit/s each way"
+            ))
+    );
+    println!(
+        "| RTT | loss | transport | facts/s | vs gRPC | p99 fetch-to-confirm ms | pages | bytes on the wire | bytes/fact | failed calls |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let tls_stats = Arc::new(TlsStats::default());
+    let mut n = 0;
+    for &rtt in &opts.rtt_ms {
+        for &loss in &opts.loss_pct {
+            let p = Profile {
+                loss: loss / 100.0,
+                delay: Duration::from_micros(rtt * 500),
+                rate_bps: opts.rate_mbps.map(|r| (r * 1e6) as u64),
+                ..Profile::default()
+            };
+            link.set_profiles(p, p);
+            let mut grpc_rate = None;
+            for (name, scheme, port) in TRANSPORTS {
+                let tls = ClientTls::new(
+                    client_files.clone(),
+                    vec![if scheme == "quic" {
+                        bsfg_transport_quic::ALPN.to_vec()
+                    } else {
+                        bsfg_tls::ALPN_H2.to_vec()
+                    }],
+                    format!("bench:{name}"),
+                    tls_stats.clone(),
+                )?;
+                let url = format!("{scheme}://{}:{port}", link.far_addr());
+                let mut quic = None;
+                let api: Arc<dyn BoundaryApi> = if scheme == "quic" {
+                    let c = bsfg_transport_quic::QuicClient::new(
+                        &url,
+                        bsfg_transport_quic::ClientConfig {
+                            request_timeout: Duration::from_secs(60),
+                            ..Default::default()
+                        },
+                        tls,
+                        Some("source-bsfg".into()),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    quic = Some(c.clone());
+                    Arc::new(c)
+                } else {
+                    Arc::new(
+                        bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
+                            &url,
+                            bsfg_transport_grpc::ClientConfig {
+                                request_timeout: Duration::from_secs(60),
+                                ..Default::default()
+                            },
+                            tls,
+                            Some("source-bsfg".into()),
+                        )
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    )
+                };
+                let cell = run_cell(opts, link, api, &format!("cell-{n}")).await?;
+                n += 1;
+                // Close the connection so that nothing of this cell still crosses
+                // the link during the next one.
+                if let Some(q) = quic {
+                    q.close().await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let vs = match grpc_rate {
+                    None => {
+                        grpc_rate = Some(cell.facts_per_sec);
+                        "1.00x".to_owned()
+                    }
+                    Some(g) if g > 0.0 => format!("{:.2}x", cell.facts_per_sec / g),
+                    Some(_) => "(gRPC: 0)".to_owned(),
+                };
+                println!(
+                    "| {rtt} ms | {loss}% | {name} | {:.0} | {vs} | {} | {} | {:.1} MB | {} | {} |",
+                    cell.facts_per_sec,
+                    if cell.pages == 0 {
+                        "no page".to_owned()
+                    } else {
+                        format!("{:.0}", cell.p99_ms)
+                    },
+                    cell.pages,
+                    cell.wire_bytes as f64 / 1e6,
+                    if cell.confirmed > 0 {
+                        format!("{:.0}", cell.wire_bytes as f64 / cell.confirmed as f64)
+                    } else {
+                        "-".to_owned()
+                    },
+                    cell.failures,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One cell: a link from `source` (already wrapped transport client) into a fresh
+/// destination zone, for the window.
+async fn run_cell(
+    opts: &TransportsBench,
+    link: &EmulatedLink,
+    source: Arc<dyn BoundaryApi>,
+    consumer: &str,
+) -> anyhow::Result<Cell> {
+    let dest_nats = NatsServer::start_with(NatsOptions {
+        domain: Some("dest".into()),
+        ..Default::default()
+    })?;
+    let mut cfg = JetStreamConfig::new("dest", dest_nats.url());
+    cfg.domain = Some("dest".into());
+    cfg.monitor_url = Some(dest_nats.monitor_url());
+    let zone = Arc::new(JetStreamZone::connect(cfg).await?);
+    let dest = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
+    let timed = Arc::new(Timed {
+        inner: source,
+        open: Mutex::new(VecDeque::new()),
+        samples: Mutex::new(Vec::new()),
+        last_confirm: Mutex::new(None),
+    });
+    let (l, handle) = Link::new(
+        LinkSettings {
+            name: format!("bench-{consumer}"),
+            local_zone: "dest".into(),
+            consumer: consumer.to_owned(),
+            page_size: opts.page_size,
+            wait: Duration::from_secs(1),
+            streams: vec![],
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(60),
+        },
+        timed.clone(),
+        dest,
+    );
+    let bytes_before = link.bytes_on_wire();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let start = Instant::now();
+    let task = tokio::spawn(l.run(rx));
+    tokio::time::sleep(opts.window).await;
+    let s = handle.status();
+    let wire_bytes = link.bytes_on_wire() - bytes_before;
+    stop.send_replace(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    let mut samples = timed.samples.lock().map(|s| s.clone()).unwrap_or_default();
+    samples.sort();
+    // Confirmed facts over the time it took to confirm them: a page still in flight
+    // at the end of the window neither counts nor stretches the time.
+    let done = timed
+        .last_confirm
+        .lock()
+        .ok()
+        .and_then(|l| *l)
+        .map_or(0.0, |t| (t - start).as_secs_f64());
+    Ok(Cell {
+        facts_per_sec: if done > 0.0 {
+            s.frontier as f64 / done
+        } else {
+            0.0
+        },
+        p99_ms: pct(&samples, 0.99),
+        pages: samples.len(),
+        confirmed: s.frontier,
+        wire_bytes,
+        failures: s.fetch_failures + s.append_failures + s.confirm_failures,
+    })
+}
