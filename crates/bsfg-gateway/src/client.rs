@@ -2,10 +2,12 @@
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bsfg_core::{BoundaryApi, BoundaryError, Envelope, Fact, FactPage, FetchRequest, Message};
+
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
 use futures::{StreamExt, TryStreamExt};
 
@@ -26,16 +28,19 @@ pub struct TlsArgs {
     pub tls_server_name: Option<String>,
 }
 
-/// Connects to a gateway URL: `grpc://` in plaintext, `grpcs://` with mutual TLS
-/// using `tls`.
-pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<GrpcClient> {
-    if !url.starts_with("grpcs://") {
+/// A client for `url`: `grpc://` plaintext, `grpcs://` (gRPC) or `quic://` (QUIC), the
+/// latter two with mutual TLS from `--tls-cert/--tls-key/--tls-ca`. The connection is
+/// made on first use.
+pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<Arc<dyn BoundaryApi>> {
+    let quic = url.starts_with("quic://");
+    if !url.starts_with("grpcs://") && !quic {
         return GrpcClient::connect_lazy(url, ClientConfig::default())
+            .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
             .map_err(|e| anyhow::anyhow!("{e}"));
     }
     let (Some(cert), Some(key), Some(ca)) = (&tls.tls_cert, &tls.tls_key, &tls.tls_ca) else {
         bail!(
-            "{url}: grpcs:// needs --tls-cert, --tls-key and --tls-ca (or BSFG_TLS_CERT, BSFG_TLS_KEY, BSFG_TLS_CA)"
+            "{url}: mutual TLS needs --tls-cert, --tls-key and --tls-ca (or BSFG_TLS_CERT, BSFG_TLS_KEY, BSFG_TLS_CA)"
         );
     };
     let files = bsfg_tls::TlsFiles {
@@ -47,19 +52,26 @@ pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<GrpcClient> {
         }],
         identity_from: bsfg_tls::IdentityFrom::San,
     };
-    let client_tls = bsfg_tls::ClientTls::new(
-        files,
-        vec![bsfg_tls::ALPN_H2.to_vec()],
-        "cli",
-        std::sync::Arc::default(),
-    )?;
-    GrpcClient::connect_lazy_tls(
-        url,
-        ClientConfig::default(),
-        client_tls,
-        tls.tls_server_name.clone(),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))
+    let alpn = if quic {
+        bsfg_transport_quic::ALPN
+    } else {
+        bsfg_tls::ALPN_H2
+    };
+    let client_tls = bsfg_tls::ClientTls::new(files, vec![alpn.to_vec()], "cli", Arc::default())?;
+    let server_name = tls.tls_server_name.clone();
+    if quic {
+        return bsfg_transport_quic::QuicClient::new(
+            url,
+            bsfg_transport_quic::ClientConfig::default(),
+            client_tls,
+            server_name,
+        )
+        .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
+        .map_err(|e| anyhow::anyhow!("{e}"));
+    }
+    GrpcClient::connect_lazy_tls(url, ClientConfig::default(), client_tls, server_name)
+        .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The fields of one fact given on the command line.

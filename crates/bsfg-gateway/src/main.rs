@@ -28,7 +28,8 @@ use clap::{Parser, Subcommand};
     about = "BSFG: Bidirectional Store-and-Forward Gateway"
 )]
 struct Cli {
-    /// Gateway URL for client commands.
+    /// Gateway URL for client commands: grpc:// (loopback plaintext), grpcs:// or
+    /// quic:// (mutual TLS: --tls-cert, --tls-key, --tls-ca).
     #[arg(
         long,
         global = true,
@@ -273,7 +274,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             concurrency,
         } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
-            client::append(&api, &fact, file, concurrency, cli.json)
+            client::append(api.as_ref(), &fact, file, concurrency, cli.json)
                 .await
                 .map_err(op)
         }
@@ -290,13 +291,21 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             } else {
                 wait
             };
-            client::fetch(&api, &consumer, limit, wait, follow, confirm, cli.json)
-                .await
-                .map_err(op)
+            client::fetch(
+                api.as_ref(),
+                &consumer,
+                limit,
+                wait,
+                follow,
+                confirm,
+                cli.json,
+            )
+            .await
+            .map_err(op)
         }
         Command::Confirm { consumer, offset } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
-            client::confirm(&api, &consumer, offset, cli.json)
+            client::confirm(api.as_ref(), &consumer, offset, cli.json)
                 .await
                 .map_err(op)
         }
@@ -320,9 +329,17 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                 }),
                 _ => None,
             };
-            client::pull(&src, &dest, &consumer, limit, follow, acceptance, cli.json)
-                .await
-                .map_err(op)
+            client::pull(
+                src.as_ref(),
+                dest.as_ref(),
+                &consumer,
+                limit,
+                follow,
+                acceptance,
+                cli.json,
+            )
+            .await
+            .map_err(op)
         }
         Command::Status { admin } => {
             let addr = admin.address().map_err(|e| (2u8, e))?;
@@ -371,7 +388,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         }
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
-            client::put_object(&api, &bucket, key, file, cli.json)
+            client::put_object(api.as_ref(), &bucket, key, file, cli.json)
                 .await
                 .map_err(op)
         }

@@ -26,6 +26,7 @@ const PLANT_PORT: u16 = 7443;
 
 struct Sites {
     link: EmulatedLink,
+    dir: std::path::PathBuf,
     _plant_nats: NatsServer,
     plant_gw: Gateway,
     /// The test's own producer on the plant zone (through its nats-server).
@@ -98,6 +99,7 @@ trust = {{ idmz = "idmz-ca.pem" }}
 identity = "idmz-bsfg"
 ca = "idmz"
 consumers = ["to-idmz", "to-idmz-grpc"]
+put_buckets = ["batch-files"]
 "#,
             url = plant_nats.url()
         ),
@@ -186,6 +188,7 @@ request_timeout = "5s"
     let idmz = GrpcClient::connect_lazy(&idmz_gw.url, ClientConfig::default()).unwrap();
     Sites {
         link,
+        dir: d.to_owned(),
         _plant_nats: plant_nats,
         plant_gw,
         plant,
@@ -400,4 +403,59 @@ async fn quic_and_grpc_links_resume_by_themselves_after_a_blackhole_restarts_and
         assert_eq!(l["frontier"], 500, "both links confirmed everything: {l}");
     }
     eprintln!("near side moved to {moved}");
+}
+
+/// PutObject of 64 MiB from the idmz's command line to the plant over QUIC at 5 %
+/// loss both ways: it completes and the stored digest is the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_mib_put_object_over_quic_at_5_percent_loss_keeps_its_digest() {
+    use sha2::Digest as _;
+    let lossy = Profile {
+        loss: 0.05,
+        delay: Duration::from_millis(10),
+        ..Profile::default()
+    };
+    let s = sites(lossy, 30, false).await;
+    let file = s.dir.join("big.bin");
+    let body: Vec<u8> = (0..64u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&file, &body).unwrap();
+    let want = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+    let t = Instant::now();
+    let out = tokio::task::spawn_blocking({
+        let (dir, url) = (s.dir.clone(), s.plant_gw.url.clone());
+        move || {
+            std::process::Command::new(common::BSFG)
+                .arg("--url")
+                .arg(url)
+                .args(["--tls-server-name", "plant-bsfg", "--json", "put-object"])
+                .args(["--bucket", "batch-files", "--key", "big.bin"])
+                .arg(dir.join("big.bin"))
+                .arg("--tls-cert")
+                .arg(dir.join("idmz-bsfg.pem"))
+                .arg("--tls-key")
+                .arg(dir.join("idmz-bsfg.key"))
+                .arg("--tls-ca")
+                .arg(dir.join("plant-ca.pem"))
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(info["size"], 64 * 1024 * 1024, "{info}");
+    assert_eq!(info["digest"], want.as_str(), "{info}");
+    let lost = s
+        .link
+        .to_far_stats()
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(lost > 1000, "the path lost {lost} packets");
+    eprintln!(
+        "64 MiB in {:?} with {lost} packets lost on the way",
+        t.elapsed()
+    );
 }

@@ -8,11 +8,13 @@ use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 /// The congestion controller of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
-    /// CUBIC (RFC 9438): the common loss-based choice; backs off on every loss.
-    #[default]
+    /// CUBIC (RFC 9438): the common loss-based choice; backs off on every loss, so
+    /// random loss on a radio link starves it.
     Cubic,
-    /// BBR (quinn's experimental BBRv1): paces to the measured bandwidth and does not
-    /// take random loss for congestion; the choice for lossy radio and satellite links.
+    /// BBR (quinn's BBRv1): paces to the measured bandwidth and round-trip time and
+    /// does not take random loss for congestion. The default: QUIC is BSFG's
+    /// transport for lossy links (see docs/benchmarks.md for the measurements).
+    #[default]
     Bbr,
     /// NewReno (RFC 9002's reference controller).
     NewReno,
@@ -43,7 +45,7 @@ impl Congestion {
 /// to a few hundred milliseconds and some tens of Mbit/s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuning {
-    /// Congestion controller. Default `cubic`.
+    /// Congestion controller. Default `bbr`.
     pub congestion: Congestion,
     /// Bytes one stream may have in flight towards this end (its receive window).
     /// Default 8 MiB.
@@ -70,7 +72,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            congestion: Congestion::Cubic,
+            congestion: Congestion::Bbr,
             stream_window: 8 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             send_window: 16 * 1024 * 1024,
