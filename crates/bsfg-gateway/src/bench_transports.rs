@@ -129,10 +129,14 @@ struct Cell {
 }
 
 /// The source zone's gateway config: grpcs and two quic listeners, a consumer per cell.
-fn source_config(nats_url: &str, consumers: usize) -> String {
+fn source_config(nats_url: &str, consumers: usize, page_size: u32) -> String {
+    let limit = page_size.max(1000);
     let mut c = format!(
         r#"[zone]
 name = "source"
+
+[limits]
+max_fetch_limit = {limit}
 
 [sink]
 type = "jetstream"
@@ -187,7 +191,10 @@ pub async fn transports(opts: TransportsBench) -> anyhow::Result<()> {
     })
     .context("starting nats-server (run scripts/setup.sh)")?;
     let config = dir.path().join("source.toml");
-    std::fs::write(&config, source_config(&source_nats.url(), cells))?;
+    std::fs::write(
+        &config,
+        source_config(&source_nats.url(), cells, opts.page_size),
+    )?;
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(dir.path().join("source.log"))?;
     let mut gateway = link
@@ -366,7 +373,9 @@ async fn run_cell(
     cfg.domain = Some("dest".into());
     cfg.monitor_url = Some(dest_nats.monitor_url());
     let zone = Arc::new(JetStreamZone::connect(cfg).await?);
-    let dest = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
+    let mut limits = Limits::default();
+    limits.max_fetch_limit = limits.max_fetch_limit.max(opts.page_size);
+    let dest = Arc::new(Boundary::new(zone.clone(), zone, limits));
     let timed = Arc::new(Timed {
         inner: source,
         open: Mutex::new(VecDeque::new()),

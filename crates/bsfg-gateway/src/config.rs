@@ -124,6 +124,7 @@ struct RawQuic {
     keep_alive: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     max_concurrent_streams: Option<Spanned<u32>>,
+    socket_buffer: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -387,6 +388,9 @@ impl Checker<'_> {
         }
         if let Some(v) = &q.max_concurrent_streams {
             t.max_concurrent_streams = *v.get_ref();
+        }
+        if let Some(v) = &q.socket_buffer {
+            t.socket_buffer = *v.get_ref();
         }
         t.keep_alive = self.duration(&q.keep_alive, &format!("{key}.keep_alive"), t.keep_alive);
         t.idle_timeout = self.duration(

@@ -590,6 +590,19 @@ impl Tls<rustls::ClientConfig> {
     }
 }
 
+/// The `host:port` a transport URL (`scheme://host:port`) dials, and the host alone
+/// (IPv6 brackets removed): the name a server's certificate must carry unless a
+/// link says otherwise. `None` when the URL has no port.
+pub fn dial_target(url: &str) -> Option<(String, String)> {
+    let rest = url
+        .split_once("://")
+        .map_or(url, |(_, r)| r)
+        .trim_end_matches('/');
+    let (host, _) = rest.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((rest.to_owned(), host.to_owned()))
+}
+
 /// Checks every endpoint's files every `interval` until `stop` turns true. A rejected
 /// change is logged and counted by the endpoint and retried on the next tick (when the
 /// operator finishes replacing the files, it loads).

@@ -69,17 +69,10 @@ pub fn endpoint_uri(url: &str) -> Result<String, BoundaryError> {
     }
 }
 
-/// `host:port` and the host alone (without IPv6 brackets) of a gRPC URL.
+/// `host:port` and the host alone of a gRPC URL.
 fn host_port(url: &str) -> Result<(String, String), BoundaryError> {
-    let rest = url
-        .split_once("://")
-        .map_or(url, |(_, r)| r)
-        .trim_end_matches('/');
-    let (host, _) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| BoundaryError::invalid("url", format!("`{url}` has no port (host:port)")))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok((rest.to_owned(), host.to_owned()))
+    bsfg_tls::dial_target(url)
+        .ok_or_else(|| BoundaryError::invalid("url", format!("`{url}` has no port (host:port)")))
 }
 
 impl GrpcClient {

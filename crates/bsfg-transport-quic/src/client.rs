@@ -18,7 +18,7 @@ use futures::StreamExt;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, RecvStream, VarInt};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, udp_socket};
 use crate::handshake_reason;
 use crate::wire::{self, Op, STATUS_ERROR, STATUS_OK};
 
@@ -48,22 +48,16 @@ struct Inner {
     connects: AtomicU64,
 }
 
-/// `host:port` and the host alone (without IPv6 brackets) of a `quic://` URL.
+/// `host:port` and the host alone of a `quic://` URL.
 fn host_port(url: &str) -> Result<(String, String), BoundaryError> {
-    let rest = url
-        .strip_prefix("quic://")
-        .ok_or_else(|| {
-            BoundaryError::invalid(
-                "url",
-                format!("`{url}` is not a QUIC URL (quic://host:port)"),
-            )
-        })?
-        .trim_end_matches('/');
-    let (host, _) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| BoundaryError::invalid("url", format!("`{url}` has no port (host:port)")))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    Ok((rest.to_owned(), host.to_owned()))
+    if !url.starts_with("quic://") {
+        return Err(BoundaryError::invalid(
+            "url",
+            format!("`{url}` is not a QUIC URL (quic://host:port)"),
+        ));
+    }
+    bsfg_tls::dial_target(url)
+        .ok_or_else(|| BoundaryError::invalid("url", format!("`{url}` has no port (host:port)")))
 }
 
 impl QuicClient {
@@ -89,9 +83,18 @@ impl QuicClient {
         } else {
             SocketAddr::from(([0u8; 4], 0))
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| {
-            BoundaryError::Unavailable(format!("cannot open a UDP socket for {url}: {e}"))
-        })?;
+        let endpoint = udp_socket(bind, config.tuning.socket_buffer)
+            .and_then(|s| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    s,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| {
+                BoundaryError::Unavailable(format!("cannot open a UDP socket for {url}: {e}"))
+            })?;
         Ok(QuicClient {
             inner: Arc::new(Inner {
                 endpoint,
@@ -126,7 +129,7 @@ impl QuicClient {
     /// address changes: the open connection migrates to the new path (the server
     /// validates it) instead of being rebuilt.
     pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
-        let socket = std::net::UdpSocket::bind(addr)?;
+        let socket = udp_socket(addr, self.inner.config.tuning.socket_buffer)?;
         self.inner.endpoint.rebind(socket)
     }
 
@@ -337,10 +340,13 @@ impl BoundaryApi for QuicClient {
         let conn = self.connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
         let mut prefix = Some(Op::Put as u8);
-        let mut upload = Ok(());
         while let Some(part) = parts.next().await {
-            if let Err(e) = wire::write_frame(&mut send, prefix.take(), &part, max).await {
-                upload = Err(e);
+            // A write fails when the server gave up on the upload (a denied bucket,
+            // an oversized object): its answer says why.
+            if wire::write_frame(&mut send, prefix.take(), &part, max)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -350,15 +356,10 @@ impl BoundaryApi for QuicClient {
             return Err(e);
         }
         let _ = send.finish();
-        // The server may have refused early (a denied bucket): its answer says why.
-        let answer: Result<v1::PutObjectResponse, BoundaryError> = self
+        let r: v1::PutObjectResponse = self
             .answer(&mut recv)
             .await
-            .map_err(|e| self.explain(&conn, e));
-        let r = match (answer, upload) {
-            (Ok(r), _) => r,
-            (Err(e), _) => return Err(e),
-        };
+            .map_err(|e| self.explain(&conn, e))?;
         Ok(ObjectInfo {
             bucket: r.bucket,
             key: r.key,

@@ -67,6 +67,11 @@ pub struct Tuning {
     pub idle_timeout: Duration,
     /// Concurrent calls (bidirectional streams) per connection. Default 256.
     pub max_concurrent_streams: u32,
+    /// UDP socket receive and send buffers. A burst that finds the receive buffer
+    /// full is dropped by the kernel and must be sent again; the default 4 MiB
+    /// absorbs a fast sender while the receiver is busy appending. The kernel caps
+    /// it at `net.core.rmem_max` / `wmem_max`.
+    pub socket_buffer: usize,
 }
 
 impl Default for Tuning {
@@ -81,8 +86,27 @@ impl Default for Tuning {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             max_concurrent_streams: 256,
+            socket_buffer: 4 * 1024 * 1024,
         }
     }
+}
+
+/// A UDP socket bound to `addr` with `buffer` bytes of receive and send buffer (as
+/// much as the kernel allows).
+pub(crate) fn udp_socket(
+    addr: std::net::SocketAddr,
+    buffer: usize,
+) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer still works, it only drops bursts sooner.
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
+    s.bind(&addr.into())?;
+    Ok(s.into())
 }
 
 /// Why a [`Tuning`] cannot be used.

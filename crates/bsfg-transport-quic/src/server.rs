@@ -16,7 +16,7 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
-use crate::config::{ServerConfig, TuningError};
+use crate::config::{ServerConfig, TuningError, udp_socket};
 use crate::handshake_reason;
 use crate::wire::{self, Op, STATUS_ERROR, STATUS_OK, WireError};
 
@@ -78,8 +78,15 @@ impl Listener {
     ) -> Result<Listener, ServeError> {
         let transport = config.tuning.transport()?;
         let sc = server_config(&tls, &transport)?;
-        let endpoint = quinn::Endpoint::server(sc, addr)
-            .map_err(|source| ServeError::Bind { addr, source })?;
+        let bind = |source| ServeError::Bind { addr, source };
+        let socket = udp_socket(addr, config.tuning.socket_buffer).map_err(bind)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(sc),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind)?;
         Ok(Listener {
             endpoint,
             config,
