@@ -219,7 +219,11 @@ pub async fn transports(opts: TransportsBench) -> anyhow::Result<()> {
             std::fs::read_to_string(dir.path().join("source.log")).unwrap_or_default()
         );
     }
-    let result = matrix(&opts, &link, &source_nats, client_files).await;
+    // Ctrl-C still removes the namespace and stops the source gateway.
+    let result = tokio::select! {
+        r = matrix(&opts, &link, &source_nats, client_files) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     let _ = gateway.kill();
     let _ = gateway.wait();
     result

@@ -437,6 +437,20 @@ impl<C> Tls<C> {
     pub fn stats(&self) -> &Arc<TlsStats> {
         &self.stats
     }
+
+    /// A 32-byte secret for `purpose`, derived from this endpoint's private key file
+    /// (SHA-256 over a label, the purpose and the key): the same for as long as the key
+    /// is, across restarts, and useless without the key. `None` when the key file
+    /// cannot be read now.
+    pub fn derived_secret(&self, purpose: &str) -> Option<[u8; 32]> {
+        let key = std::fs::read(&self.files.key).ok()?;
+        let mut h = Sha256::new();
+        h.update(b"bsfg derived secret\0");
+        h.update(purpose.as_bytes());
+        h.update(b"\0");
+        h.update(&key);
+        Some(h.finalize().into())
+    }
 }
 
 impl<C: Send + Sync> Reloadable for Tls<C> {

@@ -81,7 +81,7 @@ impl Listener {
         let bind = |source| ServeError::Bind { addr, source };
         let socket = udp_socket(addr, config.tuning.socket_buffer).map_err(bind)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(&tls, addr),
             Some(sc),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -182,6 +182,29 @@ impl Listener {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         Ok(())
     }
+}
+
+/// The endpoint's stateless-reset key and connection-ID key are derived from the
+/// listener's TLS key, so a listener restarted after a crash recognises the
+/// connection IDs of its previous life and answers their packets with a reset their
+/// clients accept: they reconnect at once instead of waiting out the idle timeout.
+/// (quinn's defaults are random per process: such packets would be dropped.)
+fn endpoint_config(tls: &ServerTls, addr: SocketAddr) -> quinn::EndpointConfig {
+    let (Some(reset), Some(cid)) = (
+        tls.derived_secret(&format!("quic stateless reset {addr}")),
+        tls.derived_secret(&format!("quic connection ids {addr}")),
+    ) else {
+        return quinn::EndpointConfig::default();
+    };
+    let mut c = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &reset,
+    )));
+    let cid_key = u64::from_le_bytes([
+        cid[0], cid[1], cid[2], cid[3], cid[4], cid[5], cid[6], cid[7],
+    ]);
+    c.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    c
 }
 
 fn tls_endpoint_name(tls: &ServerTls) -> String {
