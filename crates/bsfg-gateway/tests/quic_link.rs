@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bsfg_core::{Boundary, BoundaryApi, Envelope, Fact, FetchRequest, Limits, Message};
+use bsfg_core::{Boundary, BoundaryApi, FetchRequest, Limits, Message};
 use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
 use bsfg_testkit::netem::EmulatedLink;
 use bsfg_testkit::pki::Pki;
@@ -201,21 +201,7 @@ request_timeout = "5s"
 }
 
 fn fact(i: u32) -> Message {
-    Message {
-        envelope: Envelope {
-            message_id: format!("plant:radio:{i}"),
-            from_zone: "plant".into(),
-            to_zone: "enterprise".into(),
-            produced_at_unix_ms: 1_764_000_000_000 + i64::from(i),
-            ..Default::default()
-        },
-        fact: Fact {
-            subject: format!("batch:Plant/R{}", i / 100),
-            predicate: "step_completed".into(),
-            object_json: format!(r#"{{"step":{i}}}"#),
-            artifacts: vec![],
-        },
-    }
+    common::plant_fact("R", i)
 }
 
 impl Sites {

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use bsfg_core::{BoundaryApi, Envelope, Fact, FetchRequest, Message};
+use bsfg_core::{BoundaryApi, FetchRequest, Message};
 use bsfg_testkit::{NatsOptions, NatsServer, http_get};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
 use common::{Gateway, free_ports, text};
@@ -89,21 +89,7 @@ fn client(url: &str) -> GrpcClient {
 }
 
 fn fact(i: u32) -> Message {
-    Message {
-        envelope: Envelope {
-            message_id: format!("plant:batch:B{}:step:{i}", i / 100),
-            from_zone: "plant".into(),
-            to_zone: "enterprise".into(),
-            produced_at_unix_ms: 1_764_000_000_000 + i64::from(i),
-            ..Default::default()
-        },
-        fact: Fact {
-            subject: format!("batch:Plant/B{}", i / 100),
-            predicate: "step_completed".into(),
-            object_json: format!(r#"{{"step":{i}}}"#),
-            artifacts: vec![],
-        },
-    }
+    common::plant_fact("B", i)
 }
 
 /// Appends until the zone acknowledges: a producer that retries the same fact.

@@ -165,3 +165,23 @@ impl Gateway {
         *self = Self::spawn_in(self.netns.clone(), self.config.clone(), self.url.clone());
     }
 }
+
+/// Step `i` of plant batch `{series}{i / 100}`, from `plant` to `enterprise`: one
+/// distinct fact per `(series, i)`, the same fact every time it is built.
+pub fn plant_fact(series: &str, i: u32) -> bsfg_core::Message {
+    bsfg_core::Message {
+        envelope: bsfg_core::Envelope {
+            message_id: format!("plant:batch:{series}{}:step:{i}", i / 100),
+            from_zone: "plant".into(),
+            to_zone: "enterprise".into(),
+            produced_at_unix_ms: 1_764_000_000_000 + i64::from(i),
+            ..Default::default()
+        },
+        fact: bsfg_core::Fact {
+            subject: format!("batch:Plant/{series}{}", i / 100),
+            predicate: "step_completed".into(),
+            object_json: format!(r#"{{"step":{i}}}"#),
+            artifacts: vec![],
+        },
+    }
+}
