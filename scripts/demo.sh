@@ -2,12 +2,13 @@
 # The live demo: three zones, plant -> idmz -> enterprise, each with its own
 # nats-server (own JetStream domain, sync_interval: always) and its own bsfg gateway,
 # configured by examples/three-zones/*.toml. A producer appends plant facts in the
-# plant zone; the idmz pulls them through its link `from-plant`, and the enterprise
-# through its link `from-idmz` (FetchFacts -> AppendFact -> ConfirmReceipt, hop by
+# plant zone; the idmz pulls them through its link `from-plant` (over QUIC), and the
+# enterprise through its link `from-idmz` (over gRPC) (FetchFacts -> AppendFact -> ConfirmReceipt, hop by
 # hop). Every call between zones is mutual TLS 1.3 with zone-issued certificates
 # (examples/three-zones/make-certs.sh) and authorized per identity ([[peers]]).
 # Midway the idmz gateway goes down while the plant keeps working.
 # Ports: nats 4222/4232/4242, monitoring 8222/8232/8242, gRPC 7443/7453/7463,
+# QUIC (UDP) 7443,
 # admin (metrics, status) 9464/9465/9466.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,7 +99,7 @@ say "A client without a certificate from a trusted CA does not get past the TLS 
 run --url $PLANT --tls-cert $C/enterprise/enterprise-reader.pem --tls-key $C/enterprise/enterprise-reader.key --tls-ca $C/plant/ca.pem \
   append --message-id "stranger:1" --from plant --to plant --subject batch:Plant/B1042 --predicate step_completed --object '{}' 2>&1 | head -3 || true
 
-say "The links carry the facts hop by hop, without anyone asking: idmz pulls from plant, enterprise from idmz"
+say "The links carry the facts hop by hop, without anyone asking: idmz pulls from plant over QUIC, enterprise from idmz over gRPC"
 wait_caught_up enterprise 5
 run status --config $EX/idmz.toml
 run status --config $EX/enterprise.toml
