@@ -211,60 +211,16 @@ impl Sites {
         }
     }
 
-    /// Reads the idmz zone until every id of `range` arrived; each must come once.
-    async fn drain(
-        &self,
-        seen: &mut HashSet<String>,
-        range: std::ops::Range<u32>,
-        timeout: Duration,
-    ) {
-        let deadline = Instant::now() + timeout;
-        let want: HashSet<String> = range.clone().map(|i| fact(i).envelope.message_id).collect();
-        while !want.is_subset(seen) {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {} facts arrived at idmz; link status: {}",
-                want.iter().filter(|w| seen.contains(*w)).count(),
-                want.len(),
-                self.status()
-            );
-            let Ok(page) = self
-                .idmz
-                .fetch_facts(FetchRequest {
-                    consumer: "reader".into(),
-                    limit: 500,
-                    wait: Duration::from_secs(1),
-                })
-                .await
-            else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            for f in &page.facts {
-                let id = f.message.envelope.message_id.clone();
-                assert!(seen.insert(id.clone()), "{id} stored twice at idmz");
-                assert_eq!(
-                    f.provenance.as_ref().map(|p| p.zone.as_str()),
-                    Some("plant")
-                );
-            }
-            if let Some(last) = page.facts.last() {
-                self.idmz
-                    .confirm_receipt("reader", last.offset)
-                    .await
-                    .unwrap();
-            }
-        }
+    /// Reads the idmz zone until every id of `range` arrived, each once, each with
+    /// the plant as its provenance.
+    async fn drain(&self, range: std::ops::Range<u32>, timeout: Duration) {
+        let want: HashSet<String> = range.map(|i| fact(i).envelope.message_id).collect();
+        let via = common::drain_exactly(&self.idmz, "reader", &want, timeout).await;
+        assert_eq!(via, HashSet::from(["plant".to_owned()]));
     }
 
     fn status(&self) -> serde_json::Value {
-        let out = std::process::Command::new(common::BSFG)
-            .args(["--json", "status", "--admin"])
-            .arg(format!("http://127.0.0.1:{}", self.admin))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        serde_json::from_str(text(&out.stdout).trim()).unwrap()
+        common::admin_status(self.admin)
     }
 
     /// The idmz's links settle in `running` with nothing left to pull, each having
@@ -304,11 +260,9 @@ async fn a_quic_link_through_10_percent_loss_and_reordering_stores_every_fact_ex
     };
     let s = sites(bad, 10, false).await;
     s.produce(0..300).await;
-    let mut seen = HashSet::new();
     let producer = s.produce(300..600);
     producer.await;
-    s.drain(&mut seen, 0..600, Duration::from_secs(240)).await;
-    assert_eq!(seen.len(), 600);
+    s.drain(0..600, Duration::from_secs(240)).await;
     s.settled(600, Duration::from_secs(60)).await;
     assert!(
         s.link
@@ -349,9 +303,8 @@ async fn quic_and_grpc_links_resume_by_themselves_after_a_blackhole_restarts_and
         ..Profile::default()
     };
     let mut s = sites(light, 20, true).await;
-    let mut seen = HashSet::new();
     s.produce(0..100).await;
-    s.drain(&mut seen, 0..100, Duration::from_secs(60)).await;
+    s.drain(0..100, Duration::from_secs(60)).await;
     s.settled(100, Duration::from_secs(60)).await;
 
     // 30 s partition while the plant keeps producing.
@@ -359,7 +312,7 @@ async fn quic_and_grpc_links_resume_by_themselves_after_a_blackhole_restarts_and
     let t = Instant::now();
     s.produce(100..200).await;
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(t.elapsed())).await;
-    s.drain(&mut seen, 100..200, Duration::from_secs(60)).await;
+    s.drain(100..200, Duration::from_secs(60)).await;
     s.settled(200, Duration::from_secs(60)).await;
 
     // The source gateway dies hard and comes back. Its connection died with it
@@ -368,7 +321,7 @@ async fn quic_and_grpc_links_resume_by_themselves_after_a_blackhole_restarts_and
     s.plant_gw.kill9();
     s.produce(200..300).await;
     s.plant_gw.respawn();
-    s.drain(&mut seen, 200..300, Duration::from_secs(40)).await;
+    s.drain(200..300, Duration::from_secs(40)).await;
     // Each link on its own (the gRPC link alone would carry every fact).
     s.settled(300, Duration::from_secs(40)).await;
 
@@ -377,14 +330,13 @@ async fn quic_and_grpc_links_resume_by_themselves_after_a_blackhole_restarts_and
     assert!(status.success(), "{status:?}");
     s.produce(300..400).await;
     s.idmz_gw.respawn();
-    s.drain(&mut seen, 300..400, Duration::from_secs(60)).await;
+    s.drain(300..400, Duration::from_secs(60)).await;
     s.settled(400, Duration::from_secs(60)).await;
 
     // The idmz's source address changes under the open connection.
     let moved = s.link.change_near_address().unwrap();
     s.produce(400..500).await;
-    s.drain(&mut seen, 400..500, Duration::from_secs(60)).await;
-    assert_eq!(seen.len(), 500);
+    s.drain(400..500, Duration::from_secs(60)).await;
     // Both links confirmed everything (the gRPC one stored little: the QUIC one
     // was first for most facts, and idempotency absorbed the rest).
     s.settled(500, Duration::from_secs(60)).await;

@@ -101,61 +101,8 @@ async fn append_retrying(api: &GrpcClient, m: Message) {
     }
 }
 
-/// Reads `reader` until `expected` is complete; every message_id must come once.
-/// Returns the provenance zones seen.
-async fn drain_exactly(
-    api: &GrpcClient,
-    reader: &str,
-    expected: &HashSet<String>,
-    timeout: Duration,
-) -> HashSet<String> {
-    let deadline = Instant::now() + timeout;
-    let mut seen = HashSet::new();
-    let mut via = HashSet::new();
-    while seen.len() < expected.len() {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {} facts arrived",
-            seen.len(),
-            expected.len()
-        );
-        let Ok(page) = api
-            .fetch_facts(FetchRequest {
-                consumer: reader.into(),
-                limit: 500,
-                wait: Duration::from_secs(1),
-            })
-            .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        for f in &page.facts {
-            let id = f.message.envelope.message_id.clone();
-            assert!(expected.contains(&id), "unexpected fact {id}");
-            assert!(seen.insert(id.clone()), "{id} stored twice");
-            via.insert(
-                f.provenance
-                    .as_ref()
-                    .map(|p| p.zone.clone())
-                    .unwrap_or_default(),
-            );
-        }
-        if let Some(last) = page.facts.last() {
-            api.confirm_receipt(reader, last.offset).await.unwrap();
-        }
-    }
-    via
-}
-
 fn status(s: &Site) -> serde_json::Value {
-    let out = std::process::Command::new(common::BSFG)
-        .args(["--json", "status", "--admin"])
-        .arg(format!("http://127.0.0.1:{}", s.admin))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+    common::admin_status(s.admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,9 +161,11 @@ async fn three_zones_hold_every_fact_exactly_once_through_crashes_restarts_and_o
     producer.await.unwrap();
 
     let expected: HashSet<String> = (0..N).map(|i| fact(i).envelope.message_id).collect();
-    let via = drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(120)).await;
+    let via =
+        common::drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(120)).await;
     assert!(via.contains("idmz"), "provenance at the last hop: {via:?}");
-    let via = drain_exactly(&idmz_api, "reporting", &expected, Duration::from_secs(60)).await;
+    let via =
+        common::drain_exactly(&idmz_api, "reporting", &expected, Duration::from_secs(60)).await;
     assert!(
         via.contains("plant"),
         "provenance at the first hop: {via:?}"
@@ -274,7 +223,7 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     let (plant_api, ent_api) = (client(&plant.gw.url), client(&enterprise.gw.url));
     append_retrying(&plant_api, fact(1)).await;
     let expected: HashSet<String> = [fact(1).envelope.message_id].into();
-    drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
+    common::drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
 
     // The enterprise gateway is down while facts 2..4 come and expire in the plant.
     assert!(enterprise.gw.sigterm().success());
@@ -353,7 +302,7 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     assert!(ok.status.success(), "{}", text(&ok.stderr));
 
     let expected: HashSet<String> = [fact(5).envelope.message_id].into();
-    drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
+    common::drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
     let audit = ent_api
         .fetch_facts(FetchRequest {
             consumer: "audit-reader".into(),

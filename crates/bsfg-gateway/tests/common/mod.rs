@@ -185,3 +185,61 @@ pub fn plant_fact(series: &str, i: u32) -> bsfg_core::Message {
         },
     }
 }
+
+/// Reads `reader` until `expected` is complete; every message_id must come once.
+/// Returns the provenance zones seen.
+pub async fn drain_exactly(
+    api: &dyn bsfg_core::BoundaryApi,
+    reader: &str,
+    expected: &std::collections::HashSet<String>,
+    timeout: Duration,
+) -> std::collections::HashSet<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = std::collections::HashSet::new();
+    let mut via = std::collections::HashSet::new();
+    while seen.len() < expected.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} facts arrived",
+            seen.len(),
+            expected.len()
+        );
+        let Ok(page) = api
+            .fetch_facts(bsfg_core::FetchRequest {
+                consumer: reader.into(),
+                limit: 500,
+                wait: Duration::from_secs(1),
+            })
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        for f in &page.facts {
+            let id = f.message.envelope.message_id.clone();
+            assert!(expected.contains(&id), "unexpected fact {id}");
+            assert!(seen.insert(id.clone()), "{id} stored twice");
+            via.insert(
+                f.provenance
+                    .as_ref()
+                    .map(|p| p.zone.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        if let Some(last) = page.facts.last() {
+            api.confirm_receipt(reader, last.offset).await.unwrap();
+        }
+    }
+    via
+}
+
+/// `bsfg --json status` of the gateway whose admin endpoint is on `port`.
+pub fn admin_status(port: u16) -> serde_json::Value {
+    let out = Command::new(BSFG)
+        .args(["--json", "status", "--admin"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
