@@ -514,3 +514,66 @@ async fn a_client_whose_address_changes_keeps_its_connection() {
     );
     g.stop().await;
 }
+
+/// Sends raw bytes as one call on a fresh stream and returns the decoded error.
+async fn raw_call(conn: &quinn::Connection, bytes: &[u8]) -> bsfg_proto::v1::CallError {
+    use prost::Message as _;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    send.finish().unwrap();
+    let answer = recv.read_to_end(1 << 20).await.unwrap();
+    assert_eq!(
+        answer.first(),
+        Some(&bsfg_transport_quic::wire::STATUS_ERROR)
+    );
+    bsfg_proto::v1::CallError::decode(&answer[5..]).unwrap()
+}
+
+#[tokio::test]
+async fn malformed_calls_get_a_clear_error_naming_the_field_and_the_listener_keeps_serving() {
+    let p = pkis();
+    let mut g = plant(&p).await;
+    let tls = client_tls(&p, &p.idmz, "idmz-bsfg");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.config()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint
+        .connect(g.addr, "plant-bsfg")
+        .unwrap()
+        .await
+        .unwrap();
+
+    let e = raw_call(&conn, &[9]).await;
+    assert_eq!(
+        (
+            e.reason.as_str(),
+            e.metadata.get("field").map(String::as_str)
+        ),
+        ("invalid_argument", Some("op"))
+    );
+    // An AppendFact whose frame is not protobuf.
+    let e = raw_call(&conn, &[1, 0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]).await;
+    assert_eq!(
+        e.metadata.get("field").map(String::as_str),
+        Some("request"),
+        "{e:?}"
+    );
+    assert!(e.message.contains("not a valid AppendFactRequest"), "{e:?}");
+    // A frame announcing 4 GiB is refused before anything is read.
+    let e = raw_call(&conn, &[2, 0xff, 0xff, 0xff, 0xff]).await;
+    assert!(e.message.contains("exceeds max_message_bytes"), "{e:?}");
+    // A stream that ends inside its frame.
+    let e = raw_call(&conn, &[3, 0, 0, 0, 40, 1, 2]).await;
+    assert!(e.message.contains("ended inside a frame"), "{e:?}");
+    // Nothing was stored, and the listener still serves well-formed calls.
+    let c = client(&p, g.addr, ClientConfig::default());
+    assert_eq!(c.append_fact(fact("ok-1", 1)).await.unwrap().offset, 1);
+    assert!(
+        g.stats
+            .errors()
+            .get(&("idmz-bsfg".to_owned(), "invalid_argument"))
+            .copied()
+            >= Some(4)
+    );
+    g.stop().await;
+}
