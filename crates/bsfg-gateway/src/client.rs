@@ -34,8 +34,7 @@ pub struct TlsArgs {
 pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<Arc<dyn BoundaryApi>> {
     let quic = url.starts_with("quic://");
     if !url.starts_with("grpcs://") && !quic {
-        return GrpcClient::connect_lazy(url, ClientConfig::default())
-            .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
+        return dial(url, None, bsfg_transport_quic::ClientConfig::default())
             .map_err(|e| anyhow::anyhow!("{e}"));
     }
     let (Some(cert), Some(key), Some(ca)) = (&tls.tls_cert, &tls.tls_key, &tls.tls_ca) else {
@@ -58,20 +57,39 @@ pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<Arc<dyn BoundaryApi>>
         bsfg_tls::ALPN_H2
     };
     let client_tls = bsfg_tls::ClientTls::new(files, vec![alpn.to_vec()], "cli", Arc::default())?;
-    let server_name = tls.tls_server_name.clone();
-    if quic {
-        return bsfg_transport_quic::QuicClient::new(
-            url,
-            bsfg_transport_quic::ClientConfig::default(),
-            client_tls,
-            server_name,
-        )
-        .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
-        .map_err(|e| anyhow::anyhow!("{e}"));
+    dial(
+        url,
+        Some((client_tls, tls.tls_server_name.clone())),
+        bsfg_transport_quic::ClientConfig::default(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// A lazy client for `url`, picked by its scheme: `quic://` (QUIC with `quic`'s
+/// settings), `grpcs://` (gRPC), both over `tls` (the client identity and the name
+/// the server must carry, default the URL's host); `grpc://` plaintext only when no
+/// `tls` is given. A TLS scheme without `tls` is refused, never dialed in plaintext.
+pub fn dial(
+    url: &str,
+    tls: Option<(Arc<bsfg_tls::ClientTls>, Option<String>)>,
+    quic: bsfg_transport_quic::ClientConfig,
+) -> Result<Arc<dyn BoundaryApi>, BoundaryError> {
+    match (url.starts_with("quic://"), tls) {
+        (true, Some((tls, name))) => {
+            bsfg_transport_quic::QuicClient::new(url, quic, tls, name).map(|c| Arc::new(c) as _)
+        }
+        (true, None) => Err(BoundaryError::invalid(
+            "url",
+            format!("`{url}` is QUIC, which is always mutual TLS: it needs a client certificate"),
+        )),
+        (false, Some((tls, name))) => {
+            GrpcClient::connect_lazy_tls(url, ClientConfig::default(), tls, name)
+                .map(|c| Arc::new(c) as _)
+        }
+        (false, None) => {
+            GrpcClient::connect_lazy(url, ClientConfig::default()).map(|c| Arc::new(c) as _)
+        }
     }
-    GrpcClient::connect_lazy_tls(url, ClientConfig::default(), client_tls, server_name)
-        .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
-        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The fields of one fact given on the command line.

@@ -73,8 +73,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut link_tasks = Vec::new();
     for l in &cfg.links {
         let name = &l.settings.name;
-        let client = bsfg_transport_grpc::ClientConfig::default();
-        let source: Arc<dyn BoundaryApi> = match (&l.tls, &cfg.tls) {
+        let tls = match (&l.tls, &cfg.tls) {
             (Some(lt), Some(t)) => {
                 let tls = ClientTls::new(
                     t.trusting_only(&lt.ca),
@@ -85,32 +84,15 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("link {name}: TLS"))?;
                 tls_endpoints.push(tls.clone());
                 tracing::info!(zone = %zone, link = %name, source = %l.source, ca = %lt.ca, transport = %l.scheme, "link pulls over mutual TLS");
-                if l.scheme == "quic" {
-                    tracing::info!(zone = %zone, link = %name, congestion = l.quic.tuning.congestion.as_str(), "link pulls over QUIC");
-                    bsfg_transport_quic::QuicClient::new(
-                        &l.source,
-                        l.quic.clone(),
-                        tls,
-                        lt.server_name.clone(),
-                    )
-                    .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
-                } else {
-                    bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
-                        &l.source,
-                        client,
-                        tls,
-                        lt.server_name.clone(),
-                    )
-                    .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
-                }
+                Some((tls, lt.server_name.clone()))
             }
             _ => {
                 tracing::warn!(zone = %zone, link = %name, source = %l.source, "link pulls over PLAINTEXT without TLS or peer authentication (insecure = true)");
-                bsfg_transport_grpc::GrpcClient::connect_lazy(&l.source, client)
-                    .map(|c| Arc::new(c) as Arc<dyn BoundaryApi>)
+                None
             }
-        }
-        .map_err(|e| anyhow::anyhow!("link {name}: source {}: {e}", l.source))?;
+        };
+        let source = crate::client::dial(&l.source, tls, l.quic.clone())
+            .map_err(|e| anyhow::anyhow!("link {name}: source {}: {e}", l.source))?;
         let (link, handle) = Link::new(l.settings.clone(), source, Arc::new(engine.clone()));
         handles.push(handle);
         link_tasks.push(tokio::spawn(link.run(stop_rx.clone())));
@@ -119,42 +101,13 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut servers = Vec::new();
     let mut listener_stats = Vec::new();
     for l in &cfg.listeners {
-        if l.scheme == "quic" {
-            let Some(t) = &cfg.tls else {
-                anyhow::bail!("listener {}: quic:// needs the zone's [tls] section", l.url);
-            };
-            let tls = ServerTls::new(
-                t.files.clone(),
-                alpn("quic"),
-                l.url.clone(),
-                tls_stats.clone(),
-            )
-            .with_context(|| format!("listener {}: TLS", l.url))?;
-            tls_endpoints.push(tls.clone());
-            let listener = bsfg_transport_quic::Listener::bind(l.addr, l.quic.clone(), tls)
-                .with_context(|| format!("listener {}", l.url))?;
-            let addr = listener
-                .local_addr()
-                .with_context(|| format!("listener {}", l.url))?;
-            tracing::info!(zone = %zone, url = %format!("quic://{addr}"), congestion = l.quic.tuning.congestion.as_str(), grants = cfg.grants.len(), "listening (QUIC, mutual TLS 1.3): peers need a certificate from a trust anchor and a grant");
-            let served = Arc::new(bsfg_core::ServeStats::default());
-            listener_stats.push((l.url.clone(), served.clone()));
-            let mut rx = stop_rx.clone();
-            let (gate, url) = (gate.clone(), l.url.clone());
-            servers.push(tokio::spawn(async move {
-                listener
-                    .serve(gate, served, async move {
-                        let _ = rx.wait_for(|stop| *stop).await;
-                    })
-                    .await
-                    .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
-            }));
-            continue;
-        }
-        let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
-            .await
-            .with_context(|| format!("listener {}", l.url))?;
-        let incoming = match (&cfg.tls, l.tls) {
+        let served = Arc::new(bsfg_core::ServeStats::default());
+        listener_stats.push((l.url.clone(), served.clone()));
+        let mut rx = stop_rx.clone();
+        let stopped = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let tls = match (&cfg.tls, l.tls) {
             (Some(t), true) => {
                 let tls = ServerTls::new(
                     t.files.clone(),
@@ -164,27 +117,56 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 )
                 .with_context(|| format!("listener {}: TLS", l.url))?;
                 tls_endpoints.push(tls.clone());
-                tracing::info!(zone = %zone, url = %l.url, grants = cfg.grants.len(), "mutual TLS 1.3 listener: peers need a certificate from a trust anchor and a grant");
-                Incoming::Tls(listener, tls)
+                Some(tls)
             }
-            _ => {
-                tracing::warn!(zone = %zone, url = %l.url, "PLAINTEXT listener (insecure = true, loopback only): callers are not authenticated and have FULL ACCESS to this zone");
-                Incoming::Plain(listener)
+            _ => None,
+        };
+        let gate = gate.clone();
+        let serving: futures::future::BoxFuture<'static, anyhow::Result<()>> = match (
+            l.scheme.as_str(),
+            tls,
+        ) {
+            ("quic", Some(tls)) => {
+                let listener = bsfg_transport_quic::Listener::bind(l.addr, l.quic.clone(), tls)
+                    .with_context(|| format!("listener {}", l.url))?;
+                let addr = listener
+                    .local_addr()
+                    .with_context(|| format!("listener {}", l.url))?;
+                tracing::info!(zone = %zone, url = %format!("quic://{addr}"), congestion = l.quic.tuning.congestion.as_str(), grants = cfg.grants.len(), "listening (QUIC, mutual TLS 1.3): peers need a certificate from a trust anchor and a grant");
+                Box::pin(async move {
+                    listener.serve(gate, served, stopped).await?;
+                    Ok(())
+                })
+            }
+            ("quic", None) => {
+                anyhow::bail!("listener {}: quic:// needs the zone's [tls] section", l.url)
+            }
+            (scheme, tls) => {
+                let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
+                    .await
+                    .with_context(|| format!("listener {}", l.url))?;
+                let incoming = match tls {
+                    Some(tls) => {
+                        tracing::info!(zone = %zone, url = %format!("{scheme}://{addr}"), grants = cfg.grants.len(), "listening (gRPC, mutual TLS 1.3): peers need a certificate from a trust anchor and a grant");
+                        Incoming::Tls(listener, tls)
+                    }
+                    None => {
+                        tracing::warn!(zone = %zone, url = %format!("{scheme}://{addr}"), "PLAINTEXT listener (insecure = true, loopback only): callers are not authenticated and have FULL ACCESS to this zone");
+                        Incoming::Plain(listener)
+                    }
+                };
+                let server = l.server.clone();
+                Box::pin(async move {
+                    bsfg_transport_grpc::serve(gate, server, incoming, served, stopped).await?;
+                    Ok(())
+                })
             }
         };
-        tracing::info!(zone = %zone, url = %format!("{}://{addr}", l.scheme), "listening");
-        let served = Arc::new(bsfg_core::ServeStats::default());
-        listener_stats.push((l.url.clone(), served.clone()));
-        let mut rx = stop_rx.clone();
-        let gate = gate.clone();
-        let server = l.server.clone();
         let url = l.url.clone();
         servers.push(tokio::spawn(async move {
-            bsfg_transport_grpc::serve(gate, server, incoming, served, async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            })
-            .await
-            .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
+            serving
+                .await
+                .map_err(|e| e.context(format!("listener {url}")))
         }));
     }
     if let Some(addr) = cfg.admin {
