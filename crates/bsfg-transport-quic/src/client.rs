@@ -78,12 +78,11 @@ impl QuicClient {
             .tuning
             .transport()
             .map_err(|e| BoundaryError::invalid(format!("quic.{}", e.field), e.rule))?;
-        let bind: SocketAddr = if host.contains(':') {
-            SocketAddr::from(([0u16; 8], 0))
-        } else {
-            SocketAddr::from(([0u8; 4], 0))
-        };
-        let endpoint = udp_socket(bind, config.tuning.socket_buffer)
+        // Dual-stack where the host has IPv6 (a name may resolve to either family);
+        // IPv4 only where it has not.
+        let buffer = config.tuning.socket_buffer;
+        let endpoint = udp_socket(SocketAddr::from(([0u16; 8], 0)), buffer)
+            .or_else(|_| udp_socket(SocketAddr::from(([0u8; 4], 0)), buffer))
             .and_then(|s| {
                 quinn::Endpoint::new(
                     quinn::EndpointConfig::default(),
@@ -129,6 +128,14 @@ impl QuicClient {
     /// address changes: the open connection migrates to the new path (the server
     /// validates it) instead of being rebuilt.
     pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
+        // A dual-stack endpoint stays dual-stack: its connections' peers are IPv6
+        // (mapped) addresses, which an IPv4 socket cannot reach.
+        let addr = match (self.inner.endpoint.local_addr()?, addr) {
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => addr,
+        };
         let socket = udp_socket(addr, self.inner.config.tuning.socket_buffer)?;
         self.inner.endpoint.rebind(socket)
     }
