@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use bsfg_core::{
     AppendOutcome, ArtifactRef, BoundaryError, Envelope, Fact, FactPage, FetchedFact, Message,
-    Provenance, Reason,
+    ObjectInfo, Provenance, Reason,
 };
 
 pub mod transfer;
@@ -238,6 +238,28 @@ pub fn error_metadata(e: &BoundaryError) -> BTreeMap<String, String> {
         _ => {}
     }
     m
+}
+
+impl From<ObjectInfo> for v1::PutObjectResponse {
+    fn from(i: ObjectInfo) -> Self {
+        v1::PutObjectResponse {
+            bucket: i.bucket,
+            key: i.key,
+            digest: i.digest,
+            size: i.size,
+        }
+    }
+}
+
+impl From<v1::PutObjectResponse> for ObjectInfo {
+    fn from(r: v1::PutObjectResponse) -> Self {
+        ObjectInfo {
+            bucket: r.bucket,
+            key: r.key,
+            digest: r.digest,
+            size: r.size,
+        }
+    }
 }
 
 /// The error a server raised, rebuilt from its stable `reason`, its `message` and its

@@ -224,12 +224,7 @@ impl BoundaryApi for GrpcClient {
             return Err(e);
         }
         let r = result.map_err(|s| from_status(&s))?.into_inner();
-        Ok(ObjectInfo {
-            bucket: r.bucket,
-            key: r.key,
-            digest: r.digest,
-            size: r.size,
-        })
+        Ok(r.into())
     }
 }
 

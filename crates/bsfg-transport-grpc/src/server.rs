@@ -309,12 +309,7 @@ impl Boundary for BoundaryService {
                 let cause = body_error.lock().ok().and_then(|mut b| b.take());
                 status(cause.unwrap_or(e))
             })?;
-        Ok(Response::new(v1::PutObjectResponse {
-            bucket: info.bucket,
-            key: info.key,
-            digest: info.digest,
-            size: info.size,
-        }))
+        Ok(Response::new(info.into()))
     }
 }
 

@@ -367,11 +367,6 @@ impl BoundaryApi for QuicClient {
             .answer(&mut recv)
             .await
             .map_err(|e| self.explain(&conn, e))?;
-        Ok(ObjectInfo {
-            bucket: r.bucket,
-            key: r.key,
-            digest: r.digest,
-            size: r.size,
-        })
+        Ok(r.into())
     }
 }

@@ -441,13 +441,7 @@ async fn serve_op(
                     let cause = body_error.lock().ok().and_then(|mut b| b.take());
                     cause.unwrap_or(e)
                 })?;
-            v1::PutObjectResponse {
-                bucket: info.bucket,
-                key: info.key,
-                digest: info.digest,
-                size: info.size,
-            }
-            .encode_to_vec()
+            v1::PutObjectResponse::from(info).encode_to_vec()
         }
     })
 }
