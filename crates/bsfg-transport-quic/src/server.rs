@@ -116,7 +116,6 @@ impl Listener {
             tls,
             transport,
         } = self;
-        let endpoint_name = tls_endpoint_name(&tls);
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every call holds a permit; draining takes them all.
         const CALLS: u32 = 1 << 20;
@@ -128,7 +127,6 @@ impl Listener {
             stats,
             calls: calls.clone(),
             stop: stop_rx.clone(),
-            endpoint_name,
         });
         // Certificates reloaded from disk apply to new connections.
         let reload = {
@@ -207,11 +205,6 @@ fn endpoint_config(tls: &ServerTls, addr: SocketAddr) -> quinn::EndpointConfig {
     c
 }
 
-fn tls_endpoint_name(tls: &ServerTls) -> String {
-    use bsfg_tls::Reloadable as _;
-    tls.endpoint().to_owned()
-}
-
 struct Ctx {
     gate: Gate,
     config: ServerConfig,
@@ -219,26 +212,23 @@ struct Ctx {
     stats: Arc<ServeStats>,
     calls: Arc<Semaphore>,
     stop: watch::Receiver<bool>,
-    endpoint_name: String,
 }
 
 /// One connection: handshake under a deadline, identify the peer from its
 /// certificate, then serve each stream it opens as one call.
 async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
+    use bsfg_tls::Reloadable as _;
     let remote = incoming.remote_address();
+    let endpoint = ctx.tls.endpoint();
     let conn = match tokio::time::timeout(ctx.config.handshake_timeout, incoming).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let reason = handshake_reason(&e);
-            ctx.tls.stats().handshake_failed(&ctx.endpoint_name, reason);
-            tracing::warn!(endpoint = %ctx.endpoint_name, %remote, reason, error = %e, "QUIC handshake failed");
-            return;
-        }
-        Err(_) => {
-            ctx.tls
-                .stats()
-                .handshake_failed(&ctx.endpoint_name, "handshake_timeout");
-            tracing::warn!(endpoint = %ctx.endpoint_name, %remote, "QUIC handshake timed out");
+        failed => {
+            let (reason, error) = match failed {
+                Ok(Err(e)) => (handshake_reason(&e), e.to_string()),
+                _ => ("handshake_timeout", "no handshake in time".to_owned()),
+            };
+            ctx.tls.stats().handshake_failed(endpoint, reason);
+            tracing::warn!(endpoint, %remote, reason, error, "QUIC handshake failed");
             return;
         }
     };
@@ -252,7 +242,7 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
     let Some(peer) = ctx.tls.identify(certs.as_deref()) else {
         // The handshake requires a client certificate; one without a usable name
         // is not a caller.
-        tracing::warn!(endpoint = %ctx.endpoint_name, %remote, "QUIC peer has no usable identity; closed");
+        tracing::warn!(endpoint, %remote, "QUIC peer has no usable identity; closed");
         conn.close(
             VarInt::from_u32(CLOSE_UNAUTHENTICATED),
             b"no authenticated peer",
@@ -308,10 +298,7 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
     let name = op.map_or("unknown", Op::as_str);
     // An upload is bounded by idle_timeout between parts and max_object_bytes, not
     // by a total time: 64 MiB over a slow radio link takes what it takes.
-    let limit = match op {
-        Some(Op::Put) => Duration::MAX,
-        _ => ctx.config.request_timeout,
-    };
+    let limit = (op != Some(Op::Put)).then_some(ctx.config.request_timeout);
     let served = async {
         match op {
             None => Err(BoundaryError::invalid(
@@ -322,8 +309,8 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
         }
     };
     let answer = match limit {
-        Duration::MAX => Ok(served.await),
-        limit => tokio::time::timeout(limit, served).await,
+        None => Ok(served.await),
+        Some(limit) => tokio::time::timeout(limit, served).await,
     }
     .unwrap_or_else(|_| {
         Err(BoundaryError::Unavailable(format!(
@@ -332,15 +319,7 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
         )))
     });
     let written = match &answer {
-        Ok(bytes) => {
-            let mut buf = Vec::with_capacity(bytes.len() + 5);
-            buf.push(STATUS_OK);
-            buf.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
-            buf.extend_from_slice(bytes);
-            send.write_all(&buf)
-                .await
-                .map_err(|e| WireError::Stream(e.to_string()))
-        }
+        Ok(bytes) => wire::write_encoded(&mut send, Some(STATUS_OK), bytes, max).await,
         Err(e) => {
             let reason = e.reason().as_str();
             ctx.stats.refused(caller.label(), reason);

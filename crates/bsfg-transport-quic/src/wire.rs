@@ -149,6 +149,23 @@ pub async fn read_frame<M: prost::Message + Default>(
     }
 }
 
+/// `prefix` (if any) and the length of a frame of `size` bytes, with room for it.
+fn header(prefix: Option<u8>, size: usize, max: usize) -> Result<Vec<u8>, WireError> {
+    if size > max {
+        return Err(WireError::TooLarge { size, max });
+    }
+    let mut buf = Vec::with_capacity(size + 5);
+    buf.extend(prefix);
+    buf.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_be_bytes());
+    Ok(buf)
+}
+
+async fn write_all(send: &mut SendStream, buf: &[u8]) -> Result<(), WireError> {
+    send.write_all(buf)
+        .await
+        .map_err(|e| WireError::Stream(e.to_string()))
+}
+
 /// Encodes `prefix` (if any) and one frame, and writes them in one go.
 pub async fn write_frame(
     send: &mut SendStream,
@@ -156,17 +173,21 @@ pub async fn write_frame(
     message: &impl prost::Message,
     max: usize,
 ) -> Result<(), WireError> {
-    let size = message.encoded_len();
-    if size > max {
-        return Err(WireError::TooLarge { size, max });
-    }
-    let mut buf = Vec::with_capacity(size + 5);
-    buf.extend(prefix);
-    buf.extend_from_slice(&u32::try_from(size).unwrap_or(u32::MAX).to_be_bytes());
+    let mut buf = header(prefix, message.encoded_len(), max)?;
     message
         .encode(&mut buf)
         .map_err(|e| WireError::Stream(e.to_string()))?;
-    send.write_all(&buf)
-        .await
-        .map_err(|e| WireError::Stream(e.to_string()))
+    write_all(send, &buf).await
+}
+
+/// Writes `prefix` (if any) and one frame of already encoded `bytes`, in one go.
+pub async fn write_encoded(
+    send: &mut SendStream,
+    prefix: Option<u8>,
+    bytes: &[u8],
+    max: usize,
+) -> Result<(), WireError> {
+    let mut buf = header(prefix, bytes.len(), max)?;
+    buf.extend_from_slice(bytes);
+    write_all(send, &buf).await
 }
