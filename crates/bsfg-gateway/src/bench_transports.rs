@@ -285,11 +285,7 @@ async fn matrix(
             for (name, scheme, port) in TRANSPORTS {
                 let tls = ClientTls::new(
                     client_files.clone(),
-                    vec![if scheme == "quic" {
-                        bsfg_transport_quic::ALPN.to_vec()
-                    } else {
-                        bsfg_tls::ALPN_H2.to_vec()
-                    }],
+                    crate::client::alpn(scheme),
                     format!("bench:{name}"),
                     tls_stats.clone(),
                 )?;

@@ -51,18 +51,24 @@ pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<Arc<dyn BoundaryApi>>
         }],
         identity_from: bsfg_tls::IdentityFrom::San,
     };
-    let alpn = if quic {
-        bsfg_transport_quic::ALPN
-    } else {
-        bsfg_tls::ALPN_H2
-    };
-    let client_tls = bsfg_tls::ClientTls::new(files, vec![alpn.to_vec()], "cli", Arc::default())?;
+    let scheme = if quic { "quic" } else { "grpcs" };
+    let client_tls = bsfg_tls::ClientTls::new(files, alpn(scheme), "cli", Arc::default())?;
     dial(
         url,
         Some((client_tls, tls.tls_server_name.clone())),
         bsfg_transport_quic::ClientConfig::default(),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The ALPN protocol of a transport scheme (`h2` for gRPC, `bsfg/1` for QUIC): each
+/// transport has its own, so a client of one never completes a handshake with the
+/// other.
+pub fn alpn(scheme: &str) -> Vec<Vec<u8>> {
+    match scheme {
+        "quic" => vec![bsfg_transport_quic::ALPN.to_vec()],
+        _ => vec![bsfg_tls::ALPN_H2.to_vec()],
+    }
 }
 
 /// A lazy client for `url`, picked by its scheme: `quic://` (QUIC with `quic`'s

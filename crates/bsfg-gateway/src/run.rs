@@ -60,11 +60,6 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let gate = Gate::new(api, authz.clone());
     let tls_stats = Arc::new(bsfg_tls::TlsStats::default());
     let mut tls_endpoints: Vec<Arc<dyn Reloadable>> = Vec::new();
-    // Each transport has its own ALPN: a QUIC client cannot end up on a gRPC port.
-    let alpn = |scheme: &str| match scheme {
-        "quic" => vec![bsfg_transport_quic::ALPN.to_vec()],
-        _ => vec![bsfg_tls::ALPN_H2.to_vec()],
-    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -77,7 +72,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             (Some(lt), Some(t)) => {
                 let tls = ClientTls::new(
                     t.trusting_only(&lt.ca),
-                    alpn(&l.scheme),
+                    crate::client::alpn(&l.scheme),
                     format!("link:{name}"),
                     tls_stats.clone(),
                 )
@@ -111,7 +106,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             (Some(t), true) => {
                 let tls = ServerTls::new(
                     t.files.clone(),
-                    alpn(&l.scheme),
+                    crate::client::alpn(&l.scheme),
                     l.url.clone(),
                     tls_stats.clone(),
                 )
