@@ -294,7 +294,6 @@ fn pump(
                         s.bytes.fetch_add(packet.len() as u64, Ordering::Relaxed);
                     }
                 }
-                packet
             }
         })
     };

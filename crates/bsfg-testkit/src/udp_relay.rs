@@ -127,7 +127,7 @@ pub(crate) fn delay_line<T, F, Fut>(mut send: F) -> (Line<T>, tokio::task::JoinH
 where
     T: Send + 'static,
     F: FnMut(T, usize) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T> + Send,
+    Fut: std::future::Future<Output = ()> + Send,
 {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, usize, T)>();
     let task = tokio::spawn(async move {
@@ -147,7 +147,7 @@ where
                     let now = Instant::now();
                     while heap.peek().is_some_and(|d| d.at <= now) {
                         if let Some(d) = heap.pop() {
-                            let _ = send(d.item, d.copies).await;
+                            send(d.item, d.copies).await;
                         }
                     }
                 }
@@ -206,7 +206,6 @@ impl UdpRelay {
                             st.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                         }
                     }
-                    data
                 }
             })
         };
@@ -224,7 +223,6 @@ impl UdpRelay {
                             st.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                         }
                     }
-                    data
                 }
             })
         };
