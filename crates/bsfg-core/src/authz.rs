@@ -21,9 +21,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, Verdict};
 use crate::{
     AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
-    Message, ObjectInfo,
+    Limits, Message, ObjectInfo,
 };
 
 /// Who is calling, as the transport established it.
@@ -262,12 +263,39 @@ impl Authorization {
 pub struct Gate {
     api: Arc<dyn BoundaryApi>,
     authz: Arc<Authorization>,
+    append_policies: Option<Arc<AppendPolicies>>,
+}
+
+/// The append hook of a zone: its chain, its name, and the limits facts are
+/// validated with before a policy sees them.
+struct AppendPolicies {
+    chain: PolicyChain,
+    zone: String,
+    limits: Limits,
 }
 
 impl Gate {
     /// `api` behind `authz`.
     pub fn new(api: Arc<dyn BoundaryApi>, authz: Arc<Authorization>) -> Self {
-        Gate { api, authz }
+        Gate {
+            api,
+            authz,
+            append_policies: None,
+        }
+    }
+
+    /// Asks `chain` (hook `append`, zone `zone`) about every AppendFact after
+    /// authorization. Facts are validated with `limits` first, so a policy sees only
+    /// well-formed facts and bad input still gets `invalid_argument`.
+    pub fn with_append_policies(mut self, chain: PolicyChain, zone: &str, limits: Limits) -> Self {
+        self.append_policies = (!chain.is_empty()).then(|| {
+            Arc::new(AppendPolicies {
+                chain,
+                zone: zone.to_owned(),
+                limits,
+            })
+        });
+        self
     }
 
     /// `api` with no grants: local callers have full access, every peer is denied.
@@ -287,6 +315,34 @@ impl Gate {
         message: Message,
     ) -> Result<AppendOutcome, BoundaryError> {
         self.authz.check_append(caller, &message)?;
+        if let Some(p) = &self.append_policies {
+            p.limits.validate(message.clone())?;
+            let ctx = PolicyContext {
+                hook: Hook::Append,
+                zone: &p.zone,
+                peer: caller.label(),
+                link: None,
+                source_zone: None,
+            };
+            let candidate = Candidate {
+                message: &message,
+                source_offset: None,
+            };
+            let verdict = p.chain.decide(&ctx, &[candidate]).await;
+            if let Some(Verdict::Deny(d)) = verdict.into_iter().next() {
+                tracing::info!(
+                    peer = caller.label(),
+                    message_id = %message.envelope.message_id,
+                    policy = %d.policy,
+                    reason = %d.reason,
+                    "append denied by policy"
+                );
+                return Err(BoundaryError::PermissionDenied(format!(
+                    "policy `{}` denied message_id `{}`: {}",
+                    d.policy, message.envelope.message_id, d.reason
+                )));
+            }
+        }
         self.api.append_fact(message).await
     }
 

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 
 use crate::error::BoundaryError;
 use crate::link::Destination;
-use crate::model::{Limits, Message, Provenance};
+use crate::model::{Envelope, Fact, Limits, Message, Provenance};
 use crate::names;
+use crate::policy::QuarantineEntry;
 use crate::ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier, ObjectInfo,
     ObjectStore,
@@ -105,4 +106,158 @@ impl Destination for Boundary {
     async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
         self.log.record_link_checkpoint(link, offset).await
     }
+
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError> {
+        self.log.quarantine(&entry).await.map(|_| ())
+    }
+}
+
+/// What an operator decides about a quarantined fact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineAction {
+    /// Append the fact as it was fetched, with its provenance.
+    Release,
+    /// Discard it.
+    Drop,
+}
+
+impl QuarantineAction {
+    fn predicate(self) -> &'static str {
+        match self {
+            QuarantineAction::Release => "quarantine_released",
+            QuarantineAction::Drop => "quarantine_dropped",
+        }
+    }
+}
+
+/// The outcome of [`Boundary::settle_quarantined`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// The entry as it was kept.
+    pub entry: QuarantineEntry,
+    /// Where the released fact is stored (None for a drop).
+    pub released: Option<AppendOutcome>,
+    /// Where the audit record of the decision is stored.
+    pub record: AppendOutcome,
+}
+
+impl Boundary {
+    /// Quarantined entries, oldest first.
+    pub async fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, BoundaryError> {
+        self.log.quarantined(limit).await
+    }
+
+    /// One quarantined entry.
+    pub async fn quarantined_entry(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<QuarantineEntry>, BoundaryError> {
+        self.log.quarantined_entry(message_id).await
+    }
+
+    /// Releases or drops a quarantined fact on an operator's word. A release appends
+    /// the original fact (its own message_id, envelope and provenance; the policies
+    /// are not asked again: the operator overrides them). Either way the decision is
+    /// recorded as an audit fact in `zone` (subject `link:<link>`, predicate
+    /// `quarantine_released` / `quarantine_dropped`, naming `by`), and only then is
+    /// the entry removed. Every step is idempotent, so a retry after a crash completes
+    /// the same decision without a second copy.
+    pub async fn settle_quarantined(
+        &self,
+        message_id: &str,
+        action: QuarantineAction,
+        zone: &str,
+        by: &str,
+        at_unix_ms: i64,
+    ) -> Result<Settled, BoundaryError> {
+        let entry = self
+            .log
+            .quarantined_entry(message_id)
+            .await?
+            .ok_or_else(|| {
+                BoundaryError::NotFound(format!(
+                    "no quarantined fact with message_id `{message_id}`"
+                ))
+            })?;
+        let released = match action {
+            QuarantineAction::Release => Some(
+                self.append_replicated(
+                    entry.message.clone(),
+                    Some(Provenance {
+                        zone: entry.source_zone.clone(),
+                        stream: entry.source_stream.clone(),
+                        offset: entry.source_offset,
+                        link: entry.link.clone(),
+                    }),
+                )
+                .await?,
+            ),
+            QuarantineAction::Drop => None,
+        };
+        let record = self
+            .append_fact(settlement_fact(&entry, action, zone, by, at_unix_ms))
+            .await?;
+        self.log.unquarantine(message_id).await?;
+        Ok(Settled {
+            entry,
+            released,
+            record,
+        })
+    }
+}
+
+/// The audit fact of an operator's release or drop. Its message_id derives from the
+/// quarantined fact and the time it was quarantined, so recording the same decision
+/// twice stores it once.
+pub fn settlement_fact(
+    entry: &QuarantineEntry,
+    action: QuarantineAction,
+    zone: &str,
+    by: &str,
+    at_unix_ms: i64,
+) -> Message {
+    let id_hash = hex_prefix(entry.message.envelope.message_id.as_bytes());
+    Message {
+        envelope: Envelope {
+            message_id: format!(
+                "{}:{id_hash}:{}",
+                action.predicate(),
+                entry.quarantined_at_unix_ms
+            ),
+            from_zone: zone.to_owned(),
+            to_zone: zone.to_owned(),
+            produced_at_unix_ms: at_unix_ms,
+            // The cause, where it fits the default id limit (a zone with a longer
+            // limit may have accepted a longer id; the object names it regardless).
+            causation_id: Some(entry.message.envelope.message_id.clone())
+                .filter(|id| id.len() <= Limits::default().max_id_bytes),
+            labels: [("class".to_owned(), "audit".to_owned())].into(),
+            ..Default::default()
+        },
+        fact: Fact {
+            subject: format!("link:{}", entry.link),
+            predicate: action.predicate().to_owned(),
+            object_json: serde_json::json!({
+                "message_id": entry.message.envelope.message_id,
+                "by": by,
+                "policy": entry.denial.policy,
+                "reason": entry.denial.reason,
+                "module_sha256": entry.denial.module_sha256,
+                "source_zone": entry.source_zone,
+                "source_stream": entry.source_stream,
+                "source_offset": entry.source_offset,
+                "quarantined_at_unix_ms": entry.quarantined_at_unix_ms,
+            })
+            .to_string(),
+            artifacts: vec![],
+        },
+    }
+}
+
+fn hex_prefix(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

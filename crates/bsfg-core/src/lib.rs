@@ -14,13 +14,17 @@ pub mod error;
 pub mod link;
 pub mod model;
 pub mod names;
+pub mod policy;
 pub mod ports;
 
 pub use authz::{Authorization, Caller, Gate, Grant, ServeStats};
-pub use engine::Boundary;
+pub use engine::{Boundary, QuarantineAction, Settled};
 pub use error::{BoundaryError, Reason};
 pub use model::{
     ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, Provenance, ValidatedMessage,
+};
+pub use policy::{
+    Candidate, Denial, Hook, Policy, PolicyChain, PolicyContext, QuarantineEntry, Verdict,
 };
 pub use ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact, Frontier,

@@ -29,9 +29,9 @@ use tokio::sync::watch;
 
 use crate::error::BoundaryError;
 use crate::model::{Envelope, Fact, Message, Provenance};
+use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry, Verdict};
 use crate::ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, FetchedFact, Frontier,
-    ObjectInfo,
+    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
 };
 
 /// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
@@ -49,6 +49,9 @@ pub trait Destination: Send + Sync {
     async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError>;
     /// Records the checkpoint durably before returning.
     async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError>;
+    /// Keeps a fact the intake policies denied, durably, before returning. Keeping the
+    /// same fact (same message_id) again stores nothing new.
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError>;
 }
 
 /// A destination reached through its four operations only (for example a gateway
@@ -71,40 +74,25 @@ impl Destination for Remote<'_> {
     async fn record_checkpoint(&self, _link: &str, _offset: u64) -> Result<(), BoundaryError> {
         Ok(())
     }
-}
-
-/// What an intake policy decides for one fact.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Append it.
-    Allow,
-    /// Do not append it.
-    Deny {
-        /// The policy that denied it.
-        policy: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// The hook at link intake: decides a whole page before anything of it is appended,
-/// one verdict per fact, in order. [`PassThrough`] allows everything; sandboxed
-/// policies plug in here.
-#[async_trait]
-pub trait IntakePolicy: Send + Sync {
-    /// One verdict per fact of `facts`, in the same order.
-    async fn decide(&self, link: &str, source_zone: &str, facts: &[FetchedFact]) -> Vec<Verdict>;
-}
-
-/// The intake policy of a link without policies: allows every fact.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PassThrough;
-
-#[async_trait]
-impl IntakePolicy for PassThrough {
-    async fn decide(&self, _link: &str, _zone: &str, facts: &[FetchedFact]) -> Vec<Verdict> {
-        vec![Verdict::Allow; facts.len()]
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError> {
+        Err(BoundaryError::Unavailable(format!(
+            "a remote destination keeps no quarantine; `{}` was denied by policy `{}` and is not confirmed",
+            entry.message.envelope.message_id, entry.denial.policy
+        )))
     }
+}
+
+/// The intake hook of a link: the zone's intake chain and who the source is, so a
+/// policy sees the link, the source zone and the source gateway's identity.
+/// [`Intake::default`] has no policies and allows everything.
+#[derive(Clone, Default)]
+pub struct Intake {
+    /// The zone's intake policies, in config order.
+    pub chain: PolicyChain,
+    /// This (the receiving) zone.
+    pub zone: String,
+    /// The source gateway's identity as this link verifies it.
+    pub peer: String,
 }
 
 /// Which operation of a pull step failed.
@@ -119,8 +107,8 @@ pub enum Operation {
     Checkpoint,
     /// ConfirmReceipt on the source.
     Confirm,
-    /// The intake policy denied a fact (nothing of the page was appended).
-    Policy,
+    /// Writing a fact the intake policies denied to the zone's quarantine.
+    Quarantine,
 }
 
 impl std::fmt::Display for Operation {
@@ -130,7 +118,7 @@ impl std::fmt::Display for Operation {
             Operation::Append => "append",
             Operation::Checkpoint => "checkpoint",
             Operation::Confirm => "confirm",
-            Operation::Policy => "policy",
+            Operation::Quarantine => "quarantine",
         })
     }
 }
@@ -222,6 +210,8 @@ pub struct PullReport {
     pub stored: usize,
     /// Of those, already stored (replays absorbed by idempotency).
     pub duplicates: usize,
+    /// Of those, denied by an intake policy and kept in the zone's quarantine.
+    pub quarantined: usize,
     /// The source's frontier for the consumer after the step.
     pub frontier: u64,
     /// The source's newest offset (lag in facts = `last_offset - frontier`).
@@ -287,7 +277,7 @@ pub async fn pull_page(
     apply_page(
         source,
         destination,
-        &PassThrough,
+        &Intake::default(),
         step,
         page,
         checkpoint,
@@ -313,7 +303,7 @@ pub async fn fetch_page(source: &dyn BoundaryApi, step: &PullStep) -> Result<Fac
 pub async fn apply_page(
     source: &dyn BoundaryApi,
     destination: &dyn Destination,
-    policy: &dyn IntakePolicy,
+    intake: &Intake,
     step: &PullStep,
     page: FactPage,
     checkpoint: Option<u64>,
@@ -374,34 +364,62 @@ pub async fn apply_page(
     let Some(last) = page.facts.last().map(|f| f.offset) else {
         return Ok(report);
     };
-    let verdicts = policy.decide(&step.link, &page.zone, &page.facts).await;
-    if verdicts.len() != page.facts.len() {
-        return Err(PullError::Boundary {
-            op: Operation::Policy,
-            error: BoundaryError::Internal(format!(
-                "intake policy gave {} verdicts for {} facts",
-                verdicts.len(),
-                page.facts.len()
-            )),
-        });
-    }
-    // Until denied facts have a quarantine to go to, a denial stops the page (and
-    // the link backs off) rather than dropping a fact silently.
-    if let Some((f, Verdict::Deny { policy, reason })) = page
-        .facts
-        .iter()
-        .zip(&verdicts)
-        .find(|(_, v)| matches!(v, Verdict::Deny { .. }))
-    {
-        return Err(PullError::Boundary {
-            op: Operation::Policy,
-            error: BoundaryError::PermissionDenied(format!(
-                "policy `{policy}` denied {} (source offset {}): {reason}",
-                f.message.envelope.message_id, f.offset
-            )),
-        });
-    }
-    let appends = page.facts.into_iter().map(|f| {
+    let facts = if intake.chain.is_empty() {
+        page.facts
+    } else {
+        let ctx = PolicyContext {
+            hook: Hook::Intake,
+            zone: &intake.zone,
+            peer: &intake.peer,
+            link: Some(&step.link),
+            source_zone: Some(&page.zone),
+        };
+        let candidates: Vec<Candidate<'_>> = page
+            .facts
+            .iter()
+            .map(|f| Candidate {
+                message: &f.message,
+                source_offset: Some(f.offset),
+            })
+            .collect();
+        let verdicts = intake.chain.decide(&ctx, &candidates).await;
+        let now = now_unix_ms();
+        let mut allowed = Vec::with_capacity(page.facts.len());
+        let mut denied = Vec::new();
+        for (f, v) in page.facts.into_iter().zip(verdicts) {
+            match v {
+                Verdict::Allow => allowed.push(f),
+                Verdict::Deny(denial) => denied.push(QuarantineEntry {
+                    message: f.message,
+                    denial,
+                    link: step.link.clone(),
+                    source_zone: page.zone.clone(),
+                    source_stream: page.stream.clone(),
+                    source_offset: f.offset,
+                    quarantined_at_unix_ms: now,
+                }),
+            }
+        }
+        // Quarantined before the confirm, like appends: a crash re-fetches the page
+        // and keeping an entry again stores nothing new.
+        report.quarantined = denied.len();
+        for entry in denied {
+            tracing::warn!(
+                link = %step.link,
+                message_id = %entry.message.envelope.message_id,
+                source_offset = entry.source_offset,
+                policy = %entry.denial.policy,
+                reason = %entry.denial.reason,
+                "fact quarantined at intake"
+            );
+            destination
+                .quarantine(entry)
+                .await
+                .map_err(at(Operation::Quarantine))?;
+        }
+        allowed
+    };
+    let appends = facts.into_iter().map(|f| {
         let provenance = Provenance {
             zone: page.zone.clone(),
             stream: page.stream.clone(),
@@ -559,6 +577,8 @@ pub struct LinkCounters {
     pub facts_stored: AtomicU64,
     /// Facts that were already stored (replays absorbed).
     pub facts_duplicate: AtomicU64,
+    /// Facts denied by an intake policy and kept in the zone's quarantine.
+    pub quarantined: AtomicU64,
     /// Gaps accepted by an operator.
     pub gaps_accepted: AtomicU64,
 }
@@ -603,6 +623,9 @@ pub struct LinkStatus {
     pub facts_stored: u64,
     /// Replays absorbed.
     pub facts_duplicate: u64,
+    /// Facts quarantined at intake.
+    #[serde(default)]
+    pub quarantined: u64,
     /// Gaps accepted.
     pub gaps_accepted: u64,
 }
@@ -697,6 +720,7 @@ impl LinkHandle {
             confirm_failures: get(&c.confirm_failures),
             facts_stored: get(&c.facts_stored),
             facts_duplicate: get(&c.facts_duplicate),
+            quarantined: get(&c.quarantined),
             gaps_accepted: get(&c.gaps_accepted),
         }
     }
@@ -740,7 +764,7 @@ pub struct Link {
     shared: Arc<Shared>,
     source: Arc<dyn BoundaryApi>,
     destination: Arc<dyn Destination>,
-    policy: Arc<dyn IntakePolicy>,
+    intake: Intake,
 }
 
 impl Link {
@@ -772,15 +796,15 @@ impl Link {
                 shared,
                 source,
                 destination,
-                policy: Arc::new(PassThrough),
+                intake: Intake::default(),
             },
             handle,
         )
     }
 
-    /// Decides every page at intake before it is appended (default [`PassThrough`]).
-    pub fn with_policy(mut self, policy: Arc<dyn IntakePolicy>) -> Self {
-        self.policy = policy;
+    /// Decides every page at intake before it is appended (default: no policies).
+    pub fn with_intake(mut self, intake: Intake) -> Self {
+        self.intake = intake;
         self
     }
 
@@ -960,7 +984,7 @@ impl Link {
             let r = apply_page(
                 source,
                 destination,
-                self.policy.as_ref(),
+                &self.intake,
                 step,
                 page,
                 ckpt,
@@ -999,6 +1023,8 @@ impl Link {
             .fetch_add(report.stored as u64, Ordering::Relaxed);
         c.facts_duplicate
             .fetch_add(report.duplicates as u64, Ordering::Relaxed);
+        c.quarantined
+            .fetch_add(report.quarantined as u64, Ordering::Relaxed);
         if report.gap_accepted.is_some() {
             c.gaps_accepted.fetch_add(1, Ordering::Relaxed);
         }
@@ -1118,6 +1144,9 @@ impl Destination for MeteredDestination<'_> {
     }
     async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
         self.inner.record_checkpoint(link, offset).await
+    }
+    async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError> {
+        self.inner.quarantine(entry).await
     }
 }
 

@@ -10,6 +10,7 @@ use futures::stream::BoxStream;
 
 use crate::error::BoundaryError;
 use crate::model::{Message, Provenance, ValidatedMessage};
+use crate::policy::QuarantineEntry;
 
 /// A stream of byte chunks, used for artifacts in both directions so that no artifact
 /// is ever held whole in memory.
@@ -134,6 +135,19 @@ pub trait FactLog: Send + Sync {
     /// Durably records a link's checkpoint (see [`FactLog::link_checkpoint`]). Returns
     /// only after the record is durable.
     async fn record_link_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError>;
+    /// Keeps a fact an intake policy denied in the zone's quarantine, durably, one
+    /// entry per message_id. Returns `false` (and stores nothing) when an entry for
+    /// that message_id is already kept.
+    async fn quarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError>;
+    /// Quarantined entries, oldest first, at most `limit`.
+    async fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, BoundaryError>;
+    /// The quarantined entry of `message_id`, if one is kept.
+    async fn quarantined_entry(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<QuarantineEntry>, BoundaryError>;
+    /// Removes the entry of `message_id` durably; `false` when there was none.
+    async fn unquarantine(&self, message_id: &str) -> Result<bool, BoundaryError>;
 }
 
 /// The zone-local artifact store.

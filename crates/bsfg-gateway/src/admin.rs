@@ -329,6 +329,12 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         family(
             &mut e,
+            "bsfg_quarantined_facts",
+            "Facts a link's intake policies denied, kept in this zone's quarantine.",
+            &counter(|s| s.quarantined),
+        )?;
+        family(
+            &mut e,
             "bsfg_gaps_accepted",
             "Gaps an operator accepted on a link.",
             &counter(|s| s.gaps_accepted),

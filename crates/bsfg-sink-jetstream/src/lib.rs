@@ -18,6 +18,7 @@ pub mod durability;
 pub mod error;
 mod fetch;
 mod objects;
+pub mod quarantine;
 pub mod streams;
 
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 use bsfg_core::{
     AppendOutcome, BoundaryError, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
-    ObjectInfo, ObjectStore, ValidatedMessage, names,
+    ObjectInfo, ObjectStore, QuarantineEntry, ValidatedMessage, names,
 };
 use tokio::sync::{RwLock, mpsc, oneshot};
 
@@ -44,6 +45,7 @@ pub struct JetStreamZone {
     streams: HashMap<String, jetstream::stream::Stream>,
     queue: mpsc::Sender<append::Job>,
     links: jetstream::stream::Stream,
+    quarantine: jetstream::stream::Stream,
     consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
@@ -118,6 +120,7 @@ impl JetStreamZone {
         }
         let index = streams::ensure(&js, streams::index_stream_config(&config)).await?;
         let links = streams::ensure(&js, streams::links_stream_config(&config)).await?;
+        let quarantine = streams::ensure(&js, quarantine::stream_config(&config)).await?;
 
         let durability = match &config.monitor_url {
             Some(url) => durability::probe(url).await,
@@ -166,6 +169,7 @@ impl JetStreamZone {
             streams,
             queue: tx,
             links,
+            quarantine,
             consumers: RwLock::new(HashMap::new()),
             buckets: RwLock::new(HashMap::new()),
             durability,
@@ -346,6 +350,25 @@ impl FactLog for JetStreamZone {
             .map_err(|e| checkpoint_unavailable(link, e))?;
         ack.await.map_err(|e| checkpoint_unavailable(link, e))?;
         Ok(())
+    }
+
+    async fn quarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError> {
+        quarantine::put(&self.js, entry).await
+    }
+
+    async fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, BoundaryError> {
+        quarantine::list(&self.quarantine, limit).await
+    }
+
+    async fn quarantined_entry(
+        &self,
+        message_id: &str,
+    ) -> Result<Option<QuarantineEntry>, BoundaryError> {
+        quarantine::get(&self.quarantine, message_id).await
+    }
+
+    async fn unquarantine(&self, message_id: &str) -> Result<bool, BoundaryError> {
+        quarantine::remove(&self.quarantine, message_id).await
     }
 }
 

@@ -13,6 +13,7 @@ pub mod fixtures;
 pub mod fuzz;
 pub mod netem;
 pub mod pki;
+pub mod plugins;
 pub mod udp_relay;
 
 use std::io::{Read, Write};

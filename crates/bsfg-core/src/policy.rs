@@ -1,0 +1,298 @@
+//! Policy hooks: chains of policies that decide facts before they are appended.
+//!
+//! Two hooks, each with its own chain in config order (first deny wins):
+//! - [`Hook::Append`]: AppendFact from a producer calling this zone, checked by the
+//!   [`crate::Gate`] after authorization; a denial is `permission_denied` naming the
+//!   policy and its reason, and nothing is stored;
+//! - [`Hook::Intake`]: facts a link fetched from another zone, checked by
+//!   [`crate::link::apply_page`] before anything of the page is appended; denied facts
+//!   go to the zone's quarantine (see [`QuarantineEntry`]) and the page is confirmed
+//!   once every fact is either appended or quarantined, so nothing is lost and
+//!   nothing blocks the link.
+//!
+//! The sandbox (wasmtime) lives in an adapter; this module only knows the [`Policy`]
+//! trait.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::model::Message;
+
+/// Where a batch is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// Before AppendFact from a producer.
+    Append,
+    /// At link intake.
+    Intake,
+}
+
+impl Hook {
+    /// `append` or `intake` (config and metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hook::Append => "append",
+            Hook::Intake => "intake",
+        }
+    }
+}
+
+/// Who and where, the same for every fact of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyContext<'a> {
+    /// Which hook.
+    pub hook: Hook,
+    /// The deciding zone.
+    pub zone: &'a str,
+    /// The authenticated peer: the producer for `append` (`local` on a plaintext
+    /// loopback listener), the source gateway for `intake`.
+    pub peer: &'a str,
+    /// The link, for `intake`.
+    pub link: Option<&'a str>,
+    /// The zone the facts came from, for `intake`.
+    pub source_zone: Option<&'a str>,
+}
+
+/// One fact to decide, with its offset in the source zone for `intake`.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// The fact with its envelope.
+    pub message: &'a Message,
+    /// Offset in the source stream (intake only).
+    pub source_offset: Option<u64>,
+}
+
+/// What a policy decides for one fact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it through.
+    Allow,
+    /// Stop it.
+    Deny(Denial),
+}
+
+/// Why a fact was stopped, and by what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Denial {
+    /// The policy's name in config.
+    pub policy: String,
+    /// The policy's reason (`policy_fault: ...` when the policy itself failed).
+    pub reason: String,
+    /// `sha256:<hex>` of the module that decided (empty for built-in policies).
+    pub module_sha256: String,
+}
+
+/// A policy: decides a whole batch, one verdict per fact in order. Implementations
+/// must fail closed: a policy that cannot decide denies (with a reason saying so)
+/// unless its own config says otherwise.
+#[async_trait]
+pub trait Policy: Send + Sync {
+    /// The policy's name in config.
+    fn name(&self) -> &str;
+    /// One verdict per candidate, in order. A different count is treated as a fault
+    /// and denies the whole batch.
+    async fn decide(&self, ctx: &PolicyContext<'_>, facts: &[Candidate<'_>]) -> Vec<Verdict>;
+}
+
+/// The policies of one hook, in config order. An empty chain allows everything.
+#[derive(Clone, Default)]
+pub struct PolicyChain {
+    policies: Vec<Arc<dyn Policy>>,
+}
+
+impl PolicyChain {
+    /// A chain of `policies`, asked in this order.
+    pub fn new(policies: Vec<Arc<dyn Policy>>) -> Self {
+        PolicyChain { policies }
+    }
+
+    /// True when the chain has no policy (everything is allowed without a call).
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policies' names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.policies.iter().map(|p| p.name()).collect()
+    }
+
+    /// One verdict per candidate. Each policy sees only the facts every earlier one
+    /// allowed; the first denial of a fact is its verdict.
+    pub async fn decide(&self, ctx: &PolicyContext<'_>, facts: &[Candidate<'_>]) -> Vec<Verdict> {
+        let mut verdicts = vec![Verdict::Allow; facts.len()];
+        for policy in &self.policies {
+            let open: Vec<usize> = (0..facts.len())
+                .filter(|&i| verdicts[i] == Verdict::Allow)
+                .collect();
+            if open.is_empty() {
+                break;
+            }
+            let batch: Vec<Candidate<'_>> = open.iter().map(|&i| facts[i]).collect();
+            let got = policy.decide(ctx, &batch).await;
+            if got.len() != batch.len() {
+                let denial = Denial {
+                    policy: policy.name().to_owned(),
+                    reason: format!(
+                        "policy_fault: {} verdicts for {} facts",
+                        got.len(),
+                        batch.len()
+                    ),
+                    module_sha256: String::new(),
+                };
+                for &i in &open {
+                    verdicts[i] = Verdict::Deny(denial.clone());
+                }
+                break;
+            }
+            for (&i, v) in open.iter().zip(got) {
+                verdicts[i] = v;
+            }
+        }
+        verdicts
+    }
+}
+
+/// A fact a link's intake policy denied, kept in the zone's quarantine until an
+/// operator releases (appends it as it was) or drops it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    /// The fact exactly as fetched from the source.
+    pub message: Message,
+    /// Who denied it and why.
+    pub denial: Denial,
+    /// The link that fetched it.
+    pub link: String,
+    /// The zone it came from.
+    pub source_zone: String,
+    /// The source stream.
+    pub source_stream: String,
+    /// Its offset in the source stream.
+    pub source_offset: u64,
+    /// When it was quarantined (Unix ms).
+    pub quarantined_at_unix_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Envelope, Fact};
+
+    struct DenyPredicate(&'static str, &'static str);
+
+    #[async_trait]
+    impl Policy for DenyPredicate {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn decide(&self, _: &PolicyContext<'_>, facts: &[Candidate<'_>]) -> Vec<Verdict> {
+            facts
+                .iter()
+                .map(|c| {
+                    if c.message.fact.predicate == self.1 {
+                        Verdict::Deny(Denial {
+                            policy: self.0.into(),
+                            reason: format!("no {}", self.1),
+                            module_sha256: String::new(),
+                        })
+                    } else {
+                        Verdict::Allow
+                    }
+                })
+                .collect()
+        }
+    }
+
+    struct Short;
+
+    #[async_trait]
+    impl Policy for Short {
+        fn name(&self) -> &str {
+            "short"
+        }
+        async fn decide(&self, _: &PolicyContext<'_>, _: &[Candidate<'_>]) -> Vec<Verdict> {
+            vec![Verdict::Allow]
+        }
+    }
+
+    fn msg(predicate: &str) -> Message {
+        Message {
+            envelope: Envelope::default(),
+            fact: Fact {
+                predicate: predicate.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    const CTX: PolicyContext<'static> = PolicyContext {
+        hook: Hook::Append,
+        zone: "z",
+        peer: "p",
+        link: None,
+        source_zone: None,
+    };
+
+    fn denied_by(v: &Verdict) -> Option<&str> {
+        match v {
+            Verdict::Allow => None,
+            Verdict::Deny(d) => Some(&d.policy),
+        }
+    }
+
+    #[tokio::test]
+    async fn first_deny_in_config_order_wins_and_later_policies_see_only_allowed_facts() {
+        let chain = PolicyChain::new(vec![
+            Arc::new(DenyPredicate("first", "a")),
+            Arc::new(DenyPredicate("second", "b")),
+            Arc::new(DenyPredicate("third", "a")),
+        ]);
+        let ms = [msg("a"), msg("b"), msg("c")];
+        let cs: Vec<_> = ms
+            .iter()
+            .map(|m| Candidate {
+                message: m,
+                source_offset: None,
+            })
+            .collect();
+        let v = chain.decide(&CTX, &cs).await;
+        assert_eq!(
+            v.iter().map(denied_by).collect::<Vec<_>>(),
+            [Some("first"), Some("second"), None]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_policy_returning_the_wrong_count_denies_the_whole_batch() {
+        let chain = PolicyChain::new(vec![Arc::new(Short)]);
+        let ms = [msg("a"), msg("b")];
+        let cs: Vec<_> = ms
+            .iter()
+            .map(|m| Candidate {
+                message: m,
+                source_offset: None,
+            })
+            .collect();
+        let v = chain.decide(&CTX, &cs).await;
+        assert!(v.iter().all(|v| denied_by(v) == Some("short")), "{v:?}");
+        let Verdict::Deny(d) = &v[0] else {
+            unreachable!()
+        };
+        assert!(d.reason.starts_with("policy_fault:"), "{}", d.reason);
+    }
+
+    #[tokio::test]
+    async fn an_empty_chain_allows_everything() {
+        let ms = [msg("a")];
+        let cs = [Candidate {
+            message: &ms[0],
+            source_offset: None,
+        }];
+        assert_eq!(
+            PolicyChain::default().decide(&CTX, &cs).await,
+            [Verdict::Allow]
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! The sandbox against real components: the Rust examples and fixtures built by
+//! `scripts/setup.sh`, and the hostile fixtures in component text.
+
+use std::time::{Duration, Instant};
+
+use bsfg_core::{ArtifactRef, Candidate, Hook, Message, PolicyContext, Verdict};
+use bsfg_policy_wasm::{HostGrant, OnFault, PolicyConfig, PolicyError, Reload, WasmPolicy};
+use bsfg_testkit::{fixtures::step_completed, plugins};
+
+const APPEND: PolicyContext<'static> = PolicyContext {
+    hook: Hook::Append,
+    zone: "enterprise",
+    peer: "mes-client",
+    link: None,
+    source_zone: None,
+};
+
+fn fact(id: &str, predicate: &str, site: Option<&str>) -> Message {
+    let mut m = step_completed(id, 1);
+    m.fact.predicate = predicate.into();
+    if let Some(s) = site {
+        m.envelope.labels.insert("site".into(), s.into());
+    }
+    m
+}
+
+fn decide(p: &WasmPolicy, ctx: &PolicyContext<'_>, ms: &[Message]) -> Vec<Verdict> {
+    let cs: Vec<_> = ms
+        .iter()
+        .map(|m| Candidate {
+            message: m,
+            source_offset: None,
+        })
+        .collect();
+    p.decide_blocking(ctx, &cs)
+}
+
+fn reason(v: &Verdict) -> &str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Deny(d) => &d.reason,
+    }
+}
+
+fn config(name: &str, module: std::path::PathBuf) -> PolicyConfig {
+    let mut c = PolicyConfig::new(name, module);
+    c.timeout = Duration::from_millis(50);
+    c.memory_bytes = 8 << 20;
+    c
+}
+
+fn fault_count(p: &WasmPolicy, kind: &str) -> u64 {
+    p.stats()
+        .faults
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map_or(0, |(_, n)| *n)
+}
+
+fn load_err(c: PolicyConfig) -> PolicyError {
+    match WasmPolicy::load(c) {
+        Ok(_) => panic!("the module was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_at_its_deadline_and_its_batch_denied() {
+    let p = WasmPolicy::load(config("loop", plugins::hostile("infinite-loop"))).unwrap();
+    let ms = [fact("a", "x", None), fact("b", "x", None)];
+    let t = Instant::now();
+    let v = decide(&p, &APPEND, &ms);
+    let took = t.elapsed();
+    assert_eq!(v.len(), 2);
+    for v in &v {
+        assert!(
+            reason(v).starts_with("policy_fault: deadline of 50ms exceeded"),
+            "{v:?}"
+        );
+    }
+    assert!(took >= Duration::from_millis(50), "stopped early: {took:?}");
+    assert!(took < Duration::from_millis(1000), "not stopped: {took:?}");
+    assert_eq!(fault_count(&p, "deadline"), 1);
+}
+
+#[test]
+fn a_memory_bomb_stays_under_its_memory_limit_and_its_batch_is_denied() {
+    let p = WasmPolicy::load(config("bomb", plugins::hostile("memory-bomb"))).unwrap();
+    let v = decide(&p, &APPEND, &[fact("a", "x", None)]);
+    assert_eq!(
+        reason(&v[0]),
+        "policy_fault: memory limit of 8388608 bytes exceeded"
+    );
+    assert_eq!(fault_count(&p, "memory"), 1);
+    // A Rust guest allocating without end hits the same wall.
+    let p = WasmPolicy::load(config("hog", plugins::built("chaos"))).unwrap();
+    let v = decide(&p, &APPEND, &[fact("a", "hog", None)]);
+    assert!(reason(&v[0]).starts_with("policy_fault:"), "{v:?}");
+    assert_eq!(fault_count(&p, "memory"), 1, "{:?}", p.stats());
+}
+
+#[test]
+fn a_trap_denies_its_batch_and_the_next_batch_gets_a_fresh_instance() {
+    let p = WasmPolicy::load(config("trap", plugins::built("chaos"))).unwrap();
+    let v = decide(
+        &p,
+        &APPEND,
+        &[fact("a", "ok", None), fact("b", "panic", None)],
+    );
+    assert!(
+        v.iter()
+            .all(|v| reason(v).starts_with("policy_fault: trap:")),
+        "{v:?}"
+    );
+    let Verdict::Deny(d) = &v[0] else {
+        unreachable!()
+    };
+    assert_eq!(d.policy, "trap");
+    assert_eq!(d.module_sha256, p.sha256());
+    let v = decide(
+        &p,
+        &APPEND,
+        &[fact("c", "ok", None), fact("d", "deny", None)],
+    );
+    assert_eq!(v[0], Verdict::Allow);
+    assert_eq!(reason(&v[1]), "asked to deny");
+    let s = p.stats();
+    assert_eq!(s.instantiations, 2, "{s:?}");
+    assert_eq!(fault_count(&p, "trap"), 1);
+    assert!(!s.broken);
+}
+
+#[test]
+fn the_hostile_component_text_trap_fixture_fails_closed() {
+    let p = WasmPolicy::load(config("t", plugins::hostile("trap"))).unwrap();
+    let v = decide(&p, &APPEND, &[fact("a", "x", None)]);
+    assert!(reason(&v[0]).starts_with("policy_fault: trap:"), "{v:?}");
+}
+
+#[test]
+fn a_module_importing_the_filesystem_is_refused_at_load() {
+    let e = load_err(config("fs", plugins::hostile("imports-filesystem")));
+    let PolicyError::ForbiddenImport { policy, import, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(policy, "fs");
+    assert!(import.starts_with("wasi:filesystem/"), "{e}");
+    assert!(e.to_string().contains("does not offer"), "{e}");
+}
+
+#[test]
+fn the_clock_is_refused_unless_granted() {
+    let e = load_err(config("clock", plugins::hostile("imports-clock")));
+    assert!(
+        matches!(&e, PolicyError::ForbiddenImport { import, .. } if import == "wasi:clocks/wall-clock@0.2.0"),
+        "{e}"
+    );
+    let mut c = config("clock", plugins::hostile("imports-clock"));
+    c.grants = vec![HostGrant::Clock];
+    WasmPolicy::load(c).expect("granted clock");
+}
+
+#[test]
+fn wrong_exports_are_refused_at_load_naming_the_export() {
+    let e = load_err(config("w", plugins::hostile("wrong-exports")));
+    assert!(matches!(e, PolicyError::WrongExports { .. }), "{e}");
+    assert!(
+        e.to_string().contains("`decide` does not have the type"),
+        "{e}"
+    );
+    let e = load_err(config("w", plugins::hostile("no-decide")));
+    assert!(matches!(e, PolicyError::WrongExports { .. }), "{e}");
+    assert!(
+        e.to_string().contains("no function `decide`") && e.to_string().contains("evaluate"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_component_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("junk.wasm");
+    std::fs::write(&f, b"\0asm junk").unwrap();
+    let e = load_err(config("junk", f));
+    assert!(matches!(e, PolicyError::Compile { .. }), "{e}");
+    let e = load_err(config("missing", dir.path().join("none.wasm")));
+    assert!(matches!(e, PolicyError::Read { .. }), "{e}");
+}
+
+#[test]
+fn a_wrong_number_of_verdicts_denies_the_whole_batch() {
+    let p = WasmPolicy::load(config("short", plugins::hostile("no-verdicts"))).unwrap();
+    let v = decide(&p, &APPEND, &[fact("a", "x", None), fact("b", "x", None)]);
+    assert!(
+        v.iter()
+            .all(|v| reason(v) == "policy_fault: 0 verdicts for 2 facts"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn repeated_faults_break_the_policy_until_its_backoff_passes_then_it_recovers() {
+    let mut c = config("fragile", plugins::built("chaos"));
+    c.broken_after = 2;
+    c.backoff_min = Duration::from_millis(300);
+    let p = WasmPolicy::load(c).unwrap();
+    decide(&p, &APPEND, &[fact("a", "panic", None)]);
+    decide(&p, &APPEND, &[fact("b", "panic", None)]);
+    assert!(p.stats().broken);
+    // Broken: even a fact the module would allow is denied, without calling it.
+    let before = p.stats().instantiations;
+    let v = decide(&p, &APPEND, &[fact("c", "ok", None)]);
+    assert!(
+        reason(&v[0]).starts_with("policy_fault: broken after 2 consecutive faults"),
+        "{v:?}"
+    );
+    assert_eq!(p.stats().instantiations, before, "the module was called");
+    std::thread::sleep(Duration::from_millis(350));
+    let v = decide(&p, &APPEND, &[fact("d", "ok", None)]);
+    assert_eq!(v, [Verdict::Allow]);
+    assert!(!p.stats().broken);
+    assert_eq!(fault_count(&p, "broken"), 1);
+}
+
+#[test]
+fn fail_open_only_by_config_allows_and_counts_every_time() {
+    let mut c = config("lenient", plugins::built("chaos"));
+    c.on_fault = OnFault::Allow;
+    let p = WasmPolicy::load(c).unwrap();
+    let v = decide(
+        &p,
+        &APPEND,
+        &[fact("a", "ok", None), fact("b", "panic", None)],
+    );
+    assert_eq!(v, [Verdict::Allow, Verdict::Allow]);
+    decide(&p, &APPEND, &[fact("c", "panic", None)]);
+    let s = p.stats();
+    assert_eq!(s.fail_open, 3, "{s:?}");
+    // A denial by the module itself still stands.
+    let v = decide(&p, &APPEND, &[fact("d", "deny", None)]);
+    assert_eq!(reason(&v[0]), "asked to deny");
+}
+
+#[test]
+fn fuel_stops_a_spinning_guest_before_its_deadline() {
+    let mut c = config("fuel", plugins::built("chaos"));
+    c.fuel = Some(5_000_000);
+    c.timeout = Duration::from_secs(20);
+    let p = WasmPolicy::load(c).unwrap();
+    let t = Instant::now();
+    let v = decide(&p, &APPEND, &[fact("a", "spin", None)]);
+    assert_eq!(reason(&v[0]), "policy_fault: fuel of 5000000 exhausted");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        decide(&p, &APPEND, &[fact("b", "ok", None)]),
+        [Verdict::Allow]
+    );
+}
+
+#[test]
+fn an_init_that_refuses_its_settings_refuses_the_module() {
+    let mut c = config("picky", plugins::built("chaos"));
+    c.settings.insert("fail_init".into(), "yes".into());
+    let e = load_err(c);
+    assert!(matches!(e, PolicyError::Init { .. }), "{e}");
+    assert!(e.to_string().contains("asked to fail init"), "{e}");
+    let e = load_err(config("labels", plugins::built("allow_labels")));
+    assert!(e.to_string().contains("setting `label` is required"), "{e}");
+}
+
+#[test]
+fn the_guest_receives_the_context_and_every_envelope_field() {
+    let p = WasmPolicy::load(config("echo", plugins::built("chaos"))).unwrap();
+    let mut m = fact("id-1", "echo", Some("PlantA"));
+    m.envelope.correlation_id = Some("corr".into());
+    m.envelope.causation_id = Some("cause".into());
+    m.envelope.object_media_type = Some("application/json".into());
+    m.envelope.object_schema = Some("step/v1".into());
+    m.fact.artifacts = vec![ArtifactRef {
+        bucket: "batch-files".into(),
+        key: "b1042.pdf".into(),
+        digest: format!("sha256:{}", "a".repeat(64)),
+        size: 42,
+    }];
+    let ctx = PolicyContext {
+        hook: Hook::Intake,
+        zone: "enterprise",
+        peer: "idmz-bsfg",
+        link: Some("from-idmz"),
+        source_zone: Some("idmz"),
+    };
+    let cs = [Candidate {
+        message: &m,
+        source_offset: Some(77),
+    }];
+    let v = p.decide_blocking(&ctx, &cs);
+    assert_eq!(
+        reason(&v[0]),
+        format!(
+            "hook=intake zone=enterprise peer=idmz-bsfg link=Some(\"from-idmz\") source_zone=Some(\"idmz\") | id=id-1 from=plant-a to=enterprise at=1764000000000 corr=Some(\"corr\") caus=Some(\"cause\") labels=site=PlantA media=Some(\"application/json\") schema=Some(\"step/v1\") subject=batch:PlantA/B1042 predicate=echo object={{\"step\":1,\"operator\":\"jdoe\"}} artifacts=batch-files/b1042.pdf/sha256:{}/42 source_offset=Some(77)",
+            "a".repeat(64)
+        )
+    );
+}
+
+#[test]
+fn the_example_policies_decide_as_documented() {
+    let mut c = config("labels", plugins::built("allow_labels"));
+    c.settings = [("label", "site"), ("values", "PlantA, PlantB")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    let p = WasmPolicy::load(c).unwrap();
+    let v = decide(
+        &p,
+        &APPEND,
+        &[
+            fact("a", "x", Some("PlantA")),
+            fact("b", "x", Some("PlantC")),
+            fact("c", "x", None),
+        ],
+    );
+    assert_eq!(v[0], Verdict::Allow);
+    assert_eq!(
+        reason(&v[1]),
+        "label `site` is `PlantC`, allowed: PlantA, PlantB"
+    );
+    assert_eq!(reason(&v[2]), "label `site` is missing");
+
+    let mut c = config("preds", plugins::built("deny_predicates"));
+    c.settings = [
+        ("predicates", "recipe_changed"),
+        ("subject_kinds", "operator"),
+    ]
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .into();
+    let p = WasmPolicy::load(c).unwrap();
+    let mut op = fact("c", "x", None);
+    op.fact.subject = "operator:jdoe".into();
+    let v = decide(
+        &p,
+        &APPEND,
+        &[fact("a", "recipe_changed", None), fact("b", "x", None), op],
+    );
+    assert_eq!(reason(&v[0]), "predicate `recipe_changed` is denied");
+    assert_eq!(v[1], Verdict::Allow);
+    assert_eq!(reason(&v[2]), "subject kind `operator` is denied");
+
+    let mut c = config("json", plugins::built("json_fields"));
+    c.settings = [("require", "operator"), ("max.step", "10")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    let p = WasmPolicy::load(c).unwrap();
+    let mut big = fact("b", "x", None);
+    big.fact.object_json = r#"{"step":12,"operator":"jdoe"}"#.into();
+    let mut anon = fact("c", "x", None);
+    anon.fact.object_json = r#"{"step":1}"#.into();
+    let v = decide(&p, &APPEND, &[fact("a", "x", None), big, anon]);
+    assert_eq!(v[0], Verdict::Allow);
+    assert_eq!(reason(&v[1]), "object_json.step: 12 above maximum 10");
+    assert_eq!(reason(&v[2]), "object_json.operator: required");
+}
+
+#[test]
+fn reload_swaps_a_changed_module_refuses_a_broken_one_and_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("policy.wasm");
+    std::fs::copy(plugins::built("chaos"), &module).unwrap();
+    let mut c = config("swap", module.clone());
+    c.settings = [("predicates", "step_completed")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    let p = WasmPolicy::load(c).unwrap();
+    let ms = [fact("a", "step_completed", None)];
+    assert_eq!(decide(&p, &APPEND, &ms), [Verdict::Allow]);
+    assert_eq!(p.reload().unwrap(), Reload::Unchanged);
+
+    std::fs::write(&module, b"not a component").unwrap();
+    let e = p.reload().unwrap_err();
+    assert!(matches!(e, PolicyError::Compile { .. }), "{e}");
+    assert_eq!(
+        decide(&p, &APPEND, &ms),
+        [Verdict::Allow],
+        "old module kept"
+    );
+
+    let old = p.sha256();
+    std::fs::copy(plugins::built("deny_predicates"), &module).unwrap();
+    let Reload::Applied { from, to } = p.reload().unwrap() else {
+        panic!("not applied")
+    };
+    assert_eq!(from, old);
+    assert_eq!(to, p.sha256());
+    assert_eq!(
+        reason(&decide(&p, &APPEND, &ms)[0]),
+        "predicate `step_completed` is denied"
+    );
+    let s = p.stats();
+    assert_eq!(
+        (s.reloads_applied, s.reloads_rejected, s.reloads_unchanged),
+        (1, 1, 1)
+    );
+}

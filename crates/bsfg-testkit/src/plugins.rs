@@ -1,0 +1,35 @@
+//! Paths of the policy plugins tests load: the Rust examples and fixtures that
+//! `scripts/setup.sh` builds for wasm32-wasip2, and the hostile fixtures in component
+//! text. A missing build is a loud panic naming the command, never a skip.
+
+use std::path::PathBuf;
+
+/// The repository's `plugins/` folder.
+pub fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../plugins")
+}
+
+/// A built Rust policy (`allow_labels`, `deny_predicates`, `json_fields`, `chaos`).
+///
+/// # Panics
+/// When it was not built: run `scripts/setup.sh`.
+pub fn built(name: &str) -> PathBuf {
+    let p = dir().join(format!("target/wasm32-wasip2/release/{name}.wasm"));
+    assert!(
+        p.exists(),
+        "policy plugin {} is not built: run scripts/setup.sh (it builds plugins/ for wasm32-wasip2)",
+        p.display()
+    );
+    p
+}
+
+/// A hostile fixture in component text (`infinite-loop`, `memory-bomb`, `trap`,
+/// `no-verdicts`, `imports-filesystem`, `imports-clock`, `wrong-exports`, `no-decide`).
+///
+/// # Panics
+/// When no such fixture exists.
+pub fn hostile(name: &str) -> PathBuf {
+    let p = dir().join(format!("fixtures/hostile/{name}.wat"));
+    assert!(p.exists(), "no hostile fixture {}", p.display());
+    p
+}
