@@ -116,6 +116,10 @@ impl BoundaryApi for MeteredApi {
 pub struct Admin {
     /// Zone name.
     pub zone: String,
+    /// The engine, for the quarantine commands.
+    pub engine: bsfg_core::Boundary,
+    /// The zone's policies, for their metrics.
+    pub policies: Vec<Arc<bsfg_policy_wasm::WasmPolicy>>,
     /// The zone's links.
     pub links: Vec<LinkHandle>,
     /// The zone's API counters.
@@ -158,6 +162,7 @@ pub struct ZoneStatus {
 #[derive(Debug)]
 struct Collector {
     zone: String,
+    policies: Vec<Arc<bsfg_policy_wasm::WasmPolicy>>,
     links: Vec<LinkHandle>,
     api: Arc<ApiMetrics>,
     security: Security,
@@ -346,11 +351,88 @@ impl prometheus_client::collector::Collector for Collector {
             "AppendFact latency through the zone's API.",
             &[(api, hist)],
         )?;
-        self.encode_security(&mut e)
+        self.encode_security(&mut e)?;
+        self.encode_policies(&mut e)
     }
 }
 
 impl Collector {
+    fn encode_policies(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats: Vec<_> = self
+            .policies
+            .iter()
+            .map(|p| (p.config().name.clone(), p.stats()))
+            .collect();
+        let labels = |name: &str| -> Labels {
+            vec![("zone", self.zone.clone()), ("policy", name.to_owned())]
+        };
+        let with = |name: &str, k: &'static str, v: &str| -> Labels {
+            let mut l = labels(name);
+            l.push((k, v.to_owned()));
+            l
+        };
+        let mut decisions = Vec::new();
+        let mut faults = Vec::new();
+        let mut reloads = Vec::new();
+        let mut fail_open = Vec::new();
+        let mut broken = Vec::new();
+        let mut instantiations = Vec::new();
+        for (n, s) in &stats {
+            decisions.push((with(n, "verdict", "allow"), ConstCounter::new(s.allowed)));
+            decisions.push((with(n, "verdict", "deny"), ConstCounter::new(s.denied)));
+            for (kind, c) in &s.faults {
+                faults.push((with(n, "kind", kind), ConstCounter::new(*c)));
+            }
+            for (r, c) in [
+                ("applied", s.reloads_applied),
+                ("rejected", s.reloads_rejected),
+                ("unchanged", s.reloads_unchanged),
+            ] {
+                reloads.push((with(n, "result", r), ConstCounter::new(c)));
+            }
+            fail_open.push((labels(n), ConstCounter::new(s.fail_open)));
+            broken.push((labels(n), ConstGauge::new(i64::from(s.broken))));
+            instantiations.push((labels(n), ConstCounter::new(s.instantiations)));
+        }
+        family(
+            e,
+            "bsfg_policy_decisions",
+            "Facts a policy decided, by verdict (fault denials and fail-open allows included).",
+            &decisions,
+        )?;
+        family(
+            e,
+            "bsfg_policy_faults",
+            "Batches a policy could not decide (trap, deadline, memory, fuel, count, other) or failed while broken.",
+            &faults,
+        )?;
+        family(
+            e,
+            "bsfg_policy_fail_open",
+            "Facts allowed without a decision because the policy faulted and its config says on_fault = \"allow\".",
+            &fail_open,
+        )?;
+        family(
+            e,
+            "bsfg_policy_reloads",
+            "Module reloads by result (applied, rejected, unchanged).",
+            &reloads,
+        )?;
+        family(
+            e,
+            "bsfg_policy_broken",
+            "1 while a policy is broken (failing batches without calling it).",
+            &broken,
+        )?;
+        family(
+            e,
+            "bsfg_policy_instantiations",
+            "Instances made (the first and one after each fault).",
+            &instantiations,
+        )?;
+        Ok(())
+    }
+
     fn encode_security(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let zone = || ("zone", self.zone.clone());
         let expiry: Vec<(Labels, ConstGauge<i64>)> = self
@@ -468,6 +550,7 @@ impl Admin {
         let mut r = Registry::default();
         r.register_collector(Box::new(Collector {
             zone: self.zone.clone(),
+            policies: self.policies.clone(),
             links: self.links.clone(),
             api: self.api.clone(),
             security: self.security.clone(),
@@ -552,6 +635,109 @@ async fn accept_gap(
     }
 }
 
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EntryQuery {
+    id: String,
+    by: Option<String>,
+}
+
+fn boundary_error(e: &bsfg_core::BoundaryError) -> (StatusCode, String) {
+    let code = match e.reason() {
+        bsfg_core::Reason::NotFound => StatusCode::NOT_FOUND,
+        bsfg_core::Reason::InvalidArgument | bsfg_core::Reason::ConflictingDuplicate => {
+            StatusCode::CONFLICT
+        }
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, format!("{e}\n"))
+}
+
+async fn quarantine_list(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<ListQuery>,
+) -> axum::response::Response {
+    match admin.engine.quarantined(q.limit.unwrap_or(100)).await {
+        Ok(entries) => axum::Json(entries).into_response(),
+        Err(e) => boundary_error(&e).into_response(),
+    }
+}
+
+async fn quarantine_show(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<EntryQuery>,
+) -> axum::response::Response {
+    match admin.engine.quarantined_entry(&q.id).await {
+        Ok(Some(entry)) => axum::Json(entry).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            format!("no quarantined fact with message_id `{}`\n", q.id),
+        )
+            .into_response(),
+        Err(e) => boundary_error(&e).into_response(),
+    }
+}
+
+async fn settle(
+    admin: &Admin,
+    q: EntryQuery,
+    action: bsfg_core::QuarantineAction,
+) -> (StatusCode, String) {
+    let by = q.by.unwrap_or_default();
+    if by.trim().is_empty() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "by: must name who decides (it is recorded as a fact)\n".to_owned(),
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    match admin
+        .engine
+        .settle_quarantined(&q.id, action, &admin.zone, &by, now)
+        .await
+    {
+        Ok(s) => {
+            let verb = match action {
+                bsfg_core::QuarantineAction::Release => "released",
+                bsfg_core::QuarantineAction::Drop => "dropped",
+            };
+            tracing::warn!(zone = %admin.zone, message_id = %q.id, by = %by, policy = %s.entry.denial.policy, "operator {verb} a quarantined fact");
+            let stored = s
+                .released
+                .map(|o| format!(", stored at {}:{}", o.stream, o.offset))
+                .unwrap_or_default();
+            (
+                StatusCode::OK,
+                format!(
+                    "`{}` {verb} by {by}{stored}; recorded at {}:{}\n",
+                    q.id, s.record.stream, s.record.offset
+                ),
+            )
+        }
+        Err(e) => boundary_error(&e),
+    }
+}
+
+async fn quarantine_release(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<EntryQuery>,
+) -> impl IntoResponse {
+    settle(&admin, q, bsfg_core::QuarantineAction::Release).await
+}
+
+async fn quarantine_drop(
+    State(admin): State<Arc<Admin>>,
+    Query(q): Query<EntryQuery>,
+) -> impl IntoResponse {
+    settle(&admin, q, bsfg_core::QuarantineAction::Drop).await
+}
+
 /// Binds the admin endpoint.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
@@ -567,6 +753,10 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/links/{name}/accept-gap", post(accept_gap))
+        .route("/quarantine", get(quarantine_list))
+        .route("/quarantine/entry", get(quarantine_show))
+        .route("/quarantine/release", post(quarantine_release))
+        .route("/quarantine/drop", post(quarantine_drop))
         .with_state(Arc::new(admin));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

@@ -575,3 +575,202 @@ pub async fn accept_gap(
     print!("{body}");
     Ok(())
 }
+
+/// `bsfg policy test` options.
+#[derive(Debug, clap::Args)]
+pub struct PolicyTest {
+    /// The policy component (`.wasm`, or component text `.wat`).
+    #[arg(long)]
+    pub module: PathBuf,
+    /// JSON lines, one `{"envelope": {...}, "fact": {...}}` per line (`-` for stdin).
+    #[arg(long)]
+    pub facts: PathBuf,
+    /// A setting passed to `init`, as KEY=VALUE (repeatable).
+    #[arg(long = "set", value_parser = parse_setting)]
+    pub settings: Vec<(String, String)>,
+    /// The hook the facts are decided at.
+    #[arg(long, default_value = "append", value_parser = ["append", "intake"])]
+    pub hook: String,
+    /// The deciding zone, as the context tells the policy.
+    #[arg(long, default_value = "test-zone")]
+    pub zone: String,
+    /// The peer identity, as the context tells the policy.
+    #[arg(long, default_value = "local")]
+    pub peer: String,
+    /// Facts per batch (one `decide` call each).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Wall time one call may take.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Linear memory one instance may use, in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub memory_mib: usize,
+    /// Instructions one call may execute (none: unmetered).
+    #[arg(long)]
+    pub fuel: Option<u64>,
+}
+
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+/// `bsfg policy test`: loads the module with the gateway's checks and limits, then
+/// prints one verdict per fact (`allow <id>` / `deny <id>: <reason>`).
+pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
+    use bsfg_core::{Candidate, Hook, PolicyContext, Verdict};
+    let mut cfg = bsfg_policy_wasm::PolicyConfig::new("test", &t.module);
+    cfg.settings = t.settings.into_iter().collect();
+    cfg.timeout = t.timeout;
+    cfg.memory_bytes = t.memory_mib.max(1) << 20;
+    cfg.fuel = t.fuel;
+    cfg.instances = 1;
+    let policy = bsfg_policy_wasm::WasmPolicy::load(cfg)?;
+    eprintln!("loaded {} ({})", t.module.display(), policy.sha256());
+    let text = if t.facts.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&t.facts)
+            .with_context(|| format!("reading {}", t.facts.display()))?
+    };
+    let mut messages = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let m: Message = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a fact", t.facts.display(), n + 1))?;
+        messages.push(m);
+    }
+    let hook = if t.hook == "intake" {
+        Hook::Intake
+    } else {
+        Hook::Append
+    };
+    let ctx = PolicyContext {
+        hook,
+        zone: &t.zone,
+        peer: &t.peer,
+        link: (hook == Hook::Intake).then_some("test-link"),
+        source_zone: (hook == Hook::Intake).then_some("test-source"),
+    };
+    let (mut allowed, mut denied) = (0, 0);
+    for batch in messages.chunks(t.batch.max(1)) {
+        let candidates: Vec<_> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Candidate {
+                message: m,
+                source_offset: (hook == Hook::Intake).then_some(i as u64 + 1),
+            })
+            .collect();
+        for (m, v) in batch.iter().zip(policy.decide_blocking(&ctx, &candidates)) {
+            let id = &m.envelope.message_id;
+            match v {
+                Verdict::Allow => {
+                    allowed += 1;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"message_id": id, "verdict": "allow"})
+                        );
+                    } else {
+                        println!("allow {id}");
+                    }
+                }
+                Verdict::Deny(d) => {
+                    denied += 1;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"message_id": id, "verdict": "deny", "reason": d.reason})
+                        );
+                    } else {
+                        println!("deny {id}: {}", d.reason);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{allowed} allowed, {denied} denied");
+    Ok(())
+}
+
+/// One quarantine operation on a zone's admin endpoint.
+#[derive(Debug)]
+pub enum QuarantineOp {
+    /// List entries.
+    List {
+        /// At most this many.
+        limit: usize,
+    },
+    /// One entry in full.
+    Show {
+        /// Its message_id.
+        id: String,
+    },
+    /// Append it and record the release.
+    Release {
+        /// Its message_id.
+        id: String,
+        /// Who.
+        by: String,
+    },
+    /// Discard it and record the drop.
+    Drop {
+        /// Its message_id.
+        id: String,
+        /// Who.
+        by: String,
+    },
+}
+
+/// `bsfg quarantine ...`.
+pub async fn quarantine(addr: &str, op: QuarantineOp, json: bool) -> anyhow::Result<()> {
+    let q = |pairs: &[(&str, &str)]| serde_urlencoded::to_string(pairs);
+    let (method, path) = match &op {
+        QuarantineOp::List { limit } => ("GET", format!("/quarantine?limit={limit}")),
+        QuarantineOp::Show { id } => ("GET", format!("/quarantine/entry?{}", q(&[("id", id)])?)),
+        QuarantineOp::Release { id, by } => (
+            "POST",
+            format!("/quarantine/release?{}", q(&[("id", id), ("by", by)])?),
+        ),
+        QuarantineOp::Drop { id, by } => (
+            "POST",
+            format!("/quarantine/drop?{}", q(&[("id", id), ("by", by)])?),
+        ),
+    };
+    let (code, body) = admin_request(addr, method, &path).await?;
+    anyhow::ensure!(code == 200, "{}", body.trim());
+    match op {
+        QuarantineOp::List { .. } if !json => {
+            let entries: Vec<bsfg_core::QuarantineEntry> = serde_json::from_str(&body)?;
+            if entries.is_empty() {
+                println!("quarantine is empty");
+            }
+            for e in entries {
+                println!(
+                    "{}  from {} offset {} via link {}  policy {} ({}): {}",
+                    e.message.envelope.message_id,
+                    e.source_zone,
+                    e.source_offset,
+                    e.link,
+                    e.denial.policy,
+                    e.denial.module_sha256,
+                    e.denial.reason
+                );
+            }
+        }
+        QuarantineOp::List { .. } => {
+            let entries: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+            for e in entries {
+                println!("{e}");
+            }
+        }
+        _ => print!("{body}"),
+    }
+    Ok(())
+}

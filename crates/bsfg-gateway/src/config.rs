@@ -62,6 +62,29 @@ struct RawConfig {
     tls: Option<Spanned<RawTls>>,
     #[serde(default, alias = "peer")]
     peers: Vec<RawPeer>,
+    #[serde(default, alias = "policy")]
+    policies: Vec<RawPolicy>,
+}
+
+/// `[[policies]]`: a WASM policy component and the hooks whose chains it joins.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    module: Spanned<String>,
+    hooks: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    settings: std::collections::BTreeMap<String, Spanned<String>>,
+    memory_mib: Option<Spanned<u32>>,
+    timeout: Option<Spanned<String>>,
+    fuel: Option<Spanned<u64>>,
+    on_fault: Option<Spanned<String>>,
+    #[serde(default)]
+    grants: Vec<Spanned<String>>,
+    instances: Option<Spanned<u32>>,
+    broken_after: Option<Spanned<u32>>,
+    backoff_min: Option<Spanned<String>>,
+    backoff_max: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +307,17 @@ pub struct GatewayConfig {
     pub tls: Option<TlsSettings>,
     /// What each peer identity may do (default deny).
     pub grants: Vec<bsfg_core::Grant>,
+    /// WASM policies in file order; each joins the chain of every hook it names.
+    pub policies: Vec<PolicyEntry>,
+}
+
+/// One `[[policies]]` entry, resolved (module path against the config's folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyEntry {
+    /// The sandbox's configuration.
+    pub config: bsfg_policy_wasm::PolicyConfig,
+    /// The hooks whose chains it joins (`append`, `intake`).
+    pub hooks: Vec<bsfg_core::Hook>,
 }
 
 /// Transports known by URL scheme: `grpc` is plaintext (loopback, `insecure = true`),
@@ -1100,6 +1134,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         .as_ref()
         .map(|t| t.get_ref().trust.keys().cloned().collect());
     let grants = peers(&mut c, &raw.peers, anchors.as_ref(), &declared);
+    let policies = policies(&mut c, &raw.policies, base);
 
     if c.problems.is_empty() {
         Ok(GatewayConfig {
@@ -1111,11 +1146,146 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             admin,
             tls,
             grants,
+            policies,
         })
     } else {
         c.problems.sort_by_key(|p| (p.line, p.column));
         Err(Problems(c.problems))
     }
+}
+
+/// `[[policies]]`: names unique, module files present, hooks, limits and grants known.
+/// The modules themselves are loaded (compiled, checked, initialised) by
+/// `bsfg validate` and at start-up, not here.
+fn policies(c: &mut Checker<'_>, raw: &[RawPolicy], base: &Path) -> Vec<PolicyEntry> {
+    use bsfg_policy_wasm::{HostGrant, OnFault, PolicyConfig};
+    let mut out: Vec<PolicyEntry> = Vec::new();
+    for (i, rp) in raw.iter().enumerate() {
+        let key = |k: &str| format!("policies[{i}].{k}");
+        let name = rp.name.get_ref();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            c.at(
+                rp.name.span(),
+                key("name"),
+                "must be letters, digits, `-` and `_` (it labels metrics and denials)",
+            );
+        } else if out.iter().any(|p| p.config.name == *name) {
+            c.at(
+                rp.name.span(),
+                key("name"),
+                format!("`{name}` is defined twice"),
+            );
+        }
+        let module = base.join(rp.module.get_ref());
+        if !module.is_file() {
+            c.at(
+                rp.module.span(),
+                key("module"),
+                format!(
+                    "`{}` is not a file (paths are relative to the config's folder; example policies are built by scripts/setup.sh)",
+                    module.display()
+                ),
+            );
+        }
+        let mut hooks = Vec::new();
+        for (j, h) in rp.hooks.get_ref().iter().enumerate() {
+            match h.get_ref().as_str() {
+                "append" => hooks.push(bsfg_core::Hook::Append),
+                "intake" => hooks.push(bsfg_core::Hook::Intake),
+                other => c.at(
+                    h.span(),
+                    format!("policies[{i}].hooks[{j}]"),
+                    format!("`{other}` is not a hook; use \"append\" or \"intake\""),
+                ),
+            }
+        }
+        if rp.hooks.get_ref().is_empty() {
+            c.at(
+                rp.hooks.span(),
+                key("hooks"),
+                "name at least one hook (\"append\", \"intake\")",
+            );
+        }
+        let mut cfg = PolicyConfig::new(name.clone(), module);
+        cfg.settings = rp
+            .settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+            .collect();
+        if let Some(m) = &rp.memory_mib {
+            match *m.get_ref() {
+                1..=4096 => cfg.memory_bytes = (*m.get_ref() as usize) << 20,
+                _ => c.at(m.span(), key("memory_mib"), "must be between 1 and 4096"),
+            }
+        }
+        cfg.timeout = c.duration(&rp.timeout, &key("timeout"), cfg.timeout);
+        if cfg.timeout < Duration::from_millis(1) || cfg.timeout > Duration::from_secs(60) {
+            let span = rp.timeout.as_ref().map_or(rp.name.span(), |v| v.span());
+            c.at(span, key("timeout"), "must be between 1ms and 60s");
+        }
+        if let Some(f) = &rp.fuel {
+            if *f.get_ref() == 0 {
+                c.at(
+                    f.span(),
+                    key("fuel"),
+                    "must be above zero (omit it to disable fuel)",
+                );
+            }
+            cfg.fuel = Some(*f.get_ref());
+        }
+        if let Some(o) = &rp.on_fault {
+            match o.get_ref().as_str() {
+                "deny" => cfg.on_fault = OnFault::Deny,
+                "allow" => cfg.on_fault = OnFault::Allow,
+                other => c.at(
+                    o.span(),
+                    key("on_fault"),
+                    format!("`{other}` is not one of \"deny\" (default), \"allow\""),
+                ),
+            }
+        }
+        for (j, g) in rp.grants.iter().enumerate() {
+            match HostGrant::parse(g.get_ref()) {
+                Some(h) => cfg.grants.push(h),
+                None => c.at(
+                    g.span(),
+                    format!("policies[{i}].grants[{j}]"),
+                    format!(
+                        "`{}` cannot be granted; a policy gets the log only, plus \"clock\" when granted (no filesystem or network)",
+                        g.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(n) = &rp.instances {
+            match *n.get_ref() {
+                1..=64 => cfg.instances = *n.get_ref(),
+                _ => c.at(n.span(), key("instances"), "must be between 1 and 64"),
+            }
+        }
+        if let Some(n) = &rp.broken_after {
+            match *n.get_ref() {
+                0 => c.at(n.span(), key("broken_after"), "must be at least 1"),
+                v => cfg.broken_after = v,
+            }
+        }
+        cfg.backoff_min = c.duration(&rp.backoff_min, &key("backoff_min"), cfg.backoff_min);
+        cfg.backoff_max = c.duration(&rp.backoff_max, &key("backoff_max"), cfg.backoff_max);
+        if cfg.backoff_min.is_zero() || cfg.backoff_max < cfg.backoff_min {
+            let span = rp.backoff_max.as_ref().map_or(rp.name.span(), |v| v.span());
+            c.at(
+                span,
+                key("backoff_max"),
+                "backoff_min must be above zero and backoff_max at least backoff_min",
+            );
+        }
+        out.push(PolicyEntry { config: cfg, hooks });
+    }
+    out
 }
 
 /// `[tls]`: files resolved against `base`, loaded once so that a wrong path, a key

@@ -13,6 +13,7 @@ mod bench_transports;
 mod certs;
 mod client;
 mod config;
+mod policies;
 mod run;
 
 use std::path::PathBuf;
@@ -133,6 +134,17 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Try a WASM policy module without a gateway.
+    Policy {
+        #[command(subcommand)]
+        which: PolicyCommand,
+    },
+    /// Facts a link's intake policies denied: list, show, release, drop (through the
+    /// zone's admin endpoint).
+    Quarantine {
+        #[command(subcommand)]
+        which: QuarantineCommand,
+    },
     /// Operator commands for a running zone's links.
     Link {
         #[command(subcommand)]
@@ -190,6 +202,57 @@ impl AdminArgs {
             anyhow::anyhow!("{}: no [admin] listen address configured", path.display())
         })
     }
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load a policy module as the gateway would (same checks and limits) and print
+    /// its verdict for each fact of a JSON-lines file. Nothing is stored.
+    Test(client::PolicyTest),
+}
+
+#[derive(Subcommand)]
+enum QuarantineCommand {
+    /// List quarantined facts, oldest first.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one quarantined fact in full (JSON).
+    Show {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Its message_id.
+        #[arg(long)]
+        id: String,
+    },
+    /// Append a quarantined fact as it was fetched (the operator overrides the
+    /// policy) and record who released it as a `quarantine_released` audit fact.
+    Release {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Its message_id.
+        #[arg(long)]
+        id: String,
+        /// Who releases it, kept in the record.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
+    /// Discard a quarantined fact, recording who dropped it as a
+    /// `quarantine_dropped` audit fact.
+    Drop {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Its message_id.
+        #[arg(long)]
+        id: String,
+        /// Who drops it, kept in the record.
+        #[arg(long, env = "USER", default_value = "operator")]
+        by: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -251,6 +314,16 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
     match cli.command {
         Command::Validate { config } => match config::load(&config) {
             Ok(c) => {
+                // Policies are loaded as at start-up: compiled, checked, initialised.
+                let policies = policies::Policies::load(&c.policies).map_err(|e| (2u8, e))?;
+                for (p, _) in &policies.all {
+                    println!(
+                        "{}: policy `{}` ok ({})",
+                        config.display(),
+                        p.config().name,
+                        p.sha256()
+                    );
+                }
                 println!(
                     "{}: ok: zone {}, sink jetstream at {}, {} consumer(s), {} listener(s)",
                     config.display(),
@@ -359,6 +432,28 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             client::accept_gap(&addr, &link, from, to, &by)
                 .await
                 .map_err(op)
+        }
+        Command::Policy {
+            which: PolicyCommand::Test(t),
+        } => {
+            init_tracing();
+            client::policy_test(t, cli.json).map_err(op)
+        }
+        Command::Quarantine { which } => {
+            let (admin, q) = match which {
+                QuarantineCommand::List { admin, limit } => {
+                    (admin, client::QuarantineOp::List { limit })
+                }
+                QuarantineCommand::Show { admin, id } => (admin, client::QuarantineOp::Show { id }),
+                QuarantineCommand::Release { admin, id, by } => {
+                    (admin, client::QuarantineOp::Release { id, by })
+                }
+                QuarantineCommand::Drop { admin, id, by } => {
+                    (admin, client::QuarantineOp::Drop { id, by })
+                }
+            };
+            let addr = admin.address().map_err(|e| (2u8, e))?;
+            client::quarantine(&addr, q, cli.json).await.map_err(op)
         }
         Command::Certs { which } => {
             let written = match &which {

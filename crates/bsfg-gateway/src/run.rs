@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bsfg_core::link::Link;
-use bsfg_core::{Authorization, Boundary, BoundaryApi, Gate};
+use bsfg_core::link::{Intake, Link};
+use bsfg_core::{Authorization, Boundary, BoundaryApi, Gate, Hook};
 use bsfg_sink_jetstream::{Durability, JetStreamZone};
 use bsfg_tls::{ClientTls, Reloadable, ServerTls};
 use bsfg_transport_grpc::Incoming;
@@ -56,8 +56,18 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         metrics: api_metrics.clone(),
     });
 
+    let policies = crate::policies::Policies::load(&cfg.policies)?;
+    for (p, hooks) in &policies.all {
+        let hooks: Vec<_> = hooks.iter().map(|h| h.as_str()).collect();
+        tracing::info!(zone = %zone, policy = %p.config().name, sha256 = %p.sha256(), ?hooks, "policy in place");
+    }
     let authz = Arc::new(Authorization::new(cfg.grants.clone()));
-    let gate = Gate::new(api, authz.clone());
+    let gate = Gate::new(api, authz.clone()).with_append_policies(
+        policies.chain(Hook::Append),
+        &zone,
+        cfg.limits.clone(),
+    );
+    let intake_chain = policies.chain(Hook::Intake);
     let tls_stats = Arc::new(bsfg_tls::TlsStats::default());
     let mut tls_endpoints: Vec<Arc<dyn Reloadable>> = Vec::new();
 
@@ -88,7 +98,19 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         };
         let source = crate::client::dial(&l.source, tls, l.quic.clone())
             .map_err(|e| anyhow::anyhow!("link {name}: source {}: {e}", l.source))?;
+        // Who the source is, for intake policies: the name its certificate is checked
+        // against (`server_name`, else the URL's host), or the URL when plaintext.
+        let peer = l
+            .tls
+            .as_ref()
+            .and_then(|t| t.server_name.clone())
+            .unwrap_or_else(|| l.source.clone());
         let (link, handle) = Link::new(l.settings.clone(), source, Arc::new(engine.clone()));
+        let link = link.with_intake(Intake {
+            chain: intake_chain.clone(),
+            zone: zone.clone(),
+            peer,
+        });
         handles.push(handle);
         link_tasks.push(tokio::spawn(link.run(stop_rx.clone())));
     }
@@ -171,6 +193,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         tracing::info!(zone = %zone, %addr, "admin endpoint: /metrics, /status (loopback only)");
         let a = admin::Admin {
             zone: zone.clone(),
+            engine: engine.clone(),
+            policies: policies.list(),
             links: handles.clone(),
             api: api_metrics.clone(),
             security: admin::Security {
@@ -189,6 +213,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::Error::new(e).context("admin endpoint"))
         }));
     }
+    tokio::spawn(crate::policies::watch(policies.clone(), stop_rx.clone()));
     if let Some(t) = &cfg.tls {
         tokio::spawn(bsfg_tls::watch(
             tls_endpoints.clone(),

@@ -94,6 +94,15 @@ pub struct WasmPolicy {
     permits: tokio::sync::Semaphore,
 }
 
+impl std::fmt::Debug for WasmPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmPolicy")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256())
+            .finish()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
