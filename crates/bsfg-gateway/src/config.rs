@@ -2027,4 +2027,109 @@ consumer = "to-plant-a"
             "{ps:?}"
         );
     }
+
+    #[test]
+    fn a_policy_entry_resolves_its_module_against_the_config_folder_with_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("p.wasm"), b"x").expect("write");
+        let src = format!(
+            "{GOOD}\n[[policies]]\nname = \"labels\"\nmodule = \"p.wasm\"\nhooks = [\"append\", \"intake\"]\nsettings = {{ label = \"site\" }}\n"
+        );
+        let c = parse(&dir.path().join("zone.toml"), &src).expect("valid");
+        let p = &c.policies[0];
+        assert_eq!(p.config.module, dir.path().join("p.wasm"));
+        assert_eq!(p.hooks, [bsfg_core::Hook::Append, bsfg_core::Hook::Intake]);
+        assert_eq!(
+            p.config.settings.get("label").map(String::as_str),
+            Some("site")
+        );
+        assert_eq!(p.config.memory_bytes, 16 << 20);
+        assert_eq!(p.config.timeout, Duration::from_millis(100));
+        assert_eq!(p.config.on_fault, bsfg_policy_wasm::OnFault::Deny);
+        assert!(p.config.grants.is_empty());
+    }
+
+    #[test]
+    fn each_broken_policy_entry_names_its_key_and_rule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("p.wasm"), b"x").expect("write");
+        let entry =
+            "\n[[policies]]\nname = \"labels\"\nmodule = \"p.wasm\"\nhooks = [\"append\"]\n";
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "module = \"p.wasm\"",
+                "module = \"none.wasm\"",
+                "policies[0].module",
+                "is not a file",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = [\"egress\"]",
+                "policies[0].hooks[0]",
+                "is not a hook",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = []",
+                "policies[0].hooks",
+                "at least one hook",
+            ),
+            (
+                "name = \"labels\"",
+                "name = \"a b\"",
+                "policies[0].name",
+                "letters, digits",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = [\"append\"]\non_fault = \"ignore\"",
+                "policies[0].on_fault",
+                "not one of",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = [\"append\"]\ngrants = [\"filesystem\"]",
+                "policies[0].grants[0]",
+                "cannot be granted",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = [\"append\"]\ntimeout = \"0s\"",
+                "policies[0].timeout",
+                "between 1ms and 60s",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = [\"append\"]\nmemory_mib = 0",
+                "policies[0].memory_mib",
+                "between 1 and 4096",
+            ),
+            (
+                "hooks = [\"append\"]",
+                "hooks = [\"append\"]\nfuel = 0",
+                "policies[0].fuel",
+                "above zero",
+            ),
+        ];
+        for (find, replace, key, words) in cases {
+            let src = format!("{GOOD}{}", entry.replace(find, replace));
+            let ps = parse(&dir.path().join("zone.toml"), &src)
+                .expect_err("must be refused")
+                .0;
+            assert!(
+                ps.iter()
+                    .any(|p| p.key == *key && p.message.contains(words)),
+                "{replace}: {ps:?}"
+            );
+        }
+        let twice = format!("{GOOD}{entry}{entry}");
+        let ps = parse(&dir.path().join("zone.toml"), &twice)
+            .expect_err("must be refused")
+            .0;
+        assert!(
+            ps.iter()
+                .any(|p| p.key == "policies[1].name" && p.message.contains("defined twice")),
+            "{ps:?}"
+        );
+    }
 }

@@ -1,0 +1,528 @@
+//! WASM policies in real `bsfg` gateways, composed from config: a local append denied
+//! with the policy's name and reason; a replicated fact quarantined at intake and
+//! released by the operator command; a module replaced while facts flow; hostile
+//! modules contained while the gateway keeps serving.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bsfg_core::{BoundaryApi, FetchRequest, Message, Reason};
+use bsfg_testkit::{NatsOptions, NatsServer, http_get, plugins};
+use bsfg_transport_grpc::{ClientConfig, GrpcClient};
+use common::{Gateway, free_ports, text};
+
+struct Site {
+    nats: NatsServer,
+    gw: Gateway,
+    admin: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    fn api(&self) -> GrpcClient {
+        GrpcClient::connect_lazy(&self.gw.url, ClientConfig::default()).unwrap()
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").unwrap().1
+    }
+
+    /// `bsfg quarantine <args> --admin <this zone>`.
+    fn quarantine(&self, args: &[&str]) -> String {
+        let out = self
+            .gw
+            .bsfg(&[&["quarantine"], args, &["--admin", &self.admin_url()]].concat());
+        assert!(
+            out.status.success(),
+            "bsfg quarantine {args:?}: {}",
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+}
+
+/// A zone named `name` with consumers, an optional link pulling `to-<name>` from
+/// `source`, and `extra` config (policies) appended verbatim.
+fn site(name: &str, consumers: &[(&str, &str)], source: Option<&str>, extra: &str) -> Site {
+    let nats = NatsServer::start_with(NatsOptions {
+        domain: Some(name.to_owned()),
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let [port, admin] = free_ports();
+    let mut cfg = format!(
+        r#"[zone]
+name = "{name}"
+
+[sink]
+type = "jetstream"
+url = "{url}"
+domain = "{name}"
+monitor_url = "{monitor}"
+classes = [{{ name = "operational", max_age = "30d" }}, {{ name = "audit", max_age = "365d" }}]
+
+[[listeners]]
+url = "grpc://127.0.0.1:{port}"
+insecure = true
+
+[admin]
+listen = "127.0.0.1:{admin}"
+"#,
+        url = nats.url(),
+        monitor = nats.monitor_url(),
+    );
+    for (c, class) in consumers {
+        cfg +=
+            &format!("\n[[consumers]]\nname = \"{c}\"\nclass = \"{class}\"\nack_wait = \"2s\"\n");
+    }
+    if let Some(source) = source {
+        cfg += &format!(
+            "\n[[links]]\nname = \"from-plant\"\nsource = \"{source}\"\ninsecure = true\nconsumer = \"to-{name}\"\nclasses = [\"operational\"]\npage_size = 20\nwait = \"500ms\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n"
+        );
+    }
+    cfg += extra;
+    let config = dir.path().join(format!("{name}.toml"));
+    std::fs::write(&config, cfg).unwrap();
+    let gw = Gateway::spawn(config, format!("grpc://127.0.0.1:{port}"));
+    Site {
+        nats,
+        gw,
+        admin,
+        dir,
+    }
+}
+
+/// A `[[policies]]` entry (module path absolute, so any folder works).
+fn policy(name: &str, module: &Path, hooks: &str, settings: &str, extra: &str) -> String {
+    format!(
+        "\n[[policies]]\nname = \"{name}\"\nmodule = \"{}\"\nhooks = [{hooks}]\nsettings = {{ {settings} }}\n{extra}\n",
+        module.display()
+    )
+}
+
+fn fact(i: u32, site_label: &str, predicate: &str) -> Message {
+    let mut m = common::plant_fact("P", i);
+    m.envelope.labels.insert("site".into(), site_label.into());
+    m.fact.predicate = predicate.into();
+    m
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn link_frontier(s: &Site) -> u64 {
+    common::admin_status(s.admin)["links"][0]["frontier"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Every message_id the quarantine holds (`bsfg --json quarantine list`).
+fn quarantined_ids(s: &Site) -> HashSet<String> {
+    let out = s.gw.bsfg(&[
+        "--json",
+        "quarantine",
+        "list",
+        "--limit",
+        "10000",
+        "--admin",
+        &s.admin_url(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["message"]["envelope"]["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Reads `reader` until it has nothing more; each message_id must come once.
+async fn read_all(api: &dyn BoundaryApi, reader: &str) -> HashSet<String> {
+    let mut ids = HashSet::new();
+    loop {
+        let page = api
+            .fetch_facts(FetchRequest {
+                consumer: reader.into(),
+                limit: 500,
+                wait: Duration::from_millis(300),
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.facts.last().map(|f| f.offset) else {
+            return ids;
+        };
+        for f in &page.facts {
+            let id = f.message.envelope.message_id.clone();
+            assert!(ids.insert(id.clone()), "{id} stored twice");
+        }
+        api.confirm_receipt(reader, last).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_from_config_denies_a_local_append_with_its_name_and_reason() {
+    let extra = policy(
+        "only-plant-a",
+        &plugins::built("allow_labels"),
+        "\"append\"",
+        "label = \"site\", values = \"PlantA\"",
+        "",
+    );
+    let zone = site("enterprise", &[("reporting", "operational")], None, &extra);
+    let api = zone.api();
+    api.append_fact(fact(1, "PlantA", "step_completed"))
+        .await
+        .unwrap();
+    let e = api
+        .append_fact(fact(2, "PlantB", "step_completed"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), Reason::PermissionDenied);
+    assert!(
+        e.to_string().contains(
+            "policy `only-plant-a` denied message_id `plant:batch:P0:step:2`: label `site` is `PlantB`, allowed: PlantA"
+        ),
+        "{e}"
+    );
+    // Bad input is still invalid_argument naming the field: validation comes first.
+    let mut bad = fact(3, "PlantB", "step_completed");
+    bad.fact.subject = "no kind".into();
+    let e = api.append_fact(bad).await.unwrap_err();
+    assert_eq!(e.field(), Some("fact.subject"), "{e}");
+    assert_eq!(
+        read_all(&api, "reporting").await,
+        HashSet::from(["plant:batch:P0:step:1".to_owned()])
+    );
+    let m = zone.metrics();
+    assert!(
+        m.contains(r#"bsfg_policy_decisions_total{zone="enterprise",policy="only-plant-a",verdict="deny"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_operator_releases_it() {
+    let plant = site("plant", &[("to-enterprise", "operational")], None, "");
+    let extra = policy(
+        "no-recipes",
+        &plugins::built("deny_predicates"),
+        "\"intake\"",
+        "predicates = \"recipe_changed\"",
+        "",
+    );
+    let enterprise = site(
+        "enterprise",
+        &[("reporting", "operational"), ("audit-reader", "audit")],
+        Some(&plant.gw.url),
+        &extra,
+    );
+    let papi = plant.api();
+    for (i, p) in [
+        (1, "step_completed"),
+        (2, "recipe_changed"),
+        (3, "step_completed"),
+    ] {
+        papi.append_fact(fact(i, "PlantA", p)).await.unwrap();
+    }
+    wait_until(
+        "the link to confirm every page",
+        Duration::from_secs(30),
+        || link_frontier(&enterprise) == 3,
+    );
+    let eapi = enterprise.api();
+    let denied = "plant:batch:P0:step:2";
+    assert_eq!(
+        read_all(&eapi, "reporting").await,
+        HashSet::from([
+            "plant:batch:P0:step:1".to_owned(),
+            "plant:batch:P0:step:3".to_owned()
+        ])
+    );
+    let sha = {
+        let bytes = std::fs::read(plugins::built("deny_predicates")).unwrap();
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+    };
+    let listing = enterprise.quarantine(&["list"]);
+    assert!(
+        listing.contains(denied)
+            && listing.contains("from plant offset 2 via link from-plant")
+            && listing.contains(&format!(
+                "policy no-recipes ({sha}): predicate `recipe_changed` is denied"
+            )),
+        "{listing}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&enterprise.quarantine(&["show", "--id", denied])).unwrap();
+    assert_eq!(shown["message"]["fact"]["predicate"], "recipe_changed");
+    assert_eq!(shown["source_zone"], "plant");
+
+    let released = enterprise.quarantine(&["release", "--id", denied, "--by", "alice"]);
+    assert!(released.contains("released by alice"), "{released}");
+    assert_eq!(
+        read_all(&eapi, "reporting").await,
+        HashSet::from([denied.to_owned()])
+    );
+    assert!(quarantined_ids(&enterprise).is_empty());
+    let audit = eapi
+        .fetch_facts(FetchRequest {
+            consumer: "audit-reader".into(),
+            limit: 10,
+            wait: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.facts.len(), 1);
+    let record = &audit.facts[0].message.fact;
+    assert_eq!(record.predicate, "quarantine_released");
+    assert!(
+        record.object_json.contains(r#""by":"alice""#),
+        "{}",
+        record.object_json
+    );
+    // The released fact keeps its provenance: replaying the source page changes nothing.
+    let again = enterprise.gw.bsfg(&[
+        "quarantine",
+        "release",
+        "--id",
+        denied,
+        "--by",
+        "alice",
+        "--admin",
+        &enterprise.admin_url(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("no quarantined fact"),
+        "{}",
+        text(&again.stderr)
+    );
+    let m = enterprise.metrics();
+    assert!(
+        m.contains(r#"bsfg_quarantined_facts_total{zone="enterprise",link="from-plant",consumer="to-enterprise"} 1"#),
+        "{m}"
+    );
+    drop(plant.nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_the_module_file_while_facts_flow_changes_verdicts_without_loss_or_duplicates() {
+    const N: u32 = 400;
+    let plant = site("plant", &[("to-enterprise", "operational")], None, "");
+    let scratch = tempfile::tempdir().unwrap();
+    let module = scratch.path().join("gate.wasm");
+    std::fs::copy(plugins::built("allow_labels"), &module).unwrap();
+    // Both modules find their settings: allow_labels allows site PlantA (every fact),
+    // deny_predicates denies step_completed (every fact).
+    let extra = policy(
+        "gate",
+        &module,
+        "\"intake\"",
+        "label = \"site\", values = \"PlantA\", predicates = \"step_completed\"",
+        "",
+    );
+    let enterprise = site(
+        "enterprise",
+        &[("reporting", "operational")],
+        Some(&plant.gw.url),
+        &extra,
+    );
+    let papi = plant.api();
+    let producer = tokio::spawn(async move {
+        for i in 0..N {
+            papi.append_fact(fact(i, "PlantA", "step_completed"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    wait_until("the first facts to cross", Duration::from_secs(30), || {
+        link_frontier(&enterprise) >= 50
+    });
+    // Replace the file atomically, as a deployment would.
+    let staged: PathBuf = scratch.path().join("gate.wasm.new");
+    std::fs::copy(plugins::built("deny_predicates"), &staged).unwrap();
+    std::fs::rename(&staged, &module).unwrap();
+    producer.await.unwrap();
+    wait_until("every page confirmed", Duration::from_secs(60), || {
+        link_frontier(&enterprise) == u64::from(N)
+    });
+
+    let stored = read_all(&enterprise.api(), "reporting").await;
+    let quarantined = quarantined_ids(&enterprise);
+    let all: HashSet<String> = (0..N)
+        .map(|i| fact(i, "PlantA", "").envelope.message_id)
+        .collect();
+    assert!(
+        stored.is_disjoint(&quarantined),
+        "a fact both stored and quarantined"
+    );
+    assert_eq!(&stored | &quarantined, all, "a fact is missing");
+    assert!(
+        stored.len() >= 50 && !quarantined.is_empty(),
+        "verdicts did not change: {} stored, {} quarantined",
+        stored.len(),
+        quarantined.len()
+    );
+    let m = enterprise.metrics();
+    assert!(
+        m.contains(
+            r#"bsfg_policy_reloads_total{zone="enterprise",policy="gate",result="applied"} 1"#
+        ),
+        "{m}"
+    );
+    let log = std::fs::read_to_string(enterprise.gw.config.with_extension("log")).unwrap();
+    assert!(log.contains("policy reloaded"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_modules_are_contained_and_the_gateway_keeps_serving() {
+    let scratch = tempfile::tempdir().unwrap();
+    let module = scratch.path().join("hostile.wat");
+    std::fs::copy(plugins::hostile("infinite-loop"), &module).unwrap();
+    let extra = policy(
+        "hostile",
+        &module,
+        "\"append\"",
+        "",
+        "timeout = \"50ms\"\nmemory_mib = 8\nbroken_after = 100",
+    );
+    let zone = site("enterprise", &[("reporting", "operational")], None, &extra);
+    let api = zone.api();
+    let swap = |fixture: &str| {
+        let staged = scratch.path().join("staged.wat");
+        std::fs::copy(plugins::hostile(fixture), &staged).unwrap();
+        std::fs::rename(&staged, &module).unwrap();
+    };
+    let reloads = |result: &str| -> bool {
+        zone.metrics().contains(&format!(
+            r#"bsfg_policy_reloads_total{{zone="enterprise",policy="hostile",result="{result}"}} "#
+        ))
+    };
+    let mut applied = 0;
+    for (fixture, reason) in [
+        ("infinite-loop", "policy_fault: deadline of 50ms exceeded"),
+        (
+            "memory-bomb",
+            "policy_fault: memory limit of 8388608 bytes exceeded",
+        ),
+        (
+            "trap",
+            "policy_fault: trap: wasm trap: wasm `unreachable` instruction executed",
+        ),
+    ] {
+        if fixture != "infinite-loop" {
+            swap(fixture);
+            applied += 1;
+            let want = format!(
+                r#"bsfg_policy_reloads_total{{zone="enterprise",policy="hostile",result="applied"}} {applied}"#
+            );
+            wait_until("the reload", Duration::from_secs(10), || {
+                zone.metrics().contains(&want)
+            });
+        }
+        let e = api
+            .append_fact(fact(1, "PlantA", "step_completed"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), Reason::PermissionDenied, "{fixture}: {e}");
+        assert!(e.to_string().contains(reason), "{fixture}: {e}");
+        // Other traffic is served as before.
+        let page = api
+            .fetch_facts(FetchRequest {
+                consumer: "reporting".into(),
+                limit: 10,
+                wait: Duration::ZERO,
+            })
+            .await
+            .unwrap();
+        assert!(page.facts.is_empty(), "{fixture}: a denied fact was stored");
+        common::admin_status(zone.admin);
+    }
+    // Modules that fail the load checks are refused; the trap module stays.
+    for (n, bad) in ["imports-filesystem", "wrong-exports"].iter().enumerate() {
+        swap(bad);
+        let want = format!(
+            r#"bsfg_policy_reloads_total{{zone="enterprise",policy="hostile",result="rejected"}} {}"#,
+            n + 1
+        );
+        wait_until("the reload refused", Duration::from_secs(10), || {
+            zone.metrics().contains(&want)
+        });
+    }
+    assert!(reloads("applied"));
+    let e = api
+        .append_fact(fact(1, "PlantA", "step_completed"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("policy_fault: trap"), "{e}");
+    let log = std::fs::read_to_string(zone.gw.config.with_extension("log")).unwrap();
+    assert!(
+        log.contains("imports `wasi:filesystem/types@0.2.0`, which this host does not offer")
+            && log.contains("`decide` does not have the type"),
+        "{log}"
+    );
+    // SIGHUP reloads every policy: the file is unchanged, and that is counted too.
+    std::process::Command::new("kill")
+        .args(["-HUP", &zone.gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_until("the SIGHUP reload", Duration::from_secs(10), || {
+        reloads("unchanged")
+    });
+    drop(zone.dir);
+}
+
+#[test]
+fn a_config_naming_a_module_that_imports_the_filesystem_fails_validation_clearly() {
+    let nats = NatsServer::start_with(NatsOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let [port] = free_ports();
+    let cfg = format!(
+        "[zone]\nname = \"z\"\n\n[sink]\ntype = \"jetstream\"\nurl = \"{}\"\n\n[[listeners]]\nurl = \"grpc://127.0.0.1:{port}\"\ninsecure = true\n{}",
+        nats.url(),
+        policy(
+            "fs",
+            &plugins::hostile("imports-filesystem"),
+            "\"append\"",
+            "",
+            ""
+        )
+    );
+    let path = dir.path().join("z.toml");
+    std::fs::write(&path, cfg).unwrap();
+    for cmd in ["validate", "run"] {
+        let out = std::process::Command::new(common::BSFG)
+            .args([cmd, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{cmd} accepted it");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("policy `fs`")
+                && err.contains(
+                    "imports `wasi:filesystem/types@0.2.0`, which this host does not offer"
+                ),
+            "{cmd}: {err}"
+        );
+    }
+}
