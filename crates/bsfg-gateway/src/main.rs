@@ -9,6 +9,7 @@
 
 mod admin;
 mod bench;
+mod bench_policy;
 mod bench_transports;
 mod certs;
 mod client;
@@ -295,6 +296,9 @@ enum BenchCommand {
     /// Replication over gRPC and QUIC across the same emulated link, for a matrix of
     /// round-trip times and loss rates (needs root: network namespaces, TUN).
     Transports(bench_transports::TransportsBench),
+    /// Per-fact cost of a WASM policy at batch sizes 1, 100, 1000, and replication
+    /// with and without it at a link's intake.
+    Policy(bench_policy::PolicyBench),
 }
 
 fn init_tracing() {
@@ -480,6 +484,12 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         } => {
             init_tracing();
             bench_transports::transports(opts).await.map_err(op)
+        }
+        Command::Bench {
+            which: BenchCommand::Policy(opts),
+        } => {
+            init_tracing();
+            bench_policy::policy(opts).await.map_err(op)
         }
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
