@@ -6,7 +6,9 @@
 # enterprise through its link `from-idmz` (over gRPC) (FetchFacts -> AppendFact -> ConfirmReceipt, hop by
 # hop). Every call between zones is mutual TLS 1.3 with zone-issued certificates
 # (examples/three-zones/make-certs.sh) and authorized per identity ([[peers]]).
-# Midway the idmz gateway goes down while the plant keeps working.
+# Midway the idmz gateway goes down while the plant keeps working. WASM policies: the
+# plant checks local appends, the enterprise quarantines recipe changes at intake
+# until an operator releases them.
 # Ports: nats 4222/4232/4242, monitoring 8222/8232/8242, gRPC 7443/7453/7463,
 # QUIC (UDP) 7443,
 # admin (metrics, status) 9464/9465/9466.
@@ -92,6 +94,10 @@ run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:4"
 run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:6" --from plant --to enterprise \
   --subject batch:Plant/B1042 --predicate StepCompleted --object '{}' || true
 
+say "A WASM policy in the plant (json_fields.wasm) refuses a step that does not name its operator"
+run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:7" --from plant --to enterprise \
+  --subject batch:Plant/B1042 --predicate step_completed --object '{"step":7}' || true
+
 say "The producer may speak for the plant only: claiming the enterprise zone is refused"
 run --url $PLANT "${PRODUCER[@]}" append --message-id "forged:1" --from enterprise --to plant \
   --subject batch:Plant/B1042 --predicate step_completed --object '{"step":9}' || true
@@ -115,6 +121,14 @@ start_gateway idmz
 wait_caught_up enterprise 25
 run status --config $EX/enterprise.toml
 
+say "A recipe change crosses to the enterprise, whose intake policy (deny_predicates.wasm) quarantines it"
+run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1043:recipe:1" --from plant --to enterprise \
+  --subject batch:Plant/B1043 --predicate recipe_changed --object '{"recipe":"R7","by":"jdoe"}' --label site=Plant
+wait_caught_up enterprise 26
+run quarantine list --config $EX/enterprise.toml
+say "An operator reviews it and releases it: it is appended as it was, and the release is recorded as a fact"
+run quarantine release --config $EX/enterprise.toml --id plant:batch:B1043:recipe:1 --by demo-operator
+
 say "A reader in the enterprise zone fetches and confirms what arrived (via = where the link got it)"
 run --url $ENTERPRISE "${READER[@]}" fetch --consumer reporting --limit 30 --confirm
 
@@ -122,9 +136,9 @@ say "Security metrics of the plant zone: refused handshakes and denied requests,
 curl -s http://127.0.0.1:9464/metrics 2>/dev/null | grep -E '^bsfg_(tls_handshake_failures|authz_denials)' || true
 
 say "Metrics of the enterprise zone (Prometheus text on its admin endpoint): replication and certificates"
-curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts|certificate_expiry)' || \
+curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts|quarantined_facts|policy_decisions|certificate_expiry)' || \
   echo "   (curl not installed: see http://127.0.0.1:9466/metrics)"
 
 say "Stopping the gateways with SIGTERM: they finish what is in flight and exit"
 for z in enterprise idmz plant; do kill -TERM "${PID[$z.gw]}"; wait "${PID[$z.gw]}" && echo "   $z gateway exited cleanly"; unset "PID[$z.gw]"; done
-say "Done: 25 facts crossed two hops once each, under their original message_ids."
+say "Done: 26 facts crossed two hops once each, under their original message_ids (one after an operator's review)."

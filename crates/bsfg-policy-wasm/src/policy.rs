@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bsfg_core::{Candidate, Denial, Policy, PolicyContext, Verdict};
 
-use crate::abi::{WContext, WFact, WVerdict};
+use crate::abi::{Batch, WContext, WFact, WVerdict};
 use crate::config::{OnFault, PolicyConfig};
 use crate::error::PolicyError;
 use crate::sandbox::{Fault, Module, Sandbox, Warm};
@@ -219,7 +219,8 @@ impl WasmPolicy {
         if let Some(fault) = self.still_broken() {
             return self.fail(sha, fault, facts.len());
         }
-        let wfacts: Vec<WFact<'_>> = facts.iter().map(WFact::from).collect();
+        let batch = Batch::new(facts);
+        let wfacts: Vec<WFact<'_>> = batch.facts(facts);
         let warm = lock(&loaded.warm).pop();
         let mut warm = match warm {
             Some(w) => w,

@@ -400,3 +400,44 @@ fn reload_swaps_a_changed_module_refuses_a_broken_one_and_keeps_the_old() {
         (1, 1, 1)
     );
 }
+
+#[test]
+fn batches_larger_than_the_guest_input_arena_and_many_batches_in_a_row_decide_correctly() {
+    let mut c = config("labels", plugins::built("allow_labels"));
+    c.settings = [("label", "site"), ("values", "PlantA")]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into();
+    c.memory_bytes = 32 << 20;
+    c.timeout = Duration::from_secs(5);
+    let p = WasmPolicy::load(c).unwrap();
+    // 1500 facts of ~2 KiB: several MiB of inputs, past the SDK's first arena.
+    let big: Vec<Message> = (0..1500)
+        .map(|i| {
+            let mut m = fact(
+                &format!("big-{i}"),
+                "x",
+                Some(if i % 3 == 0 { "PlantB" } else { "PlantA" }),
+            );
+            m.fact.object_json = format!(r#"{{"pad":"{}"}}"#, "y".repeat(2000));
+            m
+        })
+        .collect();
+    for round in 0..3 {
+        let v = decide(&p, &APPEND, &big);
+        let denied = v.iter().filter(|v| **v != Verdict::Allow).count();
+        assert_eq!((v.len(), denied), (1500, 500), "round {round}");
+        assert_eq!(reason(&v[0]), "label `site` is `PlantB`, allowed: PlantA");
+    }
+    // Many small batches: inputs do not accumulate in the guest's memory.
+    let small: Vec<Message> = (0..100)
+        .map(|i| fact(&format!("s-{i}"), "x", Some("PlantA")))
+        .collect();
+    for _ in 0..2000 {
+        assert!(
+            decide(&p, &APPEND, &small)
+                .iter()
+                .all(|v| *v == Verdict::Allow)
+        );
+    }
+    assert!(p.stats().faults.is_empty(), "{:?}", p.stats());
+}

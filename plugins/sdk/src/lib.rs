@@ -52,7 +52,122 @@ pub use bindings::bsfg::policy::types::{ArtifactRef, Context, Fact, Hook, Verdic
 
 #[cfg(target_arch = "wasm32")]
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: arena::SdkAlloc = arena::SdkAlloc;
+
+/// Where the host puts a call's inputs. The canonical ABI asks the guest for memory
+/// (`cabi_realloc`) for every string and list of every fact of a batch; a bump arena
+/// answers those requests in a few instructions, and the guest's frees of them are
+/// no-ops. The arena is reset when the call that received them ends ([`Slot`] drops
+/// the inputs first: a policy only ever sees them by reference, so none can outlive
+/// the call; copies are made with the regular allocator). Everything else, the
+/// policy's own state included, lives in dlmalloc.
+#[cfg(target_arch = "wasm32")]
+mod arena {
+    use core::alloc::{GlobalAlloc, Layout};
+    use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+    const FIRST: usize = 256 << 10;
+    const MOST: usize = 4 << 20;
+    static BASE: AtomicUsize = AtomicUsize::new(0);
+    static SIZE: AtomicUsize = AtomicUsize::new(0);
+    static TOP: AtomicUsize = AtomicUsize::new(0);
+    static OVERFLOWED: AtomicBool = AtomicBool::new(false);
+
+    fn contains(ptr: *mut u8) -> bool {
+        let (p, base) = (ptr as usize, BASE.load(Relaxed));
+        base != 0 && p >= base && p < base + SIZE.load(Relaxed)
+    }
+
+    /// Input memory for the current call, or null when the arena is full (the
+    /// caller then uses dlmalloc).
+    pub fn alloc(layout: Layout) -> *mut u8 {
+        let mut base = BASE.load(Relaxed);
+        if base == 0 {
+            // SAFETY: a valid, non-zero-sized layout.
+            base = unsafe {
+                dlmalloc::GlobalDlmalloc.alloc(Layout::from_size_align_unchecked(FIRST, 16))
+            } as usize;
+            if base == 0 {
+                return core::ptr::null_mut();
+            }
+            BASE.store(base, Relaxed);
+            SIZE.store(FIRST, Relaxed);
+            TOP.store(base, Relaxed);
+        }
+        let top = TOP.load(Relaxed);
+        let p = (top + layout.align() - 1) & !(layout.align() - 1);
+        if p + layout.size() > base + SIZE.load(Relaxed) {
+            OVERFLOWED.store(true, Relaxed);
+            return core::ptr::null_mut();
+        }
+        TOP.store(p + layout.size(), Relaxed);
+        p as *mut u8
+    }
+
+    /// Ends a call: every input is dead. An arena that overflowed doubles (up to 4 MiB).
+    pub fn reset() {
+        let base = BASE.load(Relaxed);
+        if base == 0 {
+            return;
+        }
+        let size = SIZE.load(Relaxed);
+        if OVERFLOWED.swap(false, Relaxed) && size < MOST {
+            // SAFETY: `base` was allocated by dlmalloc with exactly this layout, and
+            // no input of the ended call is referenced any more.
+            unsafe {
+                dlmalloc::GlobalDlmalloc
+                    .dealloc(base as *mut u8, Layout::from_size_align_unchecked(size, 16));
+            }
+            BASE.store(0, Relaxed);
+            let grown = (size * 2).min(MOST);
+            // SAFETY: a valid, non-zero-sized layout.
+            let b = unsafe {
+                dlmalloc::GlobalDlmalloc.alloc(Layout::from_size_align_unchecked(grown, 16))
+            } as usize;
+            if b != 0 {
+                BASE.store(b, Relaxed);
+                SIZE.store(grown, Relaxed);
+                TOP.store(b, Relaxed);
+            }
+            return;
+        }
+        TOP.store(base, Relaxed);
+    }
+
+    /// dlmalloc, except that frees of arena memory are no-ops.
+    pub struct SdkAlloc;
+
+    // SAFETY: forwards to dlmalloc for every pointer dlmalloc handed out; arena
+    // pointers are never passed to dlmalloc.
+    unsafe impl GlobalAlloc for SdkAlloc {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { dlmalloc::GlobalDlmalloc.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if !contains(ptr) {
+                // SAFETY: not arena memory, so dlmalloc's; the caller's contract.
+                unsafe { dlmalloc::GlobalDlmalloc.dealloc(ptr, layout) }
+            }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            if !contains(ptr) {
+                // SAFETY: not arena memory, so dlmalloc's; the caller's contract.
+                return unsafe { dlmalloc::GlobalDlmalloc.realloc(ptr, layout, new_size) };
+            }
+            // SAFETY: the new layout is valid (the caller's contract); the old block
+            // holds `layout.size()` readable bytes.
+            unsafe {
+                let new = dlmalloc::GlobalDlmalloc
+                    .alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+                if !new.is_null() {
+                    core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                }
+                new
+            }
+        }
+    }
+}
 
 /// The canonical ABI's allocator export: the host asks it for the memory that
 /// carries a batch into the guest. On wasm32-wasip2 wit-bindgen leaves it to wasi-libc's
@@ -78,12 +193,18 @@ pub unsafe extern "C" fn cabi_realloc(
         core::arch::wasm32::unreachable()
     };
     // SAFETY: the layout is non-zero sized and valid (checked above); `old_ptr` was
-    // allocated with `old_len` and `align` by this function, per the caller's contract.
+    // allocated with `old_len` and `align` by this function, per the caller's contract
+    // (from the arena or from the global allocator, whose realloc tells them apart).
     let ptr = unsafe {
         if old_len == 0 {
-            allocate(layout)
+            let p = arena::alloc(layout);
+            if p.is_null() { allocate(layout) } else { p }
         } else {
-            realloc(old_ptr, Layout::from_size_align_unchecked(old_len, align), new_len)
+            realloc(
+                old_ptr,
+                Layout::from_size_align_unchecked(old_len, align),
+                new_len,
+            )
         }
     };
     if ptr.is_null() {
@@ -168,7 +289,9 @@ impl Fact {
 
     /// The subject's kind: `batch` in `batch:PlantA/B1042`.
     pub fn subject_kind(&self) -> &str {
-        self.subject.split_once(':').map_or(&self.subject, |(k, _)| k)
+        self.subject
+            .split_once(':')
+            .map_or(&self.subject, |(k, _)| k)
     }
 }
 
@@ -196,7 +319,10 @@ impl<P: Policy> Slot<P> {
 
     #[doc(hidden)]
     pub fn init(&self, settings: Vec<(String, String)>) -> Result<(), String> {
-        let p = P::init(&Settings::new(settings))?;
+        let settings = Settings::new(settings);
+        let p = P::init(&settings);
+        end_of_call(settings);
+        let p = p?;
         // A second init (the host never sends one) keeps the first policy.
         let _ = self.0.set(alloc::boxed::Box::new(p));
         Ok(())
@@ -204,10 +330,19 @@ impl<P: Policy> Slot<P> {
 
     #[doc(hidden)]
     pub fn decide(&self, ctx: Context, facts: Vec<Fact>) -> Vec<Verdict> {
+        let verdicts = self.decide_inputs(&ctx, &facts);
+        end_of_call((ctx, facts));
+        verdicts
+    }
+
+    fn decide_inputs(&self, ctx: &Context, facts: &[Fact]) -> Vec<Verdict> {
         match self.0.get() {
-            Some(p) => p.decide_batch(&ctx, &facts),
+            Some(p) => p.decide_batch(ctx, facts),
             None => match P::init(&Settings::default()) {
-                Ok(p) => self.0.get_or_init(|| alloc::boxed::Box::new(p)).decide_batch(&ctx, &facts),
+                Ok(p) => self
+                    .0
+                    .get_or_init(|| alloc::boxed::Box::new(p))
+                    .decide_batch(ctx, facts),
                 Err(e) => facts
                     .iter()
                     .map(|_| Verdict::Deny(format!("policy not initialised: {e}")))
@@ -215,6 +350,13 @@ impl<P: Policy> Slot<P> {
             },
         }
     }
+}
+
+/// Drops a call's inputs, then releases the memory the host put them in.
+fn end_of_call<T>(inputs: T) {
+    drop(inputs);
+    #[cfg(target_arch = "wasm32")]
+    arena::reset();
 }
 
 /// Exports a [`Policy`] type as the component's `init` and `decide`.

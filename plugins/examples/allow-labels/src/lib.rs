@@ -3,7 +3,9 @@
 //! Settings: `label = "site"`, `values = "PlantA,PlantB"`.
 #![no_std]
 
-use bsfg_policy_sdk::{export_policy, format, Context, Fact, Policy, Settings, String, Vec, Verdict};
+use bsfg_policy_sdk::{
+    Context, Fact, Policy, Settings, String, Vec, Verdict, export_policy, format,
+};
 
 struct AllowLabels {
     label: String,

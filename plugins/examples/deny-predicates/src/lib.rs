@@ -4,7 +4,9 @@
 //! `subject_kinds = "operator,badge"` (either may be empty, not both).
 #![no_std]
 
-use bsfg_policy_sdk::{export_policy, format, Context, Fact, Policy, Settings, String, Vec, Verdict};
+use bsfg_policy_sdk::{
+    Context, Fact, Policy, Settings, String, Vec, Verdict, export_policy, format,
+};
 
 struct DenyPredicates {
     predicates: Vec<String>,
@@ -18,7 +20,10 @@ impl Policy for DenyPredicates {
         if predicates.is_empty() && subject_kinds.is_empty() {
             return Err("set `predicates` or `subject_kinds` (comma-separated)".into());
         }
-        Ok(DenyPredicates { predicates, subject_kinds })
+        Ok(DenyPredicates {
+            predicates,
+            subject_kinds,
+        })
     }
 
     fn decide(&self, _ctx: &Context, fact: &Fact) -> Verdict {

@@ -6,7 +6,7 @@
 #![no_std]
 
 use bsfg_policy_sdk::{
-    export_policy, format, Context, Fact, Policy, Settings, String, ToString, Vec, Verdict,
+    Context, Fact, Policy, Settings, String, ToString, Vec, Verdict, export_policy, format,
 };
 
 struct JsonFields {
@@ -50,7 +50,11 @@ impl Policy for JsonFields {
         if require.is_empty() && bounds.is_empty() {
             return Err("set `require` or a `min.<field>` / `max.<field>` bound".into());
         }
-        Ok(JsonFields { predicates: settings.list("predicates"), require, bounds })
+        Ok(JsonFields {
+            predicates: settings.list("predicates"),
+            require,
+            bounds,
+        })
     }
 
     fn decide(&self, _ctx: &Context, fact: &Fact) -> Verdict {
@@ -67,7 +71,9 @@ impl Policy for JsonFields {
             }
         }
         for (field, min, max) in &self.bounds {
-            let Some(v) = object.get(field.as_str()) else { continue };
+            let Some(v) = object.get(field.as_str()) else {
+                continue;
+            };
             let Some(n) = v.as_f64() else {
                 return Verdict::deny(format!("object_json.{field}: must be a number"));
             };
