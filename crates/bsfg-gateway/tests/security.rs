@@ -789,22 +789,27 @@ listen = "127.0.0.1:{admin}"
 
 #[test]
 fn the_three_zone_example_validates_with_the_certificates_make_certs_makes() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-zones");
-    for e in std::fs::read_dir(&src).unwrap() {
+    // The example's layout (its policies name ../../plugins/...), with the
+    // repository's built plugins linked in.
+    let root = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::os::unix::fs::symlink(repo.join("plugins"), root.path().join("plugins")).unwrap();
+    let dir = root.path().join("examples/three-zones");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(repo.join("examples/three-zones")).unwrap() {
         let e = e.unwrap();
         if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
         }
     }
     let o = Command::new("bash")
-        .arg(dir.path().join("make-certs.sh"))
+        .arg(dir.as_path().join("make-certs.sh"))
         .arg(BSFG)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
     for zone in ["plant", "idmz", "enterprise"] {
-        let config = dir.path().join(format!("{zone}.toml"));
+        let config = dir.as_path().join(format!("{zone}.toml"));
         let o = Command::new(BSFG)
             .args(["validate", "--config"])
             .arg(&config)
