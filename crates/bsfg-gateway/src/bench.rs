@@ -42,6 +42,64 @@ pub struct AppendBench {
     publish_mode: Option<String>,
 }
 
+/// A zone's API served over plaintext gRPC on a free loopback port, in process.
+pub(crate) struct Served {
+    /// `grpc://127.0.0.1:<port>`.
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), bsfg_transport_grpc::ServeError>>,
+}
+
+impl Served {
+    /// Serves `api` (local callers, full access) until [`Served::stop`].
+    pub async fn start(api: Arc<dyn BoundaryApi>) -> anyhow::Result<Served> {
+        let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bsfg_transport_grpc::serve(
+            bsfg_core::Gate::local_only(api),
+            ServerConfig::default(),
+            bsfg_transport_grpc::Incoming::Plain(listener),
+            Default::default(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        Ok(Served {
+            url: format!("grpc://{addr}"),
+            stop,
+            task,
+        })
+    }
+
+    /// Stops serving once the calls in flight are answered.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Appends facts `0..n` (built by `fact`) through `api`, 1024 at a time.
+pub(crate) async fn load_backlog(
+    api: &Arc<Boundary>,
+    n: usize,
+    fact: impl Fn(usize) -> bsfg_core::Message,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let m = fact(i);
+            async move { api.append_fact(m).await }
+        })
+        .buffer_unordered(1024)
+        .collect()
+        .await;
+    for r in results {
+        r.map_err(|e| anyhow::anyhow!("loading zone A: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Appends `n` facts from `clients` connections; `rate` paces the whole load
 /// (facts/s) when set. Returns facts/s and sorted latencies.
 async fn load(
@@ -129,18 +187,8 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
         let zone = Arc::new(JetStreamZone::connect(cfg).await?);
         let api: Arc<dyn BoundaryApi> =
             Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
-        let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(bsfg_transport_grpc::serve(
-            bsfg_core::Gate::local_only(api),
-            ServerConfig::default(),
-            bsfg_transport_grpc::Incoming::Plain(listener),
-            Default::default(),
-            async {
-                let _ = stop_rx.await;
-            },
-        ));
-        let url = format!("grpc://{addr}");
+        let served = Served::start(api).await?;
+        let url = served.url.clone();
         let (max, lat) = load(
             &url,
             "full",
@@ -162,8 +210,7 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
             Some(half),
         )
         .await?;
-        let _ = stop_tx.send(());
-        let _ = server.await;
+        served.stop().await;
         println!(
             "| {} | {raw:.0} | {max:.0} | {:.2}x | {:.1} | {:.1} | {paced:.0} | {:.1} | {:.1} |",
             if sync_always {
@@ -278,41 +325,18 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     limits.max_fetch_limit = limits.max_fetch_limit.max(opts.page_size);
     let a_api = Arc::new(Boundary::new(a_zone.clone(), a_zone, limits.clone()));
     let t = Instant::now();
-    {
-        use futures::StreamExt as _;
-        let api = a_api.clone();
-        let results: Vec<_> = futures::stream::iter(0..n)
-            .map(|i| {
-                let api = api.clone();
-                let m = bench_fact(&format!("rep-{i}"), i, opts.object_bytes);
-                async move { api.append_fact(m).await }
-            })
-            .buffer_unordered(1024)
-            .collect()
-            .await;
-        for r in results {
-            r.map_err(|e| anyhow::anyhow!("loading zone A: {e}"))?;
-        }
-    }
+    load_backlog(&a_api, n, |i| {
+        bench_fact(&format!("rep-{i}"), i, opts.object_bytes)
+    })
+    .await?;
     let load_rate = n as f64 / t.elapsed().as_secs_f64();
-    let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let a_served: Arc<dyn BoundaryApi> = a_api.clone();
-    let server = tokio::spawn(bsfg_transport_grpc::serve(
-        bsfg_core::Gate::local_only(a_served),
-        ServerConfig::default(),
-        bsfg_transport_grpc::Incoming::Plain(listener),
-        Default::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let served = Served::start(a_api.clone()).await?;
     let mut b_cfg = JetStreamConfig::new("zone_b", b_nats.url());
     b_cfg.domain = Some("zone_b".into());
     b_cfg.monitor_url = Some(b_nats.monitor_url());
     let b_zone = Arc::new(JetStreamZone::connect(b_cfg).await?);
     let b_api = Boundary::new(b_zone.clone(), b_zone, limits);
-    let source = GrpcClient::connect_lazy(&format!("grpc://{addr}"), ClientConfig::default())
+    let source = GrpcClient::connect_lazy(&served.url, ClientConfig::default())
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (link, handle) = bsfg_core::link::Link::new(
         bsfg_core::link::LinkSettings {
@@ -368,8 +392,7 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     crossing.sort();
     stop_link.send_replace(true);
     let _ = task.await;
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    served.stop().await;
 
     println!("| path | facts/s | drain time of the backlog | vs native sourcing |");
     println!("|---|---|---|---|");

@@ -15,15 +15,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bsfg_core::link::{Intake, Link, LinkSettings};
 use bsfg_core::{
-    Boundary, BoundaryApi, Candidate, Hook, Limits, Message, Policy, PolicyChain, PolicyContext,
-    Verdict,
+    Boundary, Candidate, Hook, Limits, Message, Policy, PolicyChain, PolicyContext, Verdict,
 };
 use bsfg_policy_wasm::{PolicyConfig, WasmPolicy};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone};
 use bsfg_testkit::fixtures::padded_fact;
 use bsfg_testkit::{NatsOptions, NatsServer};
-use bsfg_transport_grpc::{ClientConfig, GrpcClient, ServerConfig};
-use futures::StreamExt as _;
+use bsfg_transport_grpc::{ClientConfig, GrpcClient};
 
 /// Options of `bsfg bench policy`.
 #[derive(Debug, clap::Args)]
@@ -242,31 +240,9 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
     .context("starting nats-server A (run scripts/setup.sh)")?;
     let consumers = ["run-1", "run-2", "run-3", "run-4"];
     let a_api = Arc::new(zone(&a_nats, "zone_a", &consumers, &limits).await?);
-    let results: Vec<_> = futures::stream::iter(0..n)
-        .map(|i| {
-            let api = a_api.clone();
-            let m = fact(i, opts.object_bytes);
-            async move { api.append_fact(m).await }
-        })
-        .buffer_unordered(1024)
-        .collect()
-        .await;
-    for r in results {
-        r.map_err(|e| anyhow::anyhow!("loading zone A: {e}"))?;
-    }
-    let (listener, addr) = bsfg_transport_grpc::bind("127.0.0.1:0".parse()?).await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let served: Arc<dyn BoundaryApi> = a_api.clone();
-    let server = tokio::spawn(bsfg_transport_grpc::serve(
-        bsfg_core::Gate::local_only(served),
-        ServerConfig::default(),
-        bsfg_transport_grpc::Incoming::Plain(listener),
-        Default::default(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    let url = format!("grpc://{addr}");
+    crate::bench::load_backlog(&a_api, n, |i| fact(i, opts.object_bytes)).await?;
+    let served = crate::bench::Served::start(a_api.clone()).await?;
+    let url = served.url.clone();
     let with_policy = || Intake {
         chain: PolicyChain::new(vec![policy.clone() as Arc<dyn Policy>]),
         zone: "zone_b".into(),
@@ -288,8 +264,7 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
         );
         if policed { &mut with } else { &mut none }.push(rate);
     }
-    let _ = stop_tx.send(());
-    let _ = server.await;
+    served.stop().await;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (none, with) = (mean(&none), mean(&with));
     println!(
