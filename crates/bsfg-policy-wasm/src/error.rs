@@ -35,6 +35,19 @@ pub enum PolicyError {
         /// The refused import.
         import: String,
     },
+    /// Imports an offered interface with types this host does not have (a guest built
+    /// against another version of the WIT package).
+    #[error(
+        "policy `{policy}`: module {sha256} imports what this host offers with other types (built for another version of the WIT package?): {error}"
+    )]
+    ImportTypes {
+        /// Policy name.
+        policy: String,
+        /// `sha256:<hex>` of the file.
+        sha256: String,
+        /// What wasmtime said.
+        error: String,
+    },
     /// Does not export the world's functions with their types.
     #[error("policy `{policy}`: module {sha256} has the wrong exports: {error}")]
     WrongExports {

@@ -259,8 +259,9 @@ fn unversioned(name: &str) -> &str {
 
 impl Module {
     /// Compiles `bytes` and checks, in order: that it is a component; that it imports
-    /// nothing but `bsfg:policy/host` and the interfaces `cfg` grants; that the host
-    /// can satisfy those imports with their types; that it exports `decide` (and
+    /// nothing but `bsfg:policy/host` (and `types`) and the interfaces `cfg` grants;
+    /// that the host can satisfy those imports with their types; that it exports
+    /// `decide` (and
     /// `init` when settings are given). Types of the exports are checked when the
     /// first instance is made.
     pub fn compile(
@@ -293,6 +294,15 @@ impl Module {
                 });
             }
         }
+        let pre =
+            sandbox
+                .linker
+                .instantiate_pre(&component)
+                .map_err(|e| PolicyError::ImportTypes {
+                    policy: name.clone(),
+                    sha256: sha256.clone(),
+                    error: format!("{e:#}"),
+                })?;
         let exports: Vec<String> = ty
             .exports(&sandbox.engine)
             .map(|(n, item)| {
@@ -333,13 +343,6 @@ impl Module {
                     .into(),
             });
         }
-        let pre = sandbox.linker.instantiate_pre(&component).map_err(|e| {
-            PolicyError::ForbiddenImport {
-                policy: name.clone(),
-                sha256: sha256.clone(),
-                import: format!("{e:#}"),
-            }
-        })?;
         Ok(Module {
             sha256,
             pre,

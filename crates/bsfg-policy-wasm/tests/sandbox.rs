@@ -441,3 +441,10 @@ fn batches_larger_than_the_guest_input_arena_and_many_batches_in_a_row_decide_co
     }
     assert!(p.stats().faults.is_empty(), "{:?}", p.stats());
 }
+
+#[test]
+fn a_module_importing_the_host_interface_with_other_types_is_refused_at_load() {
+    let e = load_err(config("old", plugins::hostile("wrong-host-types")));
+    assert!(matches!(e, PolicyError::ImportTypes { .. }), "{e}");
+    assert!(e.to_string().contains("bsfg:policy/host@0.1.0"), "{e}");
+}

@@ -24,7 +24,8 @@ pub fn built(name: &str) -> PathBuf {
 }
 
 /// A hostile fixture in component text (`infinite-loop`, `memory-bomb`, `trap`,
-/// `no-verdicts`, `imports-filesystem`, `imports-clock`, `wrong-exports`, `no-decide`).
+/// `no-verdicts`, `imports-filesystem`, `imports-clock`, `wrong-exports`, `no-decide`,
+/// `wrong-host-types`).
 ///
 /// # Panics
 /// When no such fixture exists.
