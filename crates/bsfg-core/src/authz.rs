@@ -274,6 +274,40 @@ struct AppendPolicies {
     limits: Limits,
 }
 
+impl AppendPolicies {
+    /// Validates `message`, then asks the chain; returns the validated message (its
+    /// object_json canonical, as a policy saw it and as it will be stored).
+    async fn check(&self, caller: &Caller, message: Message) -> Result<Message, BoundaryError> {
+        let message = self.limits.validate(message)?.into_message();
+        let ctx = PolicyContext {
+            hook: Hook::Append,
+            zone: &self.zone,
+            peer: caller.label(),
+            link: None,
+            source_zone: None,
+        };
+        let candidate = Candidate {
+            message: &message,
+            source_offset: None,
+        };
+        let verdict = self.chain.decide(&ctx, &[candidate]).await;
+        if let Some(Verdict::Deny(d)) = verdict.into_iter().next() {
+            tracing::info!(
+                peer = caller.label(),
+                message_id = %message.envelope.message_id,
+                policy = %d.policy,
+                reason = %d.reason,
+                "append denied by policy"
+            );
+            return Err(BoundaryError::PermissionDenied(format!(
+                "policy `{}` denied message_id `{}`: {}",
+                d.policy, message.envelope.message_id, d.reason
+            )));
+        }
+        Ok(message)
+    }
+}
+
 impl Gate {
     /// `api` behind `authz`.
     pub fn new(api: Arc<dyn BoundaryApi>, authz: Arc<Authorization>) -> Self {
@@ -315,34 +349,10 @@ impl Gate {
         message: Message,
     ) -> Result<AppendOutcome, BoundaryError> {
         self.authz.check_append(caller, &message)?;
-        if let Some(p) = &self.append_policies {
-            p.limits.validate(message.clone())?;
-            let ctx = PolicyContext {
-                hook: Hook::Append,
-                zone: &p.zone,
-                peer: caller.label(),
-                link: None,
-                source_zone: None,
-            };
-            let candidate = Candidate {
-                message: &message,
-                source_offset: None,
-            };
-            let verdict = p.chain.decide(&ctx, &[candidate]).await;
-            if let Some(Verdict::Deny(d)) = verdict.into_iter().next() {
-                tracing::info!(
-                    peer = caller.label(),
-                    message_id = %message.envelope.message_id,
-                    policy = %d.policy,
-                    reason = %d.reason,
-                    "append denied by policy"
-                );
-                return Err(BoundaryError::PermissionDenied(format!(
-                    "policy `{}` denied message_id `{}`: {}",
-                    d.policy, message.envelope.message_id, d.reason
-                )));
-            }
-        }
+        let message = match &self.append_policies {
+            None => message,
+            Some(p) => p.check(caller, message).await?,
+        };
         self.api.append_fact(message).await
     }
 

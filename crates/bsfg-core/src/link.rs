@@ -4,9 +4,10 @@
 //! ConfirmReceipt to the source.
 //!
 //! Architecture invariants, enforced here and nowhere else:
-//! - a confirm never precedes the durable append of every fact of its page; any
+//! - a confirm never precedes the durable append of every fact of its page, or, for a
+//!   fact the intake policies denied, its durable entry in the zone's quarantine; any
 //!   failure returns before the confirm, so the page comes again and idempotent append
-//!   absorbs what was already stored;
+//!   (and the quarantine's one entry per message_id) absorbs what was already stored;
 //! - a gap is never skipped silently: when the source's retention removed facts this
 //!   link never confirmed, the step stops before appending or confirming anything,
 //!   unless the operator accepts exactly that gap, and an accepted gap is recorded as a
