@@ -219,7 +219,8 @@ async fn a_policy_from_config_denies_a_local_append_with_its_name_and_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_operator_releases_it() {
+async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_operator_releases_or_drops_it()
+ {
     let plant = site("plant", &[("to-enterprise", "operational")], None, "");
     let extra = policy(
         "no-recipes",
@@ -298,7 +299,7 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
         "{}",
         record.object_json
     );
-    // The released fact keeps its provenance: replaying the source page changes nothing.
+    // Released once: the entry is gone, a second release is refused.
     let again = enterprise.gw.bsfg(&[
         "quarantine",
         "release",
@@ -315,9 +316,48 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
         "{}",
         text(&again.stderr)
     );
+
+    // Another denied fact, dropped by an operator: never stored, the drop recorded.
+    papi.append_fact(fact(4, "PlantA", "recipe_changed"))
+        .await
+        .unwrap();
+    wait_until("the next page confirmed", Duration::from_secs(30), || {
+        link_frontier(&enterprise) == 4
+    });
+    let dropped_id = "plant:batch:P0:step:4";
+    assert_eq!(
+        quarantined_ids(&enterprise),
+        HashSet::from([dropped_id.to_owned()])
+    );
+    let dropped = enterprise.quarantine(&["drop", "--id", dropped_id, "--by", "bob"]);
+    assert!(dropped.contains("dropped by bob"), "{dropped}");
+    assert!(quarantined_ids(&enterprise).is_empty());
+    assert!(read_all(&eapi, "reporting").await.is_empty());
+    let audit = eapi
+        .fetch_facts(FetchRequest {
+            consumer: "audit-reader".into(),
+            limit: 10,
+            wait: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    let predicates: Vec<_> = audit
+        .facts
+        .iter()
+        .map(|f| f.message.fact.predicate.as_str())
+        .collect();
+    // (the release record was delivered by the first fetch)
+    assert_eq!(predicates, ["quarantine_dropped"]);
+    assert!(
+        audit.facts[0]
+            .message
+            .fact
+            .object_json
+            .contains(r#""by":"bob""#)
+    );
     let m = enterprise.metrics();
     assert!(
-        m.contains(r#"bsfg_quarantined_facts_total{zone="enterprise",link="from-plant",consumer="to-enterprise"} 1"#),
+        m.contains(r#"bsfg_quarantined_facts_total{zone="enterprise",link="from-plant",consumer="to-enterprise"} 2"#),
         "{m}"
     );
     drop(plant.nats);
