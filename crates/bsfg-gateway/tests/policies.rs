@@ -109,6 +109,28 @@ fn policy(name: &str, module: &Path, hooks: &str, settings: &str, extra: &str) -
     )
 }
 
+/// A module file a test replaces while the gateway runs, atomically (write beside,
+/// then rename), as a deployment would.
+struct Swappable {
+    dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Swappable {
+    fn new(name: &str, from: &Path) -> Swappable {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::copy(from, &path).unwrap();
+        Swappable { dir, path }
+    }
+
+    fn replace(&self, with: &Path) {
+        let staged = self.dir.path().join("staged");
+        std::fs::copy(with, &staged).unwrap();
+        std::fs::rename(&staged, &self.path).unwrap();
+    }
+}
+
 fn fact(i: u32, site_label: &str, predicate: &str) -> Message {
     let mut m = common::plant_fact("P", i);
     m.envelope.labels.insert("site".into(), site_label.into());
@@ -367,14 +389,12 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
 async fn replacing_the_module_file_while_facts_flow_changes_verdicts_without_loss_or_duplicates() {
     const N: u32 = 400;
     let plant = site("plant", &[("to-enterprise", "operational")], None, "");
-    let scratch = tempfile::tempdir().unwrap();
-    let module = scratch.path().join("gate.wasm");
-    std::fs::copy(plugins::built("allow_labels"), &module).unwrap();
+    let module = Swappable::new("gate.wasm", &plugins::built("allow_labels"));
     // Both modules find their settings: allow_labels allows site PlantA (every fact),
     // deny_predicates denies step_completed (every fact).
     let extra = policy(
         "gate",
-        &module,
+        &module.path,
         "\"intake\"",
         "label = \"site\", values = \"PlantA\", predicates = \"step_completed\"",
         "",
@@ -397,10 +417,7 @@ async fn replacing_the_module_file_while_facts_flow_changes_verdicts_without_los
     wait_until("the first facts to cross", Duration::from_secs(30), || {
         link_frontier(&enterprise) >= 50
     });
-    // Replace the file atomically, as a deployment would.
-    let staged: PathBuf = scratch.path().join("gate.wasm.new");
-    std::fs::copy(plugins::built("deny_predicates"), &staged).unwrap();
-    std::fs::rename(&staged, &module).unwrap();
+    module.replace(&plugins::built("deny_predicates"));
     producer.await.unwrap();
     wait_until("every page confirmed", Duration::from_secs(60), || {
         link_frontier(&enterprise) == u64::from(N)
@@ -435,23 +452,17 @@ async fn replacing_the_module_file_while_facts_flow_changes_verdicts_without_los
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_modules_are_contained_and_the_gateway_keeps_serving() {
-    let scratch = tempfile::tempdir().unwrap();
-    let module = scratch.path().join("hostile.wat");
-    std::fs::copy(plugins::hostile("infinite-loop"), &module).unwrap();
+    let module = Swappable::new("hostile.wat", &plugins::hostile("infinite-loop"));
     let extra = policy(
         "hostile",
-        &module,
+        &module.path,
         "\"append\"",
         "",
         "timeout = \"50ms\"\nmemory_mib = 8\nbroken_after = 100",
     );
     let zone = site("enterprise", &[("reporting", "operational")], None, &extra);
     let api = zone.api();
-    let swap = |fixture: &str| {
-        let staged = scratch.path().join("staged.wat");
-        std::fs::copy(plugins::hostile(fixture), &staged).unwrap();
-        std::fs::rename(&staged, &module).unwrap();
-    };
+    let swap = |fixture: &str| module.replace(&plugins::hostile(fixture));
     let reloads = |result: &str| -> bool {
         zone.metrics().contains(&format!(
             r#"bsfg_policy_reloads_total{{zone="enterprise",policy="hostile",result="{result}"}} "#
