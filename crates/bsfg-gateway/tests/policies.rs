@@ -577,3 +577,52 @@ fn a_config_naming_a_module_that_imports_the_filesystem_fails_validation_clearly
         );
     }
 }
+
+#[test]
+fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let facts = dir.path().join("facts.jsonl");
+    let lines: Vec<String> = [(1, "step_completed"), (2, "deny"), (3, "step_completed")]
+        .iter()
+        .map(|(i, p)| serde_json::to_string(&fact(*i, "PlantA", p)).unwrap())
+        .collect();
+    std::fs::write(&facts, lines.join("\n")).unwrap();
+    let run = |module: &Path, extra: &[&str]| {
+        std::process::Command::new(common::BSFG)
+            .args(["policy", "test", "--module"])
+            .arg(module)
+            .arg("--facts")
+            .arg(&facts)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&plugins::built("chaos"), &["--set", "mode=demo"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "allow plant:batch:P0:step:1\ndeny plant:batch:P0:step:2: asked to deny\nallow plant:batch:P0:step:3\n"
+    );
+    let err = text(&out.stderr);
+    // The guest's host.log line, tagged with the policy's name.
+    assert!(
+        err.contains("chaos policy ready") && err.contains("policy=test"),
+        "{err}"
+    );
+    assert!(err.contains("2 allowed, 1 denied"), "{err}");
+
+    let out = run(&plugins::hostile("imports-filesystem"), &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("imports `wasi:filesystem/types@0.2.0`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run(&plugins::built("allow_labels"), &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("setting `label` is required"),
+        "{}",
+        text(&out.stderr)
+    );
+}
