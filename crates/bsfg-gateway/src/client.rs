@@ -189,6 +189,29 @@ fn print_outcome(json: bool, id: &str, out: &bsfg_core::AppendOutcome) {
     }
 }
 
+/// JSON lines from a file or `-` (stdin), with the file's size when known.
+fn open_lines(file: &std::path::Path) -> anyhow::Result<(Box<dyn BufRead>, Option<u64>)> {
+    if file.as_os_str() == "-" {
+        return Ok((Box::new(std::io::stdin().lock()), None));
+    }
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let len = f.metadata().map(|m| m.len()).ok();
+    Ok((Box::new(std::io::BufReader::new(f)), len))
+}
+
+/// Line `i` (0-based) of a JSON-lines input: a message, or `None` for a blank line.
+fn message_line(i: usize, line: &str) -> anyhow::Result<Option<Message>> {
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(line).map(Some).with_context(|| {
+        format!(
+            "line {}: not a message ({{\"envelope\": {{...}}, \"fact\": {{...}}}})",
+            i + 1
+        )
+    })
+}
+
 /// `bsfg append`: one fact from flags, or JSON lines from a file or `-` (stdin).
 pub async fn append(
     api: &dyn BoundaryApi,
@@ -204,14 +227,7 @@ pub async fn append(
         print_outcome(json, &id, &out);
         return Ok(());
     };
-    let (reader, total): (Box<dyn BufRead>, Option<u64>) = if file.as_os_str() == "-" {
-        (Box::new(std::io::stdin().lock()), None)
-    } else {
-        let f = std::fs::File::open(&file)
-            .with_context(|| format!("cannot open {}", file.display()))?;
-        let len = f.metadata().map(|m| m.len()).ok();
-        (Box::new(std::io::BufReader::new(f)), len)
-    };
+    let (reader, total) = open_lines(&file)?;
     let bar = match total {
         Some(len) if !json => indicatif::ProgressBar::with_draw_target(
             Some(len),
@@ -227,15 +243,9 @@ pub async fn append(
             async move {
                 let line = line.context("reading input")?;
                 bar.inc(line.len() as u64 + 1);
-                if line.trim().is_empty() {
+                let Some(m) = message_line(i, &line)? else {
                     return Ok(None);
-                }
-                let m: Message = serde_json::from_str(&line).with_context(|| {
-                    format!(
-                        "line {}: not a message ({{\"envelope\": {{...}}, \"fact\": {{...}}}})",
-                        i + 1
-                    )
-                })?;
+                };
                 let id = m.envelope.message_id.clone();
                 let out = api
                     .append_fact(m)
@@ -630,20 +640,13 @@ pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
     cfg.instances = 1;
     let policy = bsfg_policy_wasm::WasmPolicy::load(cfg)?;
     eprintln!("loaded {} ({})", t.module.display(), policy.sha256());
-    let text = if t.facts.as_os_str() == "-" {
-        std::io::read_to_string(std::io::stdin())?
-    } else {
-        std::fs::read_to_string(&t.facts)
-            .with_context(|| format!("reading {}", t.facts.display()))?
-    };
+    let (reader, _) = open_lines(&t.facts)?;
     let mut messages = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.context("reading input")?;
+        if let Some(m) = message_line(i, &line).with_context(|| t.facts.display().to_string())? {
+            messages.push(m);
         }
-        let m: Message = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not a fact", t.facts.display(), n + 1))?;
-        messages.push(m);
     }
     let hook = if t.hook == "intake" {
         Hook::Intake
