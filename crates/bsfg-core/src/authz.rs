@@ -286,11 +286,10 @@ impl AppendPolicies {
             link: None,
             source_zone: None,
         };
-        let candidate = Candidate {
-            message: &message,
-            source_offset: None,
-        };
-        let verdict = self.chain.decide(&ctx, &[candidate]).await;
+        let verdict = self
+            .chain
+            .decide(&ctx, &Candidate::local(std::slice::from_ref(&message)))
+            .await;
         if let Some(Verdict::Deny(d)) = verdict.into_iter().next() {
             tracing::info!(
                 peer = caller.label(),

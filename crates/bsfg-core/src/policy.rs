@@ -65,6 +65,19 @@ pub struct Candidate<'a> {
     pub source_offset: Option<u64>,
 }
 
+impl<'a> Candidate<'a> {
+    /// Candidates for facts appended here (no source offset), in order.
+    pub fn local(messages: &'a [Message]) -> Vec<Candidate<'a>> {
+        messages
+            .iter()
+            .map(|message| Candidate {
+                message,
+                source_offset: None,
+            })
+            .collect()
+    }
+}
+
 /// What a policy decides for one fact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -250,13 +263,7 @@ mod tests {
             Arc::new(DenyPredicate("third", "a")),
         ]);
         let ms = [msg("a"), msg("b"), msg("c")];
-        let cs: Vec<_> = ms
-            .iter()
-            .map(|m| Candidate {
-                message: m,
-                source_offset: None,
-            })
-            .collect();
+        let cs = Candidate::local(&ms);
         let v = chain.decide(&CTX, &cs).await;
         assert_eq!(
             v.iter().map(denied_by).collect::<Vec<_>>(),
@@ -268,13 +275,7 @@ mod tests {
     async fn a_policy_returning_the_wrong_count_denies_the_whole_batch() {
         let chain = PolicyChain::new(vec![Arc::new(Short)]);
         let ms = [msg("a"), msg("b")];
-        let cs: Vec<_> = ms
-            .iter()
-            .map(|m| Candidate {
-                message: m,
-                source_offset: None,
-            })
-            .collect();
+        let cs = Candidate::local(&ms);
         let v = chain.decide(&CTX, &cs).await;
         assert!(v.iter().all(|v| denied_by(v) == Some("short")), "{v:?}");
         let Verdict::Deny(d) = &v[0] else {
@@ -286,10 +287,7 @@ mod tests {
     #[tokio::test]
     async fn an_empty_chain_allows_everything() {
         let ms = [msg("a")];
-        let cs = [Candidate {
-            message: &ms[0],
-            source_offset: None,
-        }];
+        let cs = Candidate::local(&ms);
         assert_eq!(
             PolicyChain::default().decide(&CTX, &cs).await,
             [Verdict::Allow]

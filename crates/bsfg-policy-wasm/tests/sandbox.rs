@@ -25,14 +25,7 @@ fn fact(id: &str, predicate: &str, site: Option<&str>) -> Message {
 }
 
 fn decide(p: &WasmPolicy, ctx: &PolicyContext<'_>, ms: &[Message]) -> Vec<Verdict> {
-    let cs: Vec<_> = ms
-        .iter()
-        .map(|m| Candidate {
-            message: m,
-            source_offset: None,
-        })
-        .collect();
-    p.decide_blocking(ctx, &cs)
+    p.decide_blocking(ctx, &Candidate::local(ms))
 }
 
 fn reason(v: &Verdict) -> &str {
