@@ -35,11 +35,15 @@ impl Site {
         http_get(self.admin, "/metrics").unwrap().1
     }
 
-    /// `bsfg quarantine <args> --admin <this zone>`.
+    /// `bsfg quarantine <args> --admin <this zone>`, as it ran.
+    fn quarantine_run(&self, args: &[&str]) -> std::process::Output {
+        self.gw
+            .bsfg(&[&["quarantine"], args, &["--admin", &self.admin_url()]].concat())
+    }
+
+    /// `bsfg quarantine <args> --admin <this zone>`, which must succeed; its stdout.
     fn quarantine(&self, args: &[&str]) -> String {
-        let out = self
-            .gw
-            .bsfg(&[&["quarantine"], args, &["--admin", &self.admin_url()]].concat());
+        let out = self.quarantine_run(args);
         assert!(
             out.status.success(),
             "bsfg quarantine {args:?}: {}",
@@ -176,6 +180,19 @@ fn quarantined_ids(s: &Site) -> HashSet<String> {
         .collect()
 }
 
+/// The audit facts delivered to `audit-reader` since its last fetch (not confirmed).
+async fn audit_records(api: &dyn BoundaryApi) -> Vec<bsfg_core::Fact> {
+    let page = api
+        .fetch_facts(FetchRequest {
+            consumer: "audit-reader".into(),
+            limit: 10,
+            wait: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    page.facts.into_iter().map(|f| f.message.fact).collect()
+}
+
 /// Reads `reader` until it has nothing more; each message_id must come once.
 async fn read_all(api: &dyn BoundaryApi, reader: &str) -> HashSet<String> {
     let mut ids = HashSet::new();
@@ -305,16 +322,9 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
         HashSet::from([denied.to_owned()])
     );
     assert!(quarantined_ids(&enterprise).is_empty());
-    let audit = eapi
-        .fetch_facts(FetchRequest {
-            consumer: "audit-reader".into(),
-            limit: 10,
-            wait: Duration::ZERO,
-        })
-        .await
-        .unwrap();
-    assert_eq!(audit.facts.len(), 1);
-    let record = &audit.facts[0].message.fact;
+    let audit = audit_records(&eapi).await;
+    assert_eq!(audit.len(), 1);
+    let record = &audit[0];
     assert_eq!(record.predicate, "quarantine_released");
     assert!(
         record.object_json.contains(r#""by":"alice""#),
@@ -322,16 +332,7 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
         record.object_json
     );
     // Released once: the entry is gone, a second release is refused.
-    let again = enterprise.gw.bsfg(&[
-        "quarantine",
-        "release",
-        "--id",
-        denied,
-        "--by",
-        "alice",
-        "--admin",
-        &enterprise.admin_url(),
-    ]);
+    let again = enterprise.quarantine_run(&["release", "--id", denied, "--by", "alice"]);
     assert!(!again.status.success());
     assert!(
         text(&again.stderr).contains("no quarantined fact"),
@@ -355,28 +356,11 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
     assert!(dropped.contains("dropped by bob"), "{dropped}");
     assert!(quarantined_ids(&enterprise).is_empty());
     assert!(read_all(&eapi, "reporting").await.is_empty());
-    let audit = eapi
-        .fetch_facts(FetchRequest {
-            consumer: "audit-reader".into(),
-            limit: 10,
-            wait: Duration::ZERO,
-        })
-        .await
-        .unwrap();
-    let predicates: Vec<_> = audit
-        .facts
-        .iter()
-        .map(|f| f.message.fact.predicate.as_str())
-        .collect();
+    let audit = audit_records(&eapi).await;
+    let predicates: Vec<_> = audit.iter().map(|f| f.predicate.as_str()).collect();
     // (the release record was delivered by the first fetch)
     assert_eq!(predicates, ["quarantine_dropped"]);
-    assert!(
-        audit.facts[0]
-            .message
-            .fact
-            .object_json
-            .contains(r#""by":"bob""#)
-    );
+    assert!(audit[0].object_json.contains(r#""by":"bob""#));
     let m = enterprise.metrics();
     assert!(
         m.contains(r#"bsfg_quarantined_facts_total{zone="enterprise",link="from-plant",consumer="to-enterprise"} 2"#),
