@@ -238,9 +238,9 @@ async fn the_link_checkpoint_catches_a_gap_that_left_the_source_stream_empty() {
     );
 }
 
-/// A source zone that reports a zone name which is not a name (with a header
-/// injection attempt in it).
-struct LyingSource(bsfg_core::Boundary);
+/// A source zone that lies about its zone name and, when `stream` is set, sends a
+/// stream name which is not a name (with a header injection attempt in it).
+struct LyingSource(bsfg_core::Boundary, Option<&'static str>);
 
 #[async_trait::async_trait]
 impl BoundaryApi for LyingSource {
@@ -255,7 +255,10 @@ impl BoundaryApi for LyingSource {
         r: bsfg_core::FetchRequest,
     ) -> Result<bsfg_core::FactPage, bsfg_core::BoundaryError> {
         let mut page = self.0.fetch_facts(r).await?;
-        page.zone = "plant-a\r\nNats-Expected-Stream: other".into();
+        page.zone = "enterprise\r\nNats-Expected-Stream: other".into();
+        if let Some(s) = self.1 {
+            page.stream = s.into();
+        }
         Ok(page)
     }
     async fn confirm_receipt(
@@ -276,7 +279,7 @@ impl BoundaryApi for LyingSource {
 }
 
 #[tokio::test]
-async fn a_source_that_sends_a_malformed_zone_name_gets_a_clear_error_and_stores_nothing() {
+async fn provenance_names_the_configured_source_zone_whatever_the_page_claims() {
     let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
         .await
         .unwrap();
@@ -290,9 +293,53 @@ async fn a_source_that_sends_a_malformed_zone_name_gets_a_clear_error_and_stores
         limit: 10,
         wait: Duration::ZERO,
         streams: vec![],
+        source_zone: "plant-a".into(),
+    };
+    let r = bsfg_e2e::pull_page(
+        &LyingSource(plant.api.clone(), None),
+        &enterprise.api,
+        &step,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.stored, r.source_zone.as_str()), (2, "plant-a"));
+    let p = enterprise
+        .fetch("reporting", 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(p.facts.len(), 2);
+    for f in &p.facts {
+        let prov = f.provenance.as_ref().expect("provenance");
+        assert_eq!(
+            (prov.zone.as_str(), prov.link.as_str()),
+            ("plant-a", "from-plant")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_source_that_sends_a_malformed_stream_name_gets_a_clear_error_and_stores_nothing() {
+    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
+        .await
+        .unwrap();
+    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
+        .await
+        .unwrap();
+    plant.append_steps("enterprise", "B9", 1..=2).await.unwrap();
+    let step = bsfg_e2e::PullStep {
+        link: "from-plant".into(),
+        consumer: "to-enterprise".into(),
+        limit: 10,
+        wait: Duration::ZERO,
+        streams: vec![],
+        source_zone: "plant-a".into(),
     };
     let e = bsfg_e2e::pull_page(
-        &LyingSource(plant.api.clone()),
+        &LyingSource(
+            plant.api.clone(),
+            Some("facts_operational\r\nNats-Expected-Stream: other"),
+        ),
         &enterprise.api,
         &step,
         None,
@@ -300,7 +347,7 @@ async fn a_source_that_sends_a_malformed_zone_name_gets_a_clear_error_and_stores
     .await
     .unwrap_err();
     assert!(
-        matches!(&e, PullError::Boundary { op: Operation::Append, error: bsfg_core::BoundaryError::InvalidArgument { field, .. } } if field == "provenance.zone"),
+        matches!(&e, PullError::Boundary { op: Operation::Fetch, error: bsfg_core::BoundaryError::InvalidArgument { field, .. } } if field == "stream"),
         "{e:?}"
     );
     // Nothing was stored or confirmed, and the zone log still takes appends.

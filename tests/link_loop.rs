@@ -21,6 +21,7 @@ fn settings(name: &str) -> LinkSettings {
     LinkSettings {
         name: name.into(),
         local_zone: "enterprise".into(),
+        source_zone: "plant-a".into(),
         consumer: "to-enterprise".into(),
         page_size: 100,
         wait: Duration::from_millis(500),
@@ -357,6 +358,7 @@ async fn an_intake_denial_quarantines_the_fact_confirms_the_page_and_a_release_a
         .api
         .settle_quarantined(
             id,
+            None,
             QuarantineAction::Release,
             "enterprise",
             "operator jdoe",
@@ -384,6 +386,7 @@ async fn an_intake_denial_quarantines_the_fact_confirms_the_page_and_a_release_a
         .api
         .settle_quarantined(
             id,
+            None,
             QuarantineAction::Release,
             "enterprise",
             "operator jdoe",

@@ -45,9 +45,28 @@ impl Zone {
         consumers: &[(&str, &str)],
         tweak: impl FnOnce(&mut JetStreamConfig),
     ) -> Result<Zone, ZoneError> {
+        Self::start_custom(
+            name,
+            consumers,
+            NatsOptions::default(),
+            Limits::default(),
+            tweak,
+        )
+        .await
+    }
+
+    /// Like [`Zone::start_with`], with the server's options (its domain is set to
+    /// the zone's name) and the engine's limits.
+    pub async fn start_custom(
+        name: &str,
+        consumers: &[(&str, &str)],
+        options: NatsOptions,
+        limits: Limits,
+        tweak: impl FnOnce(&mut JetStreamConfig),
+    ) -> Result<Zone, ZoneError> {
         let nats = NatsServer::start_with(NatsOptions {
             domain: Some(name.to_owned()),
-            ..Default::default()
+            ..options
         })?;
         let mut cfg = JetStreamConfig::new(name, nats.url());
         cfg.domain = Some(name.to_owned());
@@ -58,7 +77,7 @@ impl Zone {
             .collect();
         tweak(&mut cfg);
         let log = Arc::new(JetStreamZone::connect(cfg).await?);
-        let api = Boundary::new(log.clone(), log.clone(), Limits::default());
+        let api = Boundary::new(log.clone(), log.clone(), limits);
         Ok(Zone {
             name: name.to_owned(),
             nats,
@@ -157,6 +176,7 @@ impl Zone {
             limit,
             wait,
             streams: vec![],
+            source_zone: source.name.clone(),
         };
         pull_page(&source.api, &self.api, &step, accept_gap).await
     }

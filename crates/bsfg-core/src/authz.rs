@@ -43,6 +43,17 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Who receives a page and may confirm it: `local` for [`Caller::Local`], else
+    /// `identity@anchor` (the same name from another CA is another receiver).
+    pub fn receiver(&self) -> String {
+        match self {
+            Caller::Local => crate::engine::LOCAL_RECEIVER.to_owned(),
+            Caller::Peer { identity, anchor } => {
+                format!("{identity}@{}", anchor.as_deref().unwrap_or("-"))
+            }
+        }
+    }
+
     /// The identity for logs and metrics (`local` for [`Caller::Local`]).
     pub fn label(&self) -> &str {
         match self {
@@ -364,7 +375,7 @@ impl Gate {
     ) -> Result<FactPage, BoundaryError> {
         self.authz
             .check_consumer(caller, Op::Fetch, &request.consumer)?;
-        let page = self.api.fetch_facts(request).await?;
+        let page = self.api.fetch_facts_as(&caller.receiver(), request).await?;
         self.authz.check_page(caller, &page)?;
         Ok(page)
     }
@@ -377,7 +388,9 @@ impl Gate {
         offset: u64,
     ) -> Result<Frontier, BoundaryError> {
         self.authz.check_consumer(caller, Op::Confirm, consumer)?;
-        self.api.confirm_receipt(consumer, offset).await
+        self.api
+            .confirm_receipt_as(&caller.receiver(), consumer, offset)
+            .await
     }
 
     /// PutObject as `caller`; the body is not read when the bucket is not granted.

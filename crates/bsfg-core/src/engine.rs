@@ -9,13 +9,17 @@ use async_trait::async_trait;
 
 use crate::error::BoundaryError;
 use crate::link::Destination;
-use crate::model::{Envelope, Fact, Limits, Message, Provenance};
+use crate::model::{Envelope, Fact, Limits, Message, Provenance, Refused, ValidatedMessage};
 use crate::names;
 use crate::policy::QuarantineEntry;
 use crate::ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier, ObjectInfo,
     ObjectStore,
 };
+
+/// The receiver of calls made without an authenticated identity (in-process callers,
+/// the plaintext loopback listener).
+pub const LOCAL_RECEIVER: &str = "local";
 
 /// Implements [`BoundaryApi`] for one zone.
 #[derive(Clone)]
@@ -49,14 +53,7 @@ impl BoundaryApi for Boundary {
     }
 
     async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
-        names::validate_consumer("consumer_name", &request.consumer)?;
-        if request.limit == 0 || request.limit > self.limits.max_fetch_limit {
-            return Err(BoundaryError::invalid(
-                "limit",
-                format!("must be between 1 and {}", self.limits.max_fetch_limit),
-            ));
-        }
-        self.log.fetch(&request).await
+        self.fetch_facts_as(LOCAL_RECEIVER, request).await
     }
 
     async fn confirm_receipt(
@@ -64,11 +61,36 @@ impl BoundaryApi for Boundary {
         consumer: &str,
         offset: u64,
     ) -> Result<Frontier, BoundaryError> {
+        self.confirm_receipt_as(LOCAL_RECEIVER, consumer, offset)
+            .await
+    }
+
+    async fn fetch_facts_as(
+        &self,
+        receiver: &str,
+        request: FetchRequest,
+    ) -> Result<FactPage, BoundaryError> {
+        names::validate_consumer("consumer_name", &request.consumer)?;
+        if request.limit == 0 || request.limit > self.limits.max_fetch_limit {
+            return Err(BoundaryError::invalid(
+                "limit",
+                format!("must be between 1 and {}", self.limits.max_fetch_limit),
+            ));
+        }
+        self.log.fetch(&request, receiver).await
+    }
+
+    async fn confirm_receipt_as(
+        &self,
+        receiver: &str,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
         names::validate_consumer("consumer_name", consumer)?;
         if offset == 0 {
             return Err(BoundaryError::invalid("offset", "must be at least 1"));
         }
-        self.log.confirm(consumer, offset).await
+        self.log.confirm(consumer, offset, receiver).await
     }
 
     async fn put_object(
@@ -83,20 +105,19 @@ impl BoundaryApi for Boundary {
     }
 }
 
-/// The engine as a link's destination: the same validation as AppendFact, with the
-/// provenance stored beside the fact, and the link checkpoint kept in the zone log.
+/// The engine as a link's destination: the same validation as AppendFact (this
+/// zone's limits), and the link checkpoint and quarantine kept in the zone log.
 #[async_trait]
 impl Destination for Boundary {
+    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
+        self.limits.try_validate(message)
+    }
+
     async fn append_replicated(
         &self,
-        message: Message,
-        provenance: Option<Provenance>,
+        message: ValidatedMessage,
     ) -> Result<AppendOutcome, BoundaryError> {
-        let mut validated = self.limits.validate(message)?;
-        if let Some(p) = provenance {
-            validated = validated.with_provenance(p)?;
-        }
-        self.log.append(validated).await
+        self.log.append(message).await
     }
 
     async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
@@ -147,57 +168,96 @@ impl Boundary {
         self.log.quarantined(limit).await
     }
 
-    /// One quarantined entry.
+    /// The quarantined entries of `message_id` (one per distinct payload).
+    pub async fn quarantined_entries(
+        &self,
+        message_id: &str,
+    ) -> Result<Vec<QuarantineEntry>, BoundaryError> {
+        self.log.quarantined_entries(message_id).await
+    }
+
+    /// The one entry of `message_id` an operator means: the only one, or the one
+    /// whose payload digest starts with `payload`. Several entries without `payload`
+    /// is `invalid_argument` on `payload` listing them.
     pub async fn quarantined_entry(
         &self,
         message_id: &str,
-    ) -> Result<Option<QuarantineEntry>, BoundaryError> {
-        self.log.quarantined_entry(message_id).await
+        payload: Option<&str>,
+    ) -> Result<QuarantineEntry, BoundaryError> {
+        let mut entries: Vec<QuarantineEntry> = self
+            .log
+            .quarantined_entries(message_id)
+            .await?
+            .into_iter()
+            .filter(|e| payload.is_none_or(|p| !p.is_empty() && e.payload_digest.starts_with(p)))
+            .collect();
+        match entries.len() {
+            0 => Err(BoundaryError::NotFound(match payload {
+                None => format!("no quarantined fact with message_id `{message_id}`"),
+                Some(p) => {
+                    format!("no quarantined fact with message_id `{message_id}` and payload `{p}`")
+                }
+            })),
+            1 => Ok(entries.remove(0)),
+            n => Err(BoundaryError::invalid(
+                "payload",
+                format!(
+                    "message_id `{message_id}` has {n} quarantined facts with different payloads ({}); name one by its payload digest",
+                    entries
+                        .iter()
+                        .map(|e| e.payload_short())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
     }
 
-    /// Releases or drops a quarantined fact on an operator's word. A release appends
-    /// the original fact (its own message_id, envelope and provenance; the policies
-    /// are not asked again: the operator overrides them). Either way the decision is
-    /// recorded as an audit fact in `zone` (subject `link:<link>`, predicate
-    /// `quarantine_released` / `quarantine_dropped`, naming `by`), and only then is
-    /// the entry removed. Every step is idempotent, so a retry after a crash completes
-    /// the same decision without a second copy.
+    /// Releases or drops a quarantined fact on an operator's word (`payload` picks
+    /// the entry when the message_id has several). A release validates the fact
+    /// again under this zone's limits (the operator fixed the cause: raised a limit,
+    /// added a class) and appends it with its own message_id, envelope and
+    /// provenance; the policies are not asked again: the operator overrides them. A
+    /// release that still fails returns the error and keeps the entry. Either way the
+    /// decision is recorded as an audit fact in `zone` (subject `link:<link>`,
+    /// predicate `quarantine_released` / `quarantine_dropped`, naming `by`), and only
+    /// then is the entry removed. Every step is idempotent, so a retry after a crash
+    /// completes the same decision without a second copy.
     pub async fn settle_quarantined(
         &self,
         message_id: &str,
+        payload: Option<&str>,
         action: QuarantineAction,
         zone: &str,
         by: &str,
         at_unix_ms: i64,
     ) -> Result<Settled, BoundaryError> {
-        let entry = self
-            .log
-            .quarantined_entry(message_id)
-            .await?
-            .ok_or_else(|| {
-                BoundaryError::NotFound(format!(
-                    "no quarantined fact with message_id `{message_id}`"
-                ))
-            })?;
+        let entry = self.quarantined_entry(message_id, payload).await?;
         let released = match action {
-            QuarantineAction::Release => Some(
-                self.append_replicated(
-                    entry.message.clone(),
-                    Some(Provenance {
+            QuarantineAction::Release => {
+                if let Some(size) = entry.payload_omitted_bytes {
+                    return Err(BoundaryError::FailedPrecondition(format!(
+                        "the fact ({size} bytes) was too large for this zone's store to keep in the quarantine; drop the entry and have the fact sent again (source offset {})",
+                        entry.source_offset
+                    )));
+                }
+                let validated = self
+                    .limits
+                    .validate(entry.message.clone())?
+                    .with_provenance(Provenance {
                         zone: entry.source_zone.clone(),
                         stream: entry.source_stream.clone(),
                         offset: entry.source_offset,
                         link: entry.link.clone(),
-                    }),
-                )
-                .await?,
-            ),
+                    })?;
+                Some(self.log.append(validated).await?)
+            }
             QuarantineAction::Drop => None,
         };
         let record = self
             .append_fact(settlement_fact(&entry, action, zone, by, at_unix_ms))
             .await?;
-        self.log.unquarantine(message_id).await?;
+        self.log.unquarantine(&entry).await?;
         Ok(Settled {
             entry,
             released,
@@ -207,8 +267,8 @@ impl Boundary {
 }
 
 /// The audit fact of an operator's release or drop. Its message_id derives from the
-/// quarantined fact and the time it was quarantined, so recording the same decision
-/// twice stores it once.
+/// quarantined fact (message_id and payload) and the time it was quarantined, so
+/// recording the same decision twice stores it once.
 pub fn settlement_fact(
     entry: &QuarantineEntry,
     action: QuarantineAction,
@@ -220,8 +280,9 @@ pub fn settlement_fact(
     Message {
         envelope: Envelope {
             message_id: format!(
-                "{}:{id_hash}:{}",
+                "{}:{id_hash}:{}:{}",
                 action.predicate(),
+                entry.payload_short(),
                 entry.quarantined_at_unix_ms
             ),
             from_zone: zone.to_owned(),
@@ -240,6 +301,9 @@ pub fn settlement_fact(
             object_json: serde_json::json!({
                 "message_id": entry.message.envelope.message_id,
                 "by": by,
+                "payload_digest": entry.payload_digest,
+                "cause": entry.cause,
+                "field": entry.field,
                 "policy": entry.denial.policy,
                 "reason": entry.denial.reason,
                 "module_sha256": entry.denial.module_sha256,

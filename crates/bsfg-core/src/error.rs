@@ -27,6 +27,9 @@ pub enum Reason {
     NotFound,
     /// An invariant broke inside the gateway; retrying is safe, the bug is ours.
     Internal,
+    /// The request does not fit the state it acts on (a ConfirmReceipt for offsets
+    /// this caller was not delivered); it changed nothing.
+    FailedPrecondition,
 }
 
 impl Reason {
@@ -41,6 +44,7 @@ impl Reason {
             Reason::Unavailable => "unavailable",
             Reason::NotFound => "not_found",
             Reason::Internal => "internal",
+            Reason::FailedPrecondition => "failed_precondition",
         }
     }
 
@@ -55,6 +59,7 @@ impl Reason {
             "unavailable" => Reason::Unavailable,
             "not_found" => Reason::NotFound,
             "internal" => Reason::Internal,
+            "failed_precondition" => Reason::FailedPrecondition,
             _ => return None,
         })
     }
@@ -125,6 +130,9 @@ pub enum BoundaryError {
     /// A broken invariant inside the gateway.
     #[error("internal: {0}")]
     Internal(String),
+    /// The request does not fit the state it acts on; nothing changed.
+    #[error("failed_precondition: {0}")]
+    FailedPrecondition(String),
 }
 
 impl BoundaryError {
@@ -149,7 +157,18 @@ impl BoundaryError {
             BoundaryError::Unavailable(_) => Reason::Unavailable,
             BoundaryError::NotFound(_) => Reason::NotFound,
             BoundaryError::Internal(_) => Reason::Internal,
+            BoundaryError::FailedPrecondition(_) => Reason::FailedPrecondition,
         }
+    }
+
+    /// True when the error is about the fact itself and the same fact would get it
+    /// again on every retry (`invalid_argument`, `conflicting_duplicate`): a link
+    /// sets such a fact aside in the quarantine instead of retrying its page.
+    pub fn refuses_the_fact(&self) -> bool {
+        matches!(
+            self,
+            BoundaryError::InvalidArgument { .. } | BoundaryError::ConflictingDuplicate { .. }
+        )
     }
 
     /// The offending field, for `invalid_argument` errors.
@@ -176,6 +195,7 @@ mod tests {
             Reason::Unavailable,
             Reason::NotFound,
             Reason::Internal,
+            Reason::FailedPrecondition,
         ] {
             assert_eq!(Reason::parse(r.as_str()), Some(r));
         }

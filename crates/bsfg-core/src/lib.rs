@@ -11,6 +11,7 @@
 pub mod authz;
 pub mod engine;
 pub mod error;
+pub mod json;
 pub mod link;
 pub mod model;
 pub mod names;
@@ -18,13 +19,15 @@ pub mod policy;
 pub mod ports;
 
 pub use authz::{Authorization, Caller, Gate, Grant, ServeStats};
-pub use engine::{Boundary, QuarantineAction, Settled};
+pub use engine::{Boundary, LOCAL_RECEIVER, QuarantineAction, Settled};
 pub use error::{BoundaryError, Reason};
 pub use model::{
-    ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, Provenance, ValidatedMessage,
+    ArtifactRef, Envelope, Fact, Limits, Message, PayloadDigest, Provenance, Refused,
+    ValidatedMessage,
 };
 pub use policy::{
-    Candidate, Denial, Hook, Policy, PolicyChain, PolicyContext, QuarantineEntry, Verdict,
+    Candidate, Denial, Hook, Policy, PolicyChain, PolicyContext, QuarantineEntry, QuarantineOrigin,
+    Verdict,
 };
 pub use ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact, Frontier,

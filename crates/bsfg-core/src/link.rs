@@ -29,8 +29,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::BoundaryError;
-use crate::model::{Envelope, Fact, Message, Provenance};
-use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry, Verdict};
+use crate::model::{Envelope, Fact, Limits, Message, Provenance, Refused, ValidatedMessage};
+use crate::policy::{
+    CAUSE_POLICY, Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry, QuarantineOrigin,
+    Verdict,
+};
 use crate::ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
 };
@@ -39,35 +42,42 @@ use crate::ports::{
 /// engine (provenance and checkpoint kept durably in the zone log) and by [`Remote`].
 #[async_trait]
 pub trait Destination: Send + Sync {
-    /// Validates and appends durably and idempotently, with the provenance beside the
-    /// fact when given. Same guarantees as [`BoundaryApi::append_fact`].
+    /// Validates a fetched fact under this zone's rules, as AppendFact would: the
+    /// canonical form policies judge and the zone stores. A refused fact comes back
+    /// untouched with the reason.
+    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused>;
+    /// Appends durably and idempotently, with the provenance the message carries
+    /// stored beside the fact. Same guarantees as [`BoundaryApi::append_fact`].
     async fn append_replicated(
         &self,
-        message: Message,
-        provenance: Option<Provenance>,
+        message: ValidatedMessage,
     ) -> Result<AppendOutcome, BoundaryError>;
     /// The link's durable checkpoint: the frontier its last confirm returned.
     async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError>;
     /// Records the checkpoint durably before returning.
     async fn record_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError>;
-    /// Keeps a fact the intake policies denied, durably, before returning. Keeping the
-    /// same fact (same message_id) again stores nothing new.
+    /// Keeps a fact the link could not append (denied by an intake policy, or refused
+    /// by this zone), durably, before returning. Keeping the same fact (same
+    /// message_id and payload) again stores nothing new.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError>;
 }
 
 /// A destination reached through its four operations only (for example a gateway
 /// over gRPC, as `bsfg pull` does). It cannot store provenance or a checkpoint, so
-/// gaps are judged against the source's frontier alone.
+/// gaps are judged against the source's frontier alone; facts are validated with the
+/// default limits here and again by the destination.
 pub struct Remote<'a>(pub &'a dyn BoundaryApi);
 
 #[async_trait]
 impl Destination for Remote<'_> {
+    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
+        Limits::default().try_validate(message)
+    }
     async fn append_replicated(
         &self,
-        message: Message,
-        _provenance: Option<Provenance>,
+        message: ValidatedMessage,
     ) -> Result<AppendOutcome, BoundaryError> {
-        self.0.append_fact(message).await
+        self.0.append_fact(message.into_message()).await
     }
     async fn checkpoint(&self, _link: &str) -> Result<Option<u64>, BoundaryError> {
         Ok(None)
@@ -77,8 +87,8 @@ impl Destination for Remote<'_> {
     }
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError> {
         Err(BoundaryError::Unavailable(format!(
-            "a remote destination keeps no quarantine; `{}` was denied by policy `{}` and is not confirmed",
-            entry.message.envelope.message_id, entry.denial.policy
+            "a remote destination keeps no quarantine; `{}` was set aside ({}: {}) and is not confirmed",
+            entry.message.envelope.message_id, entry.cause, entry.denial.reason
         )))
     }
 }
@@ -211,7 +221,8 @@ pub struct PullReport {
     pub stored: usize,
     /// Of those, already stored (replays absorbed by idempotency).
     pub duplicates: usize,
-    /// Of those, denied by an intake policy and kept in the zone's quarantine.
+    /// Of those, set aside in the zone's quarantine (denied by an intake policy, or
+    /// refused by this zone: invalid under its rules, conflicting duplicate).
     pub quarantined: usize,
     /// The source's frontier for the consumer after the step.
     pub frontier: u64,
@@ -242,6 +253,10 @@ pub struct PullStep {
     /// from another stream (the source's consumer reads a class the link was not
     /// meant to carry) fails the step before anything is appended.
     pub streams: Vec<String>,
+    /// The source zone, as this link's configuration names it. Provenance, the
+    /// policy context and quarantine entries take it from here, never from the page
+    /// (whose `zone` the source can set to anything).
+    pub source_zone: String,
 }
 
 /// The gap a page shows, judged against `base`, the lower of the link's checkpoint
@@ -317,17 +332,25 @@ pub async fn apply_page(
                 "consumer",
                 format!(
                     "`{}` on zone `{}` reads stream `{}`, which is not one of this link's {:?}",
-                    step.consumer, page.zone, page.stream, step.streams
+                    step.consumer, step.source_zone, page.stream, step.streams
                 ),
             ),
         });
+    }
+    if !page.facts.is_empty() {
+        // The stream name becomes a provenance header on every fact: a source that
+        // sends a malformed one is broken as a whole, not one fact.
+        crate::names::validate_consumer("stream", &page.stream).map_err(at(Operation::Fetch))?;
+    }
+    if page.zone != step.source_zone && !page.zone.is_empty() {
+        tracing::debug!(link = %step.link, configured = %step.source_zone, reported = %page.zone, "the source reports another zone name than the link's configuration; the configuration is used");
     }
     let base = checkpoint.map_or(page.frontier, |c| c.min(page.frontier));
     let mut report = PullReport {
         fetched: page.facts.len(),
         frontier: page.frontier,
         last_offset: page.last_offset,
-        source_zone: page.zone.clone(),
+        source_zone: step.source_zone.clone(),
         newest_appended_at_unix_ms: page.facts.last().map(|f| f.appended_at_unix_ms),
         ..Default::default()
     };
@@ -339,16 +362,21 @@ pub async fn apply_page(
                 consumer: step.consumer.clone(),
                 missing_from,
                 missing_to,
-                source_zone: page.zone.clone(),
+                source_zone: step.source_zone.clone(),
                 frontier: page.frontier,
                 last_offset: page.last_offset,
             });
         };
+        let record = destination
+            .validate(gap_fact(
+                &step.consumer,
+                missing_from,
+                missing_to,
+                acceptance,
+            ))
+            .map_err(|r| at(Operation::Append)(r.error))?;
         destination
-            .append_replicated(
-                gap_fact(&step.consumer, missing_from, missing_to, acceptance),
-                None,
-            )
+            .append_replicated(record)
             .await
             .map_err(at(Operation::Append))?;
         report.gap_accepted = Some((missing_from, missing_to));
@@ -365,83 +393,109 @@ pub async fn apply_page(
     let Some(last) = page.facts.last().map(|f| f.offset) else {
         return Ok(report);
     };
-    let facts = if intake.chain.is_empty() {
-        page.facts
-    } else {
+    let now = now_unix_ms();
+    let origin = |offset: u64| QuarantineOrigin {
+        link: step.link.clone(),
+        source_zone: step.source_zone.clone(),
+        source_stream: page.stream.clone(),
+        source_offset: offset,
+        at_unix_ms: now,
+    };
+    // 1. Validate every fact under this zone's rules: policies judge, and the zone
+    //    stores, the canonical form. A fact this zone refuses is set aside.
+    let mut set_aside: Vec<QuarantineEntry> = Vec::new();
+    let mut valid: Vec<(u64, ValidatedMessage)> = Vec::with_capacity(page.facts.len());
+    for f in page.facts {
+        match destination.validate(f.message) {
+            Ok(v) => {
+                let v = v
+                    .with_provenance(Provenance {
+                        zone: step.source_zone.clone(),
+                        stream: page.stream.clone(),
+                        offset: f.offset,
+                        link: step.link.clone(),
+                    })
+                    .map_err(at(Operation::Append))?;
+                valid.push((f.offset, v));
+            }
+            Err(Refused { error, message }) => {
+                set_aside.push(QuarantineEntry::refused(*message, &error, origin(f.offset)));
+            }
+        }
+    }
+    // 2. The intake policies, on the validated facts.
+    if !intake.chain.is_empty() && !valid.is_empty() {
         let ctx = PolicyContext {
             hook: Hook::Intake,
             zone: &intake.zone,
             peer: &intake.peer,
             link: Some(&step.link),
-            source_zone: Some(&page.zone),
+            source_zone: Some(&step.source_zone),
         };
-        let candidates: Vec<Candidate<'_>> = page
-            .facts
+        let candidates: Vec<Candidate<'_>> = valid
             .iter()
-            .map(|f| Candidate {
-                message: &f.message,
-                source_offset: Some(f.offset),
+            .map(|(offset, v)| Candidate {
+                message: v.message(),
+                source_offset: Some(*offset),
             })
             .collect();
         let verdicts = intake.chain.decide(&ctx, &candidates).await;
-        let now = now_unix_ms();
-        let mut allowed = Vec::with_capacity(page.facts.len());
-        let mut denied = Vec::new();
-        for (f, v) in page.facts.into_iter().zip(verdicts) {
-            match v {
-                Verdict::Allow => allowed.push(f),
-                Verdict::Deny(denial) => denied.push(QuarantineEntry {
-                    message: f.message,
+        let mut allowed = Vec::with_capacity(valid.len());
+        for ((offset, v), verdict) in valid.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Allow => allowed.push((offset, v)),
+                Verdict::Deny(denial) => set_aside.push(QuarantineEntry::new(
+                    v.into_message(),
+                    CAUSE_POLICY,
                     denial,
-                    link: step.link.clone(),
-                    source_zone: page.zone.clone(),
-                    source_stream: page.stream.clone(),
-                    source_offset: f.offset,
-                    quarantined_at_unix_ms: now,
-                }),
+                    origin(offset),
+                )),
             }
         }
-        // Quarantined before the confirm, like appends: a crash re-fetches the page
-        // and keeping an entry again stores nothing new.
-        report.quarantined = denied.len();
-        for entry in denied {
-            tracing::warn!(
-                link = %step.link,
-                message_id = %entry.message.envelope.message_id,
-                source_offset = entry.source_offset,
-                policy = %entry.denial.policy,
-                reason = %entry.denial.reason,
-                "fact quarantined at intake"
-            );
-            destination
-                .quarantine(entry)
-                .await
-                .map_err(at(Operation::Quarantine))?;
-        }
-        allowed
-    };
-    let appends = facts.into_iter().map(|f| {
-        let provenance = Provenance {
-            zone: page.zone.clone(),
-            stream: page.stream.clone(),
-            offset: f.offset,
-            link: step.link.clone(),
-        };
-        destination.append_replicated(f.message, Some(provenance))
+        valid = allowed;
+    }
+    // 3. Append the rest together (the zone log commits them as one batch). A fact
+    //    the zone refuses (conflicting duplicate, unknown class, too large for its
+    //    server) is set aside; any other failure fails the page, which comes again.
+    let appends = valid.into_iter().map(|(offset, v)| {
+        let kept = v.message().clone();
+        async move { (offset, kept, destination.append_replicated(v).await) }
     });
     let t_append = std::time::Instant::now();
     let outcomes: Vec<_> = futures::stream::iter(appends)
         .buffered(page_concurrency(report.fetched))
         .collect()
         .await;
-    for out in outcomes {
-        if out.map_err(at(Operation::Append))?.duplicate {
-            report.duplicates += 1;
-        } else {
-            report.stored += 1;
+    for (offset, message, out) in outcomes {
+        match out {
+            Ok(o) if o.duplicate => report.duplicates += 1,
+            Ok(_) => report.stored += 1,
+            Err(e) if e.refuses_the_fact() => {
+                set_aside.push(QuarantineEntry::refused(message, &e, origin(offset)));
+            }
+            Err(e) => return Err(at(Operation::Append)(e)),
         }
     }
     let appended = t_append.elapsed();
+    // 4. Quarantine what was set aside, before the confirm like the appends: a crash
+    //    re-fetches the page and keeping an entry again stores nothing new.
+    report.quarantined = set_aside.len();
+    for entry in set_aside {
+        tracing::warn!(
+            link = %step.link,
+            message_id = %entry.message.envelope.message_id,
+            source_offset = entry.source_offset,
+            cause = %entry.cause,
+            policy = %entry.denial.policy,
+            reason = %entry.denial.reason,
+            "fact quarantined at intake"
+        );
+        destination
+            .quarantine(entry)
+            .await
+            .map_err(at(Operation::Quarantine))?;
+    }
+    // 5. Confirm, then record the new checkpoint.
     let t_confirm = std::time::Instant::now();
     let frontier = source
         .confirm_receipt(&step.consumer, last)
@@ -483,6 +537,8 @@ pub struct LinkSettings {
     pub name: String,
     /// This (the destination) zone's name, for the gap record.
     pub local_zone: String,
+    /// The source zone's name, from configuration (see [`PullStep::source_zone`]).
+    pub source_zone: String,
     /// Durable consumer on the source; it decides the class and subject kinds pulled.
     pub consumer: String,
     /// Facts per page.
@@ -578,7 +634,7 @@ pub struct LinkCounters {
     pub facts_stored: AtomicU64,
     /// Facts that were already stored (replays absorbed).
     pub facts_duplicate: AtomicU64,
-    /// Facts denied by an intake policy and kept in the zone's quarantine.
+    /// Facts set aside in the zone's quarantine (policy denials and refusals).
     pub quarantined: AtomicU64,
     /// Gaps accepted by an operator.
     pub gaps_accepted: AtomicU64,
@@ -591,7 +647,7 @@ pub struct LinkStatus {
     pub name: String,
     /// Consumer on the source.
     pub consumer: String,
-    /// Source zone, as the source reports it (empty until the first page).
+    /// Source zone, as the link's configuration names it.
     pub source_zone: String,
     /// Current state.
     #[serde(flatten)]
@@ -776,12 +832,13 @@ impl Link {
         destination: Arc<dyn Destination>,
     ) -> (Link, LinkHandle) {
         let (acceptance, _) = watch::channel(None);
+        let source_zone = settings.source_zone.clone();
         let shared = Arc::new(Shared {
             settings,
             counters: LinkCounters::default(),
             progress: Mutex::new(Progress {
                 state: LinkState::Starting,
-                source_zone: String::new(),
+                source_zone,
                 frontier: 0,
                 source_last_offset: 0,
                 last_page_lag_ms: 0,
@@ -827,6 +884,7 @@ impl Link {
             limit: settings.page_size,
             wait: settings.wait,
             streams: settings.streams.clone(),
+            source_zone: settings.source_zone.clone(),
         };
         let metered_source = Metered {
             inner: self.source.as_ref(),
@@ -1128,16 +1186,18 @@ struct MeteredDestination<'a> {
 
 #[async_trait]
 impl Destination for MeteredDestination<'_> {
+    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
+        self.inner.validate(message)
+    }
     async fn append_replicated(
         &self,
-        message: Message,
-        provenance: Option<Provenance>,
+        message: ValidatedMessage,
     ) -> Result<AppendOutcome, BoundaryError> {
         let c = self.counters;
         count(
             &c.append_requests,
             &c.append_failures,
-            self.inner.append_replicated(message, provenance).await,
+            self.inner.append_replicated(message).await,
         )
     }
     async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
@@ -1227,6 +1287,7 @@ mod tests {
         let s = LinkSettings {
             name: "l".into(),
             local_zone: "z".into(),
+            source_zone: "s".into(),
             consumer: "c".into(),
             page_size: 10,
             wait: Duration::from_secs(1),

@@ -102,6 +102,7 @@ pub struct ValidatedMessage {
     message: Message,
     digest: PayloadDigest,
     provenance: Option<Provenance>,
+    stored: bytes::Bytes,
 }
 
 /// Where a replicated fact came from: the source zone and its offset there. Stored
@@ -132,6 +133,11 @@ impl ValidatedMessage {
     /// Payload identity for idempotency.
     pub fn digest(&self) -> PayloadDigest {
         self.digest
+    }
+    /// The message's stored form (see [`encode_stored`]): exactly the bytes a sink
+    /// keeps, already measured against [`Limits::max_fact_bytes`].
+    pub fn stored_form(&self) -> &bytes::Bytes {
+        &self.stored
     }
     /// Where the fact came from, when a link appends it.
     pub fn provenance(&self) -> Option<&Provenance> {
@@ -166,7 +172,9 @@ pub fn subject_kind(subject: &str) -> &str {
 /// Size and count limits applied by validation. Configurable per zone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Upper bound on a whole fact (canonical object_json plus every other field). Default 1 MiB.
+    /// Upper bound on a whole fact as stored: its stored form ([`encode_stored`]: the
+    /// envelope and fact as JSON with the canonical object_json embedded, escaping
+    /// included). A zone's store must accept this plus its headers. Default 1 000 000.
     pub max_fact_bytes: usize,
     /// Upper bound on message_id, correlation_id, causation_id. Default 256.
     pub max_id_bytes: usize,
@@ -183,7 +191,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_fact_bytes: 1024 * 1024,
+            max_fact_bytes: 1_000_000,
             max_id_bytes: 256,
             max_labels: 64,
             max_label_value_bytes: 1024,
@@ -276,19 +284,69 @@ pub fn validate_object_digest(field: &str, digest: &str) -> Result<(), BoundaryE
     }
 }
 
-/// Parses JSON text and returns its RFC 8785 canonical form.
+/// Parses JSON text strictly (I-JSON: numbers a double holds exactly, unique keys;
+/// see [`crate::json`]) and returns its RFC 8785 canonical form, or refuses it naming
+/// the JSON path under `field` and the rule.
 pub fn canonicalize_json(field: &str, json: &str) -> Result<String, BoundaryError> {
-    let value: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| BoundaryError::invalid(field, format!("must be valid JSON: {e}")))?;
-    serde_json_canonicalizer::to_string(&value)
-        .map_err(|e| BoundaryError::invalid(field, format!("cannot be canonicalized: {e}")))
+    crate::json::canonicalize(field, json)
 }
 
 impl Limits {
     /// Validates every field, canonicalizes `object_json` and computes the payload digest.
     ///
     /// Errors name the first offending field by its dotted path and the rule broken.
-    pub fn validate(&self, mut msg: Message) -> Result<ValidatedMessage, BoundaryError> {
+    pub fn validate(&self, msg: Message) -> Result<ValidatedMessage, BoundaryError> {
+        self.try_validate(msg).map_err(|r| r.error)
+    }
+
+    /// [`Limits::validate`], handing the message back untouched when it is refused
+    /// (a link keeps a refused fact in the quarantine exactly as it was fetched).
+    pub fn try_validate(&self, mut msg: Message) -> Result<ValidatedMessage, Refused> {
+        let canonical = match self.check(&msg) {
+            Ok(c) => c,
+            Err(error) => {
+                return Err(Refused {
+                    error,
+                    message: Box::new(msg),
+                });
+            }
+        };
+        let original = std::mem::replace(&mut msg.fact.object_json, canonical);
+        let stored = match encode_stored(&msg) {
+            Ok(s) => bytes::Bytes::from(s),
+            Err(error) => {
+                msg.fact.object_json = original;
+                return Err(Refused {
+                    error,
+                    message: Box::new(msg),
+                });
+            }
+        };
+        if stored.len() > self.max_fact_bytes {
+            msg.fact.object_json = original;
+            return Err(Refused {
+                error: BoundaryError::invalid(
+                    "fact",
+                    format!(
+                        "must be at most {} bytes as stored (envelope and fact as JSON, canonical object_json, escaping included), got {}",
+                        self.max_fact_bytes,
+                        stored.len()
+                    ),
+                ),
+                message: Box::new(msg),
+            });
+        }
+        let digest = payload_digest(&msg.fact);
+        Ok(ValidatedMessage {
+            message: msg,
+            digest,
+            provenance: None,
+            stored,
+        })
+    }
+
+    /// Every rule but the stored size; returns the canonical object_json.
+    fn check(&self, msg: &Message) -> Result<String, BoundaryError> {
         let e = &msg.envelope;
         check_id("envelope.message_id", &e.message_id, self.max_id_bytes)?;
         names::validate_zone("envelope.from_zone", &e.from_zone)?;
@@ -380,49 +438,92 @@ impl Limits {
                 format!("must be at most {} bytes", self.max_fact_bytes),
             ));
         }
-        let canonical = canonicalize_json("fact.object_json", &f.object_json)?;
-        msg.fact.object_json = canonical;
-
-        let size = approximate_size(&msg);
-        if size > self.max_fact_bytes {
-            return Err(BoundaryError::invalid(
-                "fact",
-                format!(
-                    "whole fact must be at most {} bytes, got {size}",
-                    self.max_fact_bytes
-                ),
-            ));
-        }
-        let digest = payload_digest(&msg.fact);
-        Ok(ValidatedMessage {
-            message: msg,
-            digest,
-            provenance: None,
-        })
+        canonicalize_json("fact.object_json", &f.object_json)
     }
 }
 
-fn approximate_size(m: &Message) -> usize {
-    let e = &m.envelope;
+/// A message [`Limits::try_validate`] refused, handed back as it came.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why: `invalid_argument` naming the field and the rule.
+    pub error: BoundaryError,
+    /// The message, unchanged.
+    pub message: Box<Message>,
+}
+
+/// The stored form of a message whose `object_json` is canonical JSON:
+/// `{"envelope":{..},"fact":{"subject":..,"predicate":..,"object":<object_json>,"artifacts":[..]}}`
+/// with `object_json` embedded as JSON rather than as an escaped string, so a fact
+/// does not grow with escaping on its way to disk. [`decode_stored`] reads it back
+/// byte for byte.
+pub fn encode_stored(m: &Message) -> Result<Vec<u8>, BoundaryError> {
+    fn put<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<(), BoundaryError> {
+        serde_json::to_writer(out, v)
+            .map_err(|e| BoundaryError::Internal(format!("encoding a fact: {e}")))
+    }
     let f = &m.fact;
-    e.message_id.len()
-        + e.from_zone.len()
-        + e.to_zone.len()
-        + e.correlation_id.as_ref().map_or(0, String::len)
-        + e.causation_id.as_ref().map_or(0, String::len)
-        + e.labels
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-        + e.object_media_type.as_ref().map_or(0, String::len)
-        + e.object_schema.as_ref().map_or(0, String::len)
-        + f.subject.len()
-        + f.predicate.len()
-        + f.object_json.len()
-        + f.artifacts
-            .iter()
-            .map(|a| a.bucket.len() + a.key.len() + a.digest.len() + 8)
-            .sum::<usize>()
+    let mut out = Vec::with_capacity(f.object_json.len() + 256);
+    out.extend_from_slice(b"{\"envelope\":");
+    put(&mut out, &m.envelope)?;
+    out.extend_from_slice(b",\"fact\":{\"subject\":");
+    put(&mut out, &f.subject)?;
+    out.extend_from_slice(b",\"predicate\":");
+    put(&mut out, &f.predicate)?;
+    out.extend_from_slice(b",\"object\":");
+    out.extend_from_slice(f.object_json.as_bytes());
+    if !f.artifacts.is_empty() {
+        out.extend_from_slice(b",\"artifacts\":");
+        put(&mut out, &f.artifacts)?;
+    }
+    out.extend_from_slice(b"}}");
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct StoredMessage {
+    envelope: Envelope,
+    fact: StoredFact,
+}
+
+#[derive(Deserialize)]
+struct StoredFact {
+    subject: String,
+    predicate: String,
+    /// The canonical object, embedded (current form). `null` is an object too.
+    #[serde(default, deserialize_with = "present")]
+    object: Option<Box<serde_json::value::RawValue>>,
+    /// The canonical object as an escaped string (the form before `object`).
+    #[serde(default)]
+    object_json: Option<String>,
+    #[serde(default)]
+    artifacts: Vec<ArtifactRef>,
+}
+
+/// A field that is there, whatever its value (JSON `null` included).
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+    Box::<serde_json::value::RawValue>::deserialize(d).map(Some)
+}
+
+/// Reads a stored form back (the current one of [`encode_stored`], or the earlier one
+/// with `object_json` as a string). The object text comes back exactly as stored.
+pub fn decode_stored(bytes: &[u8]) -> Result<Message, String> {
+    let s: StoredMessage = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let object_json = match (s.fact.object, s.fact.object_json) {
+        (Some(raw), _) => String::from(Box::<str>::from(raw)),
+        (None, Some(text)) => text,
+        (None, None) => return Err("fact has no object".into()),
+    };
+    Ok(Message {
+        envelope: s.envelope,
+        fact: Fact {
+            subject: s.fact.subject,
+            predicate: s.fact.predicate,
+            object_json,
+            artifacts: s.fact.artifacts,
+        },
+    })
 }
 
 /// SHA-256 over the RFC 8785 form of `{subject, predicate, object, artifacts}`.
@@ -506,6 +607,51 @@ mod tests {
         m.fact.object_json = r#"{"step":4,"operator":"jdoe"}"#.into();
         let c = Limits::default().validate(m).expect("valid");
         assert_ne!(a.digest(), c.digest());
+    }
+
+    #[test]
+    fn the_stored_form_embeds_the_canonical_object_and_reads_back_byte_for_byte() {
+        let mut m = sample();
+        m.fact.object_json = format!("{{\"q\":\"{}\",\"n\":[1,2.5]}}", "\\\"".repeat(1000));
+        let v = Limits::default().validate(m).expect("valid");
+        let stored = v.stored_form();
+        // Quotes are escaped once (as in the canonical form), not twice.
+        assert!(
+            stored.len() < v.message().fact.object_json.len() + 300,
+            "{}",
+            stored.len()
+        );
+        let back = decode_stored(stored).expect("decodes");
+        assert_eq!(&back, v.message());
+        // Every JSON value is an object, `null` included.
+        for object in ["null", "0", "\"s\"", "[]"] {
+            let mut m = sample();
+            m.fact.object_json = object.into();
+            let v = Limits::default().validate(m).expect("valid");
+            assert_eq!(&decode_stored(v.stored_form()).expect(object), v.message());
+        }
+        // The earlier form (object_json as a string) still reads.
+        let legacy = serde_json::to_vec(v.message()).expect("json");
+        assert_eq!(&decode_stored(&legacy).expect("legacy"), v.message());
+    }
+
+    #[test]
+    fn size_is_measured_on_the_stored_form_with_escaping() {
+        let limits = Limits {
+            max_fact_bytes: 2000,
+            ..Limits::default()
+        };
+        let mut m = sample();
+        // 1500 bytes of input, but the message_id's quote characters grow when escaped.
+        m.fact.object_json = format!("\"{}\"", "x".repeat(1500));
+        m.envelope.message_id = "\"".repeat(250);
+        match limits.validate(m) {
+            Err(BoundaryError::InvalidArgument { field, rule }) => {
+                assert_eq!(field, "fact");
+                assert!(rule.contains("as stored"), "{rule}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

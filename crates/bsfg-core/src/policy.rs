@@ -168,17 +168,34 @@ impl PolicyChain {
     }
 }
 
-/// A fact a link's intake policy denied, kept in the zone's quarantine until an
-/// operator releases (appends it as it was) or drops it.
+/// Why a fetched fact was set aside instead of appended.
+pub const CAUSE_POLICY: &str = "policy_denied";
+
+/// A fact a link could not append, kept in the zone's quarantine until an operator
+/// releases (appends it, after fixing the cause) or drops it. Two kinds of cause:
+/// an intake policy denied it (`cause = "policy_denied"`, `denial` names the policy),
+/// or this zone refused it (`cause` is the stable reason: `invalid_argument` under
+/// this zone's limits or classes, `conflicting_duplicate`; `denial.reason` is the
+/// error, `field` the offending field). Entries are kept per (message_id, payload):
+/// two different facts under one message_id are two entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
     /// The fact exactly as fetched from the source.
     pub message: Message,
-    /// Who denied it and why.
+    /// SHA-256 (hex) of the fact as fetched ([`crate::model::payload_digest`] over its
+    /// fields as they came); with the message_id it identifies the entry.
+    pub payload_digest: String,
+    /// `policy_denied`, or the stable reason this zone refused the fact with.
+    pub cause: String,
+    /// The policy, its module and its reason; for a refusal the policy is empty and
+    /// the reason is the error.
     pub denial: Denial,
+    /// The field a refusal named (`fact.object_json.ts_ns`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
     /// The link that fetched it.
     pub link: String,
-    /// The zone it came from.
+    /// The zone it came from, as the link's configuration names it.
     pub source_zone: String,
     /// The source stream.
     pub source_stream: String,
@@ -186,6 +203,77 @@ pub struct QuarantineEntry {
     pub source_offset: u64,
     /// When it was quarantined (Unix ms).
     pub quarantined_at_unix_ms: i64,
+    /// Set when the fact was too large for this zone's store to keep beside the entry:
+    /// its size in bytes. `message.fact.object_json` is then empty; the entry can be
+    /// dropped, not released (the fact is still at `source_offset` in the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_omitted_bytes: Option<u64>,
+}
+
+impl QuarantineEntry {
+    /// The entry of `message` as fetched, with `cause` and `denial` set by the caller.
+    pub fn new(message: Message, cause: &str, denial: Denial, origin: QuarantineOrigin) -> Self {
+        QuarantineEntry {
+            payload_digest: crate::model::payload_digest(&message.fact).to_hex(),
+            message,
+            cause: cause.to_owned(),
+            denial,
+            field: None,
+            link: origin.link,
+            source_zone: origin.source_zone,
+            source_stream: origin.source_stream,
+            source_offset: origin.source_offset,
+            quarantined_at_unix_ms: origin.at_unix_ms,
+            payload_omitted_bytes: None,
+        }
+    }
+
+    /// An entry for a fact this zone refused with `error` (see [`QuarantineEntry`]).
+    pub fn refused(
+        message: Message,
+        error: &crate::BoundaryError,
+        origin: QuarantineOrigin,
+    ) -> Self {
+        let mut e = QuarantineEntry::new(
+            message,
+            error.reason().as_str(),
+            Denial {
+                policy: String::new(),
+                reason: error.to_string(),
+                module_sha256: String::new(),
+            },
+            origin,
+        );
+        e.field = error.field().map(str::to_owned);
+        e
+    }
+
+    /// The message_id.
+    pub fn message_id(&self) -> &str {
+        &self.message.envelope.message_id
+    }
+
+    /// Short form of the payload digest (16 hex digits) operators pick entries by.
+    pub fn payload_short(&self) -> &str {
+        self.payload_digest
+            .get(..16)
+            .unwrap_or(self.payload_digest.as_str())
+    }
+}
+
+/// Where a quarantined fact came from and when it was set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineOrigin {
+    /// The link that fetched it.
+    pub link: String,
+    /// The source zone, from the link's configuration.
+    pub source_zone: String,
+    /// The source stream.
+    pub source_stream: String,
+    /// Its offset there.
+    pub source_offset: u64,
+    /// Unix ms.
+    pub at_unix_ms: i64,
 }
 
 #[cfg(test)]

@@ -105,6 +105,31 @@ pub trait BoundaryApi: Send + Sync {
     /// "Everything up to `offset` is durably committed on my side."
     async fn confirm_receipt(&self, consumer: &str, offset: u64)
     -> Result<Frontier, BoundaryError>;
+    /// FetchFacts on behalf of `receiver`, the identity a transport authenticated
+    /// (the [`crate::Gate`] passes it). The zone remembers which receiver each offset
+    /// was delivered to, so that only that receiver can confirm it. The default
+    /// ignores `receiver`, which is right for a client of another zone (its server
+    /// establishes the identity); a wrapper in front of the engine must forward it.
+    async fn fetch_facts_as(
+        &self,
+        receiver: &str,
+        request: FetchRequest,
+    ) -> Result<FactPage, BoundaryError> {
+        let _ = receiver;
+        self.fetch_facts(request).await
+    }
+    /// ConfirmReceipt on behalf of `receiver` (see [`BoundaryApi::fetch_facts_as`]):
+    /// an offset delivered to another receiver is `failed_precondition` and moves
+    /// nothing.
+    async fn confirm_receipt_as(
+        &self,
+        receiver: &str,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        let _ = receiver;
+        self.confirm_receipt(consumer, offset).await
+    }
     /// Stores an artifact, streamed. Same key + same bytes is idempotent; same key +
     /// different bytes is refused.
     async fn put_object(
@@ -123,31 +148,44 @@ pub trait FactLog: Send + Sync {
     /// id + different digest is `ConflictingDuplicate` and stores nothing.
     async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError>;
     /// Returns up to `request.limit` facts for the durable consumer, waiting up to
-    /// `request.wait` when none is ready; an empty page when nothing arrives.
-    async fn fetch(&self, request: &FetchRequest) -> Result<FactPage, BoundaryError>;
-    /// Acknowledges what was delivered up to `offset` and returns the frontier.
-    /// Past the highest delivered offset is `InvalidArgument`; at or below the
-    /// frontier changes nothing.
-    async fn confirm(&self, consumer: &str, offset: u64) -> Result<Frontier, BoundaryError>;
+    /// `request.wait` when none is ready; an empty page when nothing arrives. The
+    /// page is remembered as delivered to `receiver`.
+    async fn fetch(
+        &self,
+        request: &FetchRequest,
+        receiver: &str,
+    ) -> Result<FactPage, BoundaryError>;
+    /// Acknowledges what the page that delivered `offset` to `receiver` held, up to
+    /// `offset`, and returns the frontier. Past the highest delivered offset is
+    /// `InvalidArgument`; at or below the frontier changes nothing; an offset this
+    /// zone did not deliver to `receiver` (another receiver holds it, or it was
+    /// delivered before a restart) is `FailedPrecondition` and changes nothing.
+    async fn confirm(
+        &self,
+        consumer: &str,
+        offset: u64,
+        receiver: &str,
+    ) -> Result<Frontier, BoundaryError>;
     /// The checkpoint of a link pulling into this zone: the highest source offset it
     /// durably appended here and was about to confirm. `None` before the first page.
     async fn link_checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError>;
     /// Durably records a link's checkpoint (see [`FactLog::link_checkpoint`]). Returns
     /// only after the record is durable.
     async fn record_link_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError>;
-    /// Keeps a fact an intake policy denied in the zone's quarantine, durably, one
-    /// entry per message_id. Returns `false` (and stores nothing) when an entry for
-    /// that message_id is already kept.
+    /// Keeps a fact a link could not append (an intake policy denied it, or this zone
+    /// refused it) in the zone's quarantine, durably, one entry per (message_id,
+    /// payload digest). Returns `false` (and stores nothing) when that entry is
+    /// already kept.
     async fn quarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError>;
     /// Quarantined entries, oldest first, at most `limit`.
     async fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, BoundaryError>;
-    /// The quarantined entry of `message_id`, if one is kept.
-    async fn quarantined_entry(
+    /// Every quarantined entry of `message_id` (one per distinct payload).
+    async fn quarantined_entries(
         &self,
         message_id: &str,
-    ) -> Result<Option<QuarantineEntry>, BoundaryError>;
-    /// Removes the entry of `message_id` durably; `false` when there was none.
-    async fn unquarantine(&self, message_id: &str) -> Result<bool, BoundaryError>;
+    ) -> Result<Vec<QuarantineEntry>, BoundaryError>;
+    /// Removes exactly that entry durably; `false` when it was not kept.
+    async fn unquarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError>;
 }
 
 /// The zone-local artifact store.

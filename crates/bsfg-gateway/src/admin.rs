@@ -101,6 +101,27 @@ impl BoundaryApi for MeteredApi {
             .fetch_add(1, Ordering::Relaxed);
         self.inner.confirm_receipt(consumer, offset).await
     }
+    async fn fetch_facts_as(
+        &self,
+        receiver: &str,
+        request: FetchRequest,
+    ) -> Result<FactPage, BoundaryError> {
+        self.metrics.fetch_requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.fetch_facts_as(receiver, request).await
+    }
+    async fn confirm_receipt_as(
+        &self,
+        receiver: &str,
+        consumer: &str,
+        offset: u64,
+    ) -> Result<Frontier, BoundaryError> {
+        self.metrics
+            .confirm_requests
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .confirm_receipt_as(receiver, consumer, offset)
+            .await
+    }
     async fn put_object(
         &self,
         bucket: &str,
@@ -643,15 +664,16 @@ struct ListQuery {
 #[derive(Debug, Deserialize)]
 struct EntryQuery {
     id: String,
+    payload: Option<String>,
     by: Option<String>,
 }
 
 fn boundary_error(e: &bsfg_core::BoundaryError) -> (StatusCode, String) {
     let code = match e.reason() {
         bsfg_core::Reason::NotFound => StatusCode::NOT_FOUND,
-        bsfg_core::Reason::InvalidArgument | bsfg_core::Reason::ConflictingDuplicate => {
-            StatusCode::CONFLICT
-        }
+        bsfg_core::Reason::InvalidArgument
+        | bsfg_core::Reason::ConflictingDuplicate
+        | bsfg_core::Reason::FailedPrecondition => StatusCode::CONFLICT,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, format!("{e}\n"))
@@ -671,13 +693,12 @@ async fn quarantine_show(
     State(admin): State<Arc<Admin>>,
     Query(q): Query<EntryQuery>,
 ) -> axum::response::Response {
-    match admin.engine.quarantined_entry(&q.id).await {
-        Ok(Some(entry)) => axum::Json(entry).into_response(),
-        Ok(None) => (
-            StatusCode::NOT_FOUND,
-            format!("no quarantined fact with message_id `{}`\n", q.id),
-        )
-            .into_response(),
+    match admin
+        .engine
+        .quarantined_entry(&q.id, q.payload.as_deref())
+        .await
+    {
+        Ok(entry) => axum::Json(entry).into_response(),
         Err(e) => boundary_error(&e).into_response(),
     }
 }
@@ -699,7 +720,7 @@ async fn settle(
         .map_or(0, |d| d.as_millis() as i64);
     match admin
         .engine
-        .settle_quarantined(&q.id, action, &admin.zone, &by, now)
+        .settle_quarantined(&q.id, q.payload.as_deref(), action, &admin.zone, &by, now)
         .await
     {
         Ok(s) => {
@@ -707,7 +728,7 @@ async fn settle(
                 bsfg_core::QuarantineAction::Release => "released",
                 bsfg_core::QuarantineAction::Drop => "dropped",
             };
-            tracing::warn!(zone = %admin.zone, message_id = %q.id, by = %by, policy = %s.entry.denial.policy, "operator {verb} a quarantined fact");
+            tracing::warn!(zone = %admin.zone, message_id = %q.id, payload = %s.entry.payload_short(), by = %by, cause = %s.entry.cause, policy = %s.entry.denial.policy, "operator {verb} a quarantined fact");
             let stored = s
                 .released
                 .map(|o| format!(", stored at {}:{}", o.stream, o.offset))

@@ -342,6 +342,7 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
         bsfg_core::link::LinkSettings {
             name: "bench".into(),
             local_zone: "zone_b".into(),
+            source_zone: "zone_a".into(),
             consumer: "to-b".into(),
             page_size: opts.page_size,
             wait: Duration::from_secs(1),

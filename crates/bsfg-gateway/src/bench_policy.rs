@@ -147,6 +147,7 @@ async fn drain(
         LinkSettings {
             name: consumer.into(),
             local_zone: "zone_b".into(),
+            source_zone: "zone_a".into(),
             consumer: consumer.into(),
             page_size,
             wait: Duration::from_secs(1),

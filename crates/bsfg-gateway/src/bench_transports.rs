@@ -386,6 +386,7 @@ async fn run_cell(
         LinkSettings {
             name: format!("bench-{consumer}"),
             local_zone: "dest".into(),
+            source_zone: "source".into(),
             consumer: consumer.to_owned(),
             page_size: opts.page_size,
             wait: Duration::from_secs(1),

@@ -433,18 +433,31 @@ pub async fn put_object(
     Ok(())
 }
 
+/// What `bsfg pull` pulls.
+pub struct PullArgs<'a> {
+    /// The source zone's name (for the report; a remote destination keeps no
+    /// provenance).
+    pub source_zone: &'a str,
+    /// The consumer on the source.
+    pub consumer: &'a str,
+    /// Page size.
+    pub limit: u32,
+    /// Keep pulling until interrupted.
+    pub follow: bool,
+}
+
 /// `bsfg pull`: the receiver-driven step of `bsfg_core::link`, repeated. A gap stops
 /// it with an error unless `accept_gap` is given, which records the gap as a fact in
 /// the destination zone and passes over it.
 pub async fn pull(
     source: &dyn BoundaryApi,
     destination: &dyn BoundaryApi,
-    consumer: &str,
-    limit: u32,
-    follow: bool,
+    step: PullArgs<'_>,
     accept_gap: Option<bsfg_core::link::GapAcceptance>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let follow = step.follow;
+    let consumer = step.consumer;
     let wait = if follow {
         Duration::from_secs(5)
     } else {
@@ -453,9 +466,10 @@ pub async fn pull(
     let step = bsfg_core::link::PullStep {
         link: format!("cli-{consumer}"),
         consumer: consumer.to_owned(),
-        limit,
+        limit: step.limit,
         wait,
         streams: vec![],
+        source_zone: step.source_zone.to_owned(),
     };
     let destination = bsfg_core::link::Remote(destination);
     loop {
@@ -660,9 +674,17 @@ pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
         link: (hook == Hook::Intake).then_some("test-link"),
         source_zone: (hook == Hook::Intake).then_some("test-source"),
     };
-    let (mut allowed, mut denied) = (0, 0);
+    let (mut allowed, mut denied, mut refused) = (0, 0, 0);
+    let limits = bsfg_core::Limits::default();
     for batch in messages.chunks(t.batch.max(1)) {
-        let candidates: Vec<_> = batch
+        // The gateway validates before any policy sees a fact: the same here, so the
+        // policy judges the canonical form and a fact the zone would refuse says so.
+        let checked: Vec<Result<Message, bsfg_core::BoundaryError>> = batch
+            .iter()
+            .map(|m| limits.validate(m.clone()).map(|v| v.into_message()))
+            .collect();
+        let valid: Vec<&Message> = checked.iter().filter_map(|c| c.as_ref().ok()).collect();
+        let candidates: Vec<_> = valid
             .iter()
             .enumerate()
             .map(|(i, m)| Candidate {
@@ -670,8 +692,31 @@ pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
                 source_offset: (hook == Hook::Intake).then_some(i as u64 + 1),
             })
             .collect();
-        for (m, v) in batch.iter().zip(policy.decide_blocking(&ctx, &candidates)) {
+        let mut verdicts = policy.decide_blocking(&ctx, &candidates).into_iter();
+        for (m, c) in batch.iter().zip(&checked) {
             let id = &m.envelope.message_id;
+            let v = match c {
+                Err(e) => {
+                    refused += 1;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"message_id": id, "verdict": "refused", "reason": e.reason().as_str(), "field": e.field(), "error": e.to_string()})
+                        );
+                    } else {
+                        println!("refused {id}: {e}");
+                    }
+                    continue;
+                }
+                // Fail closed if the policy answered fewer verdicts than facts.
+                Ok(_) => verdicts.next().unwrap_or_else(|| {
+                    Verdict::Deny(bsfg_core::Denial {
+                        policy: "test".into(),
+                        reason: "policy_fault: no verdict".into(),
+                        module_sha256: String::new(),
+                    })
+                }),
+            };
             match v {
                 Verdict::Allow => {
                     allowed += 1;
@@ -698,7 +743,7 @@ pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
             }
         }
     }
-    eprintln!("{allowed} allowed, {denied} denied");
+    eprintln!("{allowed} allowed, {denied} denied, {refused} refused by validation");
     Ok(())
 }
 
@@ -714,11 +759,15 @@ pub enum QuarantineOp {
     Show {
         /// Its message_id.
         id: String,
+        /// Its payload digest (a prefix will do) when the id has several entries.
+        payload: Option<String>,
     },
     /// Append it and record the release.
     Release {
         /// Its message_id.
         id: String,
+        /// Its payload digest (a prefix will do) when the id has several entries.
+        payload: Option<String>,
         /// Who.
         by: String,
     },
@@ -726,6 +775,8 @@ pub enum QuarantineOp {
     Drop {
         /// Its message_id.
         id: String,
+        /// Its payload digest (a prefix will do) when the id has several entries.
+        payload: Option<String>,
         /// Who.
         by: String,
     },
@@ -733,17 +784,29 @@ pub enum QuarantineOp {
 
 /// `bsfg quarantine ...`.
 pub async fn quarantine(addr: &str, op: QuarantineOp, json: bool) -> anyhow::Result<()> {
-    let q = |pairs: &[(&str, &str)]| serde_urlencoded::to_string(pairs);
+    let q = |id: &str, payload: &Option<String>, by: Option<&str>| {
+        let mut pairs = vec![("id", id)];
+        if let Some(p) = payload {
+            pairs.push(("payload", p));
+        }
+        if let Some(b) = by {
+            pairs.push(("by", b));
+        }
+        serde_urlencoded::to_string(pairs)
+    };
     let (method, path) = match &op {
         QuarantineOp::List { limit } => ("GET", format!("/quarantine?limit={limit}")),
-        QuarantineOp::Show { id } => ("GET", format!("/quarantine/entry?{}", q(&[("id", id)])?)),
-        QuarantineOp::Release { id, by } => (
-            "POST",
-            format!("/quarantine/release?{}", q(&[("id", id), ("by", by)])?),
+        QuarantineOp::Show { id, payload } => (
+            "GET",
+            format!("/quarantine/entry?{}", q(id, payload, None)?),
         ),
-        QuarantineOp::Drop { id, by } => (
+        QuarantineOp::Release { id, payload, by } => (
             "POST",
-            format!("/quarantine/drop?{}", q(&[("id", id), ("by", by)])?),
+            format!("/quarantine/release?{}", q(id, payload, Some(by))?),
+        ),
+        QuarantineOp::Drop { id, payload, by } => (
+            "POST",
+            format!("/quarantine/drop?{}", q(id, payload, Some(by))?),
         ),
     };
     let (code, body) = admin_request(addr, method, &path).await?;
@@ -755,15 +818,22 @@ pub async fn quarantine(addr: &str, op: QuarantineOp, json: bool) -> anyhow::Res
                 println!("quarantine is empty");
             }
             for e in entries {
+                let why = if e.cause == bsfg_core::policy::CAUSE_POLICY {
+                    format!(
+                        "policy {} ({}): {}",
+                        e.denial.policy, e.denial.module_sha256, e.denial.reason
+                    )
+                } else {
+                    e.denial.reason.clone()
+                };
                 println!(
-                    "{}  from {} offset {} via link {}  policy {} ({}): {}",
+                    "{}  payload {}  from {} offset {} via link {}  {}",
                     e.message.envelope.message_id,
+                    e.payload_short(),
                     e.source_zone,
                     e.source_offset,
                     e.link,
-                    e.denial.policy,
-                    e.denial.module_sha256,
-                    e.denial.reason
+                    why
                 );
             }
         }

@@ -131,6 +131,7 @@ struct RawLink {
     request_timeout: Option<Spanned<String>>,
     ca: Option<Spanned<String>>,
     server_name: Option<Spanned<String>>,
+    source_zone: Option<Spanned<String>>,
     quic: Option<Spanned<RawQuic>>,
 }
 
@@ -583,6 +584,9 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         );
     }
     let mut sink = JetStreamConfig::new(zone.clone(), js.url.get_ref().clone());
+    // Connect refuses a server that cannot hold a fact of this size with its headers.
+    sink.max_fact_bytes = Some(limits.max_fact_bytes);
+    sink.max_id_bytes = limits.max_id_bytes;
     if !js.url.get_ref().starts_with("nats://") {
         c.at(
             js.url.span(),
@@ -1008,6 +1012,39 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 "grpc:// is plaintext: use grpcs:// (mutual TLS), or set `insecure = true` to pull over plaintext",
             );
         }
+        // Provenance and the intake context name the source zone from here, never
+        // from what the source says about itself.
+        let source_zone = match (&rl.source_zone, &link_tls) {
+            (Some(z), _) => {
+                c.name(z, &key("source_zone"), names::validate_zone);
+                z.get_ref().clone()
+            }
+            (None, Some(t)) => {
+                if names::validate_zone("source_zone", &t.ca).is_err() {
+                    c.at(
+                        rl.name.span(),
+                        key("source_zone"),
+                        format!(
+                            "the anchor name `{}` is not a zone name: set `source_zone`",
+                            t.ca
+                        ),
+                    );
+                }
+                t.ca.clone()
+            }
+            (None, None) => {
+                if is_tls(scheme) {
+                    String::new()
+                } else {
+                    c.at(
+                        rl.source.span(),
+                        key("source_zone"),
+                        "a plaintext link must name its source zone (`source_zone`): there is no certificate to take it from",
+                    );
+                    String::new()
+                }
+            }
+        };
         let mut streams = Vec::new();
         for (j, k) in rl.classes.iter().enumerate() {
             c.name(
@@ -1080,6 +1117,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
             settings: bsfg_core::link::LinkSettings {
                 name: rl.name.get_ref().clone(),
                 local_zone: zone.clone(),
+                source_zone,
                 consumer: rl.consumer.get_ref().clone(),
                 page_size,
                 wait,
@@ -1885,9 +1923,34 @@ listen = "127.0.0.1:9465"
 [[links]]
 name = "from-idmz"
 source = "grpc://10.0.0.5:7453"
+source_zone = "idmz"
 insecure = true
 consumer = "to-plant-a"
 "#;
+
+    #[test]
+    fn the_source_zone_comes_from_config_the_link_ca_or_is_required_for_plaintext() {
+        let plain = LINK.replace("source_zone = \"idmz\"\n", "");
+        let p = problems(&format!("{GOOD}{plain}"));
+        assert!(
+            p.iter().any(|p| p.key == "links[0].source_zone"
+                && p.message
+                    .contains("plaintext link must name its source zone")),
+            "{p:?}"
+        );
+        // A TLS link takes it from its `ca` anchor (FULL's files do not exist here,
+        // so only the certificate problems remain).
+        let p = problems(FULL);
+        assert!(p.iter().all(|p| p.key.starts_with("tls.")), "{p:?}");
+        let c = parse(Path::new("zone.toml"), &format!("{GOOD}{LINK}")).expect("valid");
+        assert_eq!(c.links[0].settings.source_zone, "idmz");
+        let bad = LINK.replace("source_zone = \"idmz\"", "source_zone = \"id mz\"");
+        assert!(
+            problems(&format!("{GOOD}{bad}"))
+                .iter()
+                .any(|p| p.key == "links[0].source_zone"),
+        );
+    }
 
     #[test]
     fn a_link_gets_the_documented_defaults_and_admin_its_address() {

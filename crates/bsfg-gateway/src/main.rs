@@ -126,6 +126,10 @@ enum Command {
         /// This (the destination) zone's name, for the gap record.
         #[arg(long)]
         zone: Option<String>,
+        /// The source zone's name, for the report (a remote destination keeps no
+        /// provenance).
+        #[arg(long, default_value = "remote")]
+        source_zone: String,
         /// Who accepts the gap, kept in the record.
         #[arg(long, env = "USER", default_value = "operator")]
         accepted_by: String,
@@ -229,6 +233,10 @@ enum QuarantineCommand {
         /// Its message_id.
         #[arg(long)]
         id: String,
+        /// Its payload digest, or the start of it (`bsfg quarantine list` shows 16
+        /// digits), when the message_id has several entries.
+        #[arg(long)]
+        payload: Option<String>,
     },
     /// Append a quarantined fact as it was fetched (the operator overrides the
     /// policy) and record who released it as a `quarantine_released` audit fact.
@@ -238,6 +246,10 @@ enum QuarantineCommand {
         /// Its message_id.
         #[arg(long)]
         id: String,
+        /// Its payload digest, or the start of it, when the message_id has several
+        /// entries.
+        #[arg(long)]
+        payload: Option<String>,
         /// Who releases it, kept in the record.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -250,6 +262,10 @@ enum QuarantineCommand {
         /// Its message_id.
         #[arg(long)]
         id: String,
+        /// Its payload digest, or the start of it, when the message_id has several
+        /// entries.
+        #[arg(long)]
+        payload: Option<String>,
         /// Who drops it, kept in the record.
         #[arg(long, env = "USER", default_value = "operator")]
         by: String,
@@ -328,6 +344,22 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                         p.sha256()
                     );
                 }
+                // The zone's server, when it can be reached: can it hold the largest fact?
+                match bsfg_sink_jetstream::check_server(&c.sink, Duration::from_secs(2)).await {
+                    Ok(max_payload) => println!(
+                        "{}: nats-server at {} accepts {max_payload} bytes per message: limits.max_fact_bytes = {} fits",
+                        config.display(),
+                        c.sink.url,
+                        c.limits.max_fact_bytes
+                    ),
+                    Err(e @ bsfg_sink_jetstream::SinkError::Config(_)) => {
+                        return Err((2, anyhow::anyhow!("{}: {e}", config.display())));
+                    }
+                    Err(e) => println!(
+                        "{}: note: the nats-server was not checked ({e}); `bsfg run` checks that it can hold limits.max_fact_bytes",
+                        config.display()
+                    ),
+                }
                 println!(
                     "{}: ok: zone {}, sink jetstream at {}, {} consumer(s), {} listener(s)",
                     config.display(),
@@ -393,6 +425,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             follow,
             accept_gap,
             zone,
+            source_zone,
             accepted_by,
         } => {
             let dest = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
@@ -409,9 +442,12 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             client::pull(
                 src.as_ref(),
                 dest.as_ref(),
-                &consumer,
-                limit,
-                follow,
+                client::PullArgs {
+                    source_zone: &source_zone,
+                    consumer: &consumer,
+                    limit,
+                    follow,
+                },
                 acceptance,
                 cli.json,
             )
@@ -448,13 +484,21 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                 QuarantineCommand::List { admin, limit } => {
                     (admin, client::QuarantineOp::List { limit })
                 }
-                QuarantineCommand::Show { admin, id } => (admin, client::QuarantineOp::Show { id }),
-                QuarantineCommand::Release { admin, id, by } => {
-                    (admin, client::QuarantineOp::Release { id, by })
+                QuarantineCommand::Show { admin, id, payload } => {
+                    (admin, client::QuarantineOp::Show { id, payload })
                 }
-                QuarantineCommand::Drop { admin, id, by } => {
-                    (admin, client::QuarantineOp::Drop { id, by })
-                }
+                QuarantineCommand::Release {
+                    admin,
+                    id,
+                    payload,
+                    by,
+                } => (admin, client::QuarantineOp::Release { id, payload, by }),
+                QuarantineCommand::Drop {
+                    admin,
+                    id,
+                    payload,
+                    by,
+                } => (admin, client::QuarantineOp::Drop { id, payload, by }),
             };
             let addr = admin.address().map_err(|e| (2u8, e))?;
             client::quarantine(&addr, q, cli.json).await.map_err(op)

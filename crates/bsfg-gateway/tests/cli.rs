@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bsfg_testkit::NatsServer;
 
 mod common;
-use common::{BSFG, Gateway, text};
+use common::{BSFG, Gateway, free_port, text};
 
 fn step(id: &str, step: u32) -> Vec<String> {
     [
@@ -52,6 +52,11 @@ fn every_cli_command_works_against_a_running_gateway() {
         .unwrap();
     assert!(out.status.success());
     assert!(text(&out.stdout).contains("ok: zone plant-a"));
+    assert!(
+        text(&out.stdout).contains("accepts 8388608 bytes per message"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let a = |args: Vec<String>| gw.bsfg(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let out = a(step("evt-1", 1));
@@ -538,4 +543,40 @@ fn bench_replicate_prints_the_link_beside_native_sourcing_and_a_raw_copier() {
         s.contains("idle link, append in A -> stored in B and confirmed: p50"),
         "{s}"
     );
+}
+
+#[test]
+fn validate_and_run_refuse_a_max_fact_bytes_the_zone_server_cannot_hold() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("zone.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[zone]\nname = \"plant-a\"\n\n[limits]\nmax_fact_bytes = 8388608\n\n[sink]\ntype = \"jetstream\"\nurl = \"{}\"\n\n[[listeners]]\nurl = \"grpc://127.0.0.1:{}\"\ninsecure = true\nmax_message_bytes = 33554432\n",
+            nats.url(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let out = Command::new(BSFG)
+            .args([cmd, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        // validate: a configuration problem (2); run: fails to start (1).
+        let code = if cmd == "validate" { 2 } else { 1 };
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{cmd}: {}",
+            text(&out.stdout)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("max_fact_bytes = 8388608") && err.contains("max_payload"),
+            "{cmd}: {err}"
+        );
+    }
 }

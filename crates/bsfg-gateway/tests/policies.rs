@@ -90,7 +90,7 @@ listen = "127.0.0.1:{admin}"
     }
     if let Some(source) = source {
         cfg += &format!(
-            "\n[[links]]\nname = \"from-plant\"\nsource = \"{source}\"\ninsecure = true\nconsumer = \"to-{name}\"\nclasses = [\"operational\"]\npage_size = 20\nwait = \"500ms\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n"
+            "\n[[links]]\nname = \"from-plant\"\nsource = \"{source}\"\nsource_zone = \"plant\"\ninsecure = true\nconsumer = \"to-{name}\"\nclasses = [\"operational\"]\npage_size = 20\nwait = \"500ms\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n"
         );
     }
     cfg += extra;
@@ -566,10 +566,14 @@ fn a_config_naming_a_module_that_imports_the_filesystem_fails_validation_clearly
 fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let facts = dir.path().join("facts.jsonl");
-    let lines: Vec<String> = [(1, "step_completed"), (2, "deny"), (3, "step_completed")]
+    let mut lines: Vec<String> = [(1, "step_completed"), (2, "deny"), (3, "step_completed")]
         .iter()
         .map(|(i, p)| serde_json::to_string(&fact(*i, "PlantA", p)).unwrap())
         .collect();
+    // A fact the gateway would refuse never reaches the policy: same rules here.
+    let mut rounded = fact(4, "PlantA", "step_completed");
+    rounded.fact.object_json = r#"{"ts_ns": 1764000000123456789}"#.into();
+    lines.push(serde_json::to_string(&rounded).unwrap());
     std::fs::write(&facts, lines.join("\n")).unwrap();
     let run = |module: &Path, extra: &[&str]| {
         std::process::Command::new(common::BSFG)
@@ -583,9 +587,12 @@ fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
     };
     let out = run(&plugins::built("chaos"), &["--set", "mode=demo"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(
-        text(&out.stdout),
-        "allow plant:batch:P0:step:1\ndeny plant:batch:P0:step:2: asked to deny\nallow plant:batch:P0:step:3\n"
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(
+            "allow plant:batch:P0:step:1\ndeny plant:batch:P0:step:2: asked to deny\nallow plant:batch:P0:step:3\nrefused plant:batch:P0:step:4: invalid_argument: field `fact.object_json.ts_ns`"
+        ),
+        "{stdout}"
     );
     let err = text(&out.stderr);
     // The guest's host.log line, tagged with the policy's name.
@@ -593,7 +600,10 @@ fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
         err.contains("chaos policy ready") && err.contains("policy=test"),
         "{err}"
     );
-    assert!(err.contains("2 allowed, 1 denied"), "{err}");
+    assert!(
+        err.contains("2 allowed, 1 denied, 1 refused by validation"),
+        "{err}"
+    );
 
     let out = run(&plugins::hostile("imports-filesystem"), &[]);
     assert!(!out.status.success());

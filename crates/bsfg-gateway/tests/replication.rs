@@ -68,8 +68,11 @@ listen = "127.0.0.1:{admin}"
     }
     for l in links {
         cfg += &format!(
-            "\n[[links]]\nname = \"{}\"\nsource = \"{}\"\ninsecure = true\nconsumer = \"{}\"\nclasses = [\"operational\"]\nwait = \"1s\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n",
-            l.name, l.source, l.consumer
+            "\n[[links]]\nname = \"{}\"\nsource = \"{}\"\nsource_zone = \"{}\"\ninsecure = true\nconsumer = \"{}\"\nclasses = [\"operational\"]\nwait = \"1s\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n",
+            l.name,
+            l.source,
+            l.name.trim_start_matches("from-"),
+            l.consumer
         );
     }
     let config = dir.path().join(format!("{name}.toml"));

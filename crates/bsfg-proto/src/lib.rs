@@ -299,6 +299,7 @@ pub fn error_from_parts(
         Reason::Unavailable => BoundaryError::Unavailable(msg),
         Reason::NotFound => BoundaryError::NotFound(msg),
         Reason::Internal => BoundaryError::Internal(msg),
+        Reason::FailedPrecondition => BoundaryError::FailedPrecondition(msg),
     }
 }
 

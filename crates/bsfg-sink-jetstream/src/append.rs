@@ -73,6 +73,49 @@ pub enum PublishMode {
     Pipelined,
 }
 
+/// Header bytes an atomic batch adds to each message (`Nats-Batch-Id` with a nuid,
+/// `Nats-Batch-Sequence` up to 1000, `Nats-Batch-Commit`), with room to spare.
+const BATCH_HEADER_BYTES: usize = 128;
+
+/// The bytes a fact takes on the wire to the server: its stored form plus every
+/// header the pipeline puts beside it (`NATS/1.0` line, `Key: value` lines). The
+/// server refuses a message above its `max_payload`, so this is what is measured.
+pub fn wire_size(msg: &ValidatedMessage, subject_max: usize) -> usize {
+    let mut h = 12 + HDR_EXPECTED_LAST_SUBJECT_SEQ.len() + 5;
+    h += HDR_MESSAGE_ID.len() + 4 + msg.message_id().len();
+    h += HDR_DIGEST.len() + 4 + 64;
+    if let Some(p) = msg.provenance() {
+        h += HDR_SOURCE_ZONE.len() + 4 + p.zone.len();
+        h += HDR_SOURCE_STREAM.len() + 4 + p.stream.len();
+        h += HDR_SOURCE_OFFSET.len() + 4 + 20;
+        h += HDR_LINK.len() + 4 + p.link.len();
+    }
+    msg.stored_form().len() + h + BATCH_HEADER_BYTES + subject_max
+}
+
+/// The most header bytes a fact can carry given the id limit (names in provenance
+/// are at most 128 bytes): what a zone's `max_fact_bytes` must leave room for.
+pub fn max_header_bytes(max_id_bytes: usize) -> usize {
+    12 + HDR_EXPECTED_LAST_SUBJECT_SEQ.len()
+        + 5
+        + HDR_MESSAGE_ID.len()
+        + 4
+        + max_id_bytes
+        + HDR_DIGEST.len()
+        + 68
+        + HDR_SOURCE_ZONE.len()
+        + HDR_SOURCE_STREAM.len()
+        + HDR_SOURCE_OFFSET.len()
+        + HDR_LINK.len()
+        + 4 * (4 + 128)
+        + 20
+        + BATCH_HEADER_BYTES
+        + SUBJECT_MAX_BYTES
+}
+
+/// Longest fact subject: `facts.<class>.<kind>.<32 hex>` (class and kind at most 64).
+pub const SUBJECT_MAX_BYTES: usize = 6 + 64 + 1 + 64 + 1 + 32;
+
 /// 128-bit subject token of a message_id: a valid NATS token whatever the id holds.
 pub fn id_token(message_id: &str) -> String {
     let d = Sha256::digest(message_id.as_bytes());
@@ -402,7 +445,7 @@ impl Appender {
                         header(&mut h, HDR_SOURCE_OFFSET, &p.offset.to_string());
                         header(&mut h, HDR_LINK, &p.link);
                     }
-                    (j.subject.clone(), h, to_json(j.msg.message()))
+                    (j.subject.clone(), h, j.msg.stored_form().clone())
                 })
                 .collect();
             let results = self.publish_all(msgs).await;

@@ -105,6 +105,13 @@ pub struct JetStreamConfig {
     /// Replicas and storage for object store buckets follow `replicas`; buckets are
     /// created on first put.
     pub object_chunk_size: usize,
+    /// The engine's `limits.max_fact_bytes`, when known: connect refuses a server
+    /// whose `max_payload` cannot hold a fact of that size with its headers, so that
+    /// every fact that passes validation is storable. `None` skips the check (every
+    /// append is still measured against `max_payload`).
+    pub max_fact_bytes: Option<usize>,
+    /// The engine's `limits.max_id_bytes` (headers carry the message_id). Default 256.
+    pub max_id_bytes: usize,
 }
 
 impl JetStreamConfig {
@@ -132,6 +139,8 @@ impl JetStreamConfig {
             max_inflight_batches: None,
             queue_capacity: 20_000,
             object_chunk_size: 128 * 1024,
+            max_fact_bytes: None,
+            max_id_bytes: 256,
         }
     }
 }

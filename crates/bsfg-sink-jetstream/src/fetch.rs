@@ -8,10 +8,12 @@
 //! read back. It never acknowledges another page: a page handed to a receiver that
 //! crashed before appending it, or to another instance sharing the consumer, stays
 //! unacknowledged and comes again after the ack wait. So a receiver can only ever
-//! confirm facts it actually received.
+//! confirm facts it actually received: each delivery is remembered with its
+//! receiver (the authenticated identity), and a confirm from another receiver is
+//! `failed_precondition` and acknowledges nothing.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::unavailable;
@@ -31,13 +33,30 @@ use futures::{StreamExt, TryStreamExt};
 use crate::config::ConsumerConfig;
 use crate::error::SinkError;
 
+/// The latest delivery of each unconfirmed offset through this gateway, and the
+/// receivers of offsets confirmed above the frontier (so a repeated confirm is
+/// answered, not refused).
+#[derive(Default)]
+struct Deliveries {
+    /// stream offset -> its latest delivery.
+    pending: BTreeMap<u64, Delivery>,
+    /// stream offset -> receiver that confirmed it; pruned at the frontier.
+    confirmed: BTreeMap<u64, Arc<str>>,
+}
+
+struct Delivery {
+    page: u64,
+    ack: String,
+    receiver: Arc<str>,
+}
+
 /// A declared consumer and the ack handles of what this gateway delivered.
 pub(crate) struct ConsumerHandle {
     pub stream_name: String,
     pub stream: Stream,
     pub consumer: PullConsumer,
-    /// stream offset -> (page, ack subject) of its latest delivery through this gateway.
-    delivered: Mutex<BTreeMap<u64, (u64, String)>>,
+    /// What this gateway delivered and which receiver confirmed what.
+    deliveries: Mutex<Deliveries>,
     /// Page counter: every fetch is a new page.
     pages: std::sync::atomic::AtomicU64,
 }
@@ -124,7 +143,7 @@ pub(crate) async fn ensure(
         stream_name: stream.cached_info().config.name.clone(),
         stream: stream.clone(),
         consumer,
-        delivered: Mutex::new(BTreeMap::new()),
+        deliveries: Mutex::new(Deliveries::default()),
         pages: std::sync::atomic::AtomicU64::new(0),
     })
 }
@@ -169,7 +188,13 @@ impl ConsumerHandle {
     }
 
     /// One page: whatever is ready now, else wait for the first fact up to `wait`.
-    pub async fn fetch(&self, zone: &str, req: &FetchRequest) -> Result<FactPage, BoundaryError> {
+    pub async fn fetch(
+        &self,
+        zone: &str,
+        req: &FetchRequest,
+        receiver: &str,
+    ) -> Result<FactPage, BoundaryError> {
+        let receiver: Arc<str> = Arc::from(receiver);
         let limit = req.limit as usize;
         let mut msgs = self.pull(limit, None).await?;
         if msgs.is_empty() && req.wait >= Duration::from_millis(1) {
@@ -184,19 +209,20 @@ impl ConsumerHandle {
             .pages
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
-            let mut delivered = self
-                .delivered
+            let mut deliveries = self
+                .deliveries
                 .lock()
                 .map_err(|_| BoundaryError::Internal("delivered map poisoned".into()))?;
             for m in msgs {
                 let info = m.info().map_err(|e| unavailable("message info", e))?;
                 let offset = info.stream_sequence;
-                let message: Message = serde_json::from_slice(&m.payload).map_err(|e| {
-                    BoundaryError::Internal(format!(
-                        "stream {} offset {offset} is not a BSFG fact: {e}",
-                        self.stream_name
-                    ))
-                })?;
+                let message: Message =
+                    bsfg_core::model::decode_stored(&m.payload).map_err(|e| {
+                        BoundaryError::Internal(format!(
+                            "stream {} offset {offset} is not a BSFG fact: {e}",
+                            self.stream_name
+                        ))
+                    })?;
                 facts.push(FetchedFact {
                     offset,
                     appended_at_unix_ms: unix_ms(info.published),
@@ -205,7 +231,15 @@ impl ConsumerHandle {
                     provenance: m.headers.as_ref().and_then(provenance),
                 });
                 if let Some(reply) = &m.reply {
-                    delivered.insert(offset, (page, reply.to_string()));
+                    deliveries.confirmed.remove(&offset);
+                    deliveries.pending.insert(
+                        offset,
+                        Delivery {
+                            page,
+                            ack: reply.to_string(),
+                            receiver: receiver.clone(),
+                        },
+                    );
                 }
             }
         }
@@ -224,12 +258,14 @@ impl ConsumerHandle {
         })
     }
 
-    /// Acknowledges what this gateway delivered up to `offset`; returns the frontier.
+    /// Acknowledges what this gateway delivered to `receiver` on the page that
+    /// delivered `offset`, up to `offset`; returns the frontier.
     pub async fn confirm(
         &self,
         client: &async_nats::Client,
         name: &str,
         offset: u64,
+        receiver: &str,
     ) -> Result<Frontier, BoundaryError> {
         let info = self
             .consumer
@@ -249,23 +285,37 @@ impl ConsumerHandle {
         if offset <= floor {
             return Ok(Frontier { offset: floor });
         }
+        let not_yours = || {
+            BoundaryError::FailedPrecondition(format!(
+                "offset {offset} of consumer `{name}` was not delivered to this caller by this gateway (another receiver holds it, or it was delivered before a restart); fetch again"
+            ))
+        };
         let to_ack: Vec<(u64, String)> = {
-            let delivered = self
-                .delivered
+            let deliveries = self
+                .deliveries
                 .lock()
                 .map_err(|_| BoundaryError::Internal("delivered map poisoned".into()))?;
-            match delivered.get(&offset) {
-                // Not delivered through this gateway (or already confirmed): nothing
-                // of ours to acknowledge; report the frontier as it stands.
-                None => Vec::new(),
-                Some((page, _)) => {
-                    let page = *page;
-                    delivered
+            match deliveries.pending.get(&offset) {
+                Some(d) if &*d.receiver == receiver => {
+                    let page = d.page;
+                    deliveries
+                        .pending
                         .range(..=offset)
-                        .filter(|(_, (p, _))| *p == page)
-                        .map(|(k, (_, ack))| (*k, ack.clone()))
+                        .filter(|(_, d)| d.page == page)
+                        .map(|(k, d)| (*k, d.ack.clone()))
                         .collect()
                 }
+                Some(_) => return Err(not_yours()),
+                // Confirmed already by the same receiver (a retried confirm): nothing
+                // more to acknowledge; report the frontier as it stands.
+                None if deliveries
+                    .confirmed
+                    .get(&offset)
+                    .is_some_and(|r| &**r == receiver) =>
+                {
+                    Vec::new()
+                }
+                None => return Err(not_yours()),
             }
         };
         let acked: Vec<u64> = to_ack.iter().map(|(k, _)| *k).collect();
@@ -301,12 +351,15 @@ impl ConsumerHandle {
             .await
             .map_err(|e| unavailable("consumer info", e))?;
         let frontier = info.ack_floor.stream_sequence;
-        if let Ok(mut delivered) = self.delivered.lock() {
+        if let Ok(mut deliveries) = self.deliveries.lock() {
+            let receiver: Arc<str> = Arc::from(receiver);
             for k in &acked {
-                delivered.remove(k);
+                deliveries.pending.remove(k);
+                deliveries.confirmed.insert(*k, receiver.clone());
             }
             // Offsets at or below the frontier are acknowledged by someone: forget them.
-            *delivered = delivered.split_off(&(frontier + 1));
+            deliveries.pending = deliveries.pending.split_off(&(frontier + 1));
+            deliveries.confirmed = deliveries.confirmed.split_off(&(frontier + 1));
         }
         Ok(Frontier { offset: frontier })
     }

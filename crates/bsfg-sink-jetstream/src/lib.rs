@@ -50,6 +50,49 @@ pub struct JetStreamZone {
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
     mode: PublishMode,
+    /// The server's `max_payload`, read at connect: the largest message it accepts.
+    max_payload: usize,
+}
+
+/// Refuses a `max_fact_bytes` that a server with this `max_payload` cannot hold with
+/// the largest headers a fact carries: every fact that passes validation must be
+/// storable.
+fn check_fact_size(config: &JetStreamConfig, max_payload: usize) -> Result<(), SinkError> {
+    let Some(max_fact) = config.max_fact_bytes else {
+        return Ok(());
+    };
+    let headers = append::max_header_bytes(config.max_id_bytes);
+    let needed = max_fact + headers;
+    if needed > max_payload {
+        return Err(SinkError::Config(format!(
+            "limits.max_fact_bytes = {max_fact}: with its headers a fact can take {needed} bytes, but the nats-server at {} accepts at most {max_payload} (max_payload); lower max_fact_bytes to {} or raise max_payload in the server's config",
+            config.url,
+            max_payload.saturating_sub(headers)
+        )));
+    }
+    Ok(())
+}
+
+/// Connects to the zone's server only to read its `max_payload` and check that it
+/// can hold the largest fact the zone accepts (as [`JetStreamZone::connect`] does);
+/// creates nothing. Returns the server's `max_payload`. For `bsfg validate`.
+pub async fn check_server(
+    config: &JetStreamConfig,
+    timeout: std::time::Duration,
+) -> Result<usize, SinkError> {
+    let client = async_nats::ConnectOptions::new()
+        .name(format!("bsfg-{}-check", config.zone))
+        .connection_timeout(timeout)
+        .connect(&config.url)
+        .await
+        .map_err(|source| SinkError::Connect {
+            url: config.url.clone(),
+            source,
+        })?;
+    let max_payload = client.server_info().max_payload;
+    drop(client);
+    check_fact_size(config, max_payload)?;
+    Ok(max_payload)
 }
 
 fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
@@ -109,6 +152,8 @@ impl JetStreamZone {
                 url: config.url.clone(),
                 source,
             })?;
+        let max_payload = client.server_info().max_payload;
+        check_fact_size(&config, max_payload)?;
         let js = match &config.domain {
             Some(d) => jetstream::with_domain(client.clone(), d),
             None => jetstream::new(client.clone()),
@@ -162,6 +207,7 @@ impl JetStreamZone {
         tokio::spawn(append::run(appender, rx, inflight));
 
         let zone = JetStreamZone {
+            max_payload,
             mode,
             config,
             client,
@@ -188,6 +234,11 @@ impl JetStreamZone {
     /// How appends travel to JetStream (configured, or picked from the durability probe).
     pub fn publish_mode(&self) -> PublishMode {
         self.mode
+    }
+
+    /// The server's `max_payload` (bytes), read at connect.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
     }
 
     /// The configuration in force.
@@ -290,6 +341,17 @@ fn checkpoint_unavailable(link: &str, e: impl std::fmt::Display) -> BoundaryErro
 impl FactLog for JetStreamZone {
     async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError> {
         let (stream, subject) = self.route(&message)?;
+        // Refused here, alone, rather than failing the batch it would have joined.
+        let size = append::wire_size(&message, append::SUBJECT_MAX_BYTES);
+        if size > self.max_payload {
+            return Err(BoundaryError::invalid(
+                "fact",
+                format!(
+                    "takes {size} bytes as stored with its headers; zone {}'s nats-server accepts at most {} (max_payload)",
+                    self.config.zone, self.max_payload
+                ),
+            ));
+        }
         let (reply, rx) = oneshot::channel();
         let job = append::Job {
             msg: message,
@@ -310,17 +372,26 @@ impl FactLog for JetStreamZone {
             .map_err(|_| BoundaryError::Unavailable("append pipeline dropped the request".into()))?
     }
 
-    async fn fetch(&self, request: &FetchRequest) -> Result<FactPage, BoundaryError> {
+    async fn fetch(
+        &self,
+        request: &FetchRequest,
+        receiver: &str,
+    ) -> Result<FactPage, BoundaryError> {
         self.consumer(&request.consumer)
             .await?
-            .fetch(&self.config.zone, request)
+            .fetch(&self.config.zone, request, receiver)
             .await
     }
 
-    async fn confirm(&self, consumer: &str, offset: u64) -> Result<Frontier, BoundaryError> {
+    async fn confirm(
+        &self,
+        consumer: &str,
+        offset: u64,
+        receiver: &str,
+    ) -> Result<Frontier, BoundaryError> {
         self.consumer(consumer)
             .await?
-            .confirm(&self.client, consumer, offset)
+            .confirm(&self.client, consumer, offset, receiver)
             .await
     }
 
@@ -353,22 +424,22 @@ impl FactLog for JetStreamZone {
     }
 
     async fn quarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError> {
-        quarantine::put(&self.js, entry).await
+        quarantine::put(&self.js, entry, self.max_payload).await
     }
 
     async fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, BoundaryError> {
         quarantine::list(&self.quarantine, limit).await
     }
 
-    async fn quarantined_entry(
+    async fn quarantined_entries(
         &self,
         message_id: &str,
-    ) -> Result<Option<QuarantineEntry>, BoundaryError> {
-        quarantine::get(&self.quarantine, message_id).await
+    ) -> Result<Vec<QuarantineEntry>, BoundaryError> {
+        quarantine::of(&self.quarantine, message_id).await
     }
 
-    async fn unquarantine(&self, message_id: &str) -> Result<bool, BoundaryError> {
-        quarantine::remove(&self.quarantine, message_id).await
+    async fn unquarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError> {
+        quarantine::remove(&self.quarantine, entry).await
     }
 }
 

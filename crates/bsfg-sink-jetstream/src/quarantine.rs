@@ -1,6 +1,13 @@
-//! The zone's quarantine: facts an intake policy denied, one message per message_id
-//! in stream `bsfg_quarantine` (`bsfg.quarantine.<id token>`), kept until an operator
-//! releases or drops them. Never aged out: a denied fact is evidence.
+//! The zone's quarantine: facts a link could not append (an intake policy denied
+//! them, or this zone refused them), one message per (message_id, payload) in stream
+//! `bsfg_quarantine` (`bsfg.quarantine.<id token>.<payload token>`), kept until an
+//! operator releases or drops them. Never aged out: a set-aside fact is evidence.
+//!
+//! An entry's body is `{"entry": <the entry without its fact's object>, "message":
+//! <the fact>}`, the fact in the zone's stored form (its object embedded, not escaped
+//! again) when its object is JSON, else as fetched. When even that is larger than the
+//! server accepts, the entry is kept without the object (`payload_omitted_bytes`), so
+//! the link still moves and the evidence stays.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{
@@ -9,14 +16,18 @@ use async_nats::jetstream::{
     stream::{Config, DirectGetErrorKind, DiscardPolicy, StorageType, Stream},
 };
 use bsfg_core::{BoundaryError, QuarantineEntry};
+use serde::Deserialize;
 
 use crate::append::id_token;
 use crate::config::JetStreamConfig;
 
 /// Name of the quarantine stream.
 pub const QUARANTINE_STREAM: &str = "bsfg_quarantine";
-/// Subject prefix of quarantine entries (`bsfg.quarantine.<id token>`).
+/// Subject prefix of quarantine entries (`bsfg.quarantine.<id token>.<payload token>`).
 pub const QUARANTINE_PREFIX: &str = "bsfg.quarantine";
+
+/// Room left under `max_payload` for the entry's headers.
+const HEADROOM: usize = 1024;
 
 pub(crate) fn stream_config(cfg: &JetStreamConfig) -> Config {
     Config {
@@ -25,7 +36,7 @@ pub(crate) fn stream_config(cfg: &JetStreamConfig) -> Config {
             "BSFG quarantine: facts an intake policy denied, until released or dropped (zone {})",
             cfg.zone
         )),
-        subjects: vec![format!("{QUARANTINE_PREFIX}.*")],
+        subjects: vec![format!("{QUARANTINE_PREFIX}.*.*")],
         max_messages_per_subject: 1,
         storage: StorageType::File,
         num_replicas: cfg.replicas,
@@ -39,35 +50,89 @@ pub(crate) fn stream_config(cfg: &JetStreamConfig) -> Config {
     }
 }
 
-fn subject(message_id: &str) -> String {
-    format!("{QUARANTINE_PREFIX}.{}", id_token(message_id))
+fn subject(entry: &QuarantineEntry) -> String {
+    format!(
+        "{QUARANTINE_PREFIX}.{}.{}",
+        id_token(entry.message_id()),
+        entry.payload_digest.get(..32).unwrap_or("0")
+    )
+}
+
+fn subjects_of(message_id: &str) -> String {
+    format!("{QUARANTINE_PREFIX}.{}.*", id_token(message_id))
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BoundaryError {
     BoundaryError::Unavailable(format!("quarantine {what}: {e}"))
 }
 
-fn decode(payload: &[u8]) -> Result<QuarantineEntry, BoundaryError> {
-    serde_json::from_slice(payload)
-        .map_err(|e| BoundaryError::Internal(format!("corrupt quarantine entry: {e}")))
+fn internal(e: impl std::fmt::Display) -> BoundaryError {
+    BoundaryError::Internal(format!("quarantine entry: {e}"))
 }
 
-/// Keeps `entry` unless its message_id already has one (compare-and-set on the
-/// subject, so two receivers of the same page keep it once).
+/// The body of an entry; see the module docs.
+pub(crate) fn encode(
+    entry: &QuarantineEntry,
+    max_payload: usize,
+) -> Result<Vec<u8>, BoundaryError> {
+    let mut meta = entry.clone();
+    meta.message.fact.object_json = String::new();
+    let message =
+        if serde_json::from_str::<serde::de::IgnoredAny>(&entry.message.fact.object_json).is_ok() {
+            bsfg_core::model::encode_stored(&entry.message)?
+        } else {
+            serde_json::to_vec(&entry.message).map_err(internal)?
+        };
+    let body = |meta: &QuarantineEntry, message: &[u8]| -> Result<Vec<u8>, BoundaryError> {
+        let mut out = b"{\"entry\":".to_vec();
+        serde_json::to_writer(&mut out, meta).map_err(internal)?;
+        out.extend_from_slice(b",\"message\":");
+        out.extend_from_slice(message);
+        out.push(b'}');
+        Ok(out)
+    };
+    let full = body(&meta, &message)?;
+    if full.len() + HEADROOM <= max_payload {
+        return Ok(full);
+    }
+    // Too large to keep whole: keep the entry, say what was left out.
+    meta.payload_omitted_bytes = Some(message.len() as u64);
+    let mut without = entry.message.clone();
+    without.fact.object_json = "null".into();
+    let slim = bsfg_core::model::encode_stored(&without)?;
+    body(&meta, &slim)
+}
+
+#[derive(Deserialize)]
+struct Body {
+    entry: QuarantineEntry,
+    message: Box<serde_json::value::RawValue>,
+}
+
+pub(crate) fn decode(payload: &[u8]) -> Result<QuarantineEntry, BoundaryError> {
+    let b: Body = serde_json::from_slice(payload).map_err(internal)?;
+    let mut entry = b.entry;
+    let mut message =
+        bsfg_core::model::decode_stored(b.message.get().as_bytes()).map_err(internal)?;
+    if entry.payload_omitted_bytes.is_some() {
+        message.fact.object_json = String::new();
+    }
+    entry.message = message;
+    Ok(entry)
+}
+
+/// Keeps `entry` unless the same (message_id, payload) already has one
+/// (compare-and-set on the subject, so two receivers of the same page keep it once).
 pub(crate) async fn put(
     js: &jetstream::Context,
     entry: &QuarantineEntry,
+    max_payload: usize,
 ) -> Result<bool, BoundaryError> {
-    let payload = serde_json::to_vec(entry)
-        .map_err(|e| BoundaryError::Internal(format!("encoding a quarantine entry: {e}")))?;
+    let payload = encode(entry, max_payload)?;
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
     let ack = js
-        .publish_with_headers(
-            subject(&entry.message.envelope.message_id),
-            headers,
-            payload.into(),
-        )
+        .publish_with_headers(subject(entry), headers, payload.into())
         .await
         .map_err(|e| unavailable("put", e))?;
     match ack.await {
@@ -77,16 +142,17 @@ pub(crate) async fn put(
     }
 }
 
-/// Entries, oldest first.
-pub(crate) async fn list(
+/// Entries on subjects matching `filter`, oldest first, at most `limit`.
+async fn scan(
     stream: &Stream,
+    filter: String,
     limit: usize,
 ) -> Result<Vec<QuarantineEntry>, BoundaryError> {
     let mut out = Vec::new();
     let mut seq = 1;
     while out.len() < limit {
         match stream
-            .direct_get_next_for_subject(format!("{QUARANTINE_PREFIX}.*"), Some(seq))
+            .direct_get_next_for_subject(filter.clone(), Some(seq))
             .await
         {
             Ok(m) => {
@@ -100,26 +166,30 @@ pub(crate) async fn list(
     Ok(out)
 }
 
-/// The entry of `message_id`.
-pub(crate) async fn get(
+/// Entries, oldest first.
+pub(crate) async fn list(
     stream: &Stream,
-    message_id: &str,
-) -> Result<Option<QuarantineEntry>, BoundaryError> {
-    match stream
-        .direct_get_last_for_subject(subject(message_id))
-        .await
-    {
-        Ok(m) => decode(&m.payload).map(Some),
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
-        Err(e) => Err(unavailable("get", e)),
-    }
+    limit: usize,
+) -> Result<Vec<QuarantineEntry>, BoundaryError> {
+    scan(stream, format!("{QUARANTINE_PREFIX}.*.*"), limit).await
 }
 
-/// Removes the entry of `message_id`.
-pub(crate) async fn remove(stream: &Stream, message_id: &str) -> Result<bool, BoundaryError> {
+/// The entries of `message_id`, one per payload.
+pub(crate) async fn of(
+    stream: &Stream,
+    message_id: &str,
+) -> Result<Vec<QuarantineEntry>, BoundaryError> {
+    scan(stream, subjects_of(message_id), usize::MAX).await
+}
+
+/// Removes exactly `entry`.
+pub(crate) async fn remove(
+    stream: &Stream,
+    entry: &QuarantineEntry,
+) -> Result<bool, BoundaryError> {
     let r = stream
         .purge()
-        .filter(subject(message_id))
+        .filter(subject(entry))
         .await
         .map_err(|e| unavailable("remove", e))?;
     Ok(r.purged > 0)

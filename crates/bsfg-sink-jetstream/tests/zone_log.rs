@@ -675,3 +675,68 @@ async fn existing_consumer_with_conflicting_settings_is_reported_not_changed() {
     // Unchanged: the original settings still connect.
     zone(config(&nats)).await;
 }
+
+#[tokio::test]
+async fn connect_refuses_a_max_fact_bytes_the_server_cannot_hold_with_headers() {
+    let nats = bsfg_testkit::NatsServer::start_with(bsfg_testkit::NatsOptions {
+        max_payload: 1024 * 1024,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut cfg = config(&nats);
+    cfg.max_fact_bytes = Some(1024 * 1024);
+    let Err(SinkError::Config(msg)) = JetStreamZone::connect(cfg.clone()).await else {
+        panic!("a 1 MiB fact cannot fit a 1 MiB max_payload with its headers");
+    };
+    assert!(
+        msg.contains("max_payload") && msg.contains("1048576"),
+        "{msg}"
+    );
+    let Err(SinkError::Config(_)) =
+        bsfg_sink_jetstream::check_server(&cfg, Duration::from_secs(2)).await
+    else {
+        panic!("the check alone refuses it too");
+    };
+    // The default leaves room for the headers.
+    cfg.max_fact_bytes = Some(bsfg_core::Limits::default().max_fact_bytes);
+    assert_eq!(
+        bsfg_sink_jetstream::check_server(&cfg, Duration::from_secs(2))
+            .await
+            .unwrap(),
+        1024 * 1024
+    );
+    JetStreamZone::connect(cfg).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fact_too_large_for_the_server_is_refused_alone_and_its_batch_is_stored() {
+    let nats = bsfg_testkit::NatsServer::start_with(bsfg_testkit::NatsOptions {
+        max_payload: 64 * 1024,
+        ..Default::default()
+    })
+    .unwrap();
+    let z = zone(config(&nats)).await;
+    let api = engine(&z);
+    let mut big = fact("big", 1);
+    big.fact.object_json = format!("{{\"blob\":\"{}\"}}", "\\\"".repeat(40_000));
+    // Appended together, as a producer's batch would be.
+    let results = futures::future::join_all(
+        [fact("a", 1), big, fact("b", 2)]
+            .into_iter()
+            .map(|m| api.append_fact(m)),
+    )
+    .await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    match &results[1] {
+        Err(BoundaryError::InvalidArgument { field, rule }) => {
+            assert_eq!(field, "fact");
+            assert!(rule.contains("max_payload"), "{rule}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        results[1].as_ref().unwrap_err().reason(),
+        Reason::InvalidArgument
+    );
+    assert_eq!(stream_messages(&z, "facts_operational").await, 2);
+}

@@ -52,6 +52,9 @@ pub struct NatsOptions {
     /// [`netem::EmulatedLink`] so that processes in its namespace reach the server.
     /// Default 127.0.0.1.
     pub listen_host: Option<std::net::IpAddr>,
+    /// The server's `max_payload` in bytes (the largest message it accepts).
+    /// Default 8 MiB.
+    pub max_payload: usize,
 }
 
 impl Default for NatsOptions {
@@ -61,6 +64,7 @@ impl Default for NatsOptions {
             sync_always: true,
             extra_config: String::new(),
             listen_host: None,
+            max_payload: 8 * 1024 * 1024,
         }
     }
 }
@@ -172,11 +176,12 @@ impl NatsServer {
             js.push_str("  sync_interval: always\n");
         }
         let conf = format!(
-            "listen: {}:{}\nhttp: 127.0.0.1:{}\nserver_name: bsfg_test_{}\nmax_payload: 8MB\njetstream {{\n{js}}}\n{}\n",
+            "listen: {}:{}\nhttp: 127.0.0.1:{}\nserver_name: bsfg_test_{}\nmax_payload: {}\njetstream {{\n{js}}}\n{}\n",
             self.host(),
             self.port,
             self.monitor_port,
             self.port,
+            self.options.max_payload,
             self.options.extra_config
         );
         std::fs::write(self.config_path(), conf).map_err(|e| TestkitError::Io("config", e))

@@ -17,6 +17,7 @@ pub fn code_for(reason: Reason) -> Code {
         Reason::PermissionDenied => Code::PermissionDenied,
         Reason::Unavailable => Code::Unavailable,
         Reason::Internal => Code::Internal,
+        Reason::FailedPrecondition => Code::FailedPrecondition,
     }
 }
 
@@ -59,6 +60,7 @@ pub fn from_status(s: &Status) -> BoundaryError {
         Code::PermissionDenied | Code::Unauthenticated => BoundaryError::PermissionDenied(msg),
         Code::ResourceExhausted => BoundaryError::Backpressure(msg),
         Code::NotFound => BoundaryError::NotFound(msg),
+        Code::FailedPrecondition => BoundaryError::FailedPrecondition(msg),
         Code::Internal | Code::DataLoss | Code::Unimplemented => BoundaryError::Internal(msg),
         _ => BoundaryError::Unavailable(msg),
     }
@@ -83,6 +85,7 @@ mod tests {
             BoundaryError::Unavailable("down".into()),
             BoundaryError::NotFound("gone".into()),
             BoundaryError::Internal("bug".into()),
+            BoundaryError::FailedPrecondition("not yours".into()),
         ];
         for e in errors {
             let s = to_status(&e);

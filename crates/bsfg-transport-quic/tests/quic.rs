@@ -291,7 +291,7 @@ async fn a_client_from_an_unknown_ca_is_refused_at_the_handshake() {
     );
     assert!(
         g.zone
-            .fetch(&fetch("to-idmz", 1))
+            .fetch(&fetch("to-idmz", 1), "local")
             .await
             .unwrap()
             .facts
@@ -337,6 +337,7 @@ async fn replication_over_a_lossy_reordering_path_delivers_every_fact_exactly_on
         limit: 50,
         wait: Duration::from_millis(200),
         streams: vec![],
+        source_zone: "plant".into(),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let mut failures = 0;
@@ -358,11 +359,14 @@ async fn replication_over_a_lossy_reordering_path_delivers_every_fact_exactly_on
     let mut ids = BTreeSet::new();
     loop {
         let page = dest
-            .fetch(&FetchRequest {
-                consumer: "reader".into(),
-                limit: 500,
-                wait: Duration::ZERO,
-            })
+            .fetch(
+                &FetchRequest {
+                    consumer: "reader".into(),
+                    limit: 500,
+                    wait: Duration::ZERO,
+                },
+                "local",
+            )
             .await
             .unwrap();
         let Some(last) = page.facts.last().map(|f| f.offset) else {
@@ -375,7 +379,7 @@ async fn replication_over_a_lossy_reordering_path_delivers_every_fact_exactly_on
                 f.message.envelope.message_id
             );
         }
-        dest.confirm("reader", last).await.unwrap();
+        dest.confirm("reader", last, "local").await.unwrap();
     }
     let expected: BTreeSet<String> = (0..300).map(|i| format!("x-{i}")).collect();
     assert_eq!(ids, expected);
