@@ -5,9 +5,14 @@
 //!
 //! Architecture invariants, enforced here and nowhere else:
 //! - a confirm never precedes the durable append of every fact of its page, or, for a
-//!   fact the intake policies denied, its durable entry in the zone's quarantine; any
-//!   failure returns before the confirm, so the page comes again and idempotent append
-//!   (and the quarantine's one entry per message_id) absorbs what was already stored;
+//!   fact the intake policies denied or this zone refused for what it is, its durable
+//!   entry in the zone's quarantine; any other failure returns before the confirm, so
+//!   the page comes again and idempotent append (and the quarantine's one entry per
+//!   message_id and payload) absorbs what was already stored;
+//! - one poison fact never holds back the facts behind it: each fact is validated
+//!   under this zone's rules before the intake policies see it (they judge the
+//!   canonical form, as append policies do), and a refusal that would repeat on every
+//!   retry ([`BoundaryError::refuses_the_fact`]) sets only that fact aside;
 //! - a gap is never skipped silently: when the source's retention removed facts this
 //!   link never confirmed, the step stops before appending or confirming anything,
 //!   unless the operator accepts exactly that gap, and an accepted gap is recorded as a

@@ -4,11 +4,11 @@
 //! - [`Hook::Append`]: AppendFact from a producer calling this zone, checked by the
 //!   [`crate::Gate`] after authorization; a denial is `permission_denied` naming the
 //!   policy and its reason, and nothing is stored;
-//! - [`Hook::Intake`]: facts a link fetched from another zone, checked by
-//!   [`crate::link::apply_page`] before anything of the page is appended; denied facts
-//!   go to the zone's quarantine (see [`QuarantineEntry`]) and the page is confirmed
-//!   once every fact is either appended or quarantined, so nothing is lost and
-//!   nothing blocks the link.
+//! - [`Hook::Intake`]: facts a link fetched from another zone, validated under this
+//!   zone's rules and checked by [`crate::link::apply_page`] before anything of the
+//!   page is appended; denied facts go to the zone's quarantine (see
+//!   [`QuarantineEntry`]) and the page is confirmed once every fact is either appended
+//!   or quarantined, so nothing is lost and nothing blocks the link.
 //!
 //! The sandbox (wasmtime) lives in an adapter; this module only knows the [`Policy`]
 //! trait.
@@ -180,9 +180,10 @@ pub const CAUSE_POLICY: &str = "policy_denied";
 /// two different facts under one message_id are two entries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
-    /// The fact exactly as fetched from the source.
+    /// The fact as fetched from the source: exactly as it came when this zone
+    /// refused it, its canonical form (what a policy judged) when a policy denied it.
     pub message: Message,
-    /// SHA-256 (hex) of the fact as fetched ([`crate::model::payload_digest`] over its
+    /// SHA-256 (hex) of the fact as kept ([`crate::model::payload_digest`] over its
     /// fields as they came); with the message_id it identifies the entry.
     pub payload_digest: String,
     /// `policy_denied`, or the stable reason this zone refused the fact with.
