@@ -37,6 +37,8 @@ fn pki(dir: &Path) {
     };
     issue("plant", "plant-bsfg", &["--server", "--ip", "127.0.0.1"]);
     issue("idmz", "idmz-bsfg", &["--server", "--ip", "127.0.0.1"]);
+    // A second instance of the idmz reader, granted the same consumer.
+    issue("idmz", "idmz-backup", &[]);
     // The right name from the wrong CAs: unknown to the plant, and the plant's own.
     issue("rogue", "idmz-bsfg", &[]);
     issue("plant", "idmz-bsfg", &[]);
@@ -59,6 +61,11 @@ claim_from_zones = ["idmz"]
 to_zones = ["plant"]
 consumers = ["to-idmz"]
 put_buckets = ["batch-files"]
+
+[[peers]]
+identity = "idmz-backup"
+ca = "idmz"
+consumers = ["to-idmz"]
 "#;
 
 fn plant() -> Plant {
@@ -377,6 +384,50 @@ async fn fetching_or_confirming_another_zones_consumer_is_denied() {
         .unwrap();
     let theirs = p.local().fetch_facts(req("to-enterprise")).await.unwrap();
     assert_eq!(theirs.frontier, 0, "a denied confirm moves nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_cannot_confirm_a_page_another_identity_fetched_on_a_shared_consumer() {
+    let p = plant();
+    p.local()
+        .append_fact(fixtures::step_completed("s-1", 1))
+        .await
+        .unwrap();
+    let (idmz, backup) = (p.idmz(), p.peer("idmz", "idmz-backup"));
+    let page = idmz
+        .fetch_facts(FetchRequest {
+            consumer: "to-idmz".into(),
+            limit: 10,
+            wait: Duration::from_millis(500),
+        })
+        .await
+        .unwrap();
+    let last = page.facts.last().map(|f| f.offset).unwrap();
+    // Granted the consumer, but not delivered this page: refused, nothing moves.
+    for other in [&backup, &p.local()] {
+        let e = other.confirm_receipt("to-idmz", last).await.unwrap_err();
+        assert_eq!(e.reason(), bsfg_core::Reason::FailedPrecondition, "{e}");
+        assert!(
+            e.to_string().contains("to-idmz") && e.to_string().contains(&format!("offset {last}")),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        backup
+            .fetch_facts(FetchRequest {
+                consumer: "to-idmz".into(),
+                limit: 10,
+                wait: Duration::ZERO,
+            })
+            .await
+            .unwrap()
+            .frontier,
+        0
+    );
+    assert_eq!(
+        idmz.confirm_receipt("to-idmz", last).await.unwrap().offset,
+        last
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
