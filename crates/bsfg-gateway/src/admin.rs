@@ -147,7 +147,13 @@ pub struct Admin {
     pub api: Arc<ApiMetrics>,
     /// TLS endpoints and authorization, for their metrics.
     pub security: Security,
+    /// The idempotency index's size and the server's memory, refreshed in the
+    /// background (`None` until the first reading).
+    pub index: IndexGauge,
 }
+
+/// The latest [`bsfg_sink_jetstream::IndexUsage`], shared with its refresher.
+pub type IndexGauge = Arc<std::sync::Mutex<Option<bsfg_sink_jetstream::IndexUsage>>>;
 
 /// What the security metrics read: every TLS endpoint (for certificate expiry), the
 /// shared handshake and reload counters, and the authorization denials.
@@ -187,6 +193,7 @@ struct Collector {
     links: Vec<LinkHandle>,
     api: Arc<ApiMetrics>,
     security: Security,
+    index: IndexGauge,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -373,11 +380,46 @@ impl prometheus_client::collector::Collector for Collector {
             &[(api, hist)],
         )?;
         self.encode_security(&mut e)?;
+        self.encode_index(&mut e)?;
         self.encode_policies(&mut e)
     }
 }
 
 impl Collector {
+    fn encode_index(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(u) = self.index.lock().ok().and_then(|u| u.clone()) else {
+            return Ok(());
+        };
+        let zone: Labels = vec![("zone", self.zone.clone())];
+        family(
+            e,
+            "bsfg_index_ids",
+            "message_ids the zone's idempotency index remembers.",
+            &[(zone.clone(), ConstGauge::new(u.ids as f64))],
+        )?;
+        family(
+            e,
+            "bsfg_index_disk_bytes",
+            "Bytes the idempotency index holds on disk.",
+            &[(zone.clone(), ConstGauge::new(u.disk_bytes as f64))],
+        )?;
+        family(
+            e,
+            "bsfg_index_horizon_seconds",
+            "How long the index remembers an id (index_max_age); 0 = forever.",
+            &[(zone.clone(), ConstGauge::new(u.horizon.as_secs_f64()))],
+        )?;
+        if let Some(m) = u.server_memory_bytes {
+            family(
+                e,
+                "bsfg_store_server_memory_bytes",
+                "Resident memory of the zone's nats-server (its /varz `mem`); today's index costs about 400 bytes of it per remembered id.",
+                &[(zone, ConstGauge::new(m as f64))],
+            )?;
+        }
+        Ok(())
+    }
+
     fn encode_policies(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats: Vec<_> = self
             .policies
@@ -575,6 +617,7 @@ impl Admin {
             links: self.links.clone(),
             api: self.api.clone(),
             security: self.security.clone(),
+            index: self.index.clone(),
         }));
         r
     }

@@ -9,6 +9,7 @@
 
 mod admin;
 mod bench;
+mod bench_index;
 mod bench_policy;
 mod bench_transports;
 mod certs;
@@ -315,6 +316,9 @@ enum BenchCommand {
     /// Per-fact cost of a WASM policy at batch sizes 1, 100, 1000, and replication
     /// with and without it at a link's intake.
     Policy(bench_policy::PolicyBench),
+    /// What remembering message_ids costs the zone's nats-server: memory and disk per
+    /// million ids, and the append rate as the index grows.
+    Index(bench_index::IndexBench),
 }
 
 fn init_tracing() {
@@ -529,6 +533,9 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             init_tracing();
             bench_transports::transports(opts).await.map_err(op)
         }
+        Command::Bench {
+            which: BenchCommand::Index(opts),
+        } => bench_index::index(opts).await.map_err(op),
         Command::Bench {
             which: BenchCommand::Policy(opts),
         } => {

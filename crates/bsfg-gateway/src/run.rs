@@ -191,7 +191,27 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("admin endpoint {addr}"))?;
         tracing::info!(zone = %zone, %addr, "admin endpoint: /metrics, /status (loopback only)");
+        let index: admin::IndexGauge = Arc::default();
+        {
+            // Refreshed in the background: reading the stream and /varz takes a round
+            // trip, which a scrape should not wait for.
+            let (index, log, mut stop) = (index.clone(), log.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(u) = log.index_usage().await
+                        && let Ok(mut slot) = index.lock()
+                    {
+                        *slot = Some(u);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+            });
+        }
         let a = admin::Admin {
+            index,
             zone: zone.clone(),
             engine: engine.clone(),
             policies: policies.list(),

@@ -19,12 +19,32 @@ pub enum Durability {
 
 /// Reads `<monitor_url>/varz` (plain HTTP on loopback or a zone-internal address).
 pub async fn probe(monitor_url: &str) -> Durability {
-    let Some(hostport) = monitor_url
-        .strip_prefix("http://")
-        .map(|r| r.trim_end_matches('/'))
-    else {
+    let Some(v) = varz(monitor_url).await else {
         return Durability::Unknown;
     };
+    let Some(cfg) = v.get("jetstream").and_then(|j| j.get("config")) else {
+        return Durability::Unknown;
+    };
+    if cfg.get("sync_always").and_then(serde_json::Value::as_bool) == Some(true) {
+        Durability::SyncAlways
+    } else {
+        Durability::Lazy
+    }
+}
+
+/// The server's resident memory in bytes (`mem` in `/varz`), if it can be read.
+pub async fn server_memory(monitor_url: &str) -> Option<u64> {
+    varz(monitor_url)
+        .await?
+        .get("mem")
+        .and_then(serde_json::Value::as_u64)
+}
+
+/// `GET <monitor_url>/varz` as JSON, within 3 s; `None` on any failure.
+pub(crate) async fn varz(monitor_url: &str) -> Option<serde_json::Value> {
+    let hostport = monitor_url
+        .strip_prefix("http://")
+        .map(|r| r.trim_end_matches('/'))?;
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(hostport).await.ok()?;
         s.write_all(format!("GET /varz HTTP/1.0\r\nHost: {hostport}\r\n\r\n").as_bytes())
@@ -34,19 +54,10 @@ pub async fn probe(monitor_url: &str) -> Durability {
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
         let body = text.split_once("\r\n\r\n")?.1;
-        let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        let cfg = v.get("jetstream")?.get("config")?;
-        Some(
-            if cfg.get("sync_always").and_then(serde_json::Value::as_bool) == Some(true) {
-                Durability::SyncAlways
-            } else {
-                Durability::Lazy
-            },
-        )
+        serde_json::from_str(body).ok()
     };
     tokio::time::timeout(std::time::Duration::from_secs(3), fut)
         .await
         .ok()
         .flatten()
-        .unwrap_or(Durability::Unknown)
 }

@@ -20,6 +20,7 @@ mod fetch;
 mod objects;
 pub mod quarantine;
 pub mod streams;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub use append::PublishMode;
 pub use config::{ConsumerConfig, JetStreamConfig, StreamClass};
 pub use durability::Durability;
 pub use error::SinkError;
+pub use usage::IndexUsage;
 
 /// A zone log on JetStream. Cheap to share behind an `Arc`.
 pub struct JetStreamZone {
@@ -46,6 +48,8 @@ pub struct JetStreamZone {
     queue: mpsc::Sender<append::Job>,
     links: jetstream::stream::Stream,
     quarantine: jetstream::stream::Stream,
+    /// The idempotency index stream, for its size.
+    index: jetstream::stream::Stream,
     consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
@@ -198,7 +202,7 @@ impl JetStreamZone {
         let appender = Arc::new(append::Appender {
             client: client.clone(),
             js: js.clone(),
-            index,
+            index: index.clone(),
             streams: streams.clone(),
             max_batch: config.max_batch,
             mode,
@@ -207,6 +211,7 @@ impl JetStreamZone {
         tokio::spawn(append::run(appender, rx, inflight));
 
         let zone = JetStreamZone {
+            index,
             max_payload,
             mode,
             config,
@@ -223,6 +228,20 @@ impl JetStreamZone {
         for c in zone.config.consumers.clone() {
             zone.declare_consumer(&c).await?;
         }
+        // Capacity, visible before it bites: what the index holds and where it goes.
+        match zone.index_usage().await {
+            Ok(u) => {
+                let (line, warn) = u.projection(now_unix_ms());
+                if warn {
+                    tracing::warn!(zone = %zone.config.zone, "{line}; a permanent index grows the server's memory with every id: see docs/configuration.md (index_max_age)");
+                } else {
+                    tracing::info!(zone = %zone.config.zone, "{line}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(zone = %zone.config.zone, error = %e, "could not read the idempotency index's size")
+            }
+        }
         Ok(zone)
     }
 
@@ -234,6 +253,28 @@ impl JetStreamZone {
     /// How appends travel to JetStream (configured, or picked from the durability probe).
     pub fn publish_mode(&self) -> PublishMode {
         self.mode
+    }
+
+    /// The idempotency index's size and the server's memory now (see [`usage`]).
+    pub async fn index_usage(&self) -> Result<IndexUsage, BoundaryError> {
+        let mut index = self.index.clone();
+        let info = index
+            .info()
+            .await
+            .map_err(|e| error::unavailable("index stream info", e))?;
+        let state = &info.state;
+        let server_memory_bytes = match &self.config.monitor_url {
+            Some(url) => durability::server_memory(url).await,
+            None => None,
+        };
+        Ok(IndexUsage {
+            ids: state.messages,
+            disk_bytes: state.bytes,
+            first_at_unix_ms: (state.messages > 0)
+                .then(|| (state.first_timestamp.unix_timestamp_nanos() / 1_000_000) as i64),
+            horizon: self.config.index_max_age,
+            server_memory_bytes,
+        })
     }
 
     /// The server's `max_payload` (bytes), read at connect.
@@ -326,6 +367,12 @@ impl JetStreamZone {
             .insert(name.to_owned(), b.clone());
         Ok(b)
     }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `bsfg.links.<token of the link name>`: one checkpoint per link.

@@ -55,6 +55,9 @@ pub struct NatsOptions {
     /// The server's `max_payload` in bytes (the largest message it accepts).
     /// Default 8 MiB.
     pub max_payload: usize,
+    /// How long a start or restart may take before it counts as failed (restoring a
+    /// store of millions of subjects takes a while). Default 20 s.
+    pub ready_timeout: Duration,
 }
 
 impl Default for NatsOptions {
@@ -65,6 +68,7 @@ impl Default for NatsOptions {
             extra_config: String::new(),
             listen_host: None,
             max_payload: 8 * 1024 * 1024,
+            ready_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -203,7 +207,7 @@ impl NatsServer {
             .spawn()
             .map_err(|e| TestkitError::Io("spawn", e))?;
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(20))
+        self.wait_ready(self.options.ready_timeout)
     }
 
     fn wait_ready(&mut self, limit: Duration) -> Result<(), TestkitError> {

@@ -1,0 +1,189 @@
+//! `bsfg bench index`: what remembering message_ids costs a zone's nats-server.
+//!
+//! Appends `ids` facts (each its own message_id) through the engine into a zone on a
+//! temporary nats-server with `sync_interval: always`, and at each of `samples`
+//! checkpoints prints the server's resident memory (`/varz` `mem`) and its store on
+//! disk, per million ids, beside the append rate of that stretch. Then it restarts the
+//! server on the same store (memory at rest), and checks that the very first id is
+//! still answered `duplicate`, and a changed payload `conflicting_duplicate`.
+//!
+//! This measures the layout in force: one index subject per id (`bsfg.ids.<token>`)
+//! and one subject per retained fact. It is the baseline the bounded-memory index
+//! of issue 20 is to be measured against in the same run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use bsfg_core::{Boundary, BoundaryApi, BoundaryError, Limits};
+use bsfg_sink_jetstream::durability::server_memory;
+use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
+use bsfg_testkit::fixtures::padded_fact;
+use bsfg_testkit::{NatsOptions, NatsServer};
+
+/// Options of `bsfg bench index`.
+#[derive(Debug, clap::Args)]
+pub struct IndexBench {
+    /// message_ids to append.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub ids: usize,
+    /// Checkpoints at which memory, disk and the append rate are read.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Bytes of each fact's object_json.
+    #[arg(long, default_value_t = 64)]
+    pub object_bytes: usize,
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Bytes of every file under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(_) => e.metadata().map_or(0, |m| m.len()),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn id(i: usize) -> String {
+    format!("idx-{i}")
+}
+
+async fn connect(nats: &NatsServer) -> anyhow::Result<(Arc<JetStreamZone>, Arc<Boundary>)> {
+    let mut cfg = JetStreamConfig::new("bench", nats.url());
+    cfg.monitor_url = Some(nats.monitor_url());
+    let zone = Arc::new(JetStreamZone::connect(cfg).await?);
+    let api = Arc::new(Boundary::new(zone.clone(), zone.clone(), Limits::default()));
+    Ok((zone, api))
+}
+
+/// Runs the benchmark and prints a markdown table.
+pub async fn index(opts: IndexBench) -> anyhow::Result<()> {
+    let samples = opts.samples.max(1);
+    let per = (opts.ids / samples).max(1);
+    let mut nats = NatsServer::start_with(NatsOptions {
+        // Restoring millions of subjects at the restart takes a while.
+        ready_timeout: std::time::Duration::from_secs(900),
+        ..NatsOptions::default()
+    })
+    .context("starting nats-server (run scripts/setup.sh)")?;
+    let (zone, api) = connect(&nats).await?;
+    let monitor = nats.monitor_url();
+    let base = server_memory(&monitor).await.unwrap_or(0);
+    println!(
+        "# bsfg bench index: {} ids through the engine, nats-server with sync_interval: always; layout: one index subject per id (bsfg.ids.<token>), one subject per retained fact",
+        per * samples
+    );
+    println!(
+        "(server memory before the first id: {:.1} MiB)",
+        base as f64 / MIB
+    );
+    println!(
+        "| ids | append facts/s (this stretch) | server RSS MiB | RSS above start per million ids | store on disk MiB | disk per million ids | index stream MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut rates = Vec::with_capacity(samples);
+    let mut last_rss_per_m = 0.0;
+    let mut last_disk_per_m = 0.0;
+    for k in 0..samples {
+        let t = Instant::now();
+        crate::bench::load_backlog(&api, per, |i| {
+            padded_fact(&id(k * per + i), k * per + i, opts.object_bytes)
+        })
+        .await?;
+        let rate = per as f64 / t.elapsed().as_secs_f64();
+        rates.push(rate);
+        let ids = (k + 1) * per;
+        let millions = ids as f64 / 1e6;
+        let rss = server_memory(&monitor).await.unwrap_or(0);
+        let disk = dir_bytes(&nats.store_dir());
+        let index = zone.index_usage().await?;
+        last_rss_per_m = rss.saturating_sub(base) as f64 / MIB / millions;
+        last_disk_per_m = disk as f64 / MIB / millions;
+        println!(
+            "| {ids} | {rate:.0} | {:.1} | {last_rss_per_m:.1} | {:.1} | {last_disk_per_m:.1} | {:.1} |",
+            rss as f64 / MIB,
+            disk as f64 / MIB,
+            index.disk_bytes as f64 / MIB,
+        );
+    }
+    drop(api);
+    drop(zone);
+    // At rest: the same store after a restart (what a zone carries for years).
+    let t = Instant::now();
+    nats.restart().context("restarting nats-server")?;
+    let restart_secs = t.elapsed().as_secs_f64();
+    let (zone, api) = connect(&nats).await?;
+    let rest = server_memory(&monitor).await.unwrap_or(0);
+    let total = per * samples;
+    let rest_per_m = rest.saturating_sub(base) as f64 / MIB / (total as f64 / 1e6);
+    println!(
+        "after a restart on the same store (ready in {restart_secs:.1} s): server RSS {:.1} MiB, {rest_per_m:.1} MiB above the empty server per million ids",
+        rest as f64 / MIB,
+    );
+    // The first id, `total` ids later: still a duplicate, and a change still a conflict.
+    let first = padded_fact(&id(0), 0, opts.object_bytes);
+    let again = api.append_fact(first.clone()).await;
+    let mut changed = first;
+    changed.fact.object_json = r#"{"changed":true}"#.into();
+    let conflict = api.append_fact(changed).await;
+    let dup_ok = matches!(&again, Ok(o) if o.duplicate);
+    let conflict_ok = matches!(conflict, Err(BoundaryError::ConflictingDuplicate { .. }));
+    println!(
+        "the first id, {total} ids later: {} ({again:?}); changed payload: {}",
+        if dup_ok {
+            "duplicate"
+        } else {
+            "NOT a duplicate"
+        },
+        if conflict_ok {
+            "conflicting_duplicate"
+        } else {
+            "NOT refused"
+        }
+    );
+    let (first_rate, last_rate) = (rates[0], rates[rates.len() - 1]);
+    println!(
+        "summary: server RSS {last_rss_per_m:.1} MiB per million ids while written, {rest_per_m:.1} at rest; disk {last_disk_per_m:.1} MiB per million; append rate at the end {:.2}x of the start ({last_rate:.0} vs {first_rate:.0} facts/s)",
+        last_rate / first_rate
+    );
+    let usage = zone.index_usage().await?;
+    println!(
+        "start-up line of such a zone: {}",
+        usage.projection(now_ms()).0
+    );
+    anyhow::ensure!(
+        dup_ok && conflict_ok,
+        "idempotency failed after {total} ids"
+    );
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_bytes_sums_every_file_below() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(d.path().join("a")).expect("mkdir");
+        std::fs::write(d.path().join("x"), [0u8; 10]).expect("write");
+        std::fs::write(d.path().join("a").join("y"), [0u8; 5]).expect("write");
+        assert_eq!(dir_bytes(d.path()), 15);
+        assert_eq!(dir_bytes(&d.path().join("missing")), 0);
+    }
+}
