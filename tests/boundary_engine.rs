@@ -278,8 +278,11 @@ impl BoundaryApi for LyingSource {
     }
 }
 
-#[tokio::test]
-async fn provenance_names_the_configured_source_zone_whatever_the_page_claims() {
+/// plant-a with two facts for `to-enterprise`, an empty enterprise, and one pull step
+/// from a source that lies about its zone (and, with `stream`, sends that stream name).
+async fn pull_from_a_liar(
+    stream: Option<&'static str>,
+) -> (Zone, Zone, Result<bsfg_e2e::PullReport, PullError>) {
     let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
         .await
         .unwrap();
@@ -296,13 +299,19 @@ async fn provenance_names_the_configured_source_zone_whatever_the_page_claims() 
         source_zone: "plant-a".into(),
     };
     let r = bsfg_e2e::pull_page(
-        &LyingSource(plant.api.clone(), None),
+        &LyingSource(plant.api.clone(), stream),
         &enterprise.api,
         &step,
         None,
     )
-    .await
-    .unwrap();
+    .await;
+    (plant, enterprise, r)
+}
+
+#[tokio::test]
+async fn provenance_names_the_configured_source_zone_whatever_the_page_claims() {
+    let (_plant, enterprise, r) = pull_from_a_liar(None).await;
+    let r = r.unwrap();
     assert_eq!((r.stored, r.source_zone.as_str()), (2, "plant-a"));
     let p = enterprise
         .fetch("reporting", 10, Duration::ZERO)
@@ -320,32 +329,9 @@ async fn provenance_names_the_configured_source_zone_whatever_the_page_claims() 
 
 #[tokio::test]
 async fn a_source_that_sends_a_malformed_stream_name_gets_a_clear_error_and_stores_nothing() {
-    let plant = Zone::start("plant-a", &[("to-enterprise", "operational")])
-        .await
-        .unwrap();
-    let enterprise = Zone::start("enterprise", &[("reporting", "operational")])
-        .await
-        .unwrap();
-    plant.append_steps("enterprise", "B9", 1..=2).await.unwrap();
-    let step = bsfg_e2e::PullStep {
-        link: "from-plant".into(),
-        consumer: "to-enterprise".into(),
-        limit: 10,
-        wait: Duration::ZERO,
-        streams: vec![],
-        source_zone: "plant-a".into(),
-    };
-    let e = bsfg_e2e::pull_page(
-        &LyingSource(
-            plant.api.clone(),
-            Some("facts_operational\r\nNats-Expected-Stream: other"),
-        ),
-        &enterprise.api,
-        &step,
-        None,
-    )
-    .await
-    .unwrap_err();
+    let (plant, enterprise, r) =
+        pull_from_a_liar(Some("facts_operational\r\nNats-Expected-Stream: other")).await;
+    let e = r.unwrap_err();
     assert!(
         matches!(&e, PullError::Boundary { op: Operation::Fetch, error: bsfg_core::BoundaryError::InvalidArgument { field, .. } } if field == "stream"),
         "{e:?}"

@@ -484,40 +484,19 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
         enterprise.log.clone(),
         Limits::default(),
     );
-    let released = relaxed
-        .settle_quarantined(
-            "poison:labels",
-            None,
-            QuarantineAction::Release,
-            "enterprise",
-            "jdoe",
-            1,
-        )
+    let settle = |id: &'static str, action| {
+        relaxed.settle_quarantined(id, None, action, "enterprise", "jdoe", 1)
+    };
+    let released = settle("poison:labels", QuarantineAction::Release)
         .await
         .unwrap();
     assert!(!released.released.unwrap().duplicate);
     // A release that still fails keeps the entry.
-    let e = relaxed
-        .settle_quarantined(
-            "poison:conflict",
-            None,
-            QuarantineAction::Release,
-            "enterprise",
-            "jdoe",
-            1,
-        )
+    let e = settle("poison:conflict", QuarantineAction::Release)
         .await
         .unwrap_err();
     assert_eq!(e.reason(), Reason::ConflictingDuplicate);
-    let e = relaxed
-        .settle_quarantined(
-            "poison:big",
-            None,
-            QuarantineAction::Release,
-            "enterprise",
-            "jdoe",
-            1,
-        )
+    let e = settle("poison:big", QuarantineAction::Release)
         .await
         .unwrap_err();
     assert_eq!(e.reason(), Reason::FailedPrecondition, "{e}");
@@ -527,8 +506,7 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
         "poison:big",
         "poison:duplicate-key",
     ] {
-        relaxed
-            .settle_quarantined(id, None, QuarantineAction::Drop, "enterprise", "jdoe", 1)
+        settle(id, QuarantineAction::Drop)
             .await
             .unwrap_or_else(|e| panic!("{id}: {e}"));
     }

@@ -84,9 +84,20 @@ pub async fn check_server(
     config: &JetStreamConfig,
     timeout: std::time::Duration,
 ) -> Result<usize, SinkError> {
-    let client = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .name(format!("bsfg-{}-check", config.zone))
-        .connection_timeout(timeout)
+        .connection_timeout(timeout);
+    let (_, max_payload) = connect_client(config, options).await?;
+    Ok(max_payload)
+}
+
+/// Connects to the zone's server and checks that its `max_payload` holds the largest
+/// fact (see [`check_fact_size`]); returns the client and that `max_payload`.
+async fn connect_client(
+    config: &JetStreamConfig,
+    options: async_nats::ConnectOptions,
+) -> Result<(async_nats::Client, usize), SinkError> {
+    let client = options
         .connect(&config.url)
         .await
         .map_err(|source| SinkError::Connect {
@@ -94,9 +105,8 @@ pub async fn check_server(
             source,
         })?;
     let max_payload = client.server_info().max_payload;
-    drop(client);
     check_fact_size(config, max_payload)?;
-    Ok(max_payload)
+    Ok((client, max_payload))
 }
 
 fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
@@ -148,16 +158,8 @@ impl JetStreamZone {
     /// durability, and starts the append pipeline.
     pub async fn connect(config: JetStreamConfig) -> Result<Self, SinkError> {
         validate_config(&config)?;
-        let client = async_nats::ConnectOptions::new()
-            .name(format!("bsfg-{}", config.zone))
-            .connect(&config.url)
-            .await
-            .map_err(|source| SinkError::Connect {
-                url: config.url.clone(),
-                source,
-            })?;
-        let max_payload = client.server_info().max_payload;
-        check_fact_size(&config, max_payload)?;
+        let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}", config.zone));
+        let (client, max_payload) = connect_client(&config, options).await?;
         let js = match &config.domain {
             Some(d) => jetstream::with_domain(client.clone(), d),
             None => jetstream::new(client.clone()),
