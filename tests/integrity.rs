@@ -404,8 +404,8 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
     };
     assert_eq!(status.state.name(), "running", "{status:?}");
     assert_eq!(
-        (status.facts_stored, status.quarantined),
-        (3, 5),
+        (status.facts_stored, status.quarantined, status.refused),
+        (3, 5, 5),
         "{status:?}"
     );
     stop.send_replace(true);

@@ -229,6 +229,8 @@ pub struct PullReport {
     /// Of those, set aside in the zone's quarantine (denied by an intake policy, or
     /// refused by this zone: invalid under its rules, conflicting duplicate).
     pub quarantined: usize,
+    /// Of the quarantined, those this zone refused (the rest an intake policy denied).
+    pub refused: usize,
     /// The source's frontier for the consumer after the step.
     pub frontier: u64,
     /// The source's newest offset (lag in facts = `last_offset - frontier`).
@@ -485,6 +487,7 @@ pub async fn apply_page(
     // 4. Quarantine what was set aside, before the confirm like the appends: a crash
     //    re-fetches the page and keeping an entry again stores nothing new.
     report.quarantined = set_aside.len();
+    report.refused = set_aside.iter().filter(|e| e.cause != CAUSE_POLICY).count();
     for entry in set_aside {
         tracing::warn!(
             link = %step.link,
@@ -641,6 +644,8 @@ pub struct LinkCounters {
     pub facts_duplicate: AtomicU64,
     /// Facts set aside in the zone's quarantine (policy denials and refusals).
     pub quarantined: AtomicU64,
+    /// Of those, facts this zone refused (invalid here, conflicting duplicate, ...).
+    pub refused: AtomicU64,
     /// Gaps accepted by an operator.
     pub gaps_accepted: AtomicU64,
 }
@@ -685,9 +690,12 @@ pub struct LinkStatus {
     pub facts_stored: u64,
     /// Replays absorbed.
     pub facts_duplicate: u64,
-    /// Facts quarantined at intake.
+    /// Facts quarantined at intake (policy denials and refusals).
     #[serde(default)]
     pub quarantined: u64,
+    /// Of those, facts this zone refused (invalid here, conflicting duplicate, ...).
+    #[serde(default)]
+    pub refused: u64,
     /// Gaps accepted.
     pub gaps_accepted: u64,
 }
@@ -783,6 +791,7 @@ impl LinkHandle {
             facts_stored: get(&c.facts_stored),
             facts_duplicate: get(&c.facts_duplicate),
             quarantined: get(&c.quarantined),
+            refused: get(&c.refused),
             gaps_accepted: get(&c.gaps_accepted),
         }
     }
@@ -1089,6 +1098,8 @@ impl Link {
             .fetch_add(report.duplicates as u64, Ordering::Relaxed);
         c.quarantined
             .fetch_add(report.quarantined as u64, Ordering::Relaxed);
+        c.refused
+            .fetch_add(report.refused as u64, Ordering::Relaxed);
         if report.gap_accepted.is_some() {
             c.gaps_accepted.fetch_add(1, Ordering::Relaxed);
         }

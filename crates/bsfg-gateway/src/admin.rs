@@ -360,11 +360,25 @@ impl prometheus_client::collector::Collector for Collector {
             "Facts a link found already stored (replays absorbed).",
             &counter(|s| s.facts_duplicate),
         )?;
+        let quarantined: Vec<(Labels, ConstCounter<u64>)> = statuses
+            .iter()
+            .flat_map(|s| {
+                [
+                    ("policy_denied", s.quarantined.saturating_sub(s.refused)),
+                    ("refused", s.refused),
+                ]
+                .map(|(cause, n)| {
+                    let mut l = labels(s);
+                    l.push(("cause", cause.to_owned()));
+                    (l, ConstCounter::new(n))
+                })
+            })
+            .collect();
         family(
             &mut e,
             "bsfg_quarantined_facts",
-            "Facts a link's intake policies denied, kept in this zone's quarantine.",
-            &counter(|s| s.quarantined),
+            "Facts a link set aside in this zone's quarantine, by cause: policy_denied (an intake policy) or refused (invalid under this zone's rules, conflicting duplicate, too large for its server).",
+            &quarantined,
         )?;
         family(
             &mut e,

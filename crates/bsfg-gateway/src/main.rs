@@ -379,7 +379,20 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::Run { config } => {
             let c = config::load(&config).map_err(|p| (2u8, p.into()))?;
             init_tracing();
-            run::run(c).await.map_err(op)
+            // A configuration the zone's store refuses (a max_fact_bytes its server
+            // cannot hold, a stream that conflicts) is a configuration problem: 2.
+            run::run(c).await.map_err(|e| {
+                let config = e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<bsfg_sink_jetstream::SinkError>(),
+                        Some(
+                            bsfg_sink_jetstream::SinkError::Config(_)
+                                | bsfg_sink_jetstream::SinkError::Conflict { .. }
+                        )
+                    )
+                });
+                (if config { 2 } else { 1 }, e)
+            })
         }
         Command::Append {
             fact,

@@ -363,7 +363,7 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
     assert!(audit[0].object_json.contains(r#""by":"bob""#));
     let m = enterprise.metrics();
     assert!(
-        m.contains(r#"bsfg_quarantined_facts_total{zone="enterprise",link="from-plant",consumer="to-enterprise"} 2"#),
+        m.contains(r#"bsfg_quarantined_facts_total{zone="enterprise",link="from-plant",consumer="to-enterprise",cause="policy_denied"} 2"#),
         "{m}"
     );
     drop(plant.nats);
