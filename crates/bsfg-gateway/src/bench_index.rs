@@ -9,7 +9,10 @@
 //!
 //! This measures the layout in force: one index subject per id (`bsfg.ids.<token>`)
 //! and one subject per retained fact. It is the baseline the bounded-memory index
-//! of issue 20 is to be measured against in the same run.
+//! of issue 20 is to be measured against in the same run. Beside it, on a fresh
+//! server, the *storage shape* of that bounded index written raw (one entry per id on
+//! one of `buckets` bucket subjects, facts on a per-kind subject): what the server
+//! holds for it, before any engine logic exists (`--buckets 0` skips it).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +37,10 @@ pub struct IndexBench {
     /// Bytes of each fact's object_json.
     #[arg(long, default_value_t = 64)]
     pub object_bytes: usize,
+    /// Bucket subjects of the bounded layout's storage shape, measured raw after
+    /// today's layout; 0 skips it.
+    #[arg(long, default_value_t = 4096)]
+    pub buckets: u32,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -164,7 +171,86 @@ pub async fn index(opts: IndexBench) -> anyhow::Result<()> {
         dup_ok && conflict_ok,
         "idempotency failed after {total} ids"
     );
+    drop(api);
+    drop(zone);
+    drop(nats);
+    if opts.buckets > 0 {
+        let stored = serde_json::to_vec(&padded_fact(&id(0), 0, opts.object_bytes))?.len();
+        let shape = bucket_shape(&opts, per, samples, stored).await?;
+        println!(
+            "bounded storage shape vs today's layout, server RSS per million ids at rest: {:.1} vs {rest_per_m:.1} MiB ({:.1}x less)",
+            shape.rest_per_m,
+            rest_per_m / shape.rest_per_m.max(0.001)
+        );
+    }
     Ok(())
+}
+
+/// What the bounded layout's storage shape cost the server.
+struct Shape {
+    rest_per_m: f64,
+}
+
+/// The storage shape of a bounded index, written raw on a fresh server (see the
+/// module docs): memory and disk per million ids, and at rest after a restart.
+async fn bucket_shape(
+    opts: &IndexBench,
+    per: usize,
+    samples: usize,
+    fact_bytes: usize,
+) -> anyhow::Result<Shape> {
+    // Lazy flushing: what the server holds in memory and on disk does not depend on
+    // it, and one raw publish per sync would take half an hour for 5 M ids.
+    let mut nats = NatsServer::start_with(NatsOptions {
+        sync_always: false,
+        ready_timeout: std::time::Duration::from_secs(900),
+        ..NatsOptions::default()
+    })
+    .context("starting nats-server")?;
+    let monitor = nats.monitor_url();
+    let base = server_memory(&monitor).await.unwrap_or(0);
+    println!();
+    println!(
+        "# the bounded layout's storage shape, written raw (no engine logic, server flushing lazily: only memory and disk compare): per id one entry on one of {} bucket subjects and one {fact_bytes}-byte fact on a per-kind subject, one stream",
+        opts.buckets
+    );
+    println!(
+        "| ids | raw ids/s (this stretch) | server RSS MiB | RSS above start per million ids | store on disk MiB | disk per million ids |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for k in 0..samples {
+        let rate = bsfg_sink_jetstream::baseline::bucket_shape(
+            &nats.url(),
+            k * per,
+            (k + 1) * per,
+            opts.buckets,
+            fact_bytes,
+            1024,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("bucket shape: {e}"))?;
+        let ids = (k + 1) * per;
+        let millions = ids as f64 / 1e6;
+        let rss = server_memory(&monitor).await.unwrap_or(0);
+        let disk = dir_bytes(&nats.store_dir());
+        println!(
+            "| {ids} | {rate:.0} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            rss as f64 / MIB,
+            rss.saturating_sub(base) as f64 / MIB / millions,
+            disk as f64 / MIB,
+            disk as f64 / MIB / millions,
+        );
+    }
+    let t = Instant::now();
+    nats.restart().context("restarting nats-server")?;
+    let restart_secs = t.elapsed().as_secs_f64();
+    let rest = server_memory(&monitor).await.unwrap_or(0);
+    let rest_per_m = rest.saturating_sub(base) as f64 / MIB / ((per * samples) as f64 / 1e6);
+    println!(
+        "after a restart on the same store (ready in {restart_secs:.1} s): server RSS {:.1} MiB, {rest_per_m:.1} MiB above the empty server per million ids",
+        rest as f64 / MIB
+    );
+    Ok(Shape { rest_per_m })
 }
 
 fn now_ms() -> i64 {

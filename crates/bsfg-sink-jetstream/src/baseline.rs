@@ -184,3 +184,58 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize;
     sorted[i].as_secs_f64() * 1000.0
 }
+
+/// Writes, raw, the storage shape a bounded idempotency index would leave on the
+/// server, for ids `from..to`: per id one index entry on one of `buckets` bucket
+/// subjects (`probe.index.<bucket>`, the bucket from the id's hash) and one fact of
+/// `fact_bytes` on a per-kind subject (`probe.facts.operational.batch`), all in one
+/// stream `probe_index` (created on first use), `inflight` acks outstanding. Only the
+/// server's cost of that shape is measured this way: no look-ups, no
+/// compare-and-set. Returns ids/s.
+pub async fn bucket_shape(
+    url: &str,
+    from: usize,
+    to: usize,
+    buckets: u32,
+    fact_bytes: usize,
+    inflight: usize,
+) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
+    use sha2::{Digest, Sha256};
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::new(client);
+    js.get_or_create_stream(stream::Config {
+        name: "probe_index".into(),
+        subjects: vec!["probe.index.*".into(), "probe.facts.>".into()],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let fact = bytes::Bytes::from(vec![b'x'; fact_bytes]);
+    let start = Instant::now();
+    let mut pending = FuturesUnordered::new();
+    for i in from..to {
+        let id = format!("idx-{i}");
+        let digest = Sha256::digest(id.as_bytes());
+        let bucket = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % buckets;
+        let entry = format!(
+            r#"{{"id":"{id}","digest":"{}","stream":"facts_operational","offset":{}}}"#,
+            hex::encode(digest),
+            2 * i + 2
+        );
+        for (subject, payload) in [
+            (format!("probe.index.{bucket}"), bytes::Bytes::from(entry)),
+            ("probe.facts.operational.batch".to_owned(), fact.clone()),
+        ] {
+            pending.push(js.publish(subject, payload).await?.into_future());
+            if pending.len() >= inflight.max(1)
+                && let Some(r) = pending.next().await
+            {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = pending.next().await {
+        r?;
+    }
+    Ok((to - from) as f64 / start.elapsed().as_secs_f64())
+}
