@@ -7,7 +7,8 @@
 //! - a page with one fact of each poison kind among good ones: the good ones are
 //!   stored once, each poison fact is in the receiver's quarantine with its reason,
 //!   the link keeps running and its frontier reaches the page's end;
-//! - two identities granted one consumer cannot confirm each other's pages.
+//! - two identities granted one consumer cannot confirm each other's pages;
+//! - an intake policy judges the canonical form: `\u0073ecret` is `secret` to it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -276,6 +277,8 @@ async fn every_plant_fact_is_fetched_back_byte_identical_in_a_second_zone_or_ref
 struct Doctored {
     inner: bsfg_core::Boundary,
     id: String,
+    /// The object_json it sends for that id instead of the stored one.
+    object_json: &'static str,
 }
 
 #[async_trait::async_trait]
@@ -287,7 +290,7 @@ impl BoundaryApi for Doctored {
         let mut page = self.inner.fetch_facts(r).await?;
         for f in &mut page.facts {
             if f.message.envelope.message_id == self.id {
-                f.message.fact.object_json = r#"{"x":1,"x":2}"#.into();
+                f.message.fact.object_json = self.object_json.into();
             }
         }
         Ok(page)
@@ -376,6 +379,7 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
     let source = Doctored {
         inner: plant.api.clone(),
         id: "poison:duplicate-key".into(),
+        object_json: r#"{"x":1,"x":2}"#,
     };
     let settings = bsfg_core::link::LinkSettings {
         name: "from-plant".into(),
@@ -695,4 +699,96 @@ async fn two_identities_granted_one_consumer_cannot_confirm_what_the_other_fetch
             .await
             .is_err()
     );
+}
+
+/// Denies every fact whose object mentions `secret`, as a security team would write it:
+/// a plain substring match on the object's text.
+struct NoSecrets;
+
+#[async_trait::async_trait]
+impl bsfg_core::Policy for NoSecrets {
+    fn name(&self) -> &str {
+        "no-secrets"
+    }
+    async fn decide(
+        &self,
+        _: &bsfg_core::PolicyContext<'_>,
+        facts: &[bsfg_core::Candidate<'_>],
+    ) -> Vec<bsfg_core::Verdict> {
+        facts
+            .iter()
+            .map(|c| {
+                if c.message.fact.object_json.contains("secret") {
+                    bsfg_core::Verdict::Deny(bsfg_core::Denial {
+                        policy: "no-secrets".into(),
+                        reason: "mentions a secret".into(),
+                        module_sha256: String::new(),
+                    })
+                } else {
+                    bsfg_core::Verdict::Allow
+                }
+            })
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn an_intake_policy_judges_the_canonical_form_so_an_escaped_word_does_not_slip_past() {
+    let (plant, enterprise) = tokio::join!(
+        Zone::start("plant-a", &[("to-enterprise", "operational")]),
+        Zone::start("enterprise", &[("reporting", "operational")]),
+    );
+    let (plant, enterprise) = (plant.unwrap(), enterprise.unwrap());
+    let sneaky = step_completed("plant-a", "enterprise", "S", 1);
+    plant.api.append_fact(sneaky.clone()).await.unwrap();
+    plant
+        .api
+        .append_fact(step_completed("plant-a", "enterprise", "S", 2))
+        .await
+        .unwrap();
+    // The source spells the word with an escape the policy's text match would miss.
+    let source = Doctored {
+        inner: plant.api.clone(),
+        id: sneaky.envelope.message_id.clone(),
+        object_json: r#"{"note":"\u0073ecret recipe"}"#,
+    };
+    let intake = bsfg_core::link::Intake {
+        chain: bsfg_core::PolicyChain::new(vec![Arc::new(NoSecrets)]),
+        zone: "enterprise".into(),
+        peer: "plant-a-bsfg".into(),
+    };
+    let step = PullStep {
+        link: "from-plant".into(),
+        consumer: "to-enterprise".into(),
+        limit: 10,
+        wait: Duration::ZERO,
+        streams: vec![],
+        source_zone: "plant-a".into(),
+    };
+    let checkpoint = Destination::checkpoint(&enterprise.api, "from-plant")
+        .await
+        .unwrap();
+    let page = bsfg_core::link::fetch_page(&source, &step).await.unwrap();
+    let r = bsfg_core::link::apply_page(
+        &source,
+        &enterprise.api,
+        &intake,
+        &step,
+        page,
+        checkpoint,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.stored, r.quarantined, r.refused), (1, 1, 0), "{r:?}");
+    let q = enterprise.api.quarantined(10).await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(
+        (q[0].cause.as_str(), q[0].denial.policy.as_str()),
+        ("policy_denied", "no-secrets")
+    );
+    // The policy saw, and the entry keeps, the canonical form.
+    assert_eq!(q[0].message.fact.object_json, r#"{"note":"secret recipe"}"#);
+    let stored = read_all(&enterprise, "reporting").await;
+    assert!(!stored.contains_key(&sneaky.envelope.message_id));
 }
