@@ -1,6 +1,7 @@
 //! Bounded fuzzing (a fixed time budget per target, `BSFG_FUZZ_MS`, default 3 s):
 //! bytes off the wire decoded into the domain types, and object_json canonicalized.
-//! Every input either converts or is refused with an error; nothing panics.
+//! Every input either converts or is refused with an error; nothing panics; what is
+//! accepted is canonical, stays canonical, and its stored form reads back unchanged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bsfg_core::model::canonicalize_json;
@@ -51,8 +52,9 @@ fn decode_all(bytes: &[u8]) {
     if let Ok(req) = v1::AppendFactRequest::decode(bytes)
         && let Some(m) = req.message
         && let Ok(message) = Message::try_from(m)
+        && let Ok(v) = Limits::default().validate(message)
     {
-        let _ = Limits::default().validate(message);
+        stored_form_reads_back(&v);
     }
     if let Ok(resp) = v1::FetchFactsResponse::decode(bytes)
         && let Ok(page) = FactPage::try_from(resp)
@@ -67,6 +69,17 @@ fn decode_all(bytes: &[u8]) {
     }
     let _ = v1::ConfirmReceiptRequest::decode(bytes);
     let _ = v1::PutObjectRequest::decode(bytes);
+}
+
+/// What a zone stores for a validated message reads back as exactly that message.
+fn stored_form_reads_back(v: &bsfg_core::ValidatedMessage) {
+    let back =
+        bsfg_core::model::decode_stored(v.stored_form()).expect("a stored form always decodes");
+    assert_eq!(
+        &back,
+        v.message(),
+        "the stored form reads back byte for byte"
+    );
 }
 
 #[test]
@@ -107,6 +120,12 @@ fn fuzz_canonical_json_never_panics_and_is_a_fixed_point() {
             let again = canonicalize_json("fact.object_json", &c)
                 .expect("canonical output must itself be valid JSON");
             assert_eq!(again, c, "canonicalizing twice changes nothing");
+            let mut m = fixtures::step_completed("fuzz-3", 3);
+            m.fact.object_json = text.into_owned();
+            if let Ok(v) = Limits::default().validate(m) {
+                assert_eq!(v.message().fact.object_json, c);
+                stored_form_reads_back(&v);
+            }
         }
         Ok(())
     });
