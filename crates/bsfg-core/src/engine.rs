@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::error::BoundaryError;
 use crate::link::Destination;
-use crate::model::{Envelope, Fact, Limits, Message, Provenance, Refused, ValidatedMessage};
+use crate::model::{Envelope, Fact, Limits, Message, Refused, ValidatedMessage};
 use crate::names;
 use crate::policy::QuarantineEntry;
 use crate::ports::{
@@ -244,13 +244,8 @@ impl Boundary {
                 let validated = self
                     .limits
                     .validate(entry.message.clone())?
-                    .with_provenance(Provenance {
-                        zone: entry.source_zone.clone(),
-                        stream: entry.source_stream.clone(),
-                        offset: entry.source_offset,
-                        link: entry.link.clone(),
-                    })?;
-                Some(self.log.append(validated).await?)
+                    .with_provenance(entry.provenance())?;
+                Some(self.append_replicated(validated).await?)
             }
             QuarantineAction::Drop => None,
         };

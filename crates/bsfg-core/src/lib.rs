@@ -26,8 +26,7 @@ pub use model::{
     ValidatedMessage,
 };
 pub use policy::{
-    Candidate, Denial, Hook, Policy, PolicyChain, PolicyContext, QuarantineEntry, QuarantineOrigin,
-    Verdict,
+    Candidate, Denial, Hook, Policy, PolicyChain, PolicyContext, QuarantineEntry, Verdict,
 };
 pub use ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact, Frontier,

@@ -36,8 +36,7 @@ use tokio::sync::watch;
 use crate::error::BoundaryError;
 use crate::model::{Envelope, Fact, Limits, Message, Provenance, Refused, ValidatedMessage};
 use crate::policy::{
-    CAUSE_POLICY, Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry, QuarantineOrigin,
-    Verdict,
+    CAUSE_POLICY, Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry, Verdict,
 };
 use crate::ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
@@ -401,12 +400,12 @@ pub async fn apply_page(
         return Ok(report);
     };
     let now = now_unix_ms();
-    let origin = |offset: u64| QuarantineOrigin {
+    // Where each fact came from: beside it when appended, in its entry when set aside.
+    let from = |offset: u64| Provenance {
+        zone: step.source_zone.clone(),
+        stream: page.stream.clone(),
+        offset,
         link: step.link.clone(),
-        source_zone: step.source_zone.clone(),
-        source_stream: page.stream.clone(),
-        source_offset: offset,
-        at_unix_ms: now,
     };
     // 1. Validate every fact under this zone's rules: policies judge, and the zone
     //    stores, the canonical form. A fact this zone refuses is set aside.
@@ -416,17 +415,17 @@ pub async fn apply_page(
         match destination.validate(f.message) {
             Ok(v) => {
                 let v = v
-                    .with_provenance(Provenance {
-                        zone: step.source_zone.clone(),
-                        stream: page.stream.clone(),
-                        offset: f.offset,
-                        link: step.link.clone(),
-                    })
+                    .with_provenance(from(f.offset))
                     .map_err(at(Operation::Append))?;
                 valid.push((f.offset, v));
             }
             Err(Refused { error, message }) => {
-                set_aside.push(QuarantineEntry::refused(*message, &error, origin(f.offset)));
+                set_aside.push(QuarantineEntry::refused(
+                    *message,
+                    &error,
+                    from(f.offset),
+                    now,
+                ));
             }
         }
     }
@@ -455,7 +454,8 @@ pub async fn apply_page(
                     v.into_message(),
                     CAUSE_POLICY,
                     denial,
-                    origin(offset),
+                    from(offset),
+                    now,
                 )),
             }
         }
@@ -464,21 +464,28 @@ pub async fn apply_page(
     // 3. Append the rest together (the zone log commits them as one batch). A fact
     //    the zone refuses (conflicting duplicate, unknown class, too large for its
     //    server) is set aside; any other failure fails the page, which comes again.
+    //    A refused fact is rebuilt from its stored form (a cheap handle on bytes the
+    //    message already holds) rather than cloned for every fact that succeeds.
     let appends = valid.into_iter().map(|(offset, v)| {
-        let kept = v.message().clone();
-        async move { (offset, kept, destination.append_replicated(v).await) }
+        let stored = v.stored_form().clone();
+        async move { (offset, stored, destination.append_replicated(v).await) }
     });
     let t_append = std::time::Instant::now();
     let outcomes: Vec<_> = futures::stream::iter(appends)
         .buffered(page_concurrency(report.fetched))
         .collect()
         .await;
-    for (offset, message, out) in outcomes {
+    for (offset, stored, out) in outcomes {
         match out {
             Ok(o) if o.duplicate => report.duplicates += 1,
             Ok(_) => report.stored += 1,
             Err(e) if e.refuses_the_fact() => {
-                set_aside.push(QuarantineEntry::refused(message, &e, origin(offset)));
+                let message = crate::model::decode_stored(&stored).map_err(|d| {
+                    at(Operation::Append)(BoundaryError::Internal(format!(
+                        "a stored form that does not read back: {d}"
+                    )))
+                })?;
+                set_aside.push(QuarantineEntry::refused(message, &e, from(offset), now));
             }
             Err(e) => return Err(at(Operation::Append)(e)),
         }

@@ -302,47 +302,40 @@ impl Limits {
     /// [`Limits::validate`], handing the message back untouched when it is refused
     /// (a link keeps a refused fact in the quarantine exactly as it was fetched).
     pub fn try_validate(&self, mut msg: Message) -> Result<ValidatedMessage, Refused> {
-        let canonical = match self.check(&msg) {
-            Ok(c) => c,
-            Err(error) => {
-                return Err(Refused {
-                    error,
-                    message: Box::new(msg),
-                });
-            }
-        };
-        let original = std::mem::replace(&mut msg.fact.object_json, canonical);
-        let stored = match encode_stored(&msg) {
-            Ok(s) => bytes::Bytes::from(s),
-            Err(error) => {
-                msg.fact.object_json = original;
-                return Err(Refused {
-                    error,
-                    message: Box::new(msg),
-                });
-            }
-        };
-        if stored.len() > self.max_fact_bytes {
-            msg.fact.object_json = original;
-            return Err(Refused {
-                error: BoundaryError::invalid(
-                    "fact",
-                    format!(
-                        "must be at most {} bytes as stored (envelope and fact as JSON, canonical object_json, escaping included), got {}",
-                        self.max_fact_bytes,
-                        stored.len()
-                    ),
-                ),
+        match self.canonical_and_stored(&msg) {
+            Err(error) => Err(Refused {
+                error,
                 message: Box::new(msg),
-            });
+            }),
+            Ok((canonical, stored)) => {
+                msg.fact.object_json = canonical;
+                let digest = payload_digest(&msg.fact);
+                Ok(ValidatedMessage {
+                    message: msg,
+                    digest,
+                    provenance: None,
+                    stored,
+                })
+            }
         }
-        let digest = payload_digest(&msg.fact);
-        Ok(ValidatedMessage {
-            message: msg,
-            digest,
-            provenance: None,
-            stored,
-        })
+    }
+
+    /// Every rule, the stored size included: the canonical object_json and the
+    /// stored form with it.
+    fn canonical_and_stored(&self, msg: &Message) -> Result<(String, bytes::Bytes), BoundaryError> {
+        let canonical = self.check(msg)?;
+        let stored = encode_parts(&msg.envelope, &msg.fact, &canonical)?;
+        if stored.len() > self.max_fact_bytes {
+            return Err(BoundaryError::invalid(
+                "fact",
+                format!(
+                    "must be at most {} bytes as stored (envelope and fact as JSON, canonical object_json, escaping included), got {}",
+                    self.max_fact_bytes,
+                    stored.len()
+                ),
+            ));
+        }
+        Ok((canonical, stored.into()))
     }
 
     /// Every rule but the stored size; returns the canonical object_json.
@@ -457,20 +450,28 @@ pub struct Refused {
 /// does not grow with escaping on its way to disk. [`decode_stored`] reads it back
 /// byte for byte.
 pub fn encode_stored(m: &Message) -> Result<Vec<u8>, BoundaryError> {
+    encode_parts(&m.envelope, &m.fact, &m.fact.object_json)
+}
+
+/// [`encode_stored`] of `envelope` and `f` with `object_json` as the object.
+fn encode_parts(
+    envelope: &Envelope,
+    f: &Fact,
+    object_json: &str,
+) -> Result<Vec<u8>, BoundaryError> {
     fn put<T: Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) -> Result<(), BoundaryError> {
         serde_json::to_writer(out, v)
             .map_err(|e| BoundaryError::Internal(format!("encoding a fact: {e}")))
     }
-    let f = &m.fact;
-    let mut out = Vec::with_capacity(f.object_json.len() + 256);
+    let mut out = Vec::with_capacity(object_json.len() + 256);
     out.extend_from_slice(b"{\"envelope\":");
-    put(&mut out, &m.envelope)?;
+    put(&mut out, envelope)?;
     out.extend_from_slice(b",\"fact\":{\"subject\":");
     put(&mut out, &f.subject)?;
     out.extend_from_slice(b",\"predicate\":");
     put(&mut out, &f.predicate)?;
     out.extend_from_slice(b",\"object\":");
-    out.extend_from_slice(f.object_json.as_bytes());
+    out.extend_from_slice(object_json.as_bytes());
     if !f.artifacts.is_empty() {
         out.extend_from_slice(b",\"artifacts\":");
         put(&mut out, &f.artifacts)?;
@@ -508,12 +509,12 @@ fn present<'de, D: serde::Deserializer<'de>>(
 
 /// Reads a stored form back (the current one of [`encode_stored`], or the earlier one
 /// with `object_json` as a string). The object text comes back exactly as stored.
-pub fn decode_stored(bytes: &[u8]) -> Result<Message, String> {
-    let s: StoredMessage = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+pub fn decode_stored(bytes: &[u8]) -> Result<Message, serde_json::Error> {
+    let s: StoredMessage = serde_json::from_slice(bytes)?;
     let object_json = match (s.fact.object, s.fact.object_json) {
         (Some(raw), _) => String::from(Box::<str>::from(raw)),
         (None, Some(text)) => text,
-        (None, None) => return Err("fact has no object".into()),
+        (None, None) => return Err(serde::de::Error::missing_field("object")),
     };
     Ok(Message {
         envelope: s.envelope,

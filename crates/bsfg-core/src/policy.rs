@@ -18,7 +18,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::model::Message;
+use crate::model::{Message, Provenance};
 
 /// Where a batch is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -212,19 +212,26 @@ pub struct QuarantineEntry {
 }
 
 impl QuarantineEntry {
-    /// The entry of `message` as fetched, with `cause` and `denial` set by the caller.
-    pub fn new(message: Message, cause: &str, denial: Denial, origin: QuarantineOrigin) -> Self {
+    /// The entry of `message` as fetched, from where `from` says, set aside at
+    /// `at_unix_ms`, with `cause` and `denial` set by the caller.
+    pub fn new(
+        message: Message,
+        cause: &str,
+        denial: Denial,
+        from: Provenance,
+        at_unix_ms: i64,
+    ) -> Self {
         QuarantineEntry {
             payload_digest: crate::model::payload_digest(&message.fact).to_hex(),
             message,
             cause: cause.to_owned(),
             denial,
             field: None,
-            link: origin.link,
-            source_zone: origin.source_zone,
-            source_stream: origin.source_stream,
-            source_offset: origin.source_offset,
-            quarantined_at_unix_ms: origin.at_unix_ms,
+            link: from.link,
+            source_zone: from.zone,
+            source_stream: from.stream,
+            source_offset: from.offset,
+            quarantined_at_unix_ms: at_unix_ms,
             payload_omitted_bytes: None,
         }
     }
@@ -233,7 +240,8 @@ impl QuarantineEntry {
     pub fn refused(
         message: Message,
         error: &crate::BoundaryError,
-        origin: QuarantineOrigin,
+        from: Provenance,
+        at_unix_ms: i64,
     ) -> Self {
         let mut e = QuarantineEntry::new(
             message,
@@ -243,10 +251,21 @@ impl QuarantineEntry {
                 reason: error.to_string(),
                 module_sha256: String::new(),
             },
-            origin,
+            from,
+            at_unix_ms,
         );
         e.field = error.field().map(str::to_owned);
         e
+    }
+
+    /// Where the fact came from, as a release appends it.
+    pub fn provenance(&self) -> Provenance {
+        Provenance {
+            zone: self.source_zone.clone(),
+            stream: self.source_stream.clone(),
+            offset: self.source_offset,
+            link: self.link.clone(),
+        }
     }
 
     /// The message_id.
@@ -260,21 +279,6 @@ impl QuarantineEntry {
             .get(..16)
             .unwrap_or(self.payload_digest.as_str())
     }
-}
-
-/// Where a quarantined fact came from and when it was set aside.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuarantineOrigin {
-    /// The link that fetched it.
-    pub link: String,
-    /// The source zone, from the link's configuration.
-    pub source_zone: String,
-    /// The source stream.
-    pub source_stream: String,
-    /// Its offset there.
-    pub source_offset: u64,
-    /// Unix ms.
-    pub at_unix_ms: i64,
 }
 
 #[cfg(test)]

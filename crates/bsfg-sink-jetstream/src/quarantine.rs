@@ -5,7 +5,8 @@
 //!
 //! An entry's body is `{"entry": <the entry without its fact's object>, "message":
 //! <the fact>}`, the fact in the zone's stored form (its object embedded, not escaped
-//! again) when its object is JSON, else as fetched. When even that is larger than the
+//! again) when its object is JSON that reads back as the same text, else with the
+//! object as an escaped string; either way it decodes exactly as fetched. When even that is larger than the
 //! server accepts, the entry is kept without the object (`payload_omitted_bytes`), so
 //! the link still moves and the evidence stays.
 
@@ -77,12 +78,16 @@ pub(crate) fn encode(
 ) -> Result<Vec<u8>, BoundaryError> {
     let mut meta = entry.clone();
     meta.message.fact.object_json = String::new();
-    let message =
-        if serde_json::from_str::<serde::de::IgnoredAny>(&entry.message.fact.object_json).is_ok() {
-            bsfg_core::model::encode_stored(&entry.message)?
-        } else {
-            serde_json::to_vec(&entry.message).map_err(internal)?
-        };
+    // Embedded only when it reads back as the same text (JSON whose raw value has no
+    // surrounding whitespace); anything else keeps the escaped string form.
+    let object = &entry.message.fact.object_json;
+    let embeddable = serde_json::from_str::<&serde_json::value::RawValue>(object)
+        .is_ok_and(|raw| raw.get() == object);
+    let message = if embeddable {
+        bsfg_core::model::encode_stored(&entry.message)?
+    } else {
+        serde_json::to_vec(&entry.message).map_err(internal)?
+    };
     let body = |meta: &QuarantineEntry, message: &[u8]| -> Result<Vec<u8>, BoundaryError> {
         let mut out = b"{\"entry\":".to_vec();
         serde_json::to_writer(&mut out, meta).map_err(internal)?;
@@ -193,4 +198,75 @@ pub(crate) async fn remove(
         .await
         .map_err(|e| unavailable("remove", e))?;
     Ok(r.purged > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bsfg_core::{Denial, Provenance};
+
+    fn entry(object_json: &str) -> QuarantineEntry {
+        let mut m = fact();
+        m.fact.object_json = object_json.into();
+        QuarantineEntry::new(
+            m,
+            "invalid_argument",
+            Denial {
+                policy: String::new(),
+                reason: "r".into(),
+                module_sha256: String::new(),
+            },
+            Provenance {
+                zone: "plant-a".into(),
+                stream: "facts_operational".into(),
+                offset: 7,
+                link: "from-plant".into(),
+            },
+            1,
+        )
+    }
+
+    fn fact() -> bsfg_core::Message {
+        bsfg_core::Message {
+            envelope: bsfg_core::Envelope {
+                message_id: "m-1".into(),
+                from_zone: "plant-a".into(),
+                to_zone: "enterprise".into(),
+                produced_at_unix_ms: 1,
+                ..Default::default()
+            },
+            fact: bsfg_core::Fact {
+                subject: "batch:B1".into(),
+                predicate: "step_completed".into(),
+                object_json: String::new(),
+                artifacts: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn every_kept_fact_reads_back_exactly_as_fetched() {
+        for object in [
+            r#"{"a":1}"#,
+            r#" {"x":1,"x":2} "#,
+            "{not json",
+            "null",
+            r#""secret""#,
+            "",
+        ] {
+            let e = entry(object);
+            let back = decode(&encode(&e, 1 << 20).expect("encodes")).expect("decodes");
+            assert_eq!(back, e, "{object:?}");
+        }
+    }
+
+    #[test]
+    fn a_fact_too_large_to_keep_leaves_its_entry_without_the_object() {
+        let e = entry(&format!("\"{}\"", "x".repeat(10_000)));
+        let back = decode(&encode(&e, 4096).expect("encodes")).expect("decodes");
+        assert_eq!(back.payload_omitted_bytes.map(|b| b > 10_000), Some(true));
+        assert!(back.message.fact.object_json.is_empty());
+        assert_eq!(back.message.envelope, e.message.envelope);
+        assert_eq!(back.payload_digest, e.payload_digest);
+    }
 }
