@@ -290,14 +290,7 @@ async fn pull_from_a_liar(
         .await
         .unwrap();
     plant.append_steps("enterprise", "B9", 1..=2).await.unwrap();
-    let step = bsfg_e2e::PullStep {
-        link: "from-plant".into(),
-        consumer: "to-enterprise".into(),
-        limit: 10,
-        wait: Duration::ZERO,
-        streams: vec![],
-        source_zone: "plant-a".into(),
-    };
+    let step = bsfg_e2e::pull_step("from-plant", "to-enterprise", "plant-a", 10);
     let r = bsfg_e2e::pull_page(
         &LyingSource(plant.api.clone(), stream),
         &enterprise.api,

@@ -15,12 +15,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::link::{Destination, PullStep, pull_page};
+use bsfg_core::link::{Destination, pull_page};
 use bsfg_core::{
     BoundaryApi, BoundaryError, Caller, FactLog, FactPage, FetchRequest, Gate, Grant, Limits,
     Message, QuarantineAction, Reason,
 };
-use bsfg_e2e::{Zone, step_completed};
+use bsfg_e2e::{Zone, pull_step, step_completed};
 use bsfg_testkit::NatsOptions;
 
 /// The default `max_payload` of a nats-server (1 MiB), as plants run it.
@@ -157,16 +157,18 @@ fn fact(i: usize, object_json: String) -> Message {
     m
 }
 
+/// plant-a (consumer `to-enterprise`) and enterprise (reader `reporting`).
+async fn plant_and_enterprise() -> (Zone, Zone) {
+    let (plant, enterprise) = tokio::join!(
+        Zone::start("plant-a", &[("to-enterprise", "operational")]),
+        Zone::start("enterprise", &[("reporting", "operational")]),
+    );
+    (plant.unwrap(), enterprise.unwrap())
+}
+
 /// Pulls everything the consumer holds from `source` into `destination` (link `link`).
 async fn drain(source: &Zone, destination: &dyn Destination, consumer: &str, link: &str) {
-    let step = PullStep {
-        link: link.into(),
-        consumer: consumer.into(),
-        limit: 100,
-        wait: Duration::ZERO,
-        streams: vec![],
-        source_zone: source.name.clone(),
-    };
+    let step = pull_step(link, consumer, &source.name, 100);
     loop {
         let r = pull_page(&source.api, destination, &step, None)
             .await
@@ -523,11 +525,7 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
 
 #[tokio::test]
 async fn the_quarantine_keeps_every_distinct_payload_of_one_message_id() {
-    let (plant, enterprise) = tokio::join!(
-        Zone::start("plant-a", &[("to-enterprise", "operational")]),
-        Zone::start("enterprise", &[("reporting", "operational")]),
-    );
-    let (plant, enterprise) = (plant.unwrap(), enterprise.unwrap());
+    let (plant, enterprise) = plant_and_enterprise().await;
     // The receiver holds the id with payload A; the source sends B, later C.
     let base = step_completed("plant-a", "enterprise", "Q", 1);
     enterprise.api.append_fact(base.clone()).await.unwrap();
@@ -734,11 +732,7 @@ impl bsfg_core::Policy for NoSecrets {
 
 #[tokio::test]
 async fn an_intake_policy_judges_the_canonical_form_so_an_escaped_word_does_not_slip_past() {
-    let (plant, enterprise) = tokio::join!(
-        Zone::start("plant-a", &[("to-enterprise", "operational")]),
-        Zone::start("enterprise", &[("reporting", "operational")]),
-    );
-    let (plant, enterprise) = (plant.unwrap(), enterprise.unwrap());
+    let (plant, enterprise) = plant_and_enterprise().await;
     let sneaky = step_completed("plant-a", "enterprise", "S", 1);
     plant.api.append_fact(sneaky.clone()).await.unwrap();
     plant
@@ -757,14 +751,7 @@ async fn an_intake_policy_judges_the_canonical_form_so_an_escaped_word_does_not_
         zone: "enterprise".into(),
         peer: "plant-a-bsfg".into(),
     };
-    let step = PullStep {
-        link: "from-plant".into(),
-        consumer: "to-enterprise".into(),
-        limit: 10,
-        wait: Duration::ZERO,
-        streams: vec![],
-        source_zone: "plant-a".into(),
-    };
+    let step = pull_step("from-plant", "to-enterprise", "plant-a", 10);
     let checkpoint = Destination::checkpoint(&enterprise.api, "from-plant")
         .await
         .unwrap();

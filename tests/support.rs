@@ -171,13 +171,22 @@ impl Zone {
         accept_gap: Option<&bsfg_core::link::GapAcceptance>,
     ) -> Result<PullReport, PullError> {
         let step = PullStep {
-            link: consumer.to_owned(),
-            consumer: consumer.to_owned(),
-            limit,
             wait,
-            streams: vec![],
-            source_zone: source.name.clone(),
+            ..pull_step(consumer, consumer, &source.name, limit)
         };
         pull_page(&source.api, &self.api, &step, accept_gap).await
+    }
+}
+
+/// A pull step of link `link` on `consumer` of zone `source_zone`: pages of `limit`,
+/// no long-poll, any stream.
+pub fn pull_step(link: &str, consumer: &str, source_zone: &str, limit: u32) -> PullStep {
+    PullStep {
+        link: link.to_owned(),
+        consumer: consumer.to_owned(),
+        limit,
+        wait: Duration::ZERO,
+        streams: vec![],
+        source_zone: source_zone.to_owned(),
     }
 }

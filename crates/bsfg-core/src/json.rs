@@ -123,15 +123,42 @@ impl Checker<'_> {
         }
     }
 
-    fn object(&mut self, depth: usize) -> Result<(), BoundaryError> {
+    /// Opens an array or object at `depth`; true when it closes at once (empty).
+    fn open(&mut self, open: u8, close: u8, depth: usize) -> Result<bool, BoundaryError> {
         self.nest(depth)?;
-        self.expect(b'{')?;
-        let mut keys = HashSet::new();
+        self.expect(open)?;
         self.skip_ws();
-        if self.peek() == Some(b'}') {
+        let empty = self.peek() == Some(close);
+        if empty {
             self.pos += 1;
+        }
+        Ok(empty)
+    }
+
+    /// After an element: true at `close` (consumed), false after a `,`.
+    fn closes(&mut self, close: u8) -> Result<bool, BoundaryError> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(false)
+            }
+            Some(c) if c == close => {
+                self.pos += 1;
+                Ok(true)
+            }
+            _ => Err(self.err(format!(
+                "must be valid JSON: expected `,` or `{}`",
+                close as char
+            ))),
+        }
+    }
+
+    fn object(&mut self, depth: usize) -> Result<(), BoundaryError> {
+        if self.open(b'{', b'}', depth)? {
             return Ok(());
         }
+        let mut keys = HashSet::new();
         loop {
             self.skip_ws();
             let key = self.string()?;
@@ -145,43 +172,26 @@ impl Checker<'_> {
             }
             self.value(depth)?;
             self.path.truncate(outer);
-            self.skip_ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.err("must be valid JSON: expected `,` or `}`")),
+            if self.closes(b'}')? {
+                return Ok(());
             }
         }
     }
 
     fn array(&mut self, depth: usize) -> Result<(), BoundaryError> {
-        self.nest(depth)?;
-        self.expect(b'[')?;
-        self.skip_ws();
-        if self.peek() == Some(b']') {
-            self.pos += 1;
+        if self.open(b'[', b']', depth)? {
             return Ok(());
         }
-        let mut i = 0usize;
-        loop {
+        for i in 0usize.. {
             let outer = self.path.len();
             let _ = write!(self.path, "[{i}]");
             self.value(depth)?;
             self.path.truncate(outer);
-            i += 1;
-            self.skip_ws();
-            match self.peek() {
-                Some(b',') => self.pos += 1,
-                Some(b']') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                _ => return Err(self.err("must be valid JSON: expected `,` or `]`")),
+            if self.closes(b']')? {
+                break;
             }
         }
+        Ok(())
     }
 
     /// Reads a string and returns it unescaped (keys are compared unescaped).

@@ -88,18 +88,16 @@ impl BoundaryApi for MeteredApi {
         r
     }
     async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
-        self.metrics.fetch_requests.fetch_add(1, Ordering::Relaxed);
-        self.inner.fetch_facts(request).await
+        self.fetch_facts_as(bsfg_core::LOCAL_RECEIVER, request)
+            .await
     }
     async fn confirm_receipt(
         &self,
         consumer: &str,
         offset: u64,
     ) -> Result<Frontier, BoundaryError> {
-        self.metrics
-            .confirm_requests
-            .fetch_add(1, Ordering::Relaxed);
-        self.inner.confirm_receipt(consumer, offset).await
+        self.confirm_receipt_as(bsfg_core::LOCAL_RECEIVER, consumer, offset)
+            .await
     }
     async fn fetch_facts_as(
         &self,

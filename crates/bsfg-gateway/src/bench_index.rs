@@ -165,7 +165,7 @@ pub async fn index(opts: IndexBench) -> anyhow::Result<()> {
     let usage = zone.index_usage().await?;
     println!(
         "start-up line of such a zone: {}",
-        usage.projection(now_ms()).0
+        usage.projection(crate::client::now_ms()).0
     );
     anyhow::ensure!(
         dup_ok && conflict_ok,
@@ -251,12 +251,6 @@ async fn bucket_shape(
         rest as f64 / MIB
     );
     Ok(Shape { rest_per_m })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

@@ -1032,17 +1032,15 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 }
                 t.ca.clone()
             }
+            // A TLS link without `ca` is reported above.
+            (None, None) if is_tls(scheme) => String::new(),
             (None, None) => {
-                if is_tls(scheme) {
-                    String::new()
-                } else {
-                    c.at(
-                        rl.source.span(),
-                        key("source_zone"),
-                        "a plaintext link must name its source zone (`source_zone`): there is no certificate to take it from",
-                    );
-                    String::new()
-                }
+                c.at(
+                    rl.source.span(),
+                    key("source_zone"),
+                    "a plaintext link must name its source zone (`source_zone`): there is no certificate to take it from",
+                );
+                String::new()
             }
         };
         let mut streams = Vec::new();

@@ -77,44 +77,44 @@ pub enum PublishMode {
 /// `Nats-Batch-Sequence` up to 1000, `Nats-Batch-Commit`), with room to spare.
 const BATCH_HEADER_BYTES: usize = 128;
 
-/// The bytes a fact takes on the wire to the server: its stored form plus every
-/// header the pipeline puts beside it (`NATS/1.0` line, `Key: value` lines). The
-/// server refuses a message above its `max_payload`, so this is what is measured.
-pub fn wire_size(msg: &ValidatedMessage, subject_max: usize) -> usize {
-    let mut h = 12 + HDR_EXPECTED_LAST_SUBJECT_SEQ.len() + 5;
-    h += HDR_MESSAGE_ID.len() + 4 + msg.message_id().len();
-    h += HDR_DIGEST.len() + 4 + 64;
-    if let Some(p) = msg.provenance() {
-        h += HDR_SOURCE_ZONE.len() + 4 + p.zone.len();
-        h += HDR_SOURCE_STREAM.len() + 4 + p.stream.len();
-        h += HDR_SOURCE_OFFSET.len() + 4 + 20;
-        h += HDR_LINK.len() + 4 + p.link.len();
-    }
-    msg.stored_form().len() + h + BATCH_HEADER_BYTES + subject_max
-}
+/// Longest name in provenance (zone, stream, link are checked as names of at most
+/// 128 bytes).
+const NAME_MAX_BYTES: usize = 128;
 
-/// The most header bytes a fact can carry given the id limit (names in provenance
-/// are at most 128 bytes): what a zone's `max_fact_bytes` must leave room for.
-pub fn max_header_bytes(max_id_bytes: usize) -> usize {
-    12 + HDR_EXPECTED_LAST_SUBJECT_SEQ.len()
-        + 5
-        + HDR_MESSAGE_ID.len()
-        + 4
-        + max_id_bytes
-        + HDR_DIGEST.len()
-        + 68
-        + HDR_SOURCE_ZONE.len()
-        + HDR_SOURCE_STREAM.len()
-        + HDR_SOURCE_OFFSET.len()
-        + HDR_LINK.len()
-        + 4 * (4 + 128)
-        + 20
+/// Bytes of the headers the pipeline puts beside a fact whose message_id is `id_len`
+/// bytes long, with provenance names (zone, stream, link) of these lengths: the
+/// `NATS/1.0` line, one `Key: value` line each, the closing blank line, and the
+/// atomic batch's own headers.
+fn header_bytes(id_len: usize, provenance: Option<[usize; 3]>) -> usize {
+    let line = |key: &str, value: usize| key.len() + 2 + value + 2;
+    let provenance = provenance.map_or(0, |[zone, stream, link]| {
+        line(HDR_SOURCE_ZONE, zone)
+            + line(HDR_SOURCE_STREAM, stream)
+            + line(HDR_SOURCE_OFFSET, 20)
+            + line(HDR_LINK, link)
+    });
+    "NATS/1.0\r\n\r\n".len()
+        + line(HDR_EXPECTED_LAST_SUBJECT_SEQ, 1)
+        + line(HDR_MESSAGE_ID, id_len)
+        + line(HDR_DIGEST, 64)
+        + provenance
         + BATCH_HEADER_BYTES
-        + SUBJECT_MAX_BYTES
 }
 
-/// Longest fact subject: `facts.<class>.<kind>.<32 hex>` (class and kind at most 64).
-pub const SUBJECT_MAX_BYTES: usize = 6 + 64 + 1 + 64 + 1 + 32;
+/// The bytes a fact takes against the server's `max_payload`: its stored form plus
+/// every header the pipeline puts beside it.
+pub fn wire_size(msg: &ValidatedMessage) -> usize {
+    let provenance = msg
+        .provenance()
+        .map(|p| [p.zone.len(), p.stream.len(), p.link.len()]);
+    msg.stored_form().len() + header_bytes(msg.message_id().len(), provenance)
+}
+
+/// The most header bytes a fact can carry given the id limit: what a zone's
+/// `max_fact_bytes` must leave room for under `max_payload`.
+pub fn max_header_bytes(max_id_bytes: usize) -> usize {
+    header_bytes(max_id_bytes, Some([NAME_MAX_BYTES; 3]))
+}
 
 /// 128-bit subject token of a message_id: a valid NATS token whatever the id holds.
 pub fn id_token(message_id: &str) -> String {

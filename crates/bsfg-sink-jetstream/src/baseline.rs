@@ -25,12 +25,21 @@ pub async fn raw_publish(
     .await?;
     let payload = bytes::Bytes::from(vec![b'x'; size]);
     let start = Instant::now();
+    let msgs = (0..n).map(|i| (format!("raw_baseline.{}", i % 16), payload.clone()));
+    publish_pipelined(&js, msgs, inflight).await?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Publishes every (subject, payload) with up to `inflight` acks outstanding and
+/// returns once every ack has come back.
+async fn publish_pipelined(
+    js: &jetstream::Context,
+    msgs: impl Iterator<Item = (String, bytes::Bytes)>,
+    inflight: usize,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut pending = FuturesUnordered::new();
-    for i in 0..n {
-        let ack = js
-            .publish(format!("raw_baseline.{}", i % 16), payload.clone())
-            .await?;
-        pending.push(ack.into_future());
+    for (subject, payload) in msgs {
+        pending.push(js.publish(subject, payload).await?.into_future());
         if pending.len() >= inflight.max(1)
             && let Some(r) = pending.next().await
         {
@@ -40,7 +49,7 @@ pub async fn raw_publish(
     while let Some(r) = pending.next().await {
         r?;
     }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok(())
 }
 
 /// What the replication baselines measured.
@@ -94,21 +103,8 @@ pub async fn replication_baselines(
         .await?;
     let payload = bytes::Bytes::from(vec![b'x'; size]);
     let start = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    for i in 0..n {
-        let ack = ajs
-            .publish(format!("native_src.{}", i % 16), payload.clone())
-            .await?;
-        pending.push(ack.into_future());
-        if pending.len() >= 1024
-            && let Some(r) = pending.next().await
-        {
-            r?;
-        }
-    }
-    while let Some(r) = pending.next().await {
-        r?;
-    }
+    let msgs = (0..n).map(|i| (format!("native_src.{}", i % 16), payload.clone()));
+    publish_pipelined(&ajs, msgs, 1024).await?;
     let publish_rate = n as f64 / start.elapsed().as_secs_f64();
 
     let start = Instant::now();
@@ -212,8 +208,7 @@ pub async fn bucket_shape(
     .await?;
     let fact = bytes::Bytes::from(vec![b'x'; fact_bytes]);
     let start = Instant::now();
-    let mut pending = FuturesUnordered::new();
-    for i in from..to {
+    let msgs = (from..to).flat_map(|i| {
         let id = format!("idx-{i}");
         let digest = Sha256::digest(id.as_bytes());
         let bucket = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % buckets;
@@ -222,20 +217,11 @@ pub async fn bucket_shape(
             hex::encode(digest),
             2 * i + 2
         );
-        for (subject, payload) in [
+        [
             (format!("probe.index.{bucket}"), bytes::Bytes::from(entry)),
             ("probe.facts.operational.batch".to_owned(), fact.clone()),
-        ] {
-            pending.push(js.publish(subject, payload).await?.into_future());
-            if pending.len() >= inflight.max(1)
-                && let Some(r) = pending.next().await
-            {
-                r?;
-            }
-        }
-    }
-    while let Some(r) = pending.next().await {
-        r?;
-    }
+        ]
+    });
+    publish_pipelined(&js, msgs, inflight).await?;
     Ok((to - from) as f64 / start.elapsed().as_secs_f64())
 }

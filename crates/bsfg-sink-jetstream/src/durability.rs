@@ -17,27 +17,32 @@ pub enum Durability {
     Unknown,
 }
 
-/// Reads `<monitor_url>/varz` (plain HTTP on loopback or a zone-internal address).
-pub async fn probe(monitor_url: &str) -> Durability {
-    let Some(v) = varz(monitor_url).await else {
-        return Durability::Unknown;
-    };
-    let Some(cfg) = v.get("jetstream").and_then(|j| j.get("config")) else {
-        return Durability::Unknown;
-    };
-    if cfg.get("sync_always").and_then(serde_json::Value::as_bool) == Some(true) {
-        Durability::SyncAlways
-    } else {
-        Durability::Lazy
-    }
+/// Reads `<monitor_url>/varz` (plain HTTP on loopback or a zone-internal address)
+/// once: how the server flushes, and its resident memory in bytes (`mem`).
+pub async fn probe(monitor_url: &str) -> (Durability, Option<u64>) {
+    let v = varz(monitor_url).await;
+    (flushing(v.as_ref()), memory(v.as_ref()))
 }
 
 /// The server's resident memory in bytes (`mem` in `/varz`), if it can be read.
 pub async fn server_memory(monitor_url: &str) -> Option<u64> {
-    varz(monitor_url)
-        .await?
-        .get("mem")
-        .and_then(serde_json::Value::as_u64)
+    memory(varz(monitor_url).await.as_ref())
+}
+
+fn flushing(v: Option<&serde_json::Value>) -> Durability {
+    let sync = v
+        .and_then(|v| v.get("jetstream"))
+        .and_then(|j| j.get("config"))
+        .map(|c| c.get("sync_always").and_then(serde_json::Value::as_bool));
+    match sync {
+        None => Durability::Unknown,
+        Some(Some(true)) => Durability::SyncAlways,
+        Some(_) => Durability::Lazy,
+    }
+}
+
+fn memory(v: Option<&serde_json::Value>) -> Option<u64> {
+    v?.get("mem").and_then(serde_json::Value::as_u64)
 }
 
 /// `GET <monitor_url>/varz` as JSON, within 3 s; `None` on any failure.

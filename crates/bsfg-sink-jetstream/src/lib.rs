@@ -173,9 +173,9 @@ impl JetStreamZone {
         let links = streams::ensure(&js, streams::links_stream_config(&config)).await?;
         let quarantine = streams::ensure(&js, quarantine::stream_config(&config)).await?;
 
-        let durability = match &config.monitor_url {
+        let (durability, server_memory) = match &config.monitor_url {
             Some(url) => durability::probe(url).await,
-            None => Durability::Unknown,
+            None => (Durability::Unknown, None),
         };
         match durability {
             Durability::Lazy => tracing::warn!(
@@ -231,7 +231,7 @@ impl JetStreamZone {
             zone.declare_consumer(&c).await?;
         }
         // Capacity, visible before it bites: what the index holds and where it goes.
-        match zone.index_usage().await {
+        match zone.index_stream_usage(server_memory).await {
             Ok(u) => {
                 let (line, warn) = u.projection(now_unix_ms());
                 if warn {
@@ -259,16 +259,24 @@ impl JetStreamZone {
 
     /// The idempotency index's size and the server's memory now (see [`usage`]).
     pub async fn index_usage(&self) -> Result<IndexUsage, BoundaryError> {
+        let server_memory_bytes = match &self.config.monitor_url {
+            Some(url) => durability::server_memory(url).await,
+            None => None,
+        };
+        self.index_stream_usage(server_memory_bytes).await
+    }
+
+    /// [`JetStreamZone::index_usage`] with the server's memory already read.
+    async fn index_stream_usage(
+        &self,
+        server_memory_bytes: Option<u64>,
+    ) -> Result<IndexUsage, BoundaryError> {
         let mut index = self.index.clone();
         let info = index
             .info()
             .await
             .map_err(|e| error::unavailable("index stream info", e))?;
         let state = &info.state;
-        let server_memory_bytes = match &self.config.monitor_url {
-            Some(url) => durability::server_memory(url).await,
-            None => None,
-        };
         Ok(IndexUsage {
             ids: state.messages,
             disk_bytes: state.bytes,
@@ -391,7 +399,7 @@ impl FactLog for JetStreamZone {
     async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError> {
         let (stream, subject) = self.route(&message)?;
         // Refused here, alone, rather than failing the batch it would have joined.
-        let size = append::wire_size(&message, append::SUBJECT_MAX_BYTES);
+        let size = append::wire_size(&message);
         if size > self.max_payload {
             return Err(BoundaryError::invalid(
                 "fact",

@@ -95,17 +95,9 @@ mod tests {
         IndexUsage {
             ids,
             disk_bytes: ids * 200,
-            first_at_unix_ms: Some(0),
+            first_at_unix_ms: Some(-days * DAY),
             horizon,
             server_memory_bytes: Some(512 << 20),
-        }
-        .with_now(days)
-    }
-
-    impl IndexUsage {
-        fn with_now(mut self, days: i64) -> Self {
-            self.first_at_unix_ms = Some(-days * DAY);
-            self
         }
     }
 
