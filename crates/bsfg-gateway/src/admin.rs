@@ -412,8 +412,14 @@ impl Collector {
         family(
             e,
             "bsfg_index_disk_bytes",
-            "Bytes the idempotency index holds on disk.",
+            "Bytes the idempotency index stream holds on disk.",
             &[(zone.clone(), ConstGauge::new(u.disk_bytes as f64))],
+        )?;
+        family(
+            e,
+            "bsfg_index_lookup_bytes",
+            "Bytes of this gateway's on-disk look-up of the idempotency index.",
+            &[(zone.clone(), ConstGauge::new(u.lookup_bytes as f64))],
         )?;
         family(
             e,
@@ -425,7 +431,7 @@ impl Collector {
             family(
                 e,
                 "bsfg_store_server_memory_bytes",
-                "Resident memory of the zone's nats-server (its /varz `mem`); today's index costs about 400 bytes of it per remembered id.",
+                "Resident memory of the zone's nats-server (its /varz `mem`); the bounded index does not grow it per remembered id.",
                 &[(zone, ConstGauge::new(m as f64))],
             )?;
         }

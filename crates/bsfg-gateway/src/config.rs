@@ -191,6 +191,7 @@ struct RawJetStream {
     max_inflight_batches: Option<Spanned<usize>>,
     queue_capacity: Option<Spanned<usize>>,
     publish_mode: Option<Spanned<String>>,
+    index_path: Option<String>,
     classes: Option<Vec<RawClass>>,
 }
 
@@ -572,6 +573,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
 
     let sink_span = raw.sink.span();
     let js = raw.sink.into_inner();
+    let sink_index_path = js.index_path.clone();
     if !SINKS.contains(&js.kind.get_ref().as_str()) {
         c.at(
             js.kind.span(),
@@ -1163,6 +1165,10 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
     }
 
     let base = path.parent().unwrap_or(Path::new("."));
+    // The idempotency look-up lives beside the config unless placed elsewhere.
+    sink.index_path = Some(
+        base.join(sink_index_path.unwrap_or_else(|| format!("state/{}/index.redb", sink.zone))),
+    );
     let tls = raw.tls.as_ref().and_then(|t| tls_section(&mut c, t, base));
     let declared: HashSet<String> = sink.consumers.iter().map(|k| k.name.clone()).collect();
     let anchors: Option<HashSet<String>> = raw

@@ -161,6 +161,11 @@ enum Command {
         #[command(subcommand)]
         which: CertsCommand,
     },
+    /// The zone's idempotency index.
+    Index {
+        #[command(subcommand)]
+        which: IndexCommand,
+    },
     /// Benchmarks (print numbers against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -304,6 +309,18 @@ enum CertsCommand {
 }
 
 #[derive(Subcommand)]
+enum IndexCommand {
+    /// Move a zone created with the per-id index layout (stream `bsfg_ids`) to the
+    /// bounded layout, once, with every gateway of the zone stopped. Does nothing on
+    /// a zone without it.
+    Migrate {
+        /// The zone's TOML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// AppendFact over gRPC vs raw JetStream publish, both flush settings.
     Append(bench::AppendBench),
@@ -376,6 +393,26 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             }
             Err(p) => Err((2, p.into())),
         },
+        Command::Index {
+            which: IndexCommand::Migrate { config },
+        } => {
+            let c = config::load(&config).map_err(|p| (2u8, p.into()))?;
+            let m = bsfg_sink_jetstream::migrate_index(&c.sink)
+                .await
+                .map_err(|e| (1u8, anyhow::anyhow!("{}: {e}", config.display())))?;
+            if m.removed_legacy {
+                println!(
+                    "zone {}: moved {} of {} per-id index entries to the bounded index ({} unreadable, skipped); stream bsfg_ids removed; start the gateways",
+                    c.zone, m.written, m.read, m.skipped
+                );
+            } else {
+                println!(
+                    "zone {}: no per-id index (bsfg_ids) to migrate; nothing changed",
+                    c.zone
+                );
+            }
+            Ok(())
+        }
         Command::Run { config } => {
             let c = config::load(&config).map_err(|p| (2u8, p.into()))?;
             init_tracing();
@@ -388,6 +425,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                         Some(
                             bsfg_sink_jetstream::SinkError::Config(_)
                                 | bsfg_sink_jetstream::SinkError::Conflict { .. }
+                                | bsfg_sink_jetstream::SinkError::Layout(_)
                         )
                     )
                 });
@@ -548,7 +586,10 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         }
         Command::Bench {
             which: BenchCommand::Index(opts),
-        } => bench_index::index(opts).await.map_err(op),
+        } => {
+            init_tracing();
+            bench_index::index(opts).await.map_err(op)
+        }
         Command::Bench {
             which: BenchCommand::Policy(opts),
         } => {

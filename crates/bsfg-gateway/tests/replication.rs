@@ -203,6 +203,7 @@ async fn three_zones_hold_every_fact_exactly_once_through_crashes_restarts_and_o
         // Capacity of the idempotency index, read at start-up and every 30 s.
         "bsfg_index_ids{zone=\"enterprise\"}",
         "bsfg_index_disk_bytes{zone=\"enterprise\"}",
+        "bsfg_index_lookup_bytes{zone=\"enterprise\"}",
         "bsfg_index_horizon_seconds{zone=\"enterprise\"} 0",
         "bsfg_store_server_memory_bytes{zone=\"enterprise\"}",
     ] {

@@ -1,49 +1,65 @@
-//! The append pipeline: group commit with permanent, crash-safe idempotency.
+//! The append pipeline: group commit with permanent, crash-safe idempotency on a
+//! bounded index (see [`crate::index`] for the layout).
 //!
-//! ## Write order (per page of concurrent appends)
-//! 1. **Reserve** in the index stream `bsfg_ids`: one message per fact on subject
-//!    `bsfg.ids.<token>` (token = first 128 bits of SHA-256(message_id)) carrying
-//!    `{id, digest, stream, subject}`, published as one atomic batch with
-//!    `Nats-Expected-Last-Subject-Sequence: 0` on every message. The server commits
-//!    the batch only if no message_id in it was ever reserved: exactly one appender
-//!    (task, process or gateway instance) wins each id.
-//! 2. **Publish** the facts to their class stream on per-id subjects
-//!    `facts.<class>.<kind>.<token>`, again one atomic batch with
-//!    `Nats-Expected-Last-Subject-Sequence: 0`: a fact subject can hold one fact only.
-//! 3. Answer the callers with their offsets, then **record** the offsets in the index
-//!    (one more batch, replacing the reservation since the index keeps one message
-//!    per subject). Step 3 only speeds up later duplicate look-ups.
+//! ## Write order (per round of concurrent appends, each id in at most one round)
+//! 1. **Look up** every id in the gateway's on-disk look-up ([`crate::lookup`]), which
+//!    holds every reservation of the index stream up to a known sequence.
+//! 2. **Reserve** the unknown ids: one reservation per id on its bucket subject
+//!    `bsfg.index.<bbb>`, `{id, digest, stream, subject, after}`, all in one atomic
+//!    batch; the first message of each bucket carries
+//!    `Nats-Expected-Last-Subject-Sequence` = the bucket's last sequence the look-up
+//!    holds. The batch commits only if no gateway reserved in those buckets since,
+//!    so none of its ids was reserved before: exactly one appender (task, process or
+//!    gateway) wins each id. When the compare-and-set fails, the gateway reads the
+//!    index stream up to its end into the look-up and looks the ids up again.
+//! 3. **Publish** the facts to their class stream on bounded subjects
+//!    `facts.<class>.<kind>.<wwww><bb>` (this gateway's writer number, a bucket of the
+//!    id), one atomic batch per stream; the first fact of each
+//!    subject carries `Nats-Expected-Last-Subject-Sequence` = the subject's last
+//!    sequence up to which this gateway knows the subject holds none of the batch's
+//!    ids. `after` in the reservation is such a sequence from before the
+//!    reservation, so a fact of the id can only lie after it.
+//! 4. Answer the callers with their offsets, then **record** the offsets
+//!    (`bsfg.index.offsets`, written with the next reservation batch or on its own).
+//!    Step 4 only speeds up later look-ups.
 //!
 //! ## Why no crash point stores two copies or loses one
-//! - Crash before 1 commits: nothing stored, the caller got no offset and retries.
-//! - Crash between 1 and 2: a reservation without a fact. A retry finds the
-//!   reservation with the same digest, looks for the fact under its subject, finds
-//!   none, and publishes it (step 2's compare-and-set stops two completers).
-//! - Crash between 2 and 3: a retry finds the fact under its subject and returns its
-//!   offset as a duplicate (and repairs the index).
+//! - Crash before 2 commits: nothing stored, the caller got no offset and retries.
+//! - Crash between 2 and 3: a reservation without a fact. A retry finds the
+//!   reservation with the same digest and no offset, reads the fact subject after
+//!   `after`, finds no fact of the id, and publishes it with the compare-and-set on
+//!   the last sequence it read: if the original appender (slow, not dead) or another
+//!   completer published meanwhile, the set fails, the retry reads again, finds that
+//!   fact and answers `duplicate`. Every publish of an id is made only after
+//!   reading, under compare-and-set, that the subject holds no fact of it.
+//! - Crash between 3 and 4: a retry finds the reservation without offset, reads the
+//!   fact subject after `after`, finds the fact and returns its offset as a
+//!   duplicate (and records it).
 //! - Same id, different payload: the reservation's digest differs, so the append is
 //!   `conflicting_duplicate` whatever the class label says.
+//! - The look-up lost or behind: it is a cache of the index stream; start-up reads the
+//!   stream after its watermark (or all of it), and a compare-and-set fails for any
+//!   bucket it has not read to the end.
 //!
-//! Every write is a server-side compare-and-set on one id, so the argument holds per
-//! fact whichever way the writes travel ([`PublishMode`]):
-//! - `AtomicBatch`: each step is one atomic batch (ADR-50), one disk sync per batch
-//!   under `sync_interval: always`, instead of one per fact;
-//! - `Pipelined`: each write is its own publish, all in flight at once; faster when
-//!   the server flushes lazily, where an atomic batch only adds its staging cost.
+//! Every write is an atomic batch (ADR-50): one disk sync per step under
+//! `sync_interval: always`. Reservations of one gateway are written one round at a
+//! time (their compare-and-set needs the previous round's sequences); round k+1
+//! reserves while round k publishes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::Stream};
 use bsfg_core::{AppendOutcome, BoundaryError, ValidatedMessage};
 use bytes::Bytes;
 use futures::future::join_all;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use serde::Serialize;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::streams::INDEX_PREFIX;
+use crate::index::{self, Offsets, Reservation};
+use crate::lookup::{Entry, Lookup, Update};
 
 /// Header carrying the message_id on stored facts.
 pub const HDR_MESSAGE_ID: &str = "Bsfg-Message-Id";
@@ -60,16 +76,17 @@ pub const HDR_LINK: &str = "Bsfg-Link";
 const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
 /// Rounds of compare-and-set before an append gives up with `unavailable`.
-const MAX_ATTEMPTS: usize = 5;
+const MAX_ATTEMPTS: usize = 8;
 
-/// How the pipeline's writes travel to JetStream. Correctness is the same in both.
+/// How many rounds a gateway keeps in flight by default. Correctness is the same in
+/// both: every write is an atomic batch with per-bucket compare-and-set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishMode {
-    /// One atomic batch per step: one disk sync per batch. Best under
+    /// Two rounds in flight (one reserving, one publishing). Best under
     /// `sync_interval: always`.
     AtomicBatch,
-    /// One publish per write, all in flight together. Best when the server flushes
-    /// lazily.
+    /// More rounds queued (8), so smaller rounds form while the server flushes
+    /// lazily. Writes are atomic batches all the same.
     Pipelined,
 }
 
@@ -94,7 +111,7 @@ fn header_bytes(id_len: usize, provenance: Option<[usize; 3]>) -> usize {
             + line(HDR_LINK, link)
     });
     "NATS/1.0\r\n\r\n".len()
-        + line(HDR_EXPECTED_LAST_SUBJECT_SEQ, 1)
+        + line(HDR_EXPECTED_LAST_SUBJECT_SEQ, 20)
         + line(HDR_MESSAGE_ID, id_len)
         + line(HDR_DIGEST, 64)
         + provenance
@@ -116,31 +133,53 @@ pub fn max_header_bytes(max_id_bytes: usize) -> usize {
     header_bytes(max_id_bytes, Some([NAME_MAX_BYTES; 3]))
 }
 
-/// 128-bit subject token of a message_id: a valid NATS token whatever the id holds.
+/// 128-bit subject token of a message_id, in hex: a valid NATS token whatever the
+/// id holds.
 pub fn id_token(message_id: &str) -> String {
-    let d = Sha256::digest(message_id.as_bytes());
-    hex::encode(&d[..16])
-}
-
-/// Index entry stored at `bsfg.ids.<token>`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct IndexEntry {
-    pub id: String,
-    pub digest: String,
-    pub stream: String,
-    pub subject: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
+    hex::encode(index::token(message_id))
 }
 
 pub(crate) struct Job {
     pub msg: ValidatedMessage,
+    /// `index::token` of the message_id.
+    pub token: [u8; 16],
     /// Class stream chosen from the labels (or, when completing a reservation, the
     /// stream the reservation names).
     pub stream: String,
     /// Fact subject in that stream.
     pub subject: String,
     pub reply: oneshot::Sender<Result<AppendOutcome, BoundaryError>>,
+}
+
+/// A job on its way to the class stream, with the subject's last sequence up to
+/// which the subject is known to hold no fact of its id.
+struct ToPublish {
+    job: Job,
+    checked_upto: u64,
+    /// Whether every fact this gateway published on the subject after
+    /// `checked_upto` is known to be of another id: true for an id this round
+    /// reserved (nobody could publish it before the reservation, and this gateway
+    /// has it in one round only) and after a read of the subject; false for a
+    /// reservation found without offset, which is always read first.
+    verified: bool,
+}
+
+/// What this gateway knows of one fact subject.
+#[derive(Debug, Clone, Copy)]
+struct SubjectState {
+    /// The subject's last sequence as this gateway knows it.
+    last: u64,
+    /// Every fact on the subject after `clean_from` was published by this gateway
+    /// (never of an id in flight now).
+    clean_from: u64,
+}
+
+/// The index as this gateway has read it.
+struct IndexState {
+    /// Last known reservation sequence per bucket.
+    buckets: Vec<u64>,
+    /// Index sequence up to which the look-up holds every message.
+    applied: u64,
 }
 
 /// Shared handles of the pipeline.
@@ -150,23 +189,23 @@ pub(crate) struct Appender {
     pub index: Stream,
     pub streams: HashMap<String, Stream>,
     pub max_batch: usize,
-    pub mode: PublishMode,
     pub zone: String,
-}
-
-/// What became of a job whose id was already reserved.
-enum Resolved {
-    /// Answered (duplicate or conflict); maybe with an offset to record in the index.
-    Answered(Option<IndexEntry>),
-    /// Reserved but never published: publish it to the reservation's stream.
-    Complete(Box<Job>),
+    pub lookup: Lookup,
+    /// Reservations older than this are forgotten (zero: never).
+    pub horizon: Duration,
+    state: Mutex<IndexState>,
+    subjects: Mutex<HashMap<String, SubjectState>>,
+    /// Offsets learnt and not yet recorded in the index stream.
+    unrecorded: Mutex<Vec<([u8; 16], u64)>>,
+    /// Ids in flight: an id is in at most one round at a time.
+    busy: Mutex<HashSet<[u8; 16]>>,
+    freed: Notify,
 }
 
 /// Why one write did not land.
 #[derive(Debug, Clone)]
 enum WriteError {
-    /// A compare-and-set failed: the subject already holds a message (for an atomic
-    /// batch: some subject of the batch did, so nothing of it landed).
+    /// A compare-and-set failed: nothing of the batch landed.
     Taken,
     /// Anything else; the write may or may not have landed, a retry is safe.
     Other(String),
@@ -174,26 +213,130 @@ enum WriteError {
 
 type Outbound = (String, HeaderMap, Bytes);
 
-/// The two stages of a round, each a gate: reserving in the index stream, then
-/// publishing to the class streams. With atomic batches each gate admits one round,
-/// so round k+1 reserves while round k publishes (different streams, different
-/// locks) and a batch forms while the previous reservation runs.
+/// The two stages of a round, each admitting one round: reserving in the index
+/// stream, then publishing to the class streams. Round k+1 reserves while round k
+/// publishes (different streams, different locks).
 struct Stages {
     reserve: Arc<Semaphore>,
     publish: Arc<Semaphore>,
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BoundaryError {
+    BoundaryError::Unavailable(e.to_string())
+}
+
+impl Appender {
+    /// Opens the pipeline's view of the index: reads the stream after the look-up's
+    /// watermark (all of it when the look-up is new or was lost).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn open(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        index: Stream,
+        streams: HashMap<String, Stream>,
+        max_batch: usize,
+        zone: String,
+        lookup: Lookup,
+        horizon: Duration,
+    ) -> Result<Appender, BoundaryError> {
+        let l = lookup.clone();
+        let st = tokio::task::spawn_blocking(move || l.state(index::BUCKETS))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        let a = Appender {
+            client,
+            js,
+            index,
+            streams,
+            max_batch,
+            zone,
+            lookup,
+            horizon,
+            state: Mutex::new(IndexState {
+                buckets: st.buckets,
+                applied: st.applied,
+            }),
+            subjects: Mutex::new(HashMap::new()),
+            unrecorded: Mutex::new(Vec::new()),
+            busy: Mutex::new(HashSet::new()),
+            freed: Notify::new(),
+        };
+        let started = std::time::Instant::now();
+        let from = st.applied;
+        a.catch_up().await?;
+        let to = a.state.lock().map(|s| s.applied).unwrap_or(0);
+        if to > from {
+            tracing::info!(zone = %a.zone, from, to, secs = started.elapsed().as_secs_f64(), "idempotency look-up read the index stream");
+        }
+        Ok(a)
+    }
+
+    /// Reads the index stream to its end into the look-up.
+    async fn catch_up(&self) -> Result<(), BoundaryError> {
+        let applied = self
+            .state
+            .lock()
+            .map_err(|_| BoundaryError::Internal("index state poisoned".into()))?
+            .applied;
+        let (upto, seen) = index::catch_up(&self.index, &self.lookup, applied)
+            .await
+            .map_err(BoundaryError::Unavailable)?;
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| BoundaryError::Internal("index state poisoned".into()))?;
+        st.applied = st.applied.max(upto);
+        for (slot, seq) in st.buckets.iter_mut().zip(seen) {
+            *slot = (*slot).max(seq);
+        }
+        Ok(())
+    }
+
+    /// Applies an update to the look-up on the blocking pool.
+    async fn apply(&self, u: Update) -> Result<(), BoundaryError> {
+        let l = self.lookup.clone();
+        tokio::task::spawn_blocking(move || l.apply(&u, false))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+
+    /// Syncs the look-up to disk (at shutdown).
+    pub(crate) async fn sync(&self) {
+        let l = self.lookup.clone();
+        let _ = tokio::task::spawn_blocking(move || l.flush()).await;
+    }
+
+    async fn get_many(&self, tokens: Vec<[u8; 16]>) -> Result<Vec<Option<Entry>>, BoundaryError> {
+        let l = self.lookup.clone();
+        let horizon_ms = self.horizon.as_millis() as i64;
+        let now = now_unix_ms();
+        let found = tokio::task::spawn_blocking(move || l.get_many(&tokens))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)?;
+        // Past the horizon an id is forgotten, as the index stream forgets it.
+        Ok(found
+            .into_iter()
+            .map(|e| e.filter(|e| horizon_ms == 0 || now - e.at_unix_ms < horizon_ms))
+            .collect())
+    }
 }
 
 /// Runs the batcher: takes jobs off the queue, forms rounds, runs up to
 /// `max_inflight` of them at once. Ends when every sender is dropped.
 pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, max_inflight: usize) {
     let max_inflight = max_inflight.max(1);
-    let per_stage = match appender.mode {
-        PublishMode::AtomicBatch => 1,
-        PublishMode::Pipelined => max_inflight,
-    };
     let stages = Arc::new(Stages {
-        reserve: Arc::new(Semaphore::new(per_stage)),
-        publish: Arc::new(Semaphore::new(per_stage)),
+        reserve: Arc::new(Semaphore::new(1)),
+        publish: Arc::new(Semaphore::new(1)),
     });
     let slots = Arc::new(Semaphore::new(max_inflight));
     loop {
@@ -217,77 +360,196 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
         let a = appender.clone();
         let stages = stages.clone();
         tokio::spawn(async move {
-            let commits = a.process(jobs, gate, &stages).await;
-            // Callers have their answers; free the slot before the index bookkeeping.
+            a.process(jobs, gate, &stages).await;
             drop(slot);
-            a.record_offsets(commits).await;
+            a.flush_offsets(&stages).await;
         });
     }
     // Wait for in-flight rounds before returning, so shutdown loses no answer.
     let _ = slots.acquire_many(max_inflight as u32).await;
+    appender.flush_offsets(&stages).await;
+    appender.sync().await;
 }
 
 fn header(h: &mut HeaderMap, k: &'static str, v: &str) {
     h.insert(k, v);
 }
 
-fn index_subject(message_id: &str) -> String {
-    format!("{INDEX_PREFIX}.{}", id_token(message_id))
-}
-
 impl Appender {
-    /// Processes one round of jobs and returns the index entries whose offsets are
-    /// still to be recorded (step 3). Jobs sharing a message_id are handled in later
-    /// rounds, so each round holds every id once and sees the earlier rounds' result.
-    async fn process(
-        &self,
-        jobs: Vec<Job>,
-        gate: OwnedSemaphorePermit,
-        stages: &Stages,
-    ) -> Vec<IndexEntry> {
+    /// Processes one batch of jobs in rounds: each round holds every id once and no
+    /// id that another round has in flight.
+    async fn process(&self, jobs: Vec<Job>, gate: OwnedSemaphorePermit, stages: &Stages) {
         let mut rest = jobs;
-        let mut commits = Vec::new();
         let mut gate = Some(gate);
         while !rest.is_empty() {
-            let mut seen = HashSet::new();
-            let (round, later): (Vec<Job>, Vec<Job>) = rest
-                .into_iter()
-                .partition(|j| seen.insert(j.msg.message_id().to_owned()));
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (round, later) = {
+                let Ok(mut busy) = self.busy.lock() else {
+                    fail_all(rest, "append pipeline state poisoned");
+                    return;
+                };
+                let mut round = Vec::new();
+                let mut later = Vec::new();
+                for j in rest {
+                    if busy.insert(j.token) {
+                        round.push(j);
+                    } else {
+                        later.push(j);
+                    }
+                }
+                (round, later)
+            };
+            if round.is_empty() {
+                // Every id is in another round: let it finish (without holding the
+                // reservation stage it may need).
+                gate = None;
+                freed.await;
+                rest = later;
+                continue;
+            }
             let permit = match gate.take() {
                 Some(p) => p,
                 None => match stages.reserve.clone().acquire_owned().await {
                     Ok(p) => p,
                     Err(_) => {
+                        self.release(&round);
                         fail_all(round, "append pipeline stopped");
                         fail_all(later, "append pipeline stopped");
-                        return commits;
+                        return;
                     }
                 },
             };
-            commits.extend(self.round(round, permit, &stages.publish).await);
+            let tokens: Vec<[u8; 16]> = round.iter().map(|j| j.token).collect();
+            self.round(round, permit, &stages.publish).await;
+            self.release_tokens(&tokens);
             rest = later;
         }
-        commits
     }
 
-    /// Step 3: records offsets in the index, replacing the reservations. Best effort:
-    /// a missing record is repaired by the next look-up of that id.
-    async fn record_offsets(&self, commits: Vec<IndexEntry>) {
-        if commits.is_empty() {
+    fn release(&self, jobs: &[Job]) {
+        let tokens: Vec<[u8; 16]> = jobs.iter().map(|j| j.token).collect();
+        self.release_tokens(&tokens);
+    }
+
+    fn release_tokens(&self, tokens: &[[u8; 16]]) {
+        if let Ok(mut busy) = self.busy.lock() {
+            for t in tokens {
+                busy.remove(t);
+            }
+        }
+        self.freed.notify_waiters();
+    }
+
+    /// Records offsets not yet recorded with a reservation batch. Best effort: a
+    /// missing record is found again in the fact subject by the next look-up.
+    async fn flush_offsets(&self, stages: &Stages) {
+        let empty = self.unrecorded.lock().map(|u| u.is_empty()).unwrap_or(true);
+        if empty {
             return;
         }
-        let msgs = commits
-            .iter()
-            .map(|e| (index_subject(&e.id), HeaderMap::new(), to_json(e)))
+        let Ok(_gate) = stages.reserve.acquire().await else {
+            return;
+        };
+        let Some((subject, h, body, n)) = self.offsets_message(usize::MAX) else {
+            return;
+        };
+        match self.publish_atomic(vec![(subject, h, body)]).await {
+            Ok(seqs) => self.advance_applied(&seqs),
+            Err(e) => {
+                tracing::warn!(zone = %self.zone, records = n, error = ?e, "recording offsets in the idempotency index failed; look-ups find them in the fact subjects")
+            }
+        }
+    }
+
+    /// Takes up to `max` unrecorded offsets as one offset record message.
+    fn offsets_message(&self, max: usize) -> Option<(String, HeaderMap, Bytes, usize)> {
+        let mut u = self.unrecorded.lock().ok()?;
+        if u.is_empty() || max == 0 {
+            return None;
+        }
+        let take = u.len().min(max).min(5000);
+        let o: Vec<(String, u64)> = u
+            .drain(..take)
+            .map(|(t, off)| (hex::encode(t), off))
             .collect();
-        let failed = self
-            .publish_all(msgs)
-            .await
-            .into_iter()
-            .filter(Result::is_err)
-            .count();
-        if failed > 0 {
-            tracing::warn!(zone = %self.zone, failed, "recording offsets in the idempotency index failed; look-ups repair it");
+        Some((
+            index::OFFSETS_SUBJECT.to_owned(),
+            HeaderMap::new(),
+            to_json(&Offsets { o }),
+            take,
+        ))
+    }
+
+    /// Raises the applied watermark over our own contiguous writes.
+    fn advance_applied(&self, seqs: &[u64]) {
+        let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
+            return;
+        };
+        if let Ok(mut st) = self.state.lock()
+            && st.applied + 1 == *first
+        {
+            st.applied = *last;
+        }
+    }
+
+    /// Sorts looked-up jobs: answered (duplicate, conflict), to complete (reserved,
+    /// offset unknown), or unknown.
+    fn classify(
+        &self,
+        jobs: Vec<Job>,
+        found: Vec<Option<Entry>>,
+        unknown: &mut Vec<Job>,
+        complete: &mut Vec<ToPublish>,
+    ) {
+        for (mut j, e) in jobs.into_iter().zip(found) {
+            let Some(e) = e else {
+                unknown.push(j);
+                continue;
+            };
+            if e.id != j.msg.message_id() {
+                reply(
+                    j,
+                    Err(BoundaryError::Internal(format!(
+                        "message_id token collision with `{}`",
+                        e.id
+                    ))),
+                );
+                continue;
+            }
+            if e.digest != j.msg.digest().to_hex() {
+                reply(
+                    j,
+                    Err(BoundaryError::ConflictingDuplicate {
+                        message_id: e.id,
+                        stream: e.stream,
+                        offset: e.offset.unwrap_or(0),
+                    }),
+                );
+                continue;
+            }
+            match e.offset {
+                Some(offset) => reply(
+                    j,
+                    Ok(AppendOutcome {
+                        stream: e.stream,
+                        offset,
+                        duplicate: true,
+                    }),
+                ),
+                // Reserved, offset unknown: a crash between the steps, or another
+                // gateway's append in flight. Find the fact or complete it.
+                None => {
+                    j.stream = e.stream;
+                    j.subject = e.subject;
+                    complete.push(ToPublish {
+                        job: j,
+                        checked_upto: e.after,
+                        verified: false,
+                    });
+                }
+            }
         }
     }
 
@@ -296,287 +558,525 @@ impl Appender {
         jobs: Vec<Job>,
         reserve_stage: OwnedSemaphorePermit,
         publish_stage: &Semaphore,
-    ) -> Vec<IndexEntry> {
-        // Step 1: reserve.
-        let mut to_reserve: Vec<Job> = jobs;
-        let mut to_publish: Vec<Job> = Vec::new();
-        let mut commits: Vec<IndexEntry> = Vec::new();
-        for _ in 0..MAX_ATTEMPTS {
+    ) {
+        let mut to_publish: Vec<ToPublish> = Vec::new();
+        let tokens = jobs.iter().map(|j| j.token).collect();
+        let found = match self.get_many(tokens).await {
+            Ok(f) => f,
+            Err(e) => {
+                fail_with(jobs, &e);
+                return;
+            }
+        };
+        let mut to_reserve = Vec::new();
+        self.classify(jobs, found, &mut to_reserve, &mut to_publish);
+
+        // Step 2: reserve.
+        for attempt in 0..MAX_ATTEMPTS {
             if to_reserve.is_empty() {
                 break;
             }
-            let msgs = to_reserve
-                .iter()
-                .map(|j| {
-                    let entry = IndexEntry {
-                        id: j.msg.message_id().to_owned(),
-                        digest: j.msg.digest().to_hex(),
-                        stream: j.stream.clone(),
-                        subject: j.subject.clone(),
-                        offset: None,
-                    };
-                    let mut h = HeaderMap::new();
-                    header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
-                    (index_subject(j.msg.message_id()), h, to_json(&entry))
-                })
-                .collect();
-            let results = self.publish_all(msgs).await;
-            let mut taken = Vec::new();
-            for (j, r) in to_reserve.drain(..).zip(results) {
-                match r {
-                    Ok(_) => to_publish.push(j),
-                    Err(WriteError::Taken) => taken.push(j),
-                    Err(WriteError::Other(e)) => reply(j, Err(BoundaryError::Unavailable(e))),
+            if attempt > 0 {
+                // Somebody reserved in one of our buckets: read the index to its end
+                // and look the ids up again.
+                if let Err(e) = self.catch_up().await {
+                    fail_with(std::mem::take(&mut to_reserve), &e);
+                    break;
+                }
+                let tokens = to_reserve.iter().map(|j| j.token).collect();
+                let jobs = std::mem::take(&mut to_reserve);
+                match self.get_many(tokens).await {
+                    Ok(found) => self.classify(jobs, found, &mut to_reserve, &mut to_publish),
+                    Err(e) => {
+                        fail_with(jobs, &e);
+                        break;
+                    }
+                }
+                if to_reserve.is_empty() {
+                    break;
                 }
             }
-            // Someone may hold these ids: look them up, then resolve them all at once
-            // (a replayed page is mostly ids that exist already).
-            let lookups = join_all(taken.iter().map(|j| self.lookup_index(j))).await;
-            let mut existing = Vec::new();
-            for (j, found) in taken.into_iter().zip(lookups) {
-                match found {
-                    Err(e) => reply(j, Err(e)),
-                    Ok(None) => to_reserve.push(j),
-                    Ok(Some(entry)) => existing.push(self.resolve_existing(j, entry)),
+            // After a lost compare-and-set, reserve bucket by bucket, so that a
+            // gateway racing in a few buckets holds back only those.
+            let batches = if attempt < 2 {
+                vec![std::mem::take(&mut to_reserve)]
+            } else {
+                let mut by_bucket: HashMap<u16, Vec<Job>> = HashMap::new();
+                for j in to_reserve.drain(..) {
+                    by_bucket
+                        .entry(index::bucket(&j.token))
+                        .or_default()
+                        .push(j);
+                }
+                by_bucket.into_values().collect()
+            };
+            let results = join_all(batches.into_iter().map(|b| self.reserve(b))).await;
+            let mut taken = false;
+            for r in results {
+                match r {
+                    Ok(done) => to_publish.extend(done),
+                    Err((jobs, WriteError::Taken)) => {
+                        taken = true;
+                        to_reserve.extend(jobs);
+                    }
+                    Err((jobs, WriteError::Other(e))) => fail_all(jobs, &e),
                 }
             }
-            for r in join_all(existing).await {
-                match r {
-                    Resolved::Answered(commit) => commits.extend(commit),
-                    Resolved::Complete(j) => to_publish.push(*j),
-                }
+            if taken {
+                backoff(attempt).await;
             }
         }
         fail_all(to_reserve, "index reservation did not settle");
         // The next round may reserve while this one publishes.
         drop(reserve_stage);
         let Ok(_publishing) = publish_stage.acquire().await else {
-            fail_all(to_publish, "append pipeline stopped");
-            return commits;
+            fail_all(
+                to_publish.into_iter().map(|p| p.job).collect(),
+                "append pipeline stopped",
+            );
+            return;
         };
 
-        // Step 2: publish per stream.
-        let mut by_stream: HashMap<String, Vec<Job>> = HashMap::new();
-        for j in to_publish {
-            by_stream.entry(j.stream.clone()).or_default().push(j);
+        // Step 3: publish per stream.
+        let mut by_stream: HashMap<String, Vec<ToPublish>> = HashMap::new();
+        for p in to_publish {
+            by_stream.entry(p.job.stream.clone()).or_default().push(p);
         }
-        let results = join_all(
+        let learnt: Vec<([u8; 16], u64)> = join_all(
             by_stream
                 .into_iter()
                 .map(|(stream, jobs)| self.publish_facts(stream, jobs)),
         )
-        .await;
-        for r in results {
-            commits.extend(r);
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        if !learnt.is_empty() {
+            if let Err(e) = self
+                .apply(Update {
+                    offsets: learnt.clone(),
+                    ..Default::default()
+                })
+                .await
+            {
+                tracing::warn!(zone = %self.zone, error = %e, "could not keep offsets in the look-up store");
+            }
+            if let Ok(mut u) = self.unrecorded.lock() {
+                u.extend(learnt);
+            }
         }
-        commits
     }
 
-    /// An id is already reserved: decide duplicate, conflict, or completion. Answers
-    /// the caller unless the job must be completed.
-    async fn resolve_existing(&self, mut job: Job, entry: IndexEntry) -> Resolved {
-        let stored_offset = match entry.offset {
-            Some(o) => Ok(Some(o)),
-            None => self
-                .lookup_fact(&entry.stream, &entry.subject)
-                .await
-                .map(|f| f.map(|(seq, _)| seq)),
-        };
-        let stored_offset = match stored_offset {
-            Ok(o) => o,
-            Err(e) => {
-                reply(job, Err(e));
-                return Resolved::Answered(None);
+    /// The last sequence of a fact subject this gateway knows (read from the stream
+    /// the first time).
+    async fn subject_last(&self, stream: &Stream, subject: &str) -> Result<u64, BoundaryError> {
+        if let Some(s) = self
+            .subjects
+            .lock()
+            .ok()
+            .and_then(|m| m.get(subject).copied())
+        {
+            return Ok(s.last);
+        }
+        let last = read_last(stream, subject).await?;
+        if let Ok(mut m) = self.subjects.lock() {
+            m.entry(subject.to_owned()).or_insert(SubjectState {
+                last,
+                clean_from: last,
+            });
+        }
+        Ok(last)
+    }
+
+    /// Step 2 for one batch of unknown ids. On success returns them with `after` as
+    /// the sequence checked; on failure hands the jobs back.
+    async fn reserve(&self, jobs: Vec<Job>) -> Result<Vec<ToPublish>, (Vec<Job>, WriteError)> {
+        let mut afters = Vec::with_capacity(jobs.len());
+        for j in &jobs {
+            let Some(stream) = self.streams.get(&j.stream) else {
+                return Err((
+                    jobs,
+                    WriteError::Other("class stream not configured".into()),
+                ));
+            };
+            match self.subject_last(stream, &j.subject).await {
+                Ok(a) => afters.push(a),
+                Err(e) => return Err((jobs, WriteError::Other(e.to_string()))),
+            }
+        }
+        let expected: Vec<u64> = match self.state.lock() {
+            Ok(st) => st.buckets.clone(),
+            Err(_) => {
+                return Err((jobs, WriteError::Other("index state poisoned".into())));
             }
         };
-        if entry.digest != job.msg.digest().to_hex() {
-            reply(
-                job,
-                Err(BoundaryError::ConflictingDuplicate {
-                    message_id: entry.id,
-                    stream: entry.stream,
-                    offset: stored_offset.unwrap_or(0),
-                }),
-            );
-            return Resolved::Answered(None);
+        let mut first_of_bucket = HashSet::new();
+        let mut msgs: Vec<Outbound> = Vec::with_capacity(jobs.len() + 1);
+        let mut buckets = Vec::with_capacity(jobs.len());
+        for (j, after) in jobs.iter().zip(&afters) {
+            let b = index::bucket(&j.token);
+            let r = Reservation {
+                id: j.msg.message_id().to_owned(),
+                digest: j.msg.digest().to_hex(),
+                stream: j.stream.clone(),
+                subject: j.subject.clone(),
+                after: *after,
+                offset: None,
+            };
+            let mut h = HeaderMap::new();
+            if first_of_bucket.insert(b) {
+                let e = expected.get(usize::from(b)).copied().unwrap_or(0);
+                header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, &e.to_string());
+            }
+            buckets.push(b);
+            msgs.push((index::bucket_subject(b), h, to_json(&r)));
         }
-        match stored_offset {
-            Some(offset) => {
-                let commit = entry.offset.is_none().then(|| IndexEntry {
-                    offset: Some(offset),
-                    ..entry.clone()
-                });
+        // Offsets of earlier rounds travel with this batch when there is room.
+        let record = self.offsets_message(1000usize.saturating_sub(msgs.len()));
+        let record_n = record.as_ref().map_or(0, |r| r.3);
+        if let Some((s, h, b, _)) = record.clone() {
+            msgs.push((s, h, b));
+        }
+        match self.publish_atomic(msgs).await {
+            Ok(seqs) => {
+                self.advance_applied(&seqs);
+                let at = now_unix_ms();
+                let mut update = Update::default();
+                if let Ok(mut st) = self.state.lock() {
+                    for (b, seq) in buckets.iter().zip(&seqs) {
+                        if let Some(slot) = st.buckets.get_mut(usize::from(*b)) {
+                            *slot = (*slot).max(*seq);
+                        }
+                        update.buckets.push((*b, *seq));
+                    }
+                    update.applied = Some(st.applied);
+                }
+                for (j, after) in jobs.iter().zip(&afters) {
+                    update.reserve.push((
+                        j.token,
+                        Entry {
+                            id: j.msg.message_id().to_owned(),
+                            digest: j.msg.digest().to_hex(),
+                            stream: j.stream.clone(),
+                            subject: j.subject.clone(),
+                            after: *after,
+                            offset: None,
+                            at_unix_ms: at,
+                        },
+                    ));
+                }
+                if let Err(e) = self.apply(update).await {
+                    // The reservations stand in the stream; the look-up reads them
+                    // again at the next catch-up.
+                    tracing::warn!(zone = %self.zone, error = %e, "could not keep reservations in the look-up store");
+                }
+                Ok(jobs
+                    .into_iter()
+                    .zip(afters)
+                    .map(|(job, checked_upto)| ToPublish {
+                        job,
+                        checked_upto,
+                        verified: true,
+                    })
+                    .collect())
+            }
+            Err(e) => {
+                // The record did not land either: keep it for the next batch.
+                if let Some((_, _, body, _)) = record
+                    && let Ok(mut u) = self.unrecorded.lock()
+                {
+                    let back = index::offsets_of(&body);
+                    debug_assert_eq!(back.len(), record_n);
+                    u.extend(back);
+                }
+                Err((jobs, e))
+            }
+        }
+    }
+
+    /// Step 3 for one class stream. Returns the offsets learnt (published or found).
+    async fn publish_facts(
+        &self,
+        stream_name: String,
+        mut jobs: Vec<ToPublish>,
+    ) -> Vec<([u8; 16], u64)> {
+        let mut learnt = Vec::new();
+        let Some(stream) = self.streams.get(&stream_name) else {
+            fail_all(
+                jobs.into_iter().map(|p| p.job).collect(),
+                "index refers to a stream this zone does not configure",
+            );
+            return learnt;
+        };
+        for attempt in 0..MAX_ATTEMPTS {
+            if jobs.is_empty() {
+                return learnt;
+            }
+            // Make sure each job's subject is known free of its id up to the
+            // subject's last sequence: read what others wrote since.
+            let mut subjects: HashMap<String, SubjectState> = HashMap::new();
+            for p in &jobs {
+                if subjects.contains_key(&p.job.subject) {
+                    continue;
+                }
+                if let Err(e) = self.subject_last(stream, &p.job.subject).await {
+                    fail_with(jobs.into_iter().map(|p| p.job).collect(), &e);
+                    return learnt;
+                }
+                if let Some(s) = self
+                    .subjects
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&p.job.subject).copied())
+                {
+                    subjects.insert(p.job.subject.clone(), s);
+                }
+            }
+            let mut ready = Vec::with_capacity(jobs.len());
+            let mut to_scan: HashMap<String, Vec<ToPublish>> = HashMap::new();
+            for p in jobs.drain(..) {
+                let s = subjects
+                    .get(&p.job.subject)
+                    .copied()
+                    .unwrap_or(SubjectState {
+                        last: 0,
+                        clean_from: 0,
+                    });
+                // What lies after `checked_upto` up to `last` is this gateway's own
+                // facts (after `clean_from`), never of a verified job's id.
+                if p.checked_upto >= s.last || (p.verified && p.checked_upto >= s.clean_from) {
+                    ready.push(p);
+                } else {
+                    to_scan.entry(p.job.subject.clone()).or_default().push(p);
+                }
+            }
+            for (subject, waiting) in to_scan {
+                let upto = subjects.get(&subject).map_or(0, |s| s.last);
+                let (found, rest) = self
+                    .scan(stream, &stream_name, &subject, waiting, upto)
+                    .await;
+                learnt.extend(found);
+                ready.extend(rest);
+            }
+            if ready.is_empty() {
+                continue;
+            }
+            // After a lost compare-and-set, publish subject by subject, so that a
+            // gateway racing on a few subjects holds back only those.
+            let groups: Vec<Vec<ToPublish>> = if attempt < 2 {
+                vec![ready]
+            } else {
+                let mut by_subject: HashMap<String, Vec<ToPublish>> = HashMap::new();
+                for p in ready {
+                    by_subject.entry(p.job.subject.clone()).or_default().push(p);
+                }
+                by_subject.into_values().collect()
+            };
+            let results = join_all(groups.iter().map(|g| {
+                let mut first_of_subject = HashSet::new();
+                let msgs: Vec<Outbound> = g
+                    .iter()
+                    .map(|p| {
+                        let j = &p.job;
+                        let mut h = HeaderMap::new();
+                        if first_of_subject.insert(j.subject.clone()) {
+                            let e = subjects.get(&j.subject).map_or(0, |s| s.last);
+                            header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, &e.to_string());
+                        }
+                        header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
+                        header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
+                        if let Some(p) = j.msg.provenance() {
+                            header(&mut h, HDR_SOURCE_ZONE, &p.zone);
+                            header(&mut h, HDR_SOURCE_STREAM, &p.stream);
+                            header(&mut h, HDR_SOURCE_OFFSET, &p.offset.to_string());
+                            header(&mut h, HDR_LINK, &p.link);
+                        }
+                        (j.subject.clone(), h, j.msg.stored_form().clone())
+                    })
+                    .collect();
+                self.publish_atomic(msgs)
+            }))
+            .await;
+            let mut stale: HashSet<String> = HashSet::new();
+            for (group, r) in groups.into_iter().zip(results) {
+                match r {
+                    Ok(seqs) => {
+                        if let Ok(mut m) = self.subjects.lock() {
+                            for (p, seq) in group.iter().zip(&seqs) {
+                                let s = m.entry(p.job.subject.clone()).or_insert(SubjectState {
+                                    last: 0,
+                                    clean_from: 0,
+                                });
+                                s.last = s.last.max(*seq);
+                            }
+                        }
+                        for (p, seq) in group.into_iter().zip(seqs) {
+                            learnt.push((p.job.token, seq));
+                            reply(
+                                p.job,
+                                Ok(AppendOutcome {
+                                    stream: stream_name.clone(),
+                                    offset: seq,
+                                    duplicate: false,
+                                }),
+                            );
+                        }
+                    }
+                    Err(WriteError::Taken) => {
+                        stale.extend(group.iter().map(|p| p.job.subject.clone()));
+                        jobs.extend(group);
+                    }
+                    Err(WriteError::Other(e)) => {
+                        fail_all(group.into_iter().map(|p| p.job).collect(), &e);
+                    }
+                }
+            }
+            if stale.is_empty() {
+                continue;
+            }
+            // Another writer published on these subjects: read their last sequences
+            // again; the next attempt reads what is new.
+            let lasts = join_all(stale.iter().map(|s| read_last(stream, s))).await;
+            for (subject, last) in stale.into_iter().zip(lasts) {
+                match last {
+                    Ok(last) => {
+                        if let Ok(mut m) = self.subjects.lock() {
+                            let s = m.entry(subject).or_insert(SubjectState {
+                                last,
+                                clean_from: last,
+                            });
+                            if s.last != last {
+                                s.last = last;
+                                s.clean_from = last;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(zone = %self.zone, %subject, error = %e, "reading a fact subject's last sequence failed")
+                    }
+                }
+            }
+            backoff(attempt).await;
+        }
+        fail_all(
+            jobs.into_iter().map(|p| p.job).collect(),
+            "fact publish did not settle",
+        );
+        learnt
+    }
+
+    /// Reads `subject` after the lowest `checked_upto` of `jobs` up to `upto`, looking
+    /// for facts of their ids. Found ones are answered (duplicate, with the stored
+    /// offset); the rest come back checked up to `upto`. When the subject cannot be
+    /// read, every job is answered with the error.
+    async fn scan(
+        &self,
+        stream: &Stream,
+        stream_name: &str,
+        subject: &str,
+        jobs: Vec<ToPublish>,
+        upto: u64,
+    ) -> (Vec<([u8; 16], u64)>, Vec<ToPublish>) {
+        let mut wanted: HashMap<String, ToPublish> = jobs
+            .into_iter()
+            .map(|p| (p.job.msg.message_id().to_owned(), p))
+            .collect();
+        let mut learnt = Vec::new();
+        match self
+            .scan_into(stream, stream_name, subject, &mut wanted, &mut learnt, upto)
+            .await
+        {
+            Ok(rest) => (learnt, rest),
+            Err(e) => {
+                tracing::warn!(zone = %self.zone, %subject, error = %e, "reading a fact subject failed");
+                fail_with(wanted.into_values().map(|p| p.job).collect(), &e);
+                (learnt, Vec::new())
+            }
+        }
+    }
+
+    async fn scan_into(
+        &self,
+        stream: &Stream,
+        stream_name: &str,
+        subject: &str,
+        wanted: &mut HashMap<String, ToPublish>,
+        learnt: &mut Vec<([u8; 16], u64)>,
+        upto: u64,
+    ) -> Result<Vec<ToPublish>, BoundaryError> {
+        let from = wanted
+            .values()
+            .map(|p| p.checked_upto)
+            .min()
+            .unwrap_or(upto)
+            + 1;
+        // Facts before the stream's first sequence are gone: a reservation whose fact
+        // may have been among them cannot be told apart from one never published.
+        let first = {
+            let mut s = stream.clone();
+            s.info()
+                .await
+                .map_err(|e| unavailable(format!("stream info: {e}")))?
+                .state
+                .first_sequence
+        };
+        let mut seq = from;
+        while seq <= upto && !wanted.is_empty() {
+            let m = match stream.direct_get_next_for_subject(subject, Some(seq)).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(e) => return Err(unavailable(format!("fact look-up: {e}"))),
+            };
+            if m.sequence > upto {
+                break;
+            }
+            seq = m.sequence + 1;
+            let id = m.headers.get(HDR_MESSAGE_ID).map(|v| v.as_str().to_owned());
+            let Some(p) = id.and_then(|id| wanted.remove(&id)) else {
+                continue;
+            };
+            let digest = m.headers.get(HDR_DIGEST).map(|v| v.as_str().to_owned());
+            if digest.as_deref() == Some(p.job.msg.digest().to_hex().as_str()) {
+                learnt.push((p.job.token, m.sequence));
                 reply(
-                    job,
+                    p.job,
                     Ok(AppendOutcome {
-                        stream: entry.stream,
-                        offset,
+                        stream: stream_name.to_owned(),
+                        offset: m.sequence,
                         duplicate: true,
                     }),
                 );
-                Resolved::Answered(commit)
-            }
-            // Reserved but never published (a crash between steps 1 and 2, or the
-            // winner is still in flight): complete it in the reserved stream.
-            None => {
-                job.stream = entry.stream;
-                job.subject = entry.subject;
-                Resolved::Complete(Box::new(job))
-            }
-        }
-    }
-
-    async fn publish_facts(&self, stream: String, mut jobs: Vec<Job>) -> Vec<IndexEntry> {
-        let mut commits = Vec::new();
-        for _ in 0..MAX_ATTEMPTS {
-            if jobs.is_empty() {
-                return commits;
-            }
-            let msgs = jobs
-                .iter()
-                .map(|j| {
-                    let mut h = HeaderMap::new();
-                    header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, "0");
-                    header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
-                    header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
-                    if let Some(p) = j.msg.provenance() {
-                        header(&mut h, HDR_SOURCE_ZONE, &p.zone);
-                        header(&mut h, HDR_SOURCE_STREAM, &p.stream);
-                        header(&mut h, HDR_SOURCE_OFFSET, &p.offset.to_string());
-                        header(&mut h, HDR_LINK, &p.link);
-                    }
-                    (j.subject.clone(), h, j.msg.stored_form().clone())
-                })
-                .collect();
-            let results = self.publish_all(msgs).await;
-            let mut taken = Vec::new();
-            for (j, r) in jobs.drain(..).zip(results) {
-                match r {
-                    Ok(seq) => {
-                        commits.push(IndexEntry {
-                            id: j.msg.message_id().to_owned(),
-                            digest: j.msg.digest().to_hex(),
-                            stream: stream.clone(),
-                            subject: j.subject.clone(),
-                            offset: Some(seq),
-                        });
-                        reply(
-                            j,
-                            Ok(AppendOutcome {
-                                stream: stream.clone(),
-                                offset: seq,
-                                duplicate: false,
-                            }),
-                        );
-                    }
-                    Err(WriteError::Taken) => taken.push(j),
-                    Err(WriteError::Other(e)) => reply(j, Err(BoundaryError::Unavailable(e))),
-                }
-            }
-            // Another completer may have published some of these: find which.
-            let found = join_all(taken.iter().map(|j| self.lookup_fact(&stream, &j.subject))).await;
-            for (j, f) in taken.into_iter().zip(found) {
-                match f {
-                    Err(e) => reply(j, Err(e)),
-                    Ok(None) => jobs.push(j),
-                    Ok(Some((seq, digest))) if digest == j.msg.digest().to_hex() => reply(
-                        j,
-                        Ok(AppendOutcome {
-                            stream: stream.clone(),
-                            offset: seq,
-                            duplicate: true,
-                        }),
-                    ),
-                    Ok(Some((seq, _))) => {
-                        let subject = j.subject.clone();
-                        reply(
-                            j,
-                            Err(BoundaryError::Internal(format!(
-                                "fact subject {subject} holds offset {seq} with another digest than its index reservation"
-                            ))),
-                        )
-                    }
-                }
+            } else {
+                reply(
+                    p.job,
+                    Err(BoundaryError::Internal(format!(
+                        "fact subject {subject} holds offset {} for this message_id with another digest than its reservation",
+                        m.sequence
+                    ))),
+                );
             }
         }
-        fail_all(jobs, "fact publish did not settle");
-        commits
-    }
-
-    async fn lookup_index(&self, job: &Job) -> Result<Option<IndexEntry>, BoundaryError> {
-        let subject = index_subject(job.msg.message_id());
-        match self.index.direct_get_last_for_subject(subject).await {
-            Ok(m) => serde_json::from_slice(&m.payload).map(Some).map_err(|e| {
-                BoundaryError::Internal(format!("corrupt idempotency index entry: {e}"))
-            }),
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BoundaryError::Unavailable(format!("index look-up: {e}"))),
-        }
-    }
-
-    /// Finds the fact stored under `subject`: its offset and digest.
-    async fn lookup_fact(
-        &self,
-        stream: &str,
-        subject: &str,
-    ) -> Result<Option<(u64, String)>, BoundaryError> {
-        let Some(s) = self.streams.get(stream) else {
-            return Err(BoundaryError::Internal(format!(
-                "index refers to stream {stream}, which this zone does not configure"
-            )));
-        };
-        match s.direct_get_last_for_subject(subject).await {
-            Ok(m) => {
-                let digest = m
-                    .headers
-                    .get(HDR_DIGEST)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_default();
-                Ok(Some((m.sequence, digest)))
+        let mut rest = Vec::with_capacity(wanted.len());
+        for (_, mut p) in wanted.drain() {
+            if p.checked_upto + 1 < first {
+                // Retention took facts after the reservation: whether this one was
+                // among them cannot be known. Never store it a second time.
+                tracing::warn!(zone = %self.zone, message_id = p.job.msg.message_id(), stream = stream_name, "reservation without a recorded offset whose fact subject expired past it; answering duplicate without an offset");
+                reply(
+                    p.job,
+                    Ok(AppendOutcome {
+                        stream: stream_name.to_owned(),
+                        offset: 0,
+                        duplicate: true,
+                    }),
+                );
+                continue;
             }
-            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(BoundaryError::Unavailable(format!("fact look-up: {e}"))),
+            p.checked_upto = upto;
+            p.verified = true;
+            rest.push(p);
         }
-    }
-
-    /// Publishes every message and returns one result per message, in order.
-    async fn publish_all(&self, msgs: Vec<Outbound>) -> Vec<Result<u64, WriteError>> {
-        match self.mode {
-            PublishMode::Pipelined => self.publish_pipelined(msgs).await,
-            PublishMode::AtomicBatch => {
-                let mut out = Vec::with_capacity(msgs.len());
-                let mut msgs = msgs.into_iter().peekable();
-                while msgs.peek().is_some() {
-                    let chunk: Vec<_> = msgs.by_ref().take(self.max_batch.clamp(1, 1000)).collect();
-                    let n = chunk.len();
-                    match self.publish_atomic(chunk).await {
-                        Ok(seqs) => out.extend(seqs.into_iter().map(Ok)),
-                        Err(e) => out.extend(std::iter::repeat_n(Err(e), n)),
-                    }
-                }
-                out
-            }
-        }
-    }
-
-    async fn publish_pipelined(&self, msgs: Vec<Outbound>) -> Vec<Result<u64, WriteError>> {
-        let mut acks = Vec::with_capacity(msgs.len());
-        for (subject, h, payload) in msgs {
-            acks.push(self.js.publish_with_headers(subject, h, payload).await);
-        }
-        join_all(acks.into_iter().map(|a| async move {
-            match a {
-                Err(e) => Err(WriteError::Other(format!("publish: {e}"))),
-                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| {
-                    if e.kind() == PublishErrorKind::WrongLastSequence {
-                        WriteError::Taken
-                    } else {
-                        WriteError::Other(format!("publish ack: {e}"))
-                    }
-                }),
-            }
-        }))
-        .await
+        Ok(rest)
     }
 
     /// Publishes messages as one atomic batch (ADR-50) and returns the stream sequence
@@ -625,6 +1125,23 @@ impl Appender {
     }
 }
 
+/// A short, jittered pause after a lost compare-and-set, growing with the attempt, so
+/// racing gateways stop colliding.
+async fn backoff(attempt: usize) {
+    let cap = 2u64 << attempt.min(6);
+    let ms = u64::from(nuid::next().as_bytes()[21]) % cap;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// The last sequence of `subject` in `stream` (0 when it holds none).
+async fn read_last(stream: &Stream, subject: &str) -> Result<u64, BoundaryError> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
+        Err(e) => Err(unavailable(format!("fact subject look-up: {e}"))),
+    }
+}
+
 fn to_json<T: Serialize>(v: &T) -> Bytes {
     // Serializing plain structs of strings and integers cannot fail.
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
@@ -638,5 +1155,11 @@ fn reply(job: Job, result: Result<AppendOutcome, BoundaryError>) {
 fn fail_all(jobs: Vec<Job>, why: &str) {
     for j in jobs {
         reply(j, Err(BoundaryError::Unavailable(why.to_owned())));
+    }
+}
+
+fn fail_with(jobs: Vec<Job>, e: &BoundaryError) {
+    for j in jobs {
+        reply(j, Err(e.clone()));
     }
 }

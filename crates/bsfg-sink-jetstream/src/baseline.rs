@@ -181,18 +181,16 @@ pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-/// Writes, raw, the storage shape a bounded idempotency index would leave on the
-/// server, for ids `from..to`: per id one index entry on one of `buckets` bucket
-/// subjects (`probe.index.<bucket>`, the bucket from the id's hash) and one fact of
-/// `fact_bytes` on a per-kind subject (`probe.facts.operational.batch`), all in one
-/// stream `probe_index` (created on first use), `inflight` acks outstanding. Only the
-/// server's cost of that shape is measured this way: no look-ups, no
-/// compare-and-set. Returns ids/s.
-pub async fn bucket_shape(
+/// Writes, raw, the storage shape the per-id index layout (before the bounded one)
+/// left on the server, for ids `from..to`: per id one index entry on its own subject
+/// `probe.ids.<token>` and one fact of `fact_bytes` on its own subject
+/// `probe.facts.operational.batch.<token>`, in one stream `probe_ids` (created on
+/// first use), `inflight` acks outstanding: the baseline `bsfg bench index` measures
+/// the bounded layout against. Returns ids/s.
+pub async fn per_id_shape(
     url: &str,
     from: usize,
     to: usize,
-    buckets: u32,
     fact_bytes: usize,
     inflight: usize,
 ) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
@@ -200,8 +198,8 @@ pub async fn bucket_shape(
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client);
     js.get_or_create_stream(stream::Config {
-        name: "probe_index".into(),
-        subjects: vec!["probe.index.*".into(), "probe.facts.>".into()],
+        name: "probe_ids".into(),
+        subjects: vec!["probe.ids.*".into(), "probe.facts.>".into()],
         storage: stream::StorageType::File,
         ..Default::default()
     })
@@ -211,15 +209,18 @@ pub async fn bucket_shape(
     let msgs = (from..to).flat_map(|i| {
         let id = format!("idx-{i}");
         let digest = Sha256::digest(id.as_bytes());
-        let bucket = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % buckets;
+        let token = hex::encode(&digest[..16]);
         let entry = format!(
-            r#"{{"id":"{id}","digest":"{}","stream":"facts_operational","offset":{}}}"#,
+            r#"{{"id":"{id}","digest":"{}","stream":"facts_operational","subject":"facts.operational.batch.{token}","offset":{}}}"#,
             hex::encode(digest),
             2 * i + 2
         );
         [
-            (format!("probe.index.{bucket}"), bytes::Bytes::from(entry)),
-            ("probe.facts.operational.batch".to_owned(), fact.clone()),
+            (format!("probe.ids.{token}"), bytes::Bytes::from(entry)),
+            (
+                format!("probe.facts.operational.batch.{token}"),
+                fact.clone(),
+            ),
         ]
     });
     publish_pipelined(&js, msgs, inflight).await?;

@@ -1,5 +1,6 @@
 //! Typed configuration of a zone's JetStream sink, with documented defaults.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::append::PublishMode;
@@ -87,6 +88,10 @@ pub struct JetStreamConfig {
     pub duplicate_window: Duration,
     /// Retention of the idempotency index; zero keeps entries forever. Default zero.
     pub index_max_age: Duration,
+    /// Where the gateway keeps the on-disk look-up of the idempotency index (a redb
+    /// file). `None` keeps it in memory, read from the index stream at every start.
+    /// Losing the file loses nothing: it is rebuilt from the stream.
+    pub index_path: Option<PathBuf>,
     /// Consumers created or verified at start-up.
     pub consumers: Vec<ConsumerConfig>,
     /// Most facts committed in one atomic batch (at most 1000). Default 500.
@@ -133,6 +138,7 @@ impl JetStreamConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             index_max_age: Duration::ZERO,
+            index_path: None,
             consumers: Vec::new(),
             max_batch: 500,
             publish_mode: None,

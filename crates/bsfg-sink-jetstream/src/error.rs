@@ -33,6 +33,13 @@ pub enum SinkError {
         /// What the config wants.
         wanted: String,
     },
+    /// The on-disk look-up of the idempotency index could not be read or written.
+    #[error("idempotency look-up store: {0}")]
+    Lookup(String),
+    /// The zone was created with an index layout this version does not run; nothing
+    /// was changed. The message says what to run.
+    #[error("{0}")]
+    Layout(String),
     /// A JetStream API call failed.
     #[error("JetStream {op}: {message}")]
     JetStream {

@@ -3,8 +3,10 @@
 //! A zone's [`FactLog`] and [`ObjectStore`] on its own JetStream domain:
 //! - one stream per stream class (`facts_operational`, ...) over subjects
 //!   `facts.<class>.<subject kind>.<id token>`, the class picked from a label;
-//! - a permanent idempotency index (`bsfg_ids`), written before the fact in an
-//!   order that no crash can turn into a lost or doubled fact (see [`append`]);
+//! - a permanent idempotency index (`bsfg_index`) in bounded bucket subjects, with an
+//!   on-disk look-up beside the gateway ([`lookup`], rebuilt from the stream when
+//!   lost), written before the fact in an order that no crash can turn into a lost or
+//!   doubled fact (see [`append`], [`index`]);
 //! - durable pull consumers with explicit acks for FetchFacts / ConfirmReceipt;
 //! - JetStream Object Store buckets for artifacts.
 //!
@@ -17,6 +19,8 @@ pub mod config;
 pub mod durability;
 pub mod error;
 mod fetch;
+pub mod index;
+pub mod lookup;
 mod objects;
 pub mod quarantine;
 pub mod streams;
@@ -50,6 +54,10 @@ pub struct JetStreamZone {
     quarantine: jetstream::stream::Stream,
     /// The idempotency index stream, for its size.
     index: jetstream::stream::Stream,
+    /// The on-disk look-up, for the number of ids.
+    lookup: lookup::Lookup,
+    /// This gateway's writer number (see [`lookup::Lookup::writer`]).
+    writer: u16,
     consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
@@ -75,6 +83,19 @@ fn check_fact_size(config: &JetStreamConfig, max_payload: usize) -> Result<(), S
         )));
     }
     Ok(())
+}
+
+/// Moves the zone's idempotency index from the per-id layout (`bsfg_ids`) to the
+/// bounded one ([`index::migrate_legacy`]); does nothing when there is none. Every
+/// gateway of the zone must be stopped.
+pub async fn migrate_index(config: &JetStreamConfig) -> Result<index::Migration, SinkError> {
+    let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}-migrate", config.zone));
+    let (client, _) = connect_client(config, options).await?;
+    let js = match &config.domain {
+        Some(d) => jetstream::with_domain(client.clone(), d),
+        None => jetstream::new(client.clone()),
+    };
+    index::migrate_legacy(&js, &client, config).await
 }
 
 /// Connects to the zone's server only to read its `max_payload` and check that it
@@ -141,6 +162,22 @@ fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
             "queue_capacity and max_inflight_batches must be at least 1".into(),
         ));
     }
+    if !cfg.index_max_age.is_zero() {
+        for c in &cfg.classes {
+            if c.max_age.is_zero() || c.max_age > cfg.index_max_age {
+                return Err(SinkError::Config(format!(
+                    "index_max_age {:?} is shorter than class `{}`'s retention ({}): a fact replayed after its id was forgotten would be stored a second time while the class still holds the first; make index_max_age 0 (permanent) or at least every class's max_age",
+                    cfg.index_max_age,
+                    c.name,
+                    if c.max_age.is_zero() {
+                        "forever".to_owned()
+                    } else {
+                        format!("{:?}", c.max_age)
+                    }
+                )));
+            }
+        }
+    }
     for c in &cfg.consumers {
         names::validate_consumer("consumers.name", &c.name).map_err(bad)?;
         if !cfg.classes.iter().any(|k| k.name == c.class) {
@@ -164,12 +201,26 @@ impl JetStreamZone {
             Some(d) => jetstream::with_domain(client.clone(), d),
             None => jetstream::new(client.clone()),
         };
+        index::refuse_legacy(&js, &config.zone).await?;
         let mut streams = HashMap::new();
         for class in &config.classes {
             let s = streams::ensure(&js, streams::class_stream_config(class, &config)).await?;
             streams.insert(class.stream_name(), s);
         }
-        let index = streams::ensure(&js, streams::index_stream_config(&config)).await?;
+        let mut index = streams::ensure(&js, index::stream_config(&config)).await?;
+        let created = index
+            .info()
+            .await
+            .map_err(|e| SinkError::js("stream info", e))?
+            .created
+            .unix_timestamp_nanos() as u64;
+        let path = config.index_path.clone();
+        let config_horizon = config.index_max_age;
+        let lookup = tokio::task::spawn_blocking(move || {
+            lookup::Lookup::open(path.as_deref(), created, config_horizon)
+        })
+        .await
+        .map_err(|e| SinkError::Lookup(e.to_string()))??;
         let links = streams::ensure(&js, streams::links_stream_config(&config)).await?;
         let quarantine = streams::ensure(&js, quarantine::stream_config(&config)).await?;
 
@@ -199,21 +250,30 @@ impl JetStreamZone {
             PublishMode::AtomicBatch => 2,
             PublishMode::Pipelined => 8,
         });
-        tracing::info!(zone = %config.zone, ?mode, inflight, "append pipeline ready");
         let (tx, rx) = mpsc::channel(config.queue_capacity);
-        let appender = Arc::new(append::Appender {
-            client: client.clone(),
-            js: js.clone(),
-            index: index.clone(),
-            streams: streams.clone(),
-            max_batch: config.max_batch,
-            mode,
-            zone: config.zone.clone(),
-        });
+        let appender = append::Appender::open(
+            client.clone(),
+            js.clone(),
+            index.clone(),
+            streams.clone(),
+            config.max_batch,
+            config.zone.clone(),
+            lookup.clone(),
+            config.index_max_age,
+        )
+        .await
+        .map_err(|e| SinkError::Lookup(e.to_string()))?;
+        tracing::info!(zone = %config.zone, ?mode, inflight, "append pipeline ready");
+        let appender = Arc::new(appender);
         tokio::spawn(append::run(appender, rx, inflight));
 
+        let writer = lookup
+            .writer()
+            .map_err(|e| SinkError::Lookup(e.to_string()))?;
         let zone = JetStreamZone {
             index,
+            lookup,
+            writer,
             max_payload,
             mode,
             config,
@@ -235,7 +295,7 @@ impl JetStreamZone {
             Ok(u) => {
                 let (line, warn) = u.projection(now_unix_ms());
                 if warn {
-                    tracing::warn!(zone = %zone.config.zone, "{line}; a permanent index grows the server's memory with every id: see docs/configuration.md (index_max_age)");
+                    tracing::warn!(zone = %zone.config.zone, "{line}; a permanent index grows the disk with every id: see docs/configuration.md (index_max_age)");
                 } else {
                     tracing::info!(zone = %zone.config.zone, "{line}");
                 }
@@ -277,8 +337,20 @@ impl JetStreamZone {
             .await
             .map_err(|e| error::unavailable("index stream info", e))?;
         let state = &info.state;
+        let l = self.lookup.clone();
+        let ids = tokio::task::spawn_blocking(move || l.len())
+            .await
+            .map_err(|e| BoundaryError::Internal(e.to_string()))?
+            .map_err(|e| BoundaryError::Unavailable(e.to_string()))?;
+        let lookup_bytes = self
+            .config
+            .index_path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map_or(0, |m| m.len());
         Ok(IndexUsage {
-            ids: state.messages,
+            ids,
+            lookup_bytes,
             disk_bytes: state.bytes,
             first_at_unix_ms: (state.messages > 0)
                 .then(|| (state.first_timestamp.unix_timestamp_nanos() / 1_000_000) as i64),
@@ -332,7 +404,7 @@ impl JetStreamZone {
     }
 
     /// Picks the class stream for a message from its class label.
-    fn route(&self, msg: &ValidatedMessage) -> Result<(String, String), BoundaryError> {
+    fn route(&self, msg: &ValidatedMessage) -> Result<(String, String, [u8; 16]), BoundaryError> {
         let m = msg.message();
         let class = match m.envelope.labels.get(&self.config.class_label) {
             None => &self.config.default_class,
@@ -355,12 +427,14 @@ impl JetStreamZone {
                     )
                 })?,
         };
+        let token = index::token(msg.message_id());
         let subject = format!(
-            "facts.{class}.{}.{}",
+            "facts.{class}.{}.{:04x}{:02x}",
             msg.subject_kind(),
-            append::id_token(msg.message_id())
+            self.writer,
+            index::fact_bucket(&token)
         );
-        Ok((format!("facts_{class}"), subject))
+        Ok((format!("facts_{class}"), subject, token))
     }
 
     async fn bucket(
@@ -397,7 +471,7 @@ fn checkpoint_unavailable(link: &str, e: impl std::fmt::Display) -> BoundaryErro
 #[async_trait]
 impl FactLog for JetStreamZone {
     async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError> {
-        let (stream, subject) = self.route(&message)?;
+        let (stream, subject, token) = self.route(&message)?;
         // Refused here, alone, rather than failing the batch it would have joined.
         let size = append::wire_size(&message);
         if size > self.max_payload {
@@ -412,6 +486,7 @@ impl FactLog for JetStreamZone {
         let (reply, rx) = oneshot::channel();
         let job = append::Job {
             msg: message,
+            token,
             stream,
             subject,
             reply,

@@ -11,11 +11,6 @@ use async_nats::jetstream::{
 use crate::config::{JetStreamConfig, StreamClass};
 use crate::error::SinkError;
 
-/// Name of the permanent idempotency index stream.
-pub const INDEX_STREAM: &str = "bsfg_ids";
-/// Subject prefix of index entries (`bsfg.ids.<id token>`).
-pub const INDEX_PREFIX: &str = "bsfg.ids";
-
 /// Name of the stream of link checkpoints (one message per link).
 pub const LINKS_STREAM: &str = "bsfg_links";
 /// Subject prefix of link checkpoints (`bsfg.links.<link name>`).
@@ -52,26 +47,6 @@ pub(crate) fn class_stream_config(class: &StreamClass, cfg: &JetStreamConfig) ->
         storage: StorageType::File,
         num_replicas: cfg.replicas,
         duplicate_window: cfg.duplicate_window,
-        allow_direct: true,
-        allow_atomic_publish: true,
-        discard: DiscardPolicy::Old,
-        ..Default::default()
-    }
-}
-
-pub(crate) fn index_stream_config(cfg: &JetStreamConfig) -> Config {
-    Config {
-        name: INDEX_STREAM.into(),
-        description: Some(format!(
-            "BSFG permanent idempotency index: message_id -> (stream, offset, digest) (zone {})",
-            cfg.zone
-        )),
-        subjects: vec![format!("{INDEX_PREFIX}.*")],
-        max_age: cfg.index_max_age,
-        max_messages_per_subject: 1,
-        storage: StorageType::File,
-        num_replicas: cfg.replicas,
-        duplicate_window: cfg.duplicate_window.min(Duration::from_secs(120)),
         allow_direct: true,
         allow_atomic_publish: true,
         discard: DiscardPolicy::Old,

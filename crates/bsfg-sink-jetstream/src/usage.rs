@@ -1,27 +1,25 @@
 //! What the zone's idempotency index costs, so that capacity is visible before it
-//! bites: how many message_ids the zone remembers, what the index holds on disk, how
-//! much memory the zone's nats-server uses, and where that goes at the current rate.
+//! bites: how many message_ids the zone remembers, what the index holds on disk (the
+//! index stream and this gateway's look-up file), how much memory the zone's
+//! nats-server uses, and where the disk goes at the current rate.
 //!
-//! Today's index keeps one subject per message_id (and each retained fact has its own
-//! subject too), and nats-server keeps per-subject state in memory for every subject
-//! of a stream: a "permanent" index grows the server's memory with every id ever
-//! appended (measured with `bsfg bench index`, docs/benchmarks.md). `index_max_age`
-//! bounds it, at the price of idempotency older than that horizon.
+//! The bounded layout keeps the server's per-subject state fixed (4096 bucket
+//! subjects, 256 fact subjects per class, kind and gateway), so server memory does not
+//! grow with the ids remembered; disk does, per id, as long as the horizon
+//! (`index_max_age`) is permanent (measured with `bsfg bench index`,
+//! docs/benchmarks.md).
 
 use std::time::Duration;
-
-/// Server memory per remembered id with today's layout (one index subject per id),
-/// from the measurement in `../shared/docs/jetstream-measurements.md` (about 370-420
-/// bytes per subject) and `bsfg bench index`. Used only for projections.
-pub const SERVER_BYTES_PER_ID: u64 = 400;
 
 /// A snapshot of the index's size and the server's memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexUsage {
-    /// message_ids the zone remembers (entries in the index stream).
+    /// message_ids the zone remembers (entries in this gateway's look-up).
     pub ids: u64,
     /// Bytes the index stream holds on disk.
     pub disk_bytes: u64,
+    /// Bytes of this gateway's look-up file (0 when it is kept in memory).
+    pub lookup_bytes: u64,
     /// When the oldest remembered id was appended (Unix ms), if any.
     pub first_at_unix_ms: Option<i64>,
     /// The index's horizon (`index_max_age`); zero keeps ids forever.
@@ -41,7 +39,7 @@ impl IndexUsage {
 
     /// The start-up line: what the index holds, what it costs, and where it goes.
     /// The second value is true when a permanent index is projected to add more than
-    /// 1 GiB of server memory within 30 days (worth a warning).
+    /// 10 GiB of disk (index stream and look-up) within 30 days (worth a warning).
     pub fn projection(&self, now_unix_ms: i64) -> (String, bool) {
         const MIB: f64 = 1024.0 * 1024.0;
         let horizon = if self.horizon.is_zero() {
@@ -50,33 +48,36 @@ impl IndexUsage {
             format!("{} days (index_max_age)", self.horizon.as_secs() / 86_400)
         };
         let mut line = format!(
-            "idempotency index: {} ids remembered, {:.1} MiB on disk, horizon {horizon}",
+            "idempotency index: {} ids remembered, {:.1} MiB in the index stream and {:.1} MiB in this gateway's look-up on disk, horizon {horizon}",
             self.ids,
-            self.disk_bytes as f64 / MIB
+            self.disk_bytes as f64 / MIB,
+            self.lookup_bytes as f64 / MIB,
         );
         if let Some(m) = self.server_memory_bytes {
-            line += &format!("; nats-server memory {:.1} MiB", m as f64 / MIB);
+            line += &format!(
+                "; nats-server memory {:.1} MiB (bounded: not per id)",
+                m as f64 / MIB
+            );
         }
         let mut warn = false;
         match self.ids_per_day(now_unix_ms) {
             Some(rate) => {
-                let mem_per_day = rate * SERVER_BYTES_PER_ID as f64;
-                let disk_per_id = if self.ids == 0 {
+                let per_id = if self.ids == 0 {
                     0.0
                 } else {
-                    self.disk_bytes as f64 / self.ids as f64
+                    (self.disk_bytes + self.lookup_bytes) as f64 / self.ids as f64
                 };
+                let disk_per_day = rate * per_id;
                 line += &format!(
-                    "; at {rate:.0} ids/day it adds about {:.1} MiB of server memory and {:.1} MiB of disk per day (~{SERVER_BYTES_PER_ID} B of memory per id)",
-                    mem_per_day / MIB,
-                    rate * disk_per_id / MIB
+                    "; at {rate:.0} ids/day it adds about {:.1} MiB of disk per day (~{per_id:.0} B per id)",
+                    disk_per_day / MIB
                 );
                 if self.horizon.is_zero() {
                     line += &format!(
                         ", {:.2} GiB more in 30 days",
-                        30.0 * mem_per_day / (1024.0 * MIB)
+                        30.0 * disk_per_day / (1024.0 * MIB)
                     );
-                    warn = 30.0 * mem_per_day > 1024.0 * MIB;
+                    warn = 30.0 * disk_per_day > 10.0 * 1024.0 * MIB;
                 }
             }
             None => line += "; no rate yet (less than a day of history)",
@@ -95,6 +96,7 @@ mod tests {
         IndexUsage {
             ids,
             disk_bytes: ids * 200,
+            lookup_bytes: ids * 150,
             first_at_unix_ms: Some(-days * DAY),
             horizon,
             server_memory_bytes: Some(512 << 20),

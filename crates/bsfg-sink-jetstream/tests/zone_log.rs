@@ -116,7 +116,7 @@ async fn invalid_fields_are_named_and_store_nothing() {
         "facts_operational",
         "facts_audit",
         "facts_documents",
-        "bsfg_ids",
+        "bsfg_index",
     ] {
         assert_eq!(stream_messages(&z, s).await, 0, "{s}");
     }
