@@ -75,6 +75,9 @@ pub const HDR_SOURCE_OFFSET: &str = "Bsfg-Source-Offset";
 pub const HDR_LINK: &str = "Bsfg-Link";
 const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
+/// How often offsets that no reservation batch carried are recorded on their own.
+const RECORD_EVERY: Duration = Duration::from_millis(250);
+
 /// Rounds of compare-and-set before an append gives up with `unavailable`.
 const MAX_ATTEMPTS: usize = 8;
 
@@ -339,6 +342,20 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
         publish: Arc::new(Semaphore::new(1)),
     });
     let slots = Arc::new(Semaphore::new(max_inflight));
+    // Offsets not carried by a reservation batch are recorded every so often, not
+    // after each round: at low load a round would otherwise wait for that commit.
+    let recorder = {
+        let a = appender.clone();
+        let stages = stages.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RECORD_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                a.flush_offsets(&stages).await;
+            }
+        })
+    };
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
@@ -362,9 +379,9 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
         tokio::spawn(async move {
             a.process(jobs, gate, &stages).await;
             drop(slot);
-            a.flush_offsets(&stages).await;
         });
     }
+    recorder.abort();
     // Wait for in-flight rounds before returning, so shutdown loses no answer.
     let _ = slots.acquire_many(max_inflight as u32).await;
     appender.flush_offsets(&stages).await;
@@ -731,8 +748,14 @@ impl Appender {
             buckets.push(b);
             msgs.push((index::bucket_subject(b), h, to_json(&r)));
         }
-        // Offsets of earlier rounds travel with this batch when there is room.
-        let record = self.offsets_message(1000usize.saturating_sub(msgs.len()));
+        // Offsets of earlier rounds travel with this batch when it is a batch anyway
+        // (a lone reservation goes as a plain publish) and there is room.
+        let room = if msgs.len() >= 2 {
+            1000usize.saturating_sub(msgs.len())
+        } else {
+            0
+        };
+        let record = self.offsets_message(room);
         let record_n = record.as_ref().map_or(0, |r| r.3);
         if let Some((s, h, b, _)) = record.clone() {
             msgs.push((s, h, b));
@@ -1081,8 +1104,23 @@ impl Appender {
 
     /// Publishes messages as one atomic batch (ADR-50) and returns the stream sequence
     /// of every message, in order. At most 1000 messages.
-    async fn publish_atomic(&self, chunk: Vec<Outbound>) -> Result<Vec<u64>, WriteError> {
+    async fn publish_atomic(&self, mut chunk: Vec<Outbound>) -> Result<Vec<u64>, WriteError> {
         let n = chunk.len() as u64;
+        if n == 1
+            && let Some((subject, h, payload)) = chunk.pop()
+        {
+            // One message is atomic by itself, without the batch's staging.
+            let ack = self
+                .js
+                .publish_with_headers(subject, h, payload)
+                .await
+                .map_err(|e| WriteError::Other(format!("publish: {e}")))?;
+            return match ack.await {
+                Ok(a) => Ok(vec![a.sequence]),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
+                Err(e) => Err(WriteError::Other(format!("publish ack: {e}"))),
+            };
+        }
         let batch_id = nuid::next().to_string();
         let mut ack = None;
         for (i, (subject, mut h, payload)) in chunk.into_iter().enumerate() {

@@ -15,7 +15,11 @@ pub async fn raw_publish(
     inflight: usize,
 ) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
     let client = async_nats::connect(url).await?;
-    let js = jetstream::new(client);
+    // A baseline on a busy machine (the test suite runs in parallel, every server
+    // syncing each write) may wait longer than the default 5 s for an ack.
+    let js = jetstream::context::ContextBuilder::new()
+        .timeout(std::time::Duration::from_secs(30))
+        .build(client);
     js.create_stream(stream::Config {
         name: "raw_baseline".into(),
         subjects: vec!["raw_baseline.>".into()],

@@ -221,9 +221,28 @@ impl Lookup {
                     std::fs::create_dir_all(dir)
                         .map_err(|e| err(&format!("create {}", dir.display()), e))?;
                 }
-                builder
-                    .create(p)
-                    .map_err(|e| err(&format!("open {}", p.display()), e))?
+                // The file is locked while open: by a gateway still shutting down in
+                // this process, for a moment, or by another gateway, which is a
+                // configuration mistake.
+                let mut waited = Duration::ZERO;
+                loop {
+                    match builder.create(p) {
+                        Ok(db) => break db,
+                        Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                            if waited < Duration::from_secs(10) =>
+                        {
+                            std::thread::sleep(Duration::from_millis(50));
+                            waited += Duration::from_millis(50);
+                        }
+                        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                            return Err(SinkError::Lookup(format!(
+                                "{} is in use by another gateway; each gateway of a zone needs its own sink.index_path",
+                                p.display()
+                            )));
+                        }
+                        Err(e) => return Err(err(&format!("open {}", p.display()), e)),
+                    }
+                }
             }
             None => builder
                 .create_with_backend(redb::backends::InMemoryBackend::new())
@@ -461,11 +480,12 @@ impl Lookup {
     pub fn flush(&self) -> Result<(), SinkError> {
         let _one = self.inner.flush_lock.lock().map_err(|_| poisoned())?;
         {
+            // Lock order everywhere: `flushing`, then `mem`.
+            let mut flushing = self.inner.flushing.write().map_err(|_| poisoned())?;
             let mut mem = self.inner.mem.lock().map_err(|_| poisoned())?;
             if mem.is_empty() {
                 return Ok(());
             }
-            let mut flushing = self.inner.flushing.write().map_err(|_| poisoned())?;
             *flushing = std::mem::take(&mut *mem);
         }
         let written = {
