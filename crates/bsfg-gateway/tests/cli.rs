@@ -574,3 +574,60 @@ fn validate_and_run_refuse_a_max_fact_bytes_the_zone_server_cannot_hold() {
         );
     }
 }
+
+#[test]
+fn a_zone_of_the_per_id_index_layout_is_refused_until_bsfg_index_migrate_moved_it() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("zone.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[zone]\nname = \"plant-a\"\n\n[sink]\ntype = \"jetstream\"\nurl = \"{}\"\n\n[[listeners]]\nurl = \"grpc://127.0.0.1:{}\"\ninsecure = true\n",
+            nats.url(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    // What a zone of the per-id layout holds: the index stream with one entry.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "bsfg_ids".into(),
+            subjects: vec!["bsfg.ids.*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let entry = r#"{"id":"m-1","digest":"00","stream":"facts_operational","subject":"facts.operational.batch.x","offset":5}"#;
+        js.publish("bsfg.ids.x", entry.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let run = Command::new(BSFG)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stdout));
+    assert!(
+        text(&run.stderr).contains("bsfg index migrate --config"),
+        "{}",
+        text(&run.stderr)
+    );
+    let migrate = |expect: &str| {
+        let out = Command::new(BSFG)
+            .args(["index", "migrate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains(expect), "{}", text(&out.stdout));
+    };
+    migrate("moved 1 of 1 per-id index entries");
+    migrate("nothing changed");
+}

@@ -740,3 +740,22 @@ async fn a_fact_too_large_for_the_server_is_refused_alone_and_its_batch_is_store
     );
     assert_eq!(stream_messages(&z, "facts_operational").await, 2);
 }
+
+#[tokio::test]
+async fn an_index_horizon_shorter_than_a_class_retention_is_refused_before_anything_is_created() {
+    let nats = server();
+    let mut cfg = config(&nats);
+    // operational keeps facts 30 days; forgetting ids after one would let a replay
+    // store a second copy while the first is still there.
+    cfg.index_max_age = Duration::from_secs(86_400);
+    let e = match JetStreamZone::connect(cfg).await {
+        Ok(_) => panic!("a horizon shorter than a class's retention must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("index_max_age") && e.contains("operational"),
+        "{e}"
+    );
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    assert!(js.get_stream("bsfg_index").await.is_err());
+}
