@@ -373,7 +373,10 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                         c.sink.url,
                         c.limits.max_fact_bytes
                     ),
-                    Err(e @ bsfg_sink_jetstream::SinkError::Config(_)) => {
+                    Err(
+                        e @ (bsfg_sink_jetstream::SinkError::Config(_)
+                        | bsfg_sink_jetstream::SinkError::Layout(_)),
+                    ) => {
                         return Err((2, anyhow::anyhow!("{}: {e}", config.display())));
                     }
                     Err(e) => println!(

@@ -608,17 +608,19 @@ fn a_zone_of_the_per_id_index_layout_is_refused_until_bsfg_index_migrate_moved_i
             .await
             .unwrap();
     });
-    let run = Command::new(BSFG)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stdout));
-    assert!(
-        text(&run.stderr).contains("bsfg index migrate --config"),
-        "{}",
-        text(&run.stderr)
-    );
+    for cmd in ["validate", "run"] {
+        let out = Command::new(BSFG)
+            .args([cmd, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out.stdout));
+        assert!(
+            text(&out.stderr).contains("bsfg index migrate --config"),
+            "{cmd}: {}",
+            text(&out.stderr)
+        );
+    }
     let migrate = |expect: &str| {
         let out = Command::new(BSFG)
             .args(["index", "migrate", "--config"])

@@ -41,8 +41,9 @@
 //!   stream after its watermark (or all of it), and a compare-and-set fails for any
 //!   bucket it has not read to the end.
 //!
-//! Every write is an atomic batch (ADR-50): one disk sync per step under
-//! `sync_interval: always`. Reservations of one gateway are written one round at a
+//! Every write of several messages is an atomic batch (ADR-50): one disk sync per
+//! step under `sync_interval: always`; a lone message is a plain publish (atomic by
+//! itself, without the batch's staging). Reservations of one gateway are written one round at a
 //! time (their compare-and-set needs the previous round's sequences); round k+1
 //! reserves while round k publishes.
 
@@ -82,7 +83,8 @@ const RECORD_EVERY: Duration = Duration::from_millis(250);
 const MAX_ATTEMPTS: usize = 8;
 
 /// How many rounds a gateway keeps in flight by default. Correctness is the same in
-/// both: every write is an atomic batch with per-bucket compare-and-set.
+/// both: every write of several messages is an atomic batch with per-bucket
+/// compare-and-set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishMode {
     /// Two rounds in flight (one reserving, one publishing). Best under

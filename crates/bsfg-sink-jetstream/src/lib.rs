@@ -99,8 +99,9 @@ pub async fn migrate_index(config: &JetStreamConfig) -> Result<index::Migration,
 }
 
 /// Connects to the zone's server only to read its `max_payload` and check that it
-/// can hold the largest fact the zone accepts (as [`JetStreamZone::connect`] does);
-/// creates nothing. Returns the server's `max_payload`. For `bsfg validate`.
+/// can hold the largest fact the zone accepts, and that the zone is not of the per-id
+/// index layout (as [`JetStreamZone::connect`] does); creates nothing. Returns the
+/// server's `max_payload`. For `bsfg validate`.
 pub async fn check_server(
     config: &JetStreamConfig,
     timeout: std::time::Duration,
@@ -108,7 +109,13 @@ pub async fn check_server(
     let options = async_nats::ConnectOptions::new()
         .name(format!("bsfg-{}-check", config.zone))
         .connection_timeout(timeout);
-    let (_, max_payload) = connect_client(config, options).await?;
+    let (client, max_payload) = connect_client(config, options).await?;
+    // A zone of the per-id index layout is refused at start-up: say so here too.
+    let js = match &config.domain {
+        Some(d) => jetstream::with_domain(client, d),
+        None => jetstream::new(client),
+    };
+    index::refuse_legacy(&js, &config.zone).await?;
     Ok(max_payload)
 }
 
