@@ -209,14 +209,14 @@ pub(crate) struct Appender {
 
 /// Why one write did not land.
 #[derive(Debug, Clone)]
-enum WriteError {
+pub(crate) enum WriteError {
     /// A compare-and-set failed: nothing of the batch landed.
     Taken,
     /// Anything else; the write may or may not have landed, a retry is safe.
     Other(String),
 }
 
-type Outbound = (String, HeaderMap, Bytes);
+pub(crate) type Outbound = (String, HeaderMap, Bytes);
 
 /// The two stages of a round, each admitting one round: reserving in the index
 /// stream, then publishing to the class streams. Round k+1 reserves while round k
@@ -732,6 +732,7 @@ impl Appender {
         let mut first_of_bucket = HashSet::new();
         let mut msgs: Vec<Outbound> = Vec::with_capacity(jobs.len() + 1);
         let mut buckets = Vec::with_capacity(jobs.len());
+        let mut reservations = Vec::with_capacity(jobs.len());
         for (j, after) in jobs.iter().zip(&afters) {
             let b = index::bucket(&j.token);
             let r = Reservation {
@@ -749,6 +750,7 @@ impl Appender {
             }
             buckets.push(b);
             msgs.push((index::bucket_subject(b), h, to_json(&r)));
+            reservations.push(r);
         }
         // Offsets of earlier rounds travel with this batch when it is a batch anyway
         // (a lone reservation goes as a plain publish) and there is room.
@@ -776,20 +778,9 @@ impl Appender {
                     }
                     update.applied = Some(st.applied);
                 }
-                for (j, after) in jobs.iter().zip(&afters) {
-                    update.reserve.push((
-                        j.token,
-                        Entry {
-                            id: j.msg.message_id().to_owned(),
-                            digest: j.msg.digest().to_hex(),
-                            stream: j.stream.clone(),
-                            subject: j.subject.clone(),
-                            after: *after,
-                            offset: None,
-                            at_unix_ms: at,
-                        },
-                    ));
-                }
+                update
+                    .reserve
+                    .extend(reservations.into_iter().map(|r| r.into_entry(at)));
                 if let Err(e) = self.apply(update).await {
                     // The reservations stand in the stream; the look-up reads them
                     // again at the next catch-up.
@@ -1104,64 +1095,71 @@ impl Appender {
         Ok(rest)
     }
 
-    /// Publishes messages as one atomic batch (ADR-50) and returns the stream sequence
-    /// of every message, in order. At most 1000 messages.
-    async fn publish_atomic(&self, mut chunk: Vec<Outbound>) -> Result<Vec<u64>, WriteError> {
-        let n = chunk.len() as u64;
-        if n == 1
-            && let Some((subject, h, payload)) = chunk.pop()
-        {
-            // One message is atomic by itself, without the batch's staging.
-            let ack = self
-                .js
+    async fn publish_atomic(&self, chunk: Vec<Outbound>) -> Result<Vec<u64>, WriteError> {
+        publish_batch(&self.client, &self.js, chunk).await
+    }
+}
+
+/// Publishes messages as one atomic batch (ADR-50), a lone message as a plain
+/// publish, and returns the stream sequence of every message, in order. At most
+/// 1000 messages.
+pub(crate) async fn publish_batch(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    mut chunk: Vec<Outbound>,
+) -> Result<Vec<u64>, WriteError> {
+    let n = chunk.len() as u64;
+    if n == 1
+        && let Some((subject, h, payload)) = chunk.pop()
+    {
+        // One message is atomic by itself, without the batch's staging.
+        let ack = js
+            .publish_with_headers(subject, h, payload)
+            .await
+            .map_err(|e| WriteError::Other(format!("publish: {e}")))?;
+        return match ack.await {
+            Ok(a) => Ok(vec![a.sequence]),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
+            Err(e) => Err(WriteError::Other(format!("publish ack: {e}"))),
+        };
+    }
+    let batch_id = nuid::next().to_string();
+    let mut ack = None;
+    for (i, (subject, mut h, payload)) in chunk.into_iter().enumerate() {
+        header(&mut h, "Nats-Batch-Id", &batch_id);
+        header(&mut h, "Nats-Batch-Sequence", &(i as u64 + 1).to_string());
+        if i as u64 + 1 == n {
+            header(&mut h, "Nats-Batch-Commit", "1");
+            ack = Some(
+                js.publish_with_headers(subject, h, payload)
+                    .await
+                    .map_err(|e| WriteError::Other(format!("publish: {e}")))?,
+            );
+        } else {
+            client
                 .publish_with_headers(subject, h, payload)
                 .await
                 .map_err(|e| WriteError::Other(format!("publish: {e}")))?;
-            return match ack.await {
-                Ok(a) => Ok(vec![a.sequence]),
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
-                Err(e) => Err(WriteError::Other(format!("publish ack: {e}"))),
-            };
         }
-        let batch_id = nuid::next().to_string();
-        let mut ack = None;
-        for (i, (subject, mut h, payload)) in chunk.into_iter().enumerate() {
-            header(&mut h, "Nats-Batch-Id", &batch_id);
-            header(&mut h, "Nats-Batch-Sequence", &(i as u64 + 1).to_string());
-            if i as u64 + 1 == n {
-                header(&mut h, "Nats-Batch-Commit", "1");
-                ack = Some(
-                    self.js
-                        .publish_with_headers(subject, h, payload)
-                        .await
-                        .map_err(|e| WriteError::Other(format!("publish: {e}")))?,
-                );
-            } else {
-                self.client
-                    .publish_with_headers(subject, h, payload)
-                    .await
-                    .map_err(|e| WriteError::Other(format!("publish: {e}")))?;
+    }
+    let Some(ack) = ack else {
+        return Ok(Vec::new());
+    };
+    match ack.await {
+        Ok(a) => {
+            let count = a.batch_size.unwrap_or(n);
+            if count != n || a.sequence < n {
+                return Err(WriteError::Other(format!(
+                    "atomic batch committed {count} of {n} messages (ack seq {})",
+                    a.sequence
+                )));
             }
+            // An atomic batch is stored as one contiguous run ending at the ack's
+            // sequence.
+            Ok((a.sequence + 1 - n..=a.sequence).collect())
         }
-        let Some(ack) = ack else {
-            return Ok(Vec::new());
-        };
-        match ack.await {
-            Ok(a) => {
-                let count = a.batch_size.unwrap_or(n);
-                if count != n || a.sequence < n {
-                    return Err(WriteError::Other(format!(
-                        "atomic batch committed {count} of {n} messages (ack seq {})",
-                        a.sequence
-                    )));
-                }
-                // An atomic batch is stored as one contiguous run ending at the ack's
-                // sequence.
-                Ok((a.sequence + 1 - n..=a.sequence).collect())
-            }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
-            Err(e) => Err(WriteError::Other(format!("batch commit: {e}"))),
-        }
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
+        Err(e) => Err(WriteError::Other(format!("batch commit: {e}"))),
     }
 }
 

@@ -93,6 +93,24 @@ pub struct Reservation {
     pub offset: Option<u64>,
 }
 
+impl Reservation {
+    /// The look-up entry this reservation stands for, reserved at `at_unix_ms`.
+    pub(crate) fn into_entry(self, at_unix_ms: i64) -> ([u8; 16], Entry) {
+        (
+            token(&self.id),
+            Entry {
+                id: self.id,
+                digest: self.digest,
+                stream: self.stream,
+                subject: self.subject,
+                after: self.after,
+                offset: self.offset,
+                at_unix_ms,
+            },
+        )
+    }
+}
+
 /// Offset records: `[token hex, offset]` pairs.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Offsets {
@@ -127,15 +145,7 @@ pub(crate) async fn refuse_legacy(js: &jetstream::Context, zone: &str) -> Result
         Ok(_) => Err(SinkError::Layout(format!(
             "zone {zone} holds an idempotency index of the per-id layout (stream {LEGACY_INDEX_STREAM}, one subject per id), which costs server memory for every id ever appended; stop the gateway and run `bsfg index migrate --config <zone.toml>` once to move it to the bounded layout ({INDEX_STREAM}); nothing was changed"
         ))),
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            Ok(())
-        }
+        Err(e) if crate::streams::is_not_found(&e) => Ok(()),
         Err(e) => Err(SinkError::js("get stream", e)),
     }
 }
@@ -143,18 +153,7 @@ pub(crate) async fn refuse_legacy(js: &jetstream::Context, zone: &str) -> Result
 /// Parses a reservation message into the look-up entry it stands for.
 pub(crate) fn entry_of(payload: &[u8], at_unix_ms: i64) -> Option<([u8; 16], Entry)> {
     let r: Reservation = serde_json::from_slice(payload).ok()?;
-    Some((
-        token(&r.id),
-        Entry {
-            id: r.id,
-            digest: r.digest,
-            stream: r.stream,
-            subject: r.subject,
-            after: r.after,
-            offset: r.offset,
-            at_unix_ms,
-        },
-    ))
+    Some(r.into_entry(at_unix_ms))
 }
 
 /// Parses an offset record.
@@ -317,15 +316,7 @@ pub async fn migrate_legacy(
     let mut report = Migration::default();
     let legacy = match js.get_stream(LEGACY_INDEX_STREAM).await {
         Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            return Ok(report);
-        }
+        Err(e) if crate::streams::is_not_found(&e) => return Ok(report),
         Err(e) => return Err(SinkError::js("get stream", e)),
     };
     crate::streams::ensure(js, stream_config(cfg)).await?;
@@ -446,34 +437,21 @@ async fn write_batch(
     client: &async_nats::Client,
     batch: Vec<(String, bytes::Bytes)>,
 ) -> Result<u64, SinkError> {
-    let n = batch.len();
+    let n = batch.len() as u64;
     if n == 0 {
         return Ok(0);
     }
-    let id = nuid::next().to_string();
-    let mut ack = None;
-    for (i, (subject, body)) in batch.into_iter().enumerate() {
-        let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Batch-Id", id.as_str());
-        h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-        if i + 1 == n {
-            h.insert("Nats-Batch-Commit", "1");
-            ack = Some(
-                js.publish_with_headers(subject, h, body)
-                    .await
-                    .map_err(|e| SinkError::js("publish", e))?,
-            );
-        } else {
-            client
-                .publish_with_headers(subject, h, body)
-                .await
-                .map_err(|e| SinkError::js("publish", e))?;
-        }
-    }
-    if let Some(ack) = ack {
-        ack.await.map_err(|e| SinkError::js("batch commit", e))?;
-    }
-    Ok(n as u64)
+    let msgs = batch
+        .into_iter()
+        .map(|(subject, body)| (subject, async_nats::HeaderMap::new(), body))
+        .collect();
+    crate::append::publish_batch(client, js, msgs)
+        .await
+        .map_err(|e| SinkError::JetStream {
+            op: "publish index batch",
+            message: format!("{e:?}"),
+        })?;
+    Ok(n)
 }
 
 #[cfg(test)]

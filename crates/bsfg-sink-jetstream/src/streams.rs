@@ -105,6 +105,15 @@ pub(crate) fn verify(existing: &Config, wanted: &Config) -> Result<(), SinkError
     Ok(())
 }
 
+/// Whether the server answered that the stream does not exist (and nothing else).
+pub(crate) fn is_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 /// Returns the stream, creating it when absent and verifying it when present.
 pub(crate) async fn ensure(js: &jetstream::Context, wanted: Config) -> Result<Stream, SinkError> {
     match js.get_stream(&wanted.name).await {
@@ -116,13 +125,7 @@ pub(crate) async fn ensure(js: &jetstream::Context, wanted: Config) -> Result<St
             verify(&info.config, &wanted)?;
             Ok(stream)
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
+        Err(e) if is_not_found(&e) => {
             // "stream not found": create it. A concurrent creator with identical
             // settings makes create succeed idempotently on the server.
             js.create_stream(wanted.clone())
