@@ -768,7 +768,10 @@ impl Appender {
             Ok(seqs) => {
                 self.advance_applied(&seqs);
                 let at = now_unix_ms();
-                let mut update = Update::default();
+                let mut update = Update {
+                    won: true,
+                    ..Update::default()
+                };
                 if let Ok(mut st) = self.state.lock() {
                     for (b, seq) in buckets.iter().zip(&seqs) {
                         if let Some(slot) = st.buckets.get_mut(usize::from(*b)) {

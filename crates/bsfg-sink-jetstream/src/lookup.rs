@@ -134,6 +134,10 @@ pub struct Update {
     pub buckets: Vec<(u16, u64)>,
     /// New `applied` watermark (only ever raised).
     pub applied: Option<u64>,
+    /// The reservations are ones this gateway just won under compare-and-set (after
+    /// looking their ids up): stored as they are, without looking again for an
+    /// earlier reservation, which cannot exist within the horizon.
+    pub won: bool,
 }
 
 impl Update {
@@ -429,7 +433,13 @@ impl Lookup {
     /// Applies an update: in memory at once, in the file with the next flush (at
     /// once when `durable`).
     pub fn apply(&self, u: &Update, durable: bool) -> Result<(), SinkError> {
-        if !u.reserve.is_empty() {
+        if u.won {
+            let mut mem = self.inner.mem.lock().map_err(|_| poisoned())?;
+            for (k, e) in &u.reserve {
+                mem.offsets.remove(k);
+                mem.entries.insert(*k, e.clone());
+            }
+        } else if !u.reserve.is_empty() {
             // Reservations of ids the file already knows keep the file's entry.
             let keys: Vec<[u8; 16]> = u.reserve.iter().map(|(k, _)| *k).collect();
             let known = self.get_many(&keys)?;
@@ -761,6 +771,25 @@ mod tests {
             l.read_file(&[k]).unwrap()[0].as_ref().unwrap().offset,
             Some(77)
         );
+    }
+
+    #[test]
+    fn a_won_reservation_is_read_back_from_memory_and_from_the_file() {
+        let l = Lookup::open(None, 7, Duration::ZERO).unwrap();
+        let k = [6u8; 16];
+        l.apply(
+            &Update {
+                reserve: vec![(k, entry("m-6"))],
+                won: true,
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(l.get_many(&[k]).unwrap()[0].as_ref().unwrap().id, "m-6");
+        l.flush().unwrap();
+        assert_eq!(l.read_file(&[k]).unwrap()[0].as_ref().unwrap().id, "m-6");
+        assert_eq!(l.len().unwrap(), 1);
     }
 
     #[test]
