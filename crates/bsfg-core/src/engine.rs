@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::error::BoundaryError;
 use crate::link::Destination;
-use crate::model::{Envelope, Fact, Limits, Message, Refused, ValidatedMessage};
+use crate::model::{Envelope, Fact, Limits, Message, ValidatedMessage};
 use crate::names;
 use crate::policy::QuarantineEntry;
 use crate::ports::{
@@ -109,8 +109,8 @@ impl BoundaryApi for Boundary {
 /// zone's limits), and the link checkpoint and quarantine kept in the zone log.
 #[async_trait]
 impl Destination for Boundary {
-    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
-        self.limits.try_validate(message)
+    fn limits(&self) -> Limits {
+        self.limits.clone()
     }
 
     async fn append_replicated(

@@ -5,7 +5,7 @@
 //!   [`crate::Gate`] after authorization; a denial is `permission_denied` naming the
 //!   policy and its reason, and nothing is stored;
 //! - [`Hook::Intake`]: facts a link fetched from another zone, validated under this
-//!   zone's rules and checked by [`crate::link::apply_page`] before anything of the
+//!   zone's rules and checked by the link's state machine ([`crate::link::machine::Machine`]) before anything of the
 //!   page is appended; denied facts go to the zone's quarantine (see
 //!   [`QuarantineEntry`]) and the page is confirmed once every fact is either appended
 //!   or quarantined, so nothing is lost and nothing blocks the link.

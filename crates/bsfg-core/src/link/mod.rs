@@ -26,30 +26,35 @@ use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub mod machine;
+
 use crate::error::BoundaryError;
-use crate::model::{Envelope, Fact, Limits, Message, Provenance, Refused, ValidatedMessage};
-use crate::policy::{
-    CAUSE_POLICY, Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry, Verdict,
-};
+use crate::model::{Envelope, Fact, Limits, Message, Refused, ValidatedMessage};
+use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry};
 use crate::ports::{
     AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
 };
+use machine::{Action, Appended, Event, Machine, MachineConfig, Mode, Now};
 
 /// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
 /// engine (provenance and checkpoint kept durably in the zone log) and by [`Remote`].
 #[async_trait]
 pub trait Destination: Send + Sync {
-    /// Validates a fetched fact under this zone's rules, as AppendFact would: the
-    /// canonical form policies judge and the zone stores. A refused fact comes back
-    /// untouched with the reason.
-    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused>;
+    /// This zone's limits: a fetched fact is validated under them, as AppendFact
+    /// would, so policies judge and the zone stores the canonical form.
+    fn limits(&self) -> Limits;
+    /// Validates a fetched fact under [`Destination::limits`]. A refused fact comes
+    /// back untouched with the reason.
+    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
+        self.limits().try_validate(message)
+    }
     /// Appends durably and idempotently, with the provenance the message carries
     /// stored beside the fact. Same guarantees as [`BoundaryApi::append_fact`].
     async fn append_replicated(
@@ -74,8 +79,8 @@ pub struct Remote<'a>(pub &'a dyn BoundaryApi);
 
 #[async_trait]
 impl Destination for Remote<'_> {
-    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
-        Limits::default().try_validate(message)
+    fn limits(&self) -> Limits {
+        Limits::default()
     }
     async fn append_replicated(
         &self,
@@ -291,21 +296,13 @@ pub async fn pull_page(
     step: &PullStep,
     accept_gap: Option<&GapAcceptance>,
 ) -> Result<PullReport, PullError> {
-    let checkpoint = destination
-        .checkpoint(&step.link)
-        .await
-        .map_err(at(Operation::Checkpoint))?;
-    let page = fetch_page(source, step).await?;
-    apply_page(
+    let ports = Ports {
         source,
         destination,
-        &Intake::default(),
+        intake: &Intake::default(),
         step,
-        page,
-        checkpoint,
-        accept_gap,
-    )
-    .await
+    };
+    drive_once(&ports, accept_gap, None, None).await
 }
 
 /// FetchFacts for the step's consumer.
@@ -321,7 +318,9 @@ pub async fn fetch_page(source: &dyn BoundaryApi, step: &PullStep) -> Result<Fac
 }
 
 /// Everything of [`pull_page`] after the fetch: gap check against `checkpoint` (the
-/// link's durable checkpoint as last recorded), appends, confirm, new checkpoint.
+/// link's durable checkpoint as last recorded), appends, confirm, new checkpoint. The
+/// decisions are the link's state machine's ([`machine::Machine`]); this drives it
+/// for one step over the ports.
 pub async fn apply_page(
     source: &dyn BoundaryApi,
     destination: &dyn Destination,
@@ -331,208 +330,195 @@ pub async fn apply_page(
     checkpoint: Option<u64>,
     accept_gap: Option<&GapAcceptance>,
 ) -> Result<PullReport, PullError> {
-    if !page.facts.is_empty() && !step.streams.is_empty() && !step.streams.contains(&page.stream) {
-        return Err(PullError::Boundary {
-            op: Operation::Fetch,
-            error: BoundaryError::invalid(
-                "consumer",
-                format!(
-                    "`{}` on zone `{}` reads stream `{}`, which is not one of this link's {:?}",
-                    step.consumer, step.source_zone, page.stream, step.streams
-                ),
-            ),
-        });
-    }
-    if !page.facts.is_empty() {
-        // The stream name becomes a provenance header on every fact: a source that
-        // sends a malformed one is broken as a whole, not one fact.
-        crate::names::validate_consumer("stream", &page.stream).map_err(at(Operation::Fetch))?;
-    }
-    if page.zone != step.source_zone && !page.zone.is_empty() {
-        tracing::debug!(link = %step.link, configured = %step.source_zone, reported = %page.zone, "the source reports another zone name than the link's configuration; the configuration is used");
-    }
-    let base = checkpoint.map_or(page.frontier, |c| c.min(page.frontier));
-    let mut report = PullReport {
-        fetched: page.facts.len(),
-        frontier: page.frontier,
-        last_offset: page.last_offset,
-        source_zone: step.source_zone.clone(),
-        newest_appended_at_unix_ms: page.facts.last().map(|f| f.appended_at_unix_ms),
-        ..Default::default()
+    let ports = Ports {
+        source,
+        destination,
+        intake,
+        step,
     };
-    if let Some((missing_from, missing_to)) = find_gap(&page, base) {
-        let acceptance =
-            accept_gap.filter(|a| a.range.is_none_or(|r| r == (missing_from, missing_to)));
-        let Some(acceptance) = acceptance else {
-            return Err(PullError::Gap {
-                consumer: step.consumer.clone(),
-                missing_from,
-                missing_to,
-                source_zone: step.source_zone.clone(),
-                frontier: page.frontier,
-                last_offset: page.last_offset,
+    drive_once(&ports, accept_gap, Some(checkpoint), Some(page)).await
+}
+
+/// Runs a [`Mode::Once`] machine to its outcome, answering its first checkpoint read
+/// and fetch from `checkpoint` and `page` when given.
+async fn drive_once(
+    ports: &Ports<'_>,
+    accept_gap: Option<&GapAcceptance>,
+    mut checkpoint: Option<Option<u64>>,
+    mut page: Option<FactPage>,
+) -> Result<PullReport, PullError> {
+    let config = MachineConfig {
+        mode: Mode::Once,
+        overlap: false,
+        intake: !ports.intake.chain.is_empty(),
+        limits: ports.destination.limits(),
+        backoff_min: Duration::ZERO,
+        backoff_max: Duration::ZERO,
+        seed: 0,
+    };
+    let mut machine = Machine::new(ports.step.clone(), config).accepting(accept_gap.cloned());
+    machine.start(now());
+    loop {
+        let Some(action) = machine.poll_action() else {
+            return Err(PullError::Boundary {
+                op: Operation::Fetch,
+                error: BoundaryError::Internal("the link's step stopped without an outcome".into()),
             });
         };
-        let record = destination
-            .validate(gap_fact(
-                &step.consumer,
-                missing_from,
-                missing_to,
-                acceptance,
-            ))
-            .map_err(|r| at(Operation::Append)(r.error))?;
-        destination
-            .append_replicated(record)
-            .await
-            .map_err(at(Operation::Append))?;
-        report.gap_accepted = Some((missing_from, missing_to));
-        if page.facts.is_empty() {
-            let c = missing_to.max(page.frontier);
-            destination
-                .record_checkpoint(&step.link, c)
-                .await
-                .map_err(at(Operation::Checkpoint))?;
-            report.checkpoint = Some(c);
-            return Ok(report);
-        }
-    }
-    let Some(last) = page.facts.last().map(|f| f.offset) else {
-        return Ok(report);
-    };
-    let now = now_unix_ms();
-    // Where each fact came from: beside it when appended, in its entry when set aside.
-    let from = |offset: u64| Provenance {
-        zone: step.source_zone.clone(),
-        stream: page.stream.clone(),
-        offset,
-        link: step.link.clone(),
-    };
-    // 1. Validate every fact under this zone's rules: policies judge, and the zone
-    //    stores, the canonical form. A fact this zone refuses is set aside.
-    let mut set_aside: Vec<QuarantineEntry> = Vec::new();
-    let mut valid: Vec<(u64, ValidatedMessage)> = Vec::with_capacity(page.facts.len());
-    for f in page.facts {
-        match destination.validate(f.message) {
-            Ok(v) => {
-                let v = v
-                    .with_provenance(from(f.offset))
-                    .map_err(at(Operation::Append))?;
-                valid.push((f.offset, v));
+        let event = match action {
+            Action::Done(outcome) => return outcome,
+            Action::ReadCheckpoint if checkpoint.is_some() => {
+                Event::CheckpointRead(Ok(checkpoint.take().flatten()))
             }
-            Err(Refused { error, message }) => {
-                set_aside.push(QuarantineEntry::refused(
-                    *message,
-                    &error,
-                    from(f.offset),
-                    now,
-                ));
-            }
-        }
-    }
-    // 2. The intake policies, on the validated facts.
-    if !intake.chain.is_empty() && !valid.is_empty() {
-        let ctx = PolicyContext {
-            hook: Hook::Intake,
-            zone: &intake.zone,
-            peer: &intake.peer,
-            link: Some(&step.link),
-            source_zone: Some(&step.source_zone),
+            Action::Fetch if page.is_some() => match page.take() {
+                Some(p) => Event::Fetched(Ok(p)),
+                None => continue,
+            },
+            other => match ports.run(other) {
+                Dispatch::Call(call) => call.await,
+                Dispatch::Notice(_) => continue,
+            },
         };
-        let candidates: Vec<Candidate<'_>> = valid
-            .iter()
-            .map(|(offset, v)| Candidate {
-                message: v.message(),
-                source_offset: Some(*offset),
-            })
-            .collect();
-        let verdicts = intake.chain.decide(&ctx, &candidates).await;
-        let mut allowed = Vec::with_capacity(valid.len());
-        for ((offset, v), verdict) in valid.into_iter().zip(verdicts) {
-            match verdict {
-                Verdict::Allow => allowed.push((offset, v)),
-                Verdict::Deny(denial) => set_aside.push(QuarantineEntry::new(
-                    v.into_message(),
-                    CAUSE_POLICY,
-                    denial,
-                    from(offset),
-                    now,
-                )),
-            }
-        }
-        valid = allowed;
+        machine.handle(now(), event);
     }
-    // 3. Append the rest together (the zone log commits them as one batch). A fact
-    //    the zone refuses (conflicting duplicate, unknown class, too large for its
-    //    server) is set aside; any other failure fails the page, which comes again.
-    //    A refused fact is rebuilt from its stored form (a cheap handle on bytes the
-    //    message already holds) rather than cloned for every fact that succeeds.
-    let appends = valid.into_iter().map(|(offset, v)| {
-        let stored = v.stored_form().clone();
-        async move { (offset, stored, destination.append_replicated(v).await) }
-    });
-    let t_append = std::time::Instant::now();
-    let outcomes: Vec<_> = futures::stream::iter(appends)
-        .buffered(page_concurrency(report.fetched))
-        .collect()
-        .await;
-    for (offset, stored, out) in outcomes {
-        match out {
-            Ok(o) if o.duplicate => report.duplicates += 1,
-            Ok(_) => report.stored += 1,
-            Err(e) if e.refuses_the_fact() => {
-                let message = crate::model::decode_stored(&stored).map_err(|d| {
-                    at(Operation::Append)(BoundaryError::Internal(format!(
-                        "a stored form that does not read back: {d}"
-                    )))
-                })?;
-                set_aside.push(QuarantineEntry::refused(message, &e, from(offset), now));
-            }
-            Err(e) => return Err(at(Operation::Append)(e)),
-        }
+}
+
+/// A port call in flight, answered by one event.
+type Call<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Event> + Send + 'a>>;
+
+/// What a machine's actions are executed against.
+struct Ports<'a> {
+    source: &'a dyn BoundaryApi,
+    destination: &'a dyn Destination,
+    intake: &'a Intake,
+    step: &'a PullStep,
+}
+
+impl<'a> Ports<'a> {
+    /// The call an action asks for, or the action back when it is a notification
+    /// (or a timer) the driver handles itself.
+    fn run(&self, action: Action) -> Dispatch<'a> {
+        let (source, destination, step, intake) =
+            (self.source, self.destination, self.step, self.intake);
+        let call: Call<'a> =
+            match action {
+                Action::ReadCheckpoint => Box::pin(async move {
+                    Event::CheckpointRead(destination.checkpoint(&step.link).await)
+                }),
+                Action::Fetch => Box::pin(async move {
+                    Event::Fetched(fetch_page(source, step).await.map_err(into_boundary))
+                }),
+                Action::Prefetch => Box::pin(async move {
+                    Event::Prefetched(fetch_page(source, step).await.map_err(into_boundary))
+                }),
+                Action::Decide(valid) => Box::pin(async move {
+                    let ctx = PolicyContext {
+                        hook: Hook::Intake,
+                        zone: &intake.zone,
+                        peer: &intake.peer,
+                        link: Some(&step.link),
+                        source_zone: Some(&step.source_zone),
+                    };
+                    let candidates: Vec<Candidate<'_>> = valid
+                        .iter()
+                        .map(|(offset, v)| Candidate {
+                            message: v.message(),
+                            source_offset: Some(*offset),
+                        })
+                        .collect();
+                    let verdicts = intake.chain.decide(&ctx, &candidates).await;
+                    drop(candidates);
+                    Event::Decided(
+                        valid
+                            .into_iter()
+                            .zip(verdicts)
+                            .map(|((offset, v), verdict)| (offset, v, verdict))
+                            .collect(),
+                    )
+                }),
+                Action::AppendGapRecord(record) => Box::pin(async move {
+                    Event::GapRecorded(destination.append_replicated(*record).await)
+                }),
+                Action::Append(facts) => Box::pin(async move {
+                    let n = facts.len();
+                    // A refused fact is rebuilt from its stored form (a cheap handle on
+                    // bytes the message already holds) rather than cloned for every fact
+                    // that succeeds.
+                    let appends = facts.into_iter().map(|(offset, v)| {
+                        let stored = v.stored_form().clone();
+                        async move {
+                            let outcome = destination.append_replicated(v).await;
+                            Appended {
+                                offset,
+                                stored,
+                                outcome,
+                            }
+                        }
+                    });
+                    Event::Appended(
+                        futures::stream::iter(appends)
+                            .buffered(page_concurrency(n))
+                            .collect()
+                            .await,
+                    )
+                }),
+                Action::Quarantine(entries) => Box::pin(async move {
+                    for entry in entries {
+                        tracing::warn!(
+                            link = %step.link,
+                            message_id = %entry.message.envelope.message_id,
+                            source_offset = entry.source_offset,
+                            cause = %entry.cause,
+                            policy = %entry.denial.policy,
+                            reason = %entry.denial.reason,
+                            "fact quarantined at intake"
+                        );
+                        if let Err(e) = destination.quarantine(entry).await {
+                            return Event::Quarantined(Err(e));
+                        }
+                    }
+                    Event::Quarantined(Ok(()))
+                }),
+                Action::Confirm(offset) => Box::pin(async move {
+                    Event::Confirmed(source.confirm_receipt(&step.consumer, offset).await)
+                }),
+                Action::RecordCheckpoint(offset) => Box::pin(async move {
+                    Event::CheckpointRecorded(
+                        destination.record_checkpoint(&step.link, offset).await,
+                    )
+                }),
+                other => return Dispatch::Notice(other),
+            };
+        Dispatch::Call(call)
     }
-    let appended = t_append.elapsed();
-    // 4. Quarantine what was set aside, before the confirm like the appends: a crash
-    //    re-fetches the page and keeping an entry again stores nothing new.
-    report.quarantined = set_aside.len();
-    report.refused = set_aside.iter().filter(|e| e.cause != CAUSE_POLICY).count();
-    for entry in set_aside {
-        tracing::warn!(
-            link = %step.link,
-            message_id = %entry.message.envelope.message_id,
-            source_offset = entry.source_offset,
-            cause = %entry.cause,
-            policy = %entry.denial.policy,
-            reason = %entry.denial.reason,
-            "fact quarantined at intake"
-        );
-        destination
-            .quarantine(entry)
-            .await
-            .map_err(at(Operation::Quarantine))?;
+}
+
+/// What the driver does with an action.
+enum Dispatch<'a> {
+    /// A port call, answered by its event when it completes.
+    Call(Call<'a>),
+    /// A notification or a timer: the driver's own business.
+    Notice(Action),
+}
+
+fn into_boundary(e: PullError) -> BoundaryError {
+    match e {
+        PullError::Boundary { error, .. } => error,
+        other => BoundaryError::Internal(other.to_string()),
     }
-    // 5. Confirm, then record the new checkpoint.
-    let t_confirm = std::time::Instant::now();
-    let frontier = source
-        .confirm_receipt(&step.consumer, last)
-        .await
-        .map_err(at(Operation::Confirm))?;
-    report.frontier = frontier.offset;
-    let confirmed = t_confirm.elapsed();
-    let t_checkpoint = std::time::Instant::now();
-    destination
-        .record_checkpoint(&step.link, frontier.offset)
-        .await
-        .map_err(at(Operation::Checkpoint))?;
-    report.checkpoint = Some(frontier.offset);
-    tracing::debug!(
-        link = %step.link,
-        facts = report.fetched,
-        append_ms = appended.as_millis() as u64,
-        confirm_ms = confirmed.as_millis() as u64,
-        checkpoint_ms = t_checkpoint.elapsed().as_millis() as u64,
-        "page replicated"
-    );
-    Ok(report)
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+    }
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_ms: now_unix_ms(),
+    }
 }
 
 fn page_concurrency(n: usize) -> usize {
@@ -569,22 +555,6 @@ pub struct LinkSettings {
     /// How long a call to the source may take (beyond the long-poll wait for a fetch)
     /// before the step counts as failed and backs off.
     pub request_timeout: Duration,
-}
-
-impl LinkSettings {
-    /// Retry delay before attempt `attempt` (1-based): exponential from
-    /// `backoff_min`, capped at `backoff_max`, with jitter in its upper half so that
-    /// many links restarting together spread out.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .backoff_min
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
-        let cap = exp.min(self.backoff_max).max(self.backoff_min);
-        let half = cap / 2;
-        let span = (cap - half).as_millis().max(1) as u64;
-        let jitter = RandomState::new().hash_one(attempt) % span;
-        half + Duration::from_millis(jitter)
-    }
 }
 
 /// The state of a link, as `bsfg status` shows it.
@@ -896,7 +866,9 @@ impl Link {
     /// Runs until `shutdown` turns true. Never returns early on failures: it backs
     /// off (capped, jittered, exponential) and retries; at a gap it waits for an
     /// operator. Dropping a step half-way is safe: nothing is confirmed before its
-    /// appends are durable.
+    /// appends are durable. The decisions are the link's state machine's
+    /// ([`machine::Machine`]); this loop only executes its actions, at most one fetch
+    /// ahead overlapping the page being applied.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let settings = self.shared.settings.clone();
         let step = PullStep {
@@ -917,184 +889,140 @@ impl Link {
             inner: self.destination.as_ref(),
             counters: &self.shared.counters,
         };
+        let ports = Ports {
+            source: &metered_source,
+            destination: &metered_destination,
+            intake: &self.intake,
+            step: &step,
+        };
+        let config = MachineConfig {
+            mode: Mode::Continuous,
+            overlap: true,
+            intake: !self.intake.chain.is_empty(),
+            limits: self.destination.limits(),
+            backoff_min: settings.backoff_min,
+            backoff_max: settings.backoff_max,
+            seed: RandomState::new().hash_one(&settings.name),
+        };
+        let mut machine = Machine::new(step.clone(), config);
         let mut acceptance_rx = self.shared.acceptance.subscribe();
-        let mut attempt: u32 = 0;
-        let mut accepting: Option<GapAcceptance> = None;
-        // The durable checkpoint as last read or recorded (None: read it again), and
-        // the next page, fetched while the previous one was being applied.
-        let mut checkpoint: Option<Option<u64>> = None;
-        let mut prefetched: Option<FactPage> = None;
+        let mut calls: futures::stream::FuturesUnordered<Call<'_>> = Default::default();
+        let mut timer: Option<Instant> = None;
+        let mut next: Option<Event> = None;
         tracing::info!(link = %settings.name, consumer = %settings.consumer, "link started");
+        machine.start(now());
         loop {
+            while let Some(action) = machine.poll_action() {
+                match ports.run(action) {
+                    Dispatch::Call(call) => calls.push(call),
+                    Dispatch::Notice(Action::SleepUntil(at)) => timer = Some(at),
+                    Dispatch::Notice(Action::Stepped(report)) => self.record_success(&report),
+                    Dispatch::Notice(Action::BackingOff {
+                        attempt,
+                        delay,
+                        op,
+                        error,
+                    }) => {
+                        tracing::warn!(
+                            link = %settings.name,
+                            consumer = %settings.consumer,
+                            %op,
+                            attempt,
+                            retry_in_ms = delay.as_millis() as u64,
+                            error = %error,
+                            "link step failed; backing off"
+                        );
+                        self.set_state(LinkState::BackingOff {
+                            attempt,
+                            retry_in_ms: delay.as_millis() as u64,
+                            op,
+                            error: error.to_string(),
+                        });
+                    }
+                    Dispatch::Notice(Action::Gapped(gap)) => {
+                        self.gapped(gap);
+                        // An acceptance given before the gap was found again counts.
+                        if let Some(a) = acceptance_rx.borrow_and_update().clone() {
+                            next = Some(Event::GapAccepted(a));
+                        }
+                    }
+                    Dispatch::Notice(_) => {}
+                }
+            }
             if *shutdown.borrow() {
                 break;
             }
-            let result = tokio::select! {
-                biased;
-                _ = shutdown.changed() => break,
-                r = self.step(
-                    &metered_source,
-                    &metered_destination,
-                    &step,
-                    accepting.as_ref(),
-                    &mut checkpoint,
-                    &mut prefetched,
-                ) => r,
-            };
-            if result.is_err() {
-                // Read the durable checkpoint again; a prefetched page (if any) is
-                // dropped and comes again after the consumer's ack wait.
-                checkpoint = None;
-                prefetched = None;
-            }
-            match result {
-                Ok(report) => {
-                    attempt = 0;
-                    // An acceptance holds until the step that finds its gap uses it
-                    // (pages in between may be empty while facts await redelivery).
-                    if report.gap_accepted.is_some() {
-                        accepting = None;
+            let event = match next.take() {
+                Some(e) => e,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break,
+                    Some(e) = calls.next(), if !calls.is_empty() => e,
+                    _ = sleep_until(timer), if timer.is_some() => {
+                        timer = None;
+                        Event::TimerFired
                     }
-                }
-                Err(PullError::Gap {
-                    missing_from,
-                    missing_to,
-                    source_zone,
-                    frontier,
-                    last_offset,
-                    ..
-                }) => {
-                    let gap = LinkState::Gapped {
-                        missing_from,
-                        missing_to,
-                    };
-                    let newly_gapped = self.shared.progress.lock().is_ok_and(|mut p| {
-                        p.source_zone = source_zone;
-                        p.frontier = frontier;
-                        p.source_last_offset = last_offset;
-                        std::mem::replace(&mut p.state, gap.clone()) != gap
-                    });
-                    if newly_gapped {
-                        tracing::error!(
-                            link = %settings.name,
-                            consumer = %settings.consumer,
-                            missing_from,
-                            missing_to,
-                            "link gapped: the source no longer holds facts this link never confirmed; an operator must accept the gap (bsfg link accept-gap)"
-                        );
-                    }
-                    accepting = None;
-                    // Wait for an acceptance of exactly this gap (or shutdown).
-                    loop {
-                        let current = acceptance_rx.borrow_and_update().clone();
-                        if let Some(a) =
-                            current.filter(|a| a.range == Some((missing_from, missing_to)))
-                        {
-                            tracing::warn!(link = %settings.name, missing_from, missing_to, accepted_by = %a.accepted_by, "gap accepted by operator");
-                            accepting = Some(a);
+                    r = acceptance_rx.changed() => {
+                        if r.is_err() {
                             break;
                         }
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.changed() => break,
-                            r = acceptance_rx.changed() => if r.is_err() { break },
+                        match acceptance_rx.borrow_and_update().clone() {
+                            Some(a) => Event::GapAccepted(a),
+                            None => continue,
                         }
                     }
-                }
-                Err(PullError::Boundary { op, error }) => {
-                    attempt = attempt.saturating_add(1);
-                    let delay = settings.backoff(attempt);
-                    tracing::warn!(
-                        link = %settings.name,
-                        consumer = %settings.consumer,
-                        %op,
-                        attempt,
-                        retry_in_ms = delay.as_millis() as u64,
-                        error = %error,
-                        "link step failed; backing off"
-                    );
-                    self.set_state(LinkState::BackingOff {
-                        attempt,
-                        retry_in_ms: delay.as_millis() as u64,
-                        op,
-                        error: error.to_string(),
-                    });
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+                },
+            };
+            if let Event::GapAccepted(a) = &event
+                && let Some((from, to)) = a.range
+                && matches!(self.status().state, LinkState::Gapped { missing_from, missing_to } if (missing_from, missing_to) == (from, to))
+            {
+                tracing::warn!(link = %settings.name, missing_from = from, missing_to = to, accepted_by = %a.accepted_by, "gap accepted by operator");
             }
+            machine.handle(now(), event);
         }
         self.set_state(LinkState::Stopped);
         tracing::info!(link = %settings.name, "link stopped");
     }
 
-    /// One step: apply the prefetched (or a freshly fetched) page; while a page with
-    /// facts is appended and confirmed, the next page is fetched. The next page's gap
-    /// check waits for this one's new checkpoint, and its frontier is taken as at
-    /// least the one this page's confirm returned (it was read before that confirm).
-    async fn step(
-        &self,
-        source: &dyn BoundaryApi,
-        destination: &dyn Destination,
-        step: &PullStep,
-        accepting: Option<&GapAcceptance>,
-        checkpoint: &mut Option<Option<u64>>,
-        prefetched: &mut Option<FactPage>,
-    ) -> Result<PullReport, PullError> {
-        let ckpt = match *checkpoint {
-            Some(c) => c,
-            None => {
-                let c = destination
-                    .checkpoint(&step.link)
-                    .await
-                    .map_err(at(Operation::Checkpoint))?;
-                *checkpoint = Some(c);
-                c
-            }
-        };
-        let page = match prefetched.take() {
-            Some(p) => p,
-            None => fetch_page(source, step).await?,
-        };
-        let overlap = !page.facts.is_empty();
-        let apply = async {
-            let r = apply_page(
-                source,
-                destination,
-                &self.intake,
-                step,
-                page,
-                ckpt,
-                accepting,
-            )
-            .await;
-            if let Ok(report) = &r {
-                // Visible at once, even while the next fetch long-polls.
-                self.record_success(report);
-            }
-            r
-        };
-        // An empty page means the source had nothing: the next step long-polls.
-        let next = async {
-            if overlap {
-                Some(fetch_page(source, step).await)
-            } else {
-                None
-            }
-        };
-        let (report, next) = futures::join!(apply, next);
-        let report = report?;
-        if let Some(c) = report.checkpoint {
-            *checkpoint = Some(Some(c));
+    fn status(&self) -> LinkStatus {
+        LinkHandle {
+            shared: self.shared.clone(),
         }
-        if let Some(Ok(mut next)) = next {
-            next.frontier = next.frontier.max(report.frontier);
-            *prefetched = Some(next);
+        .status()
+    }
+
+    fn gapped(&self, gap: PullError) {
+        let PullError::Gap {
+            missing_from,
+            missing_to,
+            source_zone,
+            frontier,
+            last_offset,
+            ..
+        } = gap
+        else {
+            return;
+        };
+        let state = LinkState::Gapped {
+            missing_from,
+            missing_to,
+        };
+        let newly_gapped = self.shared.progress.lock().is_ok_and(|mut p| {
+            p.source_zone = source_zone;
+            p.frontier = frontier;
+            p.source_last_offset = last_offset;
+            std::mem::replace(&mut p.state, state.clone()) != state
+        });
+        if newly_gapped {
+            tracing::error!(
+                link = %self.shared.settings.name,
+                consumer = %self.shared.settings.consumer,
+                missing_from,
+                missing_to,
+                "link gapped: the source no longer holds facts this link never confirmed; an operator must accept the gap (bsfg link accept-gap)"
+            );
         }
-        Ok(report)
     }
 
     fn record_success(&self, report: &PullReport) {
@@ -1209,8 +1137,8 @@ struct MeteredDestination<'a> {
 
 #[async_trait]
 impl Destination for MeteredDestination<'_> {
-    fn validate(&self, message: Message) -> Result<ValidatedMessage, Refused> {
-        self.inner.validate(message)
+    fn limits(&self) -> Limits {
+        self.inner.limits()
     }
     async fn append_replicated(
         &self,
@@ -1303,32 +1231,5 @@ mod tests {
         assert_eq!(find_gap(&page(0, 0, 0, &[]), 0), None);
         // An empty page of a non-empty stream says nothing about gaps.
         assert_eq!(find_gap(&page(8, 10, 4, &[]), 4), None);
-    }
-
-    #[test]
-    fn backoff_grows_exponentially_within_its_bounds_with_jitter() {
-        let s = LinkSettings {
-            name: "l".into(),
-            local_zone: "z".into(),
-            source_zone: "s".into(),
-            consumer: "c".into(),
-            page_size: 10,
-            wait: Duration::from_secs(1),
-            streams: vec![],
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(1),
-        };
-        for attempt in 1..40 {
-            let d = s.backoff(attempt);
-            let cap = Duration::from_millis(100 * 2u64.pow((attempt - 1).min(20)))
-                .min(Duration::from_secs(5));
-            assert!(
-                d >= cap / 2 && d <= cap,
-                "attempt {attempt}: {d:?} vs {cap:?}"
-            );
-        }
-        let distinct: std::collections::HashSet<_> = (0..20).map(|_| s.backoff(10)).collect();
-        assert!(distinct.len() > 1, "jittered");
     }
 }

@@ -1,0 +1,1293 @@
+//! The link as a sans-IO state machine, the way quinn-proto sits under quinn.
+//!
+//! [`Machine`] decides every transition of a link and performs no I/O, reads no
+//! clock and draws no randomness of its own: events come in ([`Event`]: a page
+//! fetched, verdicts, append results, a confirm's frontier, a timer fired, a gap
+//! accepted), actions come out ([`Action`]: fetch, decide, append, quarantine,
+//! confirm, record the checkpoint, sleep until), and the time and the jitter seed are
+//! passed in. A thin async driver ([`super::Link::run`], [`super::pull_page`])
+//! executes the actions and feeds their results back. Every transition is therefore
+//! testable as a table, without sockets, servers or sleeps.
+//!
+//! Invariants held here:
+//! - **confirm never before every append of its page succeeded**: [`Action::Confirm`]
+//!   is emitted only from the quarantine stage, which is reached only when every
+//!   append of the page returned `Ok` or a refusal that was set aside, and the set
+//!   aside entries were kept durably;
+//! - **a gap is never skipped silently**: a page whose stream no longer holds facts
+//!   after `min(checkpoint, frontier)` stops the step ([`Action::Gapped`]) until an
+//!   acceptance of exactly that range arrives; the acceptance is appended as a fact
+//!   before anything of the page;
+//! - **after any failure nothing cached survives**: the checkpoint is read again and a
+//!   page fetched ahead is dropped (it comes again after the consumer's ack wait);
+//! - **one fetch at a time**: a new step never fetches while the page fetched ahead
+//!   is still on its way.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::error::BoundaryError;
+use crate::model::{Limits, Provenance, Refused, ValidatedMessage};
+use crate::policy::{CAUSE_POLICY, QuarantineEntry, Verdict};
+use crate::ports::{AppendOutcome, FactPage, FetchedFact, Frontier};
+
+use super::{GapAcceptance, Operation, PullError, PullReport, PullStep, gap_fact};
+
+/// Whether the machine runs a link (steps forever, backing off on failures) or one
+/// step (`bsfg pull`, [`super::pull_page`]): the first outcome ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A link: step after step; failures back off, gaps wait for an operator.
+    Continuous,
+    /// One step: [`Action::Done`] with its outcome, then nothing more.
+    Once,
+}
+
+/// How a machine behaves, fixed when it is made.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Link or single step.
+    pub mode: Mode,
+    /// Fetch the next page while a page with facts is applied (links do).
+    pub overlap: bool,
+    /// The zone has intake policies: allowed facts are decided before any append.
+    pub intake: bool,
+    /// The zone's limits, under which fetched facts are validated.
+    pub limits: Limits,
+    /// First retry delay after a failure.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Seed of the backoff jitter (tests pass a fixed one).
+    pub seed: u64,
+}
+
+/// The time an event arrives at: a monotonic instant for timers, and the wall clock
+/// (Unix ms) for what is recorded (quarantine entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub instant: Instant,
+    /// Wall clock, Unix ms.
+    pub unix_ms: i64,
+}
+
+/// One fact handed to the append port, with what is needed if it is refused.
+#[derive(Debug)]
+pub struct Appended {
+    /// The fact's offset in the source stream.
+    pub offset: u64,
+    /// Its stored form, to rebuild the message when the zone refuses it.
+    pub stored: bytes::Bytes,
+    /// What the append port answered.
+    pub outcome: Result<AppendOutcome, BoundaryError>,
+}
+
+/// What happened, fed to [`Machine::handle`].
+#[derive(Debug)]
+pub enum Event {
+    /// The answer to [`Action::ReadCheckpoint`].
+    CheckpointRead(Result<Option<u64>, BoundaryError>),
+    /// The answer to [`Action::Fetch`].
+    Fetched(Result<FactPage, BoundaryError>),
+    /// The answer to [`Action::Prefetch`].
+    Prefetched(Result<FactPage, BoundaryError>),
+    /// The answer to [`Action::Decide`]: the same facts, each with its verdict.
+    Decided(Vec<(u64, ValidatedMessage, Verdict)>),
+    /// The answer to [`Action::AppendGapRecord`].
+    GapRecorded(Result<AppendOutcome, BoundaryError>),
+    /// The answers to [`Action::Append`], one per fact, in any order.
+    Appended(Vec<Appended>),
+    /// The answer to [`Action::Quarantine`] (every entry kept, or the first failure).
+    Quarantined(Result<(), BoundaryError>),
+    /// The answer to [`Action::Confirm`].
+    Confirmed(Result<Frontier, BoundaryError>),
+    /// The answer to [`Action::RecordCheckpoint`].
+    CheckpointRecorded(Result<(), BoundaryError>),
+    /// The instant of the last [`Action::SleepUntil`] has come.
+    TimerFired,
+    /// An operator accepted a gap (only an acceptance of the current gap counts).
+    GapAccepted(GapAcceptance),
+}
+
+/// What the driver must do, taken from [`Machine::poll_action`]. Actions that call a
+/// port are answered by exactly one [`Event`]; the notifications (`Stepped`,
+/// `BackingOff`, `Gapped`, `Done`) need no answer.
+#[derive(Debug)]
+pub enum Action {
+    /// Read the link's durable checkpoint.
+    ReadCheckpoint,
+    /// FetchFacts for the step's page.
+    Fetch,
+    /// FetchFacts for the next page, while this one is applied.
+    Prefetch,
+    /// Run the intake policies on these validated facts (with their source offsets).
+    Decide(Vec<(u64, ValidatedMessage)>),
+    /// Append the record of an accepted gap.
+    AppendGapRecord(Box<ValidatedMessage>),
+    /// Append these facts (concurrently: the zone log commits them together).
+    Append(Vec<(u64, ValidatedMessage)>),
+    /// Keep these facts in the zone's quarantine, durably, in order.
+    Quarantine(Vec<QuarantineEntry>),
+    /// ConfirmReceipt up to this offset.
+    Confirm(u64),
+    /// Record this frontier as the link's checkpoint, durably.
+    RecordCheckpoint(u64),
+    /// Fire [`Event::TimerFired`] at this instant.
+    SleepUntil(Instant),
+    /// A step succeeded (the link is running).
+    Stepped(PullReport),
+    /// A step failed; the next one starts when the timer fires.
+    BackingOff {
+        /// Consecutive failures.
+        attempt: u32,
+        /// The delay before the next attempt.
+        delay: Duration,
+        /// The operation that failed.
+        op: Operation,
+        /// What it returned.
+        error: BoundaryError,
+    },
+    /// The link stopped at a gap ([`PullError::Gap`]); it waits for an acceptance.
+    Gapped(PullError),
+    /// [`Mode::Once`]: the step's outcome. Nothing follows.
+    Done(Result<PullReport, PullError>),
+}
+
+/// Where a step is.
+#[derive(Debug)]
+enum Stage {
+    RecordingGap,
+    Deciding,
+    Appending,
+    Quarantining,
+    Confirming,
+    RecordingCheckpoint,
+}
+
+/// A page being applied: what the page said, what the step found so far.
+#[derive(Debug)]
+struct Work {
+    stream: String,
+    facts: Vec<FetchedFact>,
+    last: Option<u64>,
+    report: PullReport,
+    set_aside: Vec<QuarantineEntry>,
+    stage: Stage,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Ready to start a step (when no fetch ahead is on its way).
+    Idle,
+    ReadingCheckpoint,
+    Fetching,
+    Applying(Box<Work>),
+    BackingOff,
+    Gapped(u64, u64),
+    Done,
+}
+
+/// The link's decisions; see the module documentation.
+#[derive(Debug)]
+pub struct Machine {
+    step: PullStep,
+    config: MachineConfig,
+    rng: u64,
+    phase: Phase,
+    actions: VecDeque<Action>,
+    /// The durable checkpoint as last read or recorded; `None`: read it again.
+    checkpoint: Option<Option<u64>>,
+    /// The next page, fetched while the previous one was applied.
+    prefetched: Option<FactPage>,
+    prefetch_in_flight: bool,
+    /// The page on its way belongs to a step that failed: drop it when it comes.
+    prefetch_stale: bool,
+    /// The frontier the last confirm returned: a page fetched before it is taken as
+    /// at least that far.
+    frontier_floor: u64,
+    attempt: u32,
+    accepting: Option<GapAcceptance>,
+}
+
+impl Machine {
+    /// A machine for `step`; [`Machine::start`] begins the first step.
+    pub fn new(step: PullStep, config: MachineConfig) -> Self {
+        let rng = config.seed;
+        Machine {
+            step,
+            config,
+            rng,
+            phase: Phase::Idle,
+            actions: VecDeque::new(),
+            checkpoint: None,
+            prefetched: None,
+            prefetch_in_flight: false,
+            prefetch_stale: false,
+            frontier_floor: 0,
+            attempt: 0,
+            accepting: None,
+        }
+    }
+
+    /// Accepts, in advance, the gap the first step finds (`bsfg pull --accept-gap`).
+    pub fn accepting(mut self, acceptance: Option<GapAcceptance>) -> Self {
+        self.accepting = acceptance;
+        self
+    }
+
+    /// Begins the first step.
+    pub fn start(&mut self, now: Now) {
+        self.try_start(now);
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Consecutive failures so far.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// True once a [`Mode::Once`] machine has emitted [`Action::Done`].
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Retry delay before attempt `attempt` (1-based): exponential from
+    /// `backoff_min`, capped at `backoff_max`, with jitter in its upper half drawn
+    /// from the machine's seeded generator.
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let (min, max) = (self.config.backoff_min, self.config.backoff_max);
+        let exp = min.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(20)));
+        let cap = exp.min(max).max(min);
+        let half = cap / 2;
+        let span = (cap - half).as_millis().max(1) as u64;
+        half + Duration::from_millis(self.next_random() % span)
+    }
+
+    /// splitmix64: small, seeded, good enough for spreading retries.
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn emit(&mut self, a: Action) {
+        self.actions.push_back(a);
+    }
+
+    /// Feeds what happened. An event the current phase does not expect (an answer to
+    /// an action of a step that already failed) changes nothing.
+    pub fn handle(&mut self, now: Now, event: Event) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        match (phase, event) {
+            (Phase::ReadingCheckpoint, Event::CheckpointRead(r)) => match r {
+                Ok(c) => {
+                    self.checkpoint = Some(c);
+                    self.fetch(now);
+                }
+                Err(e) => self.fail(now, boundary(Operation::Checkpoint, e)),
+            },
+            (Phase::Fetching, Event::Fetched(r)) => match r {
+                Ok(page) => self.got_page(now, page),
+                Err(e) => self.fail(now, boundary(Operation::Fetch, e)),
+            },
+            (phase, Event::Prefetched(r)) => {
+                self.phase = phase;
+                self.prefetch_in_flight = false;
+                let stale = std::mem::take(&mut self.prefetch_stale);
+                // A failed fetch ahead fails nothing: the next step fetches again.
+                if let (Ok(page), false) = (r, stale) {
+                    self.prefetched = Some(page);
+                }
+                self.try_start(now);
+            }
+            (Phase::Applying(w), event) => self.apply(now, w, event),
+            (Phase::BackingOff, Event::TimerFired) => self.try_start(now),
+            (Phase::Gapped(from, to), Event::GapAccepted(a)) => {
+                if a.range == Some((from, to)) {
+                    self.accepting = Some(a);
+                    self.try_start(now);
+                } else {
+                    self.phase = Phase::Gapped(from, to);
+                }
+            }
+            (phase, _) => self.phase = phase,
+        }
+    }
+
+    fn apply(&mut self, now: Now, mut w: Box<Work>, event: Event) {
+        match (&w.stage, event) {
+            (Stage::RecordingGap, Event::GapRecorded(r)) => {
+                if let Err(e) = r {
+                    return self.fail(now, boundary(Operation::Append, e));
+                }
+                if w.facts.is_empty() {
+                    // Nothing to confirm: the gap's end is where the link stands now.
+                    let (_, to) = w.report.gap_accepted.unwrap_or_default();
+                    let c = to.max(w.report.frontier);
+                    w.stage = Stage::RecordingCheckpoint;
+                    self.phase = Phase::Applying(w);
+                    self.emit(Action::RecordCheckpoint(c));
+                } else {
+                    self.validate(now, w);
+                }
+            }
+            (Stage::Deciding, Event::Decided(verdicts)) => {
+                let mut allowed = Vec::with_capacity(verdicts.len());
+                for (offset, v, verdict) in verdicts {
+                    match verdict {
+                        Verdict::Allow => allowed.push((offset, v)),
+                        Verdict::Deny(denial) => {
+                            let from = self.provenance(&w.stream, offset);
+                            w.set_aside.push(QuarantineEntry::new(
+                                v.into_message(),
+                                CAUSE_POLICY,
+                                denial,
+                                from,
+                                now.unix_ms,
+                            ));
+                        }
+                    }
+                }
+                self.append(now, w, allowed);
+            }
+            (Stage::Appending, Event::Appended(results)) => {
+                let mut failed = None;
+                for a in results {
+                    match a.outcome {
+                        Ok(o) if o.duplicate => w.report.duplicates += 1,
+                        Ok(_) => w.report.stored += 1,
+                        Err(e) if e.refuses_the_fact() => {
+                            match crate::model::decode_stored(&a.stored) {
+                                Ok(message) => {
+                                    let from = self.provenance(&w.stream, a.offset);
+                                    w.set_aside.push(QuarantineEntry::refused(
+                                        message,
+                                        &e,
+                                        from,
+                                        now.unix_ms,
+                                    ));
+                                }
+                                Err(d) => {
+                                    failed.get_or_insert(BoundaryError::Internal(format!(
+                                        "a stored form that does not read back: {d}"
+                                    )));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) => self.fail(now, boundary(Operation::Append, e)),
+                    None => self.quarantine(now, w),
+                }
+            }
+            (Stage::Quarantining, Event::Quarantined(r)) => match r {
+                Ok(()) => self.confirm(now, w),
+                Err(e) => self.fail(now, boundary(Operation::Quarantine, e)),
+            },
+            (Stage::Confirming, Event::Confirmed(r)) => match r {
+                Ok(f) => {
+                    w.report.frontier = f.offset;
+                    w.stage = Stage::RecordingCheckpoint;
+                    self.phase = Phase::Applying(w);
+                    self.emit(Action::RecordCheckpoint(f.offset));
+                }
+                Err(e) => self.fail(now, boundary(Operation::Confirm, e)),
+            },
+            (Stage::RecordingCheckpoint, Event::CheckpointRecorded(r)) => match r {
+                Ok(()) => {
+                    let c = match w.report.gap_accepted {
+                        Some((_, to)) if w.last.is_none() => to.max(w.report.frontier),
+                        _ => w.report.frontier,
+                    };
+                    w.report.checkpoint = Some(c);
+                    self.checkpoint = Some(Some(c));
+                    self.finish(now, w.report);
+                }
+                Err(e) => self.fail(now, boundary(Operation::Checkpoint, e)),
+            },
+            // Not an answer to what this step waits for.
+            (_, _) => self.phase = Phase::Applying(w),
+        }
+    }
+
+    fn provenance(&self, stream: &str, offset: u64) -> Provenance {
+        Provenance {
+            zone: self.step.source_zone.clone(),
+            stream: stream.to_owned(),
+            offset,
+            link: self.step.link.clone(),
+        }
+    }
+
+    /// Starts a step when nothing is in the way: reads the checkpoint if it is not
+    /// cached, then takes the page fetched ahead or fetches one.
+    fn try_start(&mut self, now: Now) {
+        if !matches!(self.phase, Phase::Idle) || self.prefetch_in_flight {
+            return;
+        }
+        if self.checkpoint.is_none() {
+            self.phase = Phase::ReadingCheckpoint;
+            self.emit(Action::ReadCheckpoint);
+        } else {
+            self.fetch(now);
+        }
+    }
+
+    fn fetch(&mut self, now: Now) {
+        match self.prefetched.take() {
+            Some(mut page) => {
+                // It was read before the previous confirm: at least that far.
+                page.frontier = page.frontier.max(self.frontier_floor);
+                self.got_page(now, page);
+            }
+            None => {
+                self.phase = Phase::Fetching;
+                self.emit(Action::Fetch);
+            }
+        }
+    }
+
+    fn got_page(&mut self, now: Now, page: FactPage) {
+        let step = &self.step;
+        if !page.facts.is_empty()
+            && !step.streams.is_empty()
+            && !step.streams.contains(&page.stream)
+        {
+            let error = BoundaryError::invalid(
+                "consumer",
+                format!(
+                    "`{}` on zone `{}` reads stream `{}`, which is not one of this link's {:?}",
+                    step.consumer, step.source_zone, page.stream, step.streams
+                ),
+            );
+            return self.fail(now, boundary(Operation::Fetch, error));
+        }
+        if !page.facts.is_empty() {
+            // The stream name becomes a provenance header on every fact: a source that
+            // sends a malformed one is broken as a whole, not one fact.
+            if let Err(e) = crate::names::validate_consumer("stream", &page.stream) {
+                return self.fail(now, boundary(Operation::Fetch, e));
+            }
+        }
+        if page.zone != step.source_zone && !page.zone.is_empty() {
+            tracing::debug!(link = %step.link, configured = %step.source_zone, reported = %page.zone, "the source reports another zone name than the link's configuration; the configuration is used");
+        }
+        let checkpoint = self.checkpoint.flatten();
+        let base = checkpoint.map_or(page.frontier, |c| c.min(page.frontier));
+        let report = PullReport {
+            fetched: page.facts.len(),
+            frontier: page.frontier,
+            last_offset: page.last_offset,
+            source_zone: step.source_zone.clone(),
+            newest_appended_at_unix_ms: page.facts.last().map(|f| f.appended_at_unix_ms),
+            ..Default::default()
+        };
+        let gap = super::find_gap(&page, base);
+        let mut w = Box::new(Work {
+            last: page.facts.last().map(|f| f.offset),
+            stream: page.stream,
+            facts: page.facts,
+            report,
+            set_aside: Vec::new(),
+            stage: Stage::RecordingGap,
+        });
+        if let Some((missing_from, missing_to)) = gap {
+            let acceptance = self
+                .accepting
+                .as_ref()
+                .filter(|a| a.range.is_none_or(|r| r == (missing_from, missing_to)));
+            let Some(acceptance) = acceptance else {
+                return self.fail(
+                    now,
+                    PullError::Gap {
+                        consumer: self.step.consumer.clone(),
+                        missing_from,
+                        missing_to,
+                        source_zone: self.step.source_zone.clone(),
+                        frontier: page.frontier,
+                        last_offset: page.last_offset,
+                    },
+                );
+            };
+            let record = gap_fact(&self.step.consumer, missing_from, missing_to, acceptance);
+            match self.config.limits.try_validate(record) {
+                Ok(v) => {
+                    w.report.gap_accepted = Some((missing_from, missing_to));
+                    self.start_prefetch(&w);
+                    self.phase = Phase::Applying(w);
+                    self.emit(Action::AppendGapRecord(Box::new(v)));
+                }
+                Err(r) => self.fail(now, boundary(Operation::Append, r.error)),
+            }
+            return;
+        }
+        if w.facts.is_empty() {
+            // The source had nothing: the next step long-polls.
+            return self.finish(now, w.report);
+        }
+        self.start_prefetch(&w);
+        self.validate(now, w);
+    }
+
+    fn start_prefetch(&mut self, w: &Work) {
+        if self.config.overlap
+            && self.config.mode == Mode::Continuous
+            && !w.facts.is_empty()
+            && !self.prefetch_in_flight
+        {
+            self.prefetch_in_flight = true;
+            self.emit(Action::Prefetch);
+        }
+    }
+
+    /// Validates every fact under this zone's rules: policies judge, and the zone
+    /// stores, the canonical form. A fact this zone refuses is set aside.
+    fn validate(&mut self, now: Now, mut w: Box<Work>) {
+        let mut valid = Vec::with_capacity(w.facts.len());
+        for f in std::mem::take(&mut w.facts) {
+            let from = self.provenance(&w.stream, f.offset);
+            match self.config.limits.try_validate(f.message) {
+                Ok(v) => match v.with_provenance(from) {
+                    Ok(v) => valid.push((f.offset, v)),
+                    Err(e) => return self.fail(now, boundary(Operation::Append, e)),
+                },
+                Err(Refused { error, message }) => {
+                    w.set_aside.push(QuarantineEntry::refused(
+                        *message,
+                        &error,
+                        from,
+                        now.unix_ms,
+                    ));
+                }
+            }
+        }
+        if self.config.intake && !valid.is_empty() {
+            w.stage = Stage::Deciding;
+            self.phase = Phase::Applying(w);
+            self.emit(Action::Decide(valid));
+        } else {
+            self.append(now, w, valid);
+        }
+    }
+
+    fn append(&mut self, now: Now, mut w: Box<Work>, facts: Vec<(u64, ValidatedMessage)>) {
+        if facts.is_empty() {
+            return self.quarantine(now, w);
+        }
+        w.stage = Stage::Appending;
+        self.phase = Phase::Applying(w);
+        self.emit(Action::Append(facts));
+    }
+
+    /// Keeps what was set aside, before the confirm like the appends: a crash
+    /// re-fetches the page and keeping an entry again stores nothing new.
+    fn quarantine(&mut self, now: Now, mut w: Box<Work>) {
+        w.report.quarantined = w.set_aside.len();
+        w.report.refused = w
+            .set_aside
+            .iter()
+            .filter(|e| e.cause != CAUSE_POLICY)
+            .count();
+        if w.set_aside.is_empty() {
+            return self.confirm(now, w);
+        }
+        let entries = std::mem::take(&mut w.set_aside);
+        w.stage = Stage::Quarantining;
+        self.phase = Phase::Applying(w);
+        self.emit(Action::Quarantine(entries));
+    }
+
+    /// Every fact of the page is durably appended or kept: only now the confirm.
+    fn confirm(&mut self, now: Now, mut w: Box<Work>) {
+        let Some(last) = w.last else {
+            return self.finish(now, w.report);
+        };
+        w.stage = Stage::Confirming;
+        self.phase = Phase::Applying(w);
+        self.emit(Action::Confirm(last));
+    }
+
+    fn finish(&mut self, now: Now, report: PullReport) {
+        self.attempt = 0;
+        // An acceptance holds until the step that finds its gap uses it (pages in
+        // between may be empty while facts await redelivery).
+        if report.gap_accepted.is_some() {
+            self.accepting = None;
+        }
+        self.frontier_floor = report.frontier;
+        match self.config.mode {
+            Mode::Once => {
+                self.phase = Phase::Done;
+                self.emit(Action::Done(Ok(report)));
+            }
+            Mode::Continuous => {
+                self.phase = Phase::Idle;
+                self.emit(Action::Stepped(report));
+                self.try_start(now);
+            }
+        }
+    }
+
+    fn fail(&mut self, now: Now, error: PullError) {
+        // Read the durable checkpoint again; a page fetched ahead (if any) is dropped
+        // and comes again after the consumer's ack wait.
+        self.checkpoint = None;
+        self.prefetched = None;
+        self.prefetch_stale = self.prefetch_in_flight;
+        if self.config.mode == Mode::Once {
+            self.phase = Phase::Done;
+            self.emit(Action::Done(Err(error)));
+            return;
+        }
+        match error {
+            PullError::Gap {
+                missing_from,
+                missing_to,
+                ..
+            } => {
+                self.accepting = None;
+                self.phase = Phase::Gapped(missing_from, missing_to);
+                self.emit(Action::Gapped(error));
+            }
+            PullError::Boundary { op, error } => {
+                self.attempt = self.attempt.saturating_add(1);
+                let delay = self.backoff(self.attempt);
+                self.phase = Phase::BackingOff;
+                self.emit(Action::BackingOff {
+                    attempt: self.attempt,
+                    delay,
+                    op,
+                    error,
+                });
+                self.emit(Action::SleepUntil(now.instant + delay));
+            }
+        }
+    }
+}
+
+fn boundary(op: Operation, error: BoundaryError) -> PullError {
+    PullError::Boundary { op, error }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Table tests of every transition: events in, actions out, no sockets, servers
+    //! or sleeps.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::model::{Envelope, Fact, Message};
+    use crate::policy::Denial;
+
+    fn step() -> PullStep {
+        PullStep {
+            link: "to-ent".into(),
+            consumer: "ent".into(),
+            limit: 10,
+            wait: Duration::from_secs(1),
+            streams: vec!["facts_operational".into()],
+            source_zone: "plant".into(),
+        }
+    }
+
+    fn config(mode: Mode, intake: bool) -> MachineConfig {
+        MachineConfig {
+            mode,
+            overlap: true,
+            intake,
+            limits: Limits::default(),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            seed: 7,
+        }
+    }
+
+    fn at(ms: u64) -> Now {
+        thread_local!(static BASE: Instant = Instant::now());
+        Now {
+            instant: BASE.with(|b| *b) + Duration::from_millis(ms),
+            unix_ms: 1_700_000_000_000 + ms as i64,
+        }
+    }
+
+    fn fact(offset: u64) -> FetchedFact {
+        fact_with(offset, "{\"v\":1}")
+    }
+
+    fn fact_with(offset: u64, object_json: &str) -> FetchedFact {
+        FetchedFact {
+            offset,
+            appended_at_unix_ms: 5,
+            delivery_count: 1,
+            message: Message {
+                envelope: Envelope {
+                    message_id: format!("m{offset}"),
+                    from_zone: "plant".into(),
+                    to_zone: "ent".into(),
+                    produced_at_unix_ms: 1,
+                    ..Default::default()
+                },
+                fact: Fact {
+                    subject: "line:1".into(),
+                    predicate: "count".into(),
+                    object_json: object_json.into(),
+                    artifacts: vec![],
+                },
+            },
+            provenance: None,
+        }
+    }
+
+    /// A page of `offsets` from a stream holding `first..=last`, frontier `frontier`.
+    fn page(first: u64, last: u64, frontier: u64, offsets: &[u64]) -> FactPage {
+        FactPage {
+            zone: "plant".into(),
+            stream: "facts_operational".into(),
+            facts: offsets.iter().map(|&o| fact(o)).collect(),
+            first_offset: first,
+            last_offset: last,
+            frontier,
+            pending: 0,
+        }
+    }
+
+    fn drain(m: &mut Machine) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    fn names(actions: &[Action]) -> Vec<&'static str> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::ReadCheckpoint => "read_checkpoint",
+                Action::Fetch => "fetch",
+                Action::Prefetch => "prefetch",
+                Action::Decide(_) => "decide",
+                Action::AppendGapRecord(_) => "append_gap_record",
+                Action::Append(_) => "append",
+                Action::Quarantine(_) => "quarantine",
+                Action::Confirm(_) => "confirm",
+                Action::RecordCheckpoint(_) => "record_checkpoint",
+                Action::SleepUntil(_) => "sleep_until",
+                Action::Stepped(_) => "stepped",
+                Action::BackingOff { .. } => "backing_off",
+                Action::Gapped(_) => "gapped",
+                Action::Done(_) => "done",
+            })
+            .collect()
+    }
+
+    fn ok_outcome(offset: u64, duplicate: bool) -> Result<AppendOutcome, BoundaryError> {
+        Ok(AppendOutcome {
+            stream: "facts_operational".into(),
+            offset,
+            duplicate,
+        })
+    }
+
+    /// Answers an `Append` action: every fact stored, or `fail` for the offsets named.
+    fn appended(facts: Vec<(u64, ValidatedMessage)>, fail: &[(u64, BoundaryError)]) -> Event {
+        Event::Appended(
+            facts
+                .into_iter()
+                .map(|(offset, v)| Appended {
+                    offset,
+                    stored: v.stored_form().clone(),
+                    outcome: match fail.iter().find(|(o, _)| *o == offset) {
+                        Some((_, e)) => Err(e.clone()),
+                        None => ok_outcome(offset, false),
+                    },
+                })
+                .collect(),
+        )
+    }
+
+    fn take_append(actions: Vec<Action>) -> Vec<(u64, ValidatedMessage)> {
+        actions
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Append(f) => Some(f),
+                _ => None,
+            })
+            .expect("an append action")
+    }
+
+    /// A continuous machine that has read checkpoint `ckpt` and waits for its fetch.
+    fn fetching(ckpt: Option<u64>) -> Machine {
+        let mut m = Machine::new(step(), config(Mode::Continuous, false));
+        m.start(at(0));
+        assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+        m.handle(at(0), Event::CheckpointRead(Ok(ckpt)));
+        assert_eq!(names(&drain(&mut m)), ["fetch"]);
+        m
+    }
+
+    #[test]
+    fn a_page_is_appended_then_confirmed_then_checkpointed_with_the_next_page_fetched_ahead() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6]))));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["prefetch", "append"]);
+        let facts = take_append(a);
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5, 6]);
+        m.handle(at(2), appended(facts, &[]));
+        let a = drain(&mut m);
+        assert!(matches!(a.as_slice(), [Action::Confirm(6)]), "{a:?}");
+        m.handle(at(3), Event::Confirmed(Ok(Frontier { offset: 6 })));
+        let a = drain(&mut m);
+        assert!(
+            matches!(a.as_slice(), [Action::RecordCheckpoint(6)]),
+            "{a:?}"
+        );
+        m.handle(at(4), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        // The step succeeded; the next one waits for the page fetched ahead.
+        let [Action::Stepped(r)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(
+            (r.fetched, r.stored, r.frontier, r.checkpoint),
+            (2, 2, 6, Some(6))
+        );
+    }
+
+    #[test]
+    fn confirm_is_never_emitted_while_an_append_of_the_page_failed() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6, 7]))));
+        let facts = take_append(drain(&mut m));
+        let unavailable = BoundaryError::Unavailable("jetstream down".into());
+        m.handle(at(2), appended(facts, &[(6, unavailable)]));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["backing_off", "sleep_until"]);
+        assert!(
+            matches!(
+                &a[0],
+                Action::BackingOff {
+                    op: Operation::Append,
+                    attempt: 1,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        // Late answers of the failed step change nothing.
+        m.handle(at(3), Event::Confirmed(Ok(Frontier { offset: 7 })));
+        m.handle(at(3), Event::CheckpointRecorded(Ok(())));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn a_refused_fact_is_quarantined_before_the_confirm_and_the_rest_still_goes_through() {
+        let mut m = fetching(Some(4));
+        let mut p = page(1, 10, 4, &[5, 7]);
+        // Invalid under this zone's rules: set aside at validation.
+        p.facts.insert(1, fact_with(6, "{\"a\":1,\"a\":2}"));
+        m.handle(at(1), Event::Fetched(Ok(p)));
+        let facts = take_append(drain(&mut m));
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5, 7]);
+        // The zone refuses 7 for what it is (conflicting duplicate).
+        let conflict = BoundaryError::ConflictingDuplicate {
+            message_id: "m7".into(),
+            stream: "facts_operational".into(),
+            offset: 3,
+        };
+        m.handle(at(2), appended(facts, &[(7, conflict)]));
+        let a = drain(&mut m);
+        let [Action::Quarantine(entries)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        let offsets: Vec<_> = entries.iter().map(|e| e.source_offset).collect();
+        assert_eq!(offsets, [6, 7]);
+        // Each stamped when it was set aside: at validation, at the append's answer.
+        let stamps: Vec<_> = entries.iter().map(|e| e.quarantined_at_unix_ms).collect();
+        assert_eq!(stamps, [at(1).unix_ms, at(2).unix_ms]);
+        m.handle(at(3), Event::Quarantined(Ok(())));
+        assert!(matches!(drain(&mut m).as_slice(), [Action::Confirm(7)]));
+    }
+
+    #[test]
+    fn a_failed_quarantine_fails_the_page_before_its_confirm() {
+        let mut m = fetching(Some(4));
+        let mut p = page(1, 10, 4, &[]);
+        p.facts.push(fact_with(5, "{\"a\":1,\"a\":2}"));
+        m.handle(at(1), Event::Fetched(Ok(p)));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["prefetch", "quarantine"]);
+        m.handle(
+            at(2),
+            Event::Quarantined(Err(BoundaryError::Unavailable("x".into()))),
+        );
+        let a = drain(&mut m);
+        assert!(
+            matches!(
+                &a[0],
+                Action::BackingOff {
+                    op: Operation::Quarantine,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn intake_denials_are_quarantined_and_only_allowed_facts_are_appended() {
+        let mut m = Machine::new(step(), config(Mode::Continuous, true));
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6]))));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["prefetch", "decide"]);
+        let Some(Action::Decide(valid)) = a.into_iter().nth(1) else {
+            panic!()
+        };
+        let deny = Verdict::Deny(Denial {
+            policy: "p".into(),
+            reason: "no".into(),
+            module_sha256: String::new(),
+        });
+        let decided = valid
+            .into_iter()
+            .map(|(o, v)| (o, v, if o == 6 { deny.clone() } else { Verdict::Allow }))
+            .collect();
+        m.handle(at(2), Event::Decided(decided));
+        let facts = take_append(drain(&mut m));
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5]);
+        m.handle(at(3), appended(facts, &[]));
+        let a = drain(&mut m);
+        let [Action::Quarantine(e)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!((e.len(), e[0].cause.as_str()), (1, CAUSE_POLICY));
+    }
+
+    #[test]
+    fn a_gap_stops_the_link_before_anything_is_appended_until_exactly_that_range_is_accepted() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(7, 10, 4, &[7, 8]))));
+        let a = drain(&mut m);
+        let [
+            Action::Gapped(PullError::Gap {
+                missing_from: 5,
+                missing_to: 6,
+                ..
+            }),
+        ] = a.as_slice()
+        else {
+            panic!("{a:?}")
+        };
+        let acceptance = |range| GapAcceptance {
+            local_zone: "ent".into(),
+            accepted_by: "op".into(),
+            at_unix_ms: 1,
+            range,
+        };
+        // Another range, a timer, a late answer: still gapped, nothing emitted.
+        m.handle(at(2), Event::GapAccepted(acceptance(Some((5, 9)))));
+        m.handle(at(2), Event::TimerFired);
+        m.handle(at(2), Event::Fetched(Ok(page(7, 10, 4, &[7, 8]))));
+        assert!(drain(&mut m).is_empty());
+        // Exactly the gap: the checkpoint is read again, the page fetched again, the
+        // acceptance recorded first, then the facts.
+        m.handle(at(3), Event::GapAccepted(acceptance(Some((5, 6)))));
+        assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+        m.handle(at(3), Event::CheckpointRead(Ok(Some(4))));
+        assert_eq!(names(&drain(&mut m)), ["fetch"]);
+        m.handle(at(4), Event::Fetched(Ok(page(7, 10, 4, &[7, 8]))));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["prefetch", "append_gap_record"]);
+        let Some(Action::AppendGapRecord(record)) = a.into_iter().nth(1) else {
+            panic!()
+        };
+        assert_eq!(record.message().envelope.message_id, "gap:ent:5-6");
+        m.handle(at(5), Event::GapRecorded(ok_outcome(1, false)));
+        let facts = take_append(drain(&mut m));
+        m.handle(at(6), appended(facts, &[]));
+        m.handle(at(7), Event::Confirmed(Ok(Frontier { offset: 8 })));
+        m.handle(at(8), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        let Some(Action::Stepped(r)) = a.iter().find(|a| matches!(a, Action::Stepped(_))) else {
+            panic!("{a:?}")
+        };
+        assert_eq!(r.gap_accepted, Some((5, 6)));
+    }
+
+    #[test]
+    fn an_accepted_gap_on_an_emptied_stream_checkpoints_the_gaps_end_without_a_confirm() {
+        let acceptance = GapAcceptance {
+            local_zone: "ent".into(),
+            accepted_by: "op".into(),
+            at_unix_ms: 1,
+            range: Some((5, 10)),
+        };
+        let mut m = Machine::new(step(), config(Mode::Once, false)).accepting(Some(acceptance));
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        // JetStream reports an emptied stream as first = last + 1, the ack floor moved.
+        m.handle(at(1), Event::Fetched(Ok(page(11, 10, 10, &[]))));
+        assert_eq!(names(&drain(&mut m)), ["append_gap_record"]);
+        m.handle(at(2), Event::GapRecorded(ok_outcome(1, false)));
+        let a = drain(&mut m);
+        assert!(
+            matches!(a.as_slice(), [Action::RecordCheckpoint(10)]),
+            "{a:?}"
+        );
+        m.handle(at(3), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        let [Action::Done(Ok(r))] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!((r.checkpoint, r.gap_accepted), (Some(10), Some((5, 10))));
+    }
+
+    #[test]
+    fn the_gap_is_judged_against_the_lower_of_checkpoint_and_frontier() {
+        // The source's frontier jumped to 10 without this link confirming past 4.
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(11, 10, 10, &[]))));
+        assert!(matches!(
+            drain(&mut m).as_slice(),
+            [Action::Gapped(PullError::Gap {
+                missing_from: 5,
+                missing_to: 10,
+                ..
+            })]
+        ));
+        // Without a checkpoint the frontier is the reference: nothing missing.
+        let mut m = fetching(None);
+        m.handle(at(1), Event::Fetched(Ok(page(11, 10, 10, &[]))));
+        assert_eq!(names(&drain(&mut m)), ["stepped", "fetch"]);
+    }
+
+    #[test]
+    fn a_page_fetched_ahead_is_dropped_when_the_step_fails_and_the_checkpoint_is_read_again() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6]))));
+        let facts = take_append(drain(&mut m));
+        // The page ahead arrives while this one is appended...
+        m.handle(at(2), Event::Prefetched(Ok(page(1, 10, 4, &[7, 8]))));
+        assert!(drain(&mut m).is_empty());
+        // ... and this one's confirm fails: the page ahead is gone.
+        m.handle(at(3), appended(facts, &[]));
+        drain(&mut m);
+        m.handle(
+            at(4),
+            Event::Confirmed(Err(BoundaryError::Unavailable("x".into()))),
+        );
+        assert_eq!(names(&drain(&mut m)), ["backing_off", "sleep_until"]);
+        m.handle(at(5000), Event::TimerFired);
+        assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+        m.handle(at(5000), Event::CheckpointRead(Ok(Some(4))));
+        // A fresh fetch, not the page fetched ahead.
+        assert_eq!(names(&drain(&mut m)), ["fetch"]);
+    }
+
+    #[test]
+    fn a_page_ahead_still_on_its_way_when_the_step_fails_is_awaited_and_discarded() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5]))));
+        drain(&mut m);
+        m.handle(
+            at(2),
+            Event::Appended(vec![Appended {
+                offset: 5,
+                stored: bytes::Bytes::new(),
+                outcome: Err(BoundaryError::Unavailable("x".into())),
+            }]),
+        );
+        drain(&mut m);
+        m.handle(at(5000), Event::TimerFired);
+        // One fetch at a time: the next step waits for the page ahead ...
+        assert!(drain(&mut m).is_empty());
+        m.handle(at(5001), Event::Prefetched(Ok(page(1, 10, 4, &[6]))));
+        // ... which belongs to the failed step and is not applied.
+        assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+        m.handle(at(5001), Event::CheckpointRead(Ok(Some(4))));
+        assert_eq!(names(&drain(&mut m)), ["fetch"]);
+    }
+
+    #[test]
+    fn the_page_ahead_takes_the_frontier_the_previous_confirm_returned_and_the_cached_checkpoint() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 20, 4, &[5, 6]))));
+        let facts = take_append(drain(&mut m));
+        // Read before the confirm below: frontier 4, and the stream's first retained
+        // offset 7 (5 and 6 confirmed and removed by a work-queue retention).
+        m.handle(at(2), Event::Prefetched(Ok(page(7, 20, 4, &[7, 8]))));
+        m.handle(at(3), appended(facts, &[]));
+        drain(&mut m);
+        m.handle(at(4), Event::Confirmed(Ok(Frontier { offset: 6 })));
+        drain(&mut m);
+        m.handle(at(5), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        // No checkpoint read (cached: 6), no fetch (the page ahead), no gap (the page
+        // ahead is taken as frontier 6): straight to the next append.
+        assert_eq!(names(&a), ["stepped", "prefetch", "append"]);
+        let facts = take_append(a);
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [7, 8]);
+    }
+
+    #[test]
+    fn a_failed_fetch_ahead_fails_nothing_and_the_next_step_fetches() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5]))));
+        let facts = take_append(drain(&mut m));
+        m.handle(
+            at(2),
+            Event::Prefetched(Err(BoundaryError::Unavailable("x".into()))),
+        );
+        m.handle(at(3), appended(facts, &[]));
+        m.handle(at(4), Event::Confirmed(Ok(Frontier { offset: 5 })));
+        m.handle(at(5), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        assert_eq!(
+            names(&a),
+            ["confirm", "record_checkpoint", "stepped", "fetch"]
+        );
+    }
+
+    #[test]
+    fn an_empty_page_is_a_success_without_confirm_and_the_next_step_long_polls() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 4, 4, &[]))));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["stepped", "fetch"]);
+    }
+
+    #[test]
+    fn a_page_from_a_stream_the_link_does_not_carry_fails_before_anything_is_appended() {
+        let mut m = fetching(Some(4));
+        let mut p = page(1, 10, 4, &[5]);
+        p.stream = "facts_audit".into();
+        m.handle(at(1), Event::Fetched(Ok(p)));
+        let a = drain(&mut m);
+        assert!(
+            matches!(
+                &a[0],
+                Action::BackingOff {
+                    op: Operation::Fetch,
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        assert_eq!(names(&a), ["backing_off", "sleep_until"]);
+    }
+
+    #[test]
+    fn a_failed_checkpoint_read_backs_off_and_reads_it_again() {
+        let mut m = Machine::new(step(), config(Mode::Continuous, false));
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(
+            at(0),
+            Event::CheckpointRead(Err(BoundaryError::Unavailable("x".into()))),
+        );
+        let a = drain(&mut m);
+        assert!(matches!(
+            &a[0],
+            Action::BackingOff {
+                op: Operation::Checkpoint,
+                ..
+            }
+        ));
+        m.handle(at(9000), Event::TimerFired);
+        assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_its_bounds_and_resets_after_a_success() {
+        let mut m = fetching(Some(4));
+        let mut last = at(0);
+        for attempt in 1..30u32 {
+            m.handle(
+                last,
+                Event::Fetched(Err(BoundaryError::Unavailable("x".into()))),
+            );
+            let a = drain(&mut m);
+            let (
+                Action::BackingOff {
+                    attempt: n, delay, ..
+                },
+                Action::SleepUntil(until),
+            ) = (&a[0], &a[1])
+            else {
+                panic!("{a:?}")
+            };
+            let cap = Duration::from_millis(100 * 2u64.pow((attempt - 1).min(20)))
+                .min(Duration::from_secs(5));
+            assert_eq!(*n, attempt);
+            assert!(
+                *delay >= cap / 2 && *delay <= cap,
+                "attempt {attempt}: {delay:?}"
+            );
+            assert_eq!(*until, last.instant + *delay);
+            last = Now {
+                instant: *until,
+                unix_ms: last.unix_ms,
+            };
+            m.handle(last, Event::TimerFired);
+            // The checkpoint was dropped by the failure: read again, then fetch.
+            assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+            m.handle(last, Event::CheckpointRead(Ok(Some(4))));
+            assert_eq!(names(&drain(&mut m)), ["fetch"]);
+        }
+        m.handle(last, Event::Fetched(Ok(page(1, 4, 4, &[]))));
+        drain(&mut m);
+        assert_eq!(m.attempt(), 0);
+    }
+
+    #[test]
+    fn the_jitter_is_seeded_same_seed_same_delays_and_spread_across_attempts() {
+        let delays = |seed| {
+            let mut c = config(Mode::Continuous, false);
+            c.seed = seed;
+            let mut m = Machine::new(step(), c);
+            (0..20).map(|_| m.backoff(10)).collect::<Vec<_>>()
+        };
+        assert_eq!(delays(1), delays(1));
+        assert_ne!(delays(1), delays(2));
+        let distinct: std::collections::HashSet<_> = delays(1).into_iter().collect();
+        assert!(distinct.len() > 1, "jittered");
+    }
+
+    #[test]
+    fn once_mode_reports_the_first_failure_and_stops() {
+        let mut m = Machine::new(step(), config(Mode::Once, false));
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(None)));
+        assert_eq!(names(&drain(&mut m)), ["fetch"]);
+        m.handle(
+            at(1),
+            Event::Fetched(Err(BoundaryError::Unavailable("x".into()))),
+        );
+        let a = drain(&mut m);
+        assert!(matches!(
+            a.as_slice(),
+            [Action::Done(Err(PullError::Boundary {
+                op: Operation::Fetch,
+                ..
+            }))]
+        ));
+        assert!(m.is_done());
+        m.handle(at(2), Event::TimerFired);
+        assert!(drain(&mut m).is_empty());
+    }
+}
