@@ -8,10 +8,8 @@
 //! Exit codes: 0 success, 1 the operation failed, 2 bad usage or config.
 
 mod admin;
+#[cfg(feature = "bench")]
 mod bench;
-mod bench_index;
-mod bench_policy;
-mod bench_transports;
 mod certs;
 mod client;
 mod config;
@@ -166,10 +164,12 @@ enum Command {
         #[command(subcommand)]
         which: IndexCommand,
     },
-    /// Benchmarks (print numbers against a baseline measured in the same run).
+    /// Benchmarks (print numbers against a baseline measured in the same run). Built
+    /// only with the `bench` feature: the shipping binary links no test emulator.
+    #[cfg(feature = "bench")]
     Bench {
         #[command(subcommand)]
-        which: BenchCommand,
+        which: bench::BenchCommand,
     },
     /// Store an artifact, streamed from a file.
     PutObject {
@@ -318,24 +318,6 @@ enum IndexCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// AppendFact over gRPC vs raw JetStream publish, both flush settings.
-    Append(bench::AppendBench),
-    /// A backlog drained from zone A to zone B by a link over gRPC, beside native
-    /// JetStream sourcing over a leaf node and a raw fetch+publish copier.
-    Replicate(bench::ReplicateBench),
-    /// Replication over gRPC and QUIC across the same emulated link, for a matrix of
-    /// round-trip times and loss rates (needs root: network namespaces, TUN).
-    Transports(bench_transports::TransportsBench),
-    /// Per-fact cost of a WASM policy at batch sizes 1, 100, 1000, and replication
-    /// with and without it at a link's intake.
-    Policy(bench_policy::PolicyBench),
-    /// What remembering message_ids costs the zone's nats-server: memory and disk per
-    /// million ids, and the append rate as the index grows.
-    Index(bench_index::IndexBench),
 }
 
 fn init_tracing() {
@@ -572,33 +554,8 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             }
             Ok(())
         }
-        Command::Bench {
-            which: BenchCommand::Append(opts),
-        } => bench::append(opts).await.map_err(op),
-        Command::Bench {
-            which: BenchCommand::Replicate(opts),
-        } => {
-            init_tracing();
-            bench::replicate(opts).await.map_err(op)
-        }
-        Command::Bench {
-            which: BenchCommand::Transports(opts),
-        } => {
-            init_tracing();
-            bench_transports::transports(opts).await.map_err(op)
-        }
-        Command::Bench {
-            which: BenchCommand::Index(opts),
-        } => {
-            init_tracing();
-            bench_index::index(opts).await.map_err(op)
-        }
-        Command::Bench {
-            which: BenchCommand::Policy(opts),
-        } => {
-            init_tracing();
-            bench_policy::policy(opts).await.map_err(op)
-        }
+        #[cfg(feature = "bench")]
+        Command::Bench { which } => bench::run(which).await.map_err(op),
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
             client::put_object(api.as_ref(), &bucket, key, file, cli.json)

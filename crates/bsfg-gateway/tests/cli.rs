@@ -422,6 +422,8 @@ fn a_client_knowing_only_the_address_calls_the_gateway_through_reflection() {
     );
 }
 
+// `bsfg bench` exists only with the `bench` feature (scripts/test.sh turns it on).
+#[cfg(feature = "bench")]
 #[test]
 fn bench_append_prints_a_row_per_flush_setting_with_its_baseline() {
     let out = Command::new(BSFG)
@@ -504,6 +506,8 @@ fn the_gateway_keeps_serving_across_a_hard_restart_of_its_nats_server() {
     assert_eq!(page["last_offset"], 2);
 }
 
+// `bsfg bench` exists only with the `bench` feature (scripts/test.sh turns it on).
+#[cfg(feature = "bench")]
 #[test]
 fn bench_replicate_prints_the_link_beside_native_sourcing_and_a_raw_copier() {
     let out = Command::new(BSFG)

@@ -107,7 +107,7 @@ pub async fn index(opts: IndexBench) -> anyhow::Result<()> {
     let mut last_disk_per_m = 0.0;
     for k in 0..samples {
         let t = Instant::now();
-        crate::bench::load_backlog(&api, per, |i| {
+        crate::bench::pipeline::load_backlog(&api, per, |i| {
             padded_fact(&id(k * per + i), k * per + i, opts.object_bytes)
         })
         .await?;

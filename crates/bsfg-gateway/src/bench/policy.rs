@@ -241,8 +241,8 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
     .context("starting nats-server A (run scripts/setup.sh)")?;
     let consumers = ["run-1", "run-2", "run-3", "run-4"];
     let a_api = Arc::new(zone(&a_nats, "zone_a", &consumers, &limits).await?);
-    crate::bench::load_backlog(&a_api, n, |i| fact(i, opts.object_bytes)).await?;
-    let served = crate::bench::Served::start(a_api.clone()).await?;
+    crate::bench::pipeline::load_backlog(&a_api, n, |i| fact(i, opts.object_bytes)).await?;
+    let served = crate::bench::pipeline::Served::start(a_api.clone()).await?;
     let url = served.url.clone();
     let with_policy = || Intake {
         chain: PolicyChain::new(vec![policy.clone() as Arc<dyn Policy>]),

@@ -1,0 +1,51 @@
+//! `bsfg bench ...`: benchmarks that print numbers against a baseline measured in the
+//! same run. Built only with the `bench` feature, so the shipping binary links no test
+//! emulator, no TUN code and no throwaway PKI.
+
+pub mod index;
+pub mod pipeline;
+pub mod policy;
+pub mod transports;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// AppendFact over gRPC vs raw JetStream publish, both flush settings.
+    Append(pipeline::AppendBench),
+    /// A backlog drained from zone A to zone B by a link over gRPC, beside native
+    /// JetStream sourcing over a leaf node and a raw fetch+publish copier.
+    Replicate(pipeline::ReplicateBench),
+    /// Replication over gRPC and QUIC across the same emulated link, for a matrix of
+    /// round-trip times and loss rates (needs root: network namespaces, TUN).
+    Transports(transports::TransportsBench),
+    /// Per-fact cost of a WASM policy at batch sizes 1, 100, 1000, and replication
+    /// with and without it at a link's intake.
+    Policy(policy::PolicyBench),
+    /// What remembering message_ids costs the zone's nats-server: memory and disk per
+    /// million ids, and the append rate as the index grows.
+    Index(index::IndexBench),
+}
+
+/// Runs one benchmark.
+pub async fn run(which: BenchCommand) -> anyhow::Result<()> {
+    match which {
+        BenchCommand::Append(opts) => pipeline::append(opts).await,
+        BenchCommand::Replicate(opts) => {
+            crate::init_tracing();
+            pipeline::replicate(opts).await
+        }
+        BenchCommand::Transports(opts) => {
+            crate::init_tracing();
+            transports::transports(opts).await
+        }
+        BenchCommand::Index(opts) => {
+            crate::init_tracing();
+            index::index(opts).await
+        }
+        BenchCommand::Policy(opts) => {
+            crate::init_tracing();
+            policy::policy(opts).await
+        }
+    }
+}
