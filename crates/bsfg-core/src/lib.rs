@@ -4,11 +4,14 @@
 //! and its validation ([`model`]), the one error type with stable reasons
 //! ([`error`]), the ports that adapters implement ([`ports`]) and the Boundary engine
 //! that serves the four operations over them ([`engine`]), and receiver-driven
-//! replication ([`link`]: the pull step and the link loop).
+//! replication ([`link`]: the link's state machine and its drivers), and the
+//! framework a zone is composed from ([`component`]: Transport and Sink traits and
+//! their registry).
 //!
 //! Architecture invariant: this crate performs no I/O and depends on no adapter.
 
 pub mod authz;
+pub mod component;
 pub mod engine;
 pub mod error;
 pub mod json;

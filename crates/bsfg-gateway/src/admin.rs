@@ -150,8 +150,9 @@ pub struct Admin {
     pub index: IndexGauge,
 }
 
-/// The latest [`bsfg_sink_jetstream::IndexUsage`], shared with its refresher.
-pub type IndexGauge = Arc<std::sync::Mutex<Option<bsfg_sink_jetstream::IndexUsage>>>;
+/// The zone store's latest gauges ([`bsfg_core::component::ZoneStore::gauges`]),
+/// shared with their refresher.
+pub type IndexGauge = Arc<std::sync::Mutex<Vec<bsfg_core::component::Gauge>>>;
 
 /// What the security metrics read: every TLS endpoint (for certificate expiry), the
 /// shared handshake and reload counters, and the authorization denials.
@@ -399,40 +400,14 @@ impl prometheus_client::collector::Collector for Collector {
 
 impl Collector {
     fn encode_index(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(u) = self.index.lock().ok().and_then(|u| u.clone()) else {
-            return Ok(());
-        };
+        let gauges = self.index.lock().map(|g| g.clone()).unwrap_or_default();
         let zone: Labels = vec![("zone", self.zone.clone())];
-        family(
-            e,
-            "bsfg_index_ids",
-            "message_ids the zone's idempotency index remembers.",
-            &[(zone.clone(), ConstGauge::new(u.ids as f64))],
-        )?;
-        family(
-            e,
-            "bsfg_index_disk_bytes",
-            "Bytes the idempotency index stream holds on disk.",
-            &[(zone.clone(), ConstGauge::new(u.disk_bytes as f64))],
-        )?;
-        family(
-            e,
-            "bsfg_index_lookup_bytes",
-            "Bytes of this gateway's on-disk look-up of the idempotency index.",
-            &[(zone.clone(), ConstGauge::new(u.lookup_bytes as f64))],
-        )?;
-        family(
-            e,
-            "bsfg_index_horizon_seconds",
-            "How long the index remembers an id (index_max_age); 0 = forever.",
-            &[(zone.clone(), ConstGauge::new(u.horizon.as_secs_f64()))],
-        )?;
-        if let Some(m) = u.server_memory_bytes {
+        for g in gauges {
             family(
                 e,
-                "bsfg_store_server_memory_bytes",
-                "Resident memory of the zone's nats-server (its /varz `mem`); the bounded index does not grow it per remembered id.",
-                &[(zone, ConstGauge::new(m as f64))],
+                g.name,
+                g.help,
+                &[(zone.clone(), ConstGauge::new(g.value))],
             )?;
         }
         Ok(())

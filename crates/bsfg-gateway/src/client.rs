@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use bsfg_core::{BoundaryApi, BoundaryError, Envelope, Fact, FactPage, FetchRequest, Message};
 
-use bsfg_transport_grpc::{ClientConfig, GrpcClient};
+use bsfg_core::component::{Security, TlsMaterial};
 use futures::{StreamExt, TryStreamExt};
 
 /// The client's certificate for `grpcs://` URLs.
@@ -28,74 +28,38 @@ pub struct TlsArgs {
     pub tls_server_name: Option<String>,
 }
 
-/// A client for `url`: `grpc://` plaintext, `grpcs://` (gRPC) or `quic://` (QUIC), the
-/// latter two with mutual TLS from `--tls-cert/--tls-key/--tls-ca`. The connection is
-/// made on first use.
+/// A client for `url`, by its scheme's registered transport; a mutual-TLS scheme
+/// with the certificate from `--tls-cert/--tls-key/--tls-ca`. The connection is made
+/// on first use.
 pub fn connect(url: &str, tls: &TlsArgs) -> anyhow::Result<Arc<dyn BoundaryApi>> {
-    let quic = url.starts_with("quic://");
-    if !url.starts_with("grpcs://") && !quic {
-        return dial(url, None, bsfg_transport_quic::ClientConfig::default())
-            .map_err(|e| anyhow::anyhow!("{e}"));
-    }
-    let (Some(cert), Some(key), Some(ca)) = (&tls.tls_cert, &tls.tls_key, &tls.tls_ca) else {
-        bail!(
-            "{url}: mutual TLS needs --tls-cert, --tls-key and --tls-ca (or BSFG_TLS_CERT, BSFG_TLS_KEY, BSFG_TLS_CA)"
-        );
+    let registry = crate::registry::builtin();
+    let (_, scheme, _) = registry.endpoint(url).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let material = match scheme.security {
+        Security::MutualTls { alpn } => {
+            let (Some(cert), Some(key), Some(ca)) = (&tls.tls_cert, &tls.tls_key, &tls.tls_ca)
+            else {
+                bail!(
+                    "{url}: mutual TLS needs --tls-cert, --tls-key and --tls-ca (or BSFG_TLS_CERT, BSFG_TLS_KEY, BSFG_TLS_CA)"
+                );
+            };
+            let files = bsfg_tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                trust: vec![bsfg_tls::Anchor {
+                    name: "ca".into(),
+                    path: ca.clone(),
+                }],
+                identity_from: bsfg_tls::IdentityFrom::San,
+            };
+            let client =
+                bsfg_tls::ClientTls::new(files, vec![alpn.to_vec()], "cli", Arc::default())?;
+            Some((TlsMaterial::new(client), tls.tls_server_name.clone()))
+        }
+        Security::Plaintext | Security::LocalCredentials { .. } => None,
     };
-    let files = bsfg_tls::TlsFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        trust: vec![bsfg_tls::Anchor {
-            name: "ca".into(),
-            path: ca.clone(),
-        }],
-        identity_from: bsfg_tls::IdentityFrom::San,
-    };
-    let scheme = if quic { "quic" } else { "grpcs" };
-    let client_tls = bsfg_tls::ClientTls::new(files, alpn(scheme), "cli", Arc::default())?;
-    dial(
-        url,
-        Some((client_tls, tls.tls_server_name.clone())),
-        bsfg_transport_quic::ClientConfig::default(),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// The ALPN protocol of a transport scheme (`h2` for gRPC, `bsfg/1` for QUIC): each
-/// transport has its own, so a client of one never completes a handshake with the
-/// other.
-pub fn alpn(scheme: &str) -> Vec<Vec<u8>> {
-    match scheme {
-        "quic" => vec![bsfg_transport_quic::ALPN.to_vec()],
-        _ => vec![bsfg_tls::ALPN_H2.to_vec()],
-    }
-}
-
-/// A lazy client for `url`, picked by its scheme: `quic://` (QUIC with `quic`'s
-/// settings), `grpcs://` (gRPC), both over `tls` (the client identity and the name
-/// the server must carry, default the URL's host); `grpc://` plaintext only when no
-/// `tls` is given. A TLS scheme without `tls` is refused, never dialed in plaintext.
-pub fn dial(
-    url: &str,
-    tls: Option<(Arc<bsfg_tls::ClientTls>, Option<String>)>,
-    quic: bsfg_transport_quic::ClientConfig,
-) -> Result<Arc<dyn BoundaryApi>, BoundaryError> {
-    match (url.starts_with("quic://"), tls) {
-        (true, Some((tls, name))) => {
-            bsfg_transport_quic::QuicClient::new(url, quic, tls, name).map(|c| Arc::new(c) as _)
-        }
-        (true, None) => Err(BoundaryError::invalid(
-            "url",
-            format!("`{url}` is QUIC, which is always mutual TLS: it needs a client certificate"),
-        )),
-        (false, Some((tls, name))) => {
-            GrpcClient::connect_lazy_tls(url, ClientConfig::default(), tls, name)
-                .map(|c| Arc::new(c) as _)
-        }
-        (false, None) => {
-            GrpcClient::connect_lazy(url, ClientConfig::default()).map(|c| Arc::new(c) as _)
-        }
-    }
+    registry
+        .dial(url, material)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The fields of one fact given on the command line.

@@ -1,19 +1,25 @@
 //! A zone's gateway, composed from one TOML file.
 //!
-//! Every component is chosen by name: the sink by `type`, each listener by its URL
-//! scheme. [`load`] parses and checks everything before anything starts, and reports
-//! each problem as `file:line:column: key: rule`.
+//! Every component is chosen by name through the [`Registry`]: the sink by `type`,
+//! each listener and link by its URL scheme. The gateway reads only what is its own
+//! (the zone, limits, TLS, peers, policies, the admin endpoint, a link's loop
+//! settings, a listener's serving limits and the security rules of each scheme's
+//! kind); every component reads and checks its own keys. [`load`] checks everything
+//! before anything starts, and reports each problem as `file:line:column: key: rule`.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use bsfg_core::component::{
+    Checks, DeTable, DeValue, Dial, Endpoint, Listen, Registry, Scheme, Security, ServeLimits,
+    SinkPlan, Spanned, Table, ZoneSettings,
+};
 use bsfg_core::{Limits, names};
-use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, PublishMode, StreamClass};
-use bsfg_transport_grpc::ServerConfig;
 use serde::Deserialize;
-use serde_spanned::Spanned;
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,19 +51,14 @@ impl std::fmt::Display for Problem {
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct Problems(pub Vec<Problem>);
 
+/// What the gateway itself reads of a zone file; the `[sink]`, `[[consumers]]`,
+/// `[[listeners]]` and `[[links]]` tables go to their components.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     zone: RawZone,
     #[serde(default)]
     limits: RawLimits,
-    sink: Spanned<RawJetStream>,
-    #[serde(default)]
-    consumers: Vec<RawConsumer>,
-    #[serde(default)]
-    listeners: Vec<RawListener>,
-    #[serde(default, alias = "link")]
-    links: Vec<RawLink>,
     admin: Option<RawAdmin>,
     tls: Option<Spanned<RawTls>>,
     #[serde(default, alias = "peer")]
@@ -115,6 +116,24 @@ struct RawPeer {
     read_buckets: Vec<Spanned<String>>,
 }
 
+/// The keys of a `[[links]]` entry the link itself reads; the rest go to the
+/// source's transport.
+const LINK_KEYS: &[&str] = &[
+    "name",
+    "source",
+    "insecure",
+    "consumer",
+    "classes",
+    "page_size",
+    "wait",
+    "backoff_min",
+    "backoff_max",
+    "request_timeout",
+    "ca",
+    "server_name",
+    "source_zone",
+];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLink {
@@ -132,23 +151,34 @@ struct RawLink {
     ca: Option<Spanned<String>>,
     server_name: Option<Spanned<String>>,
     source_zone: Option<Spanned<String>>,
-    quic: Option<Spanned<RawQuic>>,
 }
 
-/// `quic = { ... }` on a `quic://` listener or link: the transport's tuning.
+/// The keys of a `[[listeners]]` entry every listener has (its URL, `insecure`,
+/// the serving limits); the rest go to the URL's transport.
+const LISTENER_KEYS: &[&str] = &[
+    "url",
+    "insecure",
+    "max_message_bytes",
+    "max_fetch_wait",
+    "max_concurrent_streams",
+    "request_timeout",
+    "idle_timeout",
+    "handshake_timeout",
+    "max_object_bytes",
+];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawQuic {
-    congestion: Option<Spanned<String>>,
-    stream_window: Option<Spanned<u64>>,
-    connection_window: Option<Spanned<u64>>,
-    send_window: Option<Spanned<u64>>,
-    initial_mtu: Option<Spanned<u16>>,
-    mtu_discovery: Option<Spanned<bool>>,
-    keep_alive: Option<Spanned<String>>,
-    idle_timeout: Option<Spanned<String>>,
+struct RawListener {
+    url: Spanned<String>,
+    insecure: Option<Spanned<bool>>,
+    max_message_bytes: Option<Spanned<usize>>,
+    max_fetch_wait: Option<Spanned<String>>,
     max_concurrent_streams: Option<Spanned<u32>>,
-    socket_buffer: Option<Spanned<usize>>,
+    request_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    handshake_timeout: Option<Spanned<String>>,
+    max_object_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,79 +201,23 @@ struct RawLimits {
     max_labels: Option<Spanned<usize>>,
 }
 
-/// The `[sink]` table. Its `type` names the component in [`SINKS`]; the other keys
-/// are that component's settings. (A serde-tagged enum would lose the spans that
-/// error messages need.)
+/// The `type` of the `[sink]` table: names the sink in the registry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawJetStream {
+struct RawSinkType {
     #[serde(rename = "type")]
     kind: Spanned<String>,
-    url: Spanned<String>,
-    domain: Option<Spanned<String>>,
-    monitor_url: Option<Spanned<String>>,
-    class_label: Option<String>,
-    default_class: Option<Spanned<String>>,
-    replicas: Option<Spanned<usize>>,
-    duplicate_window: Option<Spanned<String>>,
-    index_max_age: Option<Spanned<String>>,
-    max_batch: Option<Spanned<usize>>,
-    max_inflight_batches: Option<Spanned<usize>>,
-    queue_capacity: Option<Spanned<usize>>,
-    publish_mode: Option<Spanned<String>>,
-    index_path: Option<String>,
-    classes: Option<Vec<RawClass>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClass {
-    name: Spanned<String>,
-    max_age: Spanned<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConsumer {
-    name: Spanned<String>,
-    class: Spanned<String>,
-    #[serde(default)]
-    subject_kinds: Vec<String>,
-    ack_wait: Option<Spanned<String>>,
-    max_ack_pending: Option<Spanned<i64>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    url: Spanned<String>,
-    insecure: Option<Spanned<bool>>,
-    max_message_bytes: Option<Spanned<usize>>,
-    max_fetch_wait: Option<Spanned<String>>,
-    max_concurrent_streams: Option<Spanned<u32>>,
-    request_timeout: Option<Spanned<String>>,
-    idle_timeout: Option<Spanned<String>>,
-    handshake_timeout: Option<Spanned<String>>,
-    max_object_bytes: Option<Spanned<u64>>,
-    quic: Option<Spanned<RawQuic>>,
-}
-
-/// A listener, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A listener, resolved: its transport's checked plan.
+#[derive(Debug, Clone)]
 pub struct Listener {
-    /// The URL as written (`grpc://127.0.0.1:7443`).
+    /// The URL as written (`grpcs://0.0.0.0:7443`).
     pub url: String,
-    /// URL scheme: picks the transport.
-    pub scheme: String,
-    /// Socket address to bind.
-    pub addr: SocketAddr,
-    /// Mutual TLS with the zone's `[tls]` identity (`grpcs://`, `quic://`);
-    /// otherwise plaintext on loopback.
-    pub tls: bool,
-    /// Transport settings (gRPC).
-    pub server: ServerConfig,
-    /// Transport settings (QUIC): the same limits and timeouts plus the `quic` tuning.
-    pub quic: bsfg_transport_quic::ServerConfig,
+    /// Its scheme, as the transport registered it.
+    pub scheme: &'static Scheme,
+    /// The transport's listener, ready to start.
+    pub listen: Arc<dyn Listen>,
 }
 
 /// The zone's TLS identity and trust anchors (`[tls]`).
@@ -265,7 +239,7 @@ impl TlsSettings {
     }
 }
 
-/// How a link authenticates its source (`grpcs://`).
+/// How a link authenticates its source (a [`Security::MutualTls`] scheme).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkTls {
     /// The trust anchor the source's certificate must chain to.
@@ -275,16 +249,16 @@ pub struct LinkTls {
 }
 
 /// A link, resolved: pull from `source` into this zone.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LinkConfig {
     /// The source gateway's URL as written; its scheme picks the transport.
     pub source: String,
-    /// URL scheme of `source`.
-    pub scheme: String,
-    /// Mutual TLS to the source, when the scheme is `grpcs` or `quic`.
+    /// Its scheme, as the transport registered it.
+    pub scheme: &'static Scheme,
+    /// Mutual TLS to the source, when the scheme is mutual TLS.
     pub tls: Option<LinkTls>,
-    /// QUIC client settings, used when the scheme is `quic`.
-    pub quic: bsfg_transport_quic::ClientConfig,
+    /// The transport's client, checked.
+    pub dial: Arc<dyn Dial>,
     /// The link loop's settings.
     pub settings: bsfg_core::link::LinkSettings,
 }
@@ -296,8 +270,10 @@ pub struct GatewayConfig {
     pub zone: String,
     /// Validation limits of the engine.
     pub limits: Limits,
-    /// The zone log (the only sink type so far).
-    pub sink: JetStreamConfig,
+    /// The zone's store, as its sink checked it.
+    pub sink: Arc<dyn SinkPlan>,
+    /// The sink's registered `type`.
+    pub sink_type: &'static str,
     /// Listeners, in file order.
     pub listeners: Vec<Listener>,
     /// Links pulling into this zone, in file order.
@@ -322,17 +298,6 @@ pub struct PolicyEntry {
     pub hooks: Vec<bsfg_core::Hook>,
 }
 
-/// Transports known by URL scheme: `grpc` is plaintext (loopback, `insecure = true`),
-/// `grpcs` is gRPC over mutual TLS, `quic` is QUIC (always mutual TLS).
-pub const SCHEMES: &[&str] = &["grpc", "grpcs", "quic"];
-
-/// Schemes that are mutual TLS and need the zone's `[tls]` section.
-fn is_tls(scheme: &str) -> bool {
-    scheme == "grpcs" || scheme == "quic"
-}
-/// Sinks known by `type`.
-pub const SINKS: &[&str] = &["jetstream"];
-
 struct Checker<'a> {
     file: &'a Path,
     src: &'a str,
@@ -356,135 +321,18 @@ impl Checker<'_> {
         });
     }
 
+    /// Takes the problems a component recorded.
+    fn absorb(&mut self, checks: &mut Checks) {
+        for p in std::mem::take(&mut checks.problems) {
+            self.at(p.span, p.key, p.rule);
+        }
+    }
+
     fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
-        let Some(v) = v else { return default };
-        match humantime::parse_duration(v.get_ref()) {
-            Ok(d) => d,
-            Err(e) => {
-                self.at(
-                    v.span(),
-                    key,
-                    format!(
-                        "`{}` is not a duration ({e}); write e.g. \"30s\", \"5m\", \"30d\"",
-                        v.get_ref()
-                    ),
-                );
-                default
-            }
-        }
-    }
-
-    /// The `quic = { ... }` tuning at `key`, checked; defaults where absent. On a
-    /// scheme other than `quic` the table is a mistake and reported as one.
-    fn quic(
-        &mut self,
-        raw: &Option<Spanned<RawQuic>>,
-        scheme: &str,
-        key: &str,
-    ) -> bsfg_transport_quic::Tuning {
-        use bsfg_transport_quic::{Congestion, Tuning};
-        let mut t = Tuning::default();
-        let Some(table) = raw else { return t };
-        if scheme != "quic" {
-            self.at(
-                table.span(),
-                key,
-                format!("QUIC settings apply only to quic:// URLs, not {scheme}://"),
-            );
-            return t;
-        }
-        let q = table.get_ref();
-        if let Some(c) = &q.congestion {
-            match Congestion::parse(c.get_ref()) {
-                Some(v) => t.congestion = v,
-                None => self.at(
-                    c.span(),
-                    format!("{key}.congestion"),
-                    format!(
-                        "`{}` is not a congestion controller; known: cubic, bbr, newreno",
-                        c.get_ref()
-                    ),
-                ),
-            }
-        }
-        for (v, slot) in [
-            (&q.stream_window, &mut t.stream_window),
-            (&q.connection_window, &mut t.connection_window),
-            (&q.send_window, &mut t.send_window),
-        ] {
-            if let Some(v) = v {
-                *slot = *v.get_ref();
-            }
-        }
-        if let Some(v) = &q.initial_mtu {
-            t.initial_mtu = *v.get_ref();
-        }
-        if let Some(v) = &q.mtu_discovery {
-            t.mtu_discovery = *v.get_ref();
-        }
-        if let Some(v) = &q.max_concurrent_streams {
-            t.max_concurrent_streams = *v.get_ref();
-        }
-        if let Some(v) = &q.socket_buffer {
-            t.socket_buffer = *v.get_ref();
-        }
-        t.keep_alive = self.duration(&q.keep_alive, &format!("{key}.keep_alive"), t.keep_alive);
-        t.idle_timeout = self.duration(
-            &q.idle_timeout,
-            &format!("{key}.idle_timeout"),
-            t.idle_timeout,
-        );
-        if let Err(e) = t.check() {
-            let span = match e.field {
-                "stream_window" => q.stream_window.as_ref().map(|v| v.span()),
-                "connection_window" => q.connection_window.as_ref().map(|v| v.span()),
-                "send_window" => q.send_window.as_ref().map(|v| v.span()),
-                "initial_mtu" => q.initial_mtu.as_ref().map(|v| v.span()),
-                "keep_alive" => q.keep_alive.as_ref().map(|v| v.span()),
-                "idle_timeout" => q.idle_timeout.as_ref().map(|v| v.span()),
-                "max_concurrent_streams" => q.max_concurrent_streams.as_ref().map(|v| v.span()),
-                _ => None,
-            };
-            self.at(
-                span.unwrap_or(table.span()),
-                format!("{key}.{}", e.field),
-                e.rule,
-            );
-        }
-        t
-    }
-
-    /// A transport URL `scheme://rest`: the scheme must name a known transport (the
-    /// registry is [`SCHEMES`]). Returns (scheme, rest) or records the problem.
-    fn transport_url<'v>(
-        &mut self,
-        v: &'v Spanned<String>,
-        key: &str,
-        example: &str,
-    ) -> Option<(&'v str, &'v str)> {
-        let url = v.get_ref();
-        match url.split_once("://") {
-            Some((scheme, rest)) if SCHEMES.contains(&scheme) => Some((scheme, rest)),
-            Some((scheme, _)) => {
-                self.at(
-                    v.span(),
-                    key,
-                    format!(
-                        "no transport for scheme `{scheme}`; known: {}",
-                        SCHEMES.join(", ")
-                    ),
-                );
-                None
-            }
-            None => {
-                self.at(
-                    v.span(),
-                    key,
-                    format!("`{url}` is not a URL; write e.g. {example}"),
-                );
-                None
-            }
-        }
+        let mut checks = Checks::default();
+        let d = checks.duration(v, key, default);
+        self.absorb(&mut checks);
+        d
     }
 
     fn name(
@@ -501,6 +349,14 @@ impl Checker<'_> {
             self.at(v.span(), key, rule);
         }
     }
+
+    /// Reads `table` as `T`, problems recorded.
+    fn read<'i, T: Deserialize<'i>>(&mut self, table: Table<'i>) -> Option<T> {
+        let mut checks = Checks::default();
+        let t = table.read(&mut checks);
+        self.absorb(&mut checks);
+        t
+    }
 }
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
@@ -510,8 +366,8 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Reads and checks a config file.
-pub fn load(path: &Path) -> Result<GatewayConfig, Problems> {
+/// Reads and checks a config file, composing its components from `registry`.
+pub fn load(registry: &Registry, path: &Path) -> Result<GatewayConfig, Problems> {
     let src = std::fs::read_to_string(path).map_err(|e| {
         Problems(vec![Problem {
             file: path.to_path_buf(),
@@ -521,27 +377,106 @@ pub fn load(path: &Path) -> Result<GatewayConfig, Problems> {
             message: format!("cannot read: {e}"),
         }])
     })?;
-    parse(path, &src)
+    parse(registry, path, &src)
 }
 
-/// Parses and checks config text; `path` is only used in messages.
-pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
-    let raw: RawConfig = toml::from_str(src).map_err(|e| {
+/// Removes the entry `name` (or its `alias`) from `root`.
+fn take<'i>(
+    root: &mut DeTable<'i>,
+    name: &str,
+    alias: Option<&str>,
+) -> Option<Spanned<DeValue<'i>>> {
+    let key = root
+        .keys()
+        .find(|k| k.get_ref() == name || Some(k.get_ref().as_ref()) == alias)
+        .cloned()?;
+    root.remove(&key)
+}
+
+/// The tables of an array of tables (`[[listeners]]`), each under `name[i]`.
+fn tables<'i>(c: &mut Checker<'_>, v: Option<Spanned<DeValue<'i>>>, name: &str) -> Vec<Table<'i>> {
+    let Some(v) = v else { return Vec::new() };
+    let span = v.span();
+    match v.into_inner() {
+        DeValue::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| {
+                let span = item.span();
+                match item.into_inner() {
+                    DeValue::Table(t) => Some(Table::new(format!("{name}[{i}]"), span, t)),
+                    _ => {
+                        c.at(span, format!("{name}[{i}]"), "must be a table");
+                        None
+                    }
+                }
+            })
+            .collect(),
+        _ => {
+            c.at(
+                span,
+                name,
+                format!("must be an array of tables ([[{name}]])"),
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// The schemes of one kind of security, as `a://, b://` for messages.
+fn schemes_where(registry: &Registry, f: fn(&Security) -> bool) -> String {
+    let s: Vec<String> = registry
+        .all_schemes()
+        .into_iter()
+        .filter(|s| f(&s.security))
+        .map(|s| format!("{}://", s.name))
+        .collect();
+    if s.is_empty() {
+        "none registered".into()
+    } else {
+        s.join(" or ")
+    }
+}
+
+fn is_tls(s: &Security) -> bool {
+    matches!(s, Security::MutualTls { .. })
+}
+
+fn is_plaintext(s: &Security) -> bool {
+    matches!(s, Security::Plaintext)
+}
+
+/// Parses and checks config text; `path` is only used in messages and to resolve
+/// relative paths.
+pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
+    let syntax = |e: toml::de::Error| {
         let (line, column) = e.span().map_or((0, 0), |s| line_col(src, s.start));
-        let message = e.message().trim().to_owned();
         Problems(vec![Problem {
             file: path.to_path_buf(),
             line,
             column,
             key: String::new(),
-            message,
+            message: e.message().trim().to_owned(),
         }])
-    })?;
+    };
+    let doc = DeTable::parse(src).map_err(syntax)?;
+    let doc_span = doc.span();
+    let mut root = doc.into_inner();
+    let raw_sink = take(&mut root, "sink", None);
+    let raw_consumers = take(&mut root, "consumers", None);
+    let raw_listeners = take(&mut root, "listeners", None);
+    let raw_links = take(&mut root, "links", Some("link"));
+    let raw = RawConfig::deserialize(toml::de::ValueDeserializer::from(Spanned::new(
+        doc_span.clone(),
+        DeValue::Table(root),
+    )))
+    .map_err(syntax)?;
     let mut c = Checker {
         file: path,
         src,
         problems: Vec::new(),
     };
+    let base = path.parent().unwrap_or(Path::new("."));
 
     c.name(&raw.zone.name, "zone.name", names::validate_zone);
     let zone = raw.zone.name.get_ref().clone();
@@ -571,378 +506,178 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         limits.max_labels = *v.get_ref();
     }
 
-    let sink_span = raw.sink.span();
-    let js = raw.sink.into_inner();
-    let sink_index_path = js.index_path.clone();
-    if !SINKS.contains(&js.kind.get_ref().as_str()) {
-        c.at(
-            js.kind.span(),
-            "sink.type",
-            format!(
-                "unknown sink type `{}`; known: {}",
-                js.kind.get_ref(),
-                SINKS.join(", ")
-            ),
-        );
-    }
-    let mut sink = JetStreamConfig::new(zone.clone(), js.url.get_ref().clone());
-    // Connect refuses a server that cannot hold a fact of this size with its headers.
-    sink.max_fact_bytes = Some(limits.max_fact_bytes);
-    sink.max_id_bytes = limits.max_id_bytes;
-    if !js.url.get_ref().starts_with("nats://") {
-        c.at(
-            js.url.span(),
-            "sink.url",
-            "must be a nats:// URL of the zone-local nats-server",
-        );
-    }
-    if let Some(d) = &js.domain {
-        c.name(d, "sink.domain", names::validate_zone);
-        sink.domain = Some(d.get_ref().clone());
-    }
-    if let Some(m) = &js.monitor_url {
-        if !m.get_ref().starts_with("http://") {
+    // The sink: its `type` picks the component, which reads the rest.
+    let zone_settings = ZoneSettings {
+        zone: zone.clone(),
+        limits: limits.clone(),
+        base_dir: base.to_path_buf(),
+    };
+    let consumers = tables(&mut c, raw_consumers, "consumers");
+    let sink = match raw_sink {
+        None => {
             c.at(
-                m.span(),
-                "sink.monitor_url",
-                "must be the http:// monitoring URL of the nats-server",
+                0..0,
+                "sink",
+                "missing: the zone's store, e.g. [sink] type = \"...\"",
             );
+            None
         }
-        sink.monitor_url = Some(m.get_ref().clone());
-    }
-    if let Some(l) = js.class_label {
-        sink.class_label = l;
-    }
-    if let Some(r) = &js.replicas {
-        if !(1..=5).contains(r.get_ref()) {
-            c.at(r.span(), "sink.replicas", "must be between 1 and 5");
-        }
-        sink.replicas = *r.get_ref();
-    }
-    sink.duplicate_window = c.duration(
-        &js.duplicate_window,
-        "sink.duplicate_window",
-        sink.duplicate_window,
-    );
-    sink.index_max_age = c.duration(&js.index_max_age, "sink.index_max_age", sink.index_max_age);
-    if let Some(b) = &js.max_batch {
-        if !(1..=1000).contains(b.get_ref()) {
-            c.at(
-                b.span(),
-                "sink.max_batch",
-                "must be between 1 and 1000 (JetStream's atomic batch limit)",
-            );
-        }
-        sink.max_batch = *b.get_ref();
-    }
-    if let Some(b) = &js.max_inflight_batches {
-        if *b.get_ref() == 0 {
-            c.at(b.span(), "sink.max_inflight_batches", "must be at least 1");
-        }
-        sink.max_inflight_batches = Some(*b.get_ref());
-    }
-    if let Some(q) = &js.queue_capacity {
-        if *q.get_ref() == 0 {
-            c.at(q.span(), "sink.queue_capacity", "must be at least 1");
-        }
-        sink.queue_capacity = *q.get_ref();
-    }
-    if let Some(m) = &js.publish_mode {
-        sink.publish_mode = match m.get_ref().as_str() {
-            "auto" => None,
-            "atomic_batch" => Some(PublishMode::AtomicBatch),
-            "pipelined" => Some(PublishMode::Pipelined),
-            other => {
-                c.at(
-                    m.span(),
-                    "sink.publish_mode",
-                    format!("`{other}` is not one of auto, atomic_batch, pipelined"),
-                );
-                None
-            }
-        };
-    }
-    let duplicate_window = sink.duplicate_window;
-    if let Some(classes) = &js.classes {
-        if classes.is_empty() {
-            c.at(
-                sink_span.clone(),
-                "sink.classes",
-                "must name at least one stream class",
-            );
-        }
-        let mut seen = HashSet::new();
-        sink.classes = classes
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let key = format!("sink.classes[{i}].name");
-                c.name(&k.name, &key, names::validate_class);
-                if !seen.insert(k.name.get_ref().clone()) {
-                    c.at(
-                        k.name.span(),
-                        key,
-                        format!("class `{}` is declared twice", k.name.get_ref()),
-                    );
+        Some(v) => {
+            let span = v.span();
+            match v.into_inner() {
+                DeValue::Table(t) => {
+                    let mut rest = Table::new("sink", span, t);
+                    let kind = c.read::<RawSinkType>(rest.split_off(&["type"]));
+                    kind.and_then(|k| match registry.sink(k.kind.get_ref()) {
+                        Some(s) => {
+                            let mut checks = Checks::default();
+                            let plan = s.configure(&zone_settings, rest, consumers, &mut checks);
+                            c.absorb(&mut checks);
+                            plan.map(|p| (p, s.kind()))
+                        }
+                        None => {
+                            c.at(
+                                k.kind.span(),
+                                "sink.type",
+                                format!(
+                                    "unknown sink type `{}`; registered: {}",
+                                    k.kind.get_ref(),
+                                    registry.sink_kinds().join(", ")
+                                ),
+                            );
+                            None
+                        }
+                    })
                 }
-                let max_age = c.duration(
-                    &Some(k.max_age.clone()),
-                    &format!("sink.classes[{i}].max_age"),
-                    Duration::ZERO,
-                );
-                if !max_age.is_zero() && max_age < duplicate_window {
-                    c.at(
-                        k.max_age.span(),
-                        format!("sink.classes[{i}].max_age"),
-                        format!(
-                            "must be at least sink.duplicate_window ({}); JetStream refuses shorter",
-                            humantime::format_duration(duplicate_window)
-                        ),
-                    );
+                _ => {
+                    c.at(span, "sink", "must be a table");
+                    None
                 }
-                StreamClass::new(k.name.get_ref().clone(), max_age)
-            })
-            .collect();
-    }
-    let class_names: Vec<String> = sink.classes.iter().map(|k| k.name.clone()).collect();
-    if let Some(d) = &js.default_class {
-        if !class_names.contains(d.get_ref()) {
-            c.at(
-                d.span(),
-                "sink.default_class",
-                format!(
-                    "`{}` is not one of the classes {class_names:?}",
-                    d.get_ref()
-                ),
-            );
-        }
-        sink.default_class = d.get_ref().clone();
-    } else if !class_names.contains(&sink.default_class) {
-        c.at(
-            sink_span,
-            "sink.default_class",
-            format!(
-                "must be set: the default `operational` is not one of the classes {class_names:?}"
-            ),
-        );
-    }
-
-    let mut consumer_names = HashSet::new();
-    for (i, rc) in raw.consumers.iter().enumerate() {
-        let key = format!("consumers[{i}].name");
-        c.name(&rc.name, &key, names::validate_consumer);
-        if !consumer_names.insert(rc.name.get_ref().clone()) {
-            c.at(
-                rc.name.span(),
-                key,
-                format!("consumer `{}` is declared twice", rc.name.get_ref()),
-            );
-        }
-        if !class_names.contains(rc.class.get_ref()) {
-            c.at(
-                rc.class.span(),
-                format!("consumers[{i}].class"),
-                format!(
-                    "`{}` is not one of the classes {class_names:?}",
-                    rc.class.get_ref()
-                ),
-            );
-        }
-        let mut cc = ConsumerConfig::new(rc.name.get_ref().clone(), rc.class.get_ref().clone());
-        cc.subject_kinds = rc.subject_kinds.clone();
-        cc.ack_wait = c.duration(
-            &rc.ack_wait,
-            &format!("consumers[{i}].ack_wait"),
-            cc.ack_wait,
-        );
-        if let Some(a) = &rc.ack_wait
-            && cc.ack_wait < Duration::from_secs(1)
-        {
-            c.at(
-                a.span(),
-                format!("consumers[{i}].ack_wait"),
-                "must be at least 1s",
-            );
-        }
-        if let Some(p) = &rc.max_ack_pending {
-            if *p.get_ref() < 1 {
-                c.at(
-                    p.span(),
-                    format!("consumers[{i}].max_ack_pending"),
-                    "must be at least 1",
-                );
             }
-            cc.max_ack_pending = *p.get_ref();
         }
-        sink.consumers.push(cc);
-    }
+    };
+    let local_anchors: Vec<&'static str> = registry
+        .all_schemes()
+        .into_iter()
+        .filter_map(|s| match s.security {
+            Security::LocalCredentials { anchor } => Some(anchor),
+            _ => None,
+        })
+        .collect();
 
     let mut listeners = Vec::new();
-    let mut addrs = HashSet::new();
-    if raw.listeners.is_empty() {
+    let mut sockets = HashSet::new();
+    let raw_listeners = tables(&mut c, raw_listeners, "listeners");
+    if raw_listeners.is_empty() {
+        let example = registry
+            .all_schemes()
+            .into_iter()
+            .find(|s| is_plaintext(&s.security))
+            .map_or("scheme://127.0.0.1:7443", |s| s.example);
         c.at(
             0..0,
             "listeners",
-            "at least one [[listeners]] entry is needed, e.g. url = \"grpc://127.0.0.1:7443\"",
+            format!("at least one [[listeners]] entry is needed, e.g. url = \"{example}\""),
         );
     }
-    for (i, rl) in raw.listeners.iter().enumerate() {
-        let key = format!("listeners[{i}].url");
-        let url = rl.url.get_ref();
-        let Some((scheme, rest)) = c.transport_url(&rl.url, &key, "grpc://127.0.0.1:7443") else {
+    for (i, mut table) in raw_listeners.into_iter().enumerate() {
+        let Some(rl) = c.read::<RawListener>(table.split_off(LISTENER_KEYS)) else {
             continue;
         };
-        let addr: SocketAddr = match rest.trim_end_matches('/').parse() {
-            Ok(a) => a,
-            Err(_) => {
-                c.at(
-                    rl.url.span(),
-                    key,
-                    format!("`{rest}` is not an IP address and port (e.g. 127.0.0.1:7443)"),
-                );
+        let key = format!("listeners[{i}].url");
+        let url = rl.url.get_ref();
+        let (transport, scheme, address) = match registry.endpoint(url) {
+            Ok(t) => t,
+            Err(e) => {
+                c.at(rl.url.span(), key, e);
                 continue;
             }
         };
-        // gRPC takes a TCP port, QUIC a UDP port: the same number may serve both.
-        if !addrs.insert((scheme == "quic", addr)) {
+        let limits = serve_limits(&mut c, &rl, i, &limits);
+        let mut checks = Checks::default();
+        let at = Endpoint {
+            scheme,
+            url,
+            address,
+            span: rl.url.span(),
+            key: &key,
+        };
+        let listen = transport.listener(at, &limits, table, &mut checks);
+        c.absorb(&mut checks);
+        let Some(listen) = listen else { continue };
+        if !sockets.insert(listen.socket()) {
             c.at(
                 rl.url.span(),
                 key.clone(),
-                format!("{addr} is used by another listener"),
+                format!("{} is used by another listener", listen.socket()),
             );
         }
         let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
-        let tls = is_tls(scheme);
-        if tls {
-            if insecure && let Some(v) = &rl.insecure {
+        let name = scheme.name;
+        match scheme.security {
+            Security::MutualTls { .. } => {
+                if insecure && let Some(v) = &rl.insecure {
+                    c.at(
+                        v.span(),
+                        format!("listeners[{i}].insecure"),
+                        format!(
+                            "a {name}:// listener is mutual TLS; remove `insecure` or use {}",
+                            schemes_where(registry, is_plaintext)
+                        ),
+                    );
+                }
+                if raw.tls.is_none() {
+                    c.at(
+                        rl.url.span(),
+                        key.clone(),
+                        format!(
+                            "a {name}:// listener needs the zone's [tls] section (cert, key, trust)"
+                        ),
+                    );
+                }
+            }
+            Security::LocalCredentials { .. } => {
+                if let Some(v) = &rl.insecure {
+                    c.at(
+                        v.span(),
+                        format!("listeners[{i}].insecure"),
+                        format!("a {name}:// listener authenticates every caller by its operating-system credentials; remove `insecure`"),
+                    );
+                }
+            }
+            Security::Plaintext if !insecure => {
+                let span = rl.insecure.as_ref().map_or(rl.url.span(), |v| v.span());
                 c.at(
-                    v.span(),
+                    span,
                     format!("listeners[{i}].insecure"),
                     format!(
-                        "a {scheme}:// listener is mutual TLS; remove `insecure` or use grpc://"
+                        "{name}:// is plaintext: use {} (mutual TLS), or set `insecure = true` on a loopback address",
+                        schemes_where(registry, is_tls)
                     ),
                 );
             }
-            if raw.tls.is_none() {
+            Security::Plaintext if !listen.is_local() => {
                 c.at(
                     rl.url.span(),
-                    key.clone(),
-                    format!(
-                        "a {scheme}:// listener needs the zone's [tls] section (cert, key, trust)"
-                    ),
+                    key,
+                    format!("plaintext is allowed only on loopback; {address} is not"),
                 );
             }
-        } else if !insecure {
-            let span = rl.insecure.as_ref().map_or(rl.url.span(), |v| v.span());
-            c.at(
-                span,
-                format!("listeners[{i}].insecure"),
-                "grpc:// is plaintext: use grpcs:// (mutual TLS), or set `insecure = true` on a loopback address",
-            );
-        } else if !addr.ip().is_loopback() {
-            c.at(
-                rl.url.span(),
-                key,
-                format!("plaintext is allowed only on loopback; {addr} is not"),
-            );
+            Security::Plaintext => {}
         }
-        let mut server = ServerConfig::default();
-        if let Some(m) = &rl.max_message_bytes {
-            let needed = limits.max_fact_bytes * 2;
-            if *m.get_ref() < needed {
-                c.at(m.span(), format!("listeners[{i}].max_message_bytes"), format!("must be at least twice limits.max_fact_bytes ({needed}) so that a fact and its envelope fit"));
-            }
-            server.max_message_bytes = *m.get_ref();
-        }
-        server.max_fetch_wait = c.duration(
-            &rl.max_fetch_wait,
-            &format!("listeners[{i}].max_fetch_wait"),
-            server.max_fetch_wait,
-        );
-        server.request_timeout = c.duration(
-            &rl.request_timeout,
-            &format!("listeners[{i}].request_timeout"),
-            server.request_timeout,
-        );
-        if server.request_timeout <= server.max_fetch_wait {
-            c.at(
-                rl.url.span(),
-                format!("listeners[{i}].request_timeout"),
-                "must be longer than max_fetch_wait, or long-polls time out",
-            );
-        }
-        server.idle_timeout = c.duration(
-            &rl.idle_timeout,
-            &format!("listeners[{i}].idle_timeout"),
-            server.idle_timeout,
-        );
-        server.handshake_timeout = c.duration(
-            &rl.handshake_timeout,
-            &format!("listeners[{i}].handshake_timeout"),
-            server.handshake_timeout,
-        );
-        for (v, k, d) in [
-            (&rl.idle_timeout, "idle_timeout", server.idle_timeout),
-            (
-                &rl.handshake_timeout,
-                "handshake_timeout",
-                server.handshake_timeout,
-            ),
-        ] {
-            if let Some(v) = v
-                && d < Duration::from_millis(100)
-            {
-                c.at(
-                    v.span(),
-                    format!("listeners[{i}].{k}"),
-                    "must be at least 100ms",
-                );
-            }
-        }
-        if let Some(m) = &rl.max_object_bytes {
-            if *m.get_ref() == 0 {
-                c.at(
-                    m.span(),
-                    format!("listeners[{i}].max_object_bytes"),
-                    "must be at least 1",
-                );
-            }
-            server.max_object_bytes = *m.get_ref();
-        }
-        if let Some(s) = &rl.max_concurrent_streams {
-            if *s.get_ref() == 0 {
-                c.at(
-                    s.span(),
-                    format!("listeners[{i}].max_concurrent_streams"),
-                    "must be at least 1",
-                );
-            }
-            server.max_concurrent_streams = *s.get_ref();
-        }
-        let tuning = c.quic(&rl.quic, scheme, &format!("listeners[{i}].quic"));
-        let quic = bsfg_transport_quic::ServerConfig {
-            tuning,
-            max_message_bytes: server.max_message_bytes,
-            max_fetch_wait: server.max_fetch_wait,
-            request_timeout: server.request_timeout,
-            idle_timeout: server.idle_timeout,
-            handshake_timeout: server.handshake_timeout,
-            max_object_bytes: server.max_object_bytes,
-            ..bsfg_transport_quic::ServerConfig::default()
-        };
         listeners.push(Listener {
             url: url.clone(),
-            scheme: scheme.to_owned(),
-            addr,
-            tls,
-            server,
-            quic,
+            scheme,
+            listen,
         });
     }
 
     let mut links = Vec::new();
     let mut link_names = HashSet::new();
-    for (i, rl) in raw.links.iter().enumerate() {
+    for (i, mut table) in tables(&mut c, raw_links, "links").into_iter().enumerate() {
+        let Some(rl) = c.read::<RawLink>(table.split_off(LINK_KEYS)) else {
+            continue;
+        };
         let key = |k: &str| format!("links[{i}].{k}");
         c.name(&rl.name, &key("name"), names::validate_consumer);
         if !link_names.insert(rl.name.get_ref().clone()) {
@@ -954,65 +689,67 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         }
         c.name(&rl.consumer, &key("consumer"), names::validate_consumer);
         let url = rl.source.get_ref();
-        let Some((scheme, rest)) =
-            c.transport_url(&rl.source, &key("source"), "grpc://10.0.0.5:7443")
-        else {
-            continue;
-        };
-        let host_port = rest.trim_end_matches('/').rsplit_once(':');
-        if !host_port.is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        }) {
-            c.at(
-                rl.source.span(),
-                key("source"),
-                format!(
-                    "`{rest}` is not a host and port (e.g. 10.0.0.5:7453 or idmz.example:7453)"
-                ),
-            );
-        }
-        let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
-        let mut link_tls = None;
-        if is_tls(scheme) {
-            if insecure && let Some(v) = &rl.insecure {
-                c.at(
-                    v.span(),
-                    key("insecure"),
-                    format!("a {scheme}:// source is mutual TLS; remove `insecure` or use grpc://"),
-                );
+        let (transport, scheme, address) = match registry.endpoint(url) {
+            Ok(t) => t,
+            Err(e) => {
+                c.at(rl.source.span(), key("source"), e);
+                continue;
             }
-            match (&rl.ca, &raw.tls) {
-                (None, _) => c.at(
-                    rl.source.span(),
-                    key("ca"),
-                    format!("a {scheme}:// link needs `ca`: the [tls.trust] anchor the source's certificate must chain to"),
-                ),
-                (Some(_), None) => c.at(
-                    rl.source.span(),
-                    key("source"),
-                    format!("a {scheme}:// link needs the zone's [tls] section (its client certificate)"),
-                ),
-                (Some(ca), Some(t)) => {
-                    if !t.get_ref().trust.contains_key(ca.get_ref()) {
-                        c.at(
-                            ca.span(),
-                            key("ca"),
-                            format!("`{}` is not an anchor in [tls.trust]", ca.get_ref()),
-                        );
+        };
+        let insecure = rl.insecure.as_ref().is_some_and(|v| *v.get_ref());
+        let name = scheme.name;
+        let mut link_tls = None;
+        match scheme.security {
+            Security::MutualTls { .. } => {
+                if insecure && let Some(v) = &rl.insecure {
+                    c.at(
+                        v.span(),
+                        key("insecure"),
+                        format!(
+                            "a {name}:// source is mutual TLS; remove `insecure` or use {}",
+                            schemes_where(registry, is_plaintext)
+                        ),
+                    );
+                }
+                match (&rl.ca, &raw.tls) {
+                    (None, _) => c.at(
+                        rl.source.span(),
+                        key("ca"),
+                        format!("a {name}:// link needs `ca`: the [tls.trust] anchor the source's certificate must chain to"),
+                    ),
+                    (Some(_), None) => c.at(
+                        rl.source.span(),
+                        key("source"),
+                        format!("a {name}:// link needs the zone's [tls] section (its client certificate)"),
+                    ),
+                    (Some(ca), Some(t)) => {
+                        if !t.get_ref().trust.contains_key(ca.get_ref()) {
+                            c.at(
+                                ca.span(),
+                                key("ca"),
+                                format!("`{}` is not an anchor in [tls.trust]", ca.get_ref()),
+                            );
+                        }
+                        link_tls = Some(LinkTls {
+                            ca: ca.get_ref().clone(),
+                            server_name: rl.server_name.as_ref().map(|n| n.get_ref().clone()),
+                        });
                     }
-                    link_tls = Some(LinkTls {
-                        ca: ca.get_ref().clone(),
-                        server_name: rl.server_name.as_ref().map(|n| n.get_ref().clone()),
-                    });
                 }
             }
-        } else if !insecure {
-            let span = rl.insecure.as_ref().map_or(rl.source.span(), |v| v.span());
-            c.at(
-                span,
-                key("insecure"),
-                "grpc:// is plaintext: use grpcs:// (mutual TLS), or set `insecure = true` to pull over plaintext",
-            );
+            Security::LocalCredentials { .. } => {}
+            Security::Plaintext if !insecure => {
+                let span = rl.insecure.as_ref().map_or(rl.source.span(), |v| v.span());
+                c.at(
+                    span,
+                    key("insecure"),
+                    format!(
+                        "{name}:// is plaintext: use {} (mutual TLS), or set `insecure = true` to pull over plaintext",
+                        schemes_where(registry, is_tls)
+                    ),
+                );
+            }
+            Security::Plaintext => {}
         }
         // Provenance and the intake context name the source zone from here, never
         // from what the source says about itself.
@@ -1035,12 +772,16 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 t.ca.clone()
             }
             // A TLS link without `ca` is reported above.
-            (None, None) if is_tls(scheme) => String::new(),
+            (None, None) if is_tls(&scheme.security) => String::new(),
             (None, None) => {
+                let what = match scheme.security {
+                    Security::Plaintext => "a plaintext link".to_owned(),
+                    _ => format!("a {name}:// link"),
+                };
                 c.at(
                     rl.source.span(),
                     key("source_zone"),
-                    "a plaintext link must name its source zone (`source_zone`): there is no certificate to take it from",
+                    format!("{what} must name its source zone (`source_zone`): there is no certificate to take it from"),
                 );
                 String::new()
             }
@@ -1103,17 +844,23 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
                 "must be at least 10ms: an idle link waits in long-poll rather than spinning",
             );
         }
-        let tuning = c.quic(&rl.quic, scheme, &key("quic"));
-        let quic = bsfg_transport_quic::ClientConfig {
-            tuning,
-            request_timeout,
-            ..bsfg_transport_quic::ClientConfig::default()
+        let source_key = key("source");
+        let at = Endpoint {
+            scheme,
+            url,
+            address,
+            span: rl.source.span(),
+            key: &source_key,
         };
+        let mut checks = Checks::default();
+        let dial = transport.dialer(at, request_timeout, table, &mut checks);
+        c.absorb(&mut checks);
+        let Some(dial) = dial else { continue };
         links.push(LinkConfig {
             source: url.clone(),
-            scheme: scheme.to_owned(),
+            scheme,
             tls: link_tls,
-            quic,
+            dial,
             settings: bsfg_core::link::LinkSettings {
                 name: rl.name.get_ref().clone(),
                 local_zone: zone.clone(),
@@ -1154,7 +901,7 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         }
     });
     if let Some(a) = admin
-        && listeners.iter().any(|l| l.addr == a)
+        && sockets.contains(&format!("tcp {a}"))
         && let Some(raw_admin) = &raw.admin
     {
         c.at(
@@ -1164,36 +911,112 @@ pub fn parse(path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
         );
     }
 
-    let base = path.parent().unwrap_or(Path::new("."));
-    // The idempotency look-up lives beside the config unless placed elsewhere.
-    sink.index_path = Some(
-        base.join(sink_index_path.unwrap_or_else(|| format!("state/{}/index.redb", sink.zone))),
-    );
     let tls = raw.tls.as_ref().and_then(|t| tls_section(&mut c, t, base));
-    let declared: HashSet<String> = sink.consumers.iter().map(|k| k.name.clone()).collect();
-    let anchors: Option<HashSet<String>> = raw
-        .tls
+    let declared: HashSet<String> = sink
         .as_ref()
-        .map(|t| t.get_ref().trust.keys().cloned().collect());
+        .map(|(s, _)| s.consumers().into_iter().collect())
+        .unwrap_or_default();
+    // Anchors a grant may name: the [tls.trust] anchors, and the anchor of every
+    // scheme whose callers the operating system vouches for.
+    let anchors: Option<HashSet<String>> = match &raw.tls {
+        Some(t) => Some(
+            t.get_ref()
+                .trust
+                .keys()
+                .cloned()
+                .chain(local_anchors.iter().map(|a| a.to_string()))
+                .collect(),
+        ),
+        None if listeners
+            .iter()
+            .any(|l| matches!(l.scheme.security, Security::LocalCredentials { .. })) =>
+        {
+            Some(local_anchors.iter().map(|a| a.to_string()).collect())
+        }
+        None => None,
+    };
     let grants = peers(&mut c, &raw.peers, anchors.as_ref(), &declared);
     let policies = policies(&mut c, &raw.policies, base);
 
-    if c.problems.is_empty() {
-        Ok(GatewayConfig {
+    match sink {
+        Some((sink, sink_type)) if c.problems.is_empty() => Ok(GatewayConfig {
             zone,
             limits,
             sink,
+            sink_type,
             listeners,
             links,
             admin,
             tls,
             grants,
             policies,
-        })
-    } else {
-        c.problems.sort_by_key(|p| (p.line, p.column));
-        Err(Problems(c.problems))
+        }),
+        _ => {
+            c.problems.sort_by_key(|p| (p.line, p.column));
+            Err(Problems(c.problems))
+        }
     }
+}
+
+/// The serving limits of listener `i`, checked.
+fn serve_limits(c: &mut Checker<'_>, rl: &RawListener, i: usize, zone: &Limits) -> ServeLimits {
+    let mut l = ServeLimits::default();
+    if let Some(m) = &rl.max_message_bytes {
+        let needed = zone.max_fact_bytes * 2;
+        if *m.get_ref() < needed {
+            c.at(m.span(), format!("listeners[{i}].max_message_bytes"), format!("must be at least twice limits.max_fact_bytes ({needed}) so that a fact and its envelope fit"));
+        }
+        l.max_message_bytes = *m.get_ref();
+    }
+    let key = |k: &str| format!("listeners[{i}].{k}");
+    l.max_fetch_wait = c.duration(&rl.max_fetch_wait, &key("max_fetch_wait"), l.max_fetch_wait);
+    l.request_timeout = c.duration(
+        &rl.request_timeout,
+        &key("request_timeout"),
+        l.request_timeout,
+    );
+    if l.request_timeout <= l.max_fetch_wait {
+        c.at(
+            rl.url.span(),
+            key("request_timeout"),
+            "must be longer than max_fetch_wait, or long-polls time out",
+        );
+    }
+    l.idle_timeout = c.duration(&rl.idle_timeout, &key("idle_timeout"), l.idle_timeout);
+    l.handshake_timeout = c.duration(
+        &rl.handshake_timeout,
+        &key("handshake_timeout"),
+        l.handshake_timeout,
+    );
+    for (v, k, d) in [
+        (&rl.idle_timeout, "idle_timeout", l.idle_timeout),
+        (
+            &rl.handshake_timeout,
+            "handshake_timeout",
+            l.handshake_timeout,
+        ),
+    ] {
+        if let Some(v) = v
+            && d < Duration::from_millis(100)
+        {
+            c.at(v.span(), key(k), "must be at least 100ms");
+        }
+    }
+    let mut checks = Checks::default();
+    l.max_object_bytes = checks.at_least(
+        &rl.max_object_bytes,
+        &key("max_object_bytes"),
+        1,
+        l.max_object_bytes,
+    );
+    l.max_concurrent_streams = checks.at_least(
+        &rl.max_concurrent_streams,
+        &key("max_concurrent_streams"),
+        1,
+        l.max_concurrent_streams,
+    );
+    c.absorb(&mut checks);
+    l
 }
 
 /// `[[policies]]`: names unique, module files present, hooks, limits and grants known.
@@ -1519,7 +1342,7 @@ insecure = true
 "#;
 
     fn problems(src: &str) -> Vec<Problem> {
-        parse(Path::new("zone.toml"), src)
+        parse(&crate::registry::builtin(), Path::new("zone.toml"), src)
             .expect_err("must be refused")
             .0
     }
@@ -1595,7 +1418,11 @@ listen = "127.0.0.1:9465"
         bsfg_testkit::fuzz::run("config", |u| {
             let seed = if u.arbitrary()? { FULL } else { GOOD };
             let bytes = bsfg_testkit::fuzz::mutate(u, seed.as_bytes())?;
-            let _ = parse(&path, &String::from_utf8_lossy(&bytes));
+            let _ = parse(
+                &crate::registry::builtin(),
+                &path,
+                &String::from_utf8_lossy(&bytes),
+            );
             Ok(())
         });
     }
@@ -1629,38 +1456,54 @@ listen = "127.0.0.1:9465"
         zone_pki(dir.path(), "idmz", "idmz-bsfg");
         zone_pki(dir.path(), "plant", "plant-bsfg");
         let full = FULL.replace("to-idmz", "to-enterprise");
-        let c = parse(&dir.path().join("zone.toml"), &full).expect("valid");
+        let c = parse(
+            &crate::registry::builtin(),
+            &dir.path().join("zone.toml"),
+            &full,
+        )
+        .expect("valid");
         let tls = c.tls.expect("tls");
         assert_eq!(tls.files.cert, dir.path().join("certs/idmz/idmz-bsfg.pem"));
         assert_eq!(tls.files.trust.len(), 2);
-        assert!(c.listeners[0].tls && !c.listeners[1].tls);
+        assert!(
+            is_tls(&c.listeners[0].scheme.security) && !is_tls(&c.listeners[1].scheme.security)
+        );
         assert_eq!(c.links[0].tls.as_ref().expect("link tls").ca, "plant");
         assert_eq!(tls.trusting_only("plant").trust.len(), 1);
         assert_eq!(c.grants[0].identity, "enterprise-bsfg");
         assert_eq!(c.grants[0].to_zones, vec!["*".to_owned()]);
         // gRPC and QUIC side by side: one zone listens on both, pulls over both.
         let q = &c.listeners[2];
-        assert!(q.tls && q.scheme == "quic");
+        assert!(is_tls(&q.scheme.security) && q.scheme.name == "quic");
         assert_eq!(
-            q.addr, c.listeners[0].addr,
+            (q.listen.socket(), c.listeners[0].listen.socket()),
+            ("udp 0.0.0.0:7453".to_owned(), "tcp 0.0.0.0:7453".to_owned()),
             "a TCP and a UDP port may share a number"
         );
-        assert_eq!(
-            q.quic.tuning.congestion,
-            bsfg_transport_quic::Congestion::Bbr
-        );
-        assert_eq!(q.quic.tuning.stream_window, 4 * 1024 * 1024);
-        assert_eq!(q.quic.tuning.keep_alive, Duration::from_secs(2));
-        assert_eq!(q.quic.idle_timeout, c.listeners[0].server.idle_timeout);
+        // The transport read its own keys (`quic = {...}`) and the serving limits.
+        let q = format!("{:?}", q.listen);
+        for expected in [
+            "congestion: Bbr",
+            "stream_window: 4194304",
+            "keep_alive: 2s",
+            "idle_timeout: 30s",
+        ] {
+            assert!(q.contains(expected), "{expected} in {q}");
+        }
         let l = &c.links[1];
-        assert_eq!(l.scheme, "quic");
+        assert_eq!(l.scheme.name, "quic");
         assert_eq!(
             l.tls.as_ref().and_then(|t| t.server_name.as_deref()),
             Some("plant-bsfg")
         );
-        assert_eq!(l.quic.tuning.initial_mtu, 1280);
-        assert_eq!(l.quic.tuning.idle_timeout, Duration::from_secs(20));
-        assert_eq!(l.quic.request_timeout, l.settings.request_timeout);
+        let d = format!("{:?}", l.dial);
+        for expected in [
+            "initial_mtu: 1280",
+            "idle_timeout: 20s",
+            "request_timeout: 10s",
+        ] {
+            assert!(d.contains(expected), "{expected} in {d}");
+        }
     }
 
     #[test]
@@ -1669,12 +1512,16 @@ listen = "127.0.0.1:9465"
         zone_pki(dir.path(), "idmz", "idmz-bsfg");
         zone_pki(dir.path(), "plant", "plant-bsfg");
         let at = |src: String| -> Vec<String> {
-            parse(&dir.path().join("zone.toml"), &src)
-                .expect_err("must be refused")
-                .0
-                .iter()
-                .map(|p| format!("{}: {}", p.key, p.message))
-                .collect()
+            parse(
+                &crate::registry::builtin(),
+                &dir.path().join("zone.toml"),
+                &src,
+            )
+            .expect_err("must be refused")
+            .0
+            .iter()
+            .map(|p| format!("{}: {}", p.key, p.message))
+            .collect()
         };
         let full = FULL.replace("to-idmz", "to-enterprise");
         let cases: Vec<(String, &str)> = vec![
@@ -1741,7 +1588,7 @@ listen = "127.0.0.1:9465"
                     "idle_timeout = \"30s\"",
                     "idle_timeout = \"30s\"\nquic = { congestion = \"bbr\" }",
                 ),
-                "listeners[0].quic: QUIC settings apply only to quic:// URLs",
+                "listeners[0].quic: unknown field `quic`",
             ),
             (
                 full.replace(
@@ -1762,12 +1609,15 @@ listen = "127.0.0.1:9465"
 
     #[test]
     fn a_minimal_config_gets_the_documented_defaults() {
-        let c = parse(Path::new("zone.toml"), GOOD).expect("valid");
+        let c = parse(&crate::registry::builtin(), Path::new("zone.toml"), GOOD).expect("valid");
         assert_eq!(c.zone, "plant-a");
-        assert_eq!(c.sink.classes.len(), 3);
-        assert_eq!(c.sink.default_class, "operational");
-        assert_eq!(c.sink.consumers[0].ack_wait, Duration::from_secs(30));
-        assert_eq!(c.listeners[0].addr, "127.0.0.1:7443".parse().expect("addr"));
+        assert_eq!(c.sink_type, "jetstream");
+        assert_eq!(c.sink.classes().len(), 3);
+        let sink = format!("{:?}", c.sink);
+        for expected in ["default_class: \"operational\"", "ack_wait: 30s"] {
+            assert!(sink.contains(expected), "{expected} in {sink}");
+        }
+        assert_eq!(c.listeners[0].listen.socket(), "tcp 127.0.0.1:7443");
         assert_eq!(c.limits, Limits::default());
     }
 
@@ -1788,7 +1638,7 @@ listen = "127.0.0.1:9465"
                 "type = \"kafka\"",
                 6,
                 "sink.type",
-                "unknown sink type `kafka`; known: jetstream",
+                "unknown sink type `kafka`; registered: jetstream",
             ),
             (
                 "url = \"nats://127.0.0.1:4222\"",
@@ -1815,7 +1665,7 @@ listen = "127.0.0.1:9465"
                 "url = \"nats://127.0.0.1:4222\"",
                 "url = \"nats://127.0.0.1:4222\"\nmax_batchez = 5",
                 8,
-                "",
+                "sink.max_batchez",
                 "unknown field `max_batchez`",
             ),
             (
@@ -1864,7 +1714,7 @@ listen = "127.0.0.1:9465"
                 "insecure = true",
                 "insecure = \"yes\"",
                 15,
-                "",
+                "listeners[0]",
                 "invalid type",
             ),
             (
@@ -1946,7 +1796,12 @@ consumer = "to-plant-a"
         // so only the certificate problems remain).
         let p = problems(FULL);
         assert!(p.iter().all(|p| p.key.starts_with("tls.")), "{p:?}");
-        let c = parse(Path::new("zone.toml"), &format!("{GOOD}{LINK}")).expect("valid");
+        let c = parse(
+            &crate::registry::builtin(),
+            Path::new("zone.toml"),
+            &format!("{GOOD}{LINK}"),
+        )
+        .expect("valid");
         assert_eq!(c.links[0].settings.source_zone, "idmz");
         let bad = LINK.replace("source_zone = \"idmz\"", "source_zone = \"id mz\"");
         assert!(
@@ -1959,10 +1814,10 @@ consumer = "to-plant-a"
     #[test]
     fn a_link_gets_the_documented_defaults_and_admin_its_address() {
         let src = format!("{GOOD}{LINK}\n[admin]\nlisten = \"127.0.0.1:9464\"\n");
-        let c = parse(Path::new("zone.toml"), &src).expect("valid");
+        let c = parse(&crate::registry::builtin(), Path::new("zone.toml"), &src).expect("valid");
         let l = &c.links[0];
         assert_eq!(
-            (l.scheme.as_str(), l.source.as_str()),
+            (l.scheme.name, l.source.as_str()),
             ("grpc", "grpc://10.0.0.5:7453")
         );
         let s = &l.settings;
@@ -1980,10 +1835,14 @@ consumer = "to-plant-a"
         // `[[link]]` is accepted as well.
         let singular = src.replace("[[links]]", "[[link]]");
         assert_eq!(
-            parse(Path::new("zone.toml"), &singular)
-                .expect("valid")
-                .links
-                .len(),
+            parse(
+                &crate::registry::builtin(),
+                Path::new("zone.toml"),
+                &singular
+            )
+            .expect("valid")
+            .links
+            .len(),
             1
         );
     }
@@ -2102,7 +1961,12 @@ consumer = "to-plant-a"
         let src = format!(
             "{GOOD}\n[[policies]]\nname = \"labels\"\nmodule = \"p.wasm\"\nhooks = [\"append\", \"intake\"]\nsettings = {{ label = \"site\" }}\n"
         );
-        let c = parse(&dir.path().join("zone.toml"), &src).expect("valid");
+        let c = parse(
+            &crate::registry::builtin(),
+            &dir.path().join("zone.toml"),
+            &src,
+        )
+        .expect("valid");
         let p = &c.policies[0];
         assert_eq!(p.config.module, dir.path().join("p.wasm"));
         assert_eq!(p.hooks, [bsfg_core::Hook::Append, bsfg_core::Hook::Intake]);
@@ -2180,9 +2044,13 @@ consumer = "to-plant-a"
         ];
         for (find, replace, key, words) in cases {
             let src = format!("{GOOD}{}", entry.replace(find, replace));
-            let ps = parse(&dir.path().join("zone.toml"), &src)
-                .expect_err("must be refused")
-                .0;
+            let ps = parse(
+                &crate::registry::builtin(),
+                &dir.path().join("zone.toml"),
+                &src,
+            )
+            .expect_err("must be refused")
+            .0;
             assert!(
                 ps.iter()
                     .any(|p| p.key == *key && p.message.contains(words)),
@@ -2190,9 +2058,13 @@ consumer = "to-plant-a"
             );
         }
         let twice = format!("{GOOD}{entry}{entry}");
-        let ps = parse(&dir.path().join("zone.toml"), &twice)
-            .expect_err("must be refused")
-            .0;
+        let ps = parse(
+            &crate::registry::builtin(),
+            &dir.path().join("zone.toml"),
+            &twice,
+        )
+        .expect_err("must be refused")
+        .0;
         assert!(
             ps.iter()
                 .any(|p| p.key == "policies[1].name" && p.message.contains("defined twice")),

@@ -14,12 +14,14 @@ mod certs;
 mod client;
 mod config;
 mod policies;
+mod registry;
 mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use bsfg_core::component::SinkError;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -35,7 +37,7 @@ struct Cli {
         long,
         global = true,
         env = "BSFG_URL",
-        default_value = "grpc://127.0.0.1:7443"
+        default_value = registry::DEFAULT_CLIENT_URL
     )]
     url: String,
     /// Machine-readable JSON output (one object per line).
@@ -208,7 +210,7 @@ impl AdminArgs {
             .config
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("give --admin or --config"))?;
-        let c = config::load(path)?;
+        let c = config::load(&registry::builtin(), path)?;
         c.admin.map(|a| a.to_string()).ok_or_else(|| {
             anyhow::anyhow!("{}: no [admin] listen address configured", path.display())
         })
@@ -335,7 +337,7 @@ fn init_tracing() {
 async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
     let op = |e: anyhow::Error| (1u8, e);
     match cli.command {
-        Command::Validate { config } => match config::load(&config) {
+        Command::Validate { config } => match config::load(&registry::builtin(), &config) {
             Ok(c) => {
                 // Policies are loaded as at start-up: compiled, checked, initialised.
                 let policies = policies::Policies::load(&c.policies).map_err(|e| (2u8, e))?;
@@ -347,31 +349,24 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                         p.sha256()
                     );
                 }
-                // The zone's server, when it can be reached: can it hold the largest fact?
-                match bsfg_sink_jetstream::check_server(&c.sink, Duration::from_secs(2)).await {
-                    Ok(max_payload) => println!(
-                        "{}: nats-server at {} accepts {max_payload} bytes per message: limits.max_fact_bytes = {} fits",
-                        config.display(),
-                        c.sink.url,
-                        c.limits.max_fact_bytes
-                    ),
-                    Err(
-                        e @ (bsfg_sink_jetstream::SinkError::Config(_)
-                        | bsfg_sink_jetstream::SinkError::Layout(_)),
-                    ) => {
+                // The zone's store, when it can be reached: what start-up would refuse.
+                match c.sink.check(Duration::from_secs(2)).await {
+                    Ok(line) => println!("{}: {line}", config.display()),
+                    Err(e @ SinkError::Refused(_)) => {
                         return Err((2, anyhow::anyhow!("{}: {e}", config.display())));
                     }
                     Err(e) => println!(
-                        "{}: note: the nats-server was not checked ({e}); `bsfg run` checks that it can hold limits.max_fact_bytes",
+                        "{}: note: the store was not checked ({e}); `bsfg run` checks that it can hold limits.max_fact_bytes",
                         config.display()
                     ),
                 }
                 println!(
-                    "{}: ok: zone {}, sink jetstream at {}, {} consumer(s), {} listener(s)",
+                    "{}: ok: zone {}, sink {} at {}, {} consumer(s), {} listener(s)",
                     config.display(),
                     c.zone,
-                    c.sink.url,
-                    c.sink.consumers.len(),
+                    c.sink_type,
+                    c.sink.location(),
+                    c.sink.consumers().len(),
                     c.listeners.len()
                 );
                 Ok(())
@@ -381,39 +376,24 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::Index {
             which: IndexCommand::Migrate { config },
         } => {
-            let c = config::load(&config).map_err(|p| (2u8, p.into()))?;
-            let m = bsfg_sink_jetstream::migrate_index(&c.sink)
+            let c = config::load(&registry::builtin(), &config).map_err(|p| (2u8, p.into()))?;
+            let line = c
+                .sink
+                .upgrade()
                 .await
                 .map_err(|e| (1u8, anyhow::anyhow!("{}: {e}", config.display())))?;
-            if m.removed_legacy {
-                println!(
-                    "zone {}: moved {} of {} per-id index entries to the bounded index ({} unreadable, skipped); stream bsfg_ids removed; start the gateways",
-                    c.zone, m.written, m.read, m.skipped
-                );
-            } else {
-                println!(
-                    "zone {}: no per-id index (bsfg_ids) to migrate; nothing changed",
-                    c.zone
-                );
-            }
+            println!("{line}");
             Ok(())
         }
         Command::Run { config } => {
-            let c = config::load(&config).map_err(|p| (2u8, p.into()))?;
+            let c = config::load(&registry::builtin(), &config).map_err(|p| (2u8, p.into()))?;
             init_tracing();
             // A configuration the zone's store refuses (a max_fact_bytes its server
             // cannot hold, a stream that conflicts) is a configuration problem: 2.
             run::run(c).await.map_err(|e| {
-                let config = e.chain().any(|c| {
-                    matches!(
-                        c.downcast_ref::<bsfg_sink_jetstream::SinkError>(),
-                        Some(
-                            bsfg_sink_jetstream::SinkError::Config(_)
-                                | bsfg_sink_jetstream::SinkError::Conflict { .. }
-                                | bsfg_sink_jetstream::SinkError::Layout(_)
-                        )
-                    )
-                });
+                let config = e
+                    .chain()
+                    .any(|c| matches!(c.downcast_ref::<SinkError>(), Some(SinkError::Refused(_))));
                 (if config { 2 } else { 1 }, e)
             })
         }

@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use bsfg_core::component::{Security, ServeContext, TlsMaterial};
 use bsfg_core::link::{Intake, Link};
 use bsfg_core::{Authorization, Boundary, BoundaryApi, Gate, Hook};
-use bsfg_sink_jetstream::{Durability, JetStreamZone};
 use bsfg_tls::{ClientTls, Reloadable, ServerTls};
-use bsfg_transport_grpc::Incoming;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use tokio::sync::watch;
 
 use crate::admin;
@@ -42,14 +41,13 @@ async fn shutdown_signal() {
 /// and every request in flight (appends included) has been answered.
 pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let zone = cfg.zone.clone();
-    let log = JetStreamZone::connect(cfg.sink.clone())
-        .await
-        .with_context(|| format!("zone {zone}: opening the JetStream zone log"))?;
-    if log.durability() == Durability::Lazy {
-        tracing::warn!(zone = %zone, "this zone's confirmations are not durable until nats-server runs with sync_interval: always");
-    }
-    let log = Arc::new(log);
-    let engine = Boundary::new(log.clone(), log.clone(), cfg.limits.clone());
+    let store = cfg.sink.open().await.with_context(|| {
+        format!(
+            "zone {zone}: opening the zone's store at {}",
+            cfg.sink.location()
+        )
+    })?;
+    let engine = Boundary::new(store.fact_log(), store.object_store(), cfg.limits.clone());
     let api_metrics = Arc::new(admin::ApiMetrics::default());
     let api: Arc<dyn BoundaryApi> = Arc::new(admin::MeteredApi {
         inner: Arc::new(engine.clone()),
@@ -78,25 +76,31 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut link_tasks = Vec::new();
     for l in &cfg.links {
         let name = &l.settings.name;
-        let tls = match (&l.tls, &cfg.tls) {
-            (Some(lt), Some(t)) => {
+        let tls = match (l.scheme.security, &l.tls, &cfg.tls) {
+            (Security::MutualTls { alpn }, Some(lt), Some(t)) => {
                 let tls = ClientTls::new(
                     t.trusting_only(&lt.ca),
-                    crate::client::alpn(&l.scheme),
+                    vec![alpn.to_vec()],
                     format!("link:{name}"),
                     tls_stats.clone(),
                 )
                 .with_context(|| format!("link {name}: TLS"))?;
                 tls_endpoints.push(tls.clone());
-                tracing::info!(zone = %zone, link = %name, source = %l.source, ca = %lt.ca, transport = %l.scheme, "link pulls over mutual TLS");
-                Some((tls, lt.server_name.clone()))
+                tracing::info!(zone = %zone, link = %name, source = %l.source, ca = %lt.ca, transport = l.scheme.name, "link pulls over mutual TLS");
+                Some((TlsMaterial::new(tls), lt.server_name.clone()))
+            }
+            (Security::LocalCredentials { .. }, _, _) => {
+                tracing::info!(zone = %zone, link = %name, source = %l.source, transport = l.scheme.name, "link pulls over a local socket (the source sees this process's credentials)");
+                None
             }
             _ => {
                 tracing::warn!(zone = %zone, link = %name, source = %l.source, "link pulls over PLAINTEXT without TLS or peer authentication (insecure = true)");
                 None
             }
         };
-        let source = crate::client::dial(&l.source, tls, l.quic.clone())
+        let source = l
+            .dial
+            .dial(&l.source, tls)
             .map_err(|e| anyhow::anyhow!("link {name}: source {}: {e}", l.source))?;
         // Who the source is, for intake policies: the name its certificate is checked
         // against (`server_name`, else the URL's host), or the URL when plaintext.
@@ -124,66 +128,48 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         let stopped = async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let tls = match (&cfg.tls, l.tls) {
-            (Some(t), true) => {
+        let tls = match (l.scheme.security, &cfg.tls) {
+            (Security::MutualTls { alpn }, Some(t)) => {
                 let tls = ServerTls::new(
                     t.files.clone(),
-                    crate::client::alpn(&l.scheme),
+                    vec![alpn.to_vec()],
                     l.url.clone(),
                     tls_stats.clone(),
                 )
                 .with_context(|| format!("listener {}: TLS", l.url))?;
                 tls_endpoints.push(tls.clone());
-                Some(tls)
+                Some(TlsMaterial::new(tls))
             }
             _ => None,
         };
-        let gate = gate.clone();
-        let serving: futures::future::BoxFuture<'static, anyhow::Result<()>> = match (
-            l.scheme.as_str(),
-            tls,
-        ) {
-            ("quic", Some(tls)) => {
-                let listener = bsfg_transport_quic::Listener::bind(l.addr, l.quic.clone(), tls)
-                    .with_context(|| format!("listener {}", l.url))?;
-                let addr = listener
-                    .local_addr()
-                    .with_context(|| format!("listener {}", l.url))?;
-                tracing::info!(zone = %zone, url = %format!("quic://{addr}"), congestion = l.quic.tuning.congestion.as_str(), grants = cfg.grants.len(), "listening (QUIC, mutual TLS 1.3): peers need a certificate from a trust anchor and a grant");
-                Box::pin(async move {
-                    listener.serve(gate, served, stopped).await?;
-                    Ok(())
-                })
+        let bound = l
+            .listen
+            .start(ServeContext {
+                zone: zone.clone(),
+                gate: gate.clone(),
+                served,
+                tls,
+                stopped: stopped.boxed(),
+            })
+            .await
+            .with_context(|| format!("listener {}", l.url))?;
+        match l.scheme.security {
+            Security::Plaintext => {
+                tracing::warn!(zone = %zone, url = %bound.url, "PLAINTEXT listener (insecure = true, loopback only): callers are not authenticated and have FULL ACCESS to this zone");
             }
-            ("quic", None) => {
-                anyhow::bail!("listener {}: quic:// needs the zone's [tls] section", l.url)
+            Security::MutualTls { .. } => {
+                tracing::info!(zone = %zone, url = %bound.url, transport = %bound.summary, grants = cfg.grants.len(), "listening: peers need a certificate from a trust anchor and a grant");
             }
-            (scheme, tls) => {
-                let (listener, addr) = bsfg_transport_grpc::bind(l.addr)
-                    .await
-                    .with_context(|| format!("listener {}", l.url))?;
-                let incoming = match tls {
-                    Some(tls) => {
-                        tracing::info!(zone = %zone, url = %format!("{scheme}://{addr}"), grants = cfg.grants.len(), "listening (gRPC, mutual TLS 1.3): peers need a certificate from a trust anchor and a grant");
-                        Incoming::Tls(listener, tls)
-                    }
-                    None => {
-                        tracing::warn!(zone = %zone, url = %format!("{scheme}://{addr}"), "PLAINTEXT listener (insecure = true, loopback only): callers are not authenticated and have FULL ACCESS to this zone");
-                        Incoming::Plain(listener)
-                    }
-                };
-                let server = l.server.clone();
-                Box::pin(async move {
-                    bsfg_transport_grpc::serve(gate, server, incoming, served, stopped).await?;
-                    Ok(())
-                })
+            Security::LocalCredentials { anchor } => {
+                tracing::info!(zone = %zone, url = %bound.url, transport = %bound.summary, anchor, grants = cfg.grants.len(), "listening: callers are known by their operating-system credentials and need a grant");
             }
-        };
+        }
+        let serving = bound.serve;
         let url = l.url.clone();
         servers.push(tokio::spawn(async move {
             serving
                 .await
-                .map_err(|e| e.context(format!("listener {url}")))
+                .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
         }));
     }
     if let Some(addr) = cfg.admin {
@@ -195,13 +181,12 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         {
             // Refreshed in the background: reading the stream and /varz takes a round
             // trip, which a scrape should not wait for.
-            let (index, log, mut stop) = (index.clone(), log.clone(), stop_rx.clone());
+            let (index, store, mut stop) = (index.clone(), store.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 loop {
-                    if let Ok(u) = log.index_usage().await
-                        && let Ok(mut slot) = index.lock()
-                    {
-                        *slot = Some(u);
+                    let gauges = store.gauges().await;
+                    if let Ok(mut slot) = index.lock() {
+                        *slot = gauges;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
@@ -278,7 +263,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         }
     }
     // Every request was answered; make sure the last writes left the client.
-    let _ = log.client().flush().await;
+    store.close().await;
     if outcome.is_ok() {
         tracing::info!(zone = %zone, "stopped cleanly");
     }

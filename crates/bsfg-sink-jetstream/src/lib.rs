@@ -15,6 +15,7 @@
 
 pub mod append;
 pub mod baseline;
+pub mod component;
 pub mod config;
 pub mod durability;
 pub mod error;
@@ -38,6 +39,7 @@ use bsfg_core::{
 use tokio::sync::{RwLock, mpsc, oneshot};
 
 pub use append::PublishMode;
+pub use component::JetStreamSink;
 pub use config::{ConsumerConfig, JetStreamConfig, StreamClass};
 pub use durability::Durability;
 pub use error::SinkError;

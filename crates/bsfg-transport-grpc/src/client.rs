@@ -110,6 +110,27 @@ impl GrpcClient {
         Ok(Self::over(channel, config))
     }
 
+    /// Prepares a client whose connections `connect` opens (a Unix socket, ...):
+    /// the same HTTP/2 settings, made on first use and remade after a failure.
+    pub fn connect_lazy_with<C>(config: ClientConfig, connect: C) -> Result<Self, BoundaryError>
+    where
+        C: Fn() -> futures::future::BoxFuture<'static, std::io::Result<Box<dyn crate::server::Io>>>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let connect = Arc::new(connect);
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let connect = connect.clone();
+            async move {
+                let io = connect().await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(io))
+            }
+        });
+        let channel = endpoint("http://localhost", &config)?.connect_with_connector_lazy(connector);
+        Ok(Self::over(channel, config))
+    }
+
     fn request<T>(&self, msg: T, extra: Duration) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.set_timeout(self.config.request_timeout + extra);

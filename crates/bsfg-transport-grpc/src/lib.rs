@@ -11,8 +11,12 @@
 //! is plaintext, for loopback only.
 
 pub mod client;
+pub mod component;
 pub mod server;
 pub mod status;
 
 pub use client::{ClientConfig, GrpcClient, tls_channel};
-pub use server::{Incoming, PeerInfo, ServeError, ServeStats, ServerConfig, bind, serve};
+pub use component::GrpcTransport;
+pub use server::{
+    Incoming, Io, PeerConn, PeerInfo, ServeError, ServeStats, ServerConfig, bind, serve,
+};

@@ -92,6 +92,21 @@ pub enum Incoming {
     /// Mutual TLS: only peers with a certificate from a trust anchor get through, and
     /// each call carries the peer's identity.
     Tls(TcpListener, Arc<ServerTls>),
+    /// Connections whose peer another transport established (a Unix socket's
+    /// credentials): each call carries that peer, none is local.
+    Peers(futures::stream::BoxStream<'static, std::io::Result<PeerConn>>),
+}
+
+/// Any byte stream a connection can run over.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A connection with the peer its transport authenticated.
+pub struct PeerConn {
+    /// The bytes.
+    pub io: Box<dyn Io>,
+    /// Who is at the other end.
+    pub info: PeerInfo,
 }
 
 /// The authenticated peer of a TLS connection, as tonic hands it to each request.
@@ -99,24 +114,24 @@ pub enum Incoming {
 pub struct PeerInfo {
     /// Who the peer is.
     pub caller: Caller,
-    /// Its address.
-    pub remote: SocketAddr,
+    /// Its address (`10.0.0.5:51234`, a socket path, a process id).
+    pub remote: String,
 }
 
-/// A TLS connection with its authenticated peer, as tonic serves it.
-struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+/// A connection with its authenticated peer, as tonic serves it.
+struct TlsConn<S> {
+    inner: S,
     info: PeerInfo,
 }
 
-impl tonic::transport::server::Connected for TlsConn {
+impl<S> tonic::transport::server::Connected for TlsConn<S> {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
         self.info.clone()
     }
 }
 
-impl tokio::io::AsyncRead for TlsConn {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TlsConn<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -126,7 +141,7 @@ impl tokio::io::AsyncRead for TlsConn {
     }
 }
 
-impl tokio::io::AsyncWrite for TlsConn {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TlsConn<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -368,7 +383,7 @@ where
     fn call(&mut self, req: tonic::codegen::http::Request<ReqB>) -> Self::Future {
         let info = req.extensions().get::<PeerInfo>();
         let peer = info.map_or_else(|| "local".to_owned(), |p| p.caller.label().to_owned());
-        let remote = info.map(|p| p.remote);
+        let remote = info.map(|p| p.remote.clone());
         let path = req.uri().path().to_owned();
         let stats = self.stats.clone();
         // Everything logged while serving the call carries the peer's identity.
@@ -485,8 +500,17 @@ pub async fn serve(
                             identity: a.peer.identity,
                             anchor: a.peer.anchor,
                         },
-                        remote: a.remote,
+                        remote: a.remote.to_string(),
                     },
+                })
+            });
+            router.serve_with_incoming_shutdown(conns, shutdown).await?
+        }
+        Incoming::Peers(conns) => {
+            let conns = conns.map(|c| {
+                c.map(|c| TlsConn {
+                    inner: c.io,
+                    info: c.info,
                 })
             });
             router.serve_with_incoming_shutdown(conns, shutdown).await?

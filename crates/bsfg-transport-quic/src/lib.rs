@@ -12,11 +12,13 @@
 //! offered or used: an early-data append could be replayed.
 
 pub mod client;
+pub mod component;
 pub mod config;
 pub mod server;
 pub mod wire;
 
 pub use client::QuicClient;
+pub use component::QuicTransport;
 pub use config::{ClientConfig, Congestion, ServerConfig, Tuning, TuningError};
 pub use server::{Listener, ServeError};
 pub use wire::ALPN;

@@ -285,7 +285,7 @@ async fn matrix(
             for (name, scheme, port) in TRANSPORTS {
                 let tls = ClientTls::new(
                     client_files.clone(),
-                    crate::client::alpn(scheme),
+                    alpn(&crate::registry::builtin(), scheme),
                     format!("bench:{name}"),
                     tls_stats.clone(),
                 )?;
@@ -429,4 +429,12 @@ async fn run_cell(
         wire_bytes,
         failures: s.fetch_failures + s.append_failures + s.confirm_failures,
     })
+}
+
+/// The ALPN protocols of a registered scheme (none for a scheme without TLS).
+fn alpn(registry: &bsfg_core::component::Registry, scheme: &str) -> Vec<Vec<u8>> {
+    match registry.scheme(scheme).map(|(_, s)| s.security) {
+        Some(bsfg_core::component::Security::MutualTls { alpn }) => vec![alpn.to_vec()],
+        _ => Vec::new(),
+    }
 }

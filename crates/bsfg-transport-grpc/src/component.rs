@@ -1,0 +1,193 @@
+//! gRPC as a registered transport: `grpc://` (plaintext, loopback only) and
+//! `grpcs://` (mutual TLS 1.3, ALPN `h2`). A gRPC listener has no keys beyond the
+//! serving limits every listener has; a gRPC link none beyond the link's own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bsfg_core::component::{
+    Checks, ComponentError, Dial, Endpoint, Listen, Scheme, Security, ServeContext, ServeLimits,
+    Serving, TlsMaterial, Transport,
+};
+use bsfg_core::{BoundaryApi, BoundaryError};
+use bsfg_tls::{ClientTls, ServerTls};
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+
+use crate::{ClientConfig, GrpcClient, Incoming, ServerConfig};
+
+/// Registers `grpc://` and `grpcs://`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcTransport;
+
+const SCHEMES: &[Scheme] = &[
+    Scheme {
+        name: "grpc",
+        security: Security::Plaintext,
+        example: "grpc://127.0.0.1:7443",
+    },
+    Scheme {
+        name: "grpcs",
+        security: Security::MutualTls {
+            alpn: bsfg_tls::ALPN_H2,
+        },
+        example: "grpcs://0.0.0.0:7443",
+    },
+];
+
+/// No gRPC-specific keys: anything left is a misspelling or another transport's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoKeys {}
+
+/// The gRPC server settings for a listener's limits.
+pub fn server_config(limits: &ServeLimits) -> ServerConfig {
+    ServerConfig {
+        max_message_bytes: limits.max_message_bytes,
+        max_fetch_wait: limits.max_fetch_wait,
+        request_timeout: limits.request_timeout,
+        idle_timeout: limits.idle_timeout,
+        handshake_timeout: limits.handshake_timeout,
+        max_object_bytes: limits.max_object_bytes,
+        max_concurrent_streams: limits.max_concurrent_streams,
+        ..ServerConfig::default()
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+
+    fn schemes(&self) -> &'static [Scheme] {
+        SCHEMES
+    }
+
+    fn listener(
+        &self,
+        at: Endpoint<'_>,
+        limits: &ServeLimits,
+        table: bsfg_core::component::Table<'_>,
+        checks: &mut Checks,
+    ) -> Option<Arc<dyn Listen>> {
+        let keys = table.read::<NoKeys>(checks);
+        let addr = at.socket_addr(checks)?;
+        keys?;
+        Some(Arc::new(GrpcListen {
+            addr,
+            tls: matches!(at.scheme.security, Security::MutualTls { .. }),
+            scheme: at.scheme.name,
+            config: server_config(limits),
+        }))
+    }
+
+    fn dialer(
+        &self,
+        at: Endpoint<'_>,
+        _request_timeout: Duration,
+        table: bsfg_core::component::Table<'_>,
+        checks: &mut Checks,
+    ) -> Option<Arc<dyn Dial>> {
+        let keys = table.read::<NoKeys>(checks);
+        (at.host_port(checks) && keys.is_some()).then(|| {
+            Arc::new(GrpcDial {
+                tls: matches!(at.scheme.security, Security::MutualTls { .. }),
+            }) as Arc<dyn Dial>
+        })
+    }
+}
+
+/// A gRPC listener on a TCP port.
+#[derive(Debug)]
+struct GrpcListen {
+    addr: SocketAddr,
+    tls: bool,
+    scheme: &'static str,
+    config: ServerConfig,
+}
+
+impl Listen for GrpcListen {
+    fn socket(&self) -> String {
+        format!("tcp {}", self.addr)
+    }
+
+    fn is_local(&self) -> bool {
+        self.addr.ip().is_loopback()
+    }
+
+    fn start(&self, ctx: ServeContext) -> BoxFuture<'_, Result<Serving, ComponentError>> {
+        async move {
+            let tls = match (self.tls, ctx.tls.as_ref()) {
+                (true, Some(m)) => Some(m.get::<ServerTls>().ok_or_else(|| {
+                    ComponentError::new(
+                        format!("listener {}://{}", self.scheme, self.addr),
+                        "the TLS material is not a bsfg-tls server configuration",
+                    )
+                })?),
+                (true, None) => {
+                    return Err(ComponentError::new(
+                        format!("listener {}://{}", self.scheme, self.addr),
+                        "mutual TLS needs the zone's [tls] section",
+                    ));
+                }
+                (false, _) => None,
+            };
+            let (listener, addr) = crate::bind(self.addr)
+                .await
+                .map_err(|e| ComponentError::new(format!("binding {}", self.addr), e))?;
+            let (incoming, summary) = match tls {
+                Some(tls) => (Incoming::Tls(listener, tls), "gRPC, mutual TLS 1.3"),
+                None => (Incoming::Plain(listener), "gRPC, PLAINTEXT"),
+            };
+            let config = self.config.clone();
+            let serve = async move {
+                crate::serve(ctx.gate, config, incoming, ctx.served, ctx.stopped)
+                    .await
+                    .map_err(|e| ComponentError::new("serving gRPC", e))
+            }
+            .boxed();
+            Ok(Serving {
+                url: format!("{}://{addr}", self.scheme),
+                summary: summary.into(),
+                serve,
+            })
+        }
+        .boxed()
+    }
+}
+
+/// A gRPC client, plaintext or mutual TLS.
+#[derive(Debug)]
+struct GrpcDial {
+    tls: bool,
+}
+
+impl Dial for GrpcDial {
+    fn dial(
+        &self,
+        url: &str,
+        tls: Option<(TlsMaterial, Option<String>)>,
+    ) -> Result<Arc<dyn BoundaryApi>, BoundaryError> {
+        match (self.tls, tls) {
+            (true, Some((m, name))) => {
+                let tls = m.get::<ClientTls>().ok_or_else(|| {
+                    BoundaryError::invalid(
+                        "url",
+                        "the TLS material is not a bsfg-tls client configuration",
+                    )
+                })?;
+                GrpcClient::connect_lazy_tls(url, ClientConfig::default(), tls, name)
+                    .map(|c| Arc::new(c) as _)
+            }
+            (true, None) => Err(BoundaryError::invalid(
+                "url",
+                format!("`{url}` is mutual TLS: it needs a client certificate"),
+            )),
+            (false, _) => {
+                GrpcClient::connect_lazy(url, ClientConfig::default()).map(|c| Arc::new(c) as _)
+            }
+        }
+    }
+}
