@@ -13,5 +13,6 @@ pub fn builtin() -> Registry {
     Registry::new()
         .with_transport(bsfg_transport_grpc::GrpcTransport)
         .with_transport(bsfg_transport_quic::QuicTransport)
+        .with_transport(bsfg_transport_unix::UnixTransport)
         .with_sink(bsfg_sink_jetstream::JetStreamSink)
 }
