@@ -18,6 +18,7 @@ pub mod json;
 pub mod link;
 pub mod model;
 pub mod names;
+pub mod observe;
 pub mod policy;
 pub mod ports;
 

@@ -22,18 +22,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use bsfg_core::BoundaryError;
 use bsfg_core::link::{LinkHandle, LinkStatus};
-use bsfg_core::{
-    AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
-    Message, ObjectInfo,
-};
+use bsfg_core::observe::{Observer, Op, Outcome};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -41,7 +38,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
-/// Counters of the zone's own API (what listeners serve), kept by [`MeteredApi`].
+/// Counters of the zone's own API (what listeners serve), an [`Observer`] of it.
 #[derive(Debug)]
 pub struct ApiMetrics {
     append_requests: AtomicU64,
@@ -66,67 +63,26 @@ impl Default for ApiMetrics {
     }
 }
 
-/// The engine as served to listeners, counting requests, failures and append latency.
-pub struct MeteredApi {
-    /// The engine.
-    pub inner: Arc<dyn BoundaryApi>,
-    /// Where the counts go.
-    pub metrics: Arc<ApiMetrics>,
-}
-
-#[async_trait]
-impl BoundaryApi for MeteredApi {
-    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
-        let m = &self.metrics;
-        m.append_requests.fetch_add(1, Ordering::Relaxed);
-        let t = Instant::now();
-        let r = self.inner.append_fact(message).await;
-        m.append_latency.observe(t.elapsed().as_secs_f64());
-        if r.is_err() {
-            m.append_failures.fetch_add(1, Ordering::Relaxed);
+/// The engine as served to listeners is observed by these counters: requests,
+/// failures and append latency.
+impl Observer for ApiMetrics {
+    fn observed(&self, op: Op, elapsed: Duration, outcome: Result<Outcome<'_>, &BoundaryError>) {
+        match op {
+            Op::Append => {
+                self.append_requests.fetch_add(1, Ordering::Relaxed);
+                self.append_latency.observe(elapsed.as_secs_f64());
+                if outcome.is_err() {
+                    self.append_failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Op::Fetch { .. } => {
+                self.fetch_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            Op::Confirm { .. } => {
+                self.confirm_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            Op::PutObject => {}
         }
-        r
-    }
-    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
-        self.fetch_facts_as(bsfg_core::LOCAL_RECEIVER, request)
-            .await
-    }
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
-        self.confirm_receipt_as(bsfg_core::LOCAL_RECEIVER, consumer, offset)
-            .await
-    }
-    async fn fetch_facts_as(
-        &self,
-        receiver: &str,
-        request: FetchRequest,
-    ) -> Result<FactPage, BoundaryError> {
-        self.metrics.fetch_requests.fetch_add(1, Ordering::Relaxed);
-        self.inner.fetch_facts_as(receiver, request).await
-    }
-    async fn confirm_receipt_as(
-        &self,
-        receiver: &str,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
-        self.metrics
-            .confirm_requests
-            .fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .confirm_receipt_as(receiver, consumer, offset)
-            .await
-    }
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
-        self.inner.put_object(bucket, key, body).await
     }
 }
 

@@ -49,10 +49,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     })?;
     let engine = Boundary::new(store.fact_log(), store.object_store(), cfg.limits.clone());
     let api_metrics = Arc::new(admin::ApiMetrics::default());
-    let api: Arc<dyn BoundaryApi> = Arc::new(admin::MeteredApi {
-        inner: Arc::new(engine.clone()),
-        metrics: api_metrics.clone(),
-    });
+    let api: Arc<dyn BoundaryApi> = Arc::new(bsfg_core::observe::Observed::new(
+        Arc::new(engine.clone()),
+        api_metrics.clone(),
+    ));
 
     let policies = crate::policies::Policies::load(&cfg.policies)?;
     for (p, hooks) in &policies.all {

@@ -37,10 +37,9 @@ pub mod machine;
 
 use crate::error::BoundaryError;
 use crate::model::{Envelope, Fact, Limits, Message, Refused, ValidatedMessage};
+use crate::observe::{Observed, Observer, Op, Outcome};
 use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry};
-use crate::ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
-};
+use crate::ports::{AppendOutcome, BoundaryApi, FactPage, FetchRequest};
 use machine::{Action, Appended, Event, Machine, MachineConfig, Mode, Now};
 
 /// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
@@ -879,12 +878,14 @@ impl Link {
             streams: settings.streams.clone(),
             source_zone: settings.source_zone.clone(),
         };
-        let metered_source = Metered {
-            inner: self.source.as_ref(),
-            counters: &self.shared.counters,
-            fetch_timeout: settings.wait + settings.request_timeout,
-            request_timeout: settings.request_timeout,
-        };
+        let metered_source = Observed::new(
+            self.source.clone(),
+            SourceObserver {
+                shared: self.shared.clone(),
+                fetch_timeout: settings.wait + settings.request_timeout,
+                request_timeout: settings.request_timeout,
+            },
+        );
         let metered_destination = MeteredDestination {
             inner: self.destination.as_ref(),
             counters: &self.shared.counters,
@@ -1057,75 +1058,33 @@ impl Link {
     }
 }
 
-/// Counts requests and failures of the source's operations, and bounds their time.
-struct Metered<'a> {
-    inner: &'a dyn BoundaryApi,
-    counters: &'a LinkCounters,
+/// Counts requests and failures of the source's fetches and confirms, and bounds
+/// their time: an observer of the link's source.
+struct SourceObserver {
+    shared: Arc<Shared>,
     fetch_timeout: Duration,
     request_timeout: Duration,
 }
 
-async fn bounded<T>(
-    limit: Duration,
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, BoundaryError>>,
-) -> Result<T, BoundaryError> {
-    tokio::time::timeout(limit, f).await.unwrap_or_else(|_| {
-        Err(BoundaryError::Unavailable(format!(
-            "{what} took longer than {limit:?}"
-        )))
-    })
-}
-
-fn count<T>(
-    requests: &AtomicU64,
-    failures: &AtomicU64,
-    r: Result<T, BoundaryError>,
-) -> Result<T, BoundaryError> {
-    requests.fetch_add(1, Ordering::Relaxed);
-    if r.is_err() {
-        failures.fetch_add(1, Ordering::Relaxed);
+impl Observer for SourceObserver {
+    fn deadline(&self, op: Op) -> Option<Duration> {
+        match op {
+            Op::Fetch { .. } => Some(self.fetch_timeout),
+            Op::Confirm { .. } => Some(self.request_timeout),
+            Op::Append | Op::PutObject => None,
+        }
     }
-    r
-}
-
-#[async_trait]
-impl BoundaryApi for Metered<'_> {
-    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
-        self.inner.append_fact(message).await
-    }
-    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
-        let c = self.counters;
-        count(
-            &c.fetch_requests,
-            &c.fetch_failures,
-            bounded(self.fetch_timeout, "fetch", self.inner.fetch_facts(request)).await,
-        )
-    }
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
-        let c = self.counters;
-        count(
-            &c.confirm_requests,
-            &c.confirm_failures,
-            bounded(
-                self.request_timeout,
-                "confirm",
-                self.inner.confirm_receipt(consumer, offset),
-            )
-            .await,
-        )
-    }
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
-        self.inner.put_object(bucket, key, body).await
+    fn observed(&self, op: Op, _elapsed: Duration, outcome: Result<Outcome<'_>, &BoundaryError>) {
+        let c = &self.shared.counters;
+        let (requests, failures) = match op {
+            Op::Fetch { .. } => (&c.fetch_requests, &c.fetch_failures),
+            Op::Confirm { .. } => (&c.confirm_requests, &c.confirm_failures),
+            Op::Append | Op::PutObject => return,
+        };
+        requests.fetch_add(1, Ordering::Relaxed);
+        if outcome.is_err() {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -1145,11 +1104,12 @@ impl Destination for MeteredDestination<'_> {
         message: ValidatedMessage,
     ) -> Result<AppendOutcome, BoundaryError> {
         let c = self.counters;
-        count(
-            &c.append_requests,
-            &c.append_failures,
-            self.inner.append_replicated(message).await,
-        )
+        let r = self.inner.append_replicated(message).await;
+        c.append_requests.fetch_add(1, Ordering::Relaxed);
+        if r.is_err() {
+            c.append_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
     async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {
         self.inner.checkpoint(link).await

@@ -16,12 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_trait::async_trait;
 use bsfg_core::link::{Link, LinkSettings};
-use bsfg_core::{
-    AppendOutcome, Boundary, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest,
-    Frontier, Limits, Message, ObjectInfo,
-};
+use bsfg_core::observe::{Observed, Observer, Op, Outcome};
+use bsfg_core::{Boundary, BoundaryApi, BoundaryError, Limits};
 use bsfg_sink_jetstream::baseline::percentile_ms as pct;
 use bsfg_sink_jetstream::{JetStreamConfig, JetStreamZone};
 use bsfg_testkit::fixtures::padded_fact;
@@ -67,55 +64,39 @@ const TRANSPORTS: [(&str, &str, u16); 3] = [
     ("QUIC (cubic)", "quic", 7444),
 ];
 
-/// A source wrapper that times each page from its FetchFacts request to the
-/// ConfirmReceipt that covers it.
+/// Times each page from its FetchFacts request to the ConfirmReceipt that covers it
+/// (an observer of the link's source).
+#[derive(Default)]
 struct Timed {
-    inner: Arc<dyn BoundaryApi>,
     open: Mutex<VecDeque<(Instant, u64)>>,
     samples: Mutex<Vec<Duration>>,
     /// When the last confirm returned: the end of the completed work.
     last_confirm: Mutex<Option<Instant>>,
 }
 
-#[async_trait]
-impl BoundaryApi for Timed {
-    async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
-        self.inner.append_fact(message).await
-    }
-    async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
-        let t = Instant::now();
-        let page = self.inner.fetch_facts(request).await?;
-        if let (Some(last), Ok(mut open)) = (page.facts.last(), self.open.lock()) {
-            open.push_back((t, last.offset));
-        }
-        Ok(page)
-    }
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
-        let f = self.inner.confirm_receipt(consumer, offset).await?;
+impl Observer for Timed {
+    fn observed(&self, op: Op, elapsed: Duration, outcome: Result<Outcome<'_>, &BoundaryError>) {
         let now = Instant::now();
-        if let Ok(mut l) = self.last_confirm.lock() {
-            *l = Some(now);
-        }
-        if let (Ok(mut open), Ok(mut samples)) = (self.open.lock(), self.samples.lock()) {
-            while open.front().is_some_and(|(_, last)| *last <= offset) {
-                if let Some((t, _)) = open.pop_front() {
-                    samples.push(now - t);
+        match (op, outcome) {
+            (Op::Fetch { .. }, Ok(Outcome::Page(page))) => {
+                if let (Some(last), Ok(mut open)) = (page.facts.last(), self.open.lock()) {
+                    open.push_back((now - elapsed, last.offset));
                 }
             }
+            (Op::Confirm { offset }, Ok(_)) => {
+                if let Ok(mut l) = self.last_confirm.lock() {
+                    *l = Some(now);
+                }
+                if let (Ok(mut open), Ok(mut samples)) = (self.open.lock(), self.samples.lock()) {
+                    while open.front().is_some_and(|(_, last)| *last <= offset) {
+                        if let Some((t, _)) = open.pop_front() {
+                            samples.push(now - t);
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
-        Ok(f)
-    }
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
-        self.inner.put_object(bucket, key, body).await
     }
 }
 
@@ -376,12 +357,7 @@ async fn run_cell(
     let mut limits = Limits::default();
     limits.max_fetch_limit = limits.max_fetch_limit.max(opts.page_size);
     let dest = Arc::new(Boundary::new(zone.clone(), zone, limits));
-    let timed = Arc::new(Timed {
-        inner: source,
-        open: Mutex::new(VecDeque::new()),
-        samples: Mutex::new(Vec::new()),
-        last_confirm: Mutex::new(None),
-    });
+    let timed = Arc::new(Timed::default());
     let (l, handle) = Link::new(
         LinkSettings {
             name: format!("bench-{consumer}"),
@@ -395,7 +371,7 @@ async fn run_cell(
             backoff_max: Duration::from_secs(2),
             request_timeout: Duration::from_secs(60),
         },
-        timed.clone(),
+        Arc::new(Observed::new(source, timed.clone())),
         dest,
     );
     let bytes_before = link.bytes_on_wire();
