@@ -11,8 +11,7 @@
 //!   is killed and after the gateway's own state is lost), the frontier as a
 //!   gap-free prefix, and the receiver rules of confirms.
 //!
-//! A new transport or sink is tested by adding one line to [`conformance!`] or
-//! [`sink_conformance!`].
+//! A new transport or sink is tested by adding one line to [`conformance!`].
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::MetadataExt as _;
@@ -21,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bsfg_core::component::{
-    Checks, DeTable, Endpoint, Registry, Security, ServeContext, ServeLimits, Table, TlsMaterial,
+    Checks, DeTable, Registry, Security, ServeContext, ServeLimits, Setup, Table, TlsMaterial,
     ZoneSettings, ZoneStore,
 };
 use bsfg_core::{
@@ -45,33 +44,22 @@ fn registry() -> Registry {
         .with_sink(bsfg_sink_jetstream::JetStreamSink)
 }
 
+/// One test per implementation: `name: suite(what)`.
 macro_rules! conformance {
-    ($($name:ident: $scheme:literal,)*) => {$(
+    ($($name:ident: $suite:ident($what:literal),)*) => {$(
         #[tokio::test]
         async fn $name() {
-            transport_suite($scheme).await;
+            $suite($what).await;
         }
     )*};
 }
 
 conformance! {
-    grpc_plaintext_conforms: "grpc",
-    grpc_over_mutual_tls_conforms: "grpcs",
-    quic_conforms: "quic",
-    unix_socket_conforms: "unix",
-}
-
-macro_rules! sink_conformance {
-    ($($name:ident: $kind:literal,)*) => {$(
-        #[tokio::test]
-        async fn $name() {
-            sink_suite($kind).await;
-        }
-    )*};
-}
-
-sink_conformance! {
-    jetstream_sink_conforms: "jetstream",
+    grpc_plaintext_conforms: transport_suite("grpc"),
+    grpc_over_mutual_tls_conforms: transport_suite("grpcs"),
+    quic_conforms: transport_suite("quic"),
+    unix_socket_conforms: transport_suite("unix"),
+    jetstream_sink_conforms: sink_suite("jetstream"),
 }
 
 /// A TOML table as a component receives it.
@@ -202,19 +190,16 @@ impl Env {
         let url = self.listen_url(scheme, s.security, n);
         let (_, s, address) = registry.endpoint(&url).unwrap();
         let mut checks = Checks::default();
+        let at = Setup::new(
+            s,
+            &url,
+            address,
+            ("listeners[0].url", 0..0),
+            Table::empty("listeners[0]"),
+            &mut checks,
+        );
         let listen = transport
-            .listener(
-                Endpoint {
-                    scheme: s,
-                    url: &url,
-                    address,
-                    span: 0..0,
-                    key: "listeners[0].url",
-                },
-                limits,
-                Table::empty("listeners[0]"),
-                &mut checks,
-            )
+            .listener(at, limits)
             .unwrap_or_else(|| panic!("{:?}", checks.problems));
         let gate = match s.security {
             Security::Plaintext => Gate::local_only(api),

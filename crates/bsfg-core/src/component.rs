@@ -88,6 +88,23 @@ impl Checks {
         }
     }
 
+    /// A name checked by one of [`crate::names`]' rules (`validate_zone`, ...): the
+    /// rule it breaks is recorded at its position.
+    pub fn name(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+        check: fn(&str, &str) -> Result<(), BoundaryError>,
+    ) {
+        if let Err(e) = check(key, v.get_ref()) {
+            let rule = match e {
+                BoundaryError::InvalidArgument { rule, .. } => rule,
+                other => other.to_string(),
+            };
+            self.at(v.span(), key, rule);
+        }
+    }
+
     /// A number that must be at least `min`: its value, or `default` when absent.
     pub fn at_least<T: Copy + PartialOrd + fmt::Display>(
         &mut self,
@@ -213,53 +230,88 @@ pub struct Scheme {
     pub example: &'static str,
 }
 
-/// A scheme's URL, split: where it is written and what follows `scheme://`.
-#[derive(Debug, Clone)]
-pub struct Endpoint<'a> {
+/// What a transport is given to set up a listener or a client: the URL, split
+/// (where it is written, what follows `scheme://`), the transport's own keys of the
+/// entry, and where its problems go.
+pub struct Setup<'a, 'i> {
     /// The scheme.
     pub scheme: &'a Scheme,
     /// The URL as written.
     pub url: &'a str,
     /// What follows `scheme://`.
     pub address: &'a str,
-    /// Where the URL is in the file.
-    pub span: Range<usize>,
-    /// Its dotted key (`listeners[0].url`).
-    pub key: &'a str,
+    span: Range<usize>,
+    key: &'a str,
+    table: Table<'i>,
+    checks: &'a mut Checks,
 }
 
-impl Endpoint<'_> {
-    /// The address as an IP address and port (a listener's), or the problem.
-    pub fn socket_addr(&self, checks: &mut Checks) -> Option<std::net::SocketAddr> {
-        let rest = self.address.trim_end_matches('/');
-        match rest.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                checks.at(
-                    self.span.clone(),
-                    self.key,
-                    format!("`{rest}` is not an IP address and port (e.g. 127.0.0.1:7443)"),
-                );
-                None
-            }
+impl<'a, 'i> Setup<'a, 'i> {
+    /// The URL `url` of `scheme` (`address` after `scheme://`), written at `span`
+    /// under `key`; `table` holds the transport's keys of the entry.
+    pub fn new(
+        scheme: &'a Scheme,
+        url: &'a str,
+        address: &'a str,
+        (key, span): (&'a str, Range<usize>),
+        table: Table<'i>,
+        checks: &'a mut Checks,
+    ) -> Self {
+        Setup {
+            scheme,
+            url,
+            address,
+            span,
+            key,
+            table,
+            checks,
         }
+    }
+
+    /// Reads the transport's keys as `T` (see [`Table::read`]); once.
+    pub fn read<T: Deserialize<'i>>(&mut self) -> Option<T> {
+        let empty = Table::empty(self.table.key().to_owned());
+        std::mem::replace(&mut self.table, empty).read(self.checks)
+    }
+
+    /// The dotted key of the entry (`listeners[0]`).
+    pub fn entry_key(&self) -> &str {
+        self.table.key()
+    }
+
+    /// Records a problem with the URL.
+    pub fn url_problem(&mut self, rule: impl Into<String>) {
+        self.checks.at(self.span.clone(), self.key, rule);
+    }
+
+    /// Where the transport records its other problems.
+    pub fn checks(&mut self) -> &mut Checks {
+        self.checks
+    }
+
+    /// The address as an IP address and port (a listener's), or the problem.
+    pub fn socket_addr(&mut self) -> Option<std::net::SocketAddr> {
+        let rest = self.address.trim_end_matches('/');
+        let parsed = rest.parse().ok();
+        if parsed.is_none() {
+            self.url_problem(format!(
+                "`{rest}` is not an IP address and port (e.g. 127.0.0.1:7443)"
+            ));
+        }
+        parsed
     }
 
     /// True when the address is a host (a name or an IP) and a port (a source's);
     /// otherwise the problem is recorded.
-    pub fn host_port(&self, checks: &mut Checks) -> bool {
+    pub fn host_port(&mut self) -> bool {
         let rest = self.address.trim_end_matches('/');
         let ok = rest.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         if !ok {
-            checks.at(
-                self.span.clone(),
-                self.key,
-                format!(
-                    "`{rest}` is not a host and port (e.g. 10.0.0.5:7453 or idmz.example:7453)"
-                ),
-            );
+            self.url_problem(format!(
+                "`{rest}` is not a host and port (e.g. 10.0.0.5:7453 or idmz.example:7453)"
+            ));
         }
         ok
     }
@@ -399,29 +451,15 @@ pub trait Dial: fmt::Debug + Send + Sync {
 
 /// A transport: its schemes, its listeners and its clients.
 pub trait Transport: Send + Sync {
-    /// The transport's name (`grpc`, `quic`, `unix`).
-    fn name(&self) -> &'static str;
     /// The schemes it serves and dials.
     fn schemes(&self) -> &'static [Scheme];
-    /// Reads and checks a listener's transport keys (`table`: the `[[listeners]]`
-    /// entry without `url`, `insecure` and the [`ServeLimits`] keys). `None` when a
-    /// problem was recorded.
-    fn listener(
-        &self,
-        at: Endpoint<'_>,
-        limits: &ServeLimits,
-        table: Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Listen>>;
-    /// Reads and checks a link's transport keys (`table`: the `[[links]]` entry
-    /// without the link's own keys); `request_timeout` bounds every call.
-    fn dialer(
-        &self,
-        at: Endpoint<'_>,
-        request_timeout: Duration,
-        table: Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Dial>>;
+    /// Reads and checks a listener (its keys: the `[[listeners]]` entry without
+    /// `url`, `insecure` and the [`ServeLimits`] keys). `None` when a problem was
+    /// recorded.
+    fn listener(&self, at: Setup<'_, '_>, limits: &ServeLimits) -> Option<Arc<dyn Listen>>;
+    /// Reads and checks a client (its keys: the `[[links]]` entry without the link's
+    /// own keys); `request_timeout` bounds every call.
+    fn dialer(&self, at: Setup<'_, '_>, request_timeout: Duration) -> Option<Arc<dyn Dial>>;
 }
 
 /// What a sink is told about the zone it stores.
@@ -609,24 +647,19 @@ impl Registry {
             .endpoint(url)
             .map_err(|e| BoundaryError::invalid("url", e))?;
         let mut checks = Checks::default();
-        let at = Endpoint {
+        let at = Setup::new(
             scheme,
             url,
             address,
-            span: 0..0,
-            key: "url",
+            ("url", 0..0),
+            Table::empty("url"),
+            &mut checks,
+        );
+        let dialer = transport.dialer(at, Duration::from_secs(60));
+        let Some(dialer) = dialer else {
+            let rules: Vec<_> = checks.problems.into_iter().map(|p| p.rule).collect();
+            return Err(BoundaryError::invalid("url", rules.join("; ")));
         };
-        let dialer = transport
-            .dialer(
-                at,
-                Duration::from_secs(60),
-                Table::empty("url"),
-                &mut checks,
-            )
-            .ok_or_else(|| {
-                let rules: Vec<_> = checks.problems.into_iter().map(|p| p.rule).collect();
-                BoundaryError::invalid("url", rules.join("; "))
-            })?;
         dialer.dial(url, tls)
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use bsfg_core::component::{
-    Checks, DeTable, DeValue, Dial, Endpoint, Listen, Registry, Scheme, Security, ServeLimits,
+    Checks, DeTable, DeValue, Dial, Listen, Registry, Scheme, Security, ServeLimits, Setup,
     SinkPlan, Spanned, Table, ZoneSettings,
 };
 use bsfg_core::{Limits, names};
@@ -341,13 +341,9 @@ impl Checker<'_> {
         key: &str,
         check: fn(&str, &str) -> Result<(), bsfg_core::BoundaryError>,
     ) {
-        if let Err(e) = check(key, v.get_ref()) {
-            let rule = match e {
-                bsfg_core::BoundaryError::InvalidArgument { rule, .. } => rule,
-                other => other.to_string(),
-            };
-            self.at(v.span(), key, rule);
-        }
+        let mut checks = Checks::default();
+        checks.name(v, key, check);
+        self.absorb(&mut checks);
     }
 
     /// Reads `table` as `T`, problems recorded.
@@ -595,14 +591,15 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
         };
         let limits = serve_limits(&mut c, &rl, i, &limits);
         let mut checks = Checks::default();
-        let at = Endpoint {
+        let at = Setup::new(
             scheme,
             url,
             address,
-            span: rl.url.span(),
-            key: &key,
-        };
-        let listen = transport.listener(at, &limits, table, &mut checks);
+            (&key, rl.url.span()),
+            table,
+            &mut checks,
+        );
+        let listen = transport.listener(at, &limits);
         c.absorb(&mut checks);
         let Some(listen) = listen else { continue };
         if !sockets.insert(listen.socket()) {
@@ -845,15 +842,16 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
             );
         }
         let source_key = key("source");
-        let at = Endpoint {
+        let mut checks = Checks::default();
+        let at = Setup::new(
             scheme,
             url,
             address,
-            span: rl.source.span(),
-            key: &source_key,
-        };
-        let mut checks = Checks::default();
-        let dial = transport.dialer(at, request_timeout, table, &mut checks);
+            (&source_key, rl.source.span()),
+            table,
+            &mut checks,
+        );
+        let dial = transport.dialer(at, request_timeout);
         c.absorb(&mut checks);
         let Some(dial) = dial else { continue };
         links.push(LinkConfig {

@@ -63,21 +63,6 @@ struct RawConsumer {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct JetStreamSink;
 
-fn name(
-    checks: &mut Checks,
-    v: &Spanned<String>,
-    key: &str,
-    check: fn(&str, &str) -> Result<(), bsfg_core::BoundaryError>,
-) {
-    if let Err(e) = check(key, v.get_ref()) {
-        let rule = match e {
-            bsfg_core::BoundaryError::InvalidArgument { rule, .. } => rule,
-            other => other.to_string(),
-        };
-        checks.at(v.span(), key, rule);
-    }
-}
-
 impl Sink for JetStreamSink {
     fn kind(&self) -> &'static str {
         "jetstream"
@@ -104,7 +89,7 @@ impl Sink for JetStreamSink {
             );
         }
         if let Some(d) = &js.domain {
-            name(c, d, "sink.domain", names::validate_zone);
+            c.name(d, "sink.domain", names::validate_zone);
             sink.domain = Some(d.get_ref().clone());
         }
         if let Some(m) = &js.monitor_url {
@@ -183,7 +168,7 @@ impl Sink for JetStreamSink {
                 .enumerate()
                 .map(|(i, k)| {
                     let key = format!("sink.classes[{i}].name");
-                    name(c, &k.name, &key, names::validate_class);
+                    c.name(&k.name, &key, names::validate_class);
                     if !seen.insert(k.name.get_ref().clone()) {
                         c.at(
                             k.name.span(),
@@ -238,7 +223,7 @@ impl Sink for JetStreamSink {
                 continue;
             };
             let key = format!("consumers[{i}].name");
-            name(c, &rc.name, &key, names::validate_consumer);
+            c.name(&rc.name, &key, names::validate_consumer);
             if !consumer_names.insert(rc.name.get_ref().clone()) {
                 c.at(
                     rc.name.span(),

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bsfg_core::component::{
-    Checks, ComponentError, Dial, Endpoint, Listen, Scheme, Security, ServeContext, ServeLimits,
-    Serving, TlsMaterial, Transport,
+    ComponentError, Dial, Listen, Scheme, Security, ServeContext, ServeLimits, Serving, Setup,
+    TlsMaterial, Transport,
 };
 use bsfg_core::{BoundaryApi, BoundaryError};
 use bsfg_tls::{ClientTls, ServerTls};
@@ -57,23 +57,13 @@ pub fn server_config(limits: &ServeLimits) -> ServerConfig {
 }
 
 impl Transport for GrpcTransport {
-    fn name(&self) -> &'static str {
-        "grpc"
-    }
-
     fn schemes(&self) -> &'static [Scheme] {
         SCHEMES
     }
 
-    fn listener(
-        &self,
-        at: Endpoint<'_>,
-        limits: &ServeLimits,
-        table: bsfg_core::component::Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Listen>> {
-        let keys = table.read::<NoKeys>(checks);
-        let addr = at.socket_addr(checks)?;
+    fn listener(&self, mut at: Setup<'_, '_>, limits: &ServeLimits) -> Option<Arc<dyn Listen>> {
+        let keys = at.read::<NoKeys>();
+        let addr = at.socket_addr()?;
         keys?;
         Some(Arc::new(GrpcListen {
             addr,
@@ -83,15 +73,9 @@ impl Transport for GrpcTransport {
         }))
     }
 
-    fn dialer(
-        &self,
-        at: Endpoint<'_>,
-        _request_timeout: Duration,
-        table: bsfg_core::component::Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Dial>> {
-        let keys = table.read::<NoKeys>(checks);
-        (at.host_port(checks) && keys.is_some()).then(|| {
+    fn dialer(&self, mut at: Setup<'_, '_>, _request_timeout: Duration) -> Option<Arc<dyn Dial>> {
+        let keys = at.read::<NoKeys>();
+        (at.host_port() && keys.is_some()).then(|| {
             Arc::new(GrpcDial {
                 tls: matches!(at.scheme.security, Security::MutualTls { .. }),
             }) as Arc<dyn Dial>

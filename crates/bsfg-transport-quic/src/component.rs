@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bsfg_core::component::{
-    Checks, ComponentError, Dial, Endpoint, Listen, Scheme, Security, ServeContext, ServeLimits,
-    Serving, Spanned, Table, TlsMaterial, Transport,
+    ComponentError, Dial, Listen, Scheme, Security, ServeContext, ServeLimits, Serving, Setup,
+    Spanned, TlsMaterial, Transport,
 };
 use bsfg_core::{BoundaryApi, BoundaryError};
 use bsfg_tls::{ClientTls, ServerTls};
@@ -52,10 +52,11 @@ struct RawQuic {
     socket_buffer: Option<Spanned<usize>>,
 }
 
-/// The `quic = { ... }` tuning of `table`, checked; defaults where absent.
-fn tuning(table: Table<'_>, c: &mut Checks) -> Option<Tuning> {
-    let prefix = format!("{}.quic", table.key());
-    let raw: RawKeys = table.read(c)?;
+/// The `quic = { ... }` tuning of the entry, checked; defaults where absent.
+fn tuning(at: &mut Setup<'_, '_>) -> Option<Tuning> {
+    let prefix = format!("{}.quic", at.entry_key());
+    let raw: RawKeys = at.read()?;
+    let c = at.checks();
     let mut t = Tuning::default();
     let Some(spanned) = raw.quic else {
         return Some(t);
@@ -120,23 +121,13 @@ fn tuning(table: Table<'_>, c: &mut Checks) -> Option<Tuning> {
 }
 
 impl Transport for QuicTransport {
-    fn name(&self) -> &'static str {
-        "quic"
-    }
-
     fn schemes(&self) -> &'static [Scheme] {
         SCHEMES
     }
 
-    fn listener(
-        &self,
-        at: Endpoint<'_>,
-        limits: &ServeLimits,
-        table: Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Listen>> {
-        let tuning = tuning(table, checks);
-        let addr = at.socket_addr(checks)?;
+    fn listener(&self, mut at: Setup<'_, '_>, limits: &ServeLimits) -> Option<Arc<dyn Listen>> {
+        let tuning = tuning(&mut at);
+        let addr = at.socket_addr()?;
         let config = ServerConfig {
             tuning: tuning?,
             max_message_bytes: limits.max_message_bytes,
@@ -150,15 +141,9 @@ impl Transport for QuicTransport {
         Some(Arc::new(QuicListen { addr, config }))
     }
 
-    fn dialer(
-        &self,
-        at: Endpoint<'_>,
-        request_timeout: Duration,
-        table: Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Dial>> {
-        let tuning = tuning(table, checks);
-        if !at.host_port(checks) {
+    fn dialer(&self, mut at: Setup<'_, '_>, request_timeout: Duration) -> Option<Arc<dyn Dial>> {
+        let tuning = tuning(&mut at);
+        if !at.host_port() {
             return None;
         }
         Some(Arc::new(QuicDial(ClientConfig {

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bsfg_core::component::{
-    Checks, ComponentError, Dial, Endpoint, Listen, Scheme, Security, ServeContext, ServeLimits,
-    Serving, Spanned, Table, TlsMaterial, Transport,
+    ComponentError, Dial, Listen, Scheme, Security, ServeContext, ServeLimits, Serving, Setup,
+    Spanned, TlsMaterial, Transport,
 };
 use bsfg_core::{BoundaryApi, BoundaryError, Caller};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient, Incoming, PeerConn, PeerInfo};
@@ -58,48 +58,34 @@ struct RawListener {
 struct NoKeys {}
 
 /// The socket path of a `unix://` URL: absolute, or the problem.
-fn socket_path(at: &Endpoint<'_>, checks: &mut Checks) -> Option<PathBuf> {
+fn socket_path(at: &mut Setup<'_, '_>) -> Option<PathBuf> {
     let path = Path::new(at.address);
     if path.is_absolute() && path.file_name().is_some() {
         Some(path.to_path_buf())
     } else {
-        checks.at(
-            at.span.clone(),
-            at.key,
-            format!(
-                "`{}` is not an absolute socket path; write e.g. unix:///run/bsfg/zone.sock",
-                at.address
-            ),
-        );
+        let address = at.address;
+        at.url_problem(format!(
+            "`{address}` is not an absolute socket path; write e.g. unix:///run/bsfg/zone.sock"
+        ));
         None
     }
 }
 
 impl Transport for UnixTransport {
-    fn name(&self) -> &'static str {
-        "unix"
-    }
-
     fn schemes(&self) -> &'static [Scheme] {
         SCHEMES
     }
 
-    fn listener(
-        &self,
-        at: Endpoint<'_>,
-        limits: &ServeLimits,
-        table: Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Listen>> {
-        let key = format!("{}.mode", table.key());
-        let raw: Option<RawListener> = table.read(checks);
-        let path = socket_path(&at, checks)?;
+    fn listener(&self, mut at: Setup<'_, '_>, limits: &ServeLimits) -> Option<Arc<dyn Listen>> {
+        let key = format!("{}.mode", at.entry_key());
+        let raw: Option<RawListener> = at.read();
+        let path = socket_path(&mut at)?;
         let mode = match raw?.mode {
             None => 0o660,
             Some(m) => match u32::from_str_radix(m.get_ref(), 8) {
                 Ok(v) if v <= 0o777 && v & 0o600 == 0o600 => v,
                 _ => {
-                    checks.at(
+                    at.checks().at(
                         m.span(),
                         key,
                         format!(
@@ -118,15 +104,9 @@ impl Transport for UnixTransport {
         }))
     }
 
-    fn dialer(
-        &self,
-        at: Endpoint<'_>,
-        request_timeout: Duration,
-        table: Table<'_>,
-        checks: &mut Checks,
-    ) -> Option<Arc<dyn Dial>> {
-        let keys = table.read::<NoKeys>(checks);
-        let path = socket_path(&at, checks)?;
+    fn dialer(&self, mut at: Setup<'_, '_>, request_timeout: Duration) -> Option<Arc<dyn Dial>> {
+        let keys = at.read::<NoKeys>();
+        let path = socket_path(&mut at)?;
         keys?;
         Some(Arc::new(UnixDial {
             path,
@@ -287,21 +267,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use bsfg_core::component::DeTable;
+    use bsfg_core::component::{Checks, DeTable, Table};
 
     fn listener(url: &str, keys: &str) -> (Option<Arc<dyn Listen>>, Vec<String>) {
         let doc = DeTable::parse(keys).unwrap();
         let span = doc.span();
         let table = Table::new("listeners[0]", span, doc.into_inner());
         let mut checks = Checks::default();
-        let at = Endpoint {
-            scheme: &SCHEMES[0],
+        let at = Setup::new(
+            &SCHEMES[0],
             url,
-            address: url.trim_start_matches("unix://"),
-            span: 0..0,
-            key: "listeners[0].url",
-        };
-        let l = UnixTransport.listener(at, &ServeLimits::default(), table, &mut checks);
+            url.trim_start_matches("unix://"),
+            ("listeners[0].url", 0..0),
+            table,
+            &mut checks,
+        );
+        let l = UnixTransport.listener(at, &ServeLimits::default());
         let problems = checks
             .problems
             .into_iter()

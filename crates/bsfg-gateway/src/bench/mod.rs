@@ -29,23 +29,15 @@ pub enum BenchCommand {
 
 /// Runs one benchmark.
 pub async fn run(which: BenchCommand) -> anyhow::Result<()> {
+    // The append benchmark prints its table alone; the others log what they set up.
+    if !matches!(which, BenchCommand::Append(_)) {
+        crate::init_tracing();
+    }
     match which {
         BenchCommand::Append(opts) => pipeline::append(opts).await,
-        BenchCommand::Replicate(opts) => {
-            crate::init_tracing();
-            pipeline::replicate(opts).await
-        }
-        BenchCommand::Transports(opts) => {
-            crate::init_tracing();
-            transports::transports(opts).await
-        }
-        BenchCommand::Index(opts) => {
-            crate::init_tracing();
-            index::index(opts).await
-        }
-        BenchCommand::Policy(opts) => {
-            crate::init_tracing();
-            policy::policy(opts).await
-        }
+        BenchCommand::Replicate(opts) => pipeline::replicate(opts).await,
+        BenchCommand::Transports(opts) => transports::transports(opts).await,
+        BenchCommand::Index(opts) => index::index(opts).await,
+        BenchCommand::Policy(opts) => policy::policy(opts).await,
     }
 }
