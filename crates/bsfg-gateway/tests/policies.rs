@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bsfg_core::{BoundaryApi, FetchRequest, Message, Reason};
 use bsfg_testkit::{NatsOptions, NatsServer, http_get, plugins};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
-use common::{Gateway, free_ports, text};
+use common::{Gateway, ZoneFile, free_ports, text};
 
 struct Site {
     nats: NatsServer,
@@ -56,46 +56,27 @@ impl Site {
 /// A zone named `name` with consumers, an optional link pulling `to-<name>` from
 /// `source`, and `extra` config (policies) appended verbatim.
 fn site(name: &str, consumers: &[(&str, &str)], source: Option<&str>, extra: &str) -> Site {
-    let nats = NatsServer::start_with(NatsOptions {
-        domain: Some(name.to_owned()),
-        ..Default::default()
-    })
-    .unwrap();
+    let nats = common::nats_for(name);
     let dir = tempfile::tempdir().unwrap();
     let [port, admin] = free_ports();
-    let mut cfg = format!(
-        r#"[zone]
-name = "{name}"
-
-[sink]
-type = "jetstream"
-url = "{url}"
-domain = "{name}"
-monitor_url = "{monitor}"
-classes = [{{ name = "operational", max_age = "30d" }}, {{ name = "audit", max_age = "365d" }}]
-
-[[listeners]]
-url = "grpc://127.0.0.1:{port}"
-insecure = true
-
-[admin]
-listen = "127.0.0.1:{admin}"
-"#,
-        url = nats.url(),
-        monitor = nats.monitor_url(),
-    );
+    let mut cfg = ZoneFile::new(name, &nats)
+        .sink_keys("classes = [{ name = \"operational\", max_age = \"30d\" }, { name = \"audit\", max_age = \"365d\" }]")
+        .plaintext(port)
+        .admin(admin);
     for (c, class) in consumers {
-        cfg +=
-            &format!("\n[[consumers]]\nname = \"{c}\"\nclass = \"{class}\"\nack_wait = \"2s\"\n");
+        cfg = cfg.consumer(c, class);
     }
     if let Some(source) = source {
-        cfg += &format!(
-            "\n[[links]]\nname = \"from-plant\"\nsource = \"{source}\"\nsource_zone = \"plant\"\ninsecure = true\nconsumer = \"to-{name}\"\nclasses = [\"operational\"]\npage_size = 20\nwait = \"500ms\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n"
+        cfg = cfg.link(
+            "from-plant",
+            source,
+            &format!("to-{name}"),
+            "source_zone = \"plant\"\ninsecure = true\nclasses = [\"operational\"]\npage_size = 20\nwait = \"500ms\"\nrequest_timeout = \"3s\"",
         );
     }
-    cfg += extra;
-    let config = dir.path().join(format!("{name}.toml"));
-    std::fs::write(&config, cfg).unwrap();
+    let config = cfg
+        .section(extra)
+        .write(&dir.path().join(format!("{name}.toml")));
     let gw = Gateway::spawn(config, format!("grpc://127.0.0.1:{port}"));
     Site {
         nats,

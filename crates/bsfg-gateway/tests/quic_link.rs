@@ -19,7 +19,7 @@ use bsfg_testkit::pki::Pki;
 use bsfg_testkit::udp_relay::Profile;
 use bsfg_testkit::{NatsOptions, NatsServer};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
-use common::{Gateway, free_ports, text};
+use common::{Gateway, ZoneFile, free_ports, text};
 
 /// Port of both plant listeners (QUIC on UDP, gRPC on TCP) inside the namespace.
 const PLANT_PORT: u16 = 7443;
@@ -121,68 +121,31 @@ put_buckets = ["batch-files"]
     .unwrap();
     let [port, admin] = free_ports();
     let far = link.far_addr();
-    let mut idmz_cfg = format!(
-        r#"[zone]
-name = "idmz"
-
-[sink]
-type = "jetstream"
-url = "{url}"
-domain = "idmz"
-monitor_url = "{monitor}"
-
-[[consumers]]
-name = "reader"
-class = "operational"
-ack_wait = "2s"
-
-[[listeners]]
-url = "grpc://127.0.0.1:{port}"
-insecure = true
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[tls]
-cert = "idmz-bsfg.pem"
-key = "idmz-bsfg.key"
-trust = {{ plant = "plant-ca.pem" }}
-
-[[links]]
-name = "plant-quic"
-source = "quic://{far}:{PLANT_PORT}"
-ca = "plant"
-server_name = "plant-bsfg"
-consumer = "to-idmz"
-page_size = 100
-wait = "1s"
-backoff_min = "100ms"
-backoff_max = "2s"
-request_timeout = "5s"
-quic = {{ congestion = "bbr", keep_alive = "1s", idle_timeout = "60s" }}
-"#,
-        url = idmz_nats.url(),
-        monitor = idmz_nats.monitor_url(),
-    );
+    // Both links alike but for their transport (and consumer).
+    let link_keys = "ca = \"plant\"\nserver_name = \"plant-bsfg\"\npage_size = 100\nwait = \"1s\"\nrequest_timeout = \"5s\"";
+    let mut idmz_cfg = ZoneFile::new("idmz", &idmz_nats)
+        .consumer("reader", "operational")
+        .plaintext(port)
+        .admin(admin)
+        .section(
+            "[tls]\ncert = \"idmz-bsfg.pem\"\nkey = \"idmz-bsfg.key\"\ntrust = { plant = \"plant-ca.pem\" }",
+        )
+        .link(
+            "plant-quic",
+            &format!("quic://{far}:{PLANT_PORT}"),
+            "to-idmz",
+            &format!("{link_keys}\nquic = {{ congestion = \"bbr\", keep_alive = \"1s\", idle_timeout = \"60s\" }}"),
+        );
     if grpc_link {
-        idmz_cfg += &format!(
-            r#"
-[[links]]
-name = "plant-grpc"
-source = "grpcs://{far}:{PLANT_PORT}"
-ca = "plant"
-server_name = "plant-bsfg"
-consumer = "to-idmz-grpc"
-page_size = 100
-wait = "1s"
-backoff_min = "100ms"
-backoff_max = "2s"
-request_timeout = "5s"
-"#
+        idmz_cfg = idmz_cfg.link(
+            "plant-grpc",
+            &format!("grpcs://{far}:{PLANT_PORT}"),
+            "to-idmz-grpc",
+            link_keys,
         );
     }
     let idmz_gw = Gateway::spawn(
-        write(d, "idmz.toml", idmz_cfg),
+        idmz_cfg.write(&d.join("idmz.toml")),
         format!("grpc://127.0.0.1:{port}"),
     );
     let idmz = GrpcClient::connect_lazy(&idmz_gw.url, ClientConfig::default()).unwrap();

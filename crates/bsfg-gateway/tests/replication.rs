@@ -9,9 +9,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use bsfg_core::{BoundaryApi, FetchRequest, Message};
-use bsfg_testkit::{NatsOptions, NatsServer, http_get};
+use bsfg_testkit::{NatsServer, http_get};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
-use common::{Gateway, free_ports, text};
+use common::{Gateway, ZoneFile, free_ports, text};
 
 struct Site {
     name: String,
@@ -28,55 +28,29 @@ struct LinkSpec<'a> {
 }
 
 fn site(name: &str, consumers: &[&str], links: &[LinkSpec<'_>], max_age: &str) -> Site {
-    let nats = NatsServer::start_with(NatsOptions {
-        domain: Some(name.to_owned()),
-        ..Default::default()
-    })
-    .unwrap();
+    let nats = common::nats_for(name);
     let dir = tempfile::tempdir().unwrap();
     let [port, admin] = free_ports();
-    let mut cfg = format!(
-        r#"[zone]
-name = "{name}"
-
-[sink]
-type = "jetstream"
-url = "{url}"
-domain = "{name}"
-monitor_url = "{monitor}"
-duplicate_window = "1s"
-classes = [{{ name = "operational", max_age = "{max_age}" }}, {{ name = "audit", max_age = "365d" }}]
-
-[[listeners]]
-url = "grpc://127.0.0.1:{port}"
-insecure = true
-
-[admin]
-listen = "127.0.0.1:{admin}"
-"#,
-        url = nats.url(),
-        monitor = nats.monitor_url(),
-    );
+    let mut cfg = ZoneFile::new(name, &nats)
+        .sink_keys(&format!("duplicate_window = \"1s\"\nclasses = [{{ name = \"operational\", max_age = \"{max_age}\" }}, {{ name = \"audit\", max_age = \"365d\" }}]"))
+        .plaintext(port)
+        .admin(admin);
     for c in consumers {
         let class = if *c == "audit-reader" {
             "audit"
         } else {
             "operational"
         };
-        cfg +=
-            &format!("\n[[consumers]]\nname = \"{c}\"\nclass = \"{class}\"\nack_wait = \"2s\"\n");
+        cfg = cfg.consumer(c, class);
     }
     for l in links {
-        cfg += &format!(
-            "\n[[links]]\nname = \"{}\"\nsource = \"{}\"\nsource_zone = \"{}\"\ninsecure = true\nconsumer = \"{}\"\nclasses = [\"operational\"]\nwait = \"1s\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\nrequest_timeout = \"3s\"\n",
-            l.name,
-            l.source,
-            l.name.trim_start_matches("from-"),
-            l.consumer
+        let keys = format!(
+            "source_zone = \"{}\"\ninsecure = true\nclasses = [\"operational\"]\nwait = \"1s\"\nrequest_timeout = \"3s\"",
+            l.name.trim_start_matches("from-")
         );
+        cfg = cfg.link(l.name, l.source, l.consumer, &keys);
     }
-    let config = dir.path().join(format!("{name}.toml"));
-    std::fs::write(&config, cfg).unwrap();
+    let config = cfg.write(&dir.path().join(format!("{name}.toml")));
     let gw = Gateway::spawn(config, format!("grpc://127.0.0.1:{port}"));
     Site {
         name: name.to_owned(),

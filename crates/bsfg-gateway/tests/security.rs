@@ -16,7 +16,7 @@ use bsfg_core::{ArtifactRef, BoundaryApi, BoundaryError, FetchRequest, Message, 
 use bsfg_testkit::{NatsServer, fixtures, http_get};
 use bsfg_tls::{ALPN_H2, Anchor, ClientTls, IdentityFrom, TlsFiles};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
-use common::{BSFG, Gateway, free_ports, text};
+use common::{BSFG, Gateway, ZoneFile, free_ports, text};
 
 fn bsfg(args: &[&str]) {
     let o = Command::new(BSFG).args(args).output().unwrap();
@@ -73,54 +73,24 @@ fn plant() -> Plant {
     pki(dir.path());
     let nats = NatsServer::start().unwrap();
     let [tls_port, plain_port, admin] = free_ports();
-    let config = dir.path().join("plant.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[zone]
-name = "plant"
-
-[limits]
-max_fact_bytes = 4096
-
-[sink]
-type = "jetstream"
-url = "{url}"
-monitor_url = "{monitor}"
-
-[[consumers]]
-name = "to-idmz"
-class = "operational"
-ack_wait = "2s"
-
-[[consumers]]
-name = "to-enterprise"
-class = "operational"
-
-[[listeners]]
-url = "grpcs://127.0.0.1:{tls_port}"
-max_message_bytes = 16384
-idle_timeout = "1s"
-handshake_timeout = "1s"
-
-[[listeners]]
-url = "grpc://127.0.0.1:{plain_port}"
-insecure = true
-
-[tls]
+    let config = ZoneFile::new("plant", &nats)
+        .section("[limits]\nmax_fact_bytes = 4096")
+        .consumer("to-idmz", "operational")
+        .section("[[consumers]]\nname = \"to-enterprise\"\nclass = \"operational\"")
+        .section(&format!(
+            "[[listeners]]\nurl = \"grpcs://127.0.0.1:{tls_port}\"\nmax_message_bytes = 16384\nidle_timeout = \"1s\"\nhandshake_timeout = \"1s\""
+        ))
+        .plaintext(plain_port)
+        .section(
+            r#"[tls]
 cert = "plant/plant-bsfg.pem"
 key = "plant/plant-bsfg.key"
 reload_interval = "1s"
-trust = {{ plant = "plant/ca.pem", idmz = "idmz/ca.pem" }}
-{PEERS}
-[admin]
-listen = "127.0.0.1:{admin}"
-"#,
-            url = nats.url(),
-            monitor = nats.monitor_url(),
-        ),
-    )
-    .unwrap();
+trust = { plant = "plant/ca.pem", idmz = "idmz/ca.pem" }"#,
+        )
+        .section(PEERS)
+        .admin(admin)
+        .write(&dir.path().join("plant.toml"));
     let gw = Gateway::spawn(config, format!("grpcs://127.0.0.1:{tls_port}"));
     Plant {
         gw,

@@ -11,99 +11,43 @@ use std::os::unix::fs::MetadataExt as _;
 use std::time::Duration;
 
 use bsfg_core::BoundaryApi;
-use bsfg_testkit::{NatsOptions, NatsServer};
-use common::{Gateway, drain_exactly, free_ports, plant_fact, text};
-
-fn nats(domain: &str) -> NatsServer {
-    NatsServer::start_with(NatsOptions {
-        domain: Some(domain.to_owned()),
-        ..Default::default()
-    })
-    .unwrap()
-}
+use common::{Gateway, ZoneFile, drain_exactly, free_ports, plant_fact, text};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_zones_on_one_host_replicate_over_a_unix_socket_with_a_credential_grant() {
     let dir = tempfile::tempdir().unwrap();
     let uid = std::fs::metadata(dir.path()).unwrap().uid();
     let socket = dir.path().join("run/plant.sock");
-    let plant_nats = nats("plant");
-    let ent_nats = nats("enterprise");
+    let plant_nats = common::nats_for("plant");
+    let ent_nats = common::nats_for("enterprise");
     let [ent_port] = free_ports();
 
-    let plant_cfg = dir.path().join("plant.toml");
-    std::fs::write(
-        &plant_cfg,
-        format!(
-            r#"[zone]
-name = "plant"
-
-[sink]
-type = "jetstream"
-url = "{url}"
-domain = "plant"
-
-[[consumers]]
-name = "to-enterprise"
-class = "operational"
-ack_wait = "2s"
-
-[[listeners]]
-url = "unix://{socket}"
-mode = "0600"
-
-[[peers]]
-identity = "uid:{uid}"
-ca = "unix"
-claim_from_zones = ["plant"]
-to_zones = ["*"]
-consumers = ["to-enterprise"]
-"#,
-            url = plant_nats.url(),
-            socket = socket.display(),
-        ),
-    )
-    .unwrap();
+    let plant_cfg = ZoneFile::new("plant", &plant_nats)
+        .consumer("to-enterprise", "operational")
+        .section(&format!(
+            "[[listeners]]\nurl = \"unix://{}\"\nmode = \"0600\"",
+            socket.display()
+        ))
+        .section(&format!(
+            "[[peers]]\nidentity = \"uid:{uid}\"\nca = \"unix\"\nclaim_from_zones = [\"plant\"]\nto_zones = [\"*\"]\nconsumers = [\"to-enterprise\"]"
+        ))
+        .write(&dir.path().join("plant.toml"));
     let plant_url = format!("unix://{}", socket.display());
     let plant = Gateway::spawn(plant_cfg.clone(), plant_url.clone());
     // The socket carries only its owner's permissions.
     let mode = std::fs::metadata(&socket).unwrap().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
-    let ent_cfg = dir.path().join("enterprise.toml");
-    std::fs::write(
-        &ent_cfg,
-        format!(
-            r#"[zone]
-name = "enterprise"
-
-[sink]
-type = "jetstream"
-url = "{url}"
-domain = "enterprise"
-
-[[consumers]]
-name = "reporting"
-class = "operational"
-ack_wait = "2s"
-
-[[listeners]]
-url = "grpc://127.0.0.1:{ent_port}"
-insecure = true
-
-[[links]]
-name = "from-plant"
-source = "{plant_url}"
-source_zone = "plant"
-consumer = "to-enterprise"
-wait = "1s"
-backoff_min = "50ms"
-backoff_max = "1s"
-"#,
-            url = ent_nats.url(),
-        ),
-    )
-    .unwrap();
+    let ent_cfg = ZoneFile::new("enterprise", &ent_nats)
+        .consumer("reporting", "operational")
+        .plaintext(ent_port)
+        .link(
+            "from-plant",
+            &plant_url,
+            "to-enterprise",
+            "source_zone = \"plant\"\nwait = \"1s\"",
+        )
+        .write(&dir.path().join("enterprise.toml"));
     let out = std::process::Command::new(common::BSFG)
         .args(["validate", "--config"])
         .arg(&ent_cfg)

@@ -38,32 +38,10 @@ pub struct Gateway {
 impl Gateway {
     pub fn start(dir: &Path, nats: &NatsServer) -> Gateway {
         let port = free_port();
-        let config = dir.join("zone.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"[zone]
-name = "plant-a"
-
-[sink]
-type = "jetstream"
-url = "{}"
-monitor_url = "{}"
-
-[[consumers]]
-name = "reporting"
-class = "operational"
-ack_wait = "2s"
-
-[[listeners]]
-url = "grpc://127.0.0.1:{port}"
-insecure = true
-"#,
-                nats.url(),
-                nats.monitor_url()
-            ),
-        )
-        .unwrap();
+        let config = ZoneFile::new("plant-a", nats)
+            .consumer("reporting", "operational")
+            .plaintext(port)
+            .write(&dir.join("zone.toml"));
         Self::spawn(config, format!("grpc://127.0.0.1:{port}"))
     }
 
@@ -242,4 +220,93 @@ pub fn admin_status(port: u16) -> serde_json::Value {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_str(text(&out.stdout).trim()).unwrap()
+}
+
+/// A nats-server for zone `domain`, with its JetStream domain.
+pub fn nats_for(domain: &str) -> NatsServer {
+    NatsServer::start_with(bsfg_testkit::NatsOptions {
+        domain: Some(domain.to_owned()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// A zone's TOML file, section by section: the one template of the binary tests.
+/// Starts with `[zone]` and a JetStream `[sink]` on `nats` (its domain, if it has
+/// one, and its monitoring endpoint).
+pub struct ZoneFile {
+    head: String,
+    sink: String,
+    rest: String,
+}
+
+impl ZoneFile {
+    pub fn new(zone: &str, nats: &NatsServer) -> ZoneFile {
+        let mut sink = format!(
+            "[sink]\ntype = \"jetstream\"\nurl = \"{}\"\nmonitor_url = \"{}\"\n",
+            nats.url(),
+            nats.monitor_url()
+        );
+        if let Some(d) = nats.domain() {
+            sink += &format!("domain = \"{d}\"\n");
+        }
+        ZoneFile {
+            head: format!("[zone]\nname = \"{zone}\"\n"),
+            sink,
+            rest: String::new(),
+        }
+    }
+
+    /// More `[sink]` keys (`classes = [...]`, `duplicate_window = "1s"`).
+    pub fn sink_keys(mut self, keys: &str) -> ZoneFile {
+        self.sink += keys;
+        self.sink.push('\n');
+        self
+    }
+
+    /// `[[consumers]]` `name` of `class`, redelivering after 2 s.
+    pub fn consumer(self, name: &str, class: &str) -> ZoneFile {
+        self.section(&format!(
+            "[[consumers]]\nname = \"{name}\"\nclass = \"{class}\"\nack_wait = \"2s\""
+        ))
+    }
+
+    /// A plaintext loopback listener on `port`.
+    pub fn plaintext(self, port: u16) -> ZoneFile {
+        self.section(&format!(
+            "[[listeners]]\nurl = \"grpc://127.0.0.1:{port}\"\ninsecure = true"
+        ))
+    }
+
+    /// The admin endpoint on loopback `port`.
+    pub fn admin(self, port: u16) -> ZoneFile {
+        self.section(&format!("[admin]\nlisten = \"127.0.0.1:{port}\""))
+    }
+
+    /// A link `name` pulling `consumer` from `source`, retrying within 50 ms..1 s,
+    /// with `keys`.
+    pub fn link(self, name: &str, source: &str, consumer: &str, keys: &str) -> ZoneFile {
+        self.section(&format!(
+            "[[links]]\nname = \"{name}\"\nsource = \"{source}\"\nconsumer = \"{consumer}\"\nbackoff_min = \"50ms\"\nbackoff_max = \"1s\"\n{keys}"
+        ))
+    }
+
+    /// Any other section, verbatim.
+    pub fn section(mut self, text: &str) -> ZoneFile {
+        self.rest.push('\n');
+        self.rest += text.trim_end();
+        self.rest.push('\n');
+        self
+    }
+
+    /// The file's text.
+    pub fn text(&self) -> String {
+        format!("{}\n{}{}", self.head, self.sink, self.rest)
+    }
+
+    /// Writes it to `path` and returns `path`.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        std::fs::write(path, self.text()).unwrap();
+        path.to_path_buf()
+    }
 }
