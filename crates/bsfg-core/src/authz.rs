@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, Verdict};
+use crate::ports::ApiResult;
 use crate::{
     AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
     Limits, Message, ObjectInfo,
@@ -353,11 +354,7 @@ impl Gate {
     }
 
     /// AppendFact as `caller`.
-    pub async fn append_fact(
-        &self,
-        caller: &Caller,
-        message: Message,
-    ) -> Result<AppendOutcome, BoundaryError> {
+    pub async fn append_fact(&self, caller: &Caller, message: Message) -> ApiResult<AppendOutcome> {
         self.authz.check_append(caller, &message)?;
         let message = match &self.append_policies {
             None => message,
@@ -368,11 +365,7 @@ impl Gate {
 
     /// FetchFacts as `caller`. A page refused for an artifact's bucket is not
     /// confirmed, so it is redelivered once the grant is fixed: nothing is lost.
-    pub async fn fetch_facts(
-        &self,
-        caller: &Caller,
-        request: FetchRequest,
-    ) -> Result<FactPage, BoundaryError> {
+    pub async fn fetch_facts(&self, caller: &Caller, request: FetchRequest) -> ApiResult<FactPage> {
         self.authz
             .check_consumer(caller, Op::Fetch, &request.consumer)?;
         let page = self.api.fetch_facts_as(&caller.receiver(), request).await?;
@@ -386,7 +379,7 @@ impl Gate {
         caller: &Caller,
         consumer: &str,
         offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    ) -> ApiResult<Frontier> {
         self.authz.check_consumer(caller, Op::Confirm, consumer)?;
         self.api
             .confirm_receipt_as(&caller.receiver(), consumer, offset)
@@ -400,7 +393,7 @@ impl Gate {
         bucket: &str,
         key: &str,
         body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
+    ) -> ApiResult<ObjectInfo> {
         self.authz.check_put(caller, bucket)?;
         self.api.put_object(bucket, key, body).await
     }

@@ -13,8 +13,8 @@ use crate::model::{Envelope, Fact, Limits, Message, ValidatedMessage};
 use crate::names;
 use crate::policy::QuarantineEntry;
 use crate::ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier, ObjectInfo,
-    ObjectStore,
+    ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
+    ObjectInfo, ObjectStore,
 };
 
 /// The receiver of calls made without an authenticated identity (in-process callers,
@@ -56,20 +56,12 @@ impl BoundaryApi for Boundary {
         self.fetch_facts_as(LOCAL_RECEIVER, request).await
     }
 
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    async fn confirm_receipt(&self, consumer: &str, offset: u64) -> ApiResult<Frontier> {
         self.confirm_receipt_as(LOCAL_RECEIVER, consumer, offset)
             .await
     }
 
-    async fn fetch_facts_as(
-        &self,
-        receiver: &str,
-        request: FetchRequest,
-    ) -> Result<FactPage, BoundaryError> {
+    async fn fetch_facts_as(&self, receiver: &str, request: FetchRequest) -> ApiResult<FactPage> {
         names::validate_consumer("consumer_name", &request.consumer)?;
         if request.limit == 0 || request.limit > self.limits.max_fetch_limit {
             return Err(BoundaryError::invalid(
@@ -85,7 +77,7 @@ impl BoundaryApi for Boundary {
         receiver: &str,
         consumer: &str,
         offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    ) -> ApiResult<Frontier> {
         names::validate_consumer("consumer_name", consumer)?;
         if offset == 0 {
             return Err(BoundaryError::invalid("offset", "must be at least 1"));
@@ -93,12 +85,7 @@ impl BoundaryApi for Boundary {
         self.log.confirm(consumer, offset, receiver).await
     }
 
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
+    async fn put_object(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo> {
         names::validate_bucket("bucket", bucket)?;
         names::validate_object_key("key", key)?;
         self.objects.put(bucket, key, body).await
@@ -113,10 +100,7 @@ impl Destination for Boundary {
         self.limits.clone()
     }
 
-    async fn append_replicated(
-        &self,
-        message: ValidatedMessage,
-    ) -> Result<AppendOutcome, BoundaryError> {
+    async fn append_replicated(&self, message: ValidatedMessage) -> ApiResult<AppendOutcome> {
         self.log.append(message).await
     }
 
@@ -183,7 +167,7 @@ impl Boundary {
         &self,
         message_id: &str,
         payload: Option<&str>,
-    ) -> Result<QuarantineEntry, BoundaryError> {
+    ) -> ApiResult<QuarantineEntry> {
         let mut entries: Vec<QuarantineEntry> = self
             .log
             .quarantined_entries(message_id)
@@ -231,7 +215,7 @@ impl Boundary {
         zone: &str,
         by: &str,
         at_unix_ms: i64,
-    ) -> Result<Settled, BoundaryError> {
+    ) -> ApiResult<Settled> {
         let entry = self.quarantined_entry(message_id, payload).await?;
         let released = match action {
             QuarantineAction::Release => {

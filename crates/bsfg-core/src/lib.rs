@@ -33,6 +33,6 @@ pub use policy::{
     Candidate, Denial, Hook, Policy, PolicyChain, PolicyContext, QuarantineEntry, Verdict,
 };
 pub use ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, FetchedFact, Frontier,
-    ObjectInfo, ObjectStore,
+    ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest,
+    FetchedFact, Frontier, ObjectInfo, ObjectStore,
 };

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use crate::error::BoundaryError;
 use crate::model::Message;
 use crate::ports::{
-    AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
+    ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
 };
 
 /// Which operation a call is.
@@ -127,20 +127,12 @@ impl<O: Observer> BoundaryApi for Observed<O> {
         self.run(op, self.inner.fetch_facts(request), |p| Outcome::Page(p))
             .await
     }
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    async fn confirm_receipt(&self, consumer: &str, offset: u64) -> ApiResult<Frontier> {
         let call = self.inner.confirm_receipt(consumer, offset);
         self.run(Op::Confirm { offset }, call, |f| Outcome::Frontier(f))
             .await
     }
-    async fn fetch_facts_as(
-        &self,
-        receiver: &str,
-        request: FetchRequest,
-    ) -> Result<FactPage, BoundaryError> {
+    async fn fetch_facts_as(&self, receiver: &str, request: FetchRequest) -> ApiResult<FactPage> {
         let op = Op::Fetch { wait: request.wait };
         self.run(op, self.inner.fetch_facts_as(receiver, request), |p| {
             Outcome::Page(p)
@@ -152,17 +144,12 @@ impl<O: Observer> BoundaryApi for Observed<O> {
         receiver: &str,
         consumer: &str,
         offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    ) -> ApiResult<Frontier> {
         let call = self.inner.confirm_receipt_as(receiver, consumer, offset);
         self.run(Op::Confirm { offset }, call, |f| Outcome::Frontier(f))
             .await
     }
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
+    async fn put_object(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo> {
         let call = self.inner.put_object(bucket, key, body);
         self.run(Op::PutObject, call, |o| Outcome::Object(o)).await
     }
@@ -190,22 +177,13 @@ mod tests {
         async fn confirm_receipt(&self, _: &str, offset: u64) -> Result<Frontier, BoundaryError> {
             Ok(Frontier { offset })
         }
-        async fn fetch_facts_as(
-            &self,
-            receiver: &str,
-            _: FetchRequest,
-        ) -> Result<FactPage, BoundaryError> {
+        async fn fetch_facts_as(&self, receiver: &str, _: FetchRequest) -> ApiResult<FactPage> {
             Ok(FactPage {
                 zone: receiver.to_owned(),
                 ..FactPage::default()
             })
         }
-        async fn put_object(
-            &self,
-            _: &str,
-            _: &str,
-            _: ByteStream,
-        ) -> Result<ObjectInfo, BoundaryError> {
+        async fn put_object(&self, _: &str, _: &str, _: ByteStream) -> ApiResult<ObjectInfo> {
             Err(BoundaryError::Unavailable("no store".into()))
         }
     }

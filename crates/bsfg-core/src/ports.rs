@@ -94,6 +94,10 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// What a boundary operation returns: its answer, or the error with its stable
+/// reason.
+pub type ApiResult<T> = Result<T, BoundaryError>;
+
 /// The four boundary operations. Implemented by the engine and by transport clients,
 /// so a replicator is just a client of two `BoundaryApi` values.
 #[async_trait]
@@ -110,11 +114,7 @@ pub trait BoundaryApi: Send + Sync {
     /// was delivered to, so that only that receiver can confirm it. The default
     /// ignores `receiver`, which is right for a client of another zone (its server
     /// establishes the identity); a wrapper in front of the engine must forward it.
-    async fn fetch_facts_as(
-        &self,
-        receiver: &str,
-        request: FetchRequest,
-    ) -> Result<FactPage, BoundaryError> {
+    async fn fetch_facts_as(&self, receiver: &str, request: FetchRequest) -> ApiResult<FactPage> {
         let _ = receiver;
         self.fetch_facts(request).await
     }
@@ -126,18 +126,13 @@ pub trait BoundaryApi: Send + Sync {
         receiver: &str,
         consumer: &str,
         offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    ) -> ApiResult<Frontier> {
         let _ = receiver;
         self.confirm_receipt(consumer, offset).await
     }
     /// Stores an artifact, streamed. Same key + same bytes is idempotent; same key +
     /// different bytes is refused.
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError>;
+    async fn put_object(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo>;
 }
 
 /// The zone-local log of facts.
@@ -150,22 +145,13 @@ pub trait FactLog: Send + Sync {
     /// Returns up to `request.limit` facts for the durable consumer, waiting up to
     /// `request.wait` when none is ready; an empty page when nothing arrives. The
     /// page is remembered as delivered to `receiver`.
-    async fn fetch(
-        &self,
-        request: &FetchRequest,
-        receiver: &str,
-    ) -> Result<FactPage, BoundaryError>;
+    async fn fetch(&self, request: &FetchRequest, receiver: &str) -> ApiResult<FactPage>;
     /// Acknowledges what the page that delivered `offset` to `receiver` held, up to
     /// `offset`, and returns the frontier. Past the highest delivered offset is
     /// `InvalidArgument`; at or below the frontier changes nothing; an offset this
     /// zone did not deliver to `receiver` (another receiver holds it, or it was
     /// delivered before a restart) is `FailedPrecondition` and changes nothing.
-    async fn confirm(
-        &self,
-        consumer: &str,
-        offset: u64,
-        receiver: &str,
-    ) -> Result<Frontier, BoundaryError>;
+    async fn confirm(&self, consumer: &str, offset: u64, receiver: &str) -> ApiResult<Frontier>;
     /// The checkpoint of a link pulling into this zone: the highest source offset it
     /// durably appended here and was about to confirm. `None` before the first page.
     async fn link_checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError>;
@@ -192,12 +178,7 @@ pub trait FactLog: Send + Sync {
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Stores `body` under `bucket/key`, streamed; see [`BoundaryApi::put_object`].
-    async fn put(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError>;
+    async fn put(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo>;
     /// Reads an object back as a stream of chunks.
     async fn get(&self, bucket: &str, key: &str) -> Result<ByteStream, BoundaryError>;
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bsfg_testkit::NatsServer;
 
 mod common;
-use common::{BSFG, Gateway, free_port, text};
+use common::{BSFG, Gateway, ZoneFile, free_port, text};
 
 fn step(id: &str, step: u32) -> Vec<String> {
     [
@@ -553,29 +553,30 @@ fn bench_replicate_prints_the_link_beside_native_sourcing_and_a_raw_copier() {
 fn validate_and_run_refuse_a_max_fact_bytes_the_zone_server_cannot_hold() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("zone.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[zone]\nname = \"plant-a\"\n\n[limits]\nmax_fact_bytes = 8388608\n\n[sink]\ntype = \"jetstream\"\nurl = \"{}\"\n\n[[listeners]]\nurl = \"grpc://127.0.0.1:{}\"\ninsecure = true\nmax_message_bytes = 33554432\n",
-            nats.url(),
+    let config = ZoneFile::new("plant-a", &nats)
+        .section("[limits]\nmax_fact_bytes = 8388608")
+        .section(&format!(
+            "[[listeners]]\nurl = \"grpc://127.0.0.1:{}\"\ninsecure = true\nmax_message_bytes = 33554432",
             free_port()
-        ),
-    )
-    .unwrap();
+        ))
+        .write(&dir.path().join("zone.toml"));
+    // A configuration problem, for both.
+    validate_and_run_refuse(&config, |err| {
+        err.contains("max_fact_bytes = 8388608") && err.contains("max_payload")
+    });
+}
+
+/// `bsfg validate` and `bsfg run` both exit 2 on `config`, saying what `says` looks for.
+fn validate_and_run_refuse(config: &std::path::Path, says: impl Fn(&str) -> bool) {
     for cmd in ["validate", "run"] {
         let out = Command::new(BSFG)
             .args([cmd, "--config"])
-            .arg(&config)
+            .arg(config)
             .output()
             .unwrap();
-        // A configuration problem, for both.
         assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out.stdout));
         let err = text(&out.stderr);
-        assert!(
-            err.contains("max_fact_bytes = 8388608") && err.contains("max_payload"),
-            "{cmd}: {err}"
-        );
+        assert!(says(&err), "{cmd}: {err}");
     }
 }
 
@@ -583,16 +584,9 @@ fn validate_and_run_refuse_a_max_fact_bytes_the_zone_server_cannot_hold() {
 fn a_zone_of_the_per_id_index_layout_is_refused_until_bsfg_index_migrate_moved_it() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("zone.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[zone]\nname = \"plant-a\"\n\n[sink]\ntype = \"jetstream\"\nurl = \"{}\"\n\n[[listeners]]\nurl = \"grpc://127.0.0.1:{}\"\ninsecure = true\n",
-            nats.url(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let config = ZoneFile::new("plant-a", &nats)
+        .plaintext(free_port())
+        .write(&dir.path().join("zone.toml"));
     // What a zone of the per-id layout holds: the index stream with one entry.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -612,19 +606,7 @@ fn a_zone_of_the_per_id_index_layout_is_refused_until_bsfg_index_migrate_moved_i
             .await
             .unwrap();
     });
-    for cmd in ["validate", "run"] {
-        let out = Command::new(BSFG)
-            .args([cmd, "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{cmd}: {}", text(&out.stdout));
-        assert!(
-            text(&out.stderr).contains("bsfg index migrate --config"),
-            "{cmd}: {}",
-            text(&out.stderr)
-        );
-    }
+    validate_and_run_refuse(&config, |err| err.contains("bsfg index migrate --config"));
     let migrate = |expect: &str| {
         let out = Command::new(BSFG)
             .args(["index", "migrate", "--config"])

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bsfg_core::{
-    AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
-    Message, ObjectInfo,
+    ApiResult, AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest,
+    Frontier, Message, ObjectInfo,
 };
 use bsfg_proto::transfer::upload_parts;
 use bsfg_proto::v1::{self, boundary_client::BoundaryClient};
@@ -207,11 +207,7 @@ impl BoundaryApi for GrpcClient {
         FactPage::try_from(r.into_inner())
     }
 
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    async fn confirm_receipt(&self, consumer: &str, offset: u64) -> ApiResult<Frontier> {
         let req = self.request(
             v1::ConfirmReceiptRequest {
                 consumer_name: consumer.to_owned(),
@@ -230,12 +226,7 @@ impl BoundaryApi for GrpcClient {
         })
     }
 
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
+    async fn put_object(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo> {
         let (err_tx, mut err_rx) = tokio::sync::oneshot::channel();
         let parts = upload_parts(bucket, key, body, self.config.chunk_bytes, err_tx);
         let mut req = tonic::Request::new(parts);

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bsfg_core::{
-    AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
-    Message, ObjectInfo,
+    ApiResult, AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest,
+    Frontier, Message, ObjectInfo,
 };
 use bsfg_proto::transfer::upload_parts;
 use bsfg_proto::v1;
@@ -316,11 +316,7 @@ impl BoundaryApi for QuicClient {
         FactPage::try_from(r)
     }
 
-    async fn confirm_receipt(
-        &self,
-        consumer: &str,
-        offset: u64,
-    ) -> Result<Frontier, BoundaryError> {
+    async fn confirm_receipt(&self, consumer: &str, offset: u64) -> ApiResult<Frontier> {
         let req = v1::ConfirmReceiptRequest {
             consumer_name: consumer.to_owned(),
             offset,
@@ -329,12 +325,7 @@ impl BoundaryApi for QuicClient {
         Ok(Frontier { offset: r.frontier })
     }
 
-    async fn put_object(
-        &self,
-        bucket: &str,
-        key: &str,
-        body: ByteStream,
-    ) -> Result<ObjectInfo, BoundaryError> {
+    async fn put_object(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo> {
         let max = self.inner.config.max_message_bytes;
         let (err_tx, mut err_rx) = tokio::sync::oneshot::channel();
         let chunk = self
