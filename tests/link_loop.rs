@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bsfg_core::link::{
     AcceptGapError, Intake, Link, LinkHandle, LinkSettings, LinkState, LinkStatus,
@@ -60,18 +60,11 @@ fn start(source: &Zone, destination: &Zone, name: &str) -> Running {
 }
 
 async fn wait_for(handle: &LinkHandle, what: &str, ok: impl Fn(&LinkStatus) -> bool) -> LinkStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    bsfg_testkit::eventually(what, Duration::from_secs(30), || async {
         let s = handle.status();
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if ok(&s) { Ok(s) } else { Err(format!("{s:?}")) }
+    })
+    .await
 }
 
 /// Every message_id in `zone`'s operational class, read through `reader`, each once.
@@ -172,15 +165,13 @@ async fn a_link_backs_off_while_either_server_is_down_and_resumes_by_itself() {
 
     // The source zone keeps accepting local appends once its server is back; the
     // link resumes without anyone touching it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while plant
-        .append_steps("enterprise", "B2", 11..=30)
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "plant-a never came back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    bsfg_testkit::eventually("plant-a to come back", Duration::from_secs(30), || async {
+        plant
+            .append_steps("enterprise", "B2", 11..=30)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
     let s = wait_for(&link.handle, "resumption", |s| {
         s.frontier == 30 && s.state == LinkState::Running
     })

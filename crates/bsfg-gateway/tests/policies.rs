@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bsfg_core::{BoundaryApi, FetchRequest, Message, Reason};
 use bsfg_testkit::{NatsOptions, NatsServer, http_get, plugins};
@@ -124,11 +124,9 @@ fn fact(i: u32, site_label: &str, predicate: &str) -> Message {
 }
 
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    bsfg_testkit::eventually_blocking(what, timeout, || {
+        ok().then_some(()).ok_or_else(|| "not yet".to_owned())
+    });
 }
 
 fn link_frontier(s: &Site) -> u64 {

@@ -6,10 +6,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bsfg_core::{BoundaryApi, FetchRequest, Message};
-use bsfg_testkit::{NatsServer, http_get};
+use bsfg_testkit::{NatsServer, eventually, http_get};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient};
 use common::{Gateway, ZoneFile, free_ports, text};
 
@@ -71,11 +71,12 @@ fn fact(i: u32) -> Message {
 
 /// Appends until the zone acknowledges: a producer that retries the same fact.
 async fn append_retrying(api: &GrpcClient, m: Message) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = api.append_fact(m.clone()).await {
-        assert!(Instant::now() < deadline, "append never succeeded: {e}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        "an append to succeed",
+        Duration::from_secs(60),
+        async || api.append_fact(m.clone()).await.map_err(|e| e.to_string()),
+    )
+    .await;
 }
 
 fn status(s: &Site) -> serde_json::Value {
@@ -149,20 +150,18 @@ async fn three_zones_hold_every_fact_exactly_once_through_crashes_restarts_and_o
     );
 
     // Status and metrics show both links caught up and running.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = status(&enterprise);
-        let l = &s["links"][0];
-        if l["state"] == "running" && l["lag_facts"] == 0 {
-            assert_eq!(l["source_zone"], "idmz");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "enterprise link not caught up: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let l = eventually(
+        "the enterprise link to catch up",
+        Duration::from_secs(30),
+        || async {
+            let l = status(&enterprise)["links"][0].clone();
+            (l["state"] == "running" && l["lag_facts"] == 0)
+                .then_some(l.clone())
+                .ok_or(l.to_string())
+        },
+    )
+    .await;
+    assert_eq!(l["source_zone"], "idmz");
     let (code, metrics) = http_get(enterprise.admin, "/metrics").unwrap();
     assert_eq!(code, 200);
     for name in [
@@ -217,15 +216,13 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     append_retrying(&plant_api, fact(5)).await;
     enterprise.gw.respawn();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let link = loop {
-        let s = status(&enterprise);
-        if s["links"][0]["state"] == "gapped" {
-            break s["links"][0].clone();
-        }
-        assert!(Instant::now() < deadline, "never gapped: {s}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let link = eventually("the link to be gapped", Duration::from_secs(20), || async {
+        let l = status(&enterprise)["links"][0].clone();
+        (l["state"] == "gapped")
+            .then_some(l.clone())
+            .ok_or(l.to_string())
+    })
+    .await;
     assert_eq!(
         (link["missing_from"].as_u64(), link["missing_to"].as_u64()),
         (Some(2), Some(4))

@@ -319,6 +319,46 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// Polls `probe` until it returns `Ok`, every 50 ms for up to `within`: the one
+/// polling loop of the tests. `Err` carries the state seen, which the panic shows
+/// when time runs out (`timed out after 30s waiting for <what>: <last state>`).
+pub async fn eventually<T, F: std::future::Future<Output = Result<T, String>>>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`eventually`] for a blocking test (sleeps the thread between probes).
+pub fn eventually_blocking<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}: {last}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
