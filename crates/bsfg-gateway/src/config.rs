@@ -1678,7 +1678,7 @@ listen = "127.0.0.1:9465"
                 "url = \"http3://127.0.0.1:7443\"",
                 14,
                 "listeners[0].url",
-                "no transport for scheme `http3`",
+                "no transport for scheme `http3`; registered: grpc, grpcs, quic, unix",
             ),
             (
                 "url = \"grpc://127.0.0.1:7443\"",
