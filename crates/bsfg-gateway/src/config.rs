@@ -1771,6 +1771,78 @@ listen = "127.0.0.1:9465"
         );
     }
 
+    #[test]
+    fn a_unix_socket_listener_is_granted_by_uid_without_tls_and_refuses_insecure() {
+        const UNIX: &str = "\n[[listeners]]\nurl = \"unix:///run/bsfg/plant.sock\"\nmode = \"0600\"\n\n[[peers]]\nidentity = \"uid:1000\"\nca = \"unix\"\nconsumers = [\"to-enterprise\"]\n";
+        let c = parse(
+            &crate::registry::builtin(),
+            Path::new("zone.toml"),
+            &format!("{GOOD}{UNIX}"),
+        )
+        .expect("a uid grant needs no [tls]");
+        assert_eq!(c.listeners[1].listen.socket(), "unix /run/bsfg/plant.sock");
+        assert_eq!(
+            (c.grants[0].identity.as_str(), c.grants[0].ca.as_str()),
+            ("uid:1000", "unix")
+        );
+        let at = |src: String| -> Vec<String> {
+            problems(&src)
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect()
+        };
+        let p = at(format!(
+            "{GOOD}{}",
+            UNIX.replace("mode = \"0600\"", "insecure = true")
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("listeners[1].insecure: a unix:// listener authenticates")),
+            "{p:?}"
+        );
+        let p = at(format!("{GOOD}{}", UNIX.replace("0600", "0066")));
+        assert!(
+            p.iter().any(|p| p.starts_with("listeners[1].mode:")),
+            "{p:?}"
+        );
+        let p = at(format!(
+            "{GOOD}{}",
+            UNIX.replace("unix:///run", "unix://run")
+        ));
+        assert!(
+            p.iter().any(|p| p.contains("not an absolute socket path")),
+            "{p:?}"
+        );
+        // Without a unix listener (or [tls]) nothing can authenticate the grant.
+        let p = at(format!(
+            "{GOOD}{}",
+            UNIX.replace(
+                "url = \"unix:///run/bsfg/plant.sock\"\nmode = \"0600\"",
+                "url = \"grpc://127.0.0.1:7444\"\ninsecure = true"
+            )
+        ));
+        assert!(p.iter().any(|p| p.starts_with("peers[0].ca:")), "{p:?}");
+        // A link over a socket names its source zone; it needs no `ca`.
+        let link = "\n[[links]]\nname = \"from-idmz\"\nsource = \"unix:///run/bsfg/idmz.sock\"\nconsumer = \"to-plant-a\"\n";
+        let p = at(format!("{GOOD}{link}"));
+        assert!(
+            p.iter()
+                .any(|p| p
+                    .starts_with("links[0].source_zone: a unix:// link must name its source zone")),
+            "{p:?}"
+        );
+        let c = parse(
+            &crate::registry::builtin(),
+            Path::new("zone.toml"),
+            &format!("{GOOD}{link}source_zone = \"idmz\"\n"),
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.links[0].scheme.name, c.links[0].tls.is_none()),
+            ("unix", true)
+        );
+    }
+
     const LINK: &str = r#"
 [[links]]
 name = "from-idmz"
