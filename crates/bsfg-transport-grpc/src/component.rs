@@ -45,13 +45,7 @@ struct NoKeys {}
 /// The gRPC server settings for a listener's limits.
 pub fn server_config(limits: &ServeLimits) -> ServerConfig {
     ServerConfig {
-        max_message_bytes: limits.max_message_bytes,
-        max_fetch_wait: limits.max_fetch_wait,
-        request_timeout: limits.request_timeout,
-        idle_timeout: limits.idle_timeout,
-        handshake_timeout: limits.handshake_timeout,
-        max_object_bytes: limits.max_object_bytes,
-        max_concurrent_streams: limits.max_concurrent_streams,
+        limits: limits.clone(),
         ..ServerConfig::default()
     }
 }

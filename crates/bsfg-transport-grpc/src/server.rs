@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bsfg_core::component::ServeLimits;
 use bsfg_core::{BoundaryError, Caller, FetchRequest, Gate, Message};
 use bsfg_proto::transfer::{fit_page, object_body};
 use bsfg_proto::v1::{
@@ -22,44 +23,25 @@ use crate::status::to_status;
 /// Settings of a gRPC listener. Defaults suit a WAN link with long round trips.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Largest message accepted or sent (a fact page, a chunk). Default 16 MiB.
-    pub max_message_bytes: usize,
-    /// Longest long-poll a FetchFacts may ask for. Default 30 s.
-    pub max_fetch_wait: Duration,
+    /// The serving limits every listener keeps (message size, long-poll, request and
+    /// idle timeouts, handshake deadline, object size, concurrent streams).
+    pub limits: ServeLimits,
     /// HTTP/2 flow-control windows grow with the measured bandwidth-delay product, so
     /// a 200 ms link is not capped at one window per round trip. Default on.
     pub adaptive_window: bool,
-    /// Concurrent streams per connection. Default 256.
-    pub max_concurrent_streams: u32,
     /// Keep-alive ping interval. Default 20 s.
     pub keepalive_interval: Duration,
-    /// How long a request may take before the server gives up on it. Default 60 s.
-    pub request_timeout: Duration,
-    /// Longest pause between two messages of a client stream (PutObject chunks):
-    /// a client that opens a stream and stops sending is cut off. Default 30 s.
-    pub idle_timeout: Duration,
-    /// Deadline for a TLS handshake; a client that connects and says nothing is
-    /// dropped. Default 10 s.
-    pub handshake_timeout: Duration,
     /// TLS handshakes in progress at once; more connections wait. Default 256.
     pub max_handshakes: usize,
-    /// Largest artifact one PutObject stream may carry. Default 4 GiB.
-    pub max_object_bytes: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            max_message_bytes: 16 * 1024 * 1024,
-            max_fetch_wait: Duration::from_secs(30),
+            limits: ServeLimits::default(),
             adaptive_window: true,
-            max_concurrent_streams: 256,
             keepalive_interval: Duration::from_secs(20),
-            request_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(30),
-            handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
-            max_object_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -246,7 +228,8 @@ impl Boundary for BoundaryService {
     ) -> Result<Response<v1::FetchFactsResponse>, Status> {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
-        let wait = Duration::from_millis(u64::from(r.wait_ms)).min(self.config.max_fetch_wait);
+        let wait =
+            Duration::from_millis(u64::from(r.wait_ms)).min(self.config.limits.max_fetch_wait);
         let page = self
             .gate
             .fetch_facts(
@@ -261,7 +244,7 @@ impl Boundary for BoundaryService {
             .map_err(status)?;
         Ok(Response::new(fit_page(
             page.into(),
-            self.config.max_message_bytes,
+            self.config.limits.max_message_bytes,
         )))
     }
 
@@ -287,7 +270,7 @@ impl Boundary for BoundaryService {
     ) -> Result<Response<v1::PutObjectResponse>, Status> {
         let caller = self.caller(&request)?;
         let mut s = request.into_inner();
-        let idle = self.config.idle_timeout;
+        let idle = self.config.limits.idle_timeout;
         let first = tokio::time::timeout(idle, s.message()).await.map_err(|_| {
             status(BoundaryError::invalid(
                 "header",
@@ -315,7 +298,7 @@ impl Boundary for BoundaryService {
                 object_body(
                     parts(s),
                     idle,
-                    self.config.max_object_bytes,
+                    self.config.limits.max_object_bytes,
                     body_error.clone(),
                 ),
             )
@@ -459,17 +442,17 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let max = config.max_message_bytes;
+    let max = config.limits.max_message_bytes;
     let plaintext = matches!(incoming, Incoming::Plain(_));
     let boundary = BoundaryServer::new(BoundaryService::new(gate, config.clone(), plaintext))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let router = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(config.adaptive_window))
-        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .timeout(config.request_timeout)
+        .timeout(config.limits.request_timeout)
         .layer(ObserveLayer(stats))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -489,7 +472,7 @@ pub async fn serve(
             let accepted = bsfg_tls::accept(
                 listener,
                 tls,
-                config.handshake_timeout,
+                config.limits.handshake_timeout,
                 config.max_handshakes,
             );
             let conns = tokio_stream::wrappers::ReceiverStream::new(accepted).map(|a| {

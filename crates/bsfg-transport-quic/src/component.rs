@@ -130,12 +130,7 @@ impl Transport for QuicTransport {
         let addr = at.socket_addr()?;
         let config = ServerConfig {
             tuning: tuning?,
-            max_message_bytes: limits.max_message_bytes,
-            max_fetch_wait: limits.max_fetch_wait,
-            request_timeout: limits.request_timeout,
-            idle_timeout: limits.idle_timeout,
-            handshake_timeout: limits.handshake_timeout,
-            max_object_bytes: limits.max_object_bytes,
+            limits: limits.clone(),
             ..ServerConfig::default()
         };
         Some(Arc::new(QuicListen { addr, config }))

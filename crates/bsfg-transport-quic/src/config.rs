@@ -1,6 +1,8 @@
 //! Settings of QUIC listeners and clients, and the quinn transport built from them.
 
 use std::sync::Arc;
+
+use bsfg_core::component::ServeLimits;
 use std::time::Duration;
 
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
@@ -194,21 +196,11 @@ impl Tuning {
 /// Settings of a QUIC listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Transport settings.
+    /// Transport settings (its `max_concurrent_streams` bounds calls per connection).
     pub tuning: Tuning,
-    /// Largest message accepted or sent (a fact page, a chunk). Default 16 MiB.
-    pub max_message_bytes: usize,
-    /// Longest long-poll a FetchFacts may ask for. Default 30 s.
-    pub max_fetch_wait: Duration,
-    /// How long a call may take before the server gives up on it. Default 60 s.
-    pub request_timeout: Duration,
-    /// Longest pause inside a request (between PutObject chunks, or before a request
-    /// is complete): a client that stops sending is cut off. Default 30 s.
-    pub idle_timeout: Duration,
-    /// Deadline for the handshake of a new connection. Default 10 s.
-    pub handshake_timeout: Duration,
-    /// Largest artifact one PutObject may carry. Default 4 GiB.
-    pub max_object_bytes: u64,
+    /// The serving limits every listener keeps. A PutObject is bounded by
+    /// `idle_timeout` between chunks and `max_object_bytes`, not by `request_timeout`.
+    pub limits: ServeLimits,
     /// On shutdown, how long calls in flight may take to finish before the
     /// connections are closed. Default 10 s.
     pub drain_timeout: Duration,
@@ -218,12 +210,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             tuning: Tuning::default(),
-            max_message_bytes: 16 * 1024 * 1024,
-            max_fetch_wait: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(30),
-            handshake_timeout: Duration::from_secs(10),
-            max_object_bytes: 4 * 1024 * 1024 * 1024,
+            limits: ServeLimits::default(),
             drain_timeout: Duration::from_secs(10),
         }
     }

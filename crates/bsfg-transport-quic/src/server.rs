@@ -220,7 +220,7 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
     use bsfg_tls::Reloadable as _;
     let remote = incoming.remote_address();
     let endpoint = ctx.tls.endpoint();
-    let conn = match tokio::time::timeout(ctx.config.handshake_timeout, incoming).await {
+    let conn = match tokio::time::timeout(ctx.config.limits.handshake_timeout, incoming).await {
         Ok(Ok(c)) => c,
         failed => {
             let (reason, error) = match failed {
@@ -289,8 +289,8 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
 
 /// Serves one call and answers it; a refused call is counted and logged.
 async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvStream) {
-    let idle = ctx.config.idle_timeout;
-    let max = ctx.config.max_message_bytes;
+    let idle = ctx.config.limits.idle_timeout;
+    let max = ctx.config.limits.max_message_bytes;
     let op = match tokio::time::timeout(idle, wire::read_byte(&mut recv)).await {
         Ok(Ok(Some(b))) => Op::from_byte(b),
         Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
@@ -298,7 +298,7 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
     let name = op.map_or("unknown", Op::as_str);
     // An upload is bounded by idle_timeout between parts and max_object_bytes, not
     // by a total time: 64 MiB over a slow radio link takes what it takes.
-    let limit = (op != Some(Op::Put)).then_some(ctx.config.request_timeout);
+    let limit = (op != Some(Op::Put)).then_some(ctx.config.limits.request_timeout);
     let served = async {
         match op {
             None => Err(BoundaryError::invalid(
@@ -315,7 +315,7 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
     .unwrap_or_else(|_| {
         Err(BoundaryError::Unavailable(format!(
             "the call took longer than request_timeout ({:?})",
-            ctx.config.request_timeout
+            ctx.config.limits.request_timeout
         )))
     });
     let written = match &answer {
@@ -344,8 +344,8 @@ async fn serve_op(
     mut recv: RecvStream,
 ) -> Result<Vec<u8>, BoundaryError> {
     use prost::Message as _;
-    let max = ctx.config.max_message_bytes;
-    let idle = ctx.config.idle_timeout;
+    let max = ctx.config.limits.max_message_bytes;
+    let idle = ctx.config.limits.idle_timeout;
     let gate = &ctx.gate;
     async fn request<M: prost::Message + Default>(
         recv: &mut RecvStream,
@@ -376,7 +376,8 @@ async fn serve_op(
         Op::Fetch => {
             let r: v1::FetchFactsRequest =
                 request(&mut recv, max, idle, "FetchFactsRequest").await?;
-            let wait = Duration::from_millis(u64::from(r.wait_ms)).min(ctx.config.max_fetch_wait);
+            let wait =
+                Duration::from_millis(u64::from(r.wait_ms)).min(ctx.config.limits.max_fetch_wait);
             let page = gate
                 .fetch_facts(
                     caller,
@@ -413,7 +414,12 @@ async fn serve_op(
                     caller,
                     &header.bucket,
                     &header.key,
-                    object_body(parts, idle, ctx.config.max_object_bytes, body_error.clone()),
+                    object_body(
+                        parts,
+                        idle,
+                        ctx.config.limits.max_object_bytes,
+                        body_error.clone(),
+                    ),
                 )
                 .await
                 .map_err(|e| {
