@@ -1,5 +1,5 @@
 //! The bounded idempotency index: its stream layout, its messages, and how a gateway
-//! reads the stream into its [`Lookup`](crate::lookup::Lookup).
+//! reads the stream into its [`crate::lookup::Lookup`].
 //!
 //! ## Layout
 //! - Stream `bsfg_index`, subjects `bsfg.index.*`, no per-subject limit, `max_age` =

@@ -1,4 +1,4 @@
-//! The tonic server: serves any [`BoundaryApi`] as `bsfg.v1.Boundary`, with the
+//! The tonic server: serves any [`BoundaryApi`](bsfg_core::BoundaryApi) as `bsfg.v1.Boundary`, with the
 //! standard health service and server reflection beside it.
 
 use std::net::SocketAddr;

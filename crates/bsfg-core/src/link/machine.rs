@@ -1191,6 +1191,55 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_stream_name_fails_the_page_as_a_whole_before_any_append() {
+        let mut c = config(Mode::Continuous, false);
+        c.overlap = false;
+        let mut st = step();
+        st.streams.clear();
+        let mut m = Machine::new(st, c);
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        let mut p = page(1, 10, 4, &[5]);
+        p.stream = "facts.operational>".into();
+        m.handle(at(1), Event::Fetched(Ok(p)));
+        let a = drain(&mut m);
+        assert!(
+            matches!(&a[0], Action::BackingOff { op: Operation::Fetch, error, .. } if error.field() == Some("stream")),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn once_mode_with_an_acceptance_of_another_range_reports_the_gap_it_found() {
+        let acceptance = GapAcceptance {
+            local_zone: "ent".into(),
+            accepted_by: "op".into(),
+            at_unix_ms: 1,
+            range: Some((5, 5)),
+        };
+        let mut m = Machine::new(step(), config(Mode::Once, false)).accepting(Some(acceptance));
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        m.handle(at(1), Event::Fetched(Ok(page(7, 10, 4, &[7]))));
+        let a = drain(&mut m);
+        assert!(
+            matches!(
+                a.as_slice(),
+                [Action::Done(Err(PullError::Gap {
+                    missing_from: 5,
+                    missing_to: 6,
+                    ..
+                }))]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
     fn a_failed_checkpoint_read_backs_off_and_reads_it_again() {
         let mut m = Machine::new(step(), config(Mode::Continuous, false));
         m.start(at(0));
