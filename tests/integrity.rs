@@ -399,15 +399,16 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
         bsfg_core::link::Link::new(settings, Arc::new(source), Arc::new(enterprise.api.clone()));
     let (stop, rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(link.run(rx));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let s = handle.status();
-        if s.frontier == page.len() as u64 {
-            break s;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "stuck: {s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status =
+        bsfg_testkit::eventually("the page confirmed", Duration::from_secs(30), || async {
+            let s = handle.status();
+            if s.frontier == page.len() as u64 {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        })
+        .await;
     assert_eq!(status.state.name(), "running", "{status:?}");
     assert_eq!(
         (status.facts_stored, status.quarantined, status.refused),

@@ -189,22 +189,18 @@ impl Sites {
     /// The idmz's links settle in `running` with nothing left to pull, each having
     /// confirmed at least `frontier`.
     async fn settled(&self, frontier: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
+        bsfg_testkit::eventually("the links to settle", within, || async {
             let s = self.status();
             let links = s["links"].as_array().cloned().unwrap_or_default();
-            if !links.is_empty()
+            let settled = !links.is_empty()
                 && links.iter().all(|l| {
                     l["state"] == "running"
                         && l["lag_facts"] == 0
                         && l["frontier"].as_u64() >= Some(frontier)
-                })
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "links did not settle: {s}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+                });
+            settled.then_some(()).ok_or(s.to_string())
+        })
+        .await;
     }
 }
 

@@ -165,11 +165,9 @@ impl Plant {
 /// `labels`) on the admin endpoint at `admin`, waiting up to 5 s for it to reach
 /// `at_least`.
 fn counter(admin: u16, name: &str, labels: &[(&str, &str)], at_least: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let read = || {
         let (_, body) = http_get(admin, "/metrics").unwrap();
-        let value = body
-            .lines()
+        body.lines()
             .filter(|l| l.starts_with(name))
             .filter(|l| {
                 labels
@@ -177,12 +175,12 @@ fn counter(admin: u16, name: &str, labels: &[(&str, &str)], at_least: u64) -> u6
                     .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>();
-        if value >= at_least || Instant::now() > deadline {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .sum::<u64>()
+    };
+    bsfg_testkit::eventually_blocking(name, Duration::from_secs(5), || {
+        let v = read();
+        (v >= at_least).then_some(v).ok_or(format!("{v}"))
+    })
 }
 
 fn from_idmz(id: &str) -> Message {
