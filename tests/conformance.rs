@@ -192,7 +192,6 @@ impl Env {
         let mut checks = Checks::default();
         let at = Setup::new(
             s,
-            &url,
             address,
             ("listeners[0].url", 0..0),
             Table::empty("listeners[0]"),
@@ -221,7 +220,6 @@ impl Env {
         let (tx, rx) = oneshot::channel::<()>();
         let serving = listen
             .start(ServeContext {
-                zone: "plant-a".into(),
                 gate,
                 served: stats.clone(),
                 tls,

@@ -155,11 +155,6 @@ impl<'i> Table<'i> {
         self.span.clone()
     }
 
-    /// True when it has no entries.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Moves the entries named in `keys` into a table of their own under the same
     /// key; the others stay.
     pub fn split_off(&mut self, keys: &[&str]) -> Table<'i> {
@@ -236,8 +231,6 @@ pub struct Scheme {
 pub struct Setup<'a, 'i> {
     /// The scheme.
     pub scheme: &'a Scheme,
-    /// The URL as written.
-    pub url: &'a str,
     /// What follows `scheme://`.
     pub address: &'a str,
     span: Range<usize>,
@@ -247,11 +240,10 @@ pub struct Setup<'a, 'i> {
 }
 
 impl<'a, 'i> Setup<'a, 'i> {
-    /// The URL `url` of `scheme` (`address` after `scheme://`), written at `span`
-    /// under `key`; `table` holds the transport's keys of the entry.
+    /// A URL of `scheme` (`address` after `scheme://`), written at `span` under
+    /// `key`; `table` holds the transport's keys of the entry.
     pub fn new(
         scheme: &'a Scheme,
-        url: &'a str,
         address: &'a str,
         (key, span): (&'a str, Range<usize>),
         table: Table<'i>,
@@ -259,7 +251,6 @@ impl<'a, 'i> Setup<'a, 'i> {
     ) -> Self {
         Setup {
             scheme,
-            url,
             address,
             span,
             key,
@@ -368,6 +359,39 @@ impl TlsMaterial {
     pub fn get<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
         self.0.clone().downcast::<T>().ok()
     }
+
+    /// What a mutual-TLS listener (`what`, for the error) serves with: the
+    /// material as `T`; refused when there is none or it is another type.
+    pub fn server<T: Any + Send + Sync>(
+        tls: Option<&TlsMaterial>,
+        what: &str,
+    ) -> Result<Arc<T>, ComponentError> {
+        let m = tls.ok_or_else(|| {
+            ComponentError::new(what, "mutual TLS needs the zone's [tls] section")
+        })?;
+        m.get::<T>().ok_or_else(|| {
+            ComponentError::new(what, "the TLS material is not the transport's kind")
+        })
+    }
+
+    /// What a mutual-TLS client of `url` presents: the material as `T` and the
+    /// name the server must carry; refused when there is none (never dialed in
+    /// plaintext) or it is another type.
+    pub fn client<T: Any + Send + Sync>(
+        url: &str,
+        tls: Option<(TlsMaterial, Option<String>)>,
+    ) -> Result<(Arc<T>, Option<String>), BoundaryError> {
+        let (m, name) = tls.ok_or_else(|| {
+            BoundaryError::invalid(
+                "url",
+                format!("`{url}` is mutual TLS: it needs a client certificate"),
+            )
+        })?;
+        let tls = m.get::<T>().ok_or_else(|| {
+            BoundaryError::invalid("url", "the TLS material is not the transport's kind")
+        })?;
+        Ok((tls, name))
+    }
 }
 
 impl fmt::Debug for TlsMaterial {
@@ -402,8 +426,6 @@ impl ComponentError {
 
 /// What a listener is given to serve.
 pub struct ServeContext {
-    /// The zone, for logs.
-    pub zone: String,
     /// Every call goes through it (authorization, policies, engine).
     pub gate: Gate,
     /// Refused requests, counted by peer.
@@ -503,8 +525,9 @@ pub trait ZoneStore: Send + Sync {
     /// The artifact store.
     fn object_store(&self) -> Arc<dyn ObjectStore>;
     /// The store's gauges (index size, server memory, ...), read when asked; may
-    /// take a round trip, so the gateway refreshes them in the background.
-    fn gauges(&self) -> BoxFuture<'_, Vec<Gauge>>;
+    /// take a round trip, so the gateway refreshes them in the background and keeps
+    /// the last values when a read fails.
+    fn gauges(&self) -> BoxFuture<'_, Result<Vec<Gauge>, SinkError>>;
     /// Makes sure every write answered has left the process (called at shutdown).
     fn close(&self) -> BoxFuture<'_, ()>;
 }
@@ -588,10 +611,7 @@ impl Registry {
 
     /// Every registered scheme, in registration order.
     pub fn schemes(&self) -> Vec<&'static str> {
-        self.transports
-            .iter()
-            .flat_map(|t| t.schemes().iter().map(|s| s.name))
-            .collect()
+        self.all_schemes().iter().map(|s| s.name).collect()
     }
 
     /// Every scheme's description.
@@ -649,7 +669,6 @@ impl Registry {
         let mut checks = Checks::default();
         let at = Setup::new(
             scheme,
-            url,
             address,
             ("url", 0..0),
             Table::empty("url"),
@@ -688,8 +707,8 @@ mod tests {
     fn a_component_table_reads_with_positions_and_split_off_keys_leave_the_rest() {
         let src = "url = \"x://a\"\ncongestion = \"bbr\"\nwindow = 5\n";
         let mut t = table(src);
-        let common = t.split_off(&["url"]);
-        assert!(!common.is_empty());
+        let common: Option<Raw> = t.split_off(&["url"]).read(&mut Checks::default());
+        assert!(common.is_none(), "`url` went to its own table");
         let mut checks = Checks::default();
         let raw: Raw = t.read(&mut checks).unwrap();
         let c = raw.congestion.unwrap();

@@ -298,68 +298,32 @@ pub struct PolicyEntry {
     pub hooks: Vec<bsfg_core::Hook>,
 }
 
-struct Checker<'a> {
-    file: &'a Path,
-    src: &'a str,
-    problems: Vec<Problem>,
-}
-
-impl Checker<'_> {
-    fn at(
-        &mut self,
-        span: std::ops::Range<usize>,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) {
-        let (line, column) = line_col(self.src, span.start);
-        self.problems.push(Problem {
-            file: self.file.to_path_buf(),
-            line,
-            column,
-            key: key.into(),
-            message: message.into(),
-        });
-    }
-
-    /// Takes the problems a component recorded.
-    fn absorb(&mut self, checks: &mut Checks) {
-        for p in std::mem::take(&mut checks.problems) {
-            self.at(p.span, p.key, p.rule);
-        }
-    }
-
-    fn duration(&mut self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
-        let mut checks = Checks::default();
-        let d = checks.duration(v, key, default);
-        self.absorb(&mut checks);
-        d
-    }
-
-    fn name(
-        &mut self,
-        v: &Spanned<String>,
-        key: &str,
-        check: fn(&str, &str) -> Result<(), bsfg_core::BoundaryError>,
-    ) {
-        let mut checks = Checks::default();
-        checks.name(v, key, check);
-        self.absorb(&mut checks);
-    }
-
-    /// Reads `table` as `T`, problems recorded.
-    fn read<'i, T: Deserialize<'i>>(&mut self, table: Table<'i>) -> Option<T> {
-        let mut checks = Checks::default();
-        let t = table.read(&mut checks);
-        self.absorb(&mut checks);
-        t
-    }
-}
-
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
+}
+
+/// The problems every part of the file recorded (the gateway's and each
+/// component's), as `file:line:column: key: rule`, in file order.
+fn located(path: &Path, src: &str, checks: Checks) -> Problems {
+    let mut problems: Vec<Problem> = checks
+        .problems
+        .into_iter()
+        .map(|p| {
+            let (line, column) = line_col(src, p.span.start);
+            Problem {
+                file: path.to_path_buf(),
+                line,
+                column,
+                key: p.key,
+                message: p.rule,
+            }
+        })
+        .collect();
+    problems.sort_by_key(|p| (p.line, p.column));
+    Problems(problems)
 }
 
 /// Reads and checks a config file, composing its components from `registry`.
@@ -390,7 +354,7 @@ fn take<'i>(
 }
 
 /// The tables of an array of tables (`[[listeners]]`), each under `name[i]`.
-fn tables<'i>(c: &mut Checker<'_>, v: Option<Spanned<DeValue<'i>>>, name: &str) -> Vec<Table<'i>> {
+fn tables<'i>(c: &mut Checks, v: Option<Spanned<DeValue<'i>>>, name: &str) -> Vec<Table<'i>> {
     let Some(v) = v else { return Vec::new() };
     let span = v.span();
     match v.into_inner() {
@@ -467,11 +431,7 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
         DeValue::Table(root),
     )))
     .map_err(syntax)?;
-    let mut c = Checker {
-        file: path,
-        src,
-        problems: Vec::new(),
-    };
+    let mut c = Checks::default();
     let base = path.parent().unwrap_or(Path::new("."));
 
     c.name(&raw.zone.name, "zone.name", names::validate_zone);
@@ -523,14 +483,11 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
             match v.into_inner() {
                 DeValue::Table(t) => {
                     let mut rest = Table::new("sink", span, t);
-                    let kind = c.read::<RawSinkType>(rest.split_off(&["type"]));
+                    let kind = rest.split_off(&["type"]).read::<RawSinkType>(&mut c);
                     kind.and_then(|k| match registry.sink(k.kind.get_ref()) {
-                        Some(s) => {
-                            let mut checks = Checks::default();
-                            let plan = s.configure(&zone_settings, rest, consumers, &mut checks);
-                            c.absorb(&mut checks);
-                            plan.map(|p| (p, s.kind()))
-                        }
+                        Some(s) => s
+                            .configure(&zone_settings, rest, consumers, &mut c)
+                            .map(|p| (p, s.kind())),
                         None => {
                             c.at(
                                 k.kind.span(),
@@ -577,7 +534,7 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
         );
     }
     for (i, mut table) in raw_listeners.into_iter().enumerate() {
-        let Some(rl) = c.read::<RawListener>(table.split_off(LISTENER_KEYS)) else {
+        let Some(rl) = table.split_off(LISTENER_KEYS).read::<RawListener>(&mut c) else {
             continue;
         };
         let key = format!("listeners[{i}].url");
@@ -590,17 +547,8 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
             }
         };
         let limits = serve_limits(&mut c, &rl, i, &limits);
-        let mut checks = Checks::default();
-        let at = Setup::new(
-            scheme,
-            url,
-            address,
-            (&key, rl.url.span()),
-            table,
-            &mut checks,
-        );
+        let at = Setup::new(scheme, address, (&key, rl.url.span()), table, &mut c);
         let listen = transport.listener(at, &limits);
-        c.absorb(&mut checks);
         let Some(listen) = listen else { continue };
         if !sockets.insert(listen.socket()) {
             c.at(
@@ -672,7 +620,7 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
     let mut links = Vec::new();
     let mut link_names = HashSet::new();
     for (i, mut table) in tables(&mut c, raw_links, "links").into_iter().enumerate() {
-        let Some(rl) = c.read::<RawLink>(table.split_off(LINK_KEYS)) else {
+        let Some(rl) = table.split_off(LINK_KEYS).read::<RawLink>(&mut c) else {
             continue;
         };
         let key = |k: &str| format!("links[{i}].{k}");
@@ -842,17 +790,14 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
             );
         }
         let source_key = key("source");
-        let mut checks = Checks::default();
         let at = Setup::new(
             scheme,
-            url,
             address,
             (&source_key, rl.source.span()),
             table,
-            &mut checks,
+            &mut c,
         );
         let dial = transport.dialer(at, request_timeout);
-        c.absorb(&mut checks);
         let Some(dial) = dial else { continue };
         links.push(LinkConfig {
             source: url.clone(),
@@ -949,15 +894,12 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
             grants,
             policies,
         }),
-        _ => {
-            c.problems.sort_by_key(|p| (p.line, p.column));
-            Err(Problems(c.problems))
-        }
+        _ => Err(located(path, src, c)),
     }
 }
 
 /// The serving limits of listener `i`, checked.
-fn serve_limits(c: &mut Checker<'_>, rl: &RawListener, i: usize, zone: &Limits) -> ServeLimits {
+fn serve_limits(c: &mut Checks, rl: &RawListener, i: usize, zone: &Limits) -> ServeLimits {
     let mut l = ServeLimits::default();
     if let Some(m) = &rl.max_message_bytes {
         let needed = zone.max_fact_bytes * 2;
@@ -1000,27 +942,25 @@ fn serve_limits(c: &mut Checker<'_>, rl: &RawListener, i: usize, zone: &Limits) 
             c.at(v.span(), key(k), "must be at least 100ms");
         }
     }
-    let mut checks = Checks::default();
-    l.max_object_bytes = checks.at_least(
+    l.max_object_bytes = c.at_least(
         &rl.max_object_bytes,
         &key("max_object_bytes"),
         1,
         l.max_object_bytes,
     );
-    l.max_concurrent_streams = checks.at_least(
+    l.max_concurrent_streams = c.at_least(
         &rl.max_concurrent_streams,
         &key("max_concurrent_streams"),
         1,
         l.max_concurrent_streams,
     );
-    c.absorb(&mut checks);
     l
 }
 
 /// `[[policies]]`: names unique, module files present, hooks, limits and grants known.
 /// The modules themselves are loaded (compiled, checked, initialised) by
 /// `bsfg validate` and at start-up, not here.
-fn policies(c: &mut Checker<'_>, raw: &[RawPolicy], base: &Path) -> Vec<PolicyEntry> {
+fn policies(c: &mut Checks, raw: &[RawPolicy], base: &Path) -> Vec<PolicyEntry> {
     use bsfg_policy_wasm::{HostGrant, OnFault, PolicyConfig};
     let mut out: Vec<PolicyEntry> = Vec::new();
     for (i, rp) in raw.iter().enumerate() {
@@ -1153,7 +1093,7 @@ fn policies(c: &mut Checker<'_>, raw: &[RawPolicy], base: &Path) -> Vec<PolicyEn
 
 /// `[tls]`: files resolved against `base`, loaded once so that a wrong path, a key
 /// that does not match its certificate or a non-PEM file is a config problem.
-fn tls_section(c: &mut Checker<'_>, t: &Spanned<RawTls>, base: &Path) -> Option<TlsSettings> {
+fn tls_section(c: &mut Checks, t: &Spanned<RawTls>, base: &Path) -> Option<TlsSettings> {
     let raw = t.get_ref();
     let identity_from = match raw
         .identity_from
@@ -1235,7 +1175,7 @@ fn tls_section(c: &mut Checker<'_>, t: &Spanned<RawTls>, base: &Path) -> Option<
 
 /// `[[peers]]`: one grant per identity, bound to a trust anchor.
 fn peers(
-    c: &mut Checker<'_>,
+    c: &mut Checks,
     raw: &[RawPeer],
     anchors: Option<&HashSet<String>>,
     consumers: &HashSet<String>,

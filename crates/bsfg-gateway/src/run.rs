@@ -145,7 +145,6 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         let bound = l
             .listen
             .start(ServeContext {
-                zone: zone.clone(),
                 gate: gate.clone(),
                 served,
                 tls,
@@ -184,8 +183,9 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             let (index, store, mut stop) = (index.clone(), store.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 loop {
-                    let gauges = store.gauges().await;
-                    if let Ok(mut slot) = index.lock() {
+                    if let Ok(gauges) = store.gauges().await
+                        && let Ok(mut slot) = index.lock()
+                    {
                         *slot = gauges;
                     }
                     tokio::select! {

@@ -208,11 +208,13 @@ pub(crate) struct Appender {
 }
 
 /// Why one write did not land.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum WriteError {
     /// A compare-and-set failed: nothing of the batch landed.
+    #[error("a compare-and-set failed: another writer was first")]
     Taken,
     /// Anything else; the write may or may not have landed, a retry is safe.
+    #[error("{0}")]
     Other(String),
 }
 

@@ -357,11 +357,13 @@ impl ZoneStore for Store {
         self.0.clone()
     }
 
-    fn gauges(&self) -> BoxFuture<'_, Vec<Gauge>> {
+    fn gauges(&self) -> BoxFuture<'_, Result<Vec<Gauge>, ComponentSinkError>> {
         async move {
-            let Ok(u) = self.0.index_usage().await else {
-                return Vec::new();
-            };
+            let u = self
+                .0
+                .index_usage()
+                .await
+                .map_err(|e| ComponentSinkError::Failed(e.to_string()))?;
             let mut g = vec![
                 Gauge {
                     name: "bsfg_index_ids",
@@ -391,7 +393,7 @@ impl ZoneStore for Store {
                     value: m as f64,
                 });
             }
-            g
+            Ok(g)
         }
         .boxed()
     }

@@ -449,7 +449,7 @@ async fn write_batch(
         .await
         .map_err(|e| SinkError::JetStream {
             op: "publish index batch",
-            message: format!("{e:?}"),
+            message: e.to_string(),
         })?;
     Ok(n)
 }

@@ -92,11 +92,7 @@ fn check_fact_size(config: &JetStreamConfig, max_payload: usize) -> Result<(), S
 /// gateway of the zone must be stopped.
 pub async fn migrate_index(config: &JetStreamConfig) -> Result<index::Migration, SinkError> {
     let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}-migrate", config.zone));
-    let (client, _) = connect_client(config, options).await?;
-    let js = match &config.domain {
-        Some(d) => jetstream::with_domain(client.clone(), d),
-        None => jetstream::new(client.clone()),
-    };
+    let (client, js, _) = connect_client(config, options).await?;
     index::migrate_legacy(&js, &client, config).await
 }
 
@@ -111,22 +107,19 @@ pub async fn check_server(
     let options = async_nats::ConnectOptions::new()
         .name(format!("bsfg-{}-check", config.zone))
         .connection_timeout(timeout);
-    let (client, max_payload) = connect_client(config, options).await?;
+    let (_, js, max_payload) = connect_client(config, options).await?;
     // A zone of the per-id index layout is refused at start-up: say so here too.
-    let js = match &config.domain {
-        Some(d) => jetstream::with_domain(client, d),
-        None => jetstream::new(client),
-    };
     index::refuse_legacy(&js, &config.zone).await?;
     Ok(max_payload)
 }
 
 /// Connects to the zone's server and checks that its `max_payload` holds the largest
-/// fact (see [`check_fact_size`]); returns the client and that `max_payload`.
+/// fact (see [`check_fact_size`]); returns the client, its JetStream context in the
+/// zone's domain and that `max_payload`.
 async fn connect_client(
     config: &JetStreamConfig,
     options: async_nats::ConnectOptions,
-) -> Result<(async_nats::Client, usize), SinkError> {
+) -> Result<(async_nats::Client, jetstream::Context, usize), SinkError> {
     let client = options
         .connect(&config.url)
         .await
@@ -136,7 +129,11 @@ async fn connect_client(
         })?;
     let max_payload = client.server_info().max_payload;
     check_fact_size(config, max_payload)?;
-    Ok((client, max_payload))
+    let js = match &config.domain {
+        Some(d) => jetstream::with_domain(client.clone(), d),
+        None => jetstream::new(client.clone()),
+    };
+    Ok((client, js, max_payload))
 }
 
 fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
@@ -205,11 +202,7 @@ impl JetStreamZone {
     pub async fn connect(config: JetStreamConfig) -> Result<Self, SinkError> {
         validate_config(&config)?;
         let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}", config.zone));
-        let (client, max_payload) = connect_client(&config, options).await?;
-        let js = match &config.domain {
-            Some(d) => jetstream::with_domain(client.clone(), d),
-            None => jetstream::new(client.clone()),
-        };
+        let (client, js, max_payload) = connect_client(&config, options).await?;
         index::refuse_legacy(&js, &config.zone).await?;
         let mut streams = HashMap::new();
         for class in &config.classes {

@@ -97,20 +97,10 @@ impl Listen for GrpcListen {
 
     fn start(&self, ctx: ServeContext) -> BoxFuture<'_, Result<Serving, ComponentError>> {
         async move {
-            let tls = match (self.tls, ctx.tls.as_ref()) {
-                (true, Some(m)) => Some(m.get::<ServerTls>().ok_or_else(|| {
-                    ComponentError::new(
-                        format!("listener {}://{}", self.scheme, self.addr),
-                        "the TLS material is not a bsfg-tls server configuration",
-                    )
-                })?),
-                (true, None) => {
-                    return Err(ComponentError::new(
-                        format!("listener {}://{}", self.scheme, self.addr),
-                        "mutual TLS needs the zone's [tls] section",
-                    ));
-                }
-                (false, _) => None,
+            let what = format!("listener {}://{}", self.scheme, self.addr);
+            let tls = match self.tls {
+                true => Some(TlsMaterial::server::<ServerTls>(ctx.tls.as_ref(), &what)?),
+                false => None,
             };
             let (listener, addr) = crate::bind(self.addr)
                 .await
@@ -148,24 +138,12 @@ impl Dial for GrpcDial {
         url: &str,
         tls: Option<(TlsMaterial, Option<String>)>,
     ) -> Result<Arc<dyn BoundaryApi>, BoundaryError> {
-        match (self.tls, tls) {
-            (true, Some((m, name))) => {
-                let tls = m.get::<ClientTls>().ok_or_else(|| {
-                    BoundaryError::invalid(
-                        "url",
-                        "the TLS material is not a bsfg-tls client configuration",
-                    )
-                })?;
-                GrpcClient::connect_lazy_tls(url, ClientConfig::default(), tls, name)
-                    .map(|c| Arc::new(c) as _)
-            }
-            (true, None) => Err(BoundaryError::invalid(
-                "url",
-                format!("`{url}` is mutual TLS: it needs a client certificate"),
-            )),
-            (false, _) => {
-                GrpcClient::connect_lazy(url, ClientConfig::default()).map(|c| Arc::new(c) as _)
-            }
+        if self.tls {
+            let (tls, name) = TlsMaterial::client::<ClientTls>(url, tls)?;
+            GrpcClient::connect_lazy_tls(url, ClientConfig::default(), tls, name)
+                .map(|c| Arc::new(c) as _)
+        } else {
+            GrpcClient::connect_lazy(url, ClientConfig::default()).map(|c| Arc::new(c) as _)
         }
     }
 }

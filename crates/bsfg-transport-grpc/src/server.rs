@@ -101,19 +101,19 @@ pub struct PeerInfo {
 }
 
 /// A connection with its authenticated peer, as tonic serves it.
-struct TlsConn<S> {
+struct Conn<S> {
     inner: S,
     info: PeerInfo,
 }
 
-impl<S> tonic::transport::server::Connected for TlsConn<S> {
+impl<S> tonic::transport::server::Connected for Conn<S> {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
         self.info.clone()
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TlsConn<S> {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Conn<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -123,7 +123,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TlsConn<S> {
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TlsConn<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -366,11 +366,15 @@ where
     fn call(&mut self, req: tonic::codegen::http::Request<ReqB>) -> Self::Future {
         let info = req.extensions().get::<PeerInfo>();
         let peer = info.map_or_else(|| "local".to_owned(), |p| p.caller.label().to_owned());
-        let remote = info.map(|p| p.remote.clone());
-        let path = req.uri().path().to_owned();
         let stats = self.stats.clone();
-        // Everything logged while serving the call carries the peer's identity.
-        let span = tracing::info_span!("request", %peer, remote = ?remote, %path);
+        // Everything logged while serving the call carries the peer's identity (the
+        // span records its fields now, so nothing is copied for it).
+        let span = tracing::info_span!(
+            "request",
+            %peer,
+            remote = ?info.map(|p| p.remote.as_str()),
+            path = %req.uri().path()
+        );
         let fut = self.inner.call(req);
         Box::pin(tracing::Instrument::instrument(
             async move {
@@ -476,7 +480,7 @@ pub async fn serve(
                 config.max_handshakes,
             );
             let conns = tokio_stream::wrappers::ReceiverStream::new(accepted).map(|a| {
-                Ok::<_, std::io::Error>(TlsConn {
+                Ok::<_, std::io::Error>(Conn {
                     inner: a.stream,
                     info: PeerInfo {
                         caller: Caller::Peer {
@@ -491,7 +495,7 @@ pub async fn serve(
         }
         Incoming::Peers(conns) => {
             let conns = conns.map(|c| {
-                c.map(|c| TlsConn {
+                c.map(|c| Conn {
                     inner: c.io,
                     info: c.info,
                 })

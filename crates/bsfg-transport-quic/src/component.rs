@@ -168,11 +168,7 @@ impl Listen for QuicListen {
     fn start(&self, ctx: ServeContext) -> BoxFuture<'_, Result<Serving, ComponentError>> {
         async move {
             let what = format!("listener quic://{}", self.addr);
-            let tls = ctx
-                .tls
-                .as_ref()
-                .and_then(|m| m.get::<ServerTls>())
-                .ok_or_else(|| ComponentError::new(&what, "QUIC needs the zone's [tls] section"))?;
+            let tls = TlsMaterial::server::<ServerTls>(ctx.tls.as_ref(), &what)?;
             let listener = Listener::bind(self.addr, self.config.clone(), tls)
                 .map_err(|e| ComponentError::new(&what, e))?;
             let addr = listener
@@ -208,20 +204,7 @@ impl Dial for QuicDial {
         url: &str,
         tls: Option<(TlsMaterial, Option<String>)>,
     ) -> Result<Arc<dyn BoundaryApi>, BoundaryError> {
-        let Some((m, name)) = tls else {
-            return Err(BoundaryError::invalid(
-                "url",
-                format!(
-                    "`{url}` is QUIC, which is always mutual TLS: it needs a client certificate"
-                ),
-            ));
-        };
-        let tls = m.get::<ClientTls>().ok_or_else(|| {
-            BoundaryError::invalid(
-                "url",
-                "the TLS material is not a bsfg-tls client configuration",
-            )
-        })?;
+        let (tls, name) = TlsMaterial::client::<ClientTls>(url, tls)?;
         QuicClient::new(url, self.0.clone(), tls, name).map(|c| Arc::new(c) as _)
     }
 }

@@ -26,8 +26,8 @@ use bsfg_core::component::{
 };
 use bsfg_core::{BoundaryApi, BoundaryError, Caller};
 use bsfg_transport_grpc::{ClientConfig, GrpcClient, Incoming, PeerConn, PeerInfo};
-use futures::FutureExt as _;
 use futures::future::BoxFuture;
+use futures::{FutureExt as _, StreamExt as _};
 use serde::Deserialize;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -189,7 +189,11 @@ impl Listen for UnixListen {
                         io: Box::new(stream),
                         info,
                     }),
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        // Out of file descriptors and the like: do not spin on it.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Err(e)
+                    }
                 };
                 Some((conn, l))
             })
@@ -234,8 +238,6 @@ impl Listen for UnixListen {
     }
 }
 
-use futures::StreamExt as _;
-
 /// A client of a socket file.
 #[derive(Debug)]
 struct UnixDial {
@@ -276,7 +278,6 @@ mod tests {
         let mut checks = Checks::default();
         let at = Setup::new(
             &SCHEMES[0],
-            url,
             url.trim_start_matches("unix://"),
             ("listeners[0].url", 0..0),
             table,

@@ -11,9 +11,10 @@
 //!
 //! Invariants held here:
 //! - **confirm never before every append of its page succeeded**: [`Action::Confirm`]
-//!   is emitted only from the quarantine stage, which is reached only when every
-//!   append of the page returned `Ok` or a refusal that was set aside, and the set
-//!   aside entries were kept durably;
+//!   is emitted only from the quarantine stage, which is reached only when the
+//!   answers cover exactly the facts handed out (a fact missing from an answer fails
+//!   the step) and every append of the page returned `Ok` or a refusal that was set
+//!   aside, and the set aside entries were kept durably;
 //! - **a gap is never skipped silently**: a page whose stream no longer holds facts
 //!   after `min(checkpoint, frontier)` stops the step ([`Action::Gapped`]) until an
 //!   acceptance of exactly that range arrives; the acceptance is appended as a fact
@@ -25,6 +26,9 @@
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
 
 use crate::error::BoundaryError;
 use crate::model::{Limits, Provenance, Refused, ValidatedMessage};
@@ -170,10 +174,38 @@ enum Stage {
 struct Work {
     stream: String,
     facts: Vec<FetchedFact>,
+    /// The offsets of the facts handed to the policies or the append port, whose
+    /// answers the step waits for: every one must come back before the confirm.
+    awaiting: Vec<u64>,
     last: Option<u64>,
     report: PullReport,
     set_aside: Vec<QuarantineEntry>,
     stage: Stage,
+}
+
+impl Work {
+    /// Checks that an answer covers exactly the facts the step waits for: a fact
+    /// missing from it would otherwise be neither stored nor set aside, and the page
+    /// confirmed over it.
+    fn answered(
+        &mut self,
+        offsets: impl Iterator<Item = u64>,
+        port: &str,
+    ) -> Result<(), BoundaryError> {
+        let mut got: Vec<u64> = offsets.collect();
+        let mut sent = std::mem::take(&mut self.awaiting);
+        got.sort_unstable();
+        sent.sort_unstable();
+        if got == sent {
+            Ok(())
+        } else {
+            Err(BoundaryError::Internal(format!(
+                "the {port} answered for {} of the {} facts it was given",
+                got.len(),
+                sent.len()
+            )))
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -193,7 +225,7 @@ enum Phase {
 pub struct Machine {
     step: PullStep,
     config: MachineConfig,
-    rng: u64,
+    rng: SmallRng,
     phase: Phase,
     actions: VecDeque<Action>,
     /// The durable checkpoint as last read or recorded; `None`: read it again.
@@ -213,7 +245,7 @@ pub struct Machine {
 impl Machine {
     /// A machine for `step`; [`Machine::start`] begins the first step.
     pub fn new(step: PullStep, config: MachineConfig) -> Self {
-        let rng = config.seed;
+        let rng = SmallRng::seed_from_u64(config.seed);
         Machine {
             step,
             config,
@@ -265,16 +297,7 @@ impl Machine {
         let cap = exp.min(max).max(min);
         let half = cap / 2;
         let span = (cap - half).as_millis().max(1) as u64;
-        half + Duration::from_millis(self.next_random() % span)
-    }
-
-    /// splitmix64: small, seeded, good enough for spreading retries.
-    fn next_random(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        half + Duration::from_millis(self.rng.gen_range(0..span))
     }
 
     fn emit(&mut self, a: Action) {
@@ -339,6 +362,9 @@ impl Machine {
                 }
             }
             (Stage::Deciding, Event::Decided(verdicts)) => {
+                if let Err(e) = w.answered(verdicts.iter().map(|(o, _, _)| *o), "intake policies") {
+                    return self.fail(now, boundary(Operation::Append, e));
+                }
                 let mut allowed = Vec::with_capacity(verdicts.len());
                 for (offset, v, verdict) in verdicts {
                     match verdict {
@@ -358,6 +384,9 @@ impl Machine {
                 self.append(now, w, allowed);
             }
             (Stage::Appending, Event::Appended(results)) => {
+                if let Err(e) = w.answered(results.iter().map(|a| a.offset), "append port") {
+                    return self.fail(now, boundary(Operation::Append, e));
+                }
                 let mut failed = None;
                 for a in results {
                     match a.outcome {
@@ -498,6 +527,7 @@ impl Machine {
             last: page.facts.last().map(|f| f.offset),
             stream: page.stream,
             facts: page.facts,
+            awaiting: Vec::new(),
             report,
             set_aside: Vec::new(),
             stage: Stage::RecordingGap,
@@ -574,6 +604,7 @@ impl Machine {
         }
         if self.config.intake && !valid.is_empty() {
             w.stage = Stage::Deciding;
+            w.awaiting = valid.iter().map(|(o, _)| *o).collect();
             self.phase = Phase::Applying(w);
             self.emit(Action::Decide(valid));
         } else {
@@ -586,6 +617,7 @@ impl Machine {
             return self.quarantine(now, w);
         }
         w.stage = Stage::Appending;
+        w.awaiting = facts.iter().map(|(o, _)| *o).collect();
         self.phase = Phase::Applying(w);
         self.emit(Action::Append(facts));
     }
@@ -886,6 +918,28 @@ mod tests {
         m.handle(at(3), Event::Confirmed(Ok(Frontier { offset: 7 })));
         m.handle(at(3), Event::CheckpointRecorded(Ok(())));
         assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn an_answer_missing_a_fact_of_the_page_fails_the_step_and_confirms_nothing() {
+        let mut m = fetching(Some(4));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6, 7]))));
+        let mut facts = take_append(drain(&mut m));
+        facts.pop();
+        m.handle(at(2), appended(facts, &[]));
+        let a = drain(&mut m);
+        assert!(
+            matches!(
+                &a[0],
+                Action::BackingOff {
+                    op: Operation::Append,
+                    error: BoundaryError::Internal(_),
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::Confirm(_))), "{a:?}");
     }
 
     #[test]

@@ -307,13 +307,20 @@ pub async fn pull_page(
 /// FetchFacts for the step's consumer.
 pub async fn fetch_page(source: &dyn BoundaryApi, step: &PullStep) -> Result<FactPage, PullError> {
     source
-        .fetch_facts(FetchRequest {
-            consumer: step.consumer.clone(),
-            limit: step.limit,
-            wait: step.wait,
-        })
+        .fetch_facts(step.fetch_request())
         .await
         .map_err(at(Operation::Fetch))
+}
+
+impl PullStep {
+    /// The FetchFacts request of one page.
+    fn fetch_request(&self) -> FetchRequest {
+        FetchRequest {
+            consumer: self.consumer.clone(),
+            limit: self.limit,
+            wait: self.wait,
+        }
+    }
 }
 
 /// Everything of [`pull_page`] after the fetch: gap check against `checkpoint` (the
@@ -405,10 +412,10 @@ impl<'a> Ports<'a> {
                     Event::CheckpointRead(destination.checkpoint(&step.link).await)
                 }),
                 Action::Fetch => Box::pin(async move {
-                    Event::Fetched(fetch_page(source, step).await.map_err(into_boundary))
+                    Event::Fetched(source.fetch_facts(step.fetch_request()).await)
                 }),
                 Action::Prefetch => Box::pin(async move {
-                    Event::Prefetched(fetch_page(source, step).await.map_err(into_boundary))
+                    Event::Prefetched(source.fetch_facts(step.fetch_request()).await)
                 }),
                 Action::Decide(valid) => Box::pin(async move {
                     let ctx = PolicyContext {
@@ -498,13 +505,6 @@ enum Dispatch<'a> {
     Call(Call<'a>),
     /// A notification or a timer: the driver's own business.
     Notice(Action),
-}
-
-fn into_boundary(e: PullError) -> BoundaryError {
-    match e {
-        PullError::Boundary { error, .. } => error,
-        other => BoundaryError::Internal(other.to_string()),
-    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -882,7 +882,6 @@ impl Link {
             self.source.clone(),
             SourceObserver {
                 shared: self.shared.clone(),
-                fetch_timeout: settings.wait + settings.request_timeout,
                 request_timeout: settings.request_timeout,
             },
         );
@@ -975,22 +974,22 @@ impl Link {
                 },
             };
             if let Event::GapAccepted(a) = &event
-                && let Some((from, to)) = a.range
-                && matches!(self.status().state, LinkState::Gapped { missing_from, missing_to } if (missing_from, missing_to) == (from, to))
+                && let Some((missing_from, missing_to)) = a.range
+                && self.shared.progress.lock().is_ok_and(|p| {
+                    p.state
+                        == LinkState::Gapped {
+                            missing_from,
+                            missing_to,
+                        }
+                })
             {
+                let (from, to) = (missing_from, missing_to);
                 tracing::warn!(link = %settings.name, missing_from = from, missing_to = to, accepted_by = %a.accepted_by, "gap accepted by operator");
             }
             machine.handle(now(), event);
         }
         self.set_state(LinkState::Stopped);
         tracing::info!(link = %settings.name, "link stopped");
-    }
-
-    fn status(&self) -> LinkStatus {
-        LinkHandle {
-            shared: self.shared.clone(),
-        }
-        .status()
     }
 
     fn gapped(&self, gap: PullError) {
@@ -1059,17 +1058,17 @@ impl Link {
 }
 
 /// Counts requests and failures of the source's fetches and confirms, and bounds
-/// their time: an observer of the link's source.
+/// their time (a fetch by its long-poll wait plus `request_timeout`): an observer of
+/// the link's source.
 struct SourceObserver {
     shared: Arc<Shared>,
-    fetch_timeout: Duration,
     request_timeout: Duration,
 }
 
 impl Observer for SourceObserver {
     fn deadline(&self, op: Op) -> Option<Duration> {
         match op {
-            Op::Fetch { .. } => Some(self.fetch_timeout),
+            Op::Fetch { wait } => Some(wait + self.request_timeout),
             Op::Confirm { .. } => Some(self.request_timeout),
             Op::Append | Op::PutObject => None,
         }
