@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export BSFG_NATS_SERVER="$PWD/.tools/bin/nats-server"
+# A one-off build gains nothing from incremental state, which would double target/.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo fmt --all -- --check
 cargo fmt --manifest-path plugins/Cargo.toml --all -- --check
 # The benchmarks are a feature of the gateway (not in the shipping binary): built,
