@@ -276,6 +276,17 @@ impl BoundaryApi for LyingSource {
     ) -> Result<bsfg_core::ObjectInfo, bsfg_core::BoundaryError> {
         self.0.put_object(b, k, body).await
     }
+    async fn head_object(&self, b: &str, k: &str) -> bsfg_core::ApiResult<bsfg_core::ObjectInfo> {
+        self.0.head_object(b, k).await
+    }
+    async fn get_object(
+        &self,
+        b: &str,
+        k: &str,
+        offset: u64,
+    ) -> bsfg_core::ApiResult<bsfg_core::ObjectRead> {
+        self.0.get_object(b, k, offset).await
+    }
 }
 
 /// plant-a with two facts for `to-enterprise`, an empty enterprise, and one pull step

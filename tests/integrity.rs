@@ -308,6 +308,17 @@ impl BoundaryApi for Doctored {
     ) -> Result<bsfg_core::ObjectInfo, BoundaryError> {
         self.inner.put_object(b, k, body).await
     }
+    async fn head_object(&self, b: &str, k: &str) -> bsfg_core::ApiResult<bsfg_core::ObjectInfo> {
+        self.inner.head_object(b, k).await
+    }
+    async fn get_object(
+        &self,
+        b: &str,
+        k: &str,
+        offset: u64,
+    ) -> bsfg_core::ApiResult<bsfg_core::ObjectRead> {
+        self.inner.get_object(b, k, offset).await
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,9 @@
 //!   stream, so this also decides which streams a peer reads); a fetched page whose
 //!   facts reference artifacts in a bucket the identity may not read is refused;
 //! - PutObject: the bucket must be granted for put, checked before a byte is stored or
-//!   an existing key is revealed.
+//!   an existing key is revealed;
+//! - GetObject and HeadObject: the bucket must be one the identity may read, checked
+//!   before anything of the object is revealed.
 //!
 //! A grant belongs to an identity *and* the CA that must have issued it: a
 //! certificate naming `idmz-bsfg` issued by the plant's CA gets nothing. An identity
@@ -25,7 +27,7 @@ use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, Verdict};
 use crate::ports::ApiResult;
 use crate::{
     AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest, Frontier,
-    Limits, Message, ObjectInfo,
+    Limits, Message, ObjectInfo, ObjectRead,
 };
 
 /// Who is calling, as the transport established it.
@@ -75,16 +77,19 @@ pub enum Op {
     Confirm,
     /// PutObject.
     PutObject,
+    /// GetObject and HeadObject (reading an artifact).
+    GetObject,
 }
 
 impl Op {
-    /// The label value (`append`, `fetch`, `confirm`, `put_object`).
+    /// The label value (`append`, `fetch`, `confirm`, `put_object`, `get_object`).
     pub fn as_str(self) -> &'static str {
         match self {
             Op::Append => "append",
             Op::Fetch => "fetch",
             Op::Confirm => "confirm",
             Op::PutObject => "put_object",
+            Op::GetObject => "get_object",
         }
     }
 }
@@ -104,7 +109,8 @@ pub struct Grant {
     pub consumers: Vec<String>,
     /// Buckets it may put objects into.
     pub put_buckets: Vec<String>,
-    /// Buckets whose artifacts fetched facts may reference.
+    /// Buckets whose artifacts fetched facts may reference and GetObject/HeadObject
+    /// may read.
     pub read_buckets: Vec<String>,
 }
 
@@ -246,6 +252,21 @@ impl Authorization {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// May `caller` read objects of `bucket` (GetObject, HeadObject)?
+    pub fn check_read(&self, caller: &Caller, bucket: &str) -> Result<(), BoundaryError> {
+        let Some(g) = self.grant(caller, Op::GetObject)? else {
+            return Ok(());
+        };
+        if !allows(&g.read_buckets, bucket) {
+            return Err(self.deny(
+                caller,
+                Op::GetObject,
+                format!("bucket: `{}` may not read bucket `{bucket}`", g.identity),
+            ));
         }
         Ok(())
     }
@@ -396,6 +417,30 @@ impl Gate {
     ) -> ApiResult<ObjectInfo> {
         self.authz.check_put(caller, bucket)?;
         self.api.put_object(bucket, key, body).await
+    }
+
+    /// HeadObject as `caller` (the bucket must be readable).
+    pub async fn head_object(
+        &self,
+        caller: &Caller,
+        bucket: &str,
+        key: &str,
+    ) -> ApiResult<ObjectInfo> {
+        self.authz.check_read(caller, bucket)?;
+        self.api.head_object(bucket, key).await
+    }
+
+    /// GetObject as `caller` (the bucket must be readable); nothing is read when it
+    /// is not.
+    pub async fn get_object(
+        &self,
+        caller: &Caller,
+        bucket: &str,
+        key: &str,
+        offset: u64,
+    ) -> ApiResult<ObjectRead> {
+        self.authz.check_read(caller, bucket)?;
+        self.api.get_object(bucket, key, offset).await
     }
 }
 

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::error::BoundaryError;
-use crate::link::Destination;
-use crate::model::{Envelope, Fact, Limits, Message, ValidatedMessage};
+use crate::link::{Destination, Held};
+use crate::model::{ArtifactRef, Envelope, Fact, Limits, Message, ValidatedMessage};
 use crate::names;
 use crate::policy::QuarantineEntry;
 use crate::ports::{
     ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
-    ObjectInfo, ObjectStore,
+    ObjectInfo, ObjectRead, ObjectStore,
 };
 
 /// The receiver of calls made without an authenticated identity (in-process callers,
@@ -43,12 +43,40 @@ impl Boundary {
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
+
+    /// Refuses a fact that references an artifact this zone does not hold with that
+    /// digest and size (`failed_precondition` naming the artifact), so no zone ever
+    /// stores, and serves onward, a fact whose artifact it lacks.
+    async fn check_artifacts(&self, message: &ValidatedMessage) -> ApiResult<()> {
+        for (i, a) in message.message().fact.artifacts.iter().enumerate() {
+            match self.objects.head(&a.bucket, &a.key).await? {
+                Some(info) if info.matches(a) => {}
+                Some(info) => {
+                    return Err(BoundaryError::FailedPrecondition(format!(
+                        "fact.artifacts[{i}]: this zone holds `{}/{}` as {} ({} bytes), the fact references {} ({} bytes)",
+                        a.bucket, a.key, info.digest, info.size, a.digest, a.size
+                    )));
+                }
+                None => return Err(artifact_absent(i, a)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The refusal of a fact whose artifact the zone does not hold.
+fn artifact_absent(i: usize, a: &ArtifactRef) -> BoundaryError {
+    BoundaryError::FailedPrecondition(format!(
+        "fact.artifacts[{i}]: this zone does not hold `{}/{}` ({}, {} bytes); put the artifact (PutObject) before the fact that references it",
+        a.bucket, a.key, a.digest, a.size
+    ))
 }
 
 #[async_trait]
 impl BoundaryApi for Boundary {
     async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError> {
         let validated = self.limits.validate(message)?;
+        self.check_artifacts(&validated).await?;
         self.log.append(validated).await
     }
 
@@ -90,6 +118,21 @@ impl BoundaryApi for Boundary {
         names::validate_object_key("key", key)?;
         self.objects.put(bucket, key, body).await
     }
+
+    async fn head_object(&self, bucket: &str, key: &str) -> ApiResult<ObjectInfo> {
+        names::validate_bucket("bucket", bucket)?;
+        names::validate_object_key("key", key)?;
+        self.objects
+            .head(bucket, key)
+            .await?
+            .ok_or_else(|| BoundaryError::NotFound(format!("object `{bucket}/{key}`")))
+    }
+
+    async fn get_object(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead> {
+        names::validate_bucket("bucket", bucket)?;
+        names::validate_object_key("key", key)?;
+        self.objects.get(bucket, key, offset).await
+    }
 }
 
 /// The engine as a link's destination: the same validation as AppendFact (this
@@ -101,7 +144,31 @@ impl Destination for Boundary {
     }
 
     async fn append_replicated(&self, message: ValidatedMessage) -> ApiResult<AppendOutcome> {
+        self.check_artifacts(&message).await?;
         self.log.append(message).await
+    }
+
+    async fn artifact_held(&self, artifact: &ArtifactRef) -> ApiResult<Held> {
+        Ok(
+            match self.objects.head(&artifact.bucket, &artifact.key).await? {
+                Some(info) if info.matches(artifact) => Held::Whole,
+                Some(info) => Held::Other(info),
+                None => Held::Staged(self.objects.staged(artifact).await?),
+            },
+        )
+    }
+
+    async fn stage_artifact(
+        &self,
+        artifact: &ArtifactRef,
+        from: u64,
+        body: ByteStream,
+    ) -> ApiResult<ObjectInfo> {
+        self.objects.stage(artifact, from, body).await
+    }
+
+    async fn discard_staged(&self, artifact: &ArtifactRef) -> ApiResult<()> {
+        self.objects.discard_staged(artifact).await
     }
 
     async fn checkpoint(&self, link: &str) -> Result<Option<u64>, BoundaryError> {

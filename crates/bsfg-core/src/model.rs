@@ -41,7 +41,7 @@ pub struct Envelope {
 }
 
 /// A reference from a fact to an artifact already stored with PutObject.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ArtifactRef {
     /// Object store bucket.
     pub bucket: String,

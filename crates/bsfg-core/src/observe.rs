@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use crate::error::BoundaryError;
 use crate::model::Message;
 use crate::ports::{
-    ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier, ObjectInfo,
+    ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, Frontier,
+    ObjectInfo, ObjectRead,
 };
 
 /// Which operation a call is.
@@ -32,6 +33,14 @@ pub enum Op {
     },
     /// PutObject.
     PutObject,
+    /// HeadObject.
+    HeadObject,
+    /// GetObject from byte `offset` (the call until its body starts; the body
+    /// streams on its own).
+    GetObject {
+        /// Where the read starts.
+        offset: u64,
+    },
 }
 
 impl std::fmt::Display for Op {
@@ -41,6 +50,8 @@ impl std::fmt::Display for Op {
             Op::Fetch { .. } => "fetch",
             Op::Confirm { .. } => "confirm",
             Op::PutObject => "put_object",
+            Op::HeadObject => "head_object",
+            Op::GetObject { .. } => "get_object",
         })
     }
 }
@@ -54,7 +65,7 @@ pub enum Outcome<'a> {
     Page(&'a FactPage),
     /// A confirm's frontier.
     Frontier(&'a Frontier),
-    /// A stored object.
+    /// A stored object (PutObject, HeadObject, and a GetObject's object).
     Object(&'a ObjectInfo),
 }
 
@@ -153,6 +164,15 @@ impl<O: Observer> BoundaryApi for Observed<O> {
         let call = self.inner.put_object(bucket, key, body);
         self.run(Op::PutObject, call, |o| Outcome::Object(o)).await
     }
+    async fn head_object(&self, bucket: &str, key: &str) -> ApiResult<ObjectInfo> {
+        let call = self.inner.head_object(bucket, key);
+        self.run(Op::HeadObject, call, |o| Outcome::Object(o)).await
+    }
+    async fn get_object(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead> {
+        let call = self.inner.get_object(bucket, key, offset);
+        self.run(Op::GetObject { offset }, call, |r| Outcome::Object(&r.info))
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +205,12 @@ mod tests {
         }
         async fn put_object(&self, _: &str, _: &str, _: ByteStream) -> ApiResult<ObjectInfo> {
             Err(BoundaryError::Unavailable("no store".into()))
+        }
+        async fn head_object(&self, b: &str, k: &str) -> ApiResult<ObjectInfo> {
+            Err(BoundaryError::NotFound(format!("{b}/{k}")))
+        }
+        async fn get_object(&self, b: &str, k: &str, _: u64) -> ApiResult<ObjectRead> {
+            Err(BoundaryError::NotFound(format!("{b}/{k}")))
         }
     }
 
@@ -231,6 +257,8 @@ mod tests {
         assert_eq!(api.confirm_receipt("c", 7).await.unwrap().offset, 7);
         let body = Box::pin(futures::stream::empty());
         assert!(api.put_object("b", "k", body).await.is_err());
+        let e = api.get_object("b", "k", 3).await.unwrap_err();
+        assert_eq!(e, BoundaryError::NotFound("b/k".into()));
         let log = api.observer.0.lock().unwrap().clone();
         let expected = [
             ("append", false),
@@ -238,6 +266,7 @@ mod tests {
             ("fetch", true),
             ("confirm", true),
             ("put_object", false),
+            ("get_object", false),
         ];
         assert_eq!(
             log,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::error::BoundaryError;
-use crate::model::{Message, Provenance, ValidatedMessage};
+use crate::model::{ArtifactRef, Message, Provenance, ValidatedMessage};
 use crate::policy::QuarantineEntry;
 
 /// A stream of byte chunks, used for artifacts in both directions so that no artifact
@@ -94,6 +94,33 @@ pub struct ObjectInfo {
     pub size: u64,
 }
 
+/// What a GetObject answers: the object's info, then its bytes from `offset` on.
+pub struct ObjectRead {
+    /// The whole object's bucket, key, digest and size.
+    pub info: ObjectInfo,
+    /// The byte the body starts at (what the caller asked to resume from).
+    pub offset: u64,
+    /// The bytes from `offset` to the end, streamed; a read that breaks off ends in
+    /// an error, never early without one.
+    pub body: ByteStream,
+}
+
+impl std::fmt::Debug for ObjectRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectRead")
+            .field("info", &self.info)
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectInfo {
+    /// True when this is the artifact `r` references: same digest and size.
+    pub fn matches(&self, r: &ArtifactRef) -> bool {
+        self.digest == r.digest && self.size == r.size
+    }
+}
+
 /// What a boundary operation returns: its answer, or the error with its stable
 /// reason.
 pub type ApiResult<T> = Result<T, BoundaryError>;
@@ -133,6 +160,13 @@ pub trait BoundaryApi: Send + Sync {
     /// Stores an artifact, streamed. Same key + same bytes is idempotent; same key +
     /// different bytes is refused.
     async fn put_object(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo>;
+    /// An artifact's bucket, key, digest and size; `not_found` when the zone does not
+    /// hold it. Authorized like GetObject.
+    async fn head_object(&self, bucket: &str, key: &str) -> ApiResult<ObjectInfo>;
+    /// Reads an artifact from byte `offset` on (0: all of it; a transfer that broke
+    /// off resumes where it stopped), streamed. `not_found` when the zone does not
+    /// hold it; an `offset` past its size is `invalid_argument` on `offset`.
+    async fn get_object(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead>;
 }
 
 /// The zone-local log of facts.
@@ -179,6 +213,28 @@ pub trait FactLog: Send + Sync {
 pub trait ObjectStore: Send + Sync {
     /// Stores `body` under `bucket/key`, streamed; see [`BoundaryApi::put_object`].
     async fn put(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo>;
-    /// Reads an object back as a stream of chunks.
-    async fn get(&self, bucket: &str, key: &str) -> Result<ByteStream, BoundaryError>;
+    /// A put that fails (the body breaks off, times out, has the wrong size, the
+    /// store fails) leaves nothing behind.
+    /// The object's info, `None` when this zone does not hold it.
+    async fn head(&self, bucket: &str, key: &str) -> ApiResult<Option<ObjectInfo>>;
+    /// Reads an object from byte `offset` on, streamed; `NotFound` when absent.
+    async fn get(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead>;
+    /// How many bytes of `artifact` an earlier, interrupted [`ObjectStore::stage`]
+    /// left staged (0: none). Staged bytes survive a restart of the gateway.
+    async fn staged(&self, artifact: &ArtifactRef) -> ApiResult<u64>;
+    /// Adds `body` to the staged bytes of `artifact`, which must be exactly `from`
+    /// (else `FailedPrecondition`, nothing changed). What arrives is kept staged even
+    /// when the body breaks off (the error is returned), so a later call resumes.
+    /// When the staged bytes reach the artifact's size their digest is checked: the
+    /// same, and the object becomes visible under `bucket/key` at once, whole, and its
+    /// info is returned; another, and the staged bytes are discarded and the answer is
+    /// `FailedPrecondition` naming both digests. Bytes beyond the size are refused.
+    async fn stage(
+        &self,
+        artifact: &ArtifactRef,
+        from: u64,
+        body: ByteStream,
+    ) -> ApiResult<ObjectInfo>;
+    /// Discards what is staged for `artifact` (nothing staged: nothing to do).
+    async fn discard_staged(&self, artifact: &ArtifactRef) -> ApiResult<()>;
 }

@@ -10,10 +10,14 @@
 //! `bsfg_confirm_requests_total`, `bsfg_confirm_failures_total`,
 //! `bsfg_append_requests_total`, `bsfg_append_failures_total`,
 //! `bsfg_replicated_facts_total`, `bsfg_replayed_facts_total`,
-//! `bsfg_gaps_accepted_total`. The zone's own API (label `link=""`):
+//! `bsfg_gaps_accepted_total`, `bsfg_artifact_transfers_total{outcome}` (copied,
+//! present, failed, unavailable), `bsfg_artifact_bytes_total` (received from the
+//! source), `bsfg_artifacts_pending`. The zone's own API (label `link=""`):
 //! `bsfg_append_requests_total`, `bsfg_append_failures_total`,
 //! `bsfg_fetch_requests_total`, `bsfg_confirm_requests_total`, and the
-//! `bsfg_append_latency_seconds` histogram. Security (label `zone`):
+//! `bsfg_append_latency_seconds` histogram; `bsfg_object_requests_total{operation}`
+//! and `bsfg_object_failures_total{operation}` (put_object, head_object, get_object).
+//! Security (label `zone`):
 //! `bsfg_certificate_expiry_timestamp_seconds{endpoint,role,name}`,
 //! `bsfg_tls_handshake_failures_total{endpoint,reason}`, `bsfg_tls_reloads_total`,
 //! `bsfg_tls_reload_failures_total`, `bsfg_authz_denials_total{peer,operation}`,
@@ -45,8 +49,12 @@ pub struct ApiMetrics {
     append_failures: AtomicU64,
     fetch_requests: AtomicU64,
     confirm_requests: AtomicU64,
+    /// PutObject, HeadObject, GetObject: requests and failures.
+    objects: [(AtomicU64, AtomicU64); 3],
     append_latency: Histogram,
 }
+
+const OBJECT_OPS: [&str; 3] = ["put_object", "head_object", "get_object"];
 
 impl Default for ApiMetrics {
     fn default() -> Self {
@@ -55,6 +63,7 @@ impl Default for ApiMetrics {
             append_failures: AtomicU64::new(0),
             fetch_requests: AtomicU64::new(0),
             confirm_requests: AtomicU64::new(0),
+            objects: Default::default(),
             // 0.5 ms .. ~4 s
             append_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14),
@@ -81,7 +90,18 @@ impl Observer for ApiMetrics {
             Op::Confirm { .. } => {
                 self.confirm_requests.fetch_add(1, Ordering::Relaxed);
             }
-            Op::PutObject => {}
+            Op::PutObject | Op::HeadObject | Op::GetObject { .. } => {
+                let i = match op {
+                    Op::PutObject => 0,
+                    Op::HeadObject => 1,
+                    _ => 2,
+                };
+                let (requests, failures) = &self.objects[i];
+                requests.fetch_add(1, Ordering::Relaxed);
+                if outcome.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 }
@@ -341,6 +361,69 @@ impl prometheus_client::collector::Collector for Collector {
             "Gaps an operator accepted on a link.",
             &counter(|s| s.gaps_accepted),
         )?;
+        let transfers: Vec<(Labels, ConstCounter<u64>)> = statuses
+            .iter()
+            .flat_map(|s| {
+                [
+                    ("copied", s.artifacts_copied),
+                    ("present", s.artifacts_present),
+                    ("failed", s.artifact_failures),
+                    ("unavailable", s.artifacts_unavailable),
+                ]
+                .map(|(outcome, n)| {
+                    let mut l = labels(s);
+                    l.push(("outcome", outcome.to_owned()));
+                    (l, ConstCounter::new(n))
+                })
+            })
+            .collect();
+        family(
+            &mut e,
+            "bsfg_artifact_transfers",
+            "Artifacts a link's facts referenced, by outcome: copied from the source, present already, failed (retried, resumed), unavailable (the source could not serve them as referenced: their facts quarantined).",
+            &transfers,
+        )?;
+        family(
+            &mut e,
+            "bsfg_artifact_bytes",
+            "Artifact bytes a link received from the source.",
+            &counter(|s| s.artifact_bytes),
+        )?;
+        family(
+            &mut e,
+            "bsfg_artifacts_pending",
+            "Artifacts of the page a link is applying that this zone does not hold yet.",
+            &gauge(|s| s.artifacts_pending as f64),
+        )?;
+        for (name, help, pick) in [
+            (
+                "bsfg_object_requests",
+                "PutObject, HeadObject and GetObject calls served by this zone.",
+                0usize,
+            ),
+            (
+                "bsfg_object_failures",
+                "Failed PutObject, HeadObject and GetObject calls served by this zone.",
+                1,
+            ),
+        ] {
+            let rows: Vec<(Labels, ConstCounter<u64>)> = OBJECT_OPS
+                .iter()
+                .zip(&self.api.objects)
+                .map(|(op, pair)| {
+                    let n = if pick == 0 {
+                        load(&pair.0)
+                    } else {
+                        load(&pair.1)
+                    };
+                    (
+                        vec![("zone", self.zone.clone()), ("operation", (*op).to_owned())],
+                        ConstCounter::new(n),
+                    )
+                })
+                .collect();
+            family(&mut e, name, help, &rows)?;
+        }
         let hist = self.api.append_latency.clone();
         family(
             &mut e,

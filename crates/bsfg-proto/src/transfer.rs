@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bsfg_core::{BoundaryError, ByteStream};
+use bsfg_core::{ApiResult, BoundaryError, ByteStream, ObjectInfo, ObjectRead};
 use futures::{Stream, StreamExt};
 
 use crate::v1::{self, put_object_request::Part};
@@ -139,6 +139,91 @@ pub fn upload_parts(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// The parts of a GetObject answer: the object's info, then its bytes in chunks of at
+/// most `chunk` bytes (each fits the message limit).
+pub fn read_parts(
+    read: ObjectRead,
+    chunk: usize,
+) -> impl Stream<Item = Result<v1::GetObjectResponse, BoundaryError>> + Send + 'static {
+    use v1::get_object_response::Part as GetPart;
+    let chunk = chunk.max(1);
+    let info = v1::GetObjectResponse {
+        part: Some(GetPart::Info(read.info.into())),
+    };
+    let body = read.body.flat_map(move |item| {
+        let pieces: Vec<Result<v1::GetObjectResponse, BoundaryError>> = match item {
+            Err(e) => vec![Err(e)],
+            Ok(mut data) => {
+                let mut out = Vec::with_capacity(data.len() / chunk + 1);
+                while !data.is_empty() {
+                    let piece = data.split_to(data.len().min(chunk));
+                    out.push(Ok(v1::GetObjectResponse {
+                        part: Some(GetPart::Chunk(piece)),
+                    }));
+                }
+                out
+            }
+        };
+        futures::stream::iter(pieces)
+    });
+    futures::stream::once(async move { Ok(info) }).chain(body)
+}
+
+/// A GetObject answer's parts back into an [`ObjectRead`]. The first part must be the
+/// info; the body then yields exactly `size - offset` bytes, and ends in an error
+/// when the parts end short, run long, pause longer than `idle`, or break.
+pub async fn object_read<S>(mut parts: S, offset: u64, idle: Duration) -> ApiResult<ObjectRead>
+where
+    S: Stream<Item = Result<v1::GetObjectResponse, BoundaryError>> + Send + Unpin + 'static,
+{
+    use v1::get_object_response::Part as GetPart;
+    let first = tokio::time::timeout(idle, parts.next())
+        .await
+        .map_err(|_| {
+            BoundaryError::Unavailable(format!("no answer to GetObject within {idle:?}"))
+        })?;
+    let info: ObjectInfo = match first {
+        Some(Ok(v1::GetObjectResponse {
+            part: Some(GetPart::Info(info)),
+        })) => info.into(),
+        Some(Err(e)) => return Err(e),
+        _ => {
+            return Err(BoundaryError::Internal(
+                "a GetObject answer must start with the object's info".into(),
+            ));
+        }
+    };
+    let remaining = info.size.checked_sub(offset).ok_or_else(|| {
+        BoundaryError::Internal(format!(
+            "the server answered an object of {} bytes to a read from {offset}",
+            info.size
+        ))
+    })?;
+    let body = futures::stream::unfold(Some((parts, remaining)), move |state| async move {
+        let (mut s, left) = state?;
+        let failure = match tokio::time::timeout(idle, s.next()).await {
+            Err(_) => BoundaryError::Unavailable(format!("the object read paused for {idle:?}")),
+            Ok(Some(Err(e))) => e,
+            Ok(None) if left == 0 => return None,
+            Ok(None) => {
+                BoundaryError::Unavailable(format!("the object read ended {left} bytes short"))
+            }
+            Ok(Some(Ok(v1::GetObjectResponse {
+                part: Some(GetPart::Chunk(c)),
+            }))) if c.len() as u64 <= left => {
+                let left = left - c.len() as u64;
+                return Some((Ok(c), Some((s, left))));
+            }
+            Ok(Some(Ok(_))) => BoundaryError::Internal(
+                "a GetObject answer sent more bytes than the object holds, or a second info".into(),
+            ),
+        };
+        Some((Err(failure), None))
+    })
+    .boxed();
+    Ok(ObjectRead { info, offset, body })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -199,6 +284,61 @@ mod tests {
         assert!(
             matches!(e, Some(BoundaryError::InvalidArgument { ref field, .. }) if field == "end.size")
         );
+    }
+
+    fn read_of(bytes: &'static [u8], offset: u64) -> ObjectRead {
+        ObjectRead {
+            info: ObjectInfo {
+                bucket: "b".into(),
+                key: "k".into(),
+                digest: "sha256:x".into(),
+                size: bytes.len() as u64,
+            },
+            offset,
+            body: futures::stream::iter(vec![Ok(Bytes::from_static(&bytes[offset as usize..]))])
+                .boxed(),
+        }
+    }
+
+    async fn bytes_of(read: ObjectRead) -> Result<Vec<u8>, BoundaryError> {
+        let mut out = Vec::new();
+        let mut body = read.body;
+        while let Some(c) = body.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_read_crosses_as_info_then_chunks_and_comes_back_whole() {
+        let parts: Vec<_> = read_parts(read_of(b"hello world", 3), 3).collect().await;
+        assert_eq!(parts.len(), 1 + 3, "info, then 8 bytes in chunks of 3");
+        let back = object_read(futures::stream::iter(parts), 3, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(back.info.size, 11);
+        assert_eq!(bytes_of(back).await.unwrap(), b"lo world");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_ends_short_or_runs_long_is_an_error() {
+        let mut parts: Vec<_> = read_parts(read_of(b"hello world", 0), 4).collect().await;
+        parts.pop();
+        let short = object_read(futures::stream::iter(parts), 0, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let e = bytes_of(short).await.unwrap_err();
+        assert!(e.to_string().contains("3 bytes short"), "{e}");
+        let mut parts: Vec<_> = read_parts(read_of(b"hello", 0), 4).collect().await;
+        parts.push(Ok(v1::GetObjectResponse {
+            part: Some(v1::get_object_response::Part::Chunk(Bytes::from_static(
+                b"!",
+            ))),
+        }));
+        let long = object_read(futures::stream::iter(parts), 0, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(bytes_of(long).await.is_err());
     }
 
     #[tokio::test]

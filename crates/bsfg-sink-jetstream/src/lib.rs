@@ -32,9 +32,10 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use async_trait::async_trait;
+use bsfg_core::model::ArtifactRef;
 use bsfg_core::{
-    AppendOutcome, BoundaryError, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
-    ObjectInfo, ObjectStore, QuarantineEntry, ValidatedMessage, names,
+    ApiResult, AppendOutcome, BoundaryError, ByteStream, FactLog, FactPage, FetchRequest, Frontier,
+    ObjectInfo, ObjectRead, ObjectStore, QuarantineEntry, ValidatedMessage, names,
 };
 use tokio::sync::{RwLock, mpsc, oneshot};
 
@@ -439,6 +440,24 @@ impl JetStreamZone {
         Ok((format!("facts_{class}"), subject, token))
     }
 
+    /// The bucket if it exists; reads never create one (a created one is cached).
+    async fn existing_bucket(
+        &self,
+        name: &str,
+    ) -> Result<Option<jetstream::object_store::ObjectStore>, BoundaryError> {
+        if let Some(b) = self.buckets.read().await.get(name) {
+            return Ok(Some(b.clone()));
+        }
+        let found = objects::existing_bucket(&self.js, name).await?;
+        if let Some(b) = &found {
+            self.buckets
+                .write()
+                .await
+                .insert(name.to_owned(), b.clone());
+        }
+        Ok(found)
+    }
+
     async fn bucket(
         &self,
         name: &str,
@@ -586,11 +605,49 @@ impl ObjectStore for JetStreamZone {
         body: ByteStream,
     ) -> Result<ObjectInfo, BoundaryError> {
         let store = self.bucket(bucket).await?;
-        objects::put(&store, bucket, key, self.config.object_chunk_size, body).await
+        let chunk = self.config.object_chunk_size;
+        objects::put(&self.js, &store, bucket, key, chunk, body).await
     }
 
-    async fn get(&self, bucket: &str, key: &str) -> Result<ByteStream, BoundaryError> {
-        let store = self.bucket(bucket).await?;
-        objects::get(&store, key).await
+    async fn head(&self, bucket: &str, key: &str) -> ApiResult<Option<ObjectInfo>> {
+        match self.existing_bucket(bucket).await? {
+            Some(store) => objects::head(&store, bucket, key).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn get(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead> {
+        match self.existing_bucket(bucket).await? {
+            Some(store) => objects::get(&store, bucket, key, offset).await,
+            None => Err(BoundaryError::NotFound(format!("object `{bucket}/{key}`"))),
+        }
+    }
+
+    async fn staged(&self, artifact: &ArtifactRef) -> ApiResult<u64> {
+        if self.existing_bucket(&artifact.bucket).await?.is_none() {
+            return Ok(0);
+        }
+        objects::staged(&self.js, artifact, self.config.object_chunk_size).await
+    }
+
+    async fn stage(
+        &self,
+        artifact: &ArtifactRef,
+        from: u64,
+        body: ByteStream,
+    ) -> ApiResult<ObjectInfo> {
+        self.bucket(&artifact.bucket).await?;
+        let chunk = self.config.object_chunk_size;
+        objects::stage(&self.js, artifact, chunk, from, body).await
+    }
+
+    async fn discard_staged(&self, artifact: &ArtifactRef) -> ApiResult<()> {
+        match self.existing_bucket(&artifact.bucket).await? {
+            Some(store) => {
+                let chunk = self.config.object_chunk_size;
+                objects::discard_staged(&self.js, &store, artifact, chunk).await
+            }
+            None => Ok(()),
+        }
     }
 }

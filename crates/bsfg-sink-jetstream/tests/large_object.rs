@@ -68,9 +68,10 @@ async fn put_object_of_256_mib_streams_with_bounded_memory_and_sha256sum_digest(
 
     // Read it back, streamed, and hash it again.
     let mut hasher = sha2::Sha256::new();
-    let mut chunks = ObjectStore::get(&*z, "big-files", "run/artifact.bin")
+    let mut chunks = ObjectStore::get(&*z, "big-files", "run/artifact.bin", 0)
         .await
-        .unwrap();
+        .unwrap()
+        .body;
     let mut size = 0usize;
     while let Some(c) = chunks.next().await {
         let c = c.unwrap();

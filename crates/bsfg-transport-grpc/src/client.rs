@@ -7,11 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bsfg_core::{
     ApiResult, AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest,
-    Frontier, Message, ObjectInfo,
+    Frontier, Message, ObjectInfo, ObjectRead,
 };
-use bsfg_proto::transfer::upload_parts;
+use bsfg_proto::transfer::{object_read, upload_parts};
 use bsfg_proto::v1::{self, boundary_client::BoundaryClient};
 use bsfg_tls::ClientTls;
+use futures::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::status::from_status;
@@ -237,6 +238,44 @@ impl BoundaryApi for GrpcClient {
         }
         let r = result.map_err(|s| from_status(&s))?.into_inner();
         Ok(r.into())
+    }
+
+    async fn head_object(&self, bucket: &str, key: &str) -> ApiResult<ObjectInfo> {
+        let req = self.request(
+            v1::HeadObjectRequest {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+            },
+            Duration::ZERO,
+        );
+        let r = self
+            .inner
+            .clone()
+            .head_object(req)
+            .await
+            .map_err(|s| from_status(&s))?;
+        Ok(r.into_inner().into())
+    }
+
+    /// The body is bounded by `request_timeout` between parts, not as a whole.
+    async fn get_object(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead> {
+        let req = self.request(
+            v1::GetObjectRequest {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                offset,
+            },
+            Duration::ZERO,
+        );
+        let parts = self
+            .inner
+            .clone()
+            .get_object(req)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner()
+            .map(|r| r.map_err(|s| from_status(&s)));
+        object_read(parts, offset, self.config.request_timeout).await
     }
 }
 

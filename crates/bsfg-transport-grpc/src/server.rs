@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bsfg_core::component::ServeLimits;
 use bsfg_core::{BoundaryError, Caller, FetchRequest, Gate, Message};
-use bsfg_proto::transfer::{fit_page, object_body};
+use bsfg_proto::transfer::{fit_page, object_body, read_parts};
 use bsfg_proto::v1::{
     self,
     boundary_server::{Boundary, BoundaryServer},
@@ -191,6 +191,23 @@ fn status(e: BoundaryError) -> Status {
     to_status(&e)
 }
 
+impl BoundaryService {
+    /// Bounds a unary call by `request_timeout` (an upload is bounded by its idle
+    /// timeout between parts, a download's body by the client's reading).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, BoundaryError>>,
+    ) -> Result<T, Status> {
+        let limit = self.config.limits.request_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r.map_err(status),
+            Err(_) => Err(status(BoundaryError::Unavailable(format!(
+                "the call took longer than request_timeout ({limit:?})"
+            )))),
+        }
+    }
+}
+
 /// The client's PutObject parts after the header, with a broken stream as
 /// `unavailable` (see [`object_body`]).
 fn parts(
@@ -215,10 +232,8 @@ impl Boundary for BoundaryService {
             .ok_or_else(|| status(BoundaryError::invalid("message", "is required")))?;
         let message = Message::try_from(m).map_err(status)?;
         let out = self
-            .gate
-            .append_fact(&caller, message)
-            .await
-            .map_err(status)?;
+            .bounded(self.gate.append_fact(&caller, message))
+            .await?;
         Ok(Response::new(out.into()))
     }
 
@@ -230,18 +245,14 @@ impl Boundary for BoundaryService {
         let r = request.into_inner();
         let wait =
             Duration::from_millis(u64::from(r.wait_ms)).min(self.config.limits.max_fetch_wait);
+        let request = FetchRequest {
+            consumer: r.consumer_name,
+            limit: r.limit,
+            wait,
+        };
         let page = self
-            .gate
-            .fetch_facts(
-                &caller,
-                FetchRequest {
-                    consumer: r.consumer_name,
-                    limit: r.limit,
-                    wait,
-                },
-            )
-            .await
-            .map_err(status)?;
+            .bounded(self.gate.fetch_facts(&caller, request))
+            .await?;
         Ok(Response::new(fit_page(
             page.into(),
             self.config.limits.max_message_bytes,
@@ -255,10 +266,11 @@ impl Boundary for BoundaryService {
         let caller = self.caller(&request)?;
         let r = request.into_inner();
         let f = self
-            .gate
-            .confirm_receipt(&caller, &r.consumer_name, r.offset)
-            .await
-            .map_err(status)?;
+            .bounded(
+                self.gate
+                    .confirm_receipt(&caller, &r.consumer_name, r.offset),
+            )
+            .await?;
         Ok(Response::new(v1::ConfirmReceiptResponse {
             frontier: f.offset,
         }))
@@ -308,6 +320,37 @@ impl Boundary for BoundaryService {
                 status(cause.unwrap_or(e))
             })?;
         Ok(Response::new(info.into()))
+    }
+
+    async fn head_object(
+        &self,
+        request: Request<v1::HeadObjectRequest>,
+    ) -> Result<Response<v1::PutObjectResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let info = self
+            .bounded(self.gate.head_object(&caller, &r.bucket, &r.key))
+            .await?;
+        Ok(Response::new(info.into()))
+    }
+
+    type GetObjectStream =
+        futures::stream::BoxStream<'static, Result<v1::GetObjectResponse, Status>>;
+
+    async fn get_object(
+        &self,
+        request: Request<v1::GetObjectRequest>,
+    ) -> Result<Response<Self::GetObjectStream>, Status> {
+        let caller = self.caller(&request)?;
+        let r = request.into_inner();
+        let read = self
+            .bounded(self.gate.get_object(&caller, &r.bucket, &r.key, r.offset))
+            .await?;
+        // Chunks well inside the message limit, whatever the store's chunk size.
+        let chunk = (self.config.limits.max_message_bytes / 2).clamp(1024, 256 * 1024);
+        Ok(Response::new(
+            read_parts(read, chunk).map(|p| p.map_err(status)).boxed(),
+        ))
     }
 }
 
@@ -456,7 +499,6 @@ pub async fn serve(
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .timeout(config.limits.request_timeout)
         .layer(ObserveLayer(stats))
         .add_service(health_service)
         .add_service(reflection_v1)

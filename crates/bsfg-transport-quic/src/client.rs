@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bsfg_core::{
     ApiResult, AppendOutcome, BoundaryApi, BoundaryError, ByteStream, FactPage, FetchRequest,
-    Frontier, Message, ObjectInfo,
+    Frontier, Message, ObjectInfo, ObjectRead,
 };
-use bsfg_proto::transfer::upload_parts;
+use bsfg_proto::transfer::{object_read, upload_parts};
 use bsfg_proto::v1;
 use bsfg_tls::ClientTls;
 use futures::StreamExt;
@@ -359,5 +359,84 @@ impl BoundaryApi for QuicClient {
             .await
             .map_err(|e| self.explain(&conn, e))?;
         Ok(r.into())
+    }
+
+    async fn head_object(&self, bucket: &str, key: &str) -> ApiResult<ObjectInfo> {
+        let req = v1::HeadObjectRequest {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        };
+        let r: v1::PutObjectResponse = self.call(Op::Head, &req, Duration::ZERO).await?;
+        Ok(r.into())
+    }
+
+    /// The answer must start within `request_timeout`; the body is then bounded by
+    /// `request_timeout` between parts, not as a whole.
+    async fn get_object(&self, bucket: &str, key: &str, offset: u64) -> ApiResult<ObjectRead> {
+        let max = self.inner.config.max_message_bytes;
+        let limit = self.inner.config.request_timeout;
+        let url = self.inner.url.clone();
+        let req = v1::GetObjectRequest {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            offset,
+        };
+        let opened = async {
+            let conn = self.connection().await?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
+            wire::write_frame(&mut send, Some(Op::Get as u8), &req, max)
+                .await
+                .map_err(|e| e.into_boundary("request"))?;
+            let _ = send.finish();
+            let broken =
+                |e: wire::WireError| BoundaryError::Unavailable(format!("QUIC {url}: answer: {e}"));
+            match wire::read_byte(&mut recv).await.map_err(broken)? {
+                Some(STATUS_OK) => Ok(recv),
+                Some(STATUS_ERROR) => {
+                    let e = wire::read_frame::<v1::CallError>(&mut recv, max, "CallError")
+                        .await
+                        .map_err(broken)?
+                        .ok_or_else(|| {
+                            BoundaryError::Unavailable(format!("QUIC {url}: empty error"))
+                        })?;
+                    Err(BoundaryError::from(e))
+                }
+                Some(other) => Err(BoundaryError::Internal(format!(
+                    "QUIC {url}: unknown answer status {other}"
+                ))),
+                None => Err(BoundaryError::Unavailable(format!(
+                    "QUIC {url}: the stream closed without an answer"
+                ))),
+            }
+            .map_err(|e| self.explain(&conn, e))
+        };
+        let recv = tokio::time::timeout(limit, opened)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BoundaryError::Unavailable(format!(
+                    "QUIC {}: no answer within {limit:?}",
+                    self.inner.url
+                )))
+            })?;
+        let parts = futures::stream::unfold(Some(recv), move |state| {
+            let url = url.clone();
+            async move {
+                let mut r = state?;
+                match wire::read_frame::<v1::GetObjectResponse>(&mut r, max, "GetObjectResponse")
+                    .await
+                {
+                    Ok(Some(m)) => Some((Ok(m), Some(r))),
+                    Ok(None) => None,
+                    Err(e) => Some((
+                        Err(BoundaryError::Unavailable(format!(
+                            "QUIC {url}: object read: {e}"
+                        ))),
+                        None,
+                    )),
+                }
+            }
+        })
+        .boxed();
+        object_read(parts, offset, limit).await
     }
 }

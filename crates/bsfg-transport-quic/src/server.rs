@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bsfg_core::{BoundaryError, Caller, FetchRequest, Gate, Message, ServeStats};
-use bsfg_proto::transfer::{BodyError, fit_page, object_body};
+use bsfg_proto::transfer::{BodyError, fit_page, object_body, read_parts};
 use bsfg_proto::v1::{self, put_object_request::Part};
 use bsfg_tls::ServerTls;
 use futures::StreamExt;
@@ -296,6 +296,9 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
         Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
     };
     let name = op.map_or("unknown", Op::as_str);
+    if op == Some(Op::Get) {
+        return serve_get(ctx, caller, send, recv).await;
+    }
     // An upload is bounded by idle_timeout between parts and max_object_bytes, not
     // by a total time: 64 MiB over a slow radio link takes what it takes.
     let limit = (op != Some(Op::Put)).then_some(ctx.config.limits.request_timeout);
@@ -303,7 +306,7 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
         match op {
             None => Err(BoundaryError::invalid(
                 "op",
-                "unknown operation byte (1 append, 2 fetch, 3 confirm, 4 put)",
+                "unknown operation byte (1 append, 2 fetch, 3 confirm, 4 put, 5 head, 6 get)",
             )),
             Some(op) => serve_op(ctx, caller, op, recv).await,
         }
@@ -428,7 +431,90 @@ async fn serve_op(
                 })?;
             v1::PutObjectResponse::from(info).encode_to_vec()
         }
+        Op::Head => {
+            let r: v1::HeadObjectRequest =
+                request(&mut recv, max, idle, "HeadObjectRequest").await?;
+            let info = gate.head_object(caller, &r.bucket, &r.key).await?;
+            v1::PutObjectResponse::from(info).encode_to_vec()
+        }
+        Op::Get => {
+            return Err(BoundaryError::Internal(
+                "GetObject is served as a stream".into(),
+            ));
+        }
     })
+}
+
+/// GetObject: the request, then (within `request_timeout`) the answer's status, then
+/// the object's info and chunks as they are read, one frame each. A read that breaks
+/// off resets the stream, so the client never takes a short read for a whole one.
+async fn serve_get(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvStream) {
+    let idle = ctx.config.limits.idle_timeout;
+    let max = ctx.config.limits.max_message_bytes;
+    let limit = ctx.config.limits.request_timeout;
+    let opened = async {
+        let r = match tokio::time::timeout(
+            idle,
+            wire::read_frame::<v1::GetObjectRequest>(&mut recv, max, "GetObjectRequest"),
+        )
+        .await
+        {
+            Err(_) => Err(BoundaryError::invalid(
+                "request",
+                format!("incomplete after {idle:?}"),
+            )),
+            Ok(Err(e)) => Err(e.into_boundary("request")),
+            Ok(Ok(None)) => Err(BoundaryError::invalid("request", "is missing")),
+            Ok(Ok(Some(r))) => Ok(r),
+        }?;
+        ctx.gate
+            .get_object(caller, &r.bucket, &r.key, r.offset)
+            .await
+    };
+    let read = tokio::time::timeout(limit, opened)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BoundaryError::Unavailable(format!(
+                "the call took longer than request_timeout ({limit:?})"
+            )))
+        });
+    let read = match read {
+        Ok(read) => read,
+        Err(e) => {
+            let reason = e.reason().as_str();
+            ctx.stats.refused(caller.label(), reason);
+            tracing::info!(op = "GetObject", reason, error = %e, "request refused");
+            let frame = v1::CallError::from(&e);
+            if wire::write_frame(&mut send, Some(STATUS_ERROR), &frame, max)
+                .await
+                .is_ok()
+            {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(idle, send.stopped()).await;
+            }
+            return;
+        }
+    };
+    let chunk = (max / 2).clamp(1024, 256 * 1024);
+    let mut parts = std::pin::pin!(read_parts(read, chunk));
+    let mut prefix = Some(STATUS_OK);
+    while let Some(part) = parts.next().await {
+        let sent = match part {
+            Ok(p) => wire::write_frame(&mut send, prefix.take(), &p, max)
+                .await
+                .is_ok(),
+            Err(e) => {
+                tracing::warn!(op = "GetObject", error = %e, "object read broke off");
+                false
+            }
+        };
+        if !sent {
+            let _ = send.reset(quinn::VarInt::from_u32(1));
+            return;
+        }
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(idle, send.stopped()).await;
 }
 
 /// The PutObject parts still on `recv`, as a stream (ends when the client finishes

@@ -7,9 +7,12 @@
 //! ```
 //!
 //! The request frames are the `bsfg.v1` request messages (`AppendFactRequest`,
-//! `FetchFactsRequest`, `ConfirmReceiptRequest`, or the `PutObjectRequest` parts:
-//! header, chunks, end marker). An ok response is the matching response message; an
-//! error response is a `CallError` with the stable reason.
+//! `FetchFactsRequest`, `ConfirmReceiptRequest`, the `PutObjectRequest` parts:
+//! header, chunks, end marker, `HeadObjectRequest`, `GetObjectRequest`). An ok
+//! response is the matching response message; for GetObject it is the
+//! `GetObjectResponse` parts, one frame each (the info, then the chunks), and a
+//! stream that ends short is a failed read. An error response is a `CallError` with
+//! the stable reason.
 
 use bsfg_core::BoundaryError;
 use bytes::{Bytes, BytesMut};
@@ -30,6 +33,10 @@ pub enum Op {
     Confirm = 3,
     /// PutObject: `PutObjectRequest` parts.
     Put = 4,
+    /// HeadObject: one `HeadObjectRequest`.
+    Head = 5,
+    /// GetObject: one `GetObjectRequest`; answered by `GetObjectResponse` parts.
+    Get = 6,
 }
 
 impl Op {
@@ -40,6 +47,8 @@ impl Op {
             2 => Op::Fetch,
             3 => Op::Confirm,
             4 => Op::Put,
+            5 => Op::Head,
+            6 => Op::Get,
             _ => return None,
         })
     }
@@ -51,6 +60,8 @@ impl Op {
             Op::Fetch => "FetchFacts",
             Op::Confirm => "ConfirmReceipt",
             Op::Put => "PutObject",
+            Op::Head => "HeadObject",
+            Op::Get => "GetObject",
         }
     }
 }

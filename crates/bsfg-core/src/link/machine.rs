@@ -31,7 +31,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use crate::error::BoundaryError;
-use crate::model::{Limits, Provenance, Refused, ValidatedMessage};
+use crate::model::{ArtifactRef, Limits, Provenance, Refused, ValidatedMessage};
 use crate::policy::{CAUSE_POLICY, QuarantineEntry, Verdict};
 use crate::ports::{AppendOutcome, FactPage, FetchedFact, Frontier};
 
@@ -100,6 +100,8 @@ pub enum Event {
     Decided(Vec<(u64, ValidatedMessage, Verdict)>),
     /// The answer to [`Action::AppendGapRecord`].
     GapRecorded(Result<AppendOutcome, BoundaryError>),
+    /// The answers to [`Action::Carry`], one per fact, in any order.
+    Carried(Vec<(u64, Carry)>),
     /// The answers to [`Action::Append`], one per fact, in any order.
     Appended(Vec<Appended>),
     /// The answer to [`Action::Quarantine`] (every entry kept, or the first failure).
@@ -129,6 +131,9 @@ pub enum Action {
     Decide(Vec<(u64, ValidatedMessage)>),
     /// Append the record of an accepted gap.
     AppendGapRecord(Box<ValidatedMessage>),
+    /// Make sure this zone holds every artifact these facts (by source offset)
+    /// reference, copying from the source what it lacks.
+    Carry(Vec<(u64, Vec<ArtifactRef>)>),
     /// Append these facts (concurrently: the zone log commits them together).
     Append(Vec<(u64, ValidatedMessage)>),
     /// Keep these facts in the zone's quarantine, durably, in order.
@@ -158,11 +163,32 @@ pub enum Action {
     Done(Result<PullReport, PullError>),
 }
 
+/// What carrying one fact's artifacts came to.
+#[derive(Debug, Clone)]
+pub enum Carry {
+    /// This zone holds every artifact the fact references, with its digest and size.
+    Ready,
+    /// An artifact cannot be had as the fact references it (the source does not
+    /// hold it, holds other bytes, or this zone holds other bytes under its key):
+    /// the fact goes to the quarantine with this reason, naming the artifact
+    /// (`fact.artifacts[<i>]`).
+    Unavailable {
+        /// Which of the fact's artifacts.
+        index: usize,
+        /// Why.
+        error: BoundaryError,
+    },
+    /// The copy failed in a way a retry may mend (link lost, store unavailable): the
+    /// step fails, and the next one resumes the copy where it stopped.
+    Failed(BoundaryError),
+}
+
 /// Where a step is.
 #[derive(Debug)]
 enum Stage {
     RecordingGap,
     Deciding,
+    Carrying,
     Appending,
     Quarantining,
     Confirming,
@@ -177,6 +203,8 @@ struct Work {
     /// The offsets of the facts handed to the policies or the append port, whose
     /// answers the step waits for: every one must come back before the confirm.
     awaiting: Vec<u64>,
+    /// Facts waiting for their artifacts before they are appended.
+    carrying: Vec<(u64, ValidatedMessage)>,
     last: Option<u64>,
     report: PullReport,
     set_aside: Vec<QuarantineEntry>,
@@ -383,6 +411,44 @@ impl Machine {
                 }
                 self.append(now, w, allowed);
             }
+            (Stage::Carrying, Event::Carried(results)) => {
+                if let Err(e) = w.answered(results.iter().map(|(o, _)| *o), "artifact copy") {
+                    return self.fail(now, boundary(Operation::Artifact, e));
+                }
+                let mut verdicts: std::collections::HashMap<u64, Carry> =
+                    results.into_iter().collect();
+                let mut ready = Vec::new();
+                for (offset, v) in std::mem::take(&mut w.carrying) {
+                    if v.message().fact.artifacts.is_empty() {
+                        ready.push((offset, v));
+                        continue;
+                    }
+                    match verdicts.remove(&offset) {
+                        Some(Carry::Ready) => ready.push((offset, v)),
+                        Some(Carry::Unavailable { index, error }) => {
+                            let from = self.provenance(&w.stream, offset);
+                            let mut entry = QuarantineEntry::refused(
+                                v.into_message(),
+                                &error,
+                                from,
+                                now.unix_ms,
+                            );
+                            entry.field = Some(format!("fact.artifacts[{index}]"));
+                            w.set_aside.push(entry);
+                        }
+                        Some(Carry::Failed(e)) => {
+                            return self.fail(now, boundary(Operation::Artifact, e));
+                        }
+                        None => {
+                            let e = BoundaryError::Internal(format!(
+                                "the artifact copy gave no answer for offset {offset}"
+                            ));
+                            return self.fail(now, boundary(Operation::Artifact, e));
+                        }
+                    }
+                }
+                self.append_now(now, w, ready);
+            }
             (Stage::Appending, Event::Appended(results)) => {
                 if let Err(e) = w.answered(results.iter().map(|a| a.offset), "append port") {
                     return self.fail(now, boundary(Operation::Append, e));
@@ -528,6 +594,7 @@ impl Machine {
             stream: page.stream,
             facts: page.facts,
             awaiting: Vec::new(),
+            carrying: Vec::new(),
             report,
             set_aside: Vec::new(),
             stage: Stage::RecordingGap,
@@ -612,7 +679,25 @@ impl Machine {
         }
     }
 
+    /// Facts that reference artifacts wait until this zone holds them (a fact never
+    /// lands before its artifacts); the others are appended at once with them.
     fn append(&mut self, now: Now, mut w: Box<Work>, facts: Vec<(u64, ValidatedMessage)>) {
+        let refs: Vec<(u64, Vec<ArtifactRef>)> = facts
+            .iter()
+            .filter(|(_, v)| !v.message().fact.artifacts.is_empty())
+            .map(|(o, v)| (*o, v.message().fact.artifacts.clone()))
+            .collect();
+        if refs.is_empty() {
+            return self.append_now(now, w, facts);
+        }
+        w.stage = Stage::Carrying;
+        w.awaiting = refs.iter().map(|(o, _)| *o).collect();
+        w.carrying = facts;
+        self.phase = Phase::Applying(w);
+        self.emit(Action::Carry(refs));
+    }
+
+    fn append_now(&mut self, now: Now, mut w: Box<Work>, facts: Vec<(u64, ValidatedMessage)>) {
         if facts.is_empty() {
             return self.quarantine(now, w);
         }
@@ -757,6 +842,117 @@ mod tests {
         fact_with(offset, "{\"v\":1}")
     }
 
+    /// A fact referencing one artifact (`media_type` set, as validation wants).
+    fn fact_with_artifact(offset: u64) -> FetchedFact {
+        let mut f = fact(offset);
+        f.message.envelope.object_media_type = Some("application/pdf".into());
+        f.message.fact.artifacts = vec![ArtifactRef {
+            bucket: "batch-files".into(),
+            key: format!("B{offset}/record.pdf"),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            size: 10,
+        }];
+        f
+    }
+
+    fn take_carry(actions: Vec<Action>) -> Vec<(u64, Vec<ArtifactRef>)> {
+        actions
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Carry(f) => Some(f),
+                _ => None,
+            })
+            .expect("a carry action")
+    }
+
+    /// A page of a plain fact (5) and two facts with artifacts (6, 7): nothing is
+    /// appended before the artifacts are held.
+    fn carrying() -> (Machine, Vec<(u64, Vec<ArtifactRef>)>) {
+        let mut m = fetching(Some(4));
+        let mut p = page(1, 10, 4, &[5]);
+        p.facts.push(fact_with_artifact(6));
+        p.facts.push(fact_with_artifact(7));
+        m.handle(at(1), Event::Fetched(Ok(p)));
+        let a = drain(&mut m);
+        assert_eq!(
+            names(&a),
+            ["prefetch", "carry"],
+            "no append before the copy"
+        );
+        let refs = take_carry(a);
+        assert_eq!(refs.iter().map(|r| r.0).collect::<Vec<_>>(), [6, 7]);
+        (m, refs)
+    }
+
+    #[test]
+    fn facts_with_artifacts_are_appended_only_after_their_artifacts_are_held() {
+        let (mut m, _) = carrying();
+        m.handle(
+            at(2),
+            Event::Carried(vec![(7, Carry::Ready), (6, Carry::Ready)]),
+        );
+        let facts = take_append(drain(&mut m));
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5, 6, 7]);
+        m.handle(at(3), appended(facts, &[]));
+        assert!(matches!(drain(&mut m).as_slice(), [Action::Confirm(7)]));
+    }
+
+    #[test]
+    fn a_fact_whose_artifact_is_unavailable_is_quarantined_naming_it_and_the_rest_goes_on() {
+        let (mut m, _) = carrying();
+        let missing = BoundaryError::FailedPrecondition("the source does not hold it".into());
+        m.handle(
+            at(2),
+            Event::Carried(vec![
+                (6, Carry::Ready),
+                (
+                    7,
+                    Carry::Unavailable {
+                        index: 0,
+                        error: missing,
+                    },
+                ),
+            ]),
+        );
+        let facts = take_append(drain(&mut m));
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5, 6]);
+        m.handle(at(3), appended(facts, &[]));
+        let a = drain(&mut m);
+        let [Action::Quarantine(entries)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].source_offset, 7);
+        assert_eq!(entries[0].cause, "failed_precondition");
+        assert_eq!(entries[0].field.as_deref(), Some("fact.artifacts[0]"));
+        assert!(entries[0].denial.reason.contains("does not hold"));
+        m.handle(at(4), Event::Quarantined(Ok(())));
+        assert!(matches!(drain(&mut m).as_slice(), [Action::Confirm(7)]));
+    }
+
+    #[test]
+    fn a_failed_copy_fails_the_page_before_any_append_or_confirm() {
+        let (mut m, _) = carrying();
+        let lost = BoundaryError::Unavailable("link lost".into());
+        m.handle(
+            at(2),
+            Event::Carried(vec![(6, Carry::Ready), (7, Carry::Failed(lost))]),
+        );
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["backing_off", "sleep_until"]);
+        assert!(matches!(
+            &a[0],
+            Action::BackingOff {
+                op: Operation::Artifact,
+                ..
+            }
+        ));
+        // A copy answer that leaves out a fact fails the step too.
+        let (mut m, _) = carrying();
+        m.handle(at(2), Event::Carried(vec![(6, Carry::Ready)]));
+        assert_eq!(names(&drain(&mut m)), ["backing_off", "sleep_until"]);
+    }
+
     fn fact_with(offset: u64, object_json: &str) -> FetchedFact {
         FetchedFact {
             offset,
@@ -806,6 +1002,7 @@ mod tests {
                 Action::Fetch => "fetch",
                 Action::Prefetch => "prefetch",
                 Action::Decide(_) => "decide",
+                Action::Carry(_) => "carry",
                 Action::AppendGapRecord(_) => "append_gap_record",
                 Action::Append(_) => "append",
                 Action::Quarantine(_) => "quarantine",

@@ -36,11 +36,24 @@ use tokio::sync::watch;
 pub mod machine;
 
 use crate::error::BoundaryError;
-use crate::model::{Envelope, Fact, Limits, Message, Refused, ValidatedMessage};
+use crate::model::{ArtifactRef, Envelope, Fact, Limits, Message, Refused, ValidatedMessage};
 use crate::observe::{Observed, Observer, Op, Outcome};
 use crate::policy::{Candidate, Hook, PolicyChain, PolicyContext, QuarantineEntry};
-use crate::ports::{AppendOutcome, BoundaryApi, FactPage, FetchRequest};
-use machine::{Action, Appended, Event, Machine, MachineConfig, Mode, Now};
+use crate::ports::{
+    ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactPage, FetchRequest, ObjectInfo,
+};
+use machine::{Action, Appended, Carry, Event, Machine, MachineConfig, Mode, Now};
+
+/// How much of an artifact a zone holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// The object, with the digest and size the fact references.
+    Whole,
+    /// Not the object; this many bytes of it staged by an interrupted copy (0: none).
+    Staged(u64),
+    /// Other bytes under the artifact's bucket and key (artifacts are immutable).
+    Other(ObjectInfo),
+}
 
 /// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
 /// engine (provenance and checkpoint kept durably in the zone log) and by [`Remote`].
@@ -68,6 +81,19 @@ pub trait Destination: Send + Sync {
     /// by this zone), durably, before returning. Keeping the same fact (same
     /// message_id and payload) again stores nothing new.
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError>;
+    /// How much of `artifact` this zone holds.
+    async fn artifact_held(&self, artifact: &ArtifactRef) -> ApiResult<Held>;
+    /// Adds `body` to what is staged of `artifact` (exactly `from` bytes so far); when
+    /// the artifact is whole and its digest checks, it is stored; see
+    /// [`crate::ObjectStore::stage`].
+    async fn stage_artifact(
+        &self,
+        artifact: &ArtifactRef,
+        from: u64,
+        body: ByteStream,
+    ) -> ApiResult<ObjectInfo>;
+    /// Discards what is staged of `artifact`.
+    async fn discard_staged(&self, artifact: &ArtifactRef) -> ApiResult<()>;
 }
 
 /// A destination reached through its four operations only (for example a gateway
@@ -99,6 +125,34 @@ impl Destination for Remote<'_> {
             entry.message.envelope.message_id, entry.cause, entry.denial.reason
         )))
     }
+    async fn artifact_held(&self, artifact: &ArtifactRef) -> ApiResult<Held> {
+        match self.0.head_object(&artifact.bucket, &artifact.key).await {
+            Ok(info) if info.matches(artifact) => Ok(Held::Whole),
+            Ok(info) => Ok(Held::Other(info)),
+            Err(BoundaryError::NotFound(_)) => Ok(Held::Staged(0)),
+            Err(e) => Err(e),
+        }
+    }
+    /// A remote zone stages nothing: the copy is one PutObject from the start.
+    async fn stage_artifact(
+        &self,
+        artifact: &ArtifactRef,
+        from: u64,
+        body: ByteStream,
+    ) -> ApiResult<ObjectInfo> {
+        if from != 0 {
+            return Err(BoundaryError::FailedPrecondition(format!(
+                "a remote destination stages nothing; `{}/{}` is copied from its first byte",
+                artifact.bucket, artifact.key
+            )));
+        }
+        self.0
+            .put_object(&artifact.bucket, &artifact.key, body)
+            .await
+    }
+    async fn discard_staged(&self, _artifact: &ArtifactRef) -> ApiResult<()> {
+        Ok(())
+    }
 }
 
 /// The intake hook of a link: the zone's intake chain and who the source is, so a
@@ -128,6 +182,8 @@ pub enum Operation {
     Confirm,
     /// Writing a fact the intake policies denied to the zone's quarantine.
     Quarantine,
+    /// Copying an artifact a fact references from the source into this zone.
+    Artifact,
 }
 
 impl std::fmt::Display for Operation {
@@ -138,6 +194,7 @@ impl std::fmt::Display for Operation {
             Operation::Checkpoint => "checkpoint",
             Operation::Confirm => "confirm",
             Operation::Quarantine => "quarantine",
+            Operation::Artifact => "artifact",
         })
     }
 }
@@ -300,6 +357,7 @@ pub async fn pull_page(
         destination,
         intake: &Intake::default(),
         step,
+        counters: None,
     };
     drive_once(&ports, accept_gap, None, None).await
 }
@@ -341,6 +399,7 @@ pub async fn apply_page(
         destination,
         intake,
         step,
+        counters: None,
     };
     drive_once(&ports, accept_gap, Some(checkpoint), Some(page)).await
 }
@@ -398,14 +457,21 @@ struct Ports<'a> {
     destination: &'a dyn Destination,
     intake: &'a Intake,
     step: &'a PullStep,
+    /// A link's counters (a single step counts nothing).
+    counters: Option<&'a LinkCounters>,
 }
 
 impl<'a> Ports<'a> {
     /// The call an action asks for, or the action back when it is a notification
     /// (or a timer) the driver handles itself.
     fn run(&self, action: Action) -> Dispatch<'a> {
-        let (source, destination, step, intake) =
-            (self.source, self.destination, self.step, self.intake);
+        let (source, destination, step, intake, counters) = (
+            self.source,
+            self.destination,
+            self.step,
+            self.intake,
+            self.counters,
+        );
         let call: Call<'a> =
             match action {
                 Action::ReadCheckpoint => Box::pin(async move {
@@ -441,6 +507,9 @@ impl<'a> Ports<'a> {
                             .map(|((offset, v), verdict)| (offset, v, verdict))
                             .collect(),
                     )
+                }),
+                Action::Carry(facts) => Box::pin(async move {
+                    Event::Carried(carry_page(source, destination, step, counters, facts).await)
                 }),
                 Action::AppendGapRecord(record) => Box::pin(async move {
                     Event::GapRecorded(destination.append_replicated(*record).await)
@@ -496,6 +565,154 @@ impl<'a> Ports<'a> {
                 other => return Dispatch::Notice(other),
             };
         Dispatch::Call(call)
+    }
+}
+
+/// Makes sure this zone holds every artifact of the page's facts: each distinct
+/// artifact once (several facts may share one), one at a time (a copy streams, so
+/// memory stays bounded whatever the artifact's size).
+async fn carry_page(
+    source: &dyn BoundaryApi,
+    destination: &dyn Destination,
+    step: &PullStep,
+    counters: Option<&LinkCounters>,
+    facts: Vec<(u64, Vec<ArtifactRef>)>,
+) -> Vec<(u64, Carry)> {
+    let mut done: std::collections::HashMap<ArtifactRef, Result<(), Carry>> = Default::default();
+    let pending: std::collections::HashSet<&ArtifactRef> =
+        facts.iter().flat_map(|(_, refs)| refs.iter()).collect();
+    let gauge = counters.map(|c| &c.artifacts_pending);
+    if let Some(g) = gauge {
+        g.store(pending.len() as u64, Ordering::Relaxed);
+    }
+    let mut out = Vec::with_capacity(facts.len());
+    'facts: for (offset, refs) in &facts {
+        for (index, a) in refs.iter().enumerate() {
+            let r = match done.get(a) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = carry_one(source, destination, step, counters, a).await;
+                    if let Some(g) = gauge {
+                        let _ = g.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            Some(n.saturating_sub(1))
+                        });
+                    }
+                    done.insert(a.clone(), r.clone());
+                    r
+                }
+            };
+            if let Err(c) = r {
+                out.push((*offset, c.at(index)));
+                continue 'facts;
+            }
+        }
+        out.push((*offset, Carry::Ready));
+    }
+    if let Some(g) = gauge {
+        g.store(0, Ordering::Relaxed);
+    }
+    out
+}
+
+impl Carry {
+    /// The verdict as it applies to the fact's artifact number `index`.
+    fn at(self, index: usize) -> Carry {
+        match self {
+            Carry::Unavailable { error, .. } => Carry::Unavailable { index, error },
+            other => other,
+        }
+    }
+}
+
+/// Copies one artifact unless this zone holds it: the source's info must match the
+/// reference (else [`Carry::Unavailable`]), then the bytes stream from where an
+/// earlier copy stopped into this zone's staging, which stores the object once it is
+/// whole and its digest checks. A resumed copy whose digest does not check starts
+/// over once from the first byte (the staged part may be what was damaged).
+async fn carry_one(
+    source: &dyn BoundaryApi,
+    destination: &dyn Destination,
+    step: &PullStep,
+    counters: Option<&LinkCounters>,
+    a: &ArtifactRef,
+) -> Result<(), Carry> {
+    let count = |pick: fn(&LinkCounters) -> &AtomicU64| {
+        if let Some(c) = counters {
+            pick(c).fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let unavailable = |rule: String| {
+        count(|c| &c.artifacts_unavailable);
+        Carry::Unavailable {
+            index: 0,
+            error: BoundaryError::FailedPrecondition(format!(
+                "artifact `{}/{}` ({}, {} bytes) from zone `{}`: {rule}",
+                a.bucket, a.key, a.digest, a.size, step.source_zone
+            )),
+        }
+    };
+    let failed = |e: BoundaryError| {
+        count(|c| &c.artifact_failures);
+        Carry::Failed(e)
+    };
+    let mut from = match destination.artifact_held(a).await.map_err(failed)? {
+        Held::Whole => {
+            count(|c| &c.artifacts_present);
+            return Ok(());
+        }
+        Held::Other(info) => {
+            return Err(unavailable(format!(
+                "this zone holds other bytes under that key ({}, {} bytes)",
+                info.digest, info.size
+            )));
+        }
+        Held::Staged(n) => n,
+    };
+    match source.head_object(&a.bucket, &a.key).await {
+        Ok(info) if info.matches(a) => {}
+        Ok(info) => {
+            return Err(unavailable(format!(
+                "the source holds other bytes under that key ({}, {} bytes)",
+                info.digest, info.size
+            )));
+        }
+        Err(BoundaryError::NotFound(_)) => {
+            return Err(unavailable("the source does not hold it".into()));
+        }
+        Err(e) => return Err(failed(e)),
+    }
+    loop {
+        tracing::info!(link = %step.link, bucket = %a.bucket, key = %a.key, size = a.size, from, "copying artifact");
+        let read = match source.get_object(&a.bucket, &a.key, from).await {
+            Ok(read) if read.info.matches(a) && read.offset == from => read,
+            Ok(read) => {
+                return Err(unavailable(format!(
+                    "the source served {} ({} bytes) from byte {}",
+                    read.info.digest, read.info.size, read.offset
+                )));
+            }
+            Err(BoundaryError::NotFound(_)) => {
+                return Err(unavailable("the source does not hold it".into()));
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        match destination.stage_artifact(a, from, read.body).await {
+            Ok(_) => {
+                count(|c| &c.artifacts_copied);
+                tracing::info!(link = %step.link, bucket = %a.bucket, key = %a.key, digest = %a.digest, "artifact copied");
+                return Ok(());
+            }
+            // The digest did not check and the staged bytes are gone: a resumed copy
+            // starts over once; a copy from the first byte means the source's bytes
+            // are not what it says.
+            Err(BoundaryError::FailedPrecondition(rule)) if from > 0 => {
+                tracing::warn!(link = %step.link, bucket = %a.bucket, key = %a.key, %rule, "resumed artifact copy did not check; starting over");
+                destination.discard_staged(a).await.map_err(failed)?;
+                from = 0;
+            }
+            Err(BoundaryError::FailedPrecondition(rule)) => return Err(unavailable(rule)),
+            Err(e) => return Err(failed(e)),
+        }
     }
 }
 
@@ -624,6 +841,18 @@ pub struct LinkCounters {
     pub refused: AtomicU64,
     /// Gaps accepted by an operator.
     pub gaps_accepted: AtomicU64,
+    /// Artifacts copied whole from the source into this zone.
+    pub artifacts_copied: AtomicU64,
+    /// Artifacts this zone already held when a fact referenced them.
+    pub artifacts_present: AtomicU64,
+    /// Artifact copies that failed (the step backs off and resumes them).
+    pub artifact_failures: AtomicU64,
+    /// Artifacts the source could not serve as referenced (their facts quarantined).
+    pub artifacts_unavailable: AtomicU64,
+    /// Artifact bytes received from the source (shared with the bodies in flight).
+    pub artifact_bytes: Arc<AtomicU64>,
+    /// Artifacts of the page at hand not yet held here (a gauge).
+    pub artifacts_pending: AtomicU64,
 }
 
 /// A snapshot of a link for status and metrics (the `/status` JSON of a zone).
@@ -674,6 +903,24 @@ pub struct LinkStatus {
     pub refused: u64,
     /// Gaps accepted.
     pub gaps_accepted: u64,
+    /// Artifacts copied whole from the source.
+    #[serde(default)]
+    pub artifacts_copied: u64,
+    /// Artifacts already held when referenced.
+    #[serde(default)]
+    pub artifacts_present: u64,
+    /// Artifact copies that failed and are retried.
+    #[serde(default)]
+    pub artifact_failures: u64,
+    /// Artifacts the source could not serve as referenced (facts quarantined).
+    #[serde(default)]
+    pub artifacts_unavailable: u64,
+    /// Artifact bytes received from the source.
+    #[serde(default)]
+    pub artifact_bytes: u64,
+    /// Artifacts of the page at hand not yet held here.
+    #[serde(default)]
+    pub artifacts_pending: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -769,6 +1016,12 @@ impl LinkHandle {
             quarantined: get(&c.quarantined),
             refused: get(&c.refused),
             gaps_accepted: get(&c.gaps_accepted),
+            artifacts_copied: get(&c.artifacts_copied),
+            artifacts_present: get(&c.artifacts_present),
+            artifact_failures: get(&c.artifact_failures),
+            artifacts_unavailable: get(&c.artifacts_unavailable),
+            artifact_bytes: get(&c.artifact_bytes),
+            artifacts_pending: get(&c.artifacts_pending),
         }
     }
 
@@ -894,6 +1147,7 @@ impl Link {
             destination: &metered_destination,
             intake: &self.intake,
             step: &step,
+            counters: Some(&self.shared.counters),
         };
         let config = MachineConfig {
             mode: Mode::Continuous,
@@ -1069,7 +1323,9 @@ impl Observer for SourceObserver {
     fn deadline(&self, op: Op) -> Option<Duration> {
         match op {
             Op::Fetch { wait } => Some(wait + self.request_timeout),
-            Op::Confirm { .. } => Some(self.request_timeout),
+            Op::Confirm { .. } | Op::HeadObject | Op::GetObject { .. } => {
+                Some(self.request_timeout)
+            }
             Op::Append | Op::PutObject => None,
         }
     }
@@ -1078,7 +1334,7 @@ impl Observer for SourceObserver {
         let (requests, failures) = match op {
             Op::Fetch { .. } => (&c.fetch_requests, &c.fetch_failures),
             Op::Confirm { .. } => (&c.confirm_requests, &c.confirm_failures),
-            Op::Append | Op::PutObject => return,
+            Op::Append | Op::PutObject | Op::HeadObject | Op::GetObject { .. } => return,
         };
         requests.fetch_add(1, Ordering::Relaxed);
         if outcome.is_err() {
@@ -1118,6 +1374,28 @@ impl Destination for MeteredDestination<'_> {
     }
     async fn quarantine(&self, entry: QuarantineEntry) -> Result<(), BoundaryError> {
         self.inner.quarantine(entry).await
+    }
+    async fn artifact_held(&self, artifact: &ArtifactRef) -> ApiResult<Held> {
+        self.inner.artifact_held(artifact).await
+    }
+    async fn stage_artifact(
+        &self,
+        artifact: &ArtifactRef,
+        from: u64,
+        body: ByteStream,
+    ) -> ApiResult<ObjectInfo> {
+        let counted = self.counters.artifact_bytes.clone();
+        let body = body
+            .inspect(move |chunk| {
+                if let Ok(c) = chunk {
+                    counted.fetch_add(c.len() as u64, Ordering::Relaxed);
+                }
+            })
+            .boxed();
+        self.inner.stage_artifact(artifact, from, body).await
+    }
+    async fn discard_staged(&self, artifact: &ArtifactRef) -> ApiResult<()> {
+        self.inner.discard_staged(artifact).await
     }
 }
 
