@@ -32,7 +32,7 @@ use bsfg_testkit::fixtures::{padded_fact, step_completed as fact};
 use bsfg_testkit::pki::Pki;
 use bsfg_tls::{ClientTls, ServerTls, TlsStats};
 use bytes::Bytes;
-use futures::{FutureExt as _, StreamExt as _};
+use futures::{FutureExt as _, StreamExt as _, TryStreamExt as _};
 use tokio::sync::oneshot;
 
 /// Every transport and sink under test: the same registrations as the gateway's.
@@ -113,7 +113,7 @@ fn grant(identity: &str, ca: &str) -> Grant {
         to_zones: vec!["*".into()],
         consumers: vec!["to-enterprise".into(), "ghost".into()],
         put_buckets: vec!["batch-files".into()],
-        read_buckets: vec!["*".into()],
+        read_buckets: vec!["batch-files".into()],
     }
 }
 
@@ -401,6 +401,56 @@ async fn transport_suite(scheme: &str) {
             .unwrap();
         assert_eq!(ok.size, 5, "{scheme}: the refused upload left {key} free");
     }
+    // HeadObject and GetObject: the info, then the bytes from any offset (larger than
+    // one message in all, so they cross in several parts), each error with its
+    // reason; a fact referencing an artifact the zone lacks is refused naming it.
+    assert_eq!(
+        c.head_object("batch-files", "a.bin").await.unwrap(),
+        info,
+        "{scheme}"
+    );
+    let whole: Vec<u8> = (0..3u8)
+        .flat_map(|i| std::iter::repeat_n(i, 100 * 1024 + 17))
+        .collect();
+    for offset in [0u64, 150_000, info.size] {
+        let read = c.get_object("batch-files", "a.bin", offset).await.unwrap();
+        assert_eq!((&read.info, read.offset), (&info, offset), "{scheme}");
+        let got: Vec<Bytes> = read.body.try_collect().await.unwrap();
+        assert!(
+            got.concat() == whole[offset as usize..],
+            "{scheme}: the bytes from {offset}"
+        );
+    }
+    let e = c
+        .get_object("batch-files", "a.bin", info.size + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.reason(), e.field()),
+        (Reason::InvalidArgument, Some("offset")),
+        "{scheme}: {e}"
+    );
+    for e in [
+        c.head_object("batch-files", "none.bin").await.unwrap_err(),
+        c.get_object("batch-files", "none.bin", 0)
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.reason(), Reason::NotFound, "{scheme}: {e}");
+    }
+    let mut with_artifact = fact("c-6", 1);
+    with_artifact.envelope.object_media_type = Some("application/octet-stream".into());
+    with_artifact.fact.artifacts = vec![bsfg_core::model::ArtifactRef {
+        bucket: "batch-files".into(),
+        key: "none.bin".into(),
+        digest: info.digest.clone(),
+        size: info.size,
+    }];
+    let e = c.append_fact(with_artifact.clone()).await.unwrap_err();
+    assert_eq!(e.reason(), Reason::FailedPrecondition, "{scheme}: {e}");
+    assert!(e.to_string().contains("fact.artifacts[0]"), "{scheme}: {e}");
+    with_artifact.fact.artifacts[0].key = "a.bin".into();
+    c.append_fact(with_artifact).await.unwrap();
 
     // Authorization as the scheme's caller, and refusal without credentials.
     if let Some((who, anchor)) = &identity {
@@ -413,10 +463,16 @@ async fn transport_suite(scheme: &str) {
             .await
             .unwrap_err();
         assert_eq!(e.reason(), Reason::PermissionDenied, "{scheme}: {e}");
+        for e in [
+            c.head_object("secret", "x").await.unwrap_err(),
+            c.get_object("secret", "x", 0).await.unwrap_err(),
+        ] {
+            assert_eq!(e.reason(), Reason::PermissionDenied, "{scheme}: {e}");
+        }
         let refused = served.stats.errors();
         assert_eq!(
             refused.get(&(who.clone(), "permission_denied")),
-            Some(&2),
+            Some(&4),
             "{scheme}: refusals counted for {who} (anchor {anchor}): {refused:?}"
         );
     }
