@@ -143,8 +143,10 @@ impl Destination for Boundary {
         self.limits.clone()
     }
 
+    /// The link made sure of the fact's artifacts before (its `Carry` step, which
+    /// found each held here with its digest): no look-up again, so the facts of a
+    /// page keep their order.
     async fn append_replicated(&self, message: ValidatedMessage) -> ApiResult<AppendOutcome> {
-        self.check_artifacts(&message).await?;
         self.log.append(message).await
     }
 
@@ -296,6 +298,7 @@ impl Boundary {
                     .limits
                     .validate(entry.message.clone())?
                     .with_provenance(entry.provenance())?;
+                self.check_artifacts(&validated).await?;
                 Some(self.append_replicated(validated).await?)
             }
             QuarantineAction::Drop => None,
