@@ -83,6 +83,9 @@ say "A producer in the plant stores a batch record, then appends facts about bat
 printf '%%PDF-1.7 batch B1042 record (demo)\n' > "$DATA/record.pdf"
 run --url $PLANT "${PRODUCER[@]}" put-object --bucket batch-files --key B1042/record.pdf "$DATA/record.pdf"
 append_steps B1042 1 5
+run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:record" --from plant --to enterprise \
+  --subject batch:Plant/B1042 --predicate has_artifact --object '{"kind":"batch_record"}' --label site=Plant \
+  --artifact batch-files/B1042/record.pdf --media-type application/pdf
 
 say "The producer retries step 3 (same id, same payload: nothing new is stored)"
 run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1042:step:3" --from plant --to enterprise \
@@ -106,7 +109,7 @@ run --url $PLANT --tls-cert $C/enterprise/enterprise-reader.pem --tls-key $C/ent
   append --message-id "stranger:1" --from plant --to plant --subject batch:Plant/B1042 --predicate step_completed --object '{}' 2>&1 | head -3 || true
 
 say "The links carry the facts hop by hop, without anyone asking: idmz pulls from plant over QUIC, enterprise from idmz over gRPC"
-wait_caught_up enterprise 5
+wait_caught_up enterprise 6
 run status --config $EX/idmz.toml
 run status --config $EX/enterprise.toml
 
@@ -118,27 +121,30 @@ run status --config $EX/enterprise.toml
 
 say "The idmz gateway comes back; both links resume by themselves and catch up"
 start_gateway idmz
-wait_caught_up enterprise 25
+wait_caught_up enterprise 26
 run status --config $EX/enterprise.toml
 
 say "A recipe change crosses to the enterprise, whose intake policy (deny_predicates.wasm) quarantines it"
 run --url $PLANT "${PRODUCER[@]}" append --message-id "plant:batch:B1043:recipe:1" --from plant --to enterprise \
   --subject batch:Plant/B1043 --predicate recipe_changed --object '{"recipe":"R7","by":"jdoe"}' --label site=Plant
-wait_caught_up enterprise 26
+wait_caught_up enterprise 27
+say "The batch record crossed with its fact, hop by hop: the enterprise holds it with the plant's digest"
+run --url $ENTERPRISE "${READER[@]}" get-object --bucket batch-files --key B1042/record.pdf "$DATA/record.enterprise.pdf"
+cmp "$DATA/record.pdf" "$DATA/record.enterprise.pdf" && echo "   byte for byte the plant's record"
 run quarantine list --config $EX/enterprise.toml
 say "An operator reviews it and releases it: it is appended as it was, and the release is recorded as a fact"
 run quarantine release --config $EX/enterprise.toml --id plant:batch:B1043:recipe:1 --by demo-operator
 
 say "A reader in the enterprise zone fetches and confirms what arrived (via = where the link got it)"
-run --url $ENTERPRISE "${READER[@]}" fetch --consumer reporting --limit 30 --confirm
+run --url $ENTERPRISE "${READER[@]}" fetch --consumer reporting --limit 40 --confirm
 
 say "Security metrics of the plant zone: refused handshakes and denied requests, by identity"
 curl -s http://127.0.0.1:9464/metrics 2>/dev/null | grep -E '^bsfg_(tls_handshake_failures|authz_denials)' || true
 
 say "Metrics of the enterprise zone (Prometheus text on its admin endpoint): replication and certificates"
-curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts|quarantined_facts|policy_decisions|certificate_expiry)' || \
+curl -s http://127.0.0.1:9466/metrics 2>/dev/null | grep -E '^bsfg_(replication_lag|frontier_offset|link_state.*} 1|replicated_facts|replayed_facts|quarantined_facts|artifact_transfers.*copied|artifact_bytes|policy_decisions|certificate_expiry)' || \
   echo "   (curl not installed: see http://127.0.0.1:9466/metrics)"
 
 say "Stopping the gateways with SIGTERM: they finish what is in flight and exit"
 for z in enterprise idmz plant; do kill -TERM "${PID[$z.gw]}"; wait "${PID[$z.gw]}" && echo "   $z gateway exited cleanly"; unset "PID[$z.gw]"; done
-say "Done: 26 facts crossed two hops once each, under their original message_ids (one after an operator's review)."
+say "Done: 27 facts and the batch record they reference crossed two hops once each, under their original message_ids (one after an operator's review)."

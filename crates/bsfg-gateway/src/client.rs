@@ -86,6 +86,13 @@ pub struct FactArgs {
     /// A label `key=value` (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// An artifact the fact references, `BUCKET/KEY` (repeatable): its digest and
+    /// size are read from the zone appended to, which must hold it (put-object first).
+    #[arg(long = "artifact")]
+    pub artifacts: Vec<String>,
+    /// MIME type of the referenced artifacts (required with --artifact).
+    #[arg(long)]
+    pub media_type: Option<String>,
     /// Workflow grouping.
     #[arg(long)]
     pub correlation_id: Option<String>,
@@ -125,6 +132,7 @@ impl FactArgs {
                 correlation_id: self.correlation_id.clone(),
                 causation_id: self.causation_id.clone(),
                 labels: self.labels.iter().cloned().collect(),
+                object_media_type: self.media_type.clone(),
                 ..Default::default()
             },
             fact: Fact {
@@ -185,7 +193,19 @@ pub async fn append(
     json: bool,
 ) -> anyhow::Result<()> {
     let Some(file) = file else {
-        let m = args.message()?;
+        let mut m = args.message()?;
+        for a in &args.artifacts {
+            let (bucket, key) = a
+                .split_once('/')
+                .with_context(|| format!("--artifact `{a}` is not BUCKET/KEY"))?;
+            let info = api.head_object(bucket, key).await.map_err(op_error)?;
+            m.fact.artifacts.push(bsfg_core::model::ArtifactRef {
+                bucket: info.bucket,
+                key: info.key,
+                digest: info.digest,
+                size: info.size,
+            });
+        }
         let id = m.envelope.message_id.clone();
         let out = api.append_fact(m).await.map_err(op_error)?;
         print_outcome(json, &id, &out);
@@ -397,6 +417,107 @@ pub async fn put_object(
     Ok(())
 }
 
+/// `bsfg get-object`: the artifact's info, or its bytes into `target` (file, resume)
+/// with a progress bar; what the file holds in the end is hashed and must have the
+/// zone's digest (a mismatch is an error, and the file is left for inspection).
+pub async fn get_object(
+    api: &dyn BoundaryApi,
+    bucket: &str,
+    key: &str,
+    target: Option<(PathBuf, bool)>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let print = |info: &bsfg_core::ObjectInfo, path: Option<&std::path::Path>| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"bucket": info.bucket, "key": info.key, "digest": info.digest, "size": info.size, "file": path.map(|p| p.display().to_string())})
+            );
+        } else {
+            match path {
+                Some(p) => println!(
+                    "fetched {}/{} {} ({} bytes) into {}",
+                    info.bucket,
+                    info.key,
+                    info.digest,
+                    info.size,
+                    p.display()
+                ),
+                None => println!(
+                    "{}/{} {} ({} bytes)",
+                    info.bucket, info.key, info.digest, info.size
+                ),
+            }
+        }
+    };
+    let Some((path, resume)) = target else {
+        let info = api.head_object(bucket, key).await.map_err(op_error)?;
+        print(&info, None);
+        return Ok(());
+    };
+    // What the file holds already is hashed first, so the digest covers it all.
+    let mut hasher = sha2::Sha256::new();
+    let mut offset = 0u64;
+    if resume && let Ok(mut f) = tokio::fs::File::open(&path).await {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .await
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+    }
+    let read = api
+        .get_object(bucket, key, offset)
+        .await
+        .map_err(op_error)?;
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resume)
+        .truncate(!resume)
+        .open(&path)
+        .await
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let bar = if json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::with_draw_target(
+            Some(read.info.size),
+            indicatif::ProgressDrawTarget::stderr(),
+        )
+    };
+    bar.set_position(offset);
+    let mut body = read.body;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(op_error)?;
+        hasher.update(&chunk);
+        file.write_all(&chunk)
+            .await
+            .with_context(|| format!("writing {}", path.display()))?;
+        bar.inc(chunk.len() as u64);
+    }
+    file.flush().await?;
+    file.sync_all().await?;
+    bar.finish_and_clear();
+    let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+    anyhow::ensure!(
+        got == read.info.digest,
+        "{} holds {got}, but the zone's {bucket}/{key} is {}; the file is left as it is",
+        path.display(),
+        read.info.digest
+    );
+    print(&read.info, Some(&path));
+    Ok(())
+}
+
 /// What `bsfg pull` pulls.
 pub struct PullArgs<'a> {
     /// The source zone's name (for the report; a remote destination keeps no
@@ -540,6 +661,19 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
             l.lag_seconds,
             ago(l.last_success_unix_ms),
         );
+        if l.artifacts_copied + l.artifacts_present + l.artifacts_pending + l.artifacts_unavailable
+            > 0
+        {
+            println!(
+                "    artifacts: {} pending, {} copied ({} bytes), {} present already, {} unavailable (quarantined), {} failed copies",
+                l.artifacts_pending,
+                l.artifacts_copied,
+                l.artifact_bytes,
+                l.artifacts_present,
+                l.artifacts_unavailable,
+                l.artifact_failures
+            );
+        }
     }
     Ok(())
 }

@@ -184,6 +184,26 @@ enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Read an artifact into a file (or print its digest and size with --head). The
+    /// digest of what was written is checked against the zone's.
+    GetObject {
+        /// Bucket.
+        #[arg(long)]
+        bucket: String,
+        /// Key.
+        #[arg(long)]
+        key: String,
+        /// Only the digest and size: read nothing.
+        #[arg(long, conflicts_with_all = ["out", "resume"])]
+        head: bool,
+        /// Go on from the bytes already in OUT (an earlier read that broke off)
+        /// instead of starting over.
+        #[arg(long)]
+        resume: bool,
+        /// Where to write the bytes.
+        #[arg(required_unless_present = "head")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// Where the zone's admin endpoint is: given, or read from its config file.
@@ -539,6 +559,19 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::PutObject { bucket, key, file } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
             client::put_object(api.as_ref(), &bucket, key, file, cli.json)
+                .await
+                .map_err(op)
+        }
+        Command::GetObject {
+            bucket,
+            key,
+            head,
+            resume,
+            out,
+        } => {
+            let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
+            let target = if head { None } else { out.map(|o| (o, resume)) };
+            client::get_object(api.as_ref(), &bucket, &key, target, cli.json)
                 .await
                 .map_err(op)
         }
