@@ -490,7 +490,9 @@ async fn a_64_mib_artifact_crosses_three_zones_through_loss_a_blackhole_and_a_si
         Duration::from_secs(120),
         || async {
             let n = copied(&s);
-            (n > SIZE as u64 / 4).then_some(()).ok_or(format!("{n} bytes"))
+            (n > SIZE as u64 / 4)
+                .then_some(())
+                .ok_or(format!("{n} bytes"))
         },
     )
     .await;
@@ -502,7 +504,9 @@ async fn a_64_mib_artifact_crosses_three_zones_through_loss_a_blackhole_and_a_si
         Duration::from_secs(120),
         || async {
             let n = copied(&s);
-            (n > after_cut + SIZE as u64 / 4).then_some(()).ok_or(format!("{n} bytes"))
+            (n > after_cut + SIZE as u64 / 4)
+                .then_some(())
+                .ok_or(format!("{n} bytes"))
         },
     )
     .await;

@@ -303,3 +303,88 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     assert_eq!(s["links"][0]["state"], "running");
     assert_eq!(s["links"][0]["gaps_accepted"], 1);
 }
+
+/// Resident memory of a process: (current, peak) in KiB, from /proc.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// A receiving gateway streams a 256 MiB artifact from its source into its own
+/// store: its peak resident memory grows by less than 64 MiB over what it used
+/// before the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_copies_a_256_mib_artifact_in_bounded_memory() {
+    use bsfg_core::model::ArtifactRef;
+    use futures::StreamExt as _;
+    const MIB: usize = 1024 * 1024;
+    const SIZE: usize = 256 * MIB;
+    let plant = site("plant", &["to-idmz"], &[], "30d");
+    let idmz = site(
+        "idmz",
+        &["reporting"],
+        &[LinkSpec {
+            name: "from-plant",
+            source: &plant.gw.url.clone(),
+            consumer: "to-idmz",
+        }],
+        "30d",
+    );
+    let producer = client(&plant.gw.url);
+    // A fact first, so the link is warm when the baseline is read.
+    append_retrying(&producer, fact(0)).await;
+    eventually("the warm-up fact", Duration::from_secs(30), || async {
+        let f = status(&idmz)["links"][0]["frontier"].as_u64();
+        (f == Some(1)).then_some(()).ok_or(format!("{f:?}"))
+    })
+    .await;
+    let info = producer
+        .put_object(
+            "batch-files",
+            "run/artifact.bin",
+            futures::stream::iter(0..SIZE / MIB)
+                .map(|i| Ok(bytes::Bytes::from(vec![(i % 251) as u8; MIB])))
+                .boxed(),
+        )
+        .await
+        .unwrap();
+    let pid = idmz.gw.child.id();
+    let (before, _) = rss_kib(pid);
+    let mut m = fact(1);
+    m.envelope.object_media_type = Some("application/octet-stream".into());
+    m.fact.artifacts = vec![ArtifactRef {
+        bucket: info.bucket.clone(),
+        key: info.key.clone(),
+        digest: info.digest.clone(),
+        size: info.size,
+    }];
+    append_retrying(&producer, m).await;
+    eventually(
+        "the artifact and its fact",
+        Duration::from_secs(300),
+        || async {
+            let f = status(&idmz)["links"][0]["frontier"].as_u64();
+            (f == Some(2)).then_some(()).ok_or(format!("{f:?}"))
+        },
+    )
+    .await;
+    let (_, peak) = rss_kib(pid);
+    let held = client(&idmz.gw.url)
+        .head_object("batch-files", "run/artifact.bin")
+        .await
+        .unwrap();
+    assert_eq!(held, info);
+    let growth_mib = peak.saturating_sub(before) / 1024;
+    eprintln!(
+        "receiving gateway: {before} KiB before, peak {peak} KiB while copying 256 MiB (+{growth_mib} MiB)"
+    );
+    assert!(growth_mib < 64, "peak memory grew by {growth_mib} MiB");
+}
