@@ -455,6 +455,48 @@ fn bench_append_prints_a_row_per_flush_setting_with_its_baseline() {
     }
 }
 
+// Needs root for the link emulator (CI runs as root), like the QUIC link tests.
+#[cfg(feature = "bench")]
+#[test]
+fn bench_artifacts_prints_artifact_throughput_beside_fact_throughput_per_transport() {
+    let out = Command::new(BSFG)
+        .args([
+            "bench",
+            "artifacts",
+            "--rtt-ms",
+            "1",
+            "--loss-pct",
+            "1",
+            "--artifacts",
+            "2",
+            "--artifact-mib",
+            "1",
+            "--facts",
+            "500",
+            "--fact-window",
+            "1s",
+            "--window",
+            "30s",
+        ])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let rows: Vec<Vec<String>> = s
+        .lines()
+        .filter(|l| l.starts_with("| 1 ms"))
+        .map(|l| l.split('|').map(|c| c.trim().to_owned()).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "a row for gRPC and one for QUIC: {s}");
+    for r in &rows {
+        assert!(r[4].parse::<f64>().unwrap() > 0.0, "MiB/s: {r:?}");
+        assert!(r[5].ends_with('x'), "ratio to gRPC: {r:?}");
+        assert!(r[6].starts_with("2/2"), "every artifact copied: {r:?}");
+        assert!(r[8].parse::<f64>().unwrap() > 0.0, "facts/s: {r:?}");
+    }
+}
+
 #[test]
 fn the_gateway_keeps_serving_across_a_hard_restart_of_its_nats_server() {
     let mut nats = NatsServer::start().unwrap();

@@ -2,6 +2,7 @@
 //! same run. Built only with the `bench` feature, so the shipping binary links no test
 //! emulator, no TUN code and no throwaway PKI.
 
+pub mod artifacts;
 pub mod index;
 pub mod pipeline;
 pub mod policy;
@@ -19,6 +20,10 @@ pub enum BenchCommand {
     /// Replication over gRPC and QUIC across the same emulated link, for a matrix of
     /// round-trip times and loss rates (needs root: network namespaces, TUN).
     Transports(transports::TransportsBench),
+    /// Artifact throughput of a link over gRPC and QUIC across the emulated link, for
+    /// a matrix of round-trip times and loss rates, beside the same link's fact
+    /// throughput (needs root).
+    Artifacts(artifacts::ArtifactsBench),
     /// Per-fact cost of a WASM policy at batch sizes 1, 100, 1000, and replication
     /// with and without it at a link's intake.
     Policy(policy::PolicyBench),
@@ -37,6 +42,7 @@ pub async fn run(which: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Append(opts) => pipeline::append(opts).await,
         BenchCommand::Replicate(opts) => pipeline::replicate(opts).await,
         BenchCommand::Transports(opts) => transports::transports(opts).await,
+        BenchCommand::Artifacts(opts) => artifacts::artifacts(opts).await,
         BenchCommand::Index(opts) => index::index(opts).await,
         BenchCommand::Policy(opts) => policy::policy(opts).await,
     }

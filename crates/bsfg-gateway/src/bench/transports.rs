@@ -58,7 +58,7 @@ pub struct TransportsBench {
 }
 
 /// The transports compared, with the source listener each one dials.
-const TRANSPORTS: [(&str, &str, u16); 3] = [
+pub(super) const TRANSPORTS: [(&str, &str, u16); 3] = [
     ("gRPC (TCP, cubic)", "grpcs", 7443),
     ("QUIC (bbr)", "quic", 7443),
     ("QUIC (cubic)", "quic", 7444),
@@ -100,17 +100,31 @@ impl Observer for Timed {
     }
 }
 
-struct Cell {
-    facts_per_sec: f64,
-    p99_ms: f64,
-    pages: usize,
-    confirmed: u64,
-    wire_bytes: u64,
-    failures: u64,
+/// What one cell measured.
+pub(super) struct Cell {
+    /// Confirmed facts per second.
+    pub facts_per_sec: f64,
+    pub p99_ms: f64,
+    pub pages: usize,
+    /// Facts confirmed.
+    pub confirmed: u64,
+    /// IP bytes across the emulated link, both ways.
+    pub wire_bytes: u64,
+    /// Failed fetches, appends and confirms.
+    pub failures: u64,
+    /// Artifact bytes the link received.
+    pub artifact_bytes: u64,
+    /// Artifacts copied whole.
+    pub artifacts_copied: u64,
+    /// Artifact copies that failed (and resumed).
+    pub artifact_failures: u64,
+    /// How long the cell ran.
+    pub elapsed: Duration,
 }
 
-/// The source zone's gateway config: grpcs and two quic listeners, a consumer per cell.
-fn source_config(nats_url: &str, consumers: usize, page_size: u32) -> String {
+/// The source zone's gateway config: grpcs and two quic listeners, the consumers
+/// (name, class) of the cells, and a grant that reads every bucket.
+fn source_config(nats_url: &str, consumers: &[(String, &str)], page_size: u32) -> String {
     let limit = page_size.max(1000);
     let mut c = format!(
         r#"[zone]
@@ -144,14 +158,144 @@ trust = {{ bench = "bench-ca.pem" }}
 identity = "bench-bsfg"
 ca = "bench"
 consumers = ["*"]
+read_buckets = ["*"]
 "#
     );
-    for i in 0..consumers {
+    for (name, class) in consumers {
         c += &format!(
-            "\n[[consumers]]\nname = \"cell-{i}\"\nclass = \"operational\"\nack_wait = \"60s\"\n"
+            "\n[[consumers]]\nname = \"{name}\"\nclass = \"{class}\"\nack_wait = \"120s\"\n"
         );
     }
     c
+}
+
+/// The source zone: a real `bsfg run` inside the emulator's namespace (grpcs and two
+/// quic listeners), its nats-server on the clean side channel, and the client
+/// certificate files that dial it. Dropping it stops the gateway.
+pub(super) struct Source {
+    gateway: std::process::Child,
+    /// The source's nats-server (clean side channel).
+    pub nats: NatsServer,
+    client_files: bsfg_tls::TlsFiles,
+    tls_stats: Arc<TlsStats>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let _ = self.gateway.kill();
+        let _ = self.gateway.wait();
+    }
+}
+
+impl Source {
+    /// Starts the source zone behind `link` with `consumers` (name, class).
+    pub(super) fn start(
+        link: &EmulatedLink,
+        consumers: &[(String, &str)],
+        page_size: u32,
+    ) -> anyhow::Result<Source> {
+        let dir = tempfile::tempdir()?;
+        let source_pki = Pki::new(dir.path(), "source")?;
+        let bench_pki = Pki::new(dir.path(), "bench")?;
+        source_pki.issue("source-bsfg")?;
+        let client_files = bench_pki.files("bench-bsfg", &[&source_pki])?;
+        let nats = NatsServer::start_with(NatsOptions {
+            domain: Some("source".into()),
+            listen_host: Some(link.side_near_addr().into()),
+            ..Default::default()
+        })
+        .context("starting nats-server (run scripts/setup.sh)")?;
+        let config = dir.path().join("source.toml");
+        std::fs::write(&config, source_config(&nats.url(), consumers, page_size))?;
+        let exe = std::env::current_exe()?;
+        let log = std::fs::File::create(dir.path().join("source.log"))?;
+        let mut gateway = link
+            .command(&exe)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting the source gateway in the namespace")?;
+        let ready = {
+            use std::io::BufRead as _;
+            let out = gateway.stdout.take().context("gateway stdout")?;
+            std::io::BufReader::new(out).lines().next()
+        };
+        if !ready.is_some_and(|l| l.is_ok_and(|l| l.contains("ready"))) {
+            let _ = gateway.kill();
+            let _ = gateway.wait();
+            anyhow::bail!(
+                "the source gateway did not start:\n{}",
+                std::fs::read_to_string(dir.path().join("source.log")).unwrap_or_default()
+            );
+        }
+        Ok(Source {
+            gateway,
+            nats,
+            client_files,
+            tls_stats: Arc::new(TlsStats::default()),
+            _dir: dir,
+        })
+    }
+
+    /// The source's engine, in process, over the clean side channel (to load it).
+    pub(super) async fn engine(&self) -> anyhow::Result<Arc<Boundary>> {
+        let mut cfg = JetStreamConfig::new("source", self.nats.url());
+        cfg.domain = Some("source".into());
+        let zone = Arc::new(JetStreamZone::connect(cfg).await?);
+        Ok(Arc::new(Boundary::new(
+            zone.clone(),
+            zone,
+            Limits::default(),
+        )))
+    }
+
+    /// A client of the source across the emulated link, by transport; the QUIC one
+    /// also as itself, to close its connection after the cell.
+    pub(super) fn dial(
+        &self,
+        link: &EmulatedLink,
+        (name, scheme, port): (&str, &str, u16),
+    ) -> anyhow::Result<(
+        Arc<dyn BoundaryApi>,
+        Option<bsfg_transport_quic::QuicClient>,
+    )> {
+        let tls = ClientTls::new(
+            self.client_files.clone(),
+            alpn(&crate::registry::builtin(), scheme),
+            format!("bench:{name}"),
+            self.tls_stats.clone(),
+        )?;
+        let url = format!("{scheme}://{}:{port}", link.far_addr());
+        Ok(if scheme == "quic" {
+            let c = bsfg_transport_quic::QuicClient::new(
+                &url,
+                bsfg_transport_quic::ClientConfig {
+                    request_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                },
+                tls,
+                Some("source-bsfg".into()),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (Arc::new(c.clone()), Some(c))
+        } else {
+            let c = bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
+                &url,
+                bsfg_transport_grpc::ClientConfig {
+                    request_timeout: Duration::from_secs(60),
+                    ..Default::default()
+                },
+                tls,
+                Some("source-bsfg".into()),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            (Arc::new(c), None)
+        })
+    }
 }
 
 /// Runs the matrix and prints one markdown table.
@@ -159,84 +303,22 @@ pub async fn transports(opts: TransportsBench) -> anyhow::Result<()> {
     let cells = opts.rtt_ms.len() * opts.loss_pct.len() * TRANSPORTS.len();
     let link = EmulatedLink::create(Profile::default(), Profile::default(), opts.seed)
         .context("the link emulator needs root (network namespaces, TUN devices)")?;
-    let dir = tempfile::tempdir()?;
-    let source_pki = Pki::new(dir.path(), "source")?;
-    let bench_pki = Pki::new(dir.path(), "bench")?;
-    source_pki.issue("source-bsfg")?;
-    let client_files = bench_pki.files("bench-bsfg", &[&source_pki])?;
-
-    let source_nats = NatsServer::start_with(NatsOptions {
-        domain: Some("source".into()),
-        listen_host: Some(link.side_near_addr().into()),
-        ..Default::default()
-    })
-    .context("starting nats-server (run scripts/setup.sh)")?;
-    let config = dir.path().join("source.toml");
-    std::fs::write(
-        &config,
-        source_config(&source_nats.url(), cells, opts.page_size),
-    )?;
-    let exe = std::env::current_exe()?;
-    let log = std::fs::File::create(dir.path().join("source.log"))?;
-    let mut gateway = link
-        .command(&exe)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting the source gateway in the namespace")?;
-    let ready = {
-        use std::io::BufRead as _;
-        let out = gateway.stdout.take().context("gateway stdout")?;
-        std::io::BufReader::new(out).lines().next()
-    };
-    if !ready.is_some_and(|l| l.is_ok_and(|l| l.contains("ready"))) {
-        let _ = gateway.kill();
-        let _ = gateway.wait();
-        anyhow::bail!(
-            "the source gateway did not start:\n{}",
-            std::fs::read_to_string(dir.path().join("source.log")).unwrap_or_default()
-        );
-    }
+    let consumers: Vec<(String, &str)> = (0..cells)
+        .map(|i| (format!("cell-{i}"), "operational"))
+        .collect();
+    let source = Source::start(&link, &consumers, opts.page_size)?;
     // Ctrl-C still removes the namespace and stops the source gateway.
-    let result = tokio::select! {
-        r = matrix(&opts, &link, &source_nats, client_files) => r,
+    tokio::select! {
+        r = matrix(&opts, &link, &source) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-    let _ = gateway.kill();
-    let _ = gateway.wait();
-    result
+    }
 }
 
-async fn matrix(
-    opts: &TransportsBench,
-    link: &EmulatedLink,
-    source_nats: &NatsServer,
-    client_files: bsfg_tls::TlsFiles,
-) -> anyhow::Result<()> {
+async fn matrix(opts: &TransportsBench, link: &EmulatedLink, site: &Source) -> anyhow::Result<()> {
     // The backlog, loaded once through the engine on the clean side channel.
-    let mut cfg = JetStreamConfig::new("source", source_nats.url());
-    cfg.domain = Some("source".into());
-    let zone = Arc::new(JetStreamZone::connect(cfg).await?);
-    let source = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
-    {
-        use futures::StreamExt as _;
-        let results: Vec<_> = futures::stream::iter(0..opts.facts)
-            .map(|i| {
-                let api = source.clone();
-                let m = padded_fact(&format!("net-{i}"), i, opts.object_bytes);
-                async move { api.append_fact(m).await }
-            })
-            .buffer_unordered(1024)
-            .collect()
-            .await;
-        for r in results {
-            r.map_err(|e| anyhow::anyhow!("loading the backlog: {e}"))?;
-        }
-    }
+    load_facts(&*site.engine().await?, opts.facts, opts.object_bytes).await?;
     let stored = serde_json::to_vec(&padded_fact("net-0", 0, opts.object_bytes))?.len();
+
     println!(
         "# bsfg bench transports: a link pulls a backlog of {} facts (stored record {stored} B, page {}) across the emulated link for {:?} per cell; {}",
         opts.facts,
@@ -251,55 +333,26 @@ async fn matrix(
         "| RTT | loss | transport | facts/s | vs gRPC | p99 fetch-to-confirm ms | pages | bytes on the wire | bytes/fact | failed calls |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let tls_stats = Arc::new(TlsStats::default());
     let mut n = 0;
     for &rtt in &opts.rtt_ms {
         for &loss in &opts.loss_pct {
-            let p = Profile {
-                loss: loss / 100.0,
-                delay: Duration::from_micros(rtt * 500),
-                rate_bps: opts.rate_mbps.map(|r| (r * 1e6) as u64),
-                ..Profile::default()
-            };
-            link.set_profiles(p, p);
+            link.set_profiles(
+                profile(rtt, loss, opts.rate_mbps),
+                profile(rtt, loss, opts.rate_mbps),
+            );
             let mut grpc_rate = None;
-            for (name, scheme, port) in TRANSPORTS {
-                let tls = ClientTls::new(
-                    client_files.clone(),
-                    alpn(&crate::registry::builtin(), scheme),
-                    format!("bench:{name}"),
-                    tls_stats.clone(),
-                )?;
-                let url = format!("{scheme}://{}:{port}", link.far_addr());
-                let mut quic = None;
-                let api: Arc<dyn BoundaryApi> = if scheme == "quic" {
-                    let c = bsfg_transport_quic::QuicClient::new(
-                        &url,
-                        bsfg_transport_quic::ClientConfig {
-                            request_timeout: Duration::from_secs(60),
-                            ..Default::default()
-                        },
-                        tls,
-                        Some("source-bsfg".into()),
-                    )
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    quic = Some(c.clone());
-                    Arc::new(c)
-                } else {
-                    Arc::new(
-                        bsfg_transport_grpc::GrpcClient::connect_lazy_tls(
-                            &url,
-                            bsfg_transport_grpc::ClientConfig {
-                                request_timeout: Duration::from_secs(60),
-                                ..Default::default()
-                            },
-                            tls,
-                            Some("source-bsfg".into()),
-                        )
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                    )
-                };
-                let cell = run_cell(opts, link, api, &format!("cell-{n}")).await?;
+            for transport in TRANSPORTS {
+                let name = transport.0;
+                let (api, quic) = site.dial(link, transport)?;
+                let cell = run_cell(
+                    link,
+                    api,
+                    &format!("cell-{n}"),
+                    opts.page_size,
+                    opts.window,
+                    None,
+                )
+                .await?;
                 n += 1;
                 // Close the connection so that nothing of this cell still crosses
                 // the link during the next one.
@@ -338,13 +391,46 @@ async fn matrix(
     Ok(())
 }
 
-/// One cell: a link from `source` (already wrapped transport client) into a fresh
-/// destination zone, for the window.
-async fn run_cell(
-    opts: &TransportsBench,
+/// The emulated link's profile for a round-trip time and a loss rate (both ways).
+pub(super) fn profile(rtt_ms: u64, loss_pct: f64, rate_mbps: Option<f64>) -> Profile {
+    Profile {
+        loss: loss_pct / 100.0,
+        delay: Duration::from_micros(rtt_ms * 500),
+        rate_bps: rate_mbps.map(|r| (r * 1e6) as u64),
+        ..Profile::default()
+    }
+}
+
+/// Loads `n` facts of `object_bytes` into the source, 1024 in flight.
+pub(super) async fn load_facts(
+    source: &Boundary,
+    n: usize,
+    object_bytes: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|i| {
+            let m = padded_fact(&format!("net-{i}"), i, object_bytes);
+            async move { source.append_fact(m).await }
+        })
+        .buffer_unordered(1024)
+        .collect()
+        .await;
+    for r in results {
+        r.map_err(|e| anyhow::anyhow!("loading the backlog: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One cell: a link from `source` (an already dialed transport client) into a fresh
+/// destination zone, for `window` or until it has confirmed `until`.
+pub(super) async fn run_cell(
     link: &EmulatedLink,
     source: Arc<dyn BoundaryApi>,
     consumer: &str,
+    page_size: u32,
+    window: Duration,
+    until: Option<u64>,
 ) -> anyhow::Result<Cell> {
     let dest_nats = NatsServer::start_with(NatsOptions {
         domain: Some("dest".into()),
@@ -355,7 +441,7 @@ async fn run_cell(
     cfg.monitor_url = Some(dest_nats.monitor_url());
     let zone = Arc::new(JetStreamZone::connect(cfg).await?);
     let mut limits = Limits::default();
-    limits.max_fetch_limit = limits.max_fetch_limit.max(opts.page_size);
+    limits.max_fetch_limit = limits.max_fetch_limit.max(page_size);
     let dest = Arc::new(Boundary::new(zone.clone(), zone, limits));
     let timed = Arc::new(Timed::default());
     let (l, handle) = Link::new(
@@ -364,7 +450,7 @@ async fn run_cell(
             local_zone: "dest".into(),
             source_zone: "source".into(),
             consumer: consumer.to_owned(),
-            page_size: opts.page_size,
+            page_size,
             wait: Duration::from_secs(1),
             streams: vec![],
             backoff_min: Duration::from_millis(100),
@@ -378,7 +464,13 @@ async fn run_cell(
     let (stop, rx) = tokio::sync::watch::channel(false);
     let start = Instant::now();
     let task = tokio::spawn(l.run(rx));
-    tokio::time::sleep(opts.window).await;
+    while start.elapsed() < window {
+        if until.is_some_and(|u| handle.status().frontier >= u) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = start.elapsed();
     let s = handle.status();
     let wire_bytes = link.bytes_on_wire() - bytes_before;
     stop.send_replace(true);
@@ -404,6 +496,10 @@ async fn run_cell(
         confirmed: s.frontier,
         wire_bytes,
         failures: s.fetch_failures + s.append_failures + s.confirm_failures,
+        artifact_bytes: s.artifact_bytes,
+        artifacts_copied: s.artifacts_copied,
+        artifact_failures: s.artifact_failures,
+        elapsed,
     })
 }
 
