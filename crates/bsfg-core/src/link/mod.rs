@@ -641,6 +641,24 @@ async fn carry_one(
             pick(c).fetch_add(1, Ordering::Relaxed);
         }
     };
+    let r = carry_copy(source, destination, step, &count, a).await;
+    if matches!(r, Err(Carry::Unavailable { .. })) {
+        // Nothing will resume this copy: what it staged goes.
+        if let Err(e) = destination.discard_staged(a).await {
+            tracing::warn!(link = %step.link, bucket = %a.bucket, key = %a.key, error = %e, "could not discard the staged part of an unavailable artifact");
+        }
+    }
+    r
+}
+
+/// [`carry_one`] without the clean-up.
+async fn carry_copy(
+    source: &dyn BoundaryApi,
+    destination: &dyn Destination,
+    step: &PullStep,
+    count: &dyn Fn(fn(&LinkCounters) -> &AtomicU64),
+    a: &ArtifactRef,
+) -> Result<(), Carry> {
     let unavailable = |rule: String| {
         count(|c| &c.artifacts_unavailable);
         Carry::Unavailable {
