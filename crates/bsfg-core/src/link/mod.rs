@@ -656,7 +656,7 @@ async fn carry_copy(
     source: &dyn BoundaryApi,
     destination: &dyn Destination,
     step: &PullStep,
-    count: &dyn Fn(fn(&LinkCounters) -> &AtomicU64),
+    count: &(dyn Fn(fn(&LinkCounters) -> &AtomicU64) + Sync),
     a: &ArtifactRef,
 ) -> Result<(), Carry> {
     let unavailable = |rule: String| {
