@@ -452,6 +452,36 @@ async fn transport_suite(scheme: &str) {
     with_artifact.fact.artifacts[0].key = "a.bin".into();
     c.append_fact(with_artifact).await.unwrap();
 
+    // An upload is bounded by the idle time between its parts, not by
+    // request_timeout: 1.5 s of slow parts through a listener whose calls may take
+    // 0.5 s, stored whole.
+    {
+        let slow_limits = ServeLimits {
+            request_timeout: Duration::from_millis(500),
+            max_fetch_wait: Duration::from_millis(100),
+            ..limits.clone()
+        };
+        let grants: Vec<Grant> = identity.iter().map(|(i, ca)| grant(i, ca)).collect();
+        let mut slow = env
+            .serve(scheme, 2, api.clone(), grants, &slow_limits)
+            .await;
+        let sc = env.dial(&slow.url).unwrap();
+        let parts = futures::stream::unfold(0u8, |i| async move {
+            if i == 5 {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Some((Ok(Bytes::from(vec![i; 1000])), i + 1))
+        })
+        .boxed();
+        let info = sc
+            .put_object("batch-files", "slow.bin", parts)
+            .await
+            .unwrap();
+        assert_eq!(info.size, 5000, "{scheme}");
+        slow.stop().await;
+    }
+
     // Authorization as the scheme's caller, and refusal without credentials.
     if let Some((who, anchor)) = &identity {
         let mut claim = fact("c-4", 1);
