@@ -267,15 +267,23 @@ impl QuicClient {
         &self,
         recv: &mut RecvStream,
     ) -> Result<Resp, BoundaryError> {
+        self.status(recv).await?;
+        let url = &self.inner.url;
+        wire::read_frame::<Resp>(recv, self.inner.config.max_message_bytes, "response")
+            .await
+            .map_err(|e| BoundaryError::Unavailable(format!("QUIC {url}: answer: {e}")))?
+            .ok_or_else(|| BoundaryError::Unavailable(format!("QUIC {url}: empty answer")))
+    }
+
+    /// Reads the status byte: `Ok` when the answer follows, the call's error (its
+    /// `CallError` frame) otherwise.
+    async fn status(&self, recv: &mut RecvStream) -> Result<(), BoundaryError> {
         let max = self.inner.config.max_message_bytes;
         let url = &self.inner.url;
         let broken =
             |e: wire::WireError| BoundaryError::Unavailable(format!("QUIC {url}: answer: {e}"));
         match wire::read_byte(recv).await.map_err(broken)? {
-            Some(STATUS_OK) => wire::read_frame::<Resp>(recv, max, "response")
-                .await
-                .map_err(broken)?
-                .ok_or_else(|| BoundaryError::Unavailable(format!("QUIC {url}: empty answer"))),
+            Some(STATUS_OK) => Ok(()),
             Some(STATUS_ERROR) => {
                 let e = wire::read_frame::<v1::CallError>(recv, max, "CallError")
                     .await
@@ -388,27 +396,10 @@ impl BoundaryApi for QuicClient {
                 .await
                 .map_err(|e| e.into_boundary("request"))?;
             let _ = send.finish();
-            let broken =
-                |e: wire::WireError| BoundaryError::Unavailable(format!("QUIC {url}: answer: {e}"));
-            match wire::read_byte(&mut recv).await.map_err(broken)? {
-                Some(STATUS_OK) => Ok(recv),
-                Some(STATUS_ERROR) => {
-                    let e = wire::read_frame::<v1::CallError>(&mut recv, max, "CallError")
-                        .await
-                        .map_err(broken)?
-                        .ok_or_else(|| {
-                            BoundaryError::Unavailable(format!("QUIC {url}: empty error"))
-                        })?;
-                    Err(BoundaryError::from(e))
-                }
-                Some(other) => Err(BoundaryError::Internal(format!(
-                    "QUIC {url}: unknown answer status {other}"
-                ))),
-                None => Err(BoundaryError::Unavailable(format!(
-                    "QUIC {url}: the stream closed without an answer"
-                ))),
-            }
-            .map_err(|e| self.explain(&conn, e))
+            self.status(&mut recv)
+                .await
+                .map(|()| recv)
+                .map_err(|e| self.explain(&conn, e))
         };
         let recv = tokio::time::timeout(limit, opened)
             .await
