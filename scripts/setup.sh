@@ -38,3 +38,6 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
 fi
 echo "setup: building policy plugins for wasm32-wasip2"
 cargo build --quiet --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+# Policies in ordinary std Rust (wit-bindgen + serde_json, no SDK): a workspace of their
+# own (plugins/std/target/wasm32-wasip2/release/*.wasm).
+cargo build --quiet --release --locked --target wasm32-wasip2 --manifest-path plugins/std/Cargo.toml

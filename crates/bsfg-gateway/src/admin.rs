@@ -21,7 +21,10 @@
 //! `bsfg_certificate_expiry_timestamp_seconds{endpoint,role,name}`,
 //! `bsfg_tls_handshake_failures_total{endpoint,reason}`, `bsfg_tls_reloads_total`,
 //! `bsfg_tls_reload_failures_total`, `bsfg_authz_denials_total{peer,operation}`,
-//! `bsfg_requests_refused_total{listener,peer,code}`.
+//! `bsfg_requests_refused_total{listener,peer,code}`. Policies (labels `zone`,
+//! `policy`): decisions, faults, fail-open, reloads, broken, instantiations, and
+//! `bsfg_policy_sandbox_refusals_total{what}` (filesystem, environment, arguments,
+//! network: what a guest reached for in WASI and did not get).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -472,7 +475,11 @@ impl Collector {
         let mut fail_open = Vec::new();
         let mut broken = Vec::new();
         let mut instantiations = Vec::new();
+        let mut reached = Vec::new();
         for (n, s) in &stats {
+            for (what, c) in &s.reach {
+                reached.push((with(n, "what", what), ConstCounter::new(*c)));
+            }
             decisions.push((with(n, "verdict", "allow"), ConstCounter::new(s.allowed)));
             decisions.push((with(n, "verdict", "deny"), ConstCounter::new(s.denied)));
             for (kind, c) in &s.faults {
@@ -524,6 +531,12 @@ impl Collector {
             "bsfg_policy_instantiations",
             "Instances made (the first and one after each fault).",
             &instantiations,
+        )?;
+        family(
+            e,
+            "bsfg_policy_sandbox_refusals",
+            "What a policy reached for in WASI and did not get: filesystem (it looked for directories to open files in), environment, arguments, network (a socket or a name lookup).",
+            &reached,
         )?;
         Ok(())
     }

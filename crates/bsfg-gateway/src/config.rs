@@ -1058,7 +1058,7 @@ fn policies(c: &mut Checks, raw: &[RawPolicy], base: &Path) -> Vec<PolicyEntry> 
                     g.span(),
                     format!("policies[{i}].grants[{j}]"),
                     format!(
-                        "`{}` cannot be granted; a policy gets the log only, plus \"clock\" when granted (no filesystem or network)",
+                        "`{}` cannot be granted; grantable: \"clock\" (the host's clocks), \"random\" (the host's randomness); files, environment and network are never granted",
                         g.get_ref()
                     ),
                 ),

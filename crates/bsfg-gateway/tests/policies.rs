@@ -472,7 +472,7 @@ async fn hostile_modules_are_contained_and_the_gateway_keeps_serving() {
         common::admin_status(zone.admin);
     }
     // Modules that fail the load checks are refused; the trap module stays.
-    for (n, bad) in ["imports-filesystem", "wrong-exports"].iter().enumerate() {
+    for (n, bad) in ["imports-unknown", "wrong-exports"].iter().enumerate() {
         swap(bad);
         let want = format!(
             r#"bsfg_policy_reloads_total{{zone="enterprise",policy="hostile",result="rejected"}} {}"#,
@@ -490,7 +490,7 @@ async fn hostile_modules_are_contained_and_the_gateway_keeps_serving() {
     assert!(e.to_string().contains("policy_fault: trap"), "{e}");
     let log = std::fs::read_to_string(zone.gw.config.with_extension("log")).unwrap();
     assert!(
-        log.contains("imports `wasi:filesystem/types@0.2.0`, which this host does not offer")
+        log.contains("imports `wasi:http/outgoing-handler@0.2.0`, which this host does not offer")
             && log.contains("`decide` does not have the type"),
         "{log}"
     );
@@ -506,7 +506,7 @@ async fn hostile_modules_are_contained_and_the_gateway_keeps_serving() {
 }
 
 #[test]
-fn a_config_naming_a_module_that_imports_the_filesystem_fails_validation_clearly() {
+fn a_config_naming_a_module_that_imports_an_unknown_interface_fails_validation_clearly() {
     let nats = NatsServer::start_with(NatsOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let [port] = free_ports();
@@ -515,7 +515,7 @@ fn a_config_naming_a_module_that_imports_the_filesystem_fails_validation_clearly
         nats.url(),
         policy(
             "fs",
-            &plugins::hostile("imports-filesystem"),
+            &plugins::hostile("imports-unknown"),
             "\"append\"",
             "",
             ""
@@ -534,7 +534,7 @@ fn a_config_naming_a_module_that_imports_the_filesystem_fails_validation_clearly
         assert!(
             err.contains("policy `fs`")
                 && err.contains(
-                    "imports `wasi:filesystem/types@0.2.0`, which this host does not offer"
+                    "imports `wasi:http/outgoing-handler@0.2.0`, which this host does not offer"
                 ),
             "{cmd}: {err}"
         );
@@ -584,10 +584,10 @@ fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
         "{err}"
     );
 
-    let out = run(&plugins::hostile("imports-filesystem"), &[]);
+    let out = run(&plugins::hostile("imports-unknown"), &[]);
     assert!(!out.status.success());
     assert!(
-        text(&out.stderr).contains("imports `wasi:filesystem/types@0.2.0`"),
+        text(&out.stderr).contains("imports `wasi:http/outgoing-handler@0.2.0`"),
         "{}",
         text(&out.stderr)
     );
@@ -598,4 +598,61 @@ fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// Ordinary std-Rust components (wit-bindgen, serde_json, no SDK) in a running
+/// gateway: json-rules denies what its settings say; the WASI probe reaches for a
+/// file, the environment and a socket, gets nothing, and each reach is counted in
+/// /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_std_policies_decide_in_a_gateway_and_what_they_reach_for_is_refused_and_counted()
+{
+    let extra = [
+        policy(
+            "rules",
+            &plugins::built_std("json_rules"),
+            "\"append\"",
+            "require = \"operator\", predicates = \"step_completed\"",
+            "timeout = \"1s\"",
+        ),
+        policy(
+            "probe",
+            &plugins::built_std("wasi_probe"),
+            "\"append\"",
+            "",
+            "timeout = \"1s\"",
+        ),
+    ]
+    .concat();
+    let s = site("plant", &[("reporting", "operational")], None, &extra);
+    let api = s.api();
+    let mut ok = fact(1, "PlantA", "step_completed");
+    ok.fact.object_json = r#"{"operator":"jdoe","step":1}"#.into();
+    api.append_fact(ok).await.unwrap();
+    let mut anonymous = fact(2, "PlantA", "step_completed");
+    anonymous.fact.object_json = r#"{"step":2}"#.into();
+    let e = api.append_fact(anonymous).await.unwrap_err();
+    assert_eq!(e.reason(), Reason::PermissionDenied, "{e}");
+    assert!(
+        e.to_string().contains("policy `rules`") && e.to_string().contains("operator: required"),
+        "{e}"
+    );
+    for (i, what, got) in [
+        (3, "file", "file: error: No such file"),
+        (4, "env", "env: HOME=None, 0 variables"),
+        (5, "tcp", "tcp: error: Permission denied"),
+    ] {
+        let e = api.append_fact(fact(i, "PlantA", what)).await.unwrap_err();
+        assert!(
+            e.to_string().contains("policy `probe`") && e.to_string().contains(got),
+            "{e}"
+        );
+    }
+    let m = s.metrics();
+    for what in ["filesystem", "environment", "network"] {
+        let line = format!(
+            "bsfg_policy_sandbox_refusals_total{{zone=\"plant\",policy=\"probe\",what=\"{what}\"}} 1"
+        );
+        assert!(m.contains(&line), "{line} in:\n{m}");
+    }
 }

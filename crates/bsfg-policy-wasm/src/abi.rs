@@ -172,10 +172,3 @@ pub(crate) enum WLevel {
     #[component(name = "error")]
     Error,
 }
-
-#[derive(ComponentType, Lower, Clone, Copy)]
-#[component(record)]
-pub(crate) struct WDatetime {
-    pub seconds: u64,
-    pub nanoseconds: u32,
-}

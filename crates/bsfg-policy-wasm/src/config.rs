@@ -18,8 +18,12 @@ pub enum OnFault {
 /// A host interface beyond `bsfg:policy/host` that a policy's config may grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HostGrant {
-    /// `wasi:clocks/wall-clock@0.2.x`: the host's wall clock.
+    /// The host's wall and monotonic clocks (`wasi:clocks/*`); without it a policy
+    /// reads 1970-01-01 and a clock that stands still.
     Clock,
+    /// The host's randomness (`wasi:random/*`); without it a policy draws a
+    /// deterministic stream per instance.
+    Random,
 }
 
 impl HostGrant {
@@ -27,6 +31,7 @@ impl HostGrant {
     pub fn as_str(self) -> &'static str {
         match self {
             HostGrant::Clock => "clock",
+            HostGrant::Random => "random",
         }
     }
 
@@ -34,14 +39,16 @@ impl HostGrant {
     pub fn parse(s: &str) -> Option<HostGrant> {
         match s {
             "clock" => Some(HostGrant::Clock),
+            "random" => Some(HostGrant::Random),
             _ => None,
         }
     }
 
-    /// The WIT interface (without version) this grant offers.
+    /// The WIT package (with its trailing `/`) whose values this grant makes real.
     pub fn interface(self) -> &'static str {
         match self {
-            HostGrant::Clock => "wasi:clocks/wall-clock",
+            HostGrant::Clock => "wasi:clocks/",
+            HostGrant::Random => "wasi:random/",
         }
     }
 }

@@ -25,7 +25,7 @@ pub enum PolicyError {
     },
     /// Imports something the host does not offer this policy.
     #[error(
-        "policy `{policy}`: module {sha256} imports `{import}`, which this host does not offer (a policy gets only `bsfg:policy/host` unless its config grants more; grantable: clock)"
+        "policy `{policy}`: module {sha256} imports `{import}`, which this host does not offer (a policy gets `bsfg:policy/host` and WASI 0.2 with nothing behind it: wasi:cli, wasi:clocks, wasi:filesystem, wasi:io, wasi:random, wasi:sockets)"
     )]
     ForbiddenImport {
         /// Policy name.

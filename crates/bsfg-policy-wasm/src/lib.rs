@@ -25,9 +25,11 @@ pub mod config;
 pub mod error;
 mod policy;
 mod sandbox;
+mod wasi;
 
 pub use abi::{HOST_INTERFACE, PACKAGE};
 pub use config::{HostGrant, OnFault, PolicyConfig};
 pub use error::PolicyError;
 pub use policy::{PolicyStats, Reload, WasmPolicy};
 pub use sandbox::Fault;
+pub use wasi::Reach;

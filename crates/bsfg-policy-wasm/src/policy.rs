@@ -52,6 +52,9 @@ pub struct PolicyStats {
     pub broken: bool,
     /// `sha256:<hex>` of the module deciding now.
     pub sha256: String,
+    /// What its instances reached for in WASI and did not get (filesystem,
+    /// environment, arguments, network), counted per attempt.
+    pub reach: Vec<(&'static str, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +95,10 @@ pub struct WasmPolicy {
     health: Mutex<Health>,
     counters: Counters,
     permits: tokio::sync::Semaphore,
+    /// What instances reached for and did not get.
+    reach: Arc<crate::wasi::Reach>,
+    /// Instances made so far: each one's deterministic randomness differs.
+    seeds: AtomicU64,
 }
 
 impl std::fmt::Debug for WasmPolicy {
@@ -115,7 +122,8 @@ impl WasmPolicy {
         let sandbox = Sandbox::new(&config)?;
         let name: Arc<str> = config.name.as_str().into();
         let bytes = read(&config)?;
-        let loaded = load_module(&sandbox, &config, &name, &bytes)?;
+        let reach = Arc::new(crate::wasi::Reach::default());
+        let loaded = load_module(&sandbox, &config, &name, &bytes, &reach, 0)?;
         tracing::info!(policy = %name, sha256 = %loaded.module.sha256, "policy loaded");
         let permits = tokio::sync::Semaphore::new(config.instances.max(1) as usize);
         let p = WasmPolicy {
@@ -126,6 +134,8 @@ impl WasmPolicy {
             health: Mutex::new(Health::default()),
             counters: Counters::default(),
             permits,
+            reach,
+            seeds: AtomicU64::new(1),
         };
         p.counters.instantiations.fetch_add(1, Ordering::Relaxed);
         Ok(p)
@@ -160,7 +170,15 @@ impl WasmPolicy {
             if sha == old {
                 return Ok(Reload::Unchanged);
             }
-            let loaded = load_module(&self.sandbox, &self.config, &self.name, &bytes)?;
+            let seed = self.seeds.fetch_add(1, Ordering::Relaxed);
+            let loaded = load_module(
+                &self.sandbox,
+                &self.config,
+                &self.name,
+                &bytes,
+                &self.reach,
+                seed,
+            )?;
             *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
             *lock(&self.health) = Health::default();
             self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +220,7 @@ impl WasmPolicy {
                 .broken_until
                 .is_some_and(|t| Instant::now() < t),
             sha256: self.sha256(),
+            reach: self.reach.counts().to_vec(),
         }
     }
 
@@ -213,6 +232,18 @@ impl WasmPolicy {
         ctx: &PolicyContext<'_>,
         facts: &[Candidate<'_>],
     ) -> Vec<Verdict> {
+        self.decide_here(ctx, facts, true)
+    }
+
+    /// [`WasmPolicy::decide_blocking`]; `hop`: this thread may be running a tokio
+    /// runtime (not inside `block_in_place`), so a WASI guest is called on a thread
+    /// of its own.
+    fn decide_here(
+        &self,
+        ctx: &PolicyContext<'_>,
+        facts: &[Candidate<'_>],
+        hop: bool,
+    ) -> Vec<Verdict> {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         let loaded = self.loaded();
         let sha = &loaded.module.sha256;
@@ -222,18 +253,36 @@ impl WasmPolicy {
         let batch = Batch::new(facts);
         let wfacts: Vec<WFact<'_>> = batch.facts(facts);
         let warm = lock(&loaded.warm).pop();
-        let mut warm = match warm {
-            Some(w) => w,
-            None => match Warm::new(&self.sandbox, &loaded.module, &self.config, &self.name) {
-                Ok(w) => {
-                    self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
-                    w
-                }
-                Err(f) => return self.faulted(sha, f, facts.len()),
-            },
-        };
-        match warm.decide(&self.sandbox, &self.config, WContext::from(ctx), &wfacts) {
-            Ok(verdicts) => {
+        let seed = self.seeds.fetch_add(1, Ordering::Relaxed);
+        let wctx = WContext::from(ctx);
+        // (an instance was made, the call's outcome)
+        let (made, called) = crate::sandbox::guest(loaded.module.uses_wasi, hop, || {
+            let (made, mut warm) = match warm {
+                Some(w) => (false, w),
+                None => match Warm::new(
+                    &self.sandbox,
+                    &loaded.module,
+                    &self.config,
+                    &self.name,
+                    &self.reach,
+                    seed,
+                ) {
+                    Ok(w) => (true, w),
+                    Err(f) => return (false, Err(f)),
+                },
+            };
+            let verdicts = warm.decide(&self.sandbox, &self.config, wctx, &wfacts);
+            (made, verdicts.map(|v| (warm, v)))
+        })
+        .unwrap_or_else(|| {
+            let panicked = Fault::Other("the policy's call thread panicked".into());
+            (false, Err(panicked))
+        });
+        if made {
+            self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
+        }
+        match called {
+            Ok((warm, verdicts)) => {
                 lock(&loaded.warm).push(warm);
                 self.recovered();
                 let mut denied = 0;
@@ -350,9 +399,15 @@ fn load_module(
     config: &PolicyConfig,
     name: &Arc<str>,
     bytes: &[u8],
+    reach: &Arc<crate::wasi::Reach>,
+    seed: u64,
 ) -> Result<Loaded, PolicyError> {
     let module = Module::compile(sandbox, config, bytes)?;
-    let first = Warm::new(sandbox, &module, config, name).map_err(|f| {
+    let first = crate::sandbox::guest(module.uses_wasi, true, || {
+        Warm::new(sandbox, &module, config, name, reach, seed)
+    })
+    .unwrap_or_else(|| Err(Fault::Other("the policy's call thread panicked".into())))
+    .map_err(|f| {
         let sha256 = module.sha256.clone();
         match f {
             Fault::Other(e) if e.contains("does not have the type") => PolicyError::WrongExports {
@@ -387,9 +442,9 @@ impl Policy for WasmPolicy {
         let multi = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if multi {
-            tokio::task::block_in_place(|| self.decide_blocking(ctx, facts))
+            tokio::task::block_in_place(|| self.decide_here(ctx, facts, false))
         } else {
-            self.decide_blocking(ctx, facts)
+            self.decide_here(ctx, facts, true)
         }
     }
 }

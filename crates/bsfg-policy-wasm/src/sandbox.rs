@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use wasmtime::component::types::{ComponentExtern, ComponentItem};
 use wasmtime::component::{Component, Func, InstancePre, Linker};
@@ -13,7 +13,7 @@ use wasmtime::{
     StoreContextMut, Trap,
 };
 
-use crate::abi::{self, WContext, WDatetime, WFact, WLevel, WVerdict};
+use crate::abi::{self, WContext, WFact, WLevel, WVerdict};
 use crate::config::{HostGrant, PolicyConfig};
 use crate::error::PolicyError;
 
@@ -22,12 +22,15 @@ const LOG_LINES_PER_CALL: u32 = 32;
 /// Longest log line kept, in bytes.
 const LOG_LINE_BYTES: usize = 1024;
 
-/// What a store carries: the policy's name for its logs and the limits' bookkeeping.
+/// What a store carries: the policy's name for its logs, the limits' bookkeeping
+/// and the (empty) WASI context.
 pub(crate) struct HostState {
     policy: Arc<str>,
     memory_limit: usize,
     memory_hit: bool,
-    logs_left: u32,
+    /// Log lines left in this call, shared by `host.log`, stdout and stderr.
+    logs_left: Arc<std::sync::atomic::AtomicU32>,
+    pub(crate) wasi: crate::wasi::WasiState,
 }
 
 impl ResourceLimiter for HostState {
@@ -198,10 +201,11 @@ fn link_host(linker: &mut Linker<HostState>, grants: &[HostGrant]) -> wasmtime::
         "log",
         |mut store: StoreContextMut<'_, HostState>, (level, message): (WLevel, String)| {
             let st = store.data_mut();
-            if st.logs_left == 0 {
+            let left = st.logs_left.load(Ordering::Relaxed);
+            if left == 0 {
                 return Ok(());
             }
-            st.logs_left -= 1;
+            st.logs_left.store(left - 1, Ordering::Relaxed);
             let mut message = message;
             if message.len() > LOG_LINE_BYTES {
                 let mut cut = LOG_LINE_BYTES;
@@ -211,7 +215,7 @@ fn link_host(linker: &mut Linker<HostState>, grants: &[HostGrant]) -> wasmtime::
                 message.truncate(cut);
                 message.push_str("...");
             }
-            if st.logs_left == 0 {
+            if left == 1 {
                 message.push_str(" (further lines of this call dropped)");
             }
             let policy = &*st.policy;
@@ -224,28 +228,8 @@ fn link_host(linker: &mut Linker<HostState>, grants: &[HostGrant]) -> wasmtime::
             Ok(())
         },
     )?;
-    for g in grants {
-        match g {
-            HostGrant::Clock => {
-                let mut clock = linker.instance("wasi:clocks/wall-clock@0.2.0")?;
-                clock.func_wrap("now", |_: StoreContextMut<'_, HostState>, (): ()| {
-                    let d = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .unwrap_or_default();
-                    Ok((WDatetime {
-                        seconds: d.as_secs(),
-                        nanoseconds: d.subsec_nanos(),
-                    },))
-                })?;
-                clock.func_wrap("resolution", |_: StoreContextMut<'_, HostState>, (): ()| {
-                    Ok((WDatetime {
-                        seconds: 0,
-                        nanoseconds: 1_000,
-                    },))
-                })?;
-            }
-        }
-    }
+    let _ = grants;
+    crate::wasi::link(linker)?;
     Ok(())
 }
 
@@ -254,6 +238,27 @@ pub(crate) struct Module {
     pub sha256: String,
     pub pre: InstancePre<HostState>,
     pub has_init: bool,
+    /// It imports WASI: its calls must run where wasmtime-wasi may block on its own
+    /// runtime (see [`guest`]).
+    pub uses_wasi: bool,
+}
+
+/// Runs a call into a guest. wasmtime-wasi's synchronous bindings drive their futures
+/// with `block_on`, which a thread that is running a tokio runtime may not do: for a
+/// component that imports WASI, called from such a thread (`hop`), the call runs on a
+/// scoped thread of its own (the policy's work is bounded by its deadline either
+/// way). A component without WASI imports, or a caller already outside the runtime
+/// (`block_in_place`), runs here.
+pub(crate) fn guest<R: Send>(
+    uses_wasi: bool,
+    hop: bool,
+    f: impl FnOnce() -> R + Send,
+) -> Option<R> {
+    if uses_wasi && hop && tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(f).join().ok())
+    } else {
+        Some(f())
+    }
 }
 
 /// The interface name without its `@version`.
@@ -284,12 +289,12 @@ impl Module {
             })?;
         let ty = component.component_type();
         for (import, _) in ty.imports(&sandbox.engine) {
+            let wasi_02 = crate::wasi::PACKAGES
+                .iter()
+                .any(|p| import.starts_with(p) && import.contains("@0.2."));
             let allowed = unversioned(import) == unversioned(abi::HOST_INTERFACE)
                 || unversioned(import) == unversioned(abi::TYPES_INTERFACE)
-                || cfg
-                    .grants
-                    .iter()
-                    .any(|g| unversioned(import) == g.interface());
+                || wasi_02;
             if !allowed {
                 return Err(PolicyError::ForbiddenImport {
                     policy: name.clone(),
@@ -298,6 +303,9 @@ impl Module {
                 });
             }
         }
+        let uses_wasi = ty
+            .imports(&sandbox.engine)
+            .any(|(import, _)| crate::wasi::PACKAGES.iter().any(|p| import.starts_with(p)));
         let pre =
             sandbox
                 .linker
@@ -351,6 +359,7 @@ impl Module {
             sha256,
             pre,
             has_init,
+            uses_wasi,
         })
     }
 }
@@ -377,7 +386,7 @@ fn limited<R>(
     {
         let st = store.data_mut();
         st.memory_hit = false;
-        st.logs_left = LOG_LINES_PER_CALL;
+        st.logs_left.store(LOG_LINES_PER_CALL, Ordering::Relaxed);
     }
     f(store).map_err(|e| classify(store, cfg, &e))
 }
@@ -401,14 +410,23 @@ impl Warm {
         module: &Module,
         cfg: &PolicyConfig,
         policy: &Arc<str>,
+        reach: &Arc<crate::wasi::Reach>,
+        seed: u64,
     ) -> Result<Warm, Fault> {
+        let logs_left = Arc::new(std::sync::atomic::AtomicU32::new(LOG_LINES_PER_CALL));
+        let ctx = crate::wasi::context(policy, &cfg.grants, &logs_left, seed);
         let mut store = Store::new(
             &sandbox.engine,
             HostState {
                 policy: policy.clone(),
                 memory_limit: cfg.memory_bytes,
                 memory_hit: false,
-                logs_left: LOG_LINES_PER_CALL,
+                logs_left,
+                wasi: crate::wasi::WasiState {
+                    ctx,
+                    table: wasmtime::component::ResourceTable::new(),
+                    reach: reach.clone(),
+                },
             },
         );
         store.limiter(|s| s);

@@ -131,26 +131,126 @@ fn the_hostile_component_text_trap_fixture_fails_closed() {
 }
 
 #[test]
-fn a_module_importing_the_filesystem_is_refused_at_load() {
-    let e = load_err(config("fs", plugins::hostile("imports-filesystem")));
+fn a_module_importing_an_interface_the_host_does_not_know_is_refused_at_load() {
+    let e = load_err(config("http", plugins::hostile("imports-unknown")));
     let PolicyError::ForbiddenImport { policy, import, .. } = &e else {
         panic!("{e}")
     };
-    assert_eq!(policy, "fs");
-    assert!(import.starts_with("wasi:filesystem/"), "{e}");
+    assert_eq!(policy, "http");
+    assert_eq!(import, "wasi:http/outgoing-handler@0.2.0", "{e}");
     assert!(e.to_string().contains("does not offer"), "{e}");
 }
 
 #[test]
-fn the_clock_is_refused_unless_granted() {
-    let e = load_err(config("clock", plugins::hostile("imports-clock")));
-    assert!(
-        matches!(&e, PolicyError::ForbiddenImport { import, .. } if import == "wasi:clocks/wall-clock@0.2.0"),
-        "{e}"
+fn a_component_text_importing_the_wall_clock_loads_without_a_grant() {
+    WasmPolicy::load(config("clock", plugins::hostile("imports-clock"))).expect("WASI 0.2 clock");
+}
+
+/// What the probe got for each thing it reached for (see plugins/std/wasi-probe).
+fn probe(p: &WasmPolicy, what: &[&str]) -> Vec<String> {
+    let ms: Vec<Message> = what
+        .iter()
+        .map(|w| fact(&format!("p-{w}"), w, None))
+        .collect();
+    decide(p, &APPEND, &ms)
+        .iter()
+        .map(|v| reason(v).to_owned())
+        .collect()
+}
+
+#[test]
+fn an_ordinary_std_component_gets_wasi_with_nothing_behind_it_and_each_reach_is_counted() {
+    let mut c = config("probe", plugins::built_std("wasi_probe"));
+    c.timeout = Duration::from_secs(2);
+    let p = WasmPolicy::load(c).expect("a std Rust component loads");
+    let got = probe(
+        &p,
+        &[
+            "file", "dir", "env", "args", "tcp", "udp", "dns", "clock", "print",
+        ],
     );
-    let mut c = config("clock", plugins::hostile("imports-clock"));
-    c.grants = vec![HostGrant::Clock];
-    WasmPolicy::load(c).expect("granted clock");
+    let expect_prefix = [
+        "file: error:",
+        "dir: error:",
+        "env: HOME=None, 0 variables",
+        "args: 0 arguments",
+        "tcp: error: Permission denied",
+        "udp: error: Permission denied",
+        "dns: error: Permission denied",
+        "clock: Ok(0)",
+        "print: printed",
+    ];
+    for (g, e) in got.iter().zip(expect_prefix) {
+        assert!(g.starts_with(e), "{g} (expected {e}...)");
+    }
+    let reach = p.stats().reach;
+    let count = |what: &str| {
+        reach
+            .iter()
+            .find(|(w, _)| *w == what)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert!(count("filesystem") >= 1, "{reach:?}");
+    assert!(count("environment") >= 1, "{reach:?}");
+    assert!(count("arguments") >= 1, "{reach:?}");
+    assert_eq!(count("network"), 3, "tcp, udp and dns: {reach:?}");
+    assert!(p.stats().faults.is_empty(), "{:?}", p.stats());
+}
+
+#[test]
+fn the_clock_and_randomness_are_real_only_when_granted() {
+    let load = |grants: Vec<HostGrant>| {
+        let mut c = config("probe", plugins::built_std("wasi_probe"));
+        c.timeout = Duration::from_secs(2);
+        c.grants = grants;
+        WasmPolicy::load(c).unwrap()
+    };
+    // Without grants: the epoch, and the same "random" seed for the same instance.
+    let (a, b) = (load(vec![]), load(vec![]));
+    let (ga, gb) = (
+        probe(&a, &["clock", "random"]),
+        probe(&b, &["clock", "random"]),
+    );
+    assert_eq!(ga[0], "clock: Ok(0)");
+    assert_eq!(ga, gb, "deterministic per instance");
+    // Granted: the host's clock and randomness.
+    let (a, b) = (
+        load(vec![HostGrant::Clock, HostGrant::Random]),
+        load(vec![HostGrant::Clock, HostGrant::Random]),
+    );
+    let (ga, gb) = (
+        probe(&a, &["clock", "random"]),
+        probe(&b, &["clock", "random"]),
+    );
+    let secs: u64 = ga[0]
+        .trim_start_matches("clock: Ok(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap();
+    assert!(secs > 1_700_000_000, "{ga:?}");
+    assert_ne!(ga[1], gb[1], "real randomness differs between instances");
+}
+
+#[test]
+fn a_std_rust_policy_built_from_the_wit_alone_with_serde_json_decides() {
+    let mut c = config("rules", plugins::built_std("json_rules"));
+    c.timeout = Duration::from_secs(2);
+    c.settings = [
+        ("require".to_owned(), "operator".to_owned()),
+        ("max.step".to_owned(), "10".to_owned()),
+    ]
+    .into();
+    let p = WasmPolicy::load(c).unwrap();
+    let mut ok = fact("a", "step_completed", None);
+    ok.fact.object_json = r#"{"operator":"jdoe","step":3}"#.into();
+    let mut missing = fact("b", "step_completed", None);
+    missing.fact.object_json = r#"{"step":3}"#.into();
+    let mut high = fact("c", "step_completed", None);
+    high.fact.object_json = r#"{"operator":"jdoe","step":30}"#.into();
+    let v = decide(&p, &APPEND, &[ok, missing, high]);
+    assert_eq!(v[0], Verdict::Allow);
+    assert_eq!(reason(&v[1]), "object_json.operator: required");
+    assert_eq!(reason(&v[2]), "object_json.step: 30 is above 10");
 }
 
 #[test]

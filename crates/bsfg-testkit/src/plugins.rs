@@ -23,8 +23,20 @@ pub fn built(name: &str) -> PathBuf {
     p
 }
 
+/// A component of the std-Rust workspace (`plugins/std/`) built by
+/// `scripts/setup.sh`, e.g. `json_rules`, `wasi_probe`.
+pub fn built_std(name: &str) -> PathBuf {
+    let p = dir().join(format!("std/target/wasm32-wasip2/release/{name}.wasm"));
+    assert!(
+        p.exists(),
+        "policy plugin {} is not built: run scripts/setup.sh (it builds plugins/std/ for wasm32-wasip2)",
+        p.display()
+    );
+    p
+}
+
 /// A hostile fixture in component text (`infinite-loop`, `memory-bomb`, `trap`,
-/// `no-verdicts`, `imports-filesystem`, `imports-clock`, `wrong-exports`, `no-decide`,
+/// `no-verdicts`, `imports-unknown`, `imports-clock`, `wrong-exports`, `no-decide`,
 /// `wrong-host-types`).
 ///
 /// # Panics
