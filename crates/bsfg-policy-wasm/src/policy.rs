@@ -252,6 +252,105 @@ impl WasmPolicy {
         }
         let batch = Batch::new(facts);
         let wfacts: Vec<WFact<'_>> = batch.facts(facts);
+        let n = wfacts.len();
+        // Per-fact isolation: a call that faults is split in halves and each half
+        // decided again, so the facts that did not cause the fault get their own
+        // verdicts; a fault that still happens on one fact is that fact's. Bounded:
+        // at most `budget` calls per batch (a fault on every fact costs a few calls,
+        // not one per fact); what the budget does not reach fails as before.
+        let mut budget = 4 * (usize::BITS - n.leading_zeros()) as usize + 4;
+        let mut verdicts: Vec<Option<WVerdict>> = (0..n).map(|_| None).collect();
+        let mut faults: Vec<(usize, usize, Fault)> = Vec::new();
+        let mut decided_any = false;
+        let mut first: Option<Fault> = None;
+        let mut ranges = vec![(0, n)];
+        while let Some((lo, hi)) = ranges.pop() {
+            budget = budget.saturating_sub(1);
+            match self.call(&loaded, ctx, &wfacts[lo..hi], hop) {
+                Ok(vs) => {
+                    decided_any = true;
+                    for (slot, v) in verdicts[lo..hi].iter_mut().zip(vs) {
+                        *slot = Some(v);
+                    }
+                }
+                Err(f) if first.is_none() && n > 1 => {
+                    first = Some(f.clone());
+                    let mid = lo + (hi - lo) / 2;
+                    ranges.push((mid, hi));
+                    ranges.push((lo, mid));
+                }
+                Err(f) if hi - lo > 1 && budget >= 2 => {
+                    tracing::debug!(policy = %self.name, facts = hi - lo, fault = %f, "policy fault; deciding the halves apart");
+                    let mid = lo + (hi - lo) / 2;
+                    ranges.push((mid, hi));
+                    ranges.push((lo, mid));
+                }
+                Err(f) => faults.push((lo, hi, f)),
+            }
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut denied = 0u64;
+        let mut allowed = 0u64;
+        for v in verdicts.iter_mut() {
+            out.push(match v.take() {
+                Some(WVerdict::Allow) => {
+                    allowed += 1;
+                    Some(Verdict::Allow)
+                }
+                Some(WVerdict::Deny(reason)) => {
+                    denied += 1;
+                    Some(Verdict::Deny(Denial {
+                        policy: self.name.to_string(),
+                        reason,
+                        module_sha256: sha.clone(),
+                    }))
+                }
+                None => None,
+            });
+        }
+        self.counters.denied.fetch_add(denied, Ordering::Relaxed);
+        self.counters.allowed.fetch_add(allowed, Ordering::Relaxed);
+        if faults.is_empty() || decided_any {
+            // The policy decides: whatever faulted was caused by those facts.
+            self.recovered();
+            for (lo, hi, f) in faults {
+                tracing::warn!(policy = %self.name, sha256 = %sha, kind = f.kind(), fault = %f, facts = hi - lo, "policy fault on these facts alone; the rest of the batch was decided");
+                for (slot, v) in out[lo..hi]
+                    .iter_mut()
+                    .zip(self.fail(sha, f.clone(), hi - lo))
+                {
+                    *slot = Some(v);
+                }
+            }
+        } else {
+            // Nothing decided at all: the policy itself is at fault (the whole
+            // batch's fault is the one reported).
+            let f = first.unwrap_or_else(|| faults.swap_remove(0).2);
+            return self.faulted(sha, f, n);
+        }
+        out.into_iter()
+            .map(|v| {
+                v.unwrap_or_else(|| {
+                    Verdict::Deny(Denial {
+                        policy: self.name.to_string(),
+                        reason: "policy_fault: no verdict".into(),
+                        module_sha256: sha.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// One call of `decide` on a warm instance (made first when none is left),
+    /// which goes back to the pool when the call succeeded and is dropped when it
+    /// faulted (its memory may be anywhere).
+    fn call(
+        &self,
+        loaded: &Loaded,
+        ctx: &PolicyContext<'_>,
+        wfacts: &[WFact<'_>],
+        hop: bool,
+    ) -> Result<Vec<WVerdict>, Fault> {
         let warm = lock(&loaded.warm).pop();
         let seed = self.seeds.fetch_add(1, Ordering::Relaxed);
         let wctx = WContext::from(ctx);
@@ -271,7 +370,7 @@ impl WasmPolicy {
                     Err(f) => return (false, Err(f)),
                 },
             };
-            let verdicts = warm.decide(&self.sandbox, &self.config, wctx, &wfacts);
+            let verdicts = warm.decide(&self.sandbox, &self.config, wctx, wfacts);
             (made, verdicts.map(|v| (warm, v)))
         })
         .unwrap_or_else(|| {
@@ -281,35 +380,10 @@ impl WasmPolicy {
         if made {
             self.counters.instantiations.fetch_add(1, Ordering::Relaxed);
         }
-        match called {
-            Ok((warm, verdicts)) => {
-                lock(&loaded.warm).push(warm);
-                self.recovered();
-                let mut denied = 0;
-                let out = verdicts
-                    .into_iter()
-                    .map(|v| match v {
-                        WVerdict::Allow => Verdict::Allow,
-                        WVerdict::Deny(reason) => {
-                            denied += 1;
-                            Verdict::Deny(Denial {
-                                policy: self.name.to_string(),
-                                reason,
-                                module_sha256: sha.clone(),
-                            })
-                        }
-                    })
-                    .collect();
-                self.counters.denied.fetch_add(denied, Ordering::Relaxed);
-                self.counters
-                    .allowed
-                    .fetch_add(facts.len() as u64 - denied, Ordering::Relaxed);
-                out
-            }
-            // The instance is dropped: its memory may be anywhere. The next batch
-            // gets a fresh one.
-            Err(f) => self.faulted(sha, f, facts.len()),
-        }
+        called.map(|(warm, verdicts)| {
+            lock(&loaded.warm).push(warm);
+            verdicts
+        })
     }
 
     fn still_broken(&self) -> Option<Fault> {
