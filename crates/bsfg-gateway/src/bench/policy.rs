@@ -5,9 +5,13 @@
 //!    Rust on the host in the same run (the floor: what deciding costs without the
 //!    sandbox crossing, the lowering of every field into the guest and the guest's
 //!    own work).
-//! 2. Replication of one backlog from zone A to fresh zones over a gRPC link, with no
-//!    intake policy and with the policy on the link's intake chain, alternating
-//!    (none, policy, policy, none) so that neither gets the warmer machine.
+//! 2. Each kind of policy side by side, the same object_json check (a required
+//!    field, serde_json parsing the object): the no_std SDK (`json_fields.wasm`) and
+//!    ordinary std Rust with wit-bindgen and WASI (`json_rules.wasm`).
+//! 3. Replication of one backlog from zone A to fresh zones over a gRPC link, with no
+//!    intake policy, with the SDK policy and with the std policy on the link's intake
+//!    chain, alternating (none, SDK, std, std, SDK, none) so that none gets the
+//!    warmer machine.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +36,18 @@ pub struct PolicyBench {
         default_value = "plugins/target/wasm32-wasip2/release/allow_labels.wasm"
     )]
     module: std::path::PathBuf,
+    /// The object_json check written with the no_std SDK.
+    #[arg(
+        long,
+        default_value = "plugins/target/wasm32-wasip2/release/json_fields.wasm"
+    )]
+    sdk_json_module: std::path::PathBuf,
+    /// The same check in ordinary std Rust (wit-bindgen + serde_json, WASI).
+    #[arg(
+        long,
+        default_value = "plugins/std/target/wasm32-wasip2/release/json_rules.wasm"
+    )]
+    std_json_module: std::path::PathBuf,
     /// Facts decided per batch size for the per-fact cost.
     #[arg(long, default_value_t = 200_000)]
     decisions: usize,
@@ -60,18 +76,31 @@ fn fact(i: usize, object_bytes: usize) -> Message {
     m
 }
 
-fn allow_labels(module: &std::path::Path) -> anyhow::Result<WasmPolicy> {
+fn load(
+    name: &str,
+    module: &std::path::Path,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<WasmPolicy> {
     anyhow::ensure!(
         module.is_file(),
         "{} not found: run scripts/setup.sh from the repository root",
         module.display()
     );
-    let mut cfg = PolicyConfig::new("allow-labels", module);
-    cfg.settings = [("label", "site"), ("values", "PlantA,PlantB")]
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .into();
+    let mut cfg = PolicyConfig::new(name, module);
+    cfg.settings = settings
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     cfg.instances = 4;
     Ok(WasmPolicy::load(cfg)?)
+}
+
+fn allow_labels(module: &std::path::Path) -> anyhow::Result<WasmPolicy> {
+    load(
+        "allow-labels",
+        module,
+        &[("label", "site"), ("values", "PlantA,PlantB")],
+    )
 }
 
 /// Nanoseconds per fact deciding `facts` in batches of `batch` with `decide`.
@@ -230,7 +259,30 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
         );
     }
 
-    // Replication with and without the policy at intake.
+    // Each kind, the same check: `operator` required in object_json.
+    let sdk = Arc::new(load(
+        "json-sdk",
+        &opts.sdk_json_module,
+        &[("require", "operator")],
+    )?);
+    let std_policy = Arc::new(load(
+        "json-std",
+        &opts.std_json_module,
+        &[("require", "operator")],
+    )?);
+    println!(
+        "\n| batch | no_std SDK (json_fields) ns/fact | std Rust + WASI (json_rules) ns/fact | std / SDK |"
+    );
+    println!("|---|---|---|---|");
+    for batch in [1usize, 100, 1000] {
+        let a = per_fact(&facts, batch, opts.decisions, |c| sdk.decide_blocking(&ctx, c))?;
+        let b = per_fact(&facts, batch, opts.decisions, |c| {
+            std_policy.decide_blocking(&ctx, c)
+        })?;
+        println!("| {batch} | {a:.0} | {b:.0} | {:.2}x |", b / a.max(0.1));
+    }
+
+    // Replication with and without the policies at intake.
     let n = opts.facts;
     let mut limits = Limits::default();
     limits.max_fetch_limit = limits.max_fetch_limit.max(opts.page_size);
@@ -239,35 +291,35 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
         ..Default::default()
     })
     .context("starting nats-server A (run scripts/setup.sh)")?;
-    let consumers = ["run-1", "run-2", "run-3", "run-4"];
+    let consumers = ["run-1", "run-2", "run-3", "run-4", "run-5", "run-6"];
     let a_api = Arc::new(zone(&a_nats, "zone_a", &consumers, &limits).await?);
     crate::bench::pipeline::load_backlog(&a_api, n, |i| fact(i, opts.object_bytes)).await?;
     let served = crate::bench::pipeline::Served::start(a_api.clone()).await?;
     let url = served.url.clone();
-    let with_policy = || Intake {
-        chain: PolicyChain::new(vec![policy.clone() as Arc<dyn Policy>]),
+    let intake_of = |p: &Arc<WasmPolicy>| Intake {
+        chain: PolicyChain::new(vec![p.clone() as Arc<dyn Policy>]),
         zone: "zone_b".into(),
         peer: "zone-a-bsfg".into(),
     };
-    let mut none = Vec::new();
-    let mut with = Vec::new();
-    for (consumer, policed) in consumers.iter().zip([false, true, true, false]) {
-        let intake = if policed {
-            with_policy()
-        } else {
-            Intake::default()
+    // 0: none, 1: the allow-by-label SDK policy, 2: the std json policy.
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for (consumer, kind) in consumers.iter().zip([0usize, 1, 2, 2, 1, 0]) {
+        let intake = match kind {
+            1 => intake_of(&policy),
+            2 => intake_of(&std_policy),
+            _ => Intake::default(),
         };
         let secs = drain(&url, consumer, intake, n, opts.page_size, &limits).await?;
         let rate = n as f64 / secs;
         println!(
-            "(run {consumer}: {} intake policy, {rate:.0} facts/s)",
-            if policed { "with the" } else { "no" }
+            "(run {consumer}: {} at intake, {rate:.0} facts/s)",
+            ["no policy", "allow-by-label (SDK)", "json-rules (std Rust)"][kind]
         );
-        if policed { &mut with } else { &mut none }.push(rate);
+        rates[kind].push(rate);
     }
     served.stop().await;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (none, with) = (mean(&none), mean(&with));
+    let (none, with, with_std) = (mean(&rates[0]), mean(&rates[1]), mean(&rates[2]));
     println!(
         "\n| replication of {n} facts over gRPC, page {} | facts/s (mean of 2 runs) | vs no policy |",
         opts.page_size
@@ -275,8 +327,12 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
     println!("|---|---|---|");
     println!("| no intake policy | {none:.0} | 1.00x |");
     println!(
-        "| allow-by-label WASM policy at intake | {with:.0} | {:.2}x |",
+        "| allow-by-label WASM policy (no_std SDK) at intake | {with:.0} | {:.2}x |",
         with / none
+    );
+    println!(
+        "| json-rules WASM policy (std Rust, WASI) at intake | {with_std:.0} | {:.2}x |",
+        with_std / none
     );
     let s = policy.stats();
     println!(
