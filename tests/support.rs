@@ -172,6 +172,7 @@ impl Zone {
     ) -> Result<PullReport, PullError> {
         let step = PullStep {
             wait,
+            local_zone: self.name.clone(),
             ..pull_step(consumer, consumer, &source.name, limit)
         };
         pull_page(&source.api, &self.api, &step, accept_gap).await
@@ -188,5 +189,6 @@ pub fn pull_step(link: &str, consumer: &str, source_zone: &str, limit: u32) -> P
         wait: Duration::ZERO,
         streams: vec![],
         source_zone: source_zone.to_owned(),
+        local_zone: "local".into(),
     }
 }

@@ -323,7 +323,7 @@ impl AppendPolicies {
             .chain
             .decide(&ctx, &Candidate::local(std::slice::from_ref(&message)))
             .await;
-        if let Some(Verdict::Deny(d)) = verdict.into_iter().next() {
+        if let Some(Verdict::Deny(d) | Verdict::Filter(d)) = verdict.into_iter().next() {
             tracing::info!(
                 peer = caller.label(),
                 message_id = %message.envelope.message_id,

@@ -83,8 +83,14 @@ impl<'a> Candidate<'a> {
 pub enum Verdict {
     /// Let it through.
     Allow,
-    /// Stop it.
+    /// Stop it: at intake the fact goes to the quarantine; at append the producer is
+    /// refused.
     Deny(Denial),
+    /// The zone does not want it: at intake the fact is dropped (not an error, not
+    /// quarantined), counted, and recorded in one audit fact per page; at append the
+    /// producer is refused like a denial (a producer is never told an unstored fact
+    /// was stored).
+    Filter(Denial),
 }
 
 /// Why a fact was stopped, and by what.
@@ -163,6 +169,7 @@ impl PolicyChain {
             for (&i, v) in open.iter().zip(got) {
                 verdicts[i] = v;
             }
+            // Filtered facts, like denied ones, go no further down the chain.
         }
         verdicts
     }
@@ -344,7 +351,7 @@ mod tests {
     fn denied_by(v: &Verdict) -> Option<&str> {
         match v {
             Verdict::Allow => None,
-            Verdict::Deny(d) => Some(&d.policy),
+            Verdict::Deny(d) | Verdict::Filter(d) => Some(&d.policy),
         }
     }
 

@@ -360,6 +360,12 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         family(
             &mut e,
+            "bsfg_filtered_facts",
+            "Facts an intake policy filtered on a link (dropped, recorded in one facts_filtered audit fact per page).",
+            &counter(|s| s.filtered),
+        )?;
+        family(
+            &mut e,
             "bsfg_gaps_accepted",
             "Gaps an operator accepted on a link.",
             &counter(|s| s.gaps_accepted),
@@ -476,7 +482,14 @@ impl Collector {
         let mut broken = Vec::new();
         let mut instantiations = Vec::new();
         let mut reached = Vec::new();
+        let mut filtered = Vec::new();
         for (n, s) in &stats {
+            let mut all = 0;
+            for (reason, c) in &s.filtered {
+                all += c;
+                filtered.push((with(n, "reason", reason), ConstCounter::new(*c)));
+            }
+            decisions.push((with(n, "verdict", "filter"), ConstCounter::new(all)));
             for (what, c) in &s.reach {
                 reached.push((with(n, "what", what), ConstCounter::new(*c)));
             }
@@ -531,6 +544,12 @@ impl Collector {
             "bsfg_policy_instantiations",
             "Instances made (the first and one after each fault).",
             &instantiations,
+        )?;
+        family(
+            e,
+            "bsfg_policy_filtered",
+            "Facts a policy filtered, by its reason (the first 32 reasons apart, then other): dropped at intake and listed in the page's facts_filtered audit fact.",
+            &filtered,
         )?;
         family(
             e,

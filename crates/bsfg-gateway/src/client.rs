@@ -555,6 +555,9 @@ pub async fn pull(
         wait,
         streams: vec![],
         source_zone: step.source_zone.to_owned(),
+        // The destination is reached through its API; `bsfg pull` runs no intake
+        // policies, so it never writes a filter record in this name.
+        local_zone: "local".into(),
     };
     let destination = bsfg_core::link::Remote(destination);
     loop {
@@ -772,7 +775,7 @@ pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
         link: (hook == Hook::Intake).then_some("test-link"),
         source_zone: (hook == Hook::Intake).then_some("test-source"),
     };
-    let (mut allowed, mut denied, mut refused) = (0, 0, 0);
+    let (mut allowed, mut denied, mut filtered, mut refused) = (0, 0, 0, 0);
     let limits = bsfg_core::Limits::default();
     for batch in messages.chunks(t.batch.max(1)) {
         // The gateway validates before any policy sees a fact: the same here, so the
@@ -838,10 +841,23 @@ pub fn policy_test(t: PolicyTest, json: bool) -> anyhow::Result<()> {
                         println!("deny {id}: {}", d.reason);
                     }
                 }
+                Verdict::Filter(d) => {
+                    filtered += 1;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"message_id": id, "verdict": "filter", "reason": d.reason})
+                        );
+                    } else {
+                        println!("filter {id}: {}", d.reason);
+                    }
+                }
             }
         }
     }
-    eprintln!("{allowed} allowed, {denied} denied, {refused} refused by validation");
+    eprintln!(
+        "{allowed} allowed, {denied} denied, {filtered} filtered, {refused} refused by validation"
+    );
     Ok(())
 }
 

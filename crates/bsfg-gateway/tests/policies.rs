@@ -580,7 +580,7 @@ fn bsfg_policy_test_prints_each_verdict_and_the_policy_log_without_a_gateway() {
         "{err}"
     );
     assert!(
-        err.contains("2 allowed, 1 denied, 1 refused by validation"),
+        err.contains("2 allowed, 1 denied, 0 filtered, 1 refused by validation"),
         "{err}"
     );
 
@@ -655,4 +655,81 @@ async fn ordinary_std_policies_decide_in_a_gateway_and_what_they_reach_for_is_re
         );
         assert!(m.contains(&line), "{line} in:\n{m}");
     }
+}
+
+/// A fact an intake policy filters is dropped (not stored, not quarantined), counted
+/// per policy and reason, and listed in the page's `facts_filtered` audit fact; a
+/// denied one beside it is quarantined; a local append the policy filters is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fact_filtered_at_intake_is_dropped_counted_and_recorded_while_a_denied_one_is_quarantined()
+ {
+    let plant = site("plant", &[("to-enterprise", "operational")], None, "");
+    let extra = policy(
+        "wanted",
+        &plugins::built("deny_predicates"),
+        "\"intake\", \"append\"",
+        "predicates = \"recipe_changed\", filter_predicates = \"heartbeat\"",
+        "",
+    );
+    let enterprise = site(
+        "enterprise",
+        &[("reporting", "operational"), ("audit-reader", "audit")],
+        Some(&plant.gw.url),
+        &extra,
+    );
+    let papi = plant.api();
+    for (i, p) in [
+        (1, "step_completed"),
+        (2, "heartbeat"),
+        (3, "recipe_changed"),
+        (4, "step_completed"),
+    ] {
+        papi.append_fact(fact(i, "PlantA", p)).await.unwrap();
+    }
+    wait_until(
+        "the link to confirm every page",
+        Duration::from_secs(30),
+        || link_frontier(&enterprise) == 4,
+    );
+    let eapi = enterprise.api();
+    assert_eq!(
+        read_all(&eapi, "reporting").await,
+        HashSet::from([
+            "plant:batch:P0:step:1".to_owned(),
+            "plant:batch:P0:step:4".to_owned()
+        ])
+    );
+    assert_eq!(
+        quarantined_ids(&enterprise),
+        HashSet::from(["plant:batch:P0:step:3".to_owned()]),
+        "only the denied fact waits in the quarantine"
+    );
+    let records = audit_records(&eapi).await;
+    let filtered: Vec<_> = records
+        .iter()
+        .filter(|f| f.predicate == "facts_filtered")
+        .collect();
+    assert_eq!(filtered.len(), 1, "{records:?}");
+    let o: serde_json::Value = serde_json::from_str(&filtered[0].object_json).unwrap();
+    assert_eq!(o["count"], 1, "{o}");
+    assert_eq!(o["facts"][0]["message_id"], "plant:batch:P0:step:2", "{o}");
+    assert_eq!(o["facts"][0]["source_offset"], 2, "{o}");
+    assert_eq!(o["facts"][0]["policy"], "wanted", "{o}");
+    assert_eq!(filtered[0].subject, "link:from-plant");
+    let m = enterprise.metrics();
+    for line in [
+        "bsfg_filtered_facts_total{zone=\"enterprise\",link=\"from-plant\",consumer=\"to-enterprise\"} 1",
+        "bsfg_policy_filtered_total{zone=\"enterprise\",policy=\"wanted\",reason=\"predicate `heartbeat` is not wanted here\"} 1",
+        "bsfg_policy_decisions_total{zone=\"enterprise\",policy=\"wanted\",verdict=\"filter\"} 1",
+    ] {
+        assert!(m.contains(line), "{line} in:\n{m}");
+    }
+    // At the append hook a filter refuses the producer: it is never told an unstored
+    // fact was stored.
+    let e = eapi
+        .append_fact(fact(9, "PlantA", "heartbeat"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), Reason::PermissionDenied, "{e}");
+    assert!(e.to_string().contains("is not wanted here"), "{e}");
 }

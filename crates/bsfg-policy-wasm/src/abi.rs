@@ -1,15 +1,18 @@
-//! The `bsfg:policy@0.1.0` types as the host lowers and lifts them. Facts are
+//! The `bsfg:policy@0.2.0` types (and 0.1.0's verdict) as the host lowers and lifts
+//! them. Facts are
 //! lowered from borrowed strings: nothing is copied on the host side on the way in.
 
 use bsfg_core::{Candidate, Hook, PolicyContext};
 use wasmtime::component::{ComponentType, Lift, Lower};
 
-/// The WIT package and version this host serves.
-pub const PACKAGE: &str = "bsfg:policy@0.1.0";
+/// The WIT package and version this host serves (and 0.1.0, which has no `filter`).
+pub const PACKAGE: &str = "bsfg:policy@0.2.0";
 /// The interface of the types (no functions); guests may import it.
-pub const TYPES_INTERFACE: &str = "bsfg:policy/types@0.1.0";
+pub const TYPES_INTERFACE: &str = "bsfg:policy/types@0.2.0";
 /// The host interface every policy may import.
-pub const HOST_INTERFACE: &str = "bsfg:policy/host@0.1.0";
+pub const HOST_INTERFACE: &str = "bsfg:policy/host@0.2.0";
+/// The earlier versions' interfaces, still served.
+pub(crate) const OLDER: [(&str, &str); 1] = [("bsfg:policy/types@0.1.0", "bsfg:policy/host@0.1.0")];
 
 #[derive(ComponentType, Lower, Clone, Copy)]
 #[component(enum)]
@@ -156,6 +159,27 @@ pub(crate) enum WVerdict {
     Allow,
     #[component(name = "deny")]
     Deny(String),
+    #[component(name = "filter")]
+    Filter(String),
+}
+
+/// The verdict of `bsfg:policy@0.1.0` (no `filter`).
+#[derive(ComponentType, Lift, Debug)]
+#[component(variant)]
+pub(crate) enum WVerdictV1 {
+    #[component(name = "allow")]
+    Allow,
+    #[component(name = "deny")]
+    Deny(String),
+}
+
+impl From<WVerdictV1> for WVerdict {
+    fn from(v: WVerdictV1) -> WVerdict {
+        match v {
+            WVerdictV1::Allow => WVerdict::Allow,
+            WVerdictV1::Deny(r) => WVerdict::Deny(r),
+        }
+    }
 }
 
 #[derive(ComponentType, Lift, Clone, Copy, Debug)]

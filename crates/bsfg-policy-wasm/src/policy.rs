@@ -25,7 +25,13 @@ struct Counters {
     reloads_rejected: AtomicU64,
     reloads_unchanged: AtomicU64,
     faults: Mutex<Vec<(&'static str, u64)>>,
+    /// Facts filtered, by reason (at most [`FILTER_REASONS`] reasons; the rest as
+    /// `other`).
+    filtered: Mutex<Vec<(String, u64)>>,
 }
+
+/// Distinct filter reasons counted apart (a label each in /metrics).
+const FILTER_REASONS: usize = 32;
 
 /// A snapshot of a policy's counters and state.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +61,8 @@ pub struct PolicyStats {
     /// What its instances reached for in WASI and did not get (filesystem,
     /// environment, arguments, network), counted per attempt.
     pub reach: Vec<(&'static str, u64)>,
+    /// Facts it filtered, by reason (the first 32 reasons apart, then `other`).
+    pub filtered: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -221,6 +229,7 @@ impl WasmPolicy {
                 .is_some_and(|t| Instant::now() < t),
             sha256: self.sha256(),
             reach: self.reach.counts().to_vec(),
+            filtered: lock(&c.filtered).clone(),
         }
     }
 
@@ -305,6 +314,14 @@ impl WasmPolicy {
                         module_sha256: sha.clone(),
                     }))
                 }
+                Some(WVerdict::Filter(reason)) => {
+                    self.filtered(&reason);
+                    Some(Verdict::Filter(Denial {
+                        policy: self.name.to_string(),
+                        reason,
+                        module_sha256: sha.clone(),
+                    }))
+                }
                 None => None,
             });
         }
@@ -384,6 +401,19 @@ impl WasmPolicy {
             lock(&loaded.warm).push(warm);
             verdicts
         })
+    }
+
+    fn filtered(&self, reason: &str) {
+        let mut f = lock(&self.counters.filtered);
+        if let Some((_, n)) = f.iter_mut().find(|(r, _)| r == reason) {
+            *n += 1;
+        } else if f.len() < FILTER_REASONS {
+            f.push((reason.to_owned(), 1));
+        } else if let Some((_, n)) = f.iter_mut().find(|(r, _)| r == "other") {
+            *n += 1;
+        } else {
+            f.push(("other".to_owned(), 1));
+        }
     }
 
     fn still_broken(&self) -> Option<Fault> {

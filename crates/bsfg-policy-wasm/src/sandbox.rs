@@ -13,7 +13,7 @@ use wasmtime::{
     StoreContextMut, Trap,
 };
 
-use crate::abi::{self, WContext, WFact, WLevel, WVerdict};
+use crate::abi::{self, WContext, WFact, WLevel, WVerdict, WVerdictV1};
 use crate::config::{HostGrant, PolicyConfig};
 use crate::error::PolicyError;
 
@@ -194,40 +194,48 @@ impl Sandbox {
     }
 }
 
+/// `host.log`: one line to the gateway's log under the policy's name, at most
+/// [`LOG_LINES_PER_CALL`] per call (shared with stdout and stderr), each cut at
+/// [`LOG_LINE_BYTES`].
+fn log(
+    mut store: StoreContextMut<'_, HostState>,
+    (level, message): (WLevel, String),
+) -> wasmtime::Result<()> {
+    let st = store.data_mut();
+    let left = st.logs_left.load(Ordering::Relaxed);
+    if left == 0 {
+        return Ok(());
+    }
+    st.logs_left.store(left - 1, Ordering::Relaxed);
+    let mut message = message;
+    if message.len() > LOG_LINE_BYTES {
+        let mut cut = LOG_LINE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    if left == 1 {
+        message.push_str(" (further lines of this call dropped)");
+    }
+    let policy = &*st.policy;
+    match level {
+        WLevel::Debug => tracing::debug!(policy, "{message}"),
+        WLevel::Info => tracing::info!(policy, "{message}"),
+        WLevel::Warn => tracing::warn!(policy, "{message}"),
+        WLevel::Error => tracing::error!(policy, "{message}"),
+    }
+    Ok(())
+}
+
 fn link_host(linker: &mut Linker<HostState>, grants: &[HostGrant]) -> wasmtime::Result<()> {
-    // Types only: guests built with wit-bindgen import it for the record definitions.
-    linker.instance(abi::TYPES_INTERFACE)?;
-    linker.instance(abi::HOST_INTERFACE)?.func_wrap(
-        "log",
-        |mut store: StoreContextMut<'_, HostState>, (level, message): (WLevel, String)| {
-            let st = store.data_mut();
-            let left = st.logs_left.load(Ordering::Relaxed);
-            if left == 0 {
-                return Ok(());
-            }
-            st.logs_left.store(left - 1, Ordering::Relaxed);
-            let mut message = message;
-            if message.len() > LOG_LINE_BYTES {
-                let mut cut = LOG_LINE_BYTES;
-                while !message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                message.truncate(cut);
-                message.push_str("...");
-            }
-            if left == 1 {
-                message.push_str(" (further lines of this call dropped)");
-            }
-            let policy = &*st.policy;
-            match level {
-                WLevel::Debug => tracing::debug!(policy, "{message}"),
-                WLevel::Info => tracing::info!(policy, "{message}"),
-                WLevel::Warn => tracing::warn!(policy, "{message}"),
-                WLevel::Error => tracing::error!(policy, "{message}"),
-            }
-            Ok(())
-        },
-    )?;
+    let versions = std::iter::once((abi::TYPES_INTERFACE, abi::HOST_INTERFACE)).chain(abi::OLDER);
+    for (types, host) in versions {
+        // Types only: guests built with wit-bindgen import it for the record definitions.
+        linker.instance(types)?;
+        linker.instance(host)?.func_wrap("log", log)?;
+    }
     let _ = grants;
     crate::wasi::link(linker)?;
     Ok(())
@@ -261,11 +269,6 @@ pub(crate) fn guest<R: Send>(
     }
 }
 
-/// The interface name without its `@version`.
-fn unversioned(name: &str) -> &str {
-    name.split_once('@').map_or(name, |(n, _)| n)
-}
-
 impl Module {
     /// Compiles `bytes` and checks, in order: that it is a component; that it imports
     /// nothing but `bsfg:policy/host` (and `types`) and the interfaces `cfg` grants;
@@ -292,9 +295,10 @@ impl Module {
             let wasi_02 = crate::wasi::PACKAGES
                 .iter()
                 .any(|p| import.starts_with(p) && import.contains("@0.2."));
-            let allowed = unversioned(import) == unversioned(abi::HOST_INTERFACE)
-                || unversioned(import) == unversioned(abi::TYPES_INTERFACE)
-                || wasi_02;
+            let ours = std::iter::once((abi::TYPES_INTERFACE, abi::HOST_INTERFACE))
+                .chain(abi::OLDER)
+                .any(|(t, h)| import == t || import == h);
+            let allowed = ours || wasi_02;
             if !allowed {
                 return Err(PolicyError::ForbiddenImport {
                     policy: name.clone(),
@@ -368,6 +372,8 @@ impl Module {
 pub(crate) struct Warm {
     store: Store<HostState>,
     decide: Func,
+    /// Built against `bsfg:policy@0.1.0`: its verdicts have no `filter`.
+    v1: bool,
 }
 
 /// Runs `f` with the call limits set, and turns an error into a [`Fault`].
@@ -434,14 +440,20 @@ impl Warm {
         let decide = instance
             .get_func(&mut store, "decide")
             .ok_or_else(|| Fault::Other("no `decide` export".into()))?;
-        decide
-            .typed::<(WContext<'_>, &[WFact<'_>]), (Vec<WVerdict>,)>(&store)
-            .map_err(|e| {
-                Fault::Other(format!(
-                    "`decide` does not have the type of world `policy` of {}: {e:#}",
-                    abi::PACKAGE
-                ))
-            })?;
+        let v1 = match decide.typed::<(WContext<'_>, &[WFact<'_>]), (Vec<WVerdict>,)>(&store) {
+            Ok(_) => false,
+            Err(e) => {
+                decide
+                    .typed::<(WContext<'_>, &[WFact<'_>]), (Vec<WVerdictV1>,)>(&store)
+                    .map_err(|_| {
+                        Fault::Other(format!(
+                            "`decide` does not have the type of world `policy` of {}: {e:#}",
+                            abi::PACKAGE
+                        ))
+                    })?;
+                true
+            }
+        };
         if module.has_init {
             let init = instance
                 .get_typed_func::<(&[(&str, &str)],), (Result<(), String>,)>(&mut store, "init")
@@ -459,7 +471,7 @@ impl Warm {
             let (r,) = limited(&mut store, sandbox, cfg, |s| init.call(s, (&settings,)))?;
             r.map_err(|e| Fault::Other(format!("init refused the settings: {e}")))?;
         }
-        Ok(Warm { store, decide })
+        Ok(Warm { store, decide, v1 })
     }
 
     /// Decides one batch under the limits. A fault leaves this instance unusable:
@@ -472,10 +484,18 @@ impl Warm {
         facts: &[WFact<'_>],
     ) -> Result<Vec<WVerdict>, Fault> {
         let decide = self.decide;
+        let v1 = self.v1;
         let (verdicts,) = limited(&mut self.store, sandbox, cfg, |s| {
-            decide
-                .typed::<(WContext<'_>, &[WFact<'_>]), (Vec<WVerdict>,)>(&*s)?
-                .call(s, (ctx, facts))
+            if v1 {
+                let (vs,) = decide
+                    .typed::<(WContext<'_>, &[WFact<'_>]), (Vec<WVerdictV1>,)>(&*s)?
+                    .call(s, (ctx, facts))?;
+                Ok((vs.into_iter().map(WVerdict::from).collect(),))
+            } else {
+                decide
+                    .typed::<(WContext<'_>, &[WFact<'_>]), (Vec<WVerdict>,)>(&*s)?
+                    .call(s, (ctx, facts))
+            }
         })?;
         if verdicts.len() != facts.len() {
             return Err(Fault::Count {

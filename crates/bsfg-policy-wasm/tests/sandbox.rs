@@ -31,7 +31,7 @@ fn decide(p: &WasmPolicy, ctx: &PolicyContext<'_>, ms: &[Message]) -> Vec<Verdic
 fn reason(v: &Verdict) -> &str {
     match v {
         Verdict::Allow => "allow",
-        Verdict::Deny(d) => &d.reason,
+        Verdict::Deny(d) | Verdict::Filter(d) => &d.reason,
     }
 }
 
@@ -567,4 +567,34 @@ fn a_module_importing_the_host_interface_with_other_types_is_refused_at_load() {
     let e = load_err(config("old", plugins::hostile("wrong-host-types")));
     assert!(matches!(e, PolicyError::ImportTypes { .. }), "{e}");
     assert!(e.to_string().contains("bsfg:policy/host@0.1.0"), "{e}");
+}
+
+#[test]
+fn a_component_of_the_current_contract_filters_and_one_of_0_1_0_still_decides() {
+    let mut c = config("wanted", plugins::built("deny_predicates"));
+    c.settings = [("filter_predicates".to_owned(), "heartbeat".to_owned())].into();
+    let p = WasmPolicy::load(c).unwrap();
+    let v = decide(
+        &p,
+        &APPEND,
+        &[
+            fact("a", "heartbeat", None),
+            fact("b", "step_completed", None),
+        ],
+    );
+    assert!(
+        matches!(&v[0], Verdict::Filter(d) if d.reason == "predicate `heartbeat` is not wanted here"),
+        "{v:?}"
+    );
+    assert_eq!(v[1], Verdict::Allow);
+    let s = p.stats();
+    assert_eq!(
+        s.filtered,
+        [("predicate `heartbeat` is not wanted here".to_owned(), 1)]
+    );
+    // The component-text fixtures are built against bsfg:policy@0.1.0 (no filter):
+    // they load and are called as before.
+    let old = WasmPolicy::load(config("old", plugins::hostile("trap"))).unwrap();
+    let v = decide(&old, &APPEND, &[fact("a", "x", None)]);
+    assert!(reason(&v[0]).starts_with("policy_fault: trap:"), "{v:?}");
 }

@@ -245,6 +245,7 @@ async fn replication_over_a_lossy_reordering_path_delivers_every_fact_exactly_on
         wait: Duration::from_millis(200),
         streams: vec![],
         source_zone: "plant".into(),
+        local_zone: "idmz".into(),
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     let mut failures = 0;

@@ -40,7 +40,7 @@ pub use alloc::vec::Vec;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "bsfg:policy/policy@0.1.0",
+        world: "bsfg:policy/policy@0.2.0",
         pub_export_macro: true,
         export_macro_name: "export_bindings",
         default_bindings_module: "bsfg_policy_sdk::bindings",
@@ -299,6 +299,12 @@ impl Verdict {
     /// A denial with `reason`.
     pub fn deny(reason: impl Into<String>) -> Verdict {
         Verdict::Deny(reason.into())
+    }
+
+    /// A filter with `reason`: at intake the fact is dropped and recorded, not
+    /// quarantined.
+    pub fn filter(reason: impl Into<String>) -> Verdict {
+        Verdict::Filter(reason.into())
     }
 }
 

@@ -35,7 +35,9 @@ use crate::model::{ArtifactRef, Limits, Provenance, Refused, ValidatedMessage};
 use crate::policy::{CAUSE_POLICY, QuarantineEntry, Verdict};
 use crate::ports::{AppendOutcome, FactPage, FetchedFact, Frontier};
 
-use super::{GapAcceptance, Operation, PullError, PullReport, PullStep, gap_fact};
+use super::{
+    Filtered, GapAcceptance, Operation, PullError, PullReport, PullStep, filter_fact, gap_fact,
+};
 
 /// Whether the machine runs a link (steps forever, backing off on failures) or one
 /// step (`bsfg pull`, [`super::pull_page`]): the first outcome ends it.
@@ -100,6 +102,8 @@ pub enum Event {
     Decided(Vec<(u64, ValidatedMessage, Verdict)>),
     /// The answer to [`Action::AppendGapRecord`].
     GapRecorded(Result<AppendOutcome, BoundaryError>),
+    /// The answer to [`Action::AppendFilterRecord`].
+    FilterRecorded(Result<AppendOutcome, BoundaryError>),
     /// The answers to [`Action::Carry`], one per fact, in any order.
     Carried(Vec<(u64, Carry)>),
     /// The answers to [`Action::Append`], one per fact, in any order.
@@ -131,6 +135,9 @@ pub enum Action {
     Decide(Vec<(u64, ValidatedMessage)>),
     /// Append the record of an accepted gap.
     AppendGapRecord(Box<ValidatedMessage>),
+    /// Append the audit record of the facts the intake policies filtered from the
+    /// page (before its confirm).
+    AppendFilterRecord(Box<ValidatedMessage>),
     /// Make sure this zone holds every artifact these facts (by source offset)
     /// reference, copying from the source what it lacks.
     Carry(Vec<(u64, Vec<ArtifactRef>)>),
@@ -191,6 +198,7 @@ enum Stage {
     Carrying,
     Appending,
     Quarantining,
+    RecordingFilter,
     Confirming,
     RecordingCheckpoint,
 }
@@ -208,6 +216,8 @@ struct Work {
     last: Option<u64>,
     report: PullReport,
     set_aside: Vec<QuarantineEntry>,
+    /// Facts the intake policies filtered (recorded before the confirm).
+    filtered: Vec<Filtered>,
     stage: Stage,
 }
 
@@ -397,6 +407,12 @@ impl Machine {
                 for (offset, v, verdict) in verdicts {
                     match verdict {
                         Verdict::Allow => allowed.push((offset, v)),
+                        Verdict::Filter(d) => w.filtered.push(Filtered {
+                            message_id: v.message().envelope.message_id.clone(),
+                            source_offset: offset,
+                            policy: d.policy,
+                            reason: d.reason,
+                        }),
                         Verdict::Deny(denial) => {
                             let from = self.provenance(&w.stream, offset);
                             w.set_aside.push(QuarantineEntry::new(
@@ -487,8 +503,12 @@ impl Machine {
                 }
             }
             (Stage::Quarantining, Event::Quarantined(r)) => match r {
-                Ok(()) => self.confirm(now, w),
+                Ok(()) => self.record_filtered(now, w),
                 Err(e) => self.fail(now, boundary(Operation::Quarantine, e)),
+            },
+            (Stage::RecordingFilter, Event::FilterRecorded(r)) => match r {
+                Ok(_) => self.confirm(now, w),
+                Err(e) => self.fail(now, boundary(Operation::Append, e)),
             },
             (Stage::Confirming, Event::Confirmed(r)) => match r {
                 Ok(f) => {
@@ -597,6 +617,7 @@ impl Machine {
             carrying: Vec::new(),
             report,
             set_aside: Vec::new(),
+            filtered: Vec::new(),
             stage: Stage::RecordingGap,
         });
         if let Some((missing_from, missing_to)) = gap {
@@ -717,12 +738,30 @@ impl Machine {
             .filter(|e| e.cause != CAUSE_POLICY)
             .count();
         if w.set_aside.is_empty() {
-            return self.confirm(now, w);
+            return self.record_filtered(now, w);
         }
         let entries = std::mem::take(&mut w.set_aside);
         w.stage = Stage::Quarantining;
         self.phase = Phase::Applying(w);
         self.emit(Action::Quarantine(entries));
+    }
+
+    /// What the intake policies filtered is recorded, durably, before the confirm: a
+    /// fact is dropped only with a trace of it in this zone.
+    fn record_filtered(&mut self, now: Now, mut w: Box<Work>) {
+        w.report.filtered = w.filtered.len();
+        if w.filtered.is_empty() {
+            return self.confirm(now, w);
+        }
+        let record = filter_fact(&self.step, &w.stream, &w.filtered, now.unix_ms);
+        match self.config.limits.try_validate(record) {
+            Ok(v) => {
+                w.stage = Stage::RecordingFilter;
+                self.phase = Phase::Applying(w);
+                self.emit(Action::AppendFilterRecord(Box::new(v)));
+            }
+            Err(r) => self.fail(now, boundary(Operation::Append, r.error)),
+        }
     }
 
     /// Every fact of the page is durably appended or kept: only now the confirm.
@@ -815,6 +854,7 @@ mod tests {
             wait: Duration::from_secs(1),
             streams: vec!["facts_operational".into()],
             source_zone: "plant".into(),
+            local_zone: "ent".into(),
         }
     }
 
@@ -1004,6 +1044,7 @@ mod tests {
                 Action::Decide(_) => "decide",
                 Action::Carry(_) => "carry",
                 Action::AppendGapRecord(_) => "append_gap_record",
+                Action::AppendFilterRecord(_) => "append_filter_record",
                 Action::Append(_) => "append",
                 Action::Quarantine(_) => "quarantine",
                 Action::Confirm(_) => "confirm",
@@ -1224,6 +1265,79 @@ mod tests {
             panic!("{a:?}")
         };
         assert_eq!((e.len(), e[0].cause.as_str()), (1, CAUSE_POLICY));
+    }
+
+    #[test]
+    fn filtered_facts_are_dropped_recorded_in_one_audit_fact_and_only_then_the_page_confirmed() {
+        let mut m = Machine::new(step(), config(Mode::Continuous, true));
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6, 7, 8]))));
+        let Some(Action::Decide(valid)) = drain(&mut m).into_iter().nth(1) else {
+            panic!()
+        };
+        let verdict = |o: u64| {
+            let d = Denial {
+                policy: "p".into(),
+                reason: format!("not wanted {o}"),
+                module_sha256: String::new(),
+            };
+            match o {
+                6 | 8 => Verdict::Filter(d),
+                7 => Verdict::Deny(d),
+                _ => Verdict::Allow,
+            }
+        };
+        let decided = valid.into_iter().map(|(o, v)| (o, v, verdict(o))).collect();
+        m.handle(at(2), Event::Decided(decided));
+        let facts = take_append(drain(&mut m));
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5]);
+        m.handle(at(3), appended(facts, &[]));
+        let a = drain(&mut m);
+        let [Action::Quarantine(e)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(e.len(), 1, "only the denied fact is quarantined");
+        m.handle(at(4), Event::Quarantined(Ok(())));
+        let a = drain(&mut m);
+        let [Action::AppendFilterRecord(record)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        let r = record.message();
+        assert_eq!(r.fact.predicate, "facts_filtered");
+        assert_eq!(
+            (r.envelope.from_zone.as_str(), r.fact.subject.as_str()),
+            ("ent", "link:to-ent")
+        );
+        assert!(
+            r.fact.object_json.contains(r#""count":2"#)
+                && r.fact.object_json.contains("\"m6\"")
+                && r.fact.object_json.contains("not wanted 8"),
+            "{}",
+            r.fact.object_json
+        );
+        // A failed record fails the page before its confirm.
+        let id = r.envelope.message_id.clone();
+        m.handle(
+            at(5),
+            Event::FilterRecorded(Err(BoundaryError::Unavailable("down".into()))),
+        );
+        assert_eq!(names(&drain(&mut m)), ["backing_off", "sleep_until"]);
+        // The replayed page records the same fact (same id: stored once).
+        let again = filter_fact(
+            &step(),
+            "facts_operational",
+            &[6, 8].map(|o| Filtered {
+                message_id: format!("m{o}"),
+                source_offset: o,
+                policy: "p".into(),
+                reason: format!("not wanted {o}"),
+            }),
+            99,
+        );
+        assert_eq!(again.envelope.message_id, id);
     }
 
     #[test]

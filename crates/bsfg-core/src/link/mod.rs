@@ -277,6 +277,68 @@ pub fn gap_fact(consumer: &str, missing_from: u64, missing_to: u64, a: &GapAccep
     }
 }
 
+/// A fact an intake policy filtered: not appended, not quarantined, recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Filtered {
+    /// Its message_id.
+    pub message_id: String,
+    /// Its offset in the source stream.
+    pub source_offset: u64,
+    /// The policy that filtered it.
+    pub policy: String,
+    /// The policy's reason.
+    pub reason: String,
+}
+
+/// Facts listed one by one in a filter record; beyond, only counted.
+const FILTER_RECORD_LISTED: usize = 200;
+
+/// The audit fact of what the intake policies filtered from one page of `stream`:
+/// subject `link:<link>`, predicate `facts_filtered`, in the receiving zone, its
+/// message_id derived from the link, the stream and the filtered offsets, so that
+/// recording the same page twice (a replay) stores it once.
+pub fn filter_fact(
+    step: &PullStep,
+    stream: &str,
+    filtered: &[Filtered],
+    at_unix_ms: i64,
+) -> Message {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in filtered {
+        h.update(f.source_offset.to_be_bytes());
+    }
+    let first = filtered.iter().map(|f| f.source_offset).min().unwrap_or(0);
+    let last = filtered.iter().map(|f| f.source_offset).max().unwrap_or(0);
+    let digest: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Message {
+        envelope: Envelope {
+            message_id: format!("filtered:{}:{stream}:{first}-{last}:{digest}", step.link),
+            from_zone: step.local_zone.clone(),
+            to_zone: step.local_zone.clone(),
+            produced_at_unix_ms: at_unix_ms,
+            labels: [("class".to_owned(), "audit".to_owned())].into(),
+            ..Default::default()
+        },
+        fact: Fact {
+            subject: format!("link:{}", step.link),
+            predicate: "facts_filtered".into(),
+            object_json: serde_json::json!({
+                "link": step.link,
+                "source_zone": step.source_zone,
+                "stream": stream,
+                "count": filtered.len(),
+                "facts": &filtered[..filtered.len().min(FILTER_RECORD_LISTED)],
+            })
+            .to_string(),
+            artifacts: vec![],
+        },
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PullReport {
@@ -291,6 +353,8 @@ pub struct PullReport {
     pub quarantined: usize,
     /// Of the quarantined, those this zone refused (the rest an intake policy denied).
     pub refused: usize,
+    /// Facts an intake policy filtered (dropped, recorded in one audit fact).
+    pub filtered: usize,
     /// The source's frontier for the consumer after the step.
     pub frontier: u64,
     /// The source's newest offset (lag in facts = `last_offset - frontier`).
@@ -324,6 +388,9 @@ pub struct PullStep {
     /// policy context and quarantine entries take it from here, never from the page
     /// (whose `zone` the source can set to anything).
     pub source_zone: String,
+    /// This (the receiving) zone: the zone of the link's own audit records (the
+    /// facts an intake policy filtered from a page).
+    pub local_zone: String,
 }
 
 /// The gap a page shows, judged against `base`, the lower of the link's checkpoint
@@ -472,98 +539,105 @@ impl<'a> Ports<'a> {
             self.intake,
             self.counters,
         );
-        let call: Call<'a> =
-            match action {
-                Action::ReadCheckpoint => Box::pin(async move {
-                    Event::CheckpointRead(destination.checkpoint(&step.link).await)
-                }),
-                Action::Fetch => Box::pin(async move {
-                    Event::Fetched(source.fetch_facts(step.fetch_request()).await)
-                }),
-                Action::Prefetch => Box::pin(async move {
-                    Event::Prefetched(source.fetch_facts(step.fetch_request()).await)
-                }),
-                Action::Decide(valid) => Box::pin(async move {
-                    let ctx = PolicyContext {
-                        hook: Hook::Intake,
-                        zone: &intake.zone,
-                        peer: &intake.peer,
-                        link: Some(&step.link),
-                        source_zone: Some(&step.source_zone),
-                    };
-                    let candidates: Vec<Candidate<'_>> = valid
-                        .iter()
-                        .map(|(offset, v)| Candidate {
-                            message: v.message(),
-                            source_offset: Some(*offset),
-                        })
-                        .collect();
-                    let verdicts = intake.chain.decide(&ctx, &candidates).await;
-                    drop(candidates);
-                    Event::Decided(
-                        valid
-                            .into_iter()
-                            .zip(verdicts)
-                            .map(|((offset, v), verdict)| (offset, v, verdict))
-                            .collect(),
-                    )
-                }),
-                Action::Carry(facts) => Box::pin(async move {
-                    Event::Carried(carry_page(source, destination, step, counters, facts).await)
-                }),
-                Action::AppendGapRecord(record) => Box::pin(async move {
-                    Event::GapRecorded(destination.append_replicated(*record).await)
-                }),
-                Action::Append(facts) => Box::pin(async move {
-                    let n = facts.len();
-                    // A refused fact is rebuilt from its stored form (a cheap handle on
-                    // bytes the message already holds) rather than cloned for every fact
-                    // that succeeds.
-                    let appends = facts.into_iter().map(|(offset, v)| {
-                        let stored = v.stored_form().clone();
-                        async move {
-                            let outcome = destination.append_replicated(v).await;
-                            Appended {
-                                offset,
-                                stored,
-                                outcome,
-                            }
-                        }
-                    });
-                    Event::Appended(
-                        futures::stream::iter(appends)
-                            .buffered(page_concurrency(n))
-                            .collect()
-                            .await,
-                    )
-                }),
-                Action::Quarantine(entries) => Box::pin(async move {
-                    for entry in entries {
-                        tracing::warn!(
-                            link = %step.link,
-                            message_id = %entry.message.envelope.message_id,
-                            source_offset = entry.source_offset,
-                            cause = %entry.cause,
-                            policy = %entry.denial.policy,
-                            reason = %entry.denial.reason,
-                            "fact quarantined at intake"
-                        );
-                        if let Err(e) = destination.quarantine(entry).await {
-                            return Event::Quarantined(Err(e));
+        let call: Call<'a> = match action {
+            Action::ReadCheckpoint => {
+                Box::pin(
+                    async move { Event::CheckpointRead(destination.checkpoint(&step.link).await) },
+                )
+            }
+            Action::Fetch => {
+                Box::pin(
+                    async move { Event::Fetched(source.fetch_facts(step.fetch_request()).await) },
+                )
+            }
+            Action::Prefetch => Box::pin(async move {
+                Event::Prefetched(source.fetch_facts(step.fetch_request()).await)
+            }),
+            Action::Decide(valid) => Box::pin(async move {
+                let ctx = PolicyContext {
+                    hook: Hook::Intake,
+                    zone: &intake.zone,
+                    peer: &intake.peer,
+                    link: Some(&step.link),
+                    source_zone: Some(&step.source_zone),
+                };
+                let candidates: Vec<Candidate<'_>> = valid
+                    .iter()
+                    .map(|(offset, v)| Candidate {
+                        message: v.message(),
+                        source_offset: Some(*offset),
+                    })
+                    .collect();
+                let verdicts = intake.chain.decide(&ctx, &candidates).await;
+                drop(candidates);
+                Event::Decided(
+                    valid
+                        .into_iter()
+                        .zip(verdicts)
+                        .map(|((offset, v), verdict)| (offset, v, verdict))
+                        .collect(),
+                )
+            }),
+            Action::Carry(facts) => Box::pin(async move {
+                Event::Carried(carry_page(source, destination, step, counters, facts).await)
+            }),
+            Action::AppendGapRecord(record) => {
+                Box::pin(
+                    async move { Event::GapRecorded(destination.append_replicated(*record).await) },
+                )
+            }
+            Action::AppendFilterRecord(record) => Box::pin(async move {
+                tracing::info!(link = %step.link, message_id = %record.message().envelope.message_id, "facts filtered at intake recorded");
+                Event::FilterRecorded(destination.append_replicated(*record).await)
+            }),
+            Action::Append(facts) => Box::pin(async move {
+                let n = facts.len();
+                // A refused fact is rebuilt from its stored form (a cheap handle on
+                // bytes the message already holds) rather than cloned for every fact
+                // that succeeds.
+                let appends = facts.into_iter().map(|(offset, v)| {
+                    let stored = v.stored_form().clone();
+                    async move {
+                        let outcome = destination.append_replicated(v).await;
+                        Appended {
+                            offset,
+                            stored,
+                            outcome,
                         }
                     }
-                    Event::Quarantined(Ok(()))
-                }),
-                Action::Confirm(offset) => Box::pin(async move {
-                    Event::Confirmed(source.confirm_receipt(&step.consumer, offset).await)
-                }),
-                Action::RecordCheckpoint(offset) => Box::pin(async move {
-                    Event::CheckpointRecorded(
-                        destination.record_checkpoint(&step.link, offset).await,
-                    )
-                }),
-                other => return Dispatch::Notice(other),
-            };
+                });
+                Event::Appended(
+                    futures::stream::iter(appends)
+                        .buffered(page_concurrency(n))
+                        .collect()
+                        .await,
+                )
+            }),
+            Action::Quarantine(entries) => Box::pin(async move {
+                for entry in entries {
+                    tracing::warn!(
+                        link = %step.link,
+                        message_id = %entry.message.envelope.message_id,
+                        source_offset = entry.source_offset,
+                        cause = %entry.cause,
+                        policy = %entry.denial.policy,
+                        reason = %entry.denial.reason,
+                        "fact quarantined at intake"
+                    );
+                    if let Err(e) = destination.quarantine(entry).await {
+                        return Event::Quarantined(Err(e));
+                    }
+                }
+                Event::Quarantined(Ok(()))
+            }),
+            Action::Confirm(offset) => Box::pin(async move {
+                Event::Confirmed(source.confirm_receipt(&step.consumer, offset).await)
+            }),
+            Action::RecordCheckpoint(offset) => Box::pin(async move {
+                Event::CheckpointRecorded(destination.record_checkpoint(&step.link, offset).await)
+            }),
+            other => return Dispatch::Notice(other),
+        };
         Dispatch::Call(call)
     }
 }
@@ -859,6 +933,8 @@ pub struct LinkCounters {
     pub refused: AtomicU64,
     /// Gaps accepted by an operator.
     pub gaps_accepted: AtomicU64,
+    /// Facts an intake policy filtered (dropped and recorded, not quarantined).
+    pub filtered: AtomicU64,
     /// Artifacts copied whole from the source into this zone.
     pub artifacts_copied: AtomicU64,
     /// Artifacts this zone already held when a fact referenced them.
@@ -921,6 +997,9 @@ pub struct LinkStatus {
     pub refused: u64,
     /// Gaps accepted.
     pub gaps_accepted: u64,
+    /// Facts an intake policy filtered.
+    #[serde(default)]
+    pub filtered: u64,
     /// Artifacts copied whole from the source.
     #[serde(default)]
     pub artifacts_copied: u64,
@@ -1034,6 +1113,7 @@ impl LinkHandle {
             quarantined: get(&c.quarantined),
             refused: get(&c.refused),
             gaps_accepted: get(&c.gaps_accepted),
+            filtered: get(&c.filtered),
             artifacts_copied: get(&c.artifacts_copied),
             artifacts_present: get(&c.artifacts_present),
             artifact_failures: get(&c.artifact_failures),
@@ -1148,6 +1228,7 @@ impl Link {
             wait: settings.wait,
             streams: settings.streams.clone(),
             source_zone: settings.source_zone.clone(),
+            local_zone: settings.local_zone.clone(),
         };
         let metered_source = Observed::new(
             self.source.clone(),
@@ -1307,6 +1388,8 @@ impl Link {
             .fetch_add(report.quarantined as u64, Ordering::Relaxed);
         c.refused
             .fetch_add(report.refused as u64, Ordering::Relaxed);
+        c.filtered
+            .fetch_add(report.filtered as u64, Ordering::Relaxed);
         if report.gap_accepted.is_some() {
             c.gaps_accepted.fetch_add(1, Ordering::Relaxed);
         }

@@ -275,7 +275,9 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|");
     for batch in [1usize, 100, 1000] {
-        let a = per_fact(&facts, batch, opts.decisions, |c| sdk.decide_blocking(&ctx, c))?;
+        let a = per_fact(&facts, batch, opts.decisions, |c| {
+            sdk.decide_blocking(&ctx, c)
+        })?;
         let b = per_fact(&facts, batch, opts.decisions, |c| {
             std_policy.decide_blocking(&ctx, c)
         })?;
