@@ -5,12 +5,16 @@
 #   .tools/bin/nats-server  symlink the testkit and the demo use
 #   grpcio, grpcio-status, grpcio-reflection in the same venv (cross-language test)
 #   plugins/target/wasm32-wasip2/release/*.wasm  example policies and test fixtures
+#   plugins/std/target/wasm32-wasip2/release/*.wasm  std-Rust policies
+#   componentize-py in the venv, plugins/python/target/*.wasm  Python policies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_VERSION=2.15.1
 # Python gRPC, for the test that calls a gateway from another language through
 # server reflection only (tests/clients/reflection_client.py).
 PY_GRPC="grpcio==1.85.1 grpcio-status==1.85.1 grpcio-reflection==1.85.1"
+# Policies in Python: componentize-py builds a WASI 0.2 component from plugins/wit.
+PY_COMPONENTIZE="componentize-py==0.25.1"
 mkdir -p .tools/bin
 if [ -x .tools/bin/nats-server ] && .tools/bin/nats-server --version 2>/dev/null | grep -q "v${NATS_VERSION}"; then
   echo "setup: nats-server v${NATS_VERSION} already in .tools/bin"
@@ -41,3 +45,21 @@ cargo build --quiet --release --locked --target wasm32-wasip2 --manifest-path pl
 # Policies in ordinary std Rust (wit-bindgen + serde_json, no SDK): a workspace of their
 # own (plugins/std/target/wasm32-wasip2/release/*.wasm).
 cargo build --quiet --release --locked --target wasm32-wasip2 --manifest-path plugins/std/Cargo.toml
+# Python policies (plugins/python/<name>/app.py -> plugins/python/target/<name>.wasm),
+# rebuilt when the app or the WIT changed.
+if [ "$(cat .tools/venv/.bsfg-py-componentize 2>/dev/null)" != "$PY_COMPONENTIZE" ]; then
+  echo "setup: installing $PY_COMPONENTIZE into .tools/venv"
+  .tools/venv/bin/pip install --quiet --disable-pip-version-check "$PY_COMPONENTIZE"
+  echo "$PY_COMPONENTIZE" > .tools/venv/.bsfg-py-componentize
+fi
+mkdir -p plugins/python/target
+for app in plugins/python/*/app.py; do
+  dir=$(dirname "$app")
+  name=$(basename "$dir" | tr - _)
+  out="plugins/python/target/$name.wasm"
+  if [ ! -f "$out" ] || [ "$app" -nt "$out" ] || [ plugins/wit/policy.wit -nt "$out" ]; then
+    echo "setup: building the Python policy $name (componentize-py)"
+    (cd "$dir" && ../../../.tools/venv/bin/componentize-py -d ../../wit -w policy componentize app -o "../target/$name.wasm.tmp" > /dev/null)
+    mv "$out.tmp" "$out"
+  fi
+done

@@ -733,3 +733,76 @@ async fn a_fact_filtered_at_intake_is_dropped_counted_and_recorded_while_a_denie
     assert_eq!(e.reason(), Reason::PermissionDenied, "{e}");
     assert!(e.to_string().contains("is not wanted here"), "{e}");
 }
+
+/// A policy written in Python (componentize-py, plugins/python/site-filter) decides in
+/// real gateways on both hooks: a local append denied with its reason, a replicated
+/// fact filtered (counted, audit record) and another quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_policy_denies_filters_and_quarantines_in_real_gateways() {
+    let plant = site("plant", &[("to-enterprise", "operational")], None, "");
+    let extra = policy(
+        "sites",
+        &plugins::built_python("site_filter"),
+        "\"append\", \"intake\"",
+        "sites = \"PlantA\", filter_predicates = \"heartbeat\"",
+        // CPython inside: more memory and time than a Rust guest.
+        "memory_mib = 64\ntimeout = \"2s\"\ninstances = 1",
+    );
+    let enterprise = site(
+        "enterprise",
+        &[("reporting", "operational"), ("audit-reader", "audit")],
+        Some(&plant.gw.url),
+        &extra,
+    );
+    let papi = plant.api();
+    for (i, site_label, p) in [
+        (1, "PlantA", "step_completed"),
+        (2, "PlantA", "heartbeat"),
+        (3, "PlantZ", "step_completed"),
+        (4, "PlantA", "step_completed"),
+    ] {
+        papi.append_fact(fact(i, site_label, p)).await.unwrap();
+    }
+    wait_until(
+        "the link to confirm every page",
+        Duration::from_secs(60),
+        || link_frontier(&enterprise) == 4,
+    );
+    let eapi = enterprise.api();
+    assert_eq!(
+        read_all(&eapi, "reporting").await,
+        HashSet::from([
+            "plant:batch:P0:step:1".to_owned(),
+            "plant:batch:P0:step:4".to_owned()
+        ])
+    );
+    assert_eq!(
+        quarantined_ids(&enterprise),
+        HashSet::from(["plant:batch:P0:step:3".to_owned()])
+    );
+    let records = audit_records(&eapi).await;
+    let filtered: Vec<_> = records
+        .iter()
+        .filter(|f| f.predicate == "facts_filtered")
+        .collect();
+    assert_eq!(filtered.len(), 1, "{records:?}");
+    assert!(
+        filtered[0].object_json.contains("plant:batch:P0:step:2"),
+        "{}",
+        filtered[0].object_json
+    );
+    let m = enterprise.metrics();
+    let line = "bsfg_policy_filtered_total{zone=\"enterprise\",policy=\"sites\",reason=\"predicate `heartbeat` is not wanted here\"} 1";
+    assert!(m.contains(line), "{line} in:\n{m}");
+    // A local append from another site is denied with the policy's reason.
+    let e = eapi
+        .append_fact(fact(9, "PlantZ", "step_completed"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), Reason::PermissionDenied, "{e}");
+    assert!(
+        e.to_string().contains("policy `sites`")
+            && e.to_string().contains("site `PlantZ` is not one of PlantA"),
+        "{e}"
+    );
+}

@@ -83,14 +83,27 @@ pub struct NatsServer {
     child: Option<Child>,
 }
 
-/// A loopback TCP port that was free a moment ago.
+/// A loopback TCP port that was free a moment ago, never one this process handed
+/// out before: tests running at once (nats-servers, gateways) never race for the
+/// same port between its choice and its bind.
 pub fn free_port() -> Result<u16, TestkitError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::Io("bind", e))?;
-    let port = l
-        .local_addr()
-        .map_err(|e| TestkitError::Io("bind", e))?
-        .port();
-    Ok(port)
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    // Listeners held until a fresh port turns up, so the OS does not offer the same
+    // one again meanwhile.
+    let mut held = Vec::new();
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").map_err(|e| TestkitError::Io("bind", e))?;
+        let port = l
+            .local_addr()
+            .map_err(|e| TestkitError::Io("bind", e))?
+            .port();
+        let mut handed = HANDED.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed.contains(&port) {
+            handed.push(port);
+            return Ok(port);
+        }
+        held.push(l);
+    }
 }
 
 /// Locates the nats-server binary (see the crate docs for the order).

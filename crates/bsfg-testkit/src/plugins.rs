@@ -23,6 +23,18 @@ pub fn built(name: &str) -> PathBuf {
     p
 }
 
+/// A Python policy (`plugins/python/<name>/app.py`) built by `scripts/setup.sh` with
+/// componentize-py, e.g. `site_filter`.
+pub fn built_python(name: &str) -> PathBuf {
+    let p = dir().join(format!("python/target/{name}.wasm"));
+    assert!(
+        p.exists(),
+        "policy plugin {} is not built: run scripts/setup.sh (it builds plugins/python/ with componentize-py)",
+        p.display()
+    );
+    p
+}
+
 /// A component of the std-Rust workspace (`plugins/std/`) built by
 /// `scripts/setup.sh`, e.g. `json_rules`, `wasi_probe`.
 pub fn built_std(name: &str) -> PathBuf {

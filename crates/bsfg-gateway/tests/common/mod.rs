@@ -10,21 +10,15 @@ use bsfg_testkit::NatsServer;
 
 pub const BSFG: &str = env!("CARGO_BIN_EXE_bsfg");
 
+/// A loopback port that was free a moment ago and that no other test of this
+/// process (gateway or nats-server) was handed (bsfg-testkit keeps the list).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    bsfg_testkit::free_port().unwrap()
 }
 
-/// `n` distinct loopback ports that were free a moment ago (held together while
-/// chosen, so two calls cannot hand out the same port).
+/// `n` distinct loopback ports (see [`free_port`]).
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    std::array::from_fn(|_| free_port())
 }
 
 pub struct Gateway {
