@@ -6,8 +6,9 @@
 //!    sandbox crossing, the lowering of every field into the guest and the guest's
 //!    own work).
 //! 2. Each kind of policy side by side, the same object_json check (a required
-//!    field, serde_json parsing the object): the no_std SDK (`json_fields.wasm`) and
-//!    ordinary std Rust with wit-bindgen and WASI (`json_rules.wasm`).
+//!    field, the object parsed as JSON): the no_std SDK (`json_fields.wasm`),
+//!    ordinary std Rust with wit-bindgen and WASI (`json_rules.wasm`) and Python
+//!    through componentize-py (`site_filter.wasm`, CPython inside).
 //! 3. Replication of one backlog from zone A to fresh zones over a gRPC link, with no
 //!    intake policy, with the SDK policy and with the std policy on the link's intake
 //!    chain, alternating (none, SDK, std, std, SDK, none) so that none gets the
@@ -48,6 +49,12 @@ pub struct PolicyBench {
         default_value = "plugins/std/target/wasm32-wasip2/release/json_rules.wasm"
     )]
     std_json_module: std::path::PathBuf,
+    /// The same check in Python (componentize-py).
+    #[arg(long, default_value = "plugins/python/target/site_filter.wasm")]
+    python_module: std::path::PathBuf,
+    /// Facts decided per batch size by the Python policy (slower per fact).
+    #[arg(long, default_value_t = 20_000)]
+    python_decisions: usize,
     /// Facts decided per batch size for the per-fact cost.
     #[arg(long, default_value_t = 200_000)]
     decisions: usize,
@@ -92,6 +99,9 @@ fn load(
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     cfg.instances = 4;
+    // Room for an interpreter (the Python policy embeds CPython).
+    cfg.memory_bytes = 64 << 20;
+    cfg.timeout = Duration::from_secs(5);
     Ok(WasmPolicy::load(cfg)?)
 }
 
@@ -270,10 +280,15 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
         &opts.std_json_module,
         &[("require", "operator")],
     )?);
+    let python = load(
+        "json-python",
+        &opts.python_module,
+        &[("require", "operator")],
+    )?;
     println!(
-        "\n| batch | no_std SDK (json_fields) ns/fact | std Rust + WASI (json_rules) ns/fact | std / SDK |"
+        "\n| batch | no_std SDK (json_fields) ns/fact | std Rust + WASI (json_rules) ns/fact | Python (site_filter) ns/fact | std / SDK | Python / SDK |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for batch in [1usize, 100, 1000] {
         let a = per_fact(&facts, batch, opts.decisions, |c| {
             sdk.decide_blocking(&ctx, c)
@@ -281,7 +296,14 @@ pub async fn policy(opts: PolicyBench) -> anyhow::Result<()> {
         let b = per_fact(&facts, batch, opts.decisions, |c| {
             std_policy.decide_blocking(&ctx, c)
         })?;
-        println!("| {batch} | {a:.0} | {b:.0} | {:.2}x |", b / a.max(0.1));
+        let p = per_fact(&facts, batch, opts.python_decisions, |c| {
+            python.decide_blocking(&ctx, c)
+        })?;
+        println!(
+            "| {batch} | {a:.0} | {b:.0} | {p:.0} | {:.2}x | {:.1}x |",
+            b / a.max(0.1),
+            p / a.max(0.1)
+        );
     }
 
     // Replication with and without the policies at intake.
