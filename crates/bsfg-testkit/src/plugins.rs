@@ -9,42 +9,48 @@ pub fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../plugins")
 }
 
+/// `plugins/<folder>/<name>.wasm`, which `scripts/setup.sh` builds (`how` says with
+/// what, for the panic).
+fn component(folder: &str, name: &str, how: &str) -> PathBuf {
+    let p = dir().join(format!("{folder}/{name}.wasm"));
+    assert!(
+        p.exists(),
+        "policy plugin {} is not built: run scripts/setup.sh (it builds {how})",
+        p.display()
+    );
+    p
+}
+
 /// A built Rust policy (`allow_labels`, `deny_predicates`, `json_fields`, `chaos`).
 ///
 /// # Panics
 /// When it was not built: run `scripts/setup.sh`.
 pub fn built(name: &str) -> PathBuf {
-    let p = dir().join(format!("target/wasm32-wasip2/release/{name}.wasm"));
-    assert!(
-        p.exists(),
-        "policy plugin {} is not built: run scripts/setup.sh (it builds plugins/ for wasm32-wasip2)",
-        p.display()
-    );
-    p
+    let how = "plugins/ for wasm32-wasip2";
+    component("target/wasm32-wasip2/release", name, how)
 }
 
 /// A Python policy (`plugins/python/<name>/app.py`) built by `scripts/setup.sh` with
 /// componentize-py, e.g. `site_filter`.
+///
+/// # Panics
+/// When it was not built: run `scripts/setup.sh`.
 pub fn built_python(name: &str) -> PathBuf {
-    let p = dir().join(format!("python/target/{name}.wasm"));
-    assert!(
-        p.exists(),
-        "policy plugin {} is not built: run scripts/setup.sh (it builds plugins/python/ with componentize-py)",
-        p.display()
-    );
-    p
+    component(
+        "python/target",
+        name,
+        "plugins/python/ with componentize-py",
+    )
 }
 
 /// A component of the std-Rust workspace (`plugins/std/`) built by
 /// `scripts/setup.sh`, e.g. `json_rules`, `wasi_probe`.
+///
+/// # Panics
+/// When it was not built: run `scripts/setup.sh`.
 pub fn built_std(name: &str) -> PathBuf {
-    let p = dir().join(format!("std/target/wasm32-wasip2/release/{name}.wasm"));
-    assert!(
-        p.exists(),
-        "policy plugin {} is not built: run scripts/setup.sh (it builds plugins/std/ for wasm32-wasip2)",
-        p.display()
-    );
-    p
+    let how = "plugins/std/ for wasm32-wasip2";
+    component("std/target/wasm32-wasip2/release", name, how)
 }
 
 /// A hostile fixture in component text (`infinite-loop`, `memory-bomb`, `trap`,
