@@ -49,27 +49,25 @@ impl Boundary {
     /// stores, and serves onward, a fact whose artifact it lacks.
     async fn check_artifacts(&self, message: &ValidatedMessage) -> ApiResult<()> {
         for (i, a) in message.message().fact.artifacts.iter().enumerate() {
-            match self.objects.head(&a.bucket, &a.key).await? {
-                Some(info) if info.matches(a) => {}
-                Some(info) => {
+            let head = self.objects.head(&a.bucket, &a.key).await?;
+            match Held::found(head, a) {
+                Some(Held::Whole) => {}
+                Some(Held::Other(info)) => {
                     return Err(BoundaryError::FailedPrecondition(format!(
                         "fact.artifacts[{i}]: this zone holds `{}/{}` as {} ({} bytes), the fact references {} ({} bytes)",
                         a.bucket, a.key, info.digest, info.size, a.digest, a.size
                     )));
                 }
-                None => return Err(artifact_absent(i, a)),
+                _ => {
+                    return Err(BoundaryError::FailedPrecondition(format!(
+                        "fact.artifacts[{i}]: this zone does not hold `{}/{}` ({}, {} bytes); put the artifact (PutObject) before the fact that references it",
+                        a.bucket, a.key, a.digest, a.size
+                    )));
+                }
             }
         }
         Ok(())
     }
-}
-
-/// The refusal of a fact whose artifact the zone does not hold.
-fn artifact_absent(i: usize, a: &ArtifactRef) -> BoundaryError {
-    BoundaryError::FailedPrecondition(format!(
-        "fact.artifacts[{i}]: this zone does not hold `{}/{}` ({}, {} bytes); put the artifact (PutObject) before the fact that references it",
-        a.bucket, a.key, a.digest, a.size
-    ))
 }
 
 #[async_trait]
@@ -151,13 +149,11 @@ impl Destination for Boundary {
     }
 
     async fn artifact_held(&self, artifact: &ArtifactRef) -> ApiResult<Held> {
-        Ok(
-            match self.objects.head(&artifact.bucket, &artifact.key).await? {
-                Some(info) if info.matches(artifact) => Held::Whole,
-                Some(info) => Held::Other(info),
-                None => Held::Staged(self.objects.staged(artifact).await?),
-            },
-        )
+        let head = self.objects.head(&artifact.bucket, &artifact.key).await?;
+        match Held::found(head, artifact) {
+            Some(held) => Ok(held),
+            None => Ok(Held::Staged(self.objects.staged(artifact).await?)),
+        }
     }
 
     async fn stage_artifact(

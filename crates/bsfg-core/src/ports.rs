@@ -211,10 +211,10 @@ pub trait FactLog: Send + Sync {
 /// The zone-local artifact store.
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
-    /// Stores `body` under `bucket/key`, streamed; see [`BoundaryApi::put_object`].
+    /// Stores `body` under `bucket/key`, streamed; see [`BoundaryApi::put_object`]. A
+    /// put that fails (the body breaks off, times out, has the wrong size, the store
+    /// fails) leaves nothing behind.
     async fn put(&self, bucket: &str, key: &str, body: ByteStream) -> ApiResult<ObjectInfo>;
-    /// A put that fails (the body breaks off, times out, has the wrong size, the
-    /// store fails) leaves nothing behind.
     /// The object's info, `None` when this zone does not hold it.
     async fn head(&self, bucket: &str, key: &str) -> ApiResult<Option<ObjectInfo>>;
     /// Reads an object from byte `offset` on, streamed; `NotFound` when absent.
@@ -223,7 +223,8 @@ pub trait ObjectStore: Send + Sync {
     /// left staged (0: none). Staged bytes survive a restart of the gateway.
     async fn staged(&self, artifact: &ArtifactRef) -> ApiResult<u64>;
     /// Adds `body` to the staged bytes of `artifact`, which must be exactly `from`
-    /// (else `FailedPrecondition`, nothing changed). What arrives is kept staged even
+    /// (else `Unavailable`, nothing changed: another copy is at work, and a retry reads
+    /// the staged count again). What arrives is kept staged even
     /// when the body breaks off (the error is returned), so a later call resumes.
     /// When the staged bytes reach the artifact's size their digest is checked: the
     /// same, and the object becomes visible under `bucket/key` at once, whole, and its

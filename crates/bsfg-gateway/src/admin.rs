@@ -404,30 +404,27 @@ impl prometheus_client::collector::Collector for Collector {
             "Artifacts of the page a link is applying that this zone does not hold yet.",
             &gauge(|s| s.artifacts_pending as f64),
         )?;
-        for (name, help, pick) in [
+        type Pick = fn(&(AtomicU64, AtomicU64)) -> &AtomicU64;
+        let families: [(&str, &str, Pick); 2] = [
             (
                 "bsfg_object_requests",
                 "PutObject, HeadObject and GetObject calls served by this zone.",
-                0usize,
+                |p| &p.0,
             ),
             (
                 "bsfg_object_failures",
                 "Failed PutObject, HeadObject and GetObject calls served by this zone.",
-                1,
+                |p| &p.1,
             ),
-        ] {
+        ];
+        for (name, help, pick) in families {
             let rows: Vec<(Labels, ConstCounter<u64>)> = OBJECT_OPS
                 .iter()
                 .zip(&self.api.objects)
                 .map(|(op, pair)| {
-                    let n = if pick == 0 {
-                        load(&pair.0)
-                    } else {
-                        load(&pair.1)
-                    };
                     (
                         vec![("zone", self.zone.clone()), ("operation", (*op).to_owned())],
-                        ConstCounter::new(n),
+                        ConstCounter::new(load(pick(pair))),
                     )
                 })
                 .collect();

@@ -15,7 +15,7 @@ pub enum OnFault {
     Allow,
 }
 
-/// A host interface beyond `bsfg:policy/host` that a policy's config may grant.
+/// What a policy's config may make real behind WASI (nothing else is ever granted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HostGrant {
     /// The host's wall and monotonic clocks (`wasi:clocks/*`); without it a policy
@@ -27,7 +27,7 @@ pub enum HostGrant {
 }
 
 impl HostGrant {
-    /// The config name (`clock`).
+    /// The config name (`clock`, `random`).
     pub fn as_str(self) -> &'static str {
         match self {
             HostGrant::Clock => "clock",
@@ -41,14 +41,6 @@ impl HostGrant {
             "clock" => Some(HostGrant::Clock),
             "random" => Some(HostGrant::Random),
             _ => None,
-        }
-    }
-
-    /// The WIT package (with its trailing `/`) whose values this grant makes real.
-    pub fn interface(self) -> &'static str {
-        match self {
-            HostGrant::Clock => "wasi:clocks/",
-            HostGrant::Random => "wasi:random/",
         }
     }
 }

@@ -268,9 +268,10 @@ impl WasmPolicy {
         // at most `budget` calls per batch (a fault on every fact costs a few calls,
         // not one per fact); what the budget does not reach fails as before.
         let mut budget = 4 * (usize::BITS - n.leading_zeros()) as usize + 4;
-        let mut verdicts: Vec<Option<WVerdict>> = (0..n).map(|_| None).collect();
+        let mut out: Vec<Option<Verdict>> = vec![None; n];
         let mut faults: Vec<(usize, usize, Fault)> = Vec::new();
         let mut decided_any = false;
+        // The fault of the whole batch's call, reported when no part escapes it.
         let mut first: Option<Fault> = None;
         let mut ranges = vec![(0, n)];
         while let Some((lo, hi)) = ranges.pop() {
@@ -278,18 +279,13 @@ impl WasmPolicy {
             match self.call(&loaded, ctx, &wfacts[lo..hi], hop) {
                 Ok(vs) => {
                     decided_any = true;
-                    for (slot, v) in verdicts[lo..hi].iter_mut().zip(vs) {
-                        *slot = Some(v);
+                    for (slot, v) in out[lo..hi].iter_mut().zip(vs) {
+                        *slot = Some(self.verdict(v, sha));
                     }
-                }
-                Err(f) if first.is_none() && n > 1 => {
-                    first = Some(f.clone());
-                    let mid = lo + (hi - lo) / 2;
-                    ranges.push((mid, hi));
-                    ranges.push((lo, mid));
                 }
                 Err(f) if hi - lo > 1 && budget >= 2 => {
                     tracing::debug!(policy = %self.name, facts = hi - lo, fault = %f, "policy fault; deciding the halves apart");
+                    first.get_or_insert(f);
                     let mid = lo + (hi - lo) / 2;
                     ranges.push((mid, hi));
                     ranges.push((lo, mid));
@@ -297,36 +293,6 @@ impl WasmPolicy {
                 Err(f) => faults.push((lo, hi, f)),
             }
         }
-        let mut out = Vec::with_capacity(n);
-        let mut denied = 0u64;
-        let mut allowed = 0u64;
-        for v in verdicts.iter_mut() {
-            out.push(match v.take() {
-                Some(WVerdict::Allow) => {
-                    allowed += 1;
-                    Some(Verdict::Allow)
-                }
-                Some(WVerdict::Deny(reason)) => {
-                    denied += 1;
-                    Some(Verdict::Deny(Denial {
-                        policy: self.name.to_string(),
-                        reason,
-                        module_sha256: sha.clone(),
-                    }))
-                }
-                Some(WVerdict::Filter(reason)) => {
-                    self.filtered(&reason);
-                    Some(Verdict::Filter(Denial {
-                        policy: self.name.to_string(),
-                        reason,
-                        module_sha256: sha.clone(),
-                    }))
-                }
-                None => None,
-            });
-        }
-        self.counters.denied.fetch_add(denied, Ordering::Relaxed);
-        self.counters.allowed.fetch_add(allowed, Ordering::Relaxed);
         if faults.is_empty() || decided_any {
             // The policy decides: whatever faulted was caused by those facts.
             self.recovered();
@@ -356,6 +322,29 @@ impl WasmPolicy {
                 })
             })
             .collect()
+    }
+
+    /// A guest's verdict as the core's, counted.
+    fn verdict(&self, v: WVerdict, sha: &str) -> Verdict {
+        let denial = |reason| Denial {
+            policy: self.name.to_string(),
+            reason,
+            module_sha256: sha.to_owned(),
+        };
+        match v {
+            WVerdict::Allow => {
+                self.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                Verdict::Allow
+            }
+            WVerdict::Deny(reason) => {
+                self.counters.denied.fetch_add(1, Ordering::Relaxed);
+                Verdict::Deny(denial(reason))
+            }
+            WVerdict::Filter(reason) => {
+                self.filtered(&reason);
+                Verdict::Filter(denial(reason))
+            }
+        }
     }
 
     /// One call of `decide` on a warm instance (made first when none is left),

@@ -14,7 +14,7 @@ use wasmtime::{
 };
 
 use crate::abi::{self, WContext, WFact, WLevel, WVerdict, WVerdictV1};
-use crate::config::{HostGrant, PolicyConfig};
+use crate::config::PolicyConfig;
 use crate::error::PolicyError;
 
 /// Log lines one call may write; the rest are dropped (and counted as one line).
@@ -165,7 +165,7 @@ impl Sandbox {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&c).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
-        link_host(&mut linker, &cfg.grants).map_err(|e| PolicyError::Engine(e.to_string()))?;
+        link_host(&mut linker).map_err(|e| PolicyError::Engine(e.to_string()))?;
         let tick = (cfg.timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(10));
         let stop = Arc::new(AtomicBool::new(false));
         let (e, s) = (engine.clone(), stop.clone());
@@ -229,14 +229,15 @@ fn log(
     Ok(())
 }
 
-fn link_host(linker: &mut Linker<HostState>, grants: &[HostGrant]) -> wasmtime::Result<()> {
+/// Links `host.log` for every contract version served, and WASI 0.2 (whose clock and
+/// randomness grants apply per instance, in its context).
+fn link_host(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     let versions = std::iter::once((abi::TYPES_INTERFACE, abi::HOST_INTERFACE)).chain(abi::OLDER);
     for (types, host) in versions {
         // Types only: guests built with wit-bindgen import it for the record definitions.
         linker.instance(types)?;
         linker.instance(host)?.func_wrap("log", log)?;
     }
-    let _ = grants;
     crate::wasi::link(linker)?;
     Ok(())
 }

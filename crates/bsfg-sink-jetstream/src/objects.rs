@@ -136,7 +136,6 @@ struct Chunks<'a> {
     buf: BytesMut,
     hasher: Sha256,
     size: u64,
-    chunks: u64,
     acks: VecDeque<PublishAckFuture>,
 }
 
@@ -149,7 +148,6 @@ impl<'a> Chunks<'a> {
             buf: BytesMut::new(),
             hasher: Sha256::new(),
             size: 0,
-            chunks: 0,
             acks: VecDeque::new(),
         }
     }
@@ -181,7 +179,6 @@ impl<'a> Chunks<'a> {
             .await
             .map_err(|e| unavailable("object chunk", e))?;
         self.acks.push_back(ack);
-        self.chunks += 1;
         Ok(())
     }
 
@@ -204,12 +201,22 @@ impl<'a> Chunks<'a> {
     }
 }
 
-/// Removes every chunk of `nuid` (a failed or discarded write).
-async fn purge_chunks(js: &jetstream::Context, bucket: &str, nuid: &str) -> ApiResult<()> {
-    let stream = js
-        .get_stream(format!("OBJ_{bucket}"))
+/// The stream that holds `bucket`'s chunks and metadata.
+async fn bucket_stream(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> ApiResult<jetstream::stream::Stream> {
+    js.get_stream(format!("OBJ_{bucket}"))
         .await
-        .map_err(|e| unavailable("object bucket", e))?;
+        .map_err(|e| unavailable("object bucket", e))
+}
+
+/// Removes every chunk of `nuid` (a failed or discarded write).
+async fn purge_chunks(
+    stream: &jetstream::stream::Stream,
+    bucket: &str,
+    nuid: &str,
+) -> ApiResult<()> {
     stream
         .purge()
         .filter(format!("$O.{bucket}.C.{nuid}"))
@@ -330,7 +337,11 @@ pub(crate) async fn put(
     if written.is_err() {
         // Wait out what is in flight so the purge sees every chunk, then purge.
         let _ = chunks.settle().await;
-        if let Err(e) = purge_chunks(js, bucket, &nuid).await {
+        let purged = match bucket_stream(js, bucket).await {
+            Ok(stream) => purge_chunks(&stream, bucket, &nuid).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = purged {
             tracing::warn!(bucket, key, error = %e, "could not purge the chunks of a failed upload");
         }
     }
@@ -406,12 +417,12 @@ fn staging_nuid(a: &ArtifactRef, chunk_size: usize) -> String {
 }
 
 /// Chunks stored under `nuid`.
-async fn chunk_count(js: &jetstream::Context, bucket: &str, nuid: &str) -> ApiResult<u64> {
+async fn chunk_count(
+    stream: &jetstream::stream::Stream,
+    bucket: &str,
+    nuid: &str,
+) -> ApiResult<u64> {
     let subject = format!("$O.{bucket}.C.{nuid}");
-    let stream = js
-        .get_stream(format!("OBJ_{bucket}"))
-        .await
-        .map_err(|e| unavailable("object bucket", e))?;
     let info = stream
         .info_with_subjects(&subject)
         .await
@@ -434,13 +445,14 @@ pub(crate) async fn staged(
     chunk_size: usize,
 ) -> ApiResult<u64> {
     let nuid = staging_nuid(a, chunk_size);
-    let n = chunk_count(js, &a.bucket, &nuid).await?;
+    let stream = bucket_stream(js, &a.bucket).await?;
+    let n = chunk_count(&stream, &a.bucket, &nuid).await?;
     Ok((n * chunk_size as u64).min(a.size))
 }
 
 /// Hashes the chunks staged under `nuid` (the first `count`).
 async fn hash_staged(
-    js: &jetstream::Context,
+    stream: &jetstream::stream::Stream,
     bucket: &str,
     nuid: &str,
     count: u64,
@@ -449,10 +461,6 @@ async fn hash_staged(
     if count == 0 {
         return Ok(hasher);
     }
-    let stream = js
-        .get_stream(format!("OBJ_{bucket}"))
-        .await
-        .map_err(|e| unavailable("object bucket", e))?;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: format!("$O.{bucket}.C.{nuid}"),
@@ -488,7 +496,8 @@ pub(crate) async fn stage(
 ) -> ApiResult<ObjectInfo> {
     let chunk_size = chunk_size.max(1);
     let nuid = staging_nuid(a, chunk_size);
-    let count = chunk_count(js, &a.bucket, &nuid).await?;
+    let stream = bucket_stream(js, &a.bucket).await?;
+    let count = chunk_count(&stream, &a.bucket, &nuid).await?;
     let staged = (count * chunk_size as u64).min(a.size);
     if staged != from {
         return Err(BoundaryError::Unavailable(format!(
@@ -497,9 +506,8 @@ pub(crate) async fn stage(
         )));
     }
     let mut chunks = Chunks::new(js, &a.bucket, &nuid, chunk_size);
-    chunks.hasher = hash_staged(js, &a.bucket, &nuid, count).await?;
+    chunks.hasher = hash_staged(&stream, &a.bucket, &nuid, count).await?;
     chunks.size = staged;
-    chunks.chunks = count;
     let mut body = body;
     let received: ApiResult<()> = async {
         while chunks.size < a.size {
@@ -531,7 +539,7 @@ pub(crate) async fn stage(
     chunks.finish().await?;
     let digest = sha256_hex(std::mem::take(&mut chunks.hasher));
     if digest != a.digest {
-        purge_chunks(js, &a.bucket, &nuid).await?;
+        purge_chunks(&stream, &a.bucket, &nuid).await?;
         return Err(BoundaryError::FailedPrecondition(format!(
             "`{}/{}`: the bytes read hash to {digest}, the fact references {}; nothing was stored",
             a.bucket, a.key, a.digest
@@ -554,7 +562,7 @@ pub(crate) async fn discard_staged(
     {
         return Ok(());
     }
-    purge_chunks(js, &a.bucket, &nuid).await
+    purge_chunks(&bucket_stream(js, &a.bucket).await?, &a.bucket, &nuid).await
 }
 
 #[cfg(test)]

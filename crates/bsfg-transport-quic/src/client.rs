@@ -212,19 +212,42 @@ impl QuicClient {
         Req: prost::Message,
         Resp: prost::Message + Default,
     {
-        let limit = self.inner.config.request_timeout + extra;
-        let max = self.inner.config.max_message_bytes;
-        let attempt = async {
-            let conn = self.connection().await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
-            wire::write_frame(&mut send, Some(op as u8), req, max)
-                .await
-                .map_err(|e| e.into_boundary("request"))?;
-            let _ = send.finish();
-            self.answer(&mut recv)
+        self.within(extra, async {
+            let (conn, mut recv) = self.send_request(op, req).await?;
+            self.response(&mut recv)
                 .await
                 .map_err(|e| self.explain(&conn, e))
-        };
+        })
+        .await
+    }
+
+    /// Opens a stream, sends `op` and its request, and reads the answer's status:
+    /// the stream the answer follows on, or the call's error.
+    async fn send_request<Req: prost::Message>(
+        &self,
+        op: Op,
+        req: &Req,
+    ) -> Result<(Connection, RecvStream), BoundaryError> {
+        let max = self.inner.config.max_message_bytes;
+        let conn = self.connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
+        wire::write_frame(&mut send, Some(op as u8), req, max)
+            .await
+            .map_err(|e| e.into_boundary("request"))?;
+        let _ = send.finish();
+        match self.status(&mut recv).await {
+            Ok(()) => Ok((conn, recv)),
+            Err(e) => Err(self.explain(&conn, e)),
+        }
+    }
+
+    /// `attempt`, bounded by `request_timeout + extra`.
+    async fn within<T>(
+        &self,
+        extra: Duration,
+        attempt: impl std::future::Future<Output = Result<T, BoundaryError>>,
+    ) -> Result<T, BoundaryError> {
+        let limit = self.inner.config.request_timeout + extra;
         tokio::time::timeout(limit, attempt)
             .await
             .unwrap_or_else(|_| {
@@ -268,6 +291,14 @@ impl QuicClient {
         recv: &mut RecvStream,
     ) -> Result<Resp, BoundaryError> {
         self.status(recv).await?;
+        self.response(recv).await
+    }
+
+    /// The response frame that follows an ok status.
+    async fn response<Resp: prost::Message + Default>(
+        &self,
+        recv: &mut RecvStream,
+    ) -> Result<Resp, BoundaryError> {
         let url = &self.inner.url;
         wire::read_frame::<Resp>(recv, self.inner.config.max_message_bytes, "response")
             .await
@@ -389,26 +420,9 @@ impl BoundaryApi for QuicClient {
             key: key.to_owned(),
             offset,
         };
-        let opened = async {
-            let conn = self.connection().await?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
-            wire::write_frame(&mut send, Some(Op::Get as u8), &req, max)
-                .await
-                .map_err(|e| e.into_boundary("request"))?;
-            let _ = send.finish();
-            self.status(&mut recv)
-                .await
-                .map(|()| recv)
-                .map_err(|e| self.explain(&conn, e))
-        };
-        let recv = tokio::time::timeout(limit, opened)
-            .await
-            .unwrap_or_else(|_| {
-                Err(BoundaryError::Unavailable(format!(
-                    "QUIC {}: no answer within {limit:?}",
-                    self.inner.url
-                )))
-            })?;
+        let (_, recv) = self
+            .within(Duration::ZERO, self.send_request(Op::Get, &req))
+            .await?;
         let parts = futures::stream::unfold(Some(recv), move |state| {
             let url = url.clone();
             async move {

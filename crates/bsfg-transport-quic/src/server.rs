@@ -296,11 +296,9 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
         Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return,
     };
     let name = op.map_or("unknown", Op::as_str);
-    if op == Some(Op::Get) {
-        return serve_get(ctx, caller, send, recv).await;
-    }
     // An upload is bounded by idle_timeout between parts and max_object_bytes, not
-    // by a total time: 64 MiB over a slow radio link takes what it takes.
+    // by a total time: 64 MiB over a slow radio link takes what it takes. A download
+    // must start answering within request_timeout; its body then streams.
     let limit = (op != Some(Op::Put)).then_some(ctx.config.limits.request_timeout);
     let served = async {
         match op {
@@ -321,13 +319,38 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
             ctx.config.limits.request_timeout
         )))
     });
-    let written = match &answer {
-        Ok(bytes) => wire::write_encoded(&mut send, Some(STATUS_OK), bytes, max).await,
+    let written = match answer {
+        Ok(Answer::Message(bytes)) => {
+            wire::write_encoded(&mut send, Some(STATUS_OK), &bytes, max).await
+        }
+        Ok(Answer::Object(read)) => {
+            // One frame per part; a read that breaks off resets the stream, so the
+            // client never takes a short read for a whole one.
+            let chunk = (max / 2).clamp(1024, 256 * 1024);
+            let mut parts = std::pin::pin!(read_parts(read, chunk));
+            let mut prefix = Some(STATUS_OK);
+            while let Some(part) = parts.next().await {
+                let sent = match part {
+                    Ok(p) => wire::write_frame(&mut send, prefix.take(), &p, max)
+                        .await
+                        .is_ok(),
+                    Err(e) => {
+                        tracing::warn!(op = name, error = %e, "object read broke off");
+                        false
+                    }
+                };
+                if !sent {
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                    return;
+                }
+            }
+            Ok(())
+        }
         Err(e) => {
             let reason = e.reason().as_str();
             ctx.stats.refused(caller.label(), reason);
             tracing::info!(op = name, reason, error = %e, "request refused");
-            wire::write_frame(&mut send, Some(STATUS_ERROR), &v1::CallError::from(e), max).await
+            wire::write_frame(&mut send, Some(STATUS_ERROR), &v1::CallError::from(&e), max).await
         }
     };
     if written.is_ok() {
@@ -338,35 +361,44 @@ async fn call(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvSt
     }
 }
 
-/// Reads the request of `op`, makes the call through the gate and returns the encoded
-/// response message.
+/// What a served call answers: one encoded response message, or an object whose
+/// parts stream after the status.
+enum Answer {
+    Message(Vec<u8>),
+    Object(bsfg_core::ObjectRead),
+}
+
+/// The request frame of a call, within `idle`.
+async fn request<M: prost::Message + Default>(
+    recv: &mut RecvStream,
+    max: usize,
+    idle: Duration,
+    what: &'static str,
+) -> Result<M, BoundaryError> {
+    match tokio::time::timeout(idle, wire::read_frame::<M>(recv, max, what)).await {
+        Err(_) => Err(BoundaryError::invalid(
+            "request",
+            format!("incomplete after {idle:?}"),
+        )),
+        Ok(Err(e)) => Err(e.into_boundary("request")),
+        Ok(Ok(None)) => Err(BoundaryError::invalid("request", "is missing")),
+        Ok(Ok(Some(m))) => Ok(m),
+    }
+}
+
+/// Reads the request of `op`, makes the call through the gate and returns the
+/// answer.
 async fn serve_op(
     ctx: &Ctx,
     caller: &Caller,
     op: Op,
     mut recv: RecvStream,
-) -> Result<Vec<u8>, BoundaryError> {
+) -> Result<Answer, BoundaryError> {
     use prost::Message as _;
     let max = ctx.config.limits.max_message_bytes;
     let idle = ctx.config.limits.idle_timeout;
     let gate = &ctx.gate;
-    async fn request<M: prost::Message + Default>(
-        recv: &mut RecvStream,
-        max: usize,
-        idle: Duration,
-        what: &'static str,
-    ) -> Result<M, BoundaryError> {
-        match tokio::time::timeout(idle, wire::read_frame::<M>(recv, max, what)).await {
-            Err(_) => Err(BoundaryError::invalid(
-                "request",
-                format!("incomplete after {idle:?}"),
-            )),
-            Ok(Err(e)) => Err(e.into_boundary("request")),
-            Ok(Ok(None)) => Err(BoundaryError::invalid("request", "is missing")),
-            Ok(Ok(Some(m))) => Ok(m),
-        }
-    }
-    Ok(match op {
+    Ok(Answer::Message(match op {
         Op::Append => {
             let r: v1::AppendFactRequest =
                 request(&mut recv, max, idle, "AppendFactRequest").await?;
@@ -438,83 +470,11 @@ async fn serve_op(
             v1::PutObjectResponse::from(info).encode_to_vec()
         }
         Op::Get => {
-            return Err(BoundaryError::Internal(
-                "GetObject is served as a stream".into(),
-            ));
+            let r: v1::GetObjectRequest = request(&mut recv, max, idle, "GetObjectRequest").await?;
+            let read = gate.get_object(caller, &r.bucket, &r.key, r.offset).await?;
+            return Ok(Answer::Object(read));
         }
-    })
-}
-
-/// GetObject: the request, then (within `request_timeout`) the answer's status, then
-/// the object's info and chunks as they are read, one frame each. A read that breaks
-/// off resets the stream, so the client never takes a short read for a whole one.
-async fn serve_get(ctx: &Ctx, caller: &Caller, mut send: SendStream, mut recv: RecvStream) {
-    let idle = ctx.config.limits.idle_timeout;
-    let max = ctx.config.limits.max_message_bytes;
-    let limit = ctx.config.limits.request_timeout;
-    let opened = async {
-        let r = match tokio::time::timeout(
-            idle,
-            wire::read_frame::<v1::GetObjectRequest>(&mut recv, max, "GetObjectRequest"),
-        )
-        .await
-        {
-            Err(_) => Err(BoundaryError::invalid(
-                "request",
-                format!("incomplete after {idle:?}"),
-            )),
-            Ok(Err(e)) => Err(e.into_boundary("request")),
-            Ok(Ok(None)) => Err(BoundaryError::invalid("request", "is missing")),
-            Ok(Ok(Some(r))) => Ok(r),
-        }?;
-        ctx.gate
-            .get_object(caller, &r.bucket, &r.key, r.offset)
-            .await
-    };
-    let read = tokio::time::timeout(limit, opened)
-        .await
-        .unwrap_or_else(|_| {
-            Err(BoundaryError::Unavailable(format!(
-                "the call took longer than request_timeout ({limit:?})"
-            )))
-        });
-    let read = match read {
-        Ok(read) => read,
-        Err(e) => {
-            let reason = e.reason().as_str();
-            ctx.stats.refused(caller.label(), reason);
-            tracing::info!(op = "GetObject", reason, error = %e, "request refused");
-            let frame = v1::CallError::from(&e);
-            if wire::write_frame(&mut send, Some(STATUS_ERROR), &frame, max)
-                .await
-                .is_ok()
-            {
-                let _ = send.finish();
-                let _ = tokio::time::timeout(idle, send.stopped()).await;
-            }
-            return;
-        }
-    };
-    let chunk = (max / 2).clamp(1024, 256 * 1024);
-    let mut parts = std::pin::pin!(read_parts(read, chunk));
-    let mut prefix = Some(STATUS_OK);
-    while let Some(part) = parts.next().await {
-        let sent = match part {
-            Ok(p) => wire::write_frame(&mut send, prefix.take(), &p, max)
-                .await
-                .is_ok(),
-            Err(e) => {
-                tracing::warn!(op = "GetObject", error = %e, "object read broke off");
-                false
-            }
-        };
-        if !sent {
-            let _ = send.reset(quinn::VarInt::from_u32(1));
-            return;
-        }
-    }
-    let _ = send.finish();
-    let _ = tokio::time::timeout(idle, send.stopped()).await;
+    }))
 }
 
 /// The PutObject parts still on `recv`, as a stream (ends when the client finishes

@@ -36,7 +36,8 @@ use crate::policy::{CAUSE_POLICY, QuarantineEntry, Verdict};
 use crate::ports::{AppendOutcome, FactPage, FetchedFact, Frontier};
 
 use super::{
-    Filtered, GapAcceptance, Operation, PullError, PullReport, PullStep, filter_fact, gap_fact,
+    FILTER_RECORD_LISTED, Filtered, GapAcceptance, Operation, PullError, PullReport, PullStep,
+    filter_fact, gap_fact,
 };
 
 /// Whether the machine runs a link (steps forever, backing off on failures) or one
@@ -753,14 +754,21 @@ impl Machine {
         if w.filtered.is_empty() {
             return self.confirm(now, w);
         }
-        let record = filter_fact(&self.step, &w.stream, &w.filtered, now.unix_ms);
-        match self.config.limits.try_validate(record) {
-            Ok(v) => {
-                w.stage = Stage::RecordingFilter;
-                self.phase = Phase::Applying(w);
-                self.emit(Action::AppendFilterRecord(Box::new(v)));
+        // A record that does not fit this zone's limits (long reasons, a small
+        // max_fact_bytes) lists fewer facts, down to the count alone: the page never
+        // waits on its own audit record.
+        let mut listed = w.filtered.len().min(FILTER_RECORD_LISTED);
+        loop {
+            let record = filter_fact(&self.step, &w.stream, &w.filtered, listed, now.unix_ms);
+            match self.config.limits.try_validate(record) {
+                Ok(v) => {
+                    w.stage = Stage::RecordingFilter;
+                    self.phase = Phase::Applying(w);
+                    return self.emit(Action::AppendFilterRecord(Box::new(v)));
+                }
+                Err(_) if listed > 0 => listed /= 2,
+                Err(r) => return self.fail(now, boundary(Operation::Append, r.error)),
             }
-            Err(r) => self.fail(now, boundary(Operation::Append, r.error)),
         }
     }
 
@@ -1335,9 +1343,46 @@ mod tests {
                 policy: "p".into(),
                 reason: format!("not wanted {o}"),
             }),
+            FILTER_RECORD_LISTED,
             99,
         );
         assert_eq!(again.envelope.message_id, id);
+    }
+
+    #[test]
+    fn a_filter_record_too_large_for_the_zone_lists_fewer_facts_and_the_page_goes_on() {
+        let mut cfg = config(Mode::Continuous, true);
+        cfg.limits.max_fact_bytes = 2_000;
+        let mut m = Machine::new(step(), cfg);
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6, 7, 8]))));
+        let Some(Action::Decide(valid)) = drain(&mut m).into_iter().nth(1) else {
+            panic!()
+        };
+        // Every fact filtered with a reason of 1 000 bytes: four would not fit.
+        let decided = valid
+            .into_iter()
+            .map(|(o, v)| {
+                let d = Denial {
+                    policy: "p".into(),
+                    reason: "x".repeat(1_000),
+                    module_sha256: String::new(),
+                };
+                (o, v, Verdict::Filter(d))
+            })
+            .collect();
+        m.handle(at(2), Event::Decided(decided));
+        let a = drain(&mut m);
+        let [Action::AppendFilterRecord(record)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        let o: serde_json::Value =
+            serde_json::from_str(&record.message().fact.object_json).unwrap();
+        assert_eq!(o["count"], 4, "{o}");
+        assert!(o["facts"].as_array().unwrap().len() < 4, "{o}");
     }
 
     #[test]

@@ -55,6 +55,20 @@ pub enum Held {
     Other(ObjectInfo),
 }
 
+impl Held {
+    /// What a store's info of `artifact`'s key says: the object itself, other bytes,
+    /// or `None` when the key holds nothing.
+    pub fn found(info: Option<ObjectInfo>, artifact: &ArtifactRef) -> Option<Held> {
+        info.map(|i| {
+            if i.matches(artifact) {
+                Held::Whole
+            } else {
+                Held::Other(i)
+            }
+        })
+    }
+}
+
 /// Where a link appends: the local zone. Implemented by the [`crate::Boundary`]
 /// engine (provenance and checkpoint kept durably in the zone log) and by [`Remote`].
 #[async_trait]
@@ -126,12 +140,12 @@ impl Destination for Remote<'_> {
         )))
     }
     async fn artifact_held(&self, artifact: &ArtifactRef) -> ApiResult<Held> {
-        match self.0.head_object(&artifact.bucket, &artifact.key).await {
-            Ok(info) if info.matches(artifact) => Ok(Held::Whole),
-            Ok(info) => Ok(Held::Other(info)),
-            Err(BoundaryError::NotFound(_)) => Ok(Held::Staged(0)),
-            Err(e) => Err(e),
-        }
+        let info = match self.0.head_object(&artifact.bucket, &artifact.key).await {
+            Ok(info) => Some(info),
+            Err(BoundaryError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(Held::found(info, artifact).unwrap_or(Held::Staged(0)))
     }
     /// A remote zone stages nothing: the copy is one PutObject from the start.
     async fn stage_artifact(
@@ -290,17 +304,20 @@ pub struct Filtered {
     pub reason: String,
 }
 
-/// Facts listed one by one in a filter record; beyond, only counted.
-const FILTER_RECORD_LISTED: usize = 200;
+/// Facts listed one by one in a filter record at most; beyond, only counted.
+pub const FILTER_RECORD_LISTED: usize = 200;
 
 /// The audit fact of what the intake policies filtered from one page of `stream`:
 /// subject `link:<link>`, predicate `facts_filtered`, in the receiving zone, its
 /// message_id derived from the link, the stream and the filtered offsets, so that
-/// recording the same page twice (a replay) stores it once.
+/// recording the same page twice (a replay) stores it once. The first `listed`
+/// facts are listed (the machine lists fewer when the record would not fit the
+/// zone's fact limit); `count` always says how many there were.
 pub fn filter_fact(
     step: &PullStep,
     stream: &str,
     filtered: &[Filtered],
+    listed: usize,
     at_unix_ms: i64,
 ) -> Message {
     use sha2::{Digest, Sha256};
@@ -331,7 +348,7 @@ pub fn filter_fact(
                 "source_zone": step.source_zone,
                 "stream": stream,
                 "count": filtered.len(),
-                "facts": &filtered[..filtered.len().min(FILTER_RECORD_LISTED)],
+                "facts": &filtered[..filtered.len().min(listed)],
             })
             .to_string(),
             artifacts: vec![],
@@ -652,35 +669,32 @@ async fn carry_page(
     counters: Option<&LinkCounters>,
     facts: Vec<(u64, Vec<ArtifactRef>)>,
 ) -> Vec<(u64, Carry)> {
-    let mut done: std::collections::HashMap<ArtifactRef, Result<(), Carry>> = Default::default();
-    let pending: std::collections::HashSet<&ArtifactRef> =
-        facts.iter().flat_map(|(_, refs)| refs.iter()).collect();
+    let mut done: std::collections::HashMap<&ArtifactRef, Result<(), Miss>> = Default::default();
     let gauge = counters.map(|c| &c.artifacts_pending);
     if let Some(g) = gauge {
-        g.store(pending.len() as u64, Ordering::Relaxed);
+        let distinct: std::collections::HashSet<&ArtifactRef> =
+            facts.iter().flat_map(|(_, refs)| refs).collect();
+        g.store(distinct.len() as u64, Ordering::Relaxed);
     }
     let mut out = Vec::with_capacity(facts.len());
-    'facts: for (offset, refs) in &facts {
+    for (offset, refs) in &facts {
+        let mut verdict = Carry::Ready;
         for (index, a) in refs.iter().enumerate() {
-            let r = match done.get(a) {
-                Some(r) => r.clone(),
-                None => {
-                    let r = carry_one(source, destination, step, counters, a).await;
-                    if let Some(g) = gauge {
-                        let _ = g.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                            Some(n.saturating_sub(1))
-                        });
-                    }
-                    done.insert(a.clone(), r.clone());
-                    r
+            if !done.contains_key(a) {
+                let r = carry_one(source, destination, step, counters, a).await;
+                if let Some(g) = gauge {
+                    let _ = g.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(1))
+                    });
                 }
-            };
-            if let Err(c) = r {
-                out.push((*offset, c.at(index)));
-                continue 'facts;
+                done.insert(a, r);
+            }
+            if let Some(Err(miss)) = done.get(a) {
+                verdict = miss.clone().at(index);
+                break;
             }
         }
-        out.push((*offset, Carry::Ready));
+        out.push((*offset, verdict));
     }
     if let Some(g) = gauge {
         g.store(0, Ordering::Relaxed);
@@ -688,70 +702,82 @@ async fn carry_page(
     out
 }
 
-impl Carry {
-    /// The verdict as it applies to the fact's artifact number `index`.
+/// Why one artifact is not held here after a copy: the two failing [`Carry`]s,
+/// before they are told which of a fact's artifacts they concern.
+#[derive(Debug, Clone)]
+enum Miss {
+    /// The source cannot serve it as referenced: the fact goes to the quarantine.
+    Unavailable(BoundaryError),
+    /// A retry may mend it: the step fails.
+    Failed(BoundaryError),
+}
+
+impl Miss {
+    /// The verdict for a fact whose artifact number `index` this is.
     fn at(self, index: usize) -> Carry {
         match self {
-            Carry::Unavailable { error, .. } => Carry::Unavailable { index, error },
-            other => other,
+            Miss::Unavailable(error) => Carry::Unavailable { index, error },
+            Miss::Failed(e) => Carry::Failed(e),
         }
     }
 }
 
-/// Copies one artifact unless this zone holds it: the source's info must match the
-/// reference (else [`Carry::Unavailable`]), then the bytes stream from where an
-/// earlier copy stopped into this zone's staging, which stores the object once it is
-/// whole and its digest checks. A resumed copy whose digest does not check starts
-/// over once from the first byte (the staged part may be what was damaged).
+/// How an artifact came to be held here.
+enum Got {
+    /// It was here already.
+    Present,
+    /// It was copied from the source.
+    Copied,
+}
+
+/// Copies one artifact unless this zone holds it (see [`copy_artifact`]), counts
+/// the outcome, and discards what an unavailable artifact's copy staged (nothing
+/// will resume it).
 async fn carry_one(
     source: &dyn BoundaryApi,
     destination: &dyn Destination,
     step: &PullStep,
     counters: Option<&LinkCounters>,
     a: &ArtifactRef,
-) -> Result<(), Carry> {
-    let count = |pick: fn(&LinkCounters) -> &AtomicU64| {
-        if let Some(c) = counters {
-            pick(c).fetch_add(1, Ordering::Relaxed);
-        }
-    };
-    let r = carry_copy(source, destination, step, &count, a).await;
-    if matches!(r, Err(Carry::Unavailable { .. })) {
-        // Nothing will resume this copy: what it staged goes.
-        if let Err(e) = destination.discard_staged(a).await {
-            tracing::warn!(link = %step.link, bucket = %a.bucket, key = %a.key, error = %e, "could not discard the staged part of an unavailable artifact");
-        }
+) -> Result<(), Miss> {
+    let r = copy_artifact(source, destination, step, a).await;
+    if let Err(Miss::Unavailable(_)) = &r
+        && let Err(e) = destination.discard_staged(a).await
+    {
+        tracing::warn!(link = %step.link, bucket = %a.bucket, key = %a.key, error = %e, "could not discard the staged part of an unavailable artifact");
     }
-    r
+    if let Some(c) = counters {
+        match &r {
+            Ok(Got::Present) => &c.artifacts_present,
+            Ok(Got::Copied) => &c.artifacts_copied,
+            Err(Miss::Unavailable(_)) => &c.artifacts_unavailable,
+            Err(Miss::Failed(_)) => &c.artifact_failures,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+    r.map(|_| ())
 }
 
-/// [`carry_one`] without the clean-up.
-async fn carry_copy(
+/// The copy of one artifact: nothing when this zone holds it; else the source's
+/// info must match the reference (else [`Miss::Unavailable`]), then the bytes stream
+/// from where an earlier copy stopped into this zone's staging, which stores the
+/// object once it is whole and its digest checks. A resumed copy whose digest does
+/// not check starts over once from the first byte (the staged part may be what was
+/// damaged).
+async fn copy_artifact(
     source: &dyn BoundaryApi,
     destination: &dyn Destination,
     step: &PullStep,
-    count: &(dyn Fn(fn(&LinkCounters) -> &AtomicU64) + Sync),
     a: &ArtifactRef,
-) -> Result<(), Carry> {
+) -> Result<Got, Miss> {
     let unavailable = |rule: String| {
-        count(|c| &c.artifacts_unavailable);
-        Carry::Unavailable {
-            index: 0,
-            error: BoundaryError::FailedPrecondition(format!(
-                "artifact `{}/{}` ({}, {} bytes) from zone `{}`: {rule}",
-                a.bucket, a.key, a.digest, a.size, step.source_zone
-            )),
-        }
+        Miss::Unavailable(BoundaryError::FailedPrecondition(format!(
+            "artifact `{}/{}` ({}, {} bytes) from zone `{}`: {rule}",
+            a.bucket, a.key, a.digest, a.size, step.source_zone
+        )))
     };
-    let failed = |e: BoundaryError| {
-        count(|c| &c.artifact_failures);
-        Carry::Failed(e)
-    };
-    let mut from = match destination.artifact_held(a).await.map_err(failed)? {
-        Held::Whole => {
-            count(|c| &c.artifacts_present);
-            return Ok(());
-        }
+    let mut from = match destination.artifact_held(a).await.map_err(Miss::Failed)? {
+        Held::Whole => return Ok(Got::Present),
         Held::Other(info) => {
             return Err(unavailable(format!(
                 "this zone holds other bytes under that key ({}, {} bytes)",
@@ -760,18 +786,20 @@ async fn carry_copy(
         }
         Held::Staged(n) => n,
     };
-    match source.head_object(&a.bucket, &a.key).await {
-        Ok(info) if info.matches(a) => {}
-        Ok(info) => {
+    let at_source = match source.head_object(&a.bucket, &a.key).await {
+        Ok(info) => Some(info),
+        Err(BoundaryError::NotFound(_)) => None,
+        Err(e) => return Err(Miss::Failed(e)),
+    };
+    match Held::found(at_source, a) {
+        Some(Held::Whole) => {}
+        Some(Held::Other(info)) => {
             return Err(unavailable(format!(
                 "the source holds other bytes under that key ({}, {} bytes)",
                 info.digest, info.size
             )));
         }
-        Err(BoundaryError::NotFound(_)) => {
-            return Err(unavailable("the source does not hold it".into()));
-        }
-        Err(e) => return Err(failed(e)),
+        _ => return Err(unavailable("the source does not hold it".into())),
     }
     loop {
         tracing::info!(link = %step.link, bucket = %a.bucket, key = %a.key, size = a.size, from, "copying artifact");
@@ -786,24 +814,23 @@ async fn carry_copy(
             Err(BoundaryError::NotFound(_)) => {
                 return Err(unavailable("the source does not hold it".into()));
             }
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(Miss::Failed(e)),
         };
         match destination.stage_artifact(a, from, read.body).await {
             Ok(_) => {
-                count(|c| &c.artifacts_copied);
                 tracing::info!(link = %step.link, bucket = %a.bucket, key = %a.key, digest = %a.digest, "artifact copied");
-                return Ok(());
+                return Ok(Got::Copied);
             }
             // The digest did not check and the staged bytes are gone: a resumed copy
             // starts over once; a copy from the first byte means the source's bytes
             // are not what it says.
             Err(BoundaryError::FailedPrecondition(rule)) if from > 0 => {
                 tracing::warn!(link = %step.link, bucket = %a.bucket, key = %a.key, %rule, "resumed artifact copy did not check; starting over");
-                destination.discard_staged(a).await.map_err(failed)?;
+                destination.discard_staged(a).await.map_err(Miss::Failed)?;
                 from = 0;
             }
             Err(BoundaryError::FailedPrecondition(rule)) => return Err(unavailable(rule)),
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(Miss::Failed(e)),
         }
     }
 }

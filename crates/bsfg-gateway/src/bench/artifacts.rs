@@ -21,7 +21,7 @@ use bsfg_testkit::netem::EmulatedLink;
 use bsfg_testkit::udp_relay::Profile;
 use futures::StreamExt as _;
 
-use super::transports::{Source, TRANSPORTS, load_facts, profile, run_cell};
+use super::transports::{Source, TRANSPORTS, load_facts, profile, run_cell, vs_grpc};
 
 /// Options of `bsfg bench artifacts`.
 #[derive(Debug, clap::Args)]
@@ -184,14 +184,7 @@ async fn matrix(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let mib_s =
                     docs.artifact_bytes as f64 / MIB as f64 / docs.elapsed.as_secs_f64().max(1e-3);
-                let vs = match grpc_rate {
-                    None => {
-                        grpc_rate = Some(mib_s);
-                        "1.00x".to_owned()
-                    }
-                    Some(g) if g > 0.0 => format!("{:.2}x", mib_s / g),
-                    Some(_) => "(gRPC: 0)".to_owned(),
-                };
+                let vs = vs_grpc(&mut grpc_rate, mib_s);
                 println!(
                     "| {rtt} ms | {loss}% | {} | {mib_s:.2} | {vs} | {}/{} ({:.0} of {total:.0} MiB) | {:.2} | {:.0} | {} |",
                     transport.0,

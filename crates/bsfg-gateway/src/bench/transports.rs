@@ -360,14 +360,7 @@ async fn matrix(opts: &TransportsBench, link: &EmulatedLink, site: &Source) -> a
                     q.close().await;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let vs = match grpc_rate {
-                    None => {
-                        grpc_rate = Some(cell.facts_per_sec);
-                        "1.00x".to_owned()
-                    }
-                    Some(g) if g > 0.0 => format!("{:.2}x", cell.facts_per_sec / g),
-                    Some(_) => "(gRPC: 0)".to_owned(),
-                };
+                let vs = vs_grpc(&mut grpc_rate, cell.facts_per_sec);
                 println!(
                     "| {rtt} ms | {loss}% | {name} | {:.0} | {vs} | {} | {} | {:.1} MB | {} | {} |",
                     cell.facts_per_sec,
@@ -389,6 +382,19 @@ async fn matrix(opts: &TransportsBench, link: &EmulatedLink, site: &Source) -> a
         }
     }
     Ok(())
+}
+
+/// `rate` against the gRPC row of the same cell: the first rate of a cell is gRPC's
+/// (kept in `grpc`), the others are shown as a ratio to it.
+pub(super) fn vs_grpc(grpc: &mut Option<f64>, rate: f64) -> String {
+    match *grpc {
+        None => {
+            *grpc = Some(rate);
+            "1.00x".to_owned()
+        }
+        Some(g) if g > 0.0 => format!("{:.2}x", rate / g),
+        Some(_) => "(gRPC: 0)".to_owned(),
+    }
 }
 
 /// The emulated link's profile for a round-trip time and a loss rate (both ways).
