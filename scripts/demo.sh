@@ -60,12 +60,18 @@ append_steps() { # batch, first, last
   done
   echo "   appended steps $2..$3 of batch $1 in the plant zone"
 }
-wait_caught_up() { # zone, frontier
+wait_caught_up() { # zone, facts its link has taken in (stored + quarantined)
+  local st stored quarantined
   for _ in $(seq 1 300); do
-    "$BSFG" --json status --config "$EX/$1.toml" 2>/dev/null | grep -q "\"frontier\":$2[,}]" && return 0
+    st=$("$BSFG" --json status --config "$EX/$1.toml" 2>/dev/null || true)
+    stored=$(grep -o '"facts_stored":[0-9]*' <<<"$st" | head -1 | cut -d: -f2)
+    quarantined=$(grep -o '"quarantined":[0-9]*' <<<"$st" | head -1 | cut -d: -f2)
+    if [ $(( ${stored:-0} + ${quarantined:-0} )) -ge "$2" ] && grep -q '"lag_facts":0' <<<"$st"; then
+      return 0
+    fi
     sleep 0.1
   done
-  echo "demo: the $1 link did not reach frontier $2" >&2; "$BSFG" status --config "$EX/$1.toml"; exit 1
+  echo "demo: the $1 link did not take in $2 facts" >&2; "$BSFG" status --config "$EX/$1.toml"; exit 1
 }
 PLANT=grpcs://127.0.0.1:7443
 ENTERPRISE=grpcs://127.0.0.1:7463

@@ -123,11 +123,12 @@ async fn a_link_copies_each_artifact_before_its_fact_and_quarantines_a_fact_whos
         .await
         .unwrap();
     plant.append_steps("enterprise", "B1", 3..=3).await.unwrap();
-    plant
+    let last = plant
         .api
         .append_fact(fact_with("B1", 4, vec![a.clone()]))
         .await
-        .unwrap();
+        .unwrap()
+        .offset;
     // An operator deletes an artifact at the source after its fact was stored.
     let js = async_nats::jetstream::new(async_nats::connect(plant.nats.url()).await.unwrap());
     js.get_object_store("batch-files")
@@ -144,7 +145,7 @@ async fn a_link_copies_each_artifact_before_its_fact_and_quarantines_a_fact_whos
     );
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(link.run(rx));
-    let s = wait_for(&handle, "the page confirmed", |s| s.frontier == 4).await;
+    let s = wait_for(&handle, "the page confirmed", |s| s.frontier == last).await;
     assert_eq!(s.state, LinkState::Running, "the link keeps running");
     assert_eq!(
         (s.facts_stored, s.quarantined, s.refused),
@@ -281,11 +282,12 @@ async fn a_copy_that_breaks_off_resumes_from_the_staged_bytes_instead_of_startin
     let (plant, enterprise) = zones().await;
     let big = bytes_of(3 * 1024 * 1024 + 123, 7);
     let a = put(&plant, "B2/camera.raw", &big).await;
-    plant
+    let stored = plant
         .api
         .append_fact(fact_with("B2", 1, vec![a.clone()]))
         .await
-        .unwrap();
+        .unwrap()
+        .offset;
     let flaky = Arc::new(Flaky {
         inner: plant.api.clone(),
         cut: 1024 * 1024 + 5000,
@@ -295,7 +297,7 @@ async fn a_copy_that_breaks_off_resumes_from_the_staged_bytes_instead_of_startin
     let (link, handle) = Link::new(settings(), flaky.clone(), Arc::new(enterprise.api.clone()));
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(link.run(rx));
-    let s = wait_for(&handle, "the fact replicated", |s| s.frontier == 1).await;
+    let s = wait_for(&handle, "the fact replicated", |s| s.frontier == stored).await;
     stop.send_replace(true);
     task.await.unwrap();
     assert_eq!((s.artifacts_copied, s.artifact_failures), (1, 1), "{s:?}");

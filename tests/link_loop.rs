@@ -102,12 +102,12 @@ fn steps(batch: &str, r: std::ops::RangeInclusive<u32>) -> HashSet<String> {
 #[tokio::test]
 async fn a_link_replicates_every_fact_once_and_reports_progress_and_counters() {
     let (plant, enterprise) = zones().await;
-    plant
+    let o = plant
         .append_steps("enterprise", "B1", 1..=120)
         .await
         .unwrap();
     let link = start(&plant, &enterprise, "plant-a");
-    let s = wait_for(&link.handle, "the backlog", |s| s.frontier == 120).await;
+    let s = wait_for(&link.handle, "the backlog", |s| s.frontier == o[119]).await;
     assert_eq!(s.state, LinkState::Running);
     assert_eq!((s.source_zone.as_str(), s.lag_facts), ("plant-a", 0));
     assert_eq!((s.facts_stored, s.facts_duplicate), (120, 0));
@@ -120,11 +120,11 @@ async fn a_link_replicates_every_fact_once_and_reports_progress_and_counters() {
     assert!(s.last_success_unix_ms.is_some());
 
     // An idle link long-polls; a new fact crosses without waiting for a timer.
-    plant
+    let o = plant
         .append_steps("enterprise", "B1", 121..=121)
         .await
         .unwrap();
-    let s = wait_for(&link.handle, "the new fact", |s| s.frontier == 121).await;
+    let s = wait_for(&link.handle, "the new fact", |s| s.frontier == o[0]).await;
     assert_eq!(s.lag_seconds, 0.0);
     link.stop().await;
     assert_eq!(
@@ -145,12 +145,12 @@ async fn link_state_after_stop(source: &Zone, destination: &Zone) -> LinkState {
 #[tokio::test]
 async fn a_link_backs_off_while_either_server_is_down_and_resumes_by_itself() {
     let (mut plant, mut enterprise) = zones().await;
-    plant
+    let o = plant
         .append_steps("enterprise", "B2", 1..=10)
         .await
         .unwrap();
     let link = start(&plant, &enterprise, "plant-a");
-    wait_for(&link.handle, "the first facts", |s| s.frontier == 10).await;
+    wait_for(&link.handle, "the first facts", |s| s.frontier == o[9]).await;
 
     plant.nats.kill();
     let s = wait_for(
@@ -165,7 +165,7 @@ async fn a_link_backs_off_while_either_server_is_down_and_resumes_by_itself() {
 
     // The source zone keeps accepting local appends once its server is back; the
     // link resumes without anyone touching it.
-    bsfg_testkit::eventually("plant-a to come back", Duration::from_secs(30), || async {
+    let o = bsfg_testkit::eventually("plant-a to come back", Duration::from_secs(30), || async {
         plant
             .append_steps("enterprise", "B2", 11..=30)
             .await
@@ -173,21 +173,21 @@ async fn a_link_backs_off_while_either_server_is_down_and_resumes_by_itself() {
     })
     .await;
     let s = wait_for(&link.handle, "resumption", |s| {
-        s.frontier == 30 && s.state == LinkState::Running
+        s.frontier == o[19] && s.state == LinkState::Running
     })
     .await;
     assert_eq!(s.lag_facts, 0);
 
     // Now the destination's server dies hard while facts keep coming at the source.
     enterprise.nats.kill_and_restart().unwrap();
-    plant
+    let o = plant
         .append_steps("enterprise", "B2", 31..=40)
         .await
         .unwrap();
     wait_for(
         &link.handle,
         "resumption after the destination restart",
-        |s| s.frontier == 40 && s.state == LinkState::Running,
+        |s| s.frontier == o[9] && s.state == LinkState::Running,
     )
     .await;
     link.stop().await;
@@ -199,15 +199,17 @@ async fn a_gapped_link_waits_for_the_operator_and_records_the_acceptance() {
     let (plant, enterprise) = Zone::pair_with_retention(Duration::from_secs(3))
         .await
         .unwrap();
-    plant.append_steps("enterprise", "B3", 1..=2).await.unwrap();
+    let first = plant.append_steps("enterprise", "B3", 1..=2).await.unwrap();
     let link = start(&plant, &enterprise, "plant-a");
-    wait_for(&link.handle, "the first facts", |s| s.frontier == 2).await;
+    wait_for(&link.handle, "the first facts", |s| s.frontier == first[1]).await;
     link.stop().await;
 
     // While the link is stopped, steps 3..5 are appended and expire unconfirmed.
-    plant.append_steps("enterprise", "B3", 3..=5).await.unwrap();
+    let lost = plant.append_steps("enterprise", "B3", 3..=5).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    plant.append_steps("enterprise", "B3", 6..=7).await.unwrap();
+    let after = plant.append_steps("enterprise", "B3", 6..=7).await.unwrap();
+    // The gap: from after the last confirmed fact to the last lost one.
+    let (missing_from, missing_to) = (first[1] + 1, lost[2]);
 
     let link = start(&plant, &enterprise, "plant-a");
     let s = wait_for(&link.handle, "gapped", |s| {
@@ -217,29 +219,33 @@ async fn a_gapped_link_waits_for_the_operator_and_records_the_acceptance() {
     assert_eq!(
         s.state,
         LinkState::Gapped {
-            missing_from: 3,
-            missing_to: 5
+            missing_from,
+            missing_to
         }
     );
     // It stays there: nothing after the gap is stored without the operator.
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(link.handle.status().facts_stored, 0);
     assert_eq!(
-        link.handle.accept_gap(3, 4, "operator jdoe"),
+        link.handle
+            .accept_gap(missing_from, missing_to - 1, "operator jdoe"),
         Err(AcceptGapError::OtherRange {
             link: "plant-a".into(),
-            missing_from: 3,
-            missing_to: 5
+            missing_from,
+            missing_to
         })
     );
-    link.handle.accept_gap(3, 5, "operator jdoe").unwrap();
-    let s = wait_for(&link.handle, "past the gap", |s| s.frontier == 7).await;
+    link.handle
+        .accept_gap(missing_from, missing_to, "operator jdoe")
+        .unwrap();
+    let s = wait_for(&link.handle, "past the gap", |s| s.frontier == after[1]).await;
     assert_eq!(
         (s.state, s.gaps_accepted, s.facts_stored),
         (LinkState::Running, 1, 2)
     );
     assert_eq!(
-        link.handle.accept_gap(3, 5, "operator jdoe"),
+        link.handle
+            .accept_gap(missing_from, missing_to, "operator jdoe"),
         Err(AcceptGapError::NotGapped("plant-a".into()))
     );
     link.stop().await;
@@ -305,7 +311,7 @@ async fn an_intake_denial_quarantines_the_fact_confirms_the_page_and_a_release_a
     );
     let (plant, enterprise) = tokio::join!(plant, enterprise);
     let (plant, enterprise) = (plant.unwrap(), enterprise.unwrap());
-    plant.append_steps("enterprise", "B4", 1..=3).await.unwrap();
+    let o = plant.append_steps("enterprise", "B4", 1..=3).await.unwrap();
     let (link, handle) = Link::new(
         settings("plant-a"),
         Arc::new(plant.api.clone()),
@@ -318,7 +324,7 @@ async fn an_intake_denial_quarantines_the_fact_confirms_the_page_and_a_release_a
     });
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(link.run(rx));
-    let s = wait_for(&handle, "the page confirmed", |s| s.frontier == 3).await;
+    let s = wait_for(&handle, "the page confirmed", |s| s.frontier == o[2]).await;
     assert_eq!((s.facts_stored, s.quarantined), (2, 1), "{s:?}");
     stop.send_replace(true);
     task.await.unwrap();
@@ -342,7 +348,7 @@ async fn an_intake_denial_quarantines_the_fact_confirms_the_page_and_a_release_a
     );
     assert_eq!(
         (e.link.as_str(), e.source_zone.as_str(), e.source_offset),
-        ("plant-a", "plant-a", 2)
+        ("plant-a", "plant-a", o[1])
     );
 
     let settled = enterprise

@@ -94,13 +94,16 @@ impl Zone {
         to: &str,
         batch: &str,
         steps: std::ops::RangeInclusive<u32>,
-    ) -> Result<(), BoundaryError> {
+    ) -> Result<Vec<u64>, BoundaryError> {
+        let mut offsets = Vec::new();
         for step in steps {
-            self.api
+            let o = self
+                .api
                 .append_fact(step_completed(&self.name, to, batch, step))
                 .await?;
+            offsets.push(o.offset);
         }
-        Ok(())
+        Ok(offsets)
     }
 
     /// One page for a consumer of this zone.

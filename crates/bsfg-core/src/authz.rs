@@ -384,6 +384,31 @@ impl Gate {
         self.api.append_fact(message).await
     }
 
+    /// AppendFacts as `caller`: each fact authorized, judged by the append policies
+    /// and appended as [`Gate::append_fact`] would, concurrently (so the zone commits
+    /// them together), answered in order. More than [`crate::MAX_APPEND_FACTS`] is
+    /// `invalid_argument` on `messages` and nothing is appended.
+    pub async fn append_facts(
+        &self,
+        caller: &Caller,
+        messages: Vec<Message>,
+    ) -> ApiResult<Vec<ApiResult<AppendOutcome>>> {
+        if messages.len() > crate::MAX_APPEND_FACTS {
+            return Err(BoundaryError::invalid(
+                "messages",
+                format!(
+                    "at most {} per call, got {}",
+                    crate::MAX_APPEND_FACTS,
+                    messages.len()
+                ),
+            ));
+        }
+        Ok(
+            futures::future::join_all(messages.into_iter().map(|m| self.append_fact(caller, m)))
+                .await,
+        )
+    }
+
     /// FetchFacts as `caller`. A page refused for an artifact's bucket is not
     /// confirmed, so it is redelivered once the grant is fixed: nothing is lost.
     pub async fn fetch_facts(&self, caller: &Caller, request: FetchRequest) -> ApiResult<FactPage> {

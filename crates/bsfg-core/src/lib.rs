@@ -34,5 +34,5 @@ pub use policy::{
 };
 pub use ports::{
     ApiResult, AppendOutcome, BoundaryApi, ByteStream, FactLog, FactPage, FetchRequest,
-    FetchedFact, Frontier, ObjectInfo, ObjectRead, ObjectStore,
+    FetchedFact, Frontier, MAX_APPEND_FACTS, ObjectInfo, ObjectRead, ObjectStore,
 };

@@ -133,6 +133,14 @@ impl<O: Observer> BoundaryApi for Observed<O> {
         })
         .await
     }
+    async fn append_facts(
+        &self,
+        messages: Vec<Message>,
+    ) -> ApiResult<Vec<ApiResult<AppendOutcome>>> {
+        // Forwarded whole (a remote client sends one request); each fact is observed
+        // where the serving side appends it.
+        self.inner.append_facts(messages).await
+    }
     async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {
         let op = Op::Fetch { wait: request.wait };
         self.run(op, self.inner.fetch_facts(request), |p| Outcome::Page(p))

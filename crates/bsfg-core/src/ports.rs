@@ -125,12 +125,26 @@ impl ObjectInfo {
 /// reason.
 pub type ApiResult<T> = Result<T, BoundaryError>;
 
+/// Most facts one AppendFacts call carries.
+pub const MAX_APPEND_FACTS: usize = 1000;
+
 /// The four boundary operations. Implemented by the engine and by transport clients,
 /// so a replicator is just a client of two `BoundaryApi` values.
 #[async_trait]
 pub trait BoundaryApi: Send + Sync {
     /// Durable, idempotent append to this zone's log.
     async fn append_fact(&self, message: Message) -> Result<AppendOutcome, BoundaryError>;
+    /// [`BoundaryApi::append_fact`] for many facts at once: one answer per fact, in
+    /// order, each exactly what `append_fact` would answer it alone (one fact's
+    /// refusal never holds back another). The outer error is for a call that could
+    /// not be made at all. The default appends them concurrently (so a zone commits
+    /// them together); a client of a remote zone sends them in one request.
+    async fn append_facts(
+        &self,
+        messages: Vec<Message>,
+    ) -> ApiResult<Vec<ApiResult<AppendOutcome>>> {
+        Ok(futures::future::join_all(messages.into_iter().map(|m| self.append_fact(m))).await)
+    }
     /// Paged pull for a durable named consumer.
     async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError>;
     /// "Everything up to `offset` is durably committed on my side."

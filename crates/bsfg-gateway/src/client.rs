@@ -184,12 +184,59 @@ fn message_line(i: usize, line: &str) -> anyhow::Result<Option<Message>> {
     })
 }
 
-/// `bsfg append`: one fact from flags, or JSON lines from a file or `-` (stdin).
+/// How `bsfg append --file` sends its lines.
+#[derive(Debug, Clone, Copy)]
+pub struct Bulk {
+    /// Facts in flight at once (several AppendFacts calls when larger than `batch`).
+    pub concurrency: usize,
+    /// Facts per AppendFacts call.
+    pub batch: usize,
+    /// Skip the lines an earlier run had acknowledged (read from the progress file).
+    pub resume: bool,
+}
+
+/// The progress file of an input file: the last line of the acknowledged prefix.
+pub fn progress_path(file: &std::path::Path) -> Option<PathBuf> {
+    if file.as_os_str() == "-" {
+        return None;
+    }
+    let mut name = file.file_name()?.to_os_string();
+    name.push(".bsfg-acked");
+    Some(file.with_file_name(name))
+}
+
+/// Records that every line up to `line` (1-based) is acknowledged (written to a
+/// temporary file, then renamed, so a crash leaves the old or the new number).
+fn record_progress(path: &std::path::Path, line: usize) -> anyhow::Result<()> {
+    let tmp = path.with_extension("bsfg-acked.tmp");
+    std::fs::write(&tmp, format!("{line}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The acknowledged prefix an earlier run recorded (0: none).
+fn read_progress(path: &std::path::Path) -> anyhow::Result<usize> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no line number", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `bsfg append`: one fact from flags, or JSON lines from a file or `-` (stdin),
+/// sent in AppendFacts calls of `bulk.batch` facts with several calls in flight.
+/// Answers are printed in input order; the first refused fact stops the run with
+/// its line number. After every call the last line of the acknowledged prefix is
+/// recorded beside the file (`<file>.bsfg-acked`), so `--resume` skips what was
+/// acknowledged.
 pub async fn append(
     api: &dyn BoundaryApi,
     args: &FactArgs,
     file: Option<PathBuf>,
-    concurrency: usize,
+    bulk: Bulk,
     json: bool,
 ) -> anyhow::Result<()> {
     let Some(file) = file else {
@@ -211,6 +258,12 @@ pub async fn append(
         print_outcome(json, &id, &out);
         return Ok(());
     };
+    let progress = progress_path(&file);
+    let skip = match (&progress, bulk.resume) {
+        (Some(p), true) => read_progress(p)?,
+        (None, true) => anyhow::bail!("--resume needs a file (stdin has no progress)"),
+        (_, false) => 0,
+    };
     let (reader, total) = open_lines(&file)?;
     let bar = match total {
         Some(len) if !json => indicatif::ProgressBar::with_draw_target(
@@ -219,42 +272,116 @@ pub async fn append(
         ),
         _ => indicatif::ProgressBar::hidden(),
     };
-    // Lines stream through with `concurrency` appends in flight; answers are printed
-    // in input order, and the first failure stops the run with its line number.
-    let appends = futures::stream::iter(reader.lines().enumerate())
-        .map(|(i, line)| {
-            let bar = bar.clone();
-            async move {
-                let line = line.context("reading input")?;
-                bar.inc(line.len() as u64 + 1);
-                let Some(m) = message_line(i, &line)? else {
-                    return Ok(None);
-                };
-                let id = m.envelope.message_id.clone();
-                let out = api
-                    .append_fact(m)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
-                anyhow::Ok(Some((id, out)))
+    let batch = bulk.batch.clamp(1, bsfg_core::MAX_APPEND_FACTS);
+    let in_flight = bulk.concurrency.div_ceil(batch).max(1);
+    // Lines in chunks of `batch` messages: (line number, message) with the chunk's
+    // last line number (blank and skipped lines count toward it).
+    let mut lines = reader.lines().enumerate();
+    let reading = bar.clone();
+    let chunks = futures::stream::poll_fn(move |_| {
+        let mut chunk: Vec<(usize, Message)> = Vec::with_capacity(batch);
+        let mut last = 0usize;
+        for (i, line) in lines.by_ref() {
+            last = i + 1;
+            let line = match line.context("reading input") {
+                Ok(l) => l,
+                Err(e) => return std::task::Poll::Ready(Some(Err(e))),
+            };
+            reading.inc(line.len() as u64 + 1);
+            if i < skip {
+                continue;
             }
-        })
-        .buffered(concurrency.max(1));
-    futures::pin_mut!(appends);
-    let (mut stored, mut dups) = (0u64, 0u64);
-    while let Some(r) = appends.next().await {
-        let Some((id, out)) = r? else { continue };
-        if out.duplicate {
-            dups += 1;
-        } else {
-            stored += 1;
+            match message_line(i, &line) {
+                Ok(Some(m)) => chunk.push((i + 1, m)),
+                Ok(None) => {}
+                Err(e) => return std::task::Poll::Ready(Some(Err(e))),
+            }
+            if chunk.len() >= batch {
+                break;
+            }
         }
-        bar.suspend(|| print_outcome(json, &id, &out));
+        if chunk.is_empty() && last == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Ready(Some(Ok((chunk, last))))
+    });
+    let answers = chunks
+        .map(|c| async move {
+            let (chunk, last) = c?;
+            let (numbers, messages): (Vec<usize>, Vec<Message>) = chunk.into_iter().unzip();
+            let ids: Vec<String> = messages
+                .iter()
+                .map(|m| m.envelope.message_id.clone())
+                .collect();
+            let first = numbers.first().copied().unwrap_or(last);
+            let results = if messages.is_empty() {
+                Vec::new()
+            } else {
+                api.append_facts(messages)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("lines {first}..={last}: {e}"))?
+            };
+            anyhow::Ok((numbers, ids, results, last))
+        })
+        .buffered(in_flight);
+    futures::pin_mut!(answers);
+    let (mut stored, mut dups) = (0u64, 0u64);
+    let mut failure = None;
+    while let Some(r) = answers.next().await {
+        let (numbers, ids, results, last) = match r {
+            Ok(a) => a,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        for ((n, id), out) in numbers.into_iter().zip(ids).zip(results) {
+            match out {
+                Ok(out) => {
+                    if out.duplicate {
+                        dups += 1;
+                    } else {
+                        stored += 1;
+                    }
+                    bar.suspend(|| print_outcome(json, &id, &out));
+                }
+                Err(e) => {
+                    failure = Some(anyhow::anyhow!("line {n}: {e}"));
+                    if let Some(p) = &progress {
+                        record_progress(p, n - 1)?;
+                    }
+                    break;
+                }
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+        if let Some(p) = &progress {
+            record_progress(p, last)?;
+        }
     }
     bar.finish_and_clear();
     if !json {
-        eprintln!("{stored} stored, {dups} duplicate(s)");
+        eprintln!(
+            "{stored} stored, {dups} duplicate(s){}",
+            if skip > 0 {
+                format!(" (lines 1..={skip} acknowledged before, skipped)")
+            } else {
+                String::new()
+            }
+        );
     }
-    Ok(())
+    match failure {
+        Some(e) => Err(e.context(match &progress {
+            Some(p) => format!(
+                "stopped; what was acknowledged is recorded in {}: run again with --resume to go on after it",
+                p.display()
+            ),
+            None => "stopped".to_owned(),
+        })),
+        None => Ok(()),
+    }
 }
 
 fn op_error(e: BoundaryError) -> anyhow::Error {

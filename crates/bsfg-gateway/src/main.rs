@@ -70,12 +70,20 @@ enum Command {
         /// JSON lines, one `{"envelope": {...}, "fact": {...}}` per line.
         #[arg(long)]
         file: Option<PathBuf>,
-        /// Appends in flight at once with --file (answers stay in input order). The
-        /// first failure stops the run with its line number; appends already in flight
-        /// past that line may have been stored. Re-running the file is safe: stored
-        /// facts come back as duplicates.
-        #[arg(long, default_value_t = 64)]
+        /// Facts in flight at once with --file (answers stay in input order): calls
+        /// of --batch facts, as many as this allows (at least one). The first refused
+        /// fact stops the run with its line number; facts already in flight past it
+        /// may have been stored. Re-running the file is safe: stored facts come back
+        /// as duplicates.
+        #[arg(long, default_value_t = 1000)]
         concurrency: usize,
+        /// Facts per AppendFacts call with --file (at most 1000).
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Go on after the lines an earlier run of the same file had acknowledged
+        /// (recorded in `<file>.bsfg-acked` after every call).
+        #[arg(long)]
+        resume: bool,
     },
     /// Fetch a page for a durable consumer.
     Fetch {
@@ -332,9 +340,10 @@ enum CertsCommand {
 
 #[derive(Subcommand)]
 enum IndexCommand {
-    /// Move a zone created with the per-id index layout (stream `bsfg_ids`) to the
-    /// bounded layout, once, with every gateway of the zone stopped. Does nothing on
-    /// a zone without it.
+    /// Move a zone of an earlier layout (the per-id index `bsfg_ids`, or the
+    /// two-stream layout `bsfg_index` beside `facts_<class>`) to the one-stream log
+    /// (`bsfg_log`), once, with every gateway of the zone stopped. Facts get new
+    /// offsets; consumers keep their frontiers. Does nothing on a zone of the log.
     Migrate {
         /// The zone's TOML file.
         #[arg(long, short)]
@@ -421,9 +430,16 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             fact,
             file,
             concurrency,
+            batch,
+            resume,
         } => {
             let api = client::connect(&cli.url, &cli.tls).map_err(|e| (2u8, e))?;
-            client::append(api.as_ref(), &fact, file, concurrency, cli.json)
+            let bulk = client::Bulk {
+                concurrency,
+                batch,
+                resume,
+            };
+            client::append(api.as_ref(), &fact, file, bulk, cli.json)
                 .await
                 .map_err(op)
         }

@@ -254,17 +254,18 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
         &extra,
     );
     let papi = plant.api();
+    let mut offsets = Vec::new();
     for (i, p) in [
         (1, "step_completed"),
         (2, "recipe_changed"),
         (3, "step_completed"),
     ] {
-        papi.append_fact(fact(i, "PlantA", p)).await.unwrap();
+        offsets.push(papi.append_fact(fact(i, "PlantA", p)).await.unwrap().offset);
     }
     wait_until(
         "the link to confirm every page",
         Duration::from_secs(30),
-        || link_frontier(&enterprise) == 3,
+        || link_frontier(&enterprise) == offsets[2],
     );
     let eapi = enterprise.api();
     let denied = "plant:batch:P0:step:2";
@@ -283,7 +284,10 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
     let listing = enterprise.quarantine(&["list"]);
     assert!(
         listing.contains(denied)
-            && listing.contains("from plant offset 2 via link from-plant")
+            && listing.contains(&format!(
+                "from plant offset {} via link from-plant",
+                offsets[1]
+            ))
             && listing.contains(&format!(
                 "policy no-recipes ({sha}): predicate `recipe_changed` is denied"
             )),
@@ -320,11 +324,13 @@ async fn a_fact_denied_at_intake_is_quarantined_the_page_confirmed_and_the_opera
     );
 
     // Another denied fact, dropped by an operator: never stored, the drop recorded.
-    papi.append_fact(fact(4, "PlantA", "recipe_changed"))
+    let fourth = papi
+        .append_fact(fact(4, "PlantA", "recipe_changed"))
         .await
-        .unwrap();
+        .unwrap()
+        .offset;
     wait_until("the next page confirmed", Duration::from_secs(30), || {
-        link_frontier(&enterprise) == 4
+        link_frontier(&enterprise) == fourth
     });
     let dropped_id = "plant:batch:P0:step:4";
     assert_eq!(
@@ -370,20 +376,27 @@ async fn replacing_the_module_file_while_facts_flow_changes_verdicts_without_los
     );
     let papi = plant.api();
     let producer = tokio::spawn(async move {
+        let mut last = 0;
         for i in 0..N {
-            papi.append_fact(fact(i, "PlantA", "step_completed"))
+            last = papi
+                .append_fact(fact(i, "PlantA", "step_completed"))
                 .await
-                .unwrap();
+                .unwrap()
+                .offset;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        last
     });
     wait_until("the first facts to cross", Duration::from_secs(30), || {
-        link_frontier(&enterprise) >= 50
+        common::admin_status(enterprise.admin)["links"][0]["facts_stored"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 50
     });
     module.replace(&plugins::built("deny_predicates"));
-    producer.await.unwrap();
+    let last = producer.await.unwrap();
     wait_until("every page confirmed", Duration::from_secs(60), || {
-        link_frontier(&enterprise) == u64::from(N)
+        link_frontier(&enterprise) == last
     });
 
     let stored = read_all(&enterprise.api(), "reporting").await;
@@ -678,18 +691,19 @@ async fn a_fact_filtered_at_intake_is_dropped_counted_and_recorded_while_a_denie
         &extra,
     );
     let papi = plant.api();
+    let mut offsets = Vec::new();
     for (i, p) in [
         (1, "step_completed"),
         (2, "heartbeat"),
         (3, "recipe_changed"),
         (4, "step_completed"),
     ] {
-        papi.append_fact(fact(i, "PlantA", p)).await.unwrap();
+        offsets.push(papi.append_fact(fact(i, "PlantA", p)).await.unwrap().offset);
     }
     wait_until(
         "the link to confirm every page",
         Duration::from_secs(30),
-        || link_frontier(&enterprise) == 4,
+        || link_frontier(&enterprise) == offsets[3],
     );
     let eapi = enterprise.api();
     assert_eq!(
@@ -713,7 +727,7 @@ async fn a_fact_filtered_at_intake_is_dropped_counted_and_recorded_while_a_denie
     let o: serde_json::Value = serde_json::from_str(&filtered[0].object_json).unwrap();
     assert_eq!(o["count"], 1, "{o}");
     assert_eq!(o["facts"][0]["message_id"], "plant:batch:P0:step:2", "{o}");
-    assert_eq!(o["facts"][0]["source_offset"], 2, "{o}");
+    assert_eq!(o["facts"][0]["source_offset"], offsets[1], "{o}");
     assert_eq!(o["facts"][0]["policy"], "wanted", "{o}");
     assert_eq!(filtered[0].subject, "link:from-plant");
     let m = enterprise.metrics();
@@ -755,18 +769,24 @@ async fn a_python_policy_denies_filters_and_quarantines_in_real_gateways() {
         &extra,
     );
     let papi = plant.api();
+    let mut offsets = Vec::new();
     for (i, site_label, p) in [
         (1, "PlantA", "step_completed"),
         (2, "PlantA", "heartbeat"),
         (3, "PlantZ", "step_completed"),
         (4, "PlantA", "step_completed"),
     ] {
-        papi.append_fact(fact(i, site_label, p)).await.unwrap();
+        offsets.push(
+            papi.append_fact(fact(i, site_label, p))
+                .await
+                .unwrap()
+                .offset,
+        );
     }
     wait_until(
         "the link to confirm every page",
         Duration::from_secs(60),
-        || link_frontier(&enterprise) == 4,
+        || link_frontier(&enterprise) == offsets[3],
     );
     let eapi = enterprise.api();
     assert_eq!(

@@ -70,13 +70,15 @@ fn fact(i: u32) -> Message {
 }
 
 /// Appends until the zone acknowledges: a producer that retries the same fact.
-async fn append_retrying(api: &GrpcClient, m: Message) {
+/// Appends until it succeeds; returns the fact's offset.
+async fn append_retrying(api: &GrpcClient, m: Message) -> u64 {
     eventually(
         "an append to succeed",
         Duration::from_secs(60),
         async || api.append_fact(m.clone()).await.map_err(|e| e.to_string()),
     )
-    .await;
+    .await
+    .offset
 }
 
 fn status(s: &Site) -> serde_json::Value {
@@ -203,15 +205,18 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
         "30d",
     );
     let (plant_api, ent_api) = (client(&plant.gw.url), client(&enterprise.gw.url));
-    append_retrying(&plant_api, fact(1)).await;
+    let first = append_retrying(&plant_api, fact(1)).await;
     let expected: HashSet<String> = [fact(1).envelope.message_id].into();
     common::drain_exactly(&ent_api, "reporting", &expected, Duration::from_secs(20)).await;
 
     // The enterprise gateway is down while facts 2..4 come and expire in the plant.
     assert!(enterprise.gw.sigterm().success());
+    let mut lost = 0;
     for i in 2..=4 {
-        append_retrying(&plant_api, fact(i)).await;
+        lost = append_retrying(&plant_api, fact(i)).await;
     }
+    // The gap: after the last confirmed fact, up to the last lost one.
+    let (from, to) = (first + 1, lost);
     tokio::time::sleep(Duration::from_secs(5)).await;
     append_retrying(&plant_api, fact(5)).await;
     enterprise.gw.respawn();
@@ -225,7 +230,7 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     .await;
     assert_eq!(
         (link["missing_from"].as_u64(), link["missing_to"].as_u64()),
-        (Some(2), Some(4))
+        (Some(from), Some(to))
     );
     let (_, metrics) = http_get(enterprise.admin, "/metrics").unwrap();
     assert!(
@@ -240,7 +245,9 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     ]);
     let human = text(&out.stdout);
     assert!(
-        human.contains("from-plant <- plant/to-enterprise: gapped at offsets 2..=4"),
+        human.contains(&format!(
+            "from-plant <- plant/to-enterprise: gapped at offsets {from}..={to}"
+        )),
         "{human}"
     );
 
@@ -253,15 +260,15 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
         "--link",
         "from-plant",
         "--from",
-        "2",
+        &from.to_string(),
         "--to",
-        "3",
+        &(to - 1).to_string(),
         "--by",
         "jdoe",
     ]);
     assert!(!wrong.status.success());
     assert!(
-        text(&wrong.stderr).contains("gapped at 2..=4"),
+        text(&wrong.stderr).contains(&format!("gapped at {from}..={to}")),
         "{}",
         text(&wrong.stderr)
     );
@@ -273,9 +280,9 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
         "--link",
         "from-plant",
         "--from",
-        "2",
+        &from.to_string(),
         "--to",
-        "4",
+        &to.to_string(),
         "--by",
         "jdoe",
     ]);
@@ -340,10 +347,10 @@ async fn a_gateway_copies_a_256_mib_artifact_in_bounded_memory() {
     );
     let producer = client(&plant.gw.url);
     // A fact first, so the link is warm when the baseline is read.
-    append_retrying(&producer, fact(0)).await;
+    let warm = append_retrying(&producer, fact(0)).await;
     eventually("the warm-up fact", Duration::from_secs(30), || async {
         let f = status(&idmz)["links"][0]["frontier"].as_u64();
-        (f == Some(1)).then_some(()).ok_or(format!("{f:?}"))
+        (f == Some(warm)).then_some(()).ok_or(format!("{f:?}"))
     })
     .await;
     let info = producer
@@ -366,13 +373,15 @@ async fn a_gateway_copies_a_256_mib_artifact_in_bounded_memory() {
         digest: info.digest.clone(),
         size: info.size,
     }];
-    append_retrying(&producer, m).await;
+    let with_artifact = append_retrying(&producer, m).await;
     eventually(
         "the artifact and its fact",
         Duration::from_secs(300),
         || async {
             let f = status(&idmz)["links"][0]["frontier"].as_u64();
-            (f == Some(2)).then_some(()).ok_or(format!("{f:?}"))
+            (f == Some(with_artifact))
+                .then_some(())
+                .ok_or(format!("{f:?}"))
         },
     )
     .await;

@@ -323,11 +323,49 @@ impl From<v1::CallError> for BoundaryError {
     }
 }
 
+/// One fact's answer of an AppendFacts call, as sent: the outcome, or the error with
+/// its stable reason and metadata.
+pub fn append_result(r: Result<AppendOutcome, BoundaryError>) -> v1::AppendFactResult {
+    use v1::append_fact_result::Result as R;
+    v1::AppendFactResult {
+        result: Some(match r {
+            Ok(o) => R::Appended(o.into()),
+            Err(e) => R::Error((&e).into()),
+        }),
+    }
+}
+
+/// One fact's answer of an AppendFacts call, as received (an empty one is
+/// `internal`).
+pub fn append_result_back(r: v1::AppendFactResult) -> Result<AppendOutcome, BoundaryError> {
+    use v1::append_fact_result::Result as R;
+    match r.result {
+        Some(R::Appended(o)) => Ok(o.into()),
+        Some(R::Error(e)) => Err(e.into()),
+        None => Err(BoundaryError::Internal(
+            "an AppendFacts answer without outcome or error".into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use prost::Message as _;
+
+    #[test]
+    fn an_append_facts_answer_keeps_each_outcome_and_each_reason() {
+        let ok = AppendOutcome {
+            stream: "facts_operational".into(),
+            offset: 7,
+            duplicate: true,
+        };
+        assert_eq!(append_result_back(append_result(Ok(ok.clone()))), Ok(ok));
+        let e = BoundaryError::invalid("fact.subject", "must be kind:id");
+        assert_eq!(append_result_back(append_result(Err(e.clone()))), Err(e));
+        assert!(append_result_back(v1::AppendFactResult { result: None }).is_err());
+    }
 
     fn sample() -> Message {
         let mut m = Message::default();

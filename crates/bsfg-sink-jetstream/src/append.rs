@@ -1,53 +1,41 @@
-//! The append pipeline: group commit with permanent, crash-safe idempotency on a
-//! bounded index (see [`crate::index`] for the layout).
+//! The append pipeline: group commit with permanent, crash-safe idempotency, one
+//! durable commit per round (see [`crate::index`] for the layout).
 //!
 //! ## Write order (per round of concurrent appends, each id in at most one round)
 //! 1. **Look up** every id in the gateway's on-disk look-up ([`crate::lookup`]), which
-//!    holds every reservation of the index stream up to a known sequence.
-//! 2. **Reserve** the unknown ids: one reservation per id on its bucket subject
-//!    `bsfg.index.<bbb>`, `{id, digest, stream, subject, after}`, all in one atomic
-//!    batch; the first message of each bucket carries
+//!    holds every reservation of the log up to a known sequence: a known id is
+//!    answered at once (`duplicate` with its offset, or `conflicting_duplicate`).
+//! 2. **Commit** the unknown ids as one atomic batch of the log stream: per bucket one
+//!    message holding the bucket's reservations (the first with
 //!    `Nats-Expected-Last-Subject-Sequence` = the bucket's last sequence the look-up
-//!    holds. The batch commits only if no gateway reserved in those buckets since,
-//!    so none of its ids was reserved before: exactly one appender (task, process or
-//!    gateway) wins each id. When the compare-and-set fails, the gateway reads the
-//!    index stream up to its end into the look-up and looks the ids up again.
-//! 3. **Publish** the facts to their class stream on bounded subjects
-//!    `facts.<class>.<kind>.<wwww><bb>` (this gateway's writer number, a bucket of the
-//!    id), one atomic batch per stream; the first fact of each
-//!    subject carries `Nats-Expected-Last-Subject-Sequence` = the subject's last
-//!    sequence up to which this gateway knows the subject holds none of the batch's
-//!    ids. `after` in the reservation is such a sequence from before the
-//!    reservation, so a fact of the id can only lie after it.
-//! 4. Answer the callers with their offsets, then **record** the offsets
-//!    (`bsfg.index.offsets`, written with the next reservation batch or on its own).
-//!    Step 4 only speeds up later look-ups.
+//!    holds), then the facts class by class, each class followed by its head (with a
+//!    compare-and-set on the head). The batch commits whole or not at all, with one
+//!    disk sync under `sync_interval: always`. It commits only if no gateway
+//!    reserved in those buckets or wrote those classes since: exactly one appender
+//!    (task, process or gateway) wins each id. When a compare-and-set fails, the
+//!    gateway reads the index to its end into the look-up, reads the heads again,
+//!    looks the ids up again and commits what is still unknown.
+//! 3. Answer the callers with their offsets (the batch's sequences are contiguous,
+//!    ending at the commit's acknowledgement).
 //!
 //! ## Why no crash point stores two copies or loses one
-//! - Crash before 2 commits: nothing stored, the caller got no offset and retries.
-//! - Crash between 2 and 3: a reservation without a fact. A retry finds the
-//!   reservation with the same digest and no offset, reads the fact subject after
-//!   `after`, finds no fact of the id, and publishes it with the compare-and-set on
-//!   the last sequence it read: if the original appender (slow, not dead) or another
-//!   completer published meanwhile, the set fails, the retry reads again, finds that
-//!   fact and answers `duplicate`. Every publish of an id is made only after
-//!   reading, under compare-and-set, that the subject holds no fact of it.
-//! - Crash between 3 and 4: a retry finds the reservation without offset, reads the
-//!   fact subject after `after`, finds the fact and returns its offset as a
-//!   duplicate (and records it).
+//! - A reservation and its fact are one batch: either both are stored or neither.
+//! - Crash before the commit: nothing stored, the caller got no offset and retries.
+//! - Crash (or a lost acknowledgement) after the commit: the caller retries; the
+//!   retry's look-up may not know the id yet, but its batch names the bucket's
+//!   sequence from before the commit, so the compare-and-set fails, the gateway reads
+//!   the index, finds the reservation and answers `duplicate` with the stored offset.
 //! - Same id, different payload: the reservation's digest differs, so the append is
-//!   `conflicting_duplicate` whatever the class label says.
-//! - The look-up lost or behind: it is a cache of the index stream; start-up reads the
-//!   stream after its watermark (or all of it), and a compare-and-set fails for any
-//!   bucket it has not read to the end.
+//!   `conflicting_duplicate` whatever the class label says (one index for the zone).
+//! - The look-up lost or behind: it is a cache of the log's reservations; start-up
+//!   reads them after its watermark (or all of them), and a compare-and-set fails for
+//!   any bucket it has not read to the end.
 //!
-//! Every write of several messages is an atomic batch (ADR-50): one disk sync per
-//! step under `sync_interval: always`; a lone message is a plain publish (atomic by
-//! itself, without the batch's staging). Reservations of one gateway are written one round at a
-//! time (their compare-and-set needs the previous round's sequences); round k+1
-//! reserves while round k publishes.
+//! Rounds commit one at a time per gateway (each names the sequences the previous
+//! one left); appends arriving meanwhile form the next round, so a lone append is
+//! committed at once and a busy zone commits large rounds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,11 +43,10 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream::Stream};
 use bsfg_core::{AppendOutcome, BoundaryError, ValidatedMessage};
 use bytes::Bytes;
-use futures::future::join_all;
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use crate::index::{self, Offsets, Reservation};
+use crate::index::{self, BucketRecord, Head, HeadRecord, Reservation};
 use crate::lookup::{Entry, Lookup, Update};
 
 /// Header carrying the message_id on stored facts.
@@ -76,24 +63,26 @@ pub const HDR_SOURCE_OFFSET: &str = "Bsfg-Source-Offset";
 pub const HDR_LINK: &str = "Bsfg-Link";
 const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
-/// How often offsets that no reservation batch carried are recorded on their own.
-const RECORD_EVERY: Duration = Duration::from_millis(250);
-
 /// Rounds of compare-and-set before an append gives up with `unavailable`.
 const MAX_ATTEMPTS: usize = 8;
 
-/// How many rounds a gateway keeps in flight by default. Correctness is the same in
-/// both: every write of several messages is an atomic batch with per-bucket
-/// compare-and-set.
+/// How many rounds a gateway prepares while one commits. Correctness is the same in
+/// both: every round is one atomic batch with per-bucket and per-class
+/// compare-and-set, and rounds commit one at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishMode {
-    /// Two rounds in flight (one reserving, one publishing). Best under
+    /// Two rounds at once (one committing, the next forming). Best under
     /// `sync_interval: always`.
     AtomicBatch,
-    /// More rounds queued (8), so smaller rounds form while the server flushes
-    /// lazily. Writes are atomic batches all the same.
+    /// More rounds queued (8). Writes are atomic batches all the same.
     Pipelined,
 }
+
+/// Most messages in one atomic batch (the server's limit).
+pub const MAX_BATCH_MESSAGES: usize = 1000;
+
+/// Most reservations in one bucket message.
+const RESERVATIONS_PER_MESSAGE: usize = 64;
 
 /// Header bytes an atomic batch adds to each message (`Nats-Batch-Id` with a nuid,
 /// `Nats-Batch-Sequence` up to 1000, `Nats-Batch-Commit`), with room to spare.
@@ -116,8 +105,9 @@ fn header_bytes(id_len: usize, provenance: Option<[usize; 3]>) -> usize {
             + line(HDR_LINK, link)
     });
     "NATS/1.0\r\n\r\n".len()
-        + line(HDR_EXPECTED_LAST_SUBJECT_SEQ, 20)
         + line(HDR_MESSAGE_ID, id_len)
+        + line("Nats-TTL", 21)
+        + line(index::HDR_PREV, 20)
         + line(HDR_DIGEST, 64)
         + provenance
         + BATCH_HEADER_BYTES
@@ -148,42 +138,22 @@ pub(crate) struct Job {
     pub msg: ValidatedMessage,
     /// `index::token` of the message_id.
     pub token: [u8; 16],
-    /// Class stream chosen from the labels (or, when completing a reservation, the
-    /// stream the reservation names).
+    /// The class's stream name as the API shows it (`facts_<class>`).
     pub stream: String,
-    /// Fact subject in that stream.
+    /// The class.
+    pub class: String,
+    /// Fact subject.
     pub subject: String,
+    /// The class's retention (`None`: forever), the fact's `Nats-TTL`.
+    pub ttl: Option<Duration>,
     pub reply: oneshot::Sender<Result<AppendOutcome, BoundaryError>>,
-}
-
-/// A job on its way to the class stream, with the subject's last sequence up to
-/// which the subject is known to hold no fact of its id.
-struct ToPublish {
-    job: Job,
-    checked_upto: u64,
-    /// Whether every fact this gateway published on the subject after
-    /// `checked_upto` is known to be of another id: true for an id this round
-    /// reserved (nobody could publish it before the reservation, and this gateway
-    /// has it in one round only) and after a read of the subject; false for a
-    /// reservation found without offset, which is always read first.
-    verified: bool,
-}
-
-/// What this gateway knows of one fact subject.
-#[derive(Debug, Clone, Copy)]
-struct SubjectState {
-    /// The subject's last sequence as this gateway knows it.
-    last: u64,
-    /// Every fact on the subject after `clean_from` was published by this gateway
-    /// (never of an id in flight now).
-    clean_from: u64,
 }
 
 /// The index as this gateway has read it.
 struct IndexState {
     /// Last known reservation sequence per bucket.
     buckets: Vec<u64>,
-    /// Index sequence up to which the look-up holds every message.
+    /// Log sequence up to which the look-up holds every reservation.
     applied: u64,
 }
 
@@ -191,17 +161,15 @@ struct IndexState {
 pub(crate) struct Appender {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub index: Stream,
-    pub streams: HashMap<String, Stream>,
+    pub log: Stream,
     pub max_batch: usize,
     pub zone: String,
     pub lookup: Lookup,
     /// Reservations older than this are forgotten (zero: never).
     pub horizon: Duration,
     state: Mutex<IndexState>,
-    subjects: Mutex<HashMap<String, SubjectState>>,
-    /// Offsets learnt and not yet recorded in the index stream.
-    unrecorded: Mutex<Vec<([u8; 16], u64)>>,
+    /// Class heads as this gateway knows them.
+    heads: Mutex<HashMap<String, Head>>,
     /// Ids in flight: an id is in at most one round at a time.
     busy: Mutex<HashSet<[u8; 16]>>,
     freed: Notify,
@@ -220,14 +188,6 @@ pub(crate) enum WriteError {
 
 pub(crate) type Outbound = (String, HeaderMap, Bytes);
 
-/// The two stages of a round, each admitting one round: reserving in the index
-/// stream, then publishing to the class streams. Round k+1 reserves while round k
-/// publishes (different streams, different locks).
-struct Stages {
-    reserve: Arc<Semaphore>,
-    publish: Arc<Semaphore>,
-}
-
 fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -238,15 +198,51 @@ fn unavailable(e: impl std::fmt::Display) -> BoundaryError {
     BoundaryError::Unavailable(e.to_string())
 }
 
+/// Messages a batch of these jobs takes: one per fact, per started
+/// [`RESERVATIONS_PER_MESSAGE`] of a bucket, and one head per class.
+#[derive(Default)]
+struct Fit {
+    buckets: HashMap<u16, usize>,
+    classes: HashSet<String>,
+    messages: usize,
+}
+
+impl Fit {
+    /// Adds a job if the batch stays within [`MAX_BATCH_MESSAGES`].
+    fn add(&mut self, j: &Job) -> bool {
+        let b = index::bucket(&j.token);
+        let in_bucket = self.buckets.get(&b).copied().unwrap_or(0);
+        let more = 1
+            + usize::from(in_bucket % RESERVATIONS_PER_MESSAGE == 0)
+            + usize::from(!self.classes.contains(&j.class));
+        if self.messages + more > MAX_BATCH_MESSAGES {
+            return false;
+        }
+        self.messages += more;
+        self.buckets.insert(b, in_bucket + 1);
+        self.classes.insert(j.class.clone());
+        true
+    }
+}
+
+/// One batch laid out: its messages and where each part lies in it.
+struct Layout {
+    msgs: Vec<Outbound>,
+    /// Position of each job's fact.
+    fact_at: Vec<usize>,
+    /// Each bucket's last message.
+    bucket_at: Vec<(u16, usize)>,
+    /// Each class's head and its last fact.
+    head_at: Vec<(String, usize, usize)>,
+}
+
 impl Appender {
-    /// Opens the pipeline's view of the index: reads the stream after the look-up's
-    /// watermark (all of it when the look-up is new or was lost).
-    #[allow(clippy::too_many_arguments)]
+    /// Opens the pipeline's view of the index: reads the log's reservations after the
+    /// look-up's watermark (all of them when the look-up is new or was lost).
     pub(crate) async fn open(
         client: async_nats::Client,
         js: jetstream::Context,
-        index: Stream,
-        streams: HashMap<String, Stream>,
+        log: Stream,
         max_batch: usize,
         zone: String,
         lookup: Lookup,
@@ -260,8 +256,7 @@ impl Appender {
         let a = Appender {
             client,
             js,
-            index,
-            streams,
+            log,
             max_batch,
             zone,
             lookup,
@@ -270,8 +265,7 @@ impl Appender {
                 buckets: st.buckets,
                 applied: st.applied,
             }),
-            subjects: Mutex::new(HashMap::new()),
-            unrecorded: Mutex::new(Vec::new()),
+            heads: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             freed: Notify::new(),
         };
@@ -280,19 +274,19 @@ impl Appender {
         a.catch_up().await?;
         let to = a.state.lock().map(|s| s.applied).unwrap_or(0);
         if to > from {
-            tracing::info!(zone = %a.zone, from, to, secs = started.elapsed().as_secs_f64(), "idempotency look-up read the index stream");
+            tracing::info!(zone = %a.zone, from, to, secs = started.elapsed().as_secs_f64(), "idempotency look-up read the index");
         }
         Ok(a)
     }
 
-    /// Reads the index stream to its end into the look-up.
+    /// Reads the index to its end into the look-up.
     async fn catch_up(&self) -> Result<(), BoundaryError> {
         let applied = self
             .state
             .lock()
             .map_err(|_| BoundaryError::Internal("index state poisoned".into()))?
             .applied;
-        let (upto, seen) = index::catch_up(&self.index, &self.lookup, applied)
+        let (upto, seen) = index::catch_up(&self.log, &self.lookup, applied)
             .await
             .map_err(BoundaryError::Unavailable)?;
         let mut st = self
@@ -302,6 +296,19 @@ impl Appender {
         st.applied = st.applied.max(upto);
         for (slot, seq) in st.buckets.iter_mut().zip(seen) {
             *slot = (*slot).max(seq);
+        }
+        Ok(())
+    }
+
+    /// Reads the heads of these classes from the log.
+    async fn read_heads(&self, classes: &HashSet<String>) -> Result<(), BoundaryError> {
+        for class in classes {
+            let head = index::read_head(&self.log, class)
+                .await
+                .map_err(BoundaryError::Unavailable)?;
+            if let Ok(mut h) = self.heads.lock() {
+                h.insert(class.clone(), head);
+            }
         }
         Ok(())
     }
@@ -329,7 +336,7 @@ impl Appender {
             .await
             .map_err(unavailable)?
             .map_err(unavailable)?;
-        // Past the horizon an id is forgotten, as the index stream forgets it.
+        // Past the horizon an id is forgotten, as the log forgets its reservation.
         Ok(found
             .into_iter()
             .map(|e| e.filter(|e| horizon_ms == 0 || now - e.at_unix_ms < horizon_ms))
@@ -337,38 +344,21 @@ impl Appender {
     }
 }
 
-/// Runs the batcher: takes jobs off the queue, forms rounds, runs up to
-/// `max_inflight` of them at once. Ends when every sender is dropped.
+/// Runs the batcher: takes jobs off the queue, forms rounds, commits them one at a
+/// time with up to `max_inflight` rounds formed. Ends when every sender is dropped.
 pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, max_inflight: usize) {
     let max_inflight = max_inflight.max(1);
-    let stages = Arc::new(Stages {
-        reserve: Arc::new(Semaphore::new(1)),
-        publish: Arc::new(Semaphore::new(1)),
-    });
+    let commit = Arc::new(Semaphore::new(1));
     let slots = Arc::new(Semaphore::new(max_inflight));
-    // Offsets not carried by a reservation batch are recorded every so often, not
-    // after each round: at low load a round would otherwise wait for that commit.
-    let recorder = {
-        let a = appender.clone();
-        let stages = stages.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECORD_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                a.flush_offsets(&stages).await;
-            }
-        })
-    };
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
         let Some(first) = rx.recv().await else { break };
-        // Take the reservation stage before draining the queue, so that appends
-        // arriving while the previous round reserves join this batch. (Never held
-        // while idle: a follow-up round of a batch may need it.)
-        let Ok(gate) = stages.reserve.clone().acquire_owned().await else {
+        // Take the commit stage before draining the queue, so that appends arriving
+        // while the previous round commits join this round. (Never held while idle:
+        // a follow-up round of a batch may need it.)
+        let Ok(gate) = commit.clone().acquire_owned().await else {
             break;
         };
         let mut jobs = vec![first];
@@ -379,16 +369,14 @@ pub(crate) async fn run(appender: Arc<Appender>, mut rx: mpsc::Receiver<Job>, ma
             }
         }
         let a = appender.clone();
-        let stages = stages.clone();
+        let commit = commit.clone();
         tokio::spawn(async move {
-            a.process(jobs, gate, &stages).await;
+            a.process(jobs, gate, &commit).await;
             drop(slot);
         });
     }
-    recorder.abort();
     // Wait for in-flight rounds before returning, so shutdown loses no answer.
     let _ = slots.acquire_many(max_inflight as u32).await;
-    appender.flush_offsets(&stages).await;
     appender.sync().await;
 }
 
@@ -399,7 +387,7 @@ fn header(h: &mut HeaderMap, k: &'static str, v: &str) {
 impl Appender {
     /// Processes one batch of jobs in rounds: each round holds every id once and no
     /// id that another round has in flight.
-    async fn process(&self, jobs: Vec<Job>, gate: OwnedSemaphorePermit, stages: &Stages) {
+    async fn process(&self, jobs: Vec<Job>, gate: OwnedSemaphorePermit, commit: &Arc<Semaphore>) {
         let mut rest = jobs;
         let mut gate = Some(gate);
         while !rest.is_empty() {
@@ -424,7 +412,7 @@ impl Appender {
             };
             if round.is_empty() {
                 // Every id is in another round: let it finish (without holding the
-                // reservation stage it may need).
+                // commit stage it needs).
                 gate = None;
                 freed.await;
                 rest = later;
@@ -432,7 +420,7 @@ impl Appender {
             }
             let permit = match gate.take() {
                 Some(p) => p,
-                None => match stages.reserve.clone().acquire_owned().await {
+                None => match commit.clone().acquire_owned().await {
                     Ok(p) => p,
                     Err(_) => {
                         self.release(&round);
@@ -443,7 +431,8 @@ impl Appender {
                 },
             };
             let tokens: Vec<[u8; 16]> = round.iter().map(|j| j.token).collect();
-            self.round(round, permit, &stages.publish).await;
+            self.round(round).await;
+            drop(permit);
             self.release_tokens(&tokens);
             rest = later;
         }
@@ -463,46 +452,6 @@ impl Appender {
         self.freed.notify_waiters();
     }
 
-    /// Records offsets not yet recorded with a reservation batch. Best effort: a
-    /// missing record is found again in the fact subject by the next look-up.
-    async fn flush_offsets(&self, stages: &Stages) {
-        let empty = self.unrecorded.lock().map(|u| u.is_empty()).unwrap_or(true);
-        if empty {
-            return;
-        }
-        let Ok(_gate) = stages.reserve.acquire().await else {
-            return;
-        };
-        let Some((subject, h, body, n)) = self.offsets_message(usize::MAX) else {
-            return;
-        };
-        match self.publish_atomic(vec![(subject, h, body)]).await {
-            Ok(seqs) => self.advance_applied(&seqs),
-            Err(e) => {
-                tracing::warn!(zone = %self.zone, records = n, error = ?e, "recording offsets in the idempotency index failed; look-ups find them in the fact subjects")
-            }
-        }
-    }
-
-    /// Takes up to `max` unrecorded offsets as one offset record message.
-    fn offsets_message(&self, max: usize) -> Option<(String, HeaderMap, Bytes, usize)> {
-        let mut u = self.unrecorded.lock().ok()?;
-        if u.is_empty() || max == 0 {
-            return None;
-        }
-        let take = u.len().min(max).min(5000);
-        let o: Vec<(String, u64)> = u
-            .drain(..take)
-            .map(|(t, off)| (hex::encode(t), off))
-            .collect();
-        Some((
-            index::OFFSETS_SUBJECT.to_owned(),
-            HeaderMap::new(),
-            to_json(&Offsets { o }),
-            take,
-        ))
-    }
-
     /// Raises the applied watermark over our own contiguous writes.
     fn advance_applied(&self, seqs: &[u64]) {
         let (Some(first), Some(last)) = (seqs.first(), seqs.last()) else {
@@ -515,16 +464,11 @@ impl Appender {
         }
     }
 
-    /// Sorts looked-up jobs: answered (duplicate, conflict), to complete (reserved,
-    /// offset unknown), or unknown.
-    fn classify(
-        &self,
-        jobs: Vec<Job>,
-        found: Vec<Option<Entry>>,
-        unknown: &mut Vec<Job>,
-        complete: &mut Vec<ToPublish>,
-    ) {
-        for (mut j, e) in jobs.into_iter().zip(found) {
+    /// Answers the jobs whose ids the look-up knows (duplicate, conflict); returns
+    /// the unknown ones.
+    fn classify(&self, jobs: Vec<Job>, found: Vec<Option<Entry>>) -> Vec<Job> {
+        let mut unknown = Vec::new();
+        for (j, e) in jobs.into_iter().zip(found) {
             let Some(e) = e else {
                 unknown.push(j);
                 continue;
@@ -550,554 +494,315 @@ impl Appender {
                 );
                 continue;
             }
-            match e.offset {
-                Some(offset) => reply(
-                    j,
-                    Ok(AppendOutcome {
-                        stream: e.stream,
-                        offset,
-                        duplicate: true,
-                    }),
-                ),
-                // Reserved, offset unknown: a crash between the steps, or another
-                // gateway's append in flight. Find the fact or complete it.
-                None => {
-                    j.stream = e.stream;
-                    j.subject = e.subject;
-                    complete.push(ToPublish {
-                        job: j,
-                        checked_upto: e.after,
-                        verified: false,
-                    });
-                }
+            // An id whose fact the zone no longer holds (retention took it) is
+            // answered as a duplicate without an offset: never stored twice.
+            reply(
+                j,
+                Ok(AppendOutcome {
+                    stream: e.stream,
+                    offset: e.offset.unwrap_or(0),
+                    duplicate: true,
+                }),
+            );
+        }
+        unknown
+    }
+
+    /// Looks the jobs up and returns those still unknown (the rest answered).
+    async fn unknown(&self, jobs: Vec<Job>) -> Vec<Job> {
+        let tokens = jobs.iter().map(|j| j.token).collect();
+        match self.get_many(tokens).await {
+            Ok(found) => self.classify(jobs, found),
+            Err(e) => {
+                fail_with(jobs, &e);
+                Vec::new()
             }
         }
     }
 
-    async fn round(
-        &self,
-        jobs: Vec<Job>,
-        reserve_stage: OwnedSemaphorePermit,
-        publish_stage: &Semaphore,
-    ) {
-        let mut to_publish: Vec<ToPublish> = Vec::new();
-        let tokens = jobs.iter().map(|j| j.token).collect();
-        let found = match self.get_many(tokens).await {
-            Ok(f) => f,
-            Err(e) => {
-                fail_with(jobs, &e);
+    /// One round: look up, then commit the unknown ids in as few batches as fit.
+    async fn round(&self, jobs: Vec<Job>) {
+        let mut todo = self.unknown(jobs).await;
+        let classes: HashSet<String> = todo.iter().map(|j| j.class.clone()).collect();
+        let missing: HashSet<String> = match self.heads.lock() {
+            Ok(h) => classes.into_iter().filter(|c| !h.contains_key(c)).collect(),
+            Err(_) => {
+                fail_all(todo, "append pipeline state poisoned");
                 return;
             }
         };
-        let mut to_reserve = Vec::new();
-        self.classify(jobs, found, &mut to_reserve, &mut to_publish);
-
-        // Step 2: reserve.
-        for attempt in 0..MAX_ATTEMPTS {
-            if to_reserve.is_empty() {
-                break;
-            }
-            if attempt > 0 {
-                // Somebody reserved in one of our buckets: read the index to its end
-                // and look the ids up again.
-                if let Err(e) = self.catch_up().await {
-                    fail_with(std::mem::take(&mut to_reserve), &e);
-                    break;
-                }
-                let tokens = to_reserve.iter().map(|j| j.token).collect();
-                let jobs = std::mem::take(&mut to_reserve);
-                match self.get_many(tokens).await {
-                    Ok(found) => self.classify(jobs, found, &mut to_reserve, &mut to_publish),
-                    Err(e) => {
-                        fail_with(jobs, &e);
-                        break;
-                    }
-                }
-                if to_reserve.is_empty() {
-                    break;
-                }
-            }
-            // After a lost compare-and-set, reserve bucket by bucket, so that a
-            // gateway racing in a few buckets holds back only those.
-            let batches = if attempt < 2 {
-                vec![std::mem::take(&mut to_reserve)]
-            } else {
-                let mut by_bucket: HashMap<u16, Vec<Job>> = HashMap::new();
-                for j in to_reserve.drain(..) {
-                    by_bucket
-                        .entry(index::bucket(&j.token))
-                        .or_default()
-                        .push(j);
-                }
-                by_bucket.into_values().collect()
-            };
-            let results = join_all(batches.into_iter().map(|b| self.reserve(b))).await;
-            let mut taken = false;
-            for r in results {
-                match r {
-                    Ok(done) => to_publish.extend(done),
-                    Err((jobs, WriteError::Taken)) => {
-                        taken = true;
-                        to_reserve.extend(jobs);
-                    }
-                    Err((jobs, WriteError::Other(e))) => fail_all(jobs, &e),
-                }
-            }
-            if taken {
-                backoff(attempt).await;
-            }
-        }
-        fail_all(to_reserve, "index reservation did not settle");
-        // The next round may reserve while this one publishes.
-        drop(reserve_stage);
-        let Ok(_publishing) = publish_stage.acquire().await else {
-            fail_all(
-                to_publish.into_iter().map(|p| p.job).collect(),
-                "append pipeline stopped",
-            );
+        if let Err(e) = self.read_heads(&missing).await {
+            fail_with(todo, &e);
             return;
-        };
-
-        // Step 3: publish per stream.
-        let mut by_stream: HashMap<String, Vec<ToPublish>> = HashMap::new();
-        for p in to_publish {
-            by_stream.entry(p.job.stream.clone()).or_default().push(p);
         }
-        let learnt: Vec<([u8; 16], u64)> = join_all(
-            by_stream
-                .into_iter()
-                .map(|(stream, jobs)| self.publish_facts(stream, jobs)),
-        )
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-        if !learnt.is_empty() {
-            if let Err(e) = self
-                .apply(Update {
-                    offsets: learnt.clone(),
-                    ..Default::default()
-                })
-                .await
-            {
-                tracing::warn!(zone = %self.zone, error = %e, "could not keep offsets in the look-up store");
+        while !todo.is_empty() {
+            let mut fit = Fit::default();
+            let mut batch = Vec::new();
+            let mut rest = Vec::new();
+            for j in todo {
+                if rest.is_empty() && fit.add(&j) {
+                    batch.push(j);
+                } else {
+                    rest.push(j);
+                }
             }
-            if let Ok(mut u) = self.unrecorded.lock() {
-                u.extend(learnt);
-            }
+            self.commit_settled(batch).await;
+            todo = rest;
         }
     }
 
-    /// The last sequence of a fact subject this gateway knows (read from the stream
-    /// the first time).
-    async fn subject_last(&self, stream: &Stream, subject: &str) -> Result<u64, BoundaryError> {
-        if let Some(s) = self
-            .subjects
-            .lock()
-            .ok()
-            .and_then(|m| m.get(subject).copied())
-        {
-            return Ok(s.last);
-        }
-        let last = read_last(stream, subject).await?;
-        if let Ok(mut m) = self.subjects.lock() {
-            m.entry(subject.to_owned()).or_insert(SubjectState {
-                last,
-                clean_from: last,
-            });
-        }
-        Ok(last)
-    }
-
-    /// Step 2 for one batch of unknown ids. On success returns them with `after` as
-    /// the sequence checked; on failure hands the jobs back.
-    async fn reserve(&self, jobs: Vec<Job>) -> Result<Vec<ToPublish>, (Vec<Job>, WriteError)> {
-        let mut afters = Vec::with_capacity(jobs.len());
-        for j in &jobs {
-            let Some(stream) = self.streams.get(&j.stream) else {
-                return Err((
-                    jobs,
-                    WriteError::Other("class stream not configured".into()),
-                ));
-            };
-            match self.subject_last(stream, &j.subject).await {
-                Ok(a) => afters.push(a),
-                Err(e) => return Err((jobs, WriteError::Other(e.to_string()))),
-            }
-        }
-        let expected: Vec<u64> = match self.state.lock() {
-            Ok(st) => st.buckets.clone(),
-            Err(_) => {
-                return Err((jobs, WriteError::Other("index state poisoned".into())));
-            }
-        };
-        let mut first_of_bucket = HashSet::new();
-        let mut msgs: Vec<Outbound> = Vec::with_capacity(jobs.len() + 1);
-        let mut buckets = Vec::with_capacity(jobs.len());
-        let mut reservations = Vec::with_capacity(jobs.len());
-        for (j, after) in jobs.iter().zip(&afters) {
-            let b = index::bucket(&j.token);
-            let r = Reservation {
-                id: j.msg.message_id().to_owned(),
-                digest: j.msg.digest().to_hex(),
-                stream: j.stream.clone(),
-                subject: j.subject.clone(),
-                after: *after,
-                offset: None,
-            };
-            let mut h = HeaderMap::new();
-            if first_of_bucket.insert(b) {
-                let e = expected.get(usize::from(b)).copied().unwrap_or(0);
-                header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, &e.to_string());
-            }
-            buckets.push(b);
-            msgs.push((index::bucket_subject(b), h, to_json(&r)));
-            reservations.push(r);
-        }
-        // Offsets of earlier rounds travel with this batch when it is a batch anyway
-        // (a lone reservation goes as a plain publish) and there is room.
-        let room = if msgs.len() >= 2 {
-            1000usize.saturating_sub(msgs.len())
-        } else {
-            0
-        };
-        let record = self.offsets_message(room);
-        let record_n = record.as_ref().map_or(0, |r| r.3);
-        if let Some((s, h, b, _)) = record.clone() {
-            msgs.push((s, h, b));
-        }
-        match self.publish_atomic(msgs).await {
-            Ok(seqs) => {
-                self.advance_applied(&seqs);
-                let at = now_unix_ms();
-                let mut update = Update {
-                    won: true,
-                    ..Update::default()
-                };
-                if let Ok(mut st) = self.state.lock() {
-                    for (b, seq) in buckets.iter().zip(&seqs) {
-                        if let Some(slot) = st.buckets.get_mut(usize::from(*b)) {
-                            *slot = (*slot).max(*seq);
-                        }
-                        update.buckets.push((*b, *seq));
-                    }
-                    update.applied = Some(st.applied);
-                }
-                update
-                    .reserve
-                    .extend(reservations.into_iter().map(|r| r.into_entry(at)));
-                if let Err(e) = self.apply(update).await {
-                    // The reservations stand in the stream; the look-up reads them
-                    // again at the next catch-up.
-                    tracing::warn!(zone = %self.zone, error = %e, "could not keep reservations in the look-up store");
-                }
-                Ok(jobs
-                    .into_iter()
-                    .zip(afters)
-                    .map(|(job, checked_upto)| ToPublish {
-                        job,
-                        checked_upto,
-                        verified: true,
-                    })
-                    .collect())
-            }
-            Err(e) => {
-                // The record did not land either: keep it for the next batch.
-                if let Some((_, _, body, _)) = record
-                    && let Ok(mut u) = self.unrecorded.lock()
-                {
-                    let back = index::offsets_of(&body);
-                    debug_assert_eq!(back.len(), record_n);
-                    u.extend(back);
-                }
-                Err((jobs, e))
-            }
-        }
-    }
-
-    /// Step 3 for one class stream. Returns the offsets learnt (published or found).
-    async fn publish_facts(
-        &self,
-        stream_name: String,
-        mut jobs: Vec<ToPublish>,
-    ) -> Vec<([u8; 16], u64)> {
-        let mut learnt = Vec::new();
-        let Some(stream) = self.streams.get(&stream_name) else {
-            fail_all(
-                jobs.into_iter().map(|p| p.job).collect(),
-                "index refers to a stream this zone does not configure",
-            );
-            return learnt;
-        };
+    /// Commits a batch that fits, again after each lost compare-and-set (reading the
+    /// index and the heads, answering what became known) up to [`MAX_ATTEMPTS`].
+    async fn commit_settled(&self, mut jobs: Vec<Job>) {
         for attempt in 0..MAX_ATTEMPTS {
             if jobs.is_empty() {
-                return learnt;
+                return;
             }
-            // Make sure each job's subject is known free of its id up to the
-            // subject's last sequence: read what others wrote since.
-            let mut subjects: HashMap<String, SubjectState> = HashMap::new();
-            for p in &jobs {
-                if subjects.contains_key(&p.job.subject) {
-                    continue;
-                }
-                if let Err(e) = self.subject_last(stream, &p.job.subject).await {
-                    fail_with(jobs.into_iter().map(|p| p.job).collect(), &e);
-                    return learnt;
-                }
-                if let Some(s) = self
-                    .subjects
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&p.job.subject).copied())
+            if attempt > 0 {
+                // Somebody reserved in one of our buckets or wrote one of our
+                // classes: read the index to its end, the heads again, and look the
+                // ids up again.
+                let classes = jobs.iter().map(|j| j.class.clone()).collect();
+                if attempt >= 2
+                    && let Err(e) = self.reread_buckets(&jobs).await
                 {
-                    subjects.insert(p.job.subject.clone(), s);
+                    fail_with(jobs, &e);
+                    return;
+                }
+                if let Err(e) = self.catch_up().await {
+                    fail_with(jobs, &e);
+                    return;
+                }
+                if let Err(e) = self.read_heads(&classes).await {
+                    fail_with(jobs, &e);
+                    return;
+                }
+                jobs = self.unknown(jobs).await;
+                if jobs.is_empty() {
+                    return;
                 }
             }
-            let mut ready = Vec::with_capacity(jobs.len());
-            let mut to_scan: HashMap<String, Vec<ToPublish>> = HashMap::new();
-            for p in jobs.drain(..) {
-                let s = subjects
-                    .get(&p.job.subject)
-                    .copied()
-                    .unwrap_or(SubjectState {
-                        last: 0,
-                        clean_from: 0,
-                    });
-                // What lies after `checked_upto` up to `last` is this gateway's own
-                // facts (after `clean_from`), never of a verified job's id.
-                if p.checked_upto >= s.last || (p.verified && p.checked_upto >= s.clean_from) {
-                    ready.push(p);
-                } else {
-                    to_scan.entry(p.job.subject.clone()).or_default().push(p);
+            match self.commit(jobs).await {
+                Ok(()) => return,
+                Err((back, WriteError::Taken)) => {
+                    jobs = back;
+                    backoff(attempt).await;
                 }
-            }
-            for (subject, waiting) in to_scan {
-                let upto = subjects.get(&subject).map_or(0, |s| s.last);
-                let (found, rest) = self
-                    .scan(stream, &stream_name, &subject, waiting, upto)
-                    .await;
-                learnt.extend(found);
-                ready.extend(rest);
-            }
-            if ready.is_empty() {
-                continue;
-            }
-            // After a lost compare-and-set, publish subject by subject, so that a
-            // gateway racing on a few subjects holds back only those.
-            let groups: Vec<Vec<ToPublish>> = if attempt < 2 {
-                vec![ready]
-            } else {
-                let mut by_subject: HashMap<String, Vec<ToPublish>> = HashMap::new();
-                for p in ready {
-                    by_subject.entry(p.job.subject.clone()).or_default().push(p);
+                Err((back, WriteError::Other(e))) => {
+                    fail_all(back, &e);
+                    return;
                 }
-                by_subject.into_values().collect()
-            };
-            let results = join_all(groups.iter().map(|g| {
-                let mut first_of_subject = HashSet::new();
-                let msgs: Vec<Outbound> = g
-                    .iter()
-                    .map(|p| {
-                        let j = &p.job;
-                        let mut h = HeaderMap::new();
-                        if first_of_subject.insert(j.subject.clone()) {
-                            let e = subjects.get(&j.subject).map_or(0, |s| s.last);
-                            header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, &e.to_string());
-                        }
-                        header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
-                        header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
-                        if let Some(p) = j.msg.provenance() {
-                            header(&mut h, HDR_SOURCE_ZONE, &p.zone);
-                            header(&mut h, HDR_SOURCE_STREAM, &p.stream);
-                            header(&mut h, HDR_SOURCE_OFFSET, &p.offset.to_string());
-                            header(&mut h, HDR_LINK, &p.link);
-                        }
-                        (j.subject.clone(), h, j.msg.stored_form().clone())
-                    })
-                    .collect();
-                self.publish_atomic(msgs)
-            }))
-            .await;
-            let mut stale: HashSet<String> = HashSet::new();
-            for (group, r) in groups.into_iter().zip(results) {
-                match r {
-                    Ok(seqs) => {
-                        if let Ok(mut m) = self.subjects.lock() {
-                            for (p, seq) in group.iter().zip(&seqs) {
-                                let s = m.entry(p.job.subject.clone()).or_insert(SubjectState {
-                                    last: 0,
-                                    clean_from: 0,
-                                });
-                                s.last = s.last.max(*seq);
-                            }
-                        }
-                        for (p, seq) in group.into_iter().zip(seqs) {
-                            learnt.push((p.job.token, seq));
-                            reply(
-                                p.job,
-                                Ok(AppendOutcome {
-                                    stream: stream_name.clone(),
-                                    offset: seq,
-                                    duplicate: false,
-                                }),
-                            );
-                        }
-                    }
-                    Err(WriteError::Taken) => {
-                        stale.extend(group.iter().map(|p| p.job.subject.clone()));
-                        jobs.extend(group);
-                    }
-                    Err(WriteError::Other(e)) => {
-                        fail_all(group.into_iter().map(|p| p.job).collect(), &e);
-                    }
-                }
-            }
-            if stale.is_empty() {
-                continue;
-            }
-            // Another writer published on these subjects: read their last sequences
-            // again; the next attempt reads what is new.
-            let lasts = join_all(stale.iter().map(|s| read_last(stream, s))).await;
-            for (subject, last) in stale.into_iter().zip(lasts) {
-                match last {
-                    Ok(last) => {
-                        if let Ok(mut m) = self.subjects.lock() {
-                            let s = m.entry(subject).or_insert(SubjectState {
-                                last,
-                                clean_from: last,
-                            });
-                            if s.last != last {
-                                s.last = last;
-                                s.clean_from = last;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(zone = %self.zone, %subject, error = %e, "reading a fact subject's last sequence failed")
-                    }
-                }
-            }
-            backoff(attempt).await;
-        }
-        fail_all(
-            jobs.into_iter().map(|p| p.job).collect(),
-            "fact publish did not settle",
-        );
-        learnt
-    }
-
-    /// Reads `subject` after the lowest `checked_upto` of `jobs` up to `upto`, looking
-    /// for facts of their ids. Found ones are answered (duplicate, with the stored
-    /// offset); the rest come back checked up to `upto`. When the subject cannot be
-    /// read, every job is answered with the error.
-    async fn scan(
-        &self,
-        stream: &Stream,
-        stream_name: &str,
-        subject: &str,
-        jobs: Vec<ToPublish>,
-        upto: u64,
-    ) -> (Vec<([u8; 16], u64)>, Vec<ToPublish>) {
-        let mut wanted: HashMap<String, ToPublish> = jobs
-            .into_iter()
-            .map(|p| (p.job.msg.message_id().to_owned(), p))
-            .collect();
-        let mut learnt = Vec::new();
-        match self
-            .scan_into(stream, stream_name, subject, &mut wanted, &mut learnt, upto)
-            .await
-        {
-            Ok(rest) => (learnt, rest),
-            Err(e) => {
-                tracing::warn!(zone = %self.zone, %subject, error = %e, "reading a fact subject failed");
-                fail_with(wanted.into_values().map(|p| p.job).collect(), &e);
-                (learnt, Vec::new())
             }
         }
+        fail_all(jobs, "append did not settle: other writers kept winning");
     }
 
-    async fn scan_into(
-        &self,
-        stream: &Stream,
-        stream_name: &str,
-        subject: &str,
-        wanted: &mut HashMap<String, ToPublish>,
-        learnt: &mut Vec<([u8; 16], u64)>,
-        upto: u64,
-    ) -> Result<Vec<ToPublish>, BoundaryError> {
-        let from = wanted
-            .values()
-            .map(|p| p.checked_upto)
-            .min()
-            .unwrap_or(upto)
-            + 1;
-        // Facts before the stream's first sequence are gone: a reservation whose fact
-        // may have been among them cannot be told apart from one never published.
-        let first = {
-            let mut s = stream.clone();
-            s.info()
+    /// Takes the buckets' last sequences from the log rather than from what this
+    /// gateway read (a bucket whose reservations expired ends lower than it knew),
+    /// then reads the index to its end, so the look-up holds every reservation up to
+    /// the sequences the next compare-and-set names.
+    async fn reread_buckets(&self, jobs: &[Job]) -> Result<(), BoundaryError> {
+        let buckets: HashSet<u16> = jobs.iter().map(|j| index::bucket(&j.token)).collect();
+        let mut lasts = Vec::with_capacity(buckets.len());
+        for b in buckets {
+            let last = index::last_of(&self.log, &index::bucket_subject(b))
                 .await
-                .map_err(|e| unavailable(format!("stream info: {e}")))?
-                .state
-                .first_sequence
+                .map_err(BoundaryError::Unavailable)?;
+            lasts.push((b, last));
+        }
+        self.catch_up().await?;
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| BoundaryError::Internal("index state poisoned".into()))?;
+        for (b, last) in lasts {
+            if let Some(slot) = st.buckets.get_mut(usize::from(b)) {
+                *slot = last;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lays a batch out: bucket messages, then each class's facts and head.
+    fn layout(&self, jobs: &[Job]) -> Result<Layout, String> {
+        let (expected_buckets, heads) = {
+            let st = self.state.lock().map_err(|_| "index state poisoned")?;
+            let heads = self.heads.lock().map_err(|_| "class heads poisoned")?;
+            (st.buckets.clone(), heads.clone())
         };
-        let mut seq = from;
-        while seq <= upto && !wanted.is_empty() {
-            let m = match stream.direct_get_next_for_subject(subject, Some(seq)).await {
-                Ok(m) => m,
-                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(unavailable(format!("fact look-up: {e}"))),
-            };
-            if m.sequence > upto {
-                break;
+        let mut by_bucket: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        let mut by_class: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, j) in jobs.iter().enumerate() {
+            by_bucket
+                .entry(index::bucket(&j.token))
+                .or_default()
+                .push(i);
+            by_class.entry(j.class.as_str()).or_default().push(i);
+        }
+        // Positions first: bucket messages, then per class its facts and its head.
+        let mut pos = 0usize;
+        let mut bucket_msgs: Vec<(u16, usize, &[usize])> = Vec::new();
+        for (b, members) in &by_bucket {
+            for part in members.chunks(RESERVATIONS_PER_MESSAGE) {
+                bucket_msgs.push((*b, pos, part));
+                pos += 1;
             }
-            seq = m.sequence + 1;
-            let id = m.headers.get(HDR_MESSAGE_ID).map(|v| v.as_str().to_owned());
-            let Some(p) = id.and_then(|id| wanted.remove(&id)) else {
-                continue;
+        }
+        let mut fact_at = vec![0usize; jobs.len()];
+        let mut head_at = Vec::new();
+        for (class, members) in &by_class {
+            for &i in members {
+                fact_at[i] = pos;
+                pos += 1;
+            }
+            head_at.push(((*class).to_owned(), pos, pos - 1));
+            pos += 1;
+        }
+        let ttl = (!self.horizon.is_zero()).then(|| index::ttl_header(self.horizon));
+        let mut msgs: Vec<Outbound> = Vec::with_capacity(pos);
+        let mut bucket_at: Vec<(u16, usize)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (b, at, part) in &bucket_msgs {
+            let record = BucketRecord {
+                r: part
+                    .iter()
+                    .map(|&i| {
+                        let j = &jobs[i];
+                        Reservation {
+                            id: j.msg.message_id().to_owned(),
+                            digest: j.msg.digest().to_hex(),
+                            stream: j.stream.clone(),
+                            subject: j.subject.clone(),
+                            d: Some((fact_at[i] - at) as u64),
+                        }
+                    })
+                    .collect(),
             };
-            let digest = m.headers.get(HDR_DIGEST).map(|v| v.as_str().to_owned());
-            if digest.as_deref() == Some(p.job.msg.digest().to_hex().as_str()) {
-                learnt.push((p.job.token, m.sequence));
-                reply(
-                    p.job,
-                    Ok(AppendOutcome {
-                        stream: stream_name.to_owned(),
-                        offset: m.sequence,
-                        duplicate: true,
-                    }),
-                );
-            } else {
-                reply(
-                    p.job,
-                    Err(BoundaryError::Internal(format!(
-                        "fact subject {subject} holds offset {} for this message_id with another digest than its reservation",
-                        m.sequence
-                    ))),
+            let mut h = HeaderMap::new();
+            if seen.insert(*b) {
+                let e = expected_buckets.get(usize::from(*b)).copied().unwrap_or(0);
+                header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, &e.to_string());
+            }
+            if let Some(t) = &ttl {
+                header(&mut h, "Nats-TTL", t);
+            }
+            msgs.push((index::bucket_subject(*b), h, to_json(&record)));
+            match bucket_at.last_mut() {
+                Some((last_b, last_at)) if last_b == b => *last_at = *at,
+                _ => bucket_at.push((*b, *at)),
+            }
+        }
+        for (class, members) in &by_class {
+            let head = heads.get(*class).copied().unwrap_or_default();
+            for (k, &i) in members.iter().enumerate() {
+                let j = &jobs[i];
+                let mut h = HeaderMap::new();
+                header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
+                header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
+                if let Some(p) = j.msg.provenance() {
+                    header(&mut h, HDR_SOURCE_ZONE, &p.zone);
+                    header(&mut h, HDR_SOURCE_STREAM, &p.stream);
+                    header(&mut h, HDR_SOURCE_OFFSET, &p.offset.to_string());
+                    header(&mut h, HDR_LINK, &p.link);
+                }
+                if let Some(t) = j.ttl {
+                    header(&mut h, "Nats-TTL", &index::ttl_header(t));
+                }
+                if k == 0 {
+                    header(&mut h, index::HDR_PREV, &head.last_fact.to_string());
+                }
+                msgs.push((j.subject.clone(), h, j.msg.stored_form().clone()));
+            }
+            let mut h = HeaderMap::new();
+            header(&mut h, HDR_EXPECTED_LAST_SUBJECT_SEQ, &head.seq.to_string());
+            header(&mut h, "Nats-Rollup", "sub");
+            msgs.push((
+                index::head_subject(class),
+                h,
+                to_json(&HeadRecord { back: 1 }),
+            ));
+        }
+        debug_assert_eq!(msgs.len(), pos);
+        Ok(Layout {
+            msgs,
+            fact_at,
+            bucket_at,
+            head_at,
+        })
+    }
+
+    /// Commits one batch; answers its jobs when it lands, hands them back when not.
+    async fn commit(&self, jobs: Vec<Job>) -> Result<(), (Vec<Job>, WriteError)> {
+        let layout = match self.layout(&jobs) {
+            Ok(l) => l,
+            Err(e) => return Err((jobs, WriteError::Other(e))),
+        };
+        let seqs = match self.publish_atomic(layout.msgs).await {
+            Ok(s) => s,
+            Err(e) => return Err((jobs, e)),
+        };
+        let at = |p: usize| seqs.get(p).copied().unwrap_or(0);
+        self.advance_applied(&seqs);
+        let now = now_unix_ms();
+        let mut update = Update {
+            won: true,
+            ..Update::default()
+        };
+        if let Ok(mut st) = self.state.lock() {
+            for (b, p) in &layout.bucket_at {
+                let seq = at(*p);
+                if let Some(slot) = st.buckets.get_mut(usize::from(*b)) {
+                    *slot = (*slot).max(seq);
+                }
+                update.buckets.push((*b, seq));
+            }
+            update.applied = Some(st.applied);
+        }
+        if let Ok(mut heads) = self.heads.lock() {
+            for (class, head, last) in &layout.head_at {
+                heads.insert(
+                    class.clone(),
+                    Head {
+                        seq: at(*head),
+                        last_fact: at(*last),
+                    },
                 );
             }
         }
-        let mut rest = Vec::with_capacity(wanted.len());
-        for (_, mut p) in wanted.drain() {
-            if p.checked_upto + 1 < first {
-                // Retention took facts after the reservation: whether this one was
-                // among them cannot be known. Never store it a second time.
-                tracing::warn!(zone = %self.zone, message_id = p.job.msg.message_id(), stream = stream_name, "reservation without a recorded offset whose fact subject expired past it; answering duplicate without an offset");
-                reply(
-                    p.job,
-                    Ok(AppendOutcome {
-                        stream: stream_name.to_owned(),
-                        offset: 0,
-                        duplicate: true,
-                    }),
-                );
-                continue;
-            }
-            p.checked_upto = upto;
-            p.verified = true;
-            rest.push(p);
+        let mut answers = Vec::with_capacity(jobs.len());
+        for (j, p) in jobs.into_iter().zip(&layout.fact_at) {
+            let offset = at(*p);
+            update.reserve.push((
+                j.token,
+                Entry {
+                    id: j.msg.message_id().to_owned(),
+                    digest: j.msg.digest().to_hex(),
+                    stream: j.stream.clone(),
+                    subject: j.subject.clone(),
+                    after: 0,
+                    offset: Some(offset),
+                    at_unix_ms: now,
+                },
+            ));
+            answers.push((j, offset));
         }
-        Ok(rest)
+        if let Err(e) = self.apply(update).await {
+            // The reservations stand in the log; the look-up reads them again at
+            // the next catch-up.
+            tracing::warn!(zone = %self.zone, error = %e, "could not keep reservations in the look-up store");
+        }
+        for (j, offset) in answers {
+            let stream = j.stream.clone();
+            reply(
+                j,
+                Ok(AppendOutcome {
+                    stream,
+                    offset,
+                    duplicate: false,
+                }),
+            );
+        }
+        Ok(())
     }
 
     async fn publish_atomic(&self, chunk: Vec<Outbound>) -> Result<Vec<u64>, WriteError> {
@@ -1174,15 +879,6 @@ async fn backoff(attempt: usize) {
     let cap = 2u64 << attempt.min(6);
     let ms = u64::from(nuid::next().as_bytes()[21]) % cap;
     tokio::time::sleep(Duration::from_millis(ms)).await;
-}
-
-/// The last sequence of `subject` in `stream` (0 when it holds none).
-async fn read_last(stream: &Stream, subject: &str) -> Result<u64, BoundaryError> {
-    match stream.direct_get_last_for_subject(subject).await {
-        Ok(m) => Ok(m.sequence),
-        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
-        Err(e) => Err(unavailable(format!("fact subject look-up: {e}"))),
-    }
 }
 
 fn to_json<T: Serialize>(v: &T) -> Bytes {

@@ -329,17 +329,26 @@ impl SinkPlan for JetStreamPlan {
     fn upgrade(&self) -> BoxFuture<'_, Result<String, ComponentSinkError>> {
         async move {
             let m = crate::migrate_index(&self.0).await.map_err(classify)?;
-            Ok(if m.removed_legacy {
-                format!(
-                    "zone {}: moved {} of {} per-id index entries to the bounded index ({} unreadable, skipped); stream bsfg_ids removed; start the gateways",
-                    self.0.zone, m.written, m.read, m.skipped
-                )
-            } else {
-                format!(
-                    "zone {}: no per-id index (bsfg_ids) to migrate; nothing changed",
-                    self.0.zone
-                )
-            })
+            let zone = &self.0.zone;
+            let mut lines = Vec::new();
+            if m.removed_legacy {
+                lines.push(format!(
+                    "zone {zone}: moved {} of {} per-id index entries to the two-stream index ({} unreadable, skipped); stream bsfg_ids removed",
+                    m.written, m.read, m.skipped
+                ));
+            }
+            if m.moved_two_stream {
+                lines.push(format!(
+                    "zone {zone}: copied {} facts with their ids into the one-stream log (bsfg_log); kept {} ids whose facts expired; dropped {} reservations whose facts were never stored (a retry stores them); {} consumers moved at their frontiers; streams bsfg_index and facts_<class> removed; offsets changed: receivers continue after the new frontiers",
+                    m.facts, m.kept_without_fact, m.dropped_unstored, m.consumers
+                ));
+            }
+            if lines.is_empty() {
+                lines.push(format!(
+                    "zone {zone}: already of the one-stream layout (bsfg_log); nothing changed"
+                ));
+            }
+            Ok(lines.join("\n"))
         }
         .boxed()
     }

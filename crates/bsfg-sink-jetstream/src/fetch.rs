@@ -1,7 +1,12 @@
 //! FetchFacts and ConfirmReceipt on durable pull consumers with explicit acks.
 //!
 //! The frontier is the consumer's ack floor: JetStream only advances it over a
-//! gap-free prefix of acknowledged offsets.
+//! gap-free prefix of acknowledged offsets. A consumer reads one class of the log
+//! stream (its subject filter); the sequences of other classes and of index messages
+//! are never delivered and the ack floor passes over them. A page's `first_offset`
+//! and `last_offset` are the class's, read from its chain and head
+//! ([`crate::index::class_range`]), so facts that expired before this consumer
+//! confirmed them show as a gap, and other messages of the log never do.
 //!
 //! A confirm of offset X acknowledges the deliveries **of the page that delivered X**,
 //! up to X, with double acks so the server has applied them before the frontier is
@@ -52,7 +57,10 @@ struct Delivery {
 
 /// A declared consumer and the ack handles of what this gateway delivered.
 pub(crate) struct ConsumerHandle {
+    /// The class's stream name as the API shows it (`facts_<class>`).
     pub stream_name: String,
+    /// The class read.
+    pub class: String,
     pub stream: Stream,
     pub consumer: PullConsumer,
     /// What this gateway delivered and which receiver confirmed what.
@@ -63,11 +71,11 @@ pub(crate) struct ConsumerHandle {
 
 pub(crate) fn consumer_config(c: &ConsumerConfig) -> pull::Config {
     let filter_subjects = if c.subject_kinds.is_empty() {
-        vec![format!("facts.{}.>", c.class)]
+        vec![crate::index::class_filter(&c.class)]
     } else {
         c.subject_kinds
             .iter()
-            .map(|k| format!("facts.{}.{k}.*", c.class))
+            .map(|k| format!("{}.{}.{k}.*", crate::index::FACTS_PREFIX, c.class))
             .collect()
     };
     pull::Config {
@@ -90,6 +98,7 @@ fn conflict(name: &str, field: &'static str, existing: String, wanted: String) -
 pub(crate) async fn ensure(
     stream: &Stream,
     c: &ConsumerConfig,
+    stream_name: String,
 ) -> Result<ConsumerHandle, SinkError> {
     let wanted = consumer_config(c);
     let consumer: PullConsumer = match stream.consumer_info(&c.name).await {
@@ -140,7 +149,8 @@ pub(crate) async fn ensure(
         Err(e) => return Err(SinkError::js("consumer info", e)),
     };
     Ok(ConsumerHandle {
-        stream_name: stream.cached_info().config.name.clone(),
+        stream_name,
+        class: c.class.clone(),
         stream: stream.clone(),
         consumer,
         deliveries: Mutex::new(Deliveries::default()),
@@ -244,15 +254,18 @@ impl ConsumerHandle {
             }
         }
         facts.sort_by_key(|f| f.offset);
-        let (sinfo, cinfo) = futures::join!(self.stream.get_info(), self.consumer.get_info());
-        let sinfo = sinfo.map_err(|e| unavailable("stream info", e))?;
+        let (range, cinfo) = futures::join!(
+            crate::index::class_range(&self.stream, &self.class),
+            self.consumer.get_info()
+        );
+        let (first_offset, last_offset) = range.map_err(BoundaryError::Unavailable)?;
         let cinfo = cinfo.map_err(|e| unavailable("consumer info", e))?;
         Ok(FactPage {
             zone: zone.to_owned(),
             stream: self.stream_name.clone(),
             facts,
-            first_offset: sinfo.state.first_sequence,
-            last_offset: sinfo.state.last_sequence,
+            first_offset,
+            last_offset,
             frontier: cinfo.ack_floor.stream_sequence,
             pending: cinfo.num_pending + cinfo.num_ack_pending as u64,
         })

@@ -1,33 +1,47 @@
-//! The bounded idempotency index: its stream layout, its messages, and how a gateway
-//! reads the stream into its [`crate::lookup::Lookup`].
+//! The zone log's layout (one stream for facts and the idempotency index), its
+//! index messages, and how a gateway reads the index into its
+//! [`crate::lookup::Lookup`].
 //!
 //! ## Layout
-//! - Stream `bsfg_index`, subjects `bsfg.index.*`, no per-subject limit, `max_age` =
-//!   the zone's `index_max_age` (zero: permanent).
-//! - **Reservations** on one of [`BUCKETS`] bucket subjects `bsfg.index.<bbb>` (the
-//!   first 12 bits of the id's token, in hex): one message per id,
-//!   `{id, digest, stream, subject, after}`. The first reservation of a bucket in an
-//!   atomic batch carries `Nats-Expected-Last-Subject-Sequence` = the bucket's last
-//!   sequence the writer has read, so a batch commits only if nobody reserved in
-//!   any of its buckets since: zone-wide uniqueness for every gateway of the zone,
-//!   with server state for 4097 subjects however many ids the zone remembers.
-//! - **Offset records** on `bsfg.index.offsets`: `{"o": [[token, offset], ...]}`, the
-//!   offsets where reserved facts landed; they only speed up later look-ups (a
-//!   missing record is found again in the fact subject).
+//! One stream, [`LOG_STREAM`] (`bsfg_log`), holds everything an append writes, so
+//! that a round of appends is **one atomic batch: one durable commit**:
+//! All its subjects lie under `bsfg.log.`, apart from every stream of the layouts
+//! before it, so a zone can be migrated while those still exist.
+//! - **Facts** on `bsfg.log.facts.<class>.<kind>.<wwww><bb>` (the writing gateway's number and a
+//!   bucket of the id: server state for 256 subjects per class, kind and gateway),
+//!   each with `Nats-TTL` = its class's retention (none when the class keeps facts
+//!   forever). The API names a class's facts `facts_<class>`, as a stream of its own;
+//!   offsets are sequences of the log stream, so one class's offsets skip the
+//!   sequences of other classes and of index messages.
+//! - **Reservations** on one of [`BUCKETS`] bucket subjects `bsfg.log.ids.<bb>` (the
+//!   first 8 bits of the id's token): one message per bucket of a batch,
+//!   `{"r": [{id, digest, stream, subject, d}, ...]}`, where `d` is how many sequences
+//!   after the message its fact lies (written in the same batch). The first message
+//!   of each bucket carries `Nats-Expected-Last-Subject-Sequence` = the bucket's last
+//!   sequence the writer has read, so a batch commits only if nobody reserved in any
+//!   of its buckets since: zone-wide uniqueness for every gateway of the zone, with
+//!   server state for 256 subjects however many ids the zone remembers. Kept forever
+//!   unless `index_max_age` gives them a `Nats-TTL`.
+//! - **Class heads** on `bsfg.log.head.<class>`: one message per class and batch,
+//!   `{"back": n}` (the class's last fact lies n sequences before it), written with
+//!   `Nats-Rollup: sub` (only the newest stays) and a compare-and-set on the head's
+//!   last sequence, so the facts of a class form one chain across gateways: the first
+//!   fact of a class in a batch carries `Bsfg-Prev` = the class's previous fact (the
+//!   others follow their predecessor directly). FetchFacts reads from the chain where
+//!   the retained facts of a class begin (`first_offset`) and from the head where
+//!   they end (`last_offset`), so expired facts are told apart from other classes'
+//!   sequences and a gap is never missed.
 //!
-//! Facts are stored on bounded subjects too: `facts.<class>.<kind>.<wwww><bb>`, the
-//! writing gateway's number and one of [`FACT_BUCKETS`] buckets (see
-//! `crate::append`): server state for 256 subjects per class, kind and gateway.
-//!
-//! The layout before this one kept one subject per id (`bsfg_ids`, `bsfg.ids.<token>`)
-//! and one per fact: server memory grew by ~400 bytes per id ever appended. A zone
-//! with that stream is refused at start-up until `bsfg index migrate` has moved it.
+//! The layouts before this one kept facts in one stream per class and the index in
+//! `bsfg_index` (two commits per round), or one subject per id in `bsfg_ids`. A zone
+//! holding either is refused at start-up until `bsfg index migrate` has moved it
+//! ([`crate::migrate`]).
 
 use std::time::Duration;
 
 use async_nats::jetstream::{
     self,
-    consumer::{DeliverPolicy, pull::OrderedConfig},
+    consumer::DeliverPolicy,
     stream::{Config, DiscardPolicy, StorageType, Stream},
 };
 use futures::StreamExt;
@@ -38,18 +52,20 @@ use crate::config::JetStreamConfig;
 use crate::error::SinkError;
 use crate::lookup::{Entry, Lookup, Update};
 
-/// Name of the idempotency index stream.
-pub const INDEX_STREAM: &str = "bsfg_index";
-/// Subject prefix of the index (`bsfg.index.<bucket>`, `bsfg.index.offsets`).
-pub const INDEX_PREFIX: &str = "bsfg.index";
-/// Subject of offset records.
-pub const OFFSETS_SUBJECT: &str = "bsfg.index.offsets";
+/// Name of the zone log stream (facts, reservations, class heads).
+pub const LOG_STREAM: &str = "bsfg_log";
+/// Subject prefix of facts (`bsfg.log.facts.<class>.<kind>.<wwww><bb>`).
+pub const FACTS_PREFIX: &str = "bsfg.log.facts";
+/// Subject prefix of reservations (`bsfg.log.ids.<bucket>`).
+pub const INDEX_PREFIX: &str = "bsfg.log.ids";
+/// Subject prefix of class heads (`bsfg.log.head.<class>`).
+pub const HEAD_PREFIX: &str = "bsfg.log.head";
 /// Number of reservation buckets.
-pub const BUCKETS: usize = 4096;
-/// Number of fact subjects per class and subject kind.
+pub const BUCKETS: usize = 256;
+/// Number of fact subjects per class, subject kind and gateway.
 pub const FACT_BUCKETS: usize = 256;
-/// The index stream of the layout before this one (one subject per id).
-pub const LEGACY_INDEX_STREAM: &str = "bsfg_ids";
+/// Header on the first fact of a class in a batch: the class's previous fact.
+pub const HDR_PREV: &str = "Bsfg-Prev";
 
 /// 128-bit token of a message_id.
 pub fn token(message_id: &str) -> [u8; 16] {
@@ -59,14 +75,33 @@ pub fn token(message_id: &str) -> [u8; 16] {
     t
 }
 
-/// The reservation bucket of a token: its first 12 bits.
+/// The reservation bucket of a token: its first 8 bits.
 pub fn bucket(token: &[u8; 16]) -> u16 {
-    (u16::from(token[0]) << 4) | u16::from(token[1] >> 4)
+    u16::from(token[0])
 }
 
-/// `bsfg.index.<bbb>`.
+/// `bsfg.log.ids.<bb>`.
 pub fn bucket_subject(bucket: u16) -> String {
-    format!("{INDEX_PREFIX}.{bucket:03x}")
+    format!("{INDEX_PREFIX}.{bucket:02x}")
+}
+
+/// Every fact subject of a class: `bsfg.log.facts.<class>.>`.
+pub fn class_filter(class: &str) -> String {
+    format!("{FACTS_PREFIX}.{class}.>")
+}
+
+/// The fact subject of an id of this class and subject kind, written by gateway
+/// `writer`.
+pub fn fact_subject(class: &str, kind: &str, writer: u16, token: &[u8; 16]) -> String {
+    format!(
+        "{FACTS_PREFIX}.{class}.{kind}.{writer:04x}{:02x}",
+        fact_bucket(token)
+    )
+}
+
+/// `bsfg.log.head.<class>`.
+pub fn head_subject(class: &str) -> String {
+    format!("{HEAD_PREFIX}.{class}")
 }
 
 /// The fact bucket of a token (other bits than the reservation bucket's).
@@ -74,137 +109,227 @@ pub fn fact_bucket(token: &[u8; 16]) -> u8 {
     token[2]
 }
 
-/// A reservation as stored on a bucket subject.
+/// One reservation of a bucket message.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Reservation {
     /// The message_id.
     pub id: String,
     /// Payload digest, hex.
     pub digest: String,
-    /// Class stream.
+    /// The class's stream name as the API shows it (`facts_<class>`).
     pub stream: String,
     /// Fact subject.
     pub subject: String,
-    /// The fact subject's last sequence the writer knew before reserving.
-    pub after: u64,
-    /// Where the fact landed, when the reservation is written together with it
-    /// (migrated entries).
+    /// How many sequences after this message the fact lies; absent for an id whose
+    /// fact the zone no longer holds (migrated after its class's retention).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
+    pub d: Option<u64>,
+}
+
+/// A bucket message: the reservations of one bucket in one batch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BucketRecord {
+    /// The reservations.
+    pub r: Vec<Reservation>,
+}
+
+/// A class head: the class's last fact lies `back` sequences before it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct HeadRecord {
+    /// Distance back to the class's last fact.
+    pub back: u64,
 }
 
 impl Reservation {
-    /// The look-up entry this reservation stands for, reserved at `at_unix_ms`.
-    pub(crate) fn into_entry(self, at_unix_ms: i64) -> ([u8; 16], Entry) {
+    /// The look-up entry this reservation stands for, written at `seq` (its fact at
+    /// `seq + d`) and `at_unix_ms`.
+    pub(crate) fn into_entry(self, seq: u64, at_unix_ms: i64) -> ([u8; 16], Entry) {
         (
             token(&self.id),
             Entry {
+                offset: self.d.map(|d| seq + d),
                 id: self.id,
                 digest: self.digest,
                 stream: self.stream,
                 subject: self.subject,
-                after: self.after,
-                offset: self.offset,
+                after: 0,
                 at_unix_ms,
             },
         )
     }
 }
 
-/// Offset records: `[token hex, offset]` pairs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Offsets {
-    /// The pairs.
-    pub o: Vec<(String, u64)>,
-}
-
-/// Stream settings of the index.
+/// Settings of the log stream.
 pub(crate) fn stream_config(cfg: &JetStreamConfig) -> Config {
     Config {
-        name: INDEX_STREAM.into(),
+        name: LOG_STREAM.into(),
         description: Some(format!(
-            "BSFG idempotency index: reservations in {BUCKETS} buckets and offset records (zone {})",
+            "BSFG zone log: facts of every class, the idempotency index in {BUCKETS} buckets and class heads (zone {})",
             cfg.zone
         )),
-        subjects: vec![format!("{INDEX_PREFIX}.*")],
-        max_age: cfg.index_max_age,
+        subjects: vec![
+            format!("{FACTS_PREFIX}.>"),
+            format!("{INDEX_PREFIX}.*"),
+            format!("{HEAD_PREFIX}.*"),
+        ],
         storage: StorageType::File,
         num_replicas: cfg.replicas,
-        duplicate_window: cfg.duplicate_window.min(Duration::from_secs(120)),
+        duplicate_window: cfg.duplicate_window,
         allow_direct: true,
         allow_atomic_publish: true,
+        allow_message_ttl: true,
+        allow_rollup: true,
         discard: DiscardPolicy::Old,
         ..Default::default()
     }
 }
 
-/// Refuses a zone whose JetStream still holds the per-id index of the layout before
-/// this one; nothing is changed.
-pub(crate) async fn refuse_legacy(js: &jetstream::Context, zone: &str) -> Result<(), SinkError> {
-    match js.get_stream(LEGACY_INDEX_STREAM).await {
-        Ok(_) => Err(SinkError::Layout(format!(
-            "zone {zone} holds an idempotency index of the per-id layout (stream {LEGACY_INDEX_STREAM}, one subject per id), which costs server memory for every id ever appended; stop the gateway and run `bsfg index migrate --config <zone.toml>` once to move it to the bounded layout ({INDEX_STREAM}); nothing was changed"
-        ))),
-        Err(e) if crate::streams::is_not_found(&e) => Ok(()),
-        Err(e) => Err(SinkError::js("get stream", e)),
+/// `Nats-TTL` value for a retention (whole seconds, at least one).
+pub(crate) fn ttl_header(retention: Duration) -> String {
+    format!("{}s", retention.as_secs().max(1))
+}
+
+/// Refuses a zone whose JetStream holds a layout before this one; nothing is
+/// changed.
+pub(crate) async fn refuse_old(js: &jetstream::Context, zone: &str) -> Result<(), SinkError> {
+    for (stream, what) in [
+        (
+            crate::migrate::LEGACY_INDEX_STREAM,
+            "an idempotency index of the per-id layout (one subject per id, server memory for every id)",
+        ),
+        (
+            crate::migrate::V2_INDEX_STREAM,
+            "the two-stream layout (the index apart from the class streams: two disk commits per append round)",
+        ),
+    ] {
+        match js.get_stream(stream).await {
+            Ok(_) => {
+                return Err(SinkError::Layout(format!(
+                    "zone {zone} holds {what} (stream {stream}); stop every gateway of the zone and run `bsfg index migrate --config <zone.toml>` once to move it to the one-stream log ({LOG_STREAM}); nothing was changed"
+                )));
+            }
+            Err(e) if crate::streams::is_not_found(&e) => {}
+            Err(e) => return Err(SinkError::js("get stream", e)),
+        }
     }
+    Ok(())
 }
 
-/// Parses a reservation message into the look-up entry it stands for.
-pub(crate) fn entry_of(payload: &[u8], at_unix_ms: i64) -> Option<([u8; 16], Entry)> {
-    let r: Reservation = serde_json::from_slice(payload).ok()?;
-    Some(r.into_entry(at_unix_ms))
-}
-
-/// Parses an offset record.
-pub(crate) fn offsets_of(payload: &[u8]) -> Vec<([u8; 16], u64)> {
-    let Ok(r) = serde_json::from_slice::<Offsets>(payload) else {
-        return Vec::new();
-    };
-    r.o.into_iter()
-        .filter_map(|(t, o)| {
-            let mut k = [0u8; 16];
-            hex::decode_to_slice(t, &mut k).ok()?;
-            Some((k, o))
+/// Parses a bucket message (written at `seq`) into the look-up entries it stands for.
+pub(crate) fn entries_of(payload: &[u8], seq: u64, at_unix_ms: i64) -> Vec<([u8; 16], Entry)> {
+    serde_json::from_slice::<BucketRecord>(payload)
+        .map(|r| {
+            r.r.into_iter()
+                .map(|r| r.into_entry(seq, at_unix_ms))
+                .collect()
         })
-        .collect()
+        .unwrap_or_default()
 }
 
-/// The bucket a subject names (`bsfg.index.<bbb>`), if it is a bucket subject.
+/// The bucket a subject names (`bsfg.log.ids.<bb>`), if it is a bucket subject.
 pub(crate) fn bucket_of_subject(subject: &str) -> Option<u16> {
     let b = subject.strip_prefix(INDEX_PREFIX)?.strip_prefix('.')?;
-    if b.len() != 3 {
+    if b.len() != 2 {
         return None;
     }
     u16::from_str_radix(b, 16).ok()
 }
 
-/// Reads the index stream after `applied` up to its last message into the look-up,
-/// and returns the new watermark with the last sequence it saw of every bucket (0:
-/// none). Applies in chunks
-/// so a rebuild of millions of ids keeps memory flat.
+/// The sequence of the last message on `subject` (wildcards allowed), 0 when none.
+pub(crate) async fn last_of(stream: &Stream, subject: &str) -> Result<u64, String> {
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(m) => Ok(m.sequence),
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("last of {subject}: {e}")),
+    }
+}
+
+/// A class head as read from the stream: its own sequence (0: none yet) and the
+/// class's last fact (0: none ever).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub seq: u64,
+    pub last_fact: u64,
+}
+
+/// Reads the head of a class.
+pub(crate) async fn read_head(stream: &Stream, class: &str) -> Result<Head, String> {
+    match stream
+        .direct_get_last_for_subject(head_subject(class))
+        .await
+    {
+        Ok(m) => {
+            let back = serde_json::from_slice::<HeadRecord>(&m.payload)
+                .map_err(|e| format!("head of class {class} at {}: {e}", m.sequence))?
+                .back;
+            Ok(Head {
+                seq: m.sequence,
+                last_fact: m.sequence.saturating_sub(back),
+            })
+        }
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+            Ok(Head::default())
+        }
+        Err(e) => Err(format!("head of class {class}: {e}")),
+    }
+}
+
+/// Where a class's retained facts begin and end: `(first, last)`, `first` the
+/// sequence after which every fact of the class is still held (0 when it holds
+/// none), `last` its newest fact ever (0: none). Read from the oldest retained fact's
+/// place in the class chain and from the class head.
+pub(crate) async fn class_range(stream: &Stream, class: &str) -> Result<(u64, u64), String> {
+    let head = read_head(stream, class).await?;
+    let oldest = match stream
+        .direct_get_next_for_subject(class_filter(class), Some(1))
+        .await
+    {
+        Ok(m) => m,
+        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+            return Ok((0, head.last_fact));
+        }
+        Err(e) => return Err(format!("oldest fact of class {class}: {e}")),
+    };
+    let prev = match oldest.headers.get(HDR_PREV) {
+        Some(v) => v
+            .as_str()
+            .parse::<u64>()
+            .map_err(|e| format!("{HDR_PREV} of offset {}: {e}", oldest.sequence))?,
+        None => oldest.sequence.saturating_sub(1),
+    };
+    Ok((prev + 1, head.last_fact.max(oldest.sequence)))
+}
+
+/// Reads the reservations after `applied` up to the last one into the look-up, and
+/// returns the new watermark with the last sequence it saw of every bucket (0: none).
+/// Applies in chunks so a rebuild of millions of ids keeps memory flat.
 pub(crate) async fn catch_up(
     stream: &Stream,
     lookup: &Lookup,
     applied: u64,
 ) -> Result<(u64, Vec<u64>), String> {
+    // The log's end first, then the last reservation: every reservation up to that
+    // end lies at or before `last`, so once read the look-up holds the log's
+    // reservations up to `end`.
     let mut s = stream.clone();
-    let info = s
+    let end = s
         .info()
         .await
-        .map_err(|e| format!("index stream info: {e}"))?;
-    let last = info.state.last_sequence;
-    if last <= applied || info.state.messages == 0 {
-        return Ok((applied.max(last), vec![0; BUCKETS]));
+        .map_err(|e| format!("log stream info: {e}"))?
+        .state
+        .last_sequence;
+    let last = last_of(stream, &format!("{INDEX_PREFIX}.*")).await?;
+    if last <= applied {
+        return Ok((applied.max(end), vec![0; BUCKETS]));
     }
-    let start = applied.max(info.state.first_sequence.saturating_sub(1)) + 1;
     // A plain ephemeral consumer without acks, pulled in large batches: several
     // times faster than an ordered consumer's batches of 500 for a full rebuild.
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
             deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: start,
+                start_sequence: applied + 1,
             },
+            filter_subject: format!("{INDEX_PREFIX}.*"),
             ack_policy: jetstream::consumer::AckPolicy::None,
             inactive_threshold: Duration::from_secs(60),
             ..Default::default()
@@ -222,7 +347,6 @@ pub(crate) async fn catch_up(
     let mut pending = 0usize;
     let mut upto = applied;
     let started = std::time::Instant::now();
-    let mut applying = Duration::ZERO;
     while upto < last {
         let Some(m) = messages.next().await else {
             return Err("index read ended early".into());
@@ -232,15 +356,11 @@ pub(crate) async fn catch_up(
         let seq = info.stream_sequence;
         let at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
         if let Some(b) = bucket_of_subject(&m.subject) {
-            if let Some(e) = entry_of(&m.payload, at) {
-                update.reserve.push(e);
-            }
+            update.reserve.extend(entries_of(&m.payload, seq, at));
             update.buckets.push((b, seq));
             if let Some(slot) = seen_buckets.get_mut(usize::from(b)) {
                 *slot = seq;
             }
-        } else if m.subject.as_str() == OFFSETS_SUBJECT {
-            update.offsets.extend(offsets_of(&m.payload));
         }
         pending += 1;
         upto = seq;
@@ -248,12 +368,10 @@ pub(crate) async fn catch_up(
             update.applied = Some(upto);
             let u = std::mem::take(&mut update);
             let l = lookup.clone();
-            let t = std::time::Instant::now();
             tokio::task::spawn_blocking(move || l.apply(&u, false))
                 .await
                 .map_err(|e| format!("look-up store: {e}"))?
                 .map_err(|e| e.to_string())?;
-            applying += t.elapsed();
             pending = 0;
             if info.pending == 0 {
                 break;
@@ -264,8 +382,7 @@ pub(crate) async fn catch_up(
         tracing::debug!(
             messages = upto - applied,
             secs = started.elapsed().as_secs_f64(),
-            applying_secs = applying.as_secs_f64(),
-            "index stream read into the look-up"
+            "index read into the look-up"
         );
         let l = lookup.clone();
         tokio::task::spawn_blocking(move || l.flush())
@@ -273,185 +390,7 @@ pub(crate) async fn catch_up(
             .map_err(|e| format!("look-up store: {e}"))?
             .map_err(|e| e.to_string())?;
     }
-    Ok((upto.max(applied), seen_buckets))
-}
-
-/// What `bsfg index migrate` did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Migration {
-    /// Entries read from the per-id index.
-    pub read: u64,
-    /// Reservations written to the bounded index.
-    pub written: u64,
-    /// Entries that could not be read as index entries (reported, skipped).
-    pub skipped: u64,
-    /// Whether the per-id index stream was deleted at the end.
-    pub removed_legacy: bool,
-}
-
-/// An entry of the per-id index (`bsfg.ids.<token>`).
-#[derive(Debug, Deserialize)]
-struct LegacyEntry {
-    id: String,
-    digest: String,
-    stream: String,
-    subject: String,
-    #[serde(default)]
-    offset: Option<u64>,
-}
-
-/// Moves a zone's per-id index (`bsfg_ids`) to the bounded layout: every entry
-/// becomes a reservation in `bsfg_index` on its bucket subject, with its offset
-/// when it had one (its fact stays on its old per-id subject until the class's
-/// retention removes it; a reservation whose fact was never recorded keeps `after`
-/// = 0, so a retry reads that one-fact subject before completing). Written in
-/// atomic batches; the per-id stream is deleted only after every entry is written.
-/// Run it with every gateway of the zone stopped. Running it again after an
-/// interruption writes the same reservations again, which the look-up reads as one.
-pub async fn migrate_legacy(
-    js: &jetstream::Context,
-    client: &async_nats::Client,
-    cfg: &JetStreamConfig,
-) -> Result<Migration, SinkError> {
-    let mut report = Migration::default();
-    let legacy = match js.get_stream(LEGACY_INDEX_STREAM).await {
-        Ok(s) => s,
-        Err(e) if crate::streams::is_not_found(&e) => return Ok(report),
-        Err(e) => return Err(SinkError::js("get stream", e)),
-    };
-    crate::streams::ensure(js, stream_config(cfg)).await?;
-    let mut info_stream = legacy.clone();
-    let info = info_stream
-        .info()
-        .await
-        .map_err(|e| SinkError::js("stream info", e))?;
-    let last = info.state.last_sequence;
-    if info.state.messages > 0 {
-        let consumer = legacy
-            .create_consumer(OrderedConfig {
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| SinkError::js("create consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| SinkError::js("read index", e))?;
-        let mut batch: Vec<(String, bytes::Bytes)> = Vec::new();
-        let mut classes: std::collections::HashMap<String, Stream> = Default::default();
-        loop {
-            let Some(m) = messages.next().await else {
-                break;
-            };
-            let m = m.map_err(|e| SinkError::js("read index", e))?;
-            let mi = m.info().map_err(|e| SinkError::js("read index", e))?;
-            let (seq, pending) = (mi.stream_sequence, mi.pending);
-            report.read += 1;
-            match serde_json::from_slice::<LegacyEntry>(&m.payload) {
-                Ok(mut e) => {
-                    let t = token(&e.id);
-                    // A reservation the old index never recorded an offset for: look
-                    // for its fact on its per-id subject now, while that is cheap.
-                    let mut after = e.offset.map_or(0, |o| o.saturating_sub(1));
-                    if e.offset.is_none() {
-                        let (found, first) = legacy_fact(js, &mut classes, &e).await?;
-                        match found {
-                            Some(o) => e.offset = Some(o),
-                            None => after = first.saturating_sub(1),
-                        }
-                    }
-                    let r = Reservation {
-                        after,
-                        id: e.id,
-                        digest: e.digest,
-                        stream: e.stream,
-                        subject: e.subject,
-                        offset: e.offset,
-                    };
-                    let body = serde_json::to_vec(&r).unwrap_or_default();
-                    batch.push((bucket_subject(bucket(&t)), body.into()));
-                }
-                Err(_) => report.skipped += 1,
-            }
-            if batch.len() >= 1000 || pending == 0 || seq >= last {
-                report.written += write_batch(js, client, std::mem::take(&mut batch)).await?;
-            }
-            if pending == 0 || seq >= last {
-                break;
-            }
-        }
-        report.written += write_batch(js, client, batch).await?;
-    }
-    js.delete_stream(LEGACY_INDEX_STREAM)
-        .await
-        .map_err(|e| SinkError::js("delete stream", e))?;
-    report.removed_legacy = true;
-    Ok(report)
-}
-
-/// The offset of an unrecorded entry's fact on its per-id subject, if stored, and
-/// the class stream's first sequence.
-async fn legacy_fact(
-    js: &jetstream::Context,
-    classes: &mut std::collections::HashMap<String, Stream>,
-    e: &LegacyEntry,
-) -> Result<(Option<u64>, u64), SinkError> {
-    if !classes.contains_key(&e.stream) {
-        let s = js
-            .get_stream(&e.stream)
-            .await
-            .map_err(|err| SinkError::js("get stream", err))?;
-        classes.insert(e.stream.clone(), s);
-    }
-    let Some(s) = classes.get_mut(&e.stream) else {
-        return Ok((None, 0));
-    };
-    let first = s
-        .info()
-        .await
-        .map_err(|err| SinkError::js("stream info", err))?
-        .state
-        .first_sequence;
-    match s.direct_get_last_for_subject(e.subject.as_str()).await {
-        Ok(m) => {
-            let digest = m
-                .headers
-                .get(crate::append::HDR_DIGEST)
-                .map(|v| v.as_str().to_owned());
-            Ok((
-                (digest.as_deref() == Some(e.digest.as_str())).then_some(m.sequence),
-                first,
-            ))
-        }
-        Err(err) if err.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
-            Ok((None, first))
-        }
-        Err(err) => Err(SinkError::js("fact look-up", err)),
-    }
-}
-
-/// Writes reservations as one atomic batch; returns how many.
-async fn write_batch(
-    js: &jetstream::Context,
-    client: &async_nats::Client,
-    batch: Vec<(String, bytes::Bytes)>,
-) -> Result<u64, SinkError> {
-    let n = batch.len() as u64;
-    if n == 0 {
-        return Ok(0);
-    }
-    let msgs = batch
-        .into_iter()
-        .map(|(subject, body)| (subject, async_nats::HeaderMap::new(), body))
-        .collect();
-    crate::append::publish_batch(client, js, msgs)
-        .await
-        .map_err(|e| SinkError::JetStream {
-            op: "publish index batch",
-            message: e.to_string(),
-        })?;
-    Ok(n)
+    Ok((upto.max(applied).max(end), seen_buckets))
 }
 
 #[cfg(test)]
@@ -460,23 +399,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_cover_4096_subjects_and_parse_back() {
+    fn buckets_cover_256_subjects_and_parse_back() {
         let t = token("m-1");
         let b = bucket(&t);
         assert!(usize::from(b) < BUCKETS);
         assert_eq!(bucket_of_subject(&bucket_subject(b)), Some(b));
-        assert_eq!(bucket_of_subject(OFFSETS_SUBJECT), None);
-        assert_eq!(bucket(&[0xff; 16]), 0xfff);
+        assert_eq!(bucket_of_subject("bsfg.log.ids.offsets"), None);
+        assert_eq!(bucket(&[0xff; 16]), 0xff);
         assert_eq!(bucket(&[0; 16]), 0);
     }
 
     #[test]
-    fn offset_records_round_trip_and_bad_tokens_are_skipped() {
-        let t = token("m-2");
-        let o = Offsets {
-            o: vec![(hex::encode(t), 42), ("zz".into(), 1)],
+    fn a_bucket_record_gives_each_reservation_its_fact_offset() {
+        let r = BucketRecord {
+            r: vec![
+                Reservation {
+                    id: "a".into(),
+                    digest: "d".into(),
+                    stream: "facts_operational".into(),
+                    subject: "bsfg.log.facts.operational.batch.000001".into(),
+                    d: Some(3),
+                },
+                Reservation {
+                    id: "b".into(),
+                    digest: "e".into(),
+                    stream: "facts_operational".into(),
+                    subject: "bsfg.log.facts.operational.batch.000002".into(),
+                    d: None,
+                },
+            ],
         };
-        let got = offsets_of(&serde_json::to_vec(&o).unwrap());
-        assert_eq!(got, vec![(t, 42)]);
+        let got = entries_of(&serde_json::to_vec(&r).unwrap(), 10, 5);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, token("a"));
+        assert_eq!(got[0].1.offset, Some(13));
+        assert_eq!(got[1].1.offset, None);
+        assert!(entries_of(b"not json", 1, 1).is_empty());
     }
 }

@@ -1,12 +1,13 @@
 //! # bsfg-sink-jetstream
 //!
 //! A zone's [`FactLog`] and [`ObjectStore`] on its own JetStream domain:
-//! - one stream per stream class (`facts_operational`, ...) over subjects
-//!   `facts.<class>.<subject kind>.<id token>`, the class picked from a label;
-//! - a permanent idempotency index (`bsfg_index`) in bounded bucket subjects, with an
-//!   on-disk look-up beside the gateway ([`lookup`], rebuilt from the stream when
-//!   lost), written before the fact in an order that no crash can turn into a lost or
-//!   doubled fact (see [`append`], [`index`]);
+//! - one log stream (`bsfg_log`) holding the facts of every stream class (shown as
+//!   `facts_operational`, ... over subjects `bsfg.log.facts.<class>.<kind>.<bucket>`,
+//!   the class picked from a label, its retention a per-fact TTL) and the permanent
+//!   idempotency index in bounded bucket subjects, so a round of appends is one
+//!   atomic batch: one durable commit, which no crash can turn into a lost or
+//!   doubled fact (see [`append`], [`index`]); an on-disk look-up beside the gateway
+//!   ([`lookup`], rebuilt from the stream when lost);
 //! - durable pull consumers with explicit acks for FetchFacts / ConfirmReceipt;
 //! - JetStream Object Store buckets for artifacts.
 //!
@@ -22,6 +23,7 @@ pub mod error;
 mod fetch;
 pub mod index;
 pub mod lookup;
+pub mod migrate;
 mod objects;
 pub mod quarantine;
 pub mod streams;
@@ -51,12 +53,11 @@ pub struct JetStreamZone {
     config: JetStreamConfig,
     client: async_nats::Client,
     js: jetstream::Context,
-    streams: HashMap<String, jetstream::stream::Stream>,
+    /// The log stream: facts of every class and the idempotency index.
+    log: jetstream::stream::Stream,
     queue: mpsc::Sender<append::Job>,
     links: jetstream::stream::Stream,
     quarantine: jetstream::stream::Stream,
-    /// The idempotency index stream, for its size.
-    index: jetstream::stream::Stream,
     /// The on-disk look-up, for the number of ids.
     lookup: lookup::Lookup,
     /// This gateway's writer number (see [`lookup::Lookup::writer`]).
@@ -88,13 +89,14 @@ fn check_fact_size(config: &JetStreamConfig, max_payload: usize) -> Result<(), S
     Ok(())
 }
 
-/// Moves the zone's idempotency index from the per-id layout (`bsfg_ids`) to the
-/// bounded one ([`index::migrate_legacy`]); does nothing when there is none. Every
-/// gateway of the zone must be stopped.
-pub async fn migrate_index(config: &JetStreamConfig) -> Result<index::Migration, SinkError> {
+/// Moves a zone of an earlier layout (the per-id index `bsfg_ids`, the two-stream
+/// layout `bsfg_index` + `facts_<class>`) to the one-stream log ([`migrate`]); does
+/// nothing when there is none. Every gateway of the zone must be stopped.
+pub async fn migrate_index(config: &JetStreamConfig) -> Result<migrate::Migration, SinkError> {
+    validate_config(config)?;
     let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}-migrate", config.zone));
     let (client, js, _) = connect_client(config, options).await?;
-    index::migrate_legacy(&js, &client, config).await
+    migrate::migrate(&js, &client, config).await
 }
 
 /// Connects to the zone's server only to read its `max_payload` and check that it
@@ -109,8 +111,8 @@ pub async fn check_server(
         .name(format!("bsfg-{}-check", config.zone))
         .connection_timeout(timeout);
     let (_, js, max_payload) = connect_client(config, options).await?;
-    // A zone of the per-id index layout is refused at start-up: say so here too.
-    index::refuse_legacy(&js, &config.zone).await?;
+    // A zone of an earlier layout is refused at start-up: say so here too.
+    index::refuse_old(&js, &config.zone).await?;
     Ok(max_payload)
 }
 
@@ -204,14 +206,9 @@ impl JetStreamZone {
         validate_config(&config)?;
         let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}", config.zone));
         let (client, js, max_payload) = connect_client(&config, options).await?;
-        index::refuse_legacy(&js, &config.zone).await?;
-        let mut streams = HashMap::new();
-        for class in &config.classes {
-            let s = streams::ensure(&js, streams::class_stream_config(class, &config)).await?;
-            streams.insert(class.stream_name(), s);
-        }
-        let mut index = streams::ensure(&js, index::stream_config(&config)).await?;
-        let created = index
+        index::refuse_old(&js, &config.zone).await?;
+        let mut log = streams::ensure(&js, index::stream_config(&config)).await?;
+        let created = log
             .info()
             .await
             .map_err(|e| SinkError::js("stream info", e))?
@@ -257,8 +254,7 @@ impl JetStreamZone {
         let appender = append::Appender::open(
             client.clone(),
             js.clone(),
-            index.clone(),
-            streams.clone(),
+            log.clone(),
             config.max_batch,
             config.zone.clone(),
             lookup.clone(),
@@ -274,7 +270,7 @@ impl JetStreamZone {
             .writer()
             .map_err(|e| SinkError::Lookup(e.to_string()))?;
         let zone = JetStreamZone {
-            index,
+            log,
             lookup,
             writer,
             max_payload,
@@ -282,7 +278,6 @@ impl JetStreamZone {
             config,
             client,
             js,
-            streams,
             queue: tx,
             links,
             quarantine,
@@ -334,11 +329,11 @@ impl JetStreamZone {
         &self,
         server_memory_bytes: Option<u64>,
     ) -> Result<IndexUsage, BoundaryError> {
-        let mut index = self.index.clone();
-        let info = index
+        let mut log = self.log.clone();
+        let info = log
             .info()
             .await
-            .map_err(|e| error::unavailable("index stream info", e))?;
+            .map_err(|e| error::unavailable("log stream info", e))?;
         let state = &info.state;
         let l = self.lookup.clone();
         let ids = tokio::task::spawn_blocking(move || l.len())
@@ -387,11 +382,7 @@ impl JetStreamZone {
             .iter()
             .find(|k| k.name == c.class)
             .ok_or_else(|| SinkError::Config(format!("class `{}` is not configured", c.class)))?;
-        let stream = self
-            .streams
-            .get(&class.stream_name())
-            .ok_or_else(|| SinkError::Config(format!("no stream for class `{}`", c.class)))?;
-        let handle = fetch::ensure(stream, c).await?;
+        let handle = fetch::ensure(&self.log, c, class.stream_name()).await?;
         self.consumers
             .write()
             .await
@@ -406,38 +397,46 @@ impl JetStreamZone {
         Err(BoundaryError::UnknownConsumer(name.to_owned()))
     }
 
-    /// Picks the class stream for a message from its class label.
-    fn route(&self, msg: &ValidatedMessage) -> Result<(String, String, [u8; 16]), BoundaryError> {
-        let m = msg.message();
-        let class = match m.envelope.labels.get(&self.config.class_label) {
-            None => &self.config.default_class,
-            Some(v) => self
-                .config
-                .classes
-                .iter()
-                .find(|c| &c.name == v)
-                .map(|c| &c.name)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = self
-                        .config
-                        .classes
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect();
-                    BoundaryError::invalid(
-                        format!("envelope.labels.{}", self.config.class_label),
-                        format!("must be one of the zone's stream classes {known:?}"),
-                    )
-                })?,
-        };
-        let token = index::token(msg.message_id());
-        let subject = format!(
-            "facts.{class}.{}.{:04x}{:02x}",
-            msg.subject_kind(),
-            self.writer,
-            index::fact_bucket(&token)
-        );
-        Ok((format!("facts_{class}"), subject, token))
+    /// Picks the class for a message from its class label: the job for the pipeline.
+    fn route(
+        &self,
+        message: ValidatedMessage,
+        reply: oneshot::Sender<Result<AppendOutcome, BoundaryError>>,
+    ) -> Result<append::Job, BoundaryError> {
+        let m = message.message();
+        let wanted = m
+            .envelope
+            .labels
+            .get(&self.config.class_label)
+            .unwrap_or(&self.config.default_class);
+        let class = self
+            .config
+            .classes
+            .iter()
+            .find(|c| &c.name == wanted)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self
+                    .config
+                    .classes
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect();
+                BoundaryError::invalid(
+                    format!("envelope.labels.{}", self.config.class_label),
+                    format!("must be one of the zone's stream classes {known:?}"),
+                )
+            })?;
+        let token = index::token(message.message_id());
+        let subject = index::fact_subject(&class.name, message.subject_kind(), self.writer, &token);
+        Ok(append::Job {
+            token,
+            stream: class.stream_name(),
+            class: class.name.clone(),
+            subject,
+            ttl: (!class.max_age.is_zero()).then_some(class.max_age),
+            msg: message,
+            reply,
+        })
     }
 
     /// The bucket if it exists; reads never create one (a created one is cached).
@@ -492,7 +491,6 @@ fn checkpoint_unavailable(link: &str, e: impl std::fmt::Display) -> BoundaryErro
 #[async_trait]
 impl FactLog for JetStreamZone {
     async fn append(&self, message: ValidatedMessage) -> Result<AppendOutcome, BoundaryError> {
-        let (stream, subject, token) = self.route(&message)?;
         // Refused here, alone, rather than failing the batch it would have joined.
         let size = append::wire_size(&message);
         if size > self.max_payload {
@@ -505,13 +503,7 @@ impl FactLog for JetStreamZone {
             ));
         }
         let (reply, rx) = oneshot::channel();
-        let job = append::Job {
-            msg: message,
-            token,
-            stream,
-            subject,
-            reply,
-        };
+        let job = self.route(message, reply)?;
         self.queue.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => BoundaryError::Backpressure(format!(
                 "zone {} has {} appends waiting; retry later",

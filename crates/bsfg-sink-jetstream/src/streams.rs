@@ -35,7 +35,9 @@ pub(crate) fn links_stream_config(cfg: &JetStreamConfig) -> Config {
     }
 }
 
-pub(crate) fn class_stream_config(class: &StreamClass, cfg: &JetStreamConfig) -> Config {
+/// The stream of a class in the two-stream layout before the one-stream log (what
+/// `bsfg index migrate` moves): for tools and tests that build such a zone.
+pub fn class_stream_config(class: &StreamClass, cfg: &JetStreamConfig) -> Config {
     Config {
         name: class.stream_name(),
         description: Some(format!(
@@ -101,6 +103,8 @@ pub(crate) fn verify(existing: &Config, wanted: &Config) -> Result<(), SinkError
     }
     same!(allow_direct, "allow_direct");
     same!(allow_atomic_publish, "allow_atomic_publish");
+    same!(allow_message_ttl, "allow_msg_ttl");
+    same!(allow_rollup, "allow_rollup_hdrs");
     same!(discard, "discard");
     Ok(())
 }

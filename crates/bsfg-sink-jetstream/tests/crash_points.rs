@@ -1,49 +1,55 @@
-//! The append write order under crashes: the state a crash leaves between the
-//! pipeline's writes is built by hand, then a retry must store exactly one copy.
+//! The append write order under crashes and races: a round's reservations, facts
+//! and class heads are one atomic batch, so the states a crash can leave are "all of
+//! it" or "none of it". Each is built by hand or by a second gateway whose look-up
+//! the first does not share, then a retry must store exactly one copy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use async_nats::HeaderMap;
-use bsfg_core::{BoundaryApi, Limits};
+use bsfg_core::{BoundaryApi, Limits, Reason};
 use bsfg_sink_jetstream::PublishMode;
 use bsfg_sink_jetstream::append::{HDR_DIGEST, HDR_MESSAGE_ID};
 use bsfg_sink_jetstream::index;
 use common::*;
 
-/// Writes a reservation the way step 2 does, as a gateway that crashed right after
-/// would leave it; returns the fact subject it names.
-async fn reserve_only(z: &bsfg_sink_jetstream::JetStreamZone, id: &str, digest: &str) -> String {
-    let js = async_nats::jetstream::new(z.client().clone());
-    let token = index::token(id);
-    // A writer number no gateway of this test has.
-    let subject = format!(
-        "facts.operational.batch.dead{:02x}",
-        index::fact_bucket(&token)
-    );
-    let entry = serde_json::json!({"id": id, "digest": digest, "stream": "facts_operational", "subject": subject, "after": 0});
-    js.publish(
-        index::bucket_subject(index::bucket(&token)),
-        entry.to_string().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    subject
-}
-
 #[tokio::test]
-async fn crash_after_reservation_before_publish_is_completed_by_the_retry() {
+async fn a_batch_broken_off_before_its_commit_stores_nothing_and_the_retry_stores_one() {
+    // A gateway that died while sending its round: the server holds the batch's
+    // first messages uncommitted and never applies them.
     let nats = server();
     let z = zone(config(&nats)).await;
     let msg = fact("crash-1", 7);
-    let digest = Limits::default()
-        .validate(msg.clone())
-        .unwrap()
-        .digest()
-        .to_hex();
-    reserve_only(&z, "crash-1", &digest).await;
+    let v = Limits::default().validate(msg.clone()).unwrap();
+    let t = index::token("crash-1");
+    let client = z.client().clone();
+    let record = serde_json::json!({"r": [{"id": "crash-1", "digest": v.digest().to_hex(),
+        "stream": "facts_operational", "subject": "bsfg.log.facts.operational.batch.dead00", "d": 1}]});
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Batch-Id", "broken-off-batch");
+    h.insert("Nats-Batch-Sequence", "1");
+    client
+        .publish_with_headers(
+            index::bucket_subject(index::bucket(&t)),
+            h,
+            record.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Batch-Id", "broken-off-batch");
+    h.insert("Nats-Batch-Sequence", "2");
+    h.insert(HDR_MESSAGE_ID, "crash-1");
+    h.insert(HDR_DIGEST, v.digest().to_hex().as_str());
+    client
+        .publish_with_headers(
+            "bsfg.log.facts.operational.batch.dead00",
+            h,
+            v.stored_form().clone(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
     assert_eq!(stream_messages(&z, "facts_operational").await, 0);
 
     let api = engine(&z);
@@ -55,58 +61,45 @@ async fn crash_after_reservation_before_publish_is_completed_by_the_retry() {
 }
 
 #[tokio::test]
-async fn crash_after_publish_before_offset_record_returns_the_stored_offset() {
+async fn a_commit_whose_answer_never_arrived_is_found_by_the_retry_not_stored_again() {
+    // Gateway A's look-up does not know what gateway B committed (as after a commit
+    // whose acknowledgement was lost): A's batch names the bucket's old sequence,
+    // its compare-and-set fails, A reads the index and answers the stored offset.
     let nats = server();
-    let z = zone(config(&nats)).await;
-    let validated = Limits::default().validate(fact("crash-2", 8)).unwrap();
-    let digest = validated.digest().to_hex();
-    let subject = reserve_only(&z, "crash-2", &digest).await;
-    // The fact made it to the stream; the index never learnt its offset.
-    let js = async_nats::jetstream::new(z.client().clone());
-    let mut h = HeaderMap::new();
-    h.insert(HDR_MESSAGE_ID, "crash-2");
-    h.insert(HDR_DIGEST, digest.as_str());
-    let stored = js
-        .publish_with_headers(subject, h, validated.stored_form().clone())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-
-    let out = engine(&z).append_fact(fact("crash-2", 8)).await.unwrap();
-    assert_eq!((out.offset, out.duplicate), (stored.sequence, true));
-    assert_eq!(stream_messages(&z, "facts_operational").await, 1);
-    // A conflicting payload is still refused with the original offset.
-    let e = engine(&z)
+    let cfg = config(&nats);
+    let a = zone(cfg.clone()).await;
+    let b = zone(cfg).await;
+    // A knows the heads and buckets as they are before B's commit.
+    engine(&a).append_fact(fact("warm-up", 0)).await.unwrap();
+    let stored = engine(&b).append_fact(fact("crash-2", 8)).await.unwrap();
+    assert!(!stored.duplicate);
+    let out = engine(&a).append_fact(fact("crash-2", 8)).await.unwrap();
+    assert_eq!((out.offset, out.duplicate), (stored.offset, true));
+    let e = engine(&a)
         .append_fact(fact("crash-2", 9))
         .await
         .unwrap_err();
-    assert_eq!(e.reason(), bsfg_core::Reason::ConflictingDuplicate);
+    assert_eq!(e.reason(), Reason::ConflictingDuplicate);
+    assert_eq!(stream_messages(&a, "facts_operational").await, 2);
 }
 
 #[tokio::test]
-async fn many_concurrent_retries_of_an_orphan_reservation_store_one_copy() {
-    orphan_reservation_retries_store_one_copy(PublishMode::AtomicBatch).await;
+async fn many_concurrent_retries_across_two_gateways_store_one_copy() {
+    concurrent_retries_store_one_copy(PublishMode::AtomicBatch).await;
 }
 
 #[tokio::test]
-async fn many_concurrent_pipelined_retries_of_an_orphan_reservation_store_one_copy() {
-    orphan_reservation_retries_store_one_copy(PublishMode::Pipelined).await;
+async fn many_concurrent_pipelined_retries_across_two_gateways_store_one_copy() {
+    concurrent_retries_store_one_copy(PublishMode::Pipelined).await;
 }
 
-async fn orphan_reservation_retries_store_one_copy(mode: PublishMode) {
+async fn concurrent_retries_store_one_copy(mode: PublishMode) {
     let nats = server();
     let mut cfg = config(&nats);
     cfg.publish_mode = Some(mode);
     let a = zone(cfg.clone()).await;
     let b = zone(cfg).await;
     let msg = fact("crash-3", 1);
-    let digest = Limits::default()
-        .validate(msg.clone())
-        .unwrap()
-        .digest()
-        .to_hex();
-    reserve_only(&a, "crash-3", &digest).await;
     let mut tasks = Vec::new();
     for i in 0..20 {
         let api = engine(if i % 2 == 0 { &a } else { &b });
@@ -116,12 +109,111 @@ async fn orphan_reservation_retries_store_one_copy(mode: PublishMode) {
         ));
     }
     let mut offsets = Vec::new();
+    let mut fresh = 0;
     for t in tasks {
-        offsets.push(t.await.unwrap().offset);
+        let o = t.await.unwrap();
+        fresh += usize::from(!o.duplicate);
+        offsets.push(o.offset);
     }
     offsets.dedup();
     assert_eq!(offsets.len(), 1, "{offsets:?}");
+    assert_eq!(fresh, 1, "exactly one append stored it");
     assert_eq!(stream_messages(&a, "facts_operational").await, 1);
+}
+
+#[tokio::test]
+async fn conflicting_payloads_racing_on_two_gateways_in_two_classes_store_exactly_one() {
+    // One index for the zone: the same id with another payload is refused even when
+    // its class label sends it to another class, and even when both race.
+    let nats = server();
+    let cfg = config(&nats);
+    let a = zone(cfg.clone()).await;
+    let b = zone(cfg).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let mut m = fact("race-1", i);
+        if i % 2 == 1 {
+            m.envelope.labels.insert("class".into(), "audit".into());
+        }
+        let api = engine(if i % 2 == 0 { &a } else { &b });
+        tasks.push(tokio::spawn(async move { api.append_fact(m).await }));
+    }
+    let mut stored = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(o) => stored += usize::from(!o.duplicate),
+            Err(e) => {
+                assert_eq!(e.reason(), Reason::ConflictingDuplicate, "{e}");
+                conflicts += 1;
+            }
+        }
+    }
+    assert_eq!((stored, conflicts), (1, 9));
+    let facts =
+        stream_messages(&a, "facts_operational").await + stream_messages(&a, "facts_audit").await;
+    assert_eq!(facts, 1);
+}
+
+#[tokio::test]
+async fn two_gateways_writing_one_class_keep_one_chain_of_its_facts() {
+    // Every fact's place in its class's chain (Bsfg-Prev, or its predecessor in the
+    // batch) names the class's previous fact, across gateways: what FetchFacts
+    // reads to tell expired facts from other messages of the log.
+    let nats = server();
+    let cfg = config(&nats);
+    let a = zone(cfg.clone()).await;
+    let b = zone(cfg).await;
+    let (ra, rb) = tokio::join!(
+        append_many(&a, "chain-a", 150),
+        append_many(&b, "chain-b", 150)
+    );
+    let mut all: Vec<u64> = ra.into_iter().chain(rb).collect();
+    all.sort();
+    let js = async_nats::jetstream::new(a.client().clone());
+    let log = js.get_stream(index::LOG_STREAM).await.unwrap();
+    let mut prev = 0;
+    for offset in &all {
+        let m = log.direct_get(*offset).await.unwrap();
+        let named = match m.headers.get(index::HDR_PREV) {
+            Some(v) => v.as_str().parse::<u64>().unwrap(),
+            None => offset - 1,
+        };
+        assert_eq!(named, prev, "offset {offset}");
+        prev = *offset;
+    }
+    // The head names the last fact.
+    let head = log
+        .direct_get_last_for_subject(index::head_subject("operational"))
+        .await
+        .unwrap();
+    let back: serde_json::Value = serde_json::from_slice(&head.payload).unwrap();
+    assert_eq!(head.sequence - back["back"].as_u64().unwrap(), prev);
+}
+
+#[tokio::test]
+async fn an_id_kept_without_its_fact_is_answered_duplicate_and_never_stored_again() {
+    // What the migration writes for an id whose fact retention already took.
+    let nats = server();
+    let z = zone(config(&nats)).await;
+    let v = Limits::default().validate(fact("gone-1", 1)).unwrap();
+    let t = index::token("gone-1");
+    let record = serde_json::json!({"r": [{"id": "gone-1", "digest": v.digest().to_hex(),
+        "stream": "facts_operational", "subject": "bsfg.log.facts.operational.batch.ffff00"}]});
+    let js = async_nats::jetstream::new(z.client().clone());
+    js.publish(
+        index::bucket_subject(index::bucket(&t)),
+        record.to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    drop(z);
+    let z = zone(config(&nats)).await;
+    let out = engine(&z).append_fact(fact("gone-1", 1)).await.unwrap();
+    assert_eq!((out.offset, out.duplicate), (0, true));
+    assert_eq!(stream_messages(&z, "facts_operational").await, 0);
 }
 
 /// Appends `n` facts `<prefix>-<i>` and returns their offsets.
@@ -233,34 +325,28 @@ async fn a_zone_with_the_per_id_index_layout_is_refused_with_the_command_to_run(
     };
     assert!(e.contains("bsfg index migrate"), "{e}");
     // Nothing was created or changed.
-    assert!(js.get_stream("bsfg_index").await.is_err());
-    assert!(js.get_stream("facts_operational").await.is_err());
+    assert!(js.get_stream("bsfg_log").await.is_err());
 }
 
 #[tokio::test]
-async fn a_fact_published_by_another_writer_on_the_same_subject_is_read_before_completing() {
-    // The orphan's fact subject already holds other facts after the reservation's
-    // `after`, published by another gateway: the retry reads them, finds its fact
-    // is not among them, and stores exactly one copy after them.
+async fn a_zone_of_the_two_stream_layout_is_refused_with_the_command_to_run() {
     let nats = server();
-    let z = zone(config(&nats)).await;
-    let msg = fact("crash-4", 4);
-    let validated = Limits::default().validate(msg.clone()).unwrap();
-    let subject = reserve_only(&z, "crash-4", &validated.digest().to_hex()).await;
-    let js = async_nats::jetstream::new(z.client().clone());
-    for i in 0..3 {
-        let mut h = HeaderMap::new();
-        h.insert(HDR_MESSAGE_ID, format!("someone-else-{i}").as_str());
-        h.insert(HDR_DIGEST, "00");
-        js.publish_with_headers(subject.clone(), h, validated.stored_form().clone())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-    let out = engine(&z).append_fact(msg.clone()).await.unwrap();
-    assert_eq!((out.offset, out.duplicate), (4, false));
-    let again = engine(&z).append_fact(msg).await.unwrap();
-    assert_eq!((again.offset, again.duplicate), (4, true));
-    assert_eq!(stream_messages(&z, "facts_operational").await, 4);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "bsfg_index".into(),
+        subjects: vec!["bsfg.index.*".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = match bsfg_sink_jetstream::JetStreamZone::connect(config(&nats)).await {
+        Ok(_) => panic!("a zone of the two-stream layout must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("bsfg index migrate") && e.contains("two-stream"),
+        "{e}"
+    );
+    assert!(js.get_stream("bsfg_log").await.is_err());
 }

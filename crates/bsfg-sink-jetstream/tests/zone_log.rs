@@ -116,7 +116,7 @@ async fn invalid_fields_are_named_and_store_nothing() {
         "facts_operational",
         "facts_audit",
         "facts_documents",
-        "bsfg_index",
+        "bsfg_log",
     ] {
         assert_eq!(stream_messages(&z, s).await, 0, "{s}");
     }
@@ -191,36 +191,37 @@ async fn fetch_confirm_frontier_rules_and_resume_across_restarts() {
     let cfg = config(&nats);
     let z = zone(cfg.clone()).await;
     let api = engine(&z);
-    for i in 0..10 {
-        api.append_fact(fact(&format!("e{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api, "e", 10).await;
     let page = api.fetch_facts(req("enterprise-pull", 4, 0)).await.unwrap();
     let offsets: Vec<u64> = page.facts.iter().map(|f| f.offset).collect();
-    assert_eq!(offsets, [1, 2, 3, 4]);
+    assert_eq!(offsets, o[..4]);
     assert_eq!(
         (page.first_offset, page.last_offset, page.frontier),
-        (1, 10, 0)
+        (1, o[9], 0)
     );
     assert!(page.facts[0].appended_at_unix_ms > 0);
     assert_eq!(page.facts[0].message.envelope.message_id, "e0");
 
     assert_eq!(
-        api.confirm_receipt("enterprise-pull", 4)
+        api.confirm_receipt("enterprise-pull", o[3])
             .await
             .unwrap()
             .offset,
-        4
+        o[3]
     );
     // Backwards: unchanged.
     assert_eq!(
-        api.confirm_receipt("enterprise-pull", 2)
+        api.confirm_receipt("enterprise-pull", o[1])
             .await
             .unwrap()
             .offset,
-        4
+        o[3]
     );
     // Past what was delivered: an error naming the offset.
-    let e = api.confirm_receipt("enterprise-pull", 9).await.unwrap_err();
+    let e = api
+        .confirm_receipt("enterprise-pull", o[8])
+        .await
+        .unwrap_err();
     assert_eq!(
         (e.reason(), e.field()),
         (Reason::InvalidArgument, Some("offset"))
@@ -228,7 +229,7 @@ async fn fetch_confirm_frontier_rules_and_resume_across_restarts() {
 
     // Deliver 5..8, do not confirm, restart the server and the client.
     let page = api.fetch_facts(req("enterprise-pull", 4, 0)).await.unwrap();
-    assert_eq!(page.facts.first().map(|f| f.offset), Some(5));
+    assert_eq!(page.facts.first().map(|f| f.offset), Some(o[4]));
     drop(api);
     drop(z);
     nats.restart().unwrap();
@@ -239,10 +240,10 @@ async fn fetch_confirm_frontier_rules_and_resume_across_restarts() {
         .fetch_facts(req("enterprise-pull", 10, 5000))
         .await
         .unwrap();
-    assert_eq!(page.frontier, 4);
+    assert_eq!(page.frontier, o[3]);
     // A receiver confirms each page it got, after appending it.
     let mut all: Vec<u64> = page.facts.iter().map(|f| f.offset).collect();
-    let mut frontier = 4;
+    let mut frontier = o[3];
     if let Some(last) = page.facts.last() {
         frontier = api
             .confirm_receipt("enterprise-pull", last.offset)
@@ -266,8 +267,8 @@ async fn fetch_confirm_frontier_rules_and_resume_across_restarts() {
     }
     all.sort();
     all.dedup();
-    assert_eq!(all, [5, 6, 7, 8, 9, 10]);
-    assert_eq!(frontier, 10);
+    assert_eq!(all, o[4..]);
+    assert_eq!(frontier, o[9]);
 }
 
 #[tokio::test]
@@ -278,9 +279,7 @@ async fn after_a_hard_server_kill_every_unconfirmed_fact_still_arrives() {
     let cfg = config(&nats);
     let z = zone(cfg.clone()).await;
     let api = engine(&z);
-    for i in 0..10 {
-        api.append_fact(fact(&format!("k{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api, "k", 10).await;
     let page = api.fetch_facts(req("enterprise-pull", 4, 0)).await.unwrap();
     api.confirm_receipt("enterprise-pull", page.facts.last().unwrap().offset)
         .await
@@ -302,7 +301,10 @@ async fn after_a_hard_server_kill_every_unconfirmed_fact_still_arrives() {
         seen.extend(p.facts.iter().map(|f| f.offset));
         api.confirm_receipt("enterprise-pull", last).await.unwrap();
     }
-    assert!((5..=10).all(|o| seen.contains(&o)), "lost facts: {seen:?}");
+    assert!(
+        o[4..].iter().all(|o| seen.contains(o)),
+        "lost facts: {seen:?}"
+    );
     assert_eq!(stream_messages(&z, "facts_operational").await, 10);
 }
 
@@ -311,9 +313,7 @@ async fn unconfirmed_facts_are_redelivered_after_ack_wait() {
     let nats = server();
     let z = zone(config(&nats)).await;
     let api = engine(&z);
-    for i in 0..3 {
-        api.append_fact(fact(&format!("r{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api, "r", 3).await;
     let first = api
         .fetch_facts(req("enterprise-pull", 10, 0))
         .await
@@ -325,7 +325,7 @@ async fn unconfirmed_facts_are_redelivered_after_ack_wait() {
         .await
         .unwrap();
     let offsets: Vec<u64> = again.facts.iter().map(|f| f.offset).collect();
-    assert_eq!(offsets, [1, 2, 3]);
+    assert_eq!(offsets, o);
     assert!(again.facts.iter().all(|f| f.delivery_count == 2));
 }
 
@@ -335,9 +335,7 @@ async fn frontier_advances_only_over_a_contiguous_confirmed_prefix() {
     let a = zone(config(&nats)).await;
     let b = zone(config(&nats)).await;
     let (api_a, api_b) = (engine(&a), engine(&b));
-    for i in 0..6 {
-        api_a.append_fact(fact(&format!("c{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api_a, "c", 6).await;
     let pa = api_a
         .fetch_facts(req("enterprise-pull", 3, 0))
         .await
@@ -348,16 +346,16 @@ async fn frontier_advances_only_over_a_contiguous_confirmed_prefix() {
         .unwrap();
     assert_eq!(
         pa.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
-        [1, 2, 3]
+        o[..3]
     );
     assert_eq!(
         pb.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
-        [4, 5, 6]
+        o[3..]
     );
-    // B confirms first: 1..3 are still open, so the frontier stays.
+    // B confirms first: the first three are still open, so the frontier stays.
     assert_eq!(
         api_b
-            .confirm_receipt("enterprise-pull", 6)
+            .confirm_receipt("enterprise-pull", o[5])
             .await
             .unwrap()
             .offset,
@@ -366,11 +364,11 @@ async fn frontier_advances_only_over_a_contiguous_confirmed_prefix() {
     // A closes the gap: the frontier jumps over both pages.
     assert_eq!(
         api_a
-            .confirm_receipt("enterprise-pull", 3)
+            .confirm_receipt("enterprise-pull", o[2])
             .await
             .unwrap()
             .offset,
-        6
+        o[5]
     );
 }
 
@@ -379,17 +377,15 @@ async fn confirm_never_acknowledges_a_page_the_receiver_did_not_receive() {
     let nats = server();
     let z = zone(config(&nats)).await;
     let api = engine(&z);
-    for i in 0..6 {
-        api.append_fact(fact(&format!("p{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api, "p", 6).await;
     // Page 1 goes to a receiver that crashes before appending it.
     let lost = api.fetch_facts(req("enterprise-pull", 3, 0)).await.unwrap();
     assert_eq!(lost.facts.len(), 3);
     // Its successor gets page 2 and confirms it: page 1 stays open.
     let p2 = api.fetch_facts(req("enterprise-pull", 3, 0)).await.unwrap();
-    assert_eq!(p2.facts.first().map(|f| f.offset), Some(4));
+    assert_eq!(p2.facts.first().map(|f| f.offset), Some(o[3]));
     assert_eq!(
-        api.confirm_receipt("enterprise-pull", 6)
+        api.confirm_receipt("enterprise-pull", o[5])
             .await
             .unwrap()
             .offset,
@@ -402,14 +398,14 @@ async fn confirm_never_acknowledges_a_page_the_receiver_did_not_receive() {
         .unwrap();
     assert_eq!(
         again.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
-        [1, 2, 3]
+        o[..3]
     );
     assert_eq!(
-        api.confirm_receipt("enterprise-pull", 3)
+        api.confirm_receipt("enterprise-pull", o[2])
             .await
             .unwrap()
             .offset,
-        6
+        o[5]
     );
 }
 
@@ -419,9 +415,7 @@ async fn instances_sharing_a_consumer_get_disjoint_pages_that_cover_every_fact()
     let a = zone(config(&nats)).await;
     let b = zone(config(&nats)).await;
     let writer = engine(&a);
-    for i in 0..200 {
-        writer.append_fact(fact(&format!("s{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&writer, "s", 200).await;
     let mut handles = Vec::new();
     for z in [a.clone(), b.clone()] {
         handles.push(tokio::spawn(async move {
@@ -447,7 +441,7 @@ async fn instances_sharing_a_consumer_get_disjoint_pages_that_cover_every_fact()
     let sb: HashSet<u64> = rb.iter().copied().collect();
     assert!(sa.is_disjoint(&sb), "pages overlap");
     assert_eq!(sa.len() + sb.len(), 200);
-    assert_eq!(sa.union(&sb).copied().max(), Some(200));
+    assert_eq!(sa.union(&sb).copied().max(), o.last().copied());
 }
 
 #[tokio::test]
@@ -492,25 +486,53 @@ async fn existing_stream_with_conflicting_settings_is_reported_not_changed() {
     let nats = server();
     let mut cfg = config(&nats);
     zone(cfg.clone()).await;
-    cfg.classes[0].max_age = Duration::from_secs(3600);
+    cfg.duplicate_window = Duration::from_secs(60);
     let err = JetStreamZone::connect(cfg)
         .await
         .err()
         .expect("must refuse");
     match err {
         SinkError::Conflict { name, field, .. } => {
-            assert_eq!((name.as_str(), field), ("facts_operational", "max_age"));
+            assert_eq!((name.as_str(), field), ("bsfg_log", "duplicate_window"));
         }
         other => panic!("unexpected {other}"),
     }
-    // The stream kept its original retention.
+    // The stream kept its original settings.
     let z = zone(config(&nats)).await;
     let js = async_nats::jetstream::new(z.client().clone());
-    let mut s = js.get_stream("facts_operational").await.unwrap();
+    let mut s = js.get_stream("bsfg_log").await.unwrap();
     assert_eq!(
-        s.info().await.unwrap().config.max_age,
-        Duration::from_secs(30 * 24 * 3600)
+        s.info().await.unwrap().config.duplicate_window,
+        Duration::from_secs(120)
     );
+}
+
+#[tokio::test]
+async fn a_class_retention_change_applies_to_new_facts_without_touching_the_stream() {
+    let nats = server();
+    let mut cfg = config(&nats);
+    cfg.classes[0].max_age = Duration::from_secs(3);
+    cfg.duplicate_window = Duration::from_secs(1);
+    let z = zone(cfg.clone()).await;
+    let short = engine(&z).append_fact(fact("ttl-1", 1)).await.unwrap();
+    drop(z);
+    cfg.classes[0].max_age = Duration::from_secs(3600);
+    let z = zone(cfg).await;
+    let long = engine(&z).append_fact(fact("ttl-2", 2)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let js = async_nats::jetstream::new(z.client().clone());
+    let s = js.get_stream("bsfg_log").await.unwrap();
+    assert!(
+        s.direct_get(short.offset).await.is_err(),
+        "the 3 s fact expired"
+    );
+    assert!(
+        s.direct_get(long.offset).await.is_ok(),
+        "the 1 h fact stays"
+    );
+    // Its id is remembered past its fact.
+    let again = engine(&z).append_fact(fact("ttl-1", 1)).await.unwrap();
+    assert_eq!((again.offset, again.duplicate), (short.offset, true));
 }
 
 #[tokio::test]
@@ -587,36 +609,34 @@ async fn retention_past_unconfirmed_facts_shows_as_first_offset_beyond_the_front
     cfg.duplicate_window = Duration::from_secs(1);
     let z = zone(cfg).await;
     let api = engine(&z);
-    for i in 0..5 {
-        api.append_fact(fact(&format!("g{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api, "g", 5).await;
     let p = api.fetch_facts(req("enterprise-pull", 2, 0)).await.unwrap();
     assert_eq!((p.first_offset, p.frontier), (1, 0), "no gap yet");
-    api.confirm_receipt("enterprise-pull", 2).await.unwrap();
+    api.confirm_receipt("enterprise-pull", o[1]).await.unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
-    for i in 5..8 {
-        api.append_fact(fact(&format!("g{i}"), i)).await.unwrap();
-    }
+    let n = append_in_order(&api, "h", 3).await;
     let p = api
         .fetch_facts(req("enterprise-pull", 10, 500))
         .await
         .unwrap();
-    assert_eq!((p.first_offset, p.last_offset, p.frontier), (6, 8, 2));
+    // The class chain says where its retained facts begin: after the last expired
+    // one, whatever else the log holds between.
+    assert_eq!(
+        (p.first_offset, p.last_offset, p.frontier),
+        (o[4] + 1, n[2], o[1])
+    );
     assert!(
         p.first_offset > p.frontier + 1,
-        "offsets 3..5 are gone unconfirmed"
+        "the last three of the first five are gone unconfirmed"
     );
-    assert_eq!(
-        p.facts.iter().map(|f| f.offset).collect::<Vec<_>>(),
-        [6, 7, 8]
-    );
+    assert_eq!(p.facts.iter().map(|f| f.offset).collect::<Vec<_>>(), n);
     // Confirming past the hole moves the frontier over it: the gap is then invisible.
     assert_eq!(
-        api.confirm_receipt("enterprise-pull", 8)
+        api.confirm_receipt("enterprise-pull", n[2])
             .await
             .unwrap()
             .offset,
-        8
+        n[2]
     );
 }
 
@@ -634,9 +654,7 @@ async fn known_limit_when_every_unconfirmed_fact_expires_the_frontier_jumps_to_t
     cfg.duplicate_window = Duration::from_secs(1);
     let z = zone(cfg).await;
     let api = engine(&z);
-    for i in 0..3 {
-        api.append_fact(fact(&format!("x{i}"), i)).await.unwrap();
-    }
+    let o = append_in_order(&api, "x", 3).await;
     let delivered = api
         .fetch_facts(req("enterprise-pull", 10, 0))
         .await
@@ -648,7 +666,7 @@ async fn known_limit_when_every_unconfirmed_fact_expires_the_frontier_jumps_to_t
         .await
         .unwrap();
     assert!(p.facts.is_empty());
-    assert_eq!((p.first_offset, p.last_offset, p.frontier), (4, 3, 3));
+    assert_eq!((p.first_offset, p.last_offset, p.frontier), (0, o[2], o[2]));
 }
 
 #[tokio::test]

@@ -28,8 +28,15 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Per-call timeout on top of any long-poll wait. Default 60 s.
     pub request_timeout: Duration,
-    /// Adaptive HTTP/2 windows (see the server's setting). Default on.
+    /// Adaptive HTTP/2 windows (see the server's setting). Default off: the
+    /// HTTP/2 layer's budget for small DATA frames follows the connection window,
+    /// and adaptive windows start at 64 KiB, so many answers arriving at once on one
+    /// connection were taken for an attack ("too_many_data_frames").
     pub adaptive_window: bool,
+    /// Receive window of the connection (bytes), when not adaptive. Default 16 MiB.
+    pub connection_window: u32,
+    /// Receive window of one call (bytes), when not adaptive. Default 4 MiB.
+    pub stream_window: u32,
 }
 
 impl Default for ClientConfig {
@@ -39,7 +46,9 @@ impl Default for ClientConfig {
             chunk_bytes: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
-            adaptive_window: true,
+            adaptive_window: false,
+            connection_window: 16 * 1024 * 1024,
+            stream_window: 4 * 1024 * 1024,
         }
     }
 }
@@ -167,6 +176,10 @@ fn endpoint(url: &str, config: &ClientConfig) -> Result<Endpoint, BoundaryError>
         .map_err(|e| BoundaryError::invalid("url", e.to_string()))?
         .connect_timeout(config.connect_timeout)
         .http2_adaptive_window(config.adaptive_window)
+        .initial_connection_window_size(
+            (!config.adaptive_window).then_some(config.connection_window),
+        )
+        .initial_stream_window_size((!config.adaptive_window).then_some(config.stream_window))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true))
 }
@@ -187,6 +200,38 @@ impl BoundaryApi for GrpcClient {
             .await
             .map_err(|s| from_status(&s))?;
         Ok(r.into_inner().into())
+    }
+
+    async fn append_facts(
+        &self,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Result<AppendOutcome, BoundaryError>>, BoundaryError> {
+        let n = messages.len();
+        let req = self.request(
+            v1::AppendFactsRequest {
+                messages: messages.into_iter().map(Into::into).collect(),
+            },
+            Duration::ZERO,
+        );
+        let r = self
+            .inner
+            .clone()
+            .append_facts(req)
+            .await
+            .map_err(|s| from_status(&s))?;
+        let results: Vec<_> = r
+            .into_inner()
+            .results
+            .into_iter()
+            .map(bsfg_proto::append_result_back)
+            .collect();
+        if results.len() != n {
+            return Err(BoundaryError::Internal(format!(
+                "AppendFacts answered {} of {n} facts",
+                results.len()
+            )));
+        }
+        Ok(results)
     }
 
     async fn fetch_facts(&self, request: FetchRequest) -> Result<FactPage, BoundaryError> {

@@ -26,9 +26,17 @@ pub struct ServerConfig {
     /// The serving limits every listener keeps (message size, long-poll, request and
     /// idle timeouts, handshake deadline, object size, concurrent streams).
     pub limits: ServeLimits,
-    /// HTTP/2 flow-control windows grow with the measured bandwidth-delay product, so
-    /// a 200 ms link is not capped at one window per round trip. Default on.
+    /// HTTP/2 flow-control windows grow with the measured bandwidth-delay product.
+    /// Default off: adaptive windows start at the protocol's 64 KiB, and the HTTP/2
+    /// layer's budget for small DATA frames follows the connection window, so a
+    /// client opening many calls at once on one connection was disconnected
+    /// ("too_many_data_frames"). The fixed windows below carry a 200 ms link at
+    /// 20 MiB/s per call.
     pub adaptive_window: bool,
+    /// Receive window of a connection (bytes), when not adaptive. Default 16 MiB.
+    pub connection_window: u32,
+    /// Receive window of one call (bytes), when not adaptive. Default 4 MiB.
+    pub stream_window: u32,
     /// Keep-alive ping interval. Default 20 s.
     pub keepalive_interval: Duration,
     /// TLS handshakes in progress at once; more connections wait. Default 256.
@@ -39,7 +47,9 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             limits: ServeLimits::default(),
-            adaptive_window: true,
+            adaptive_window: false,
+            connection_window: 16 * 1024 * 1024,
+            stream_window: 4 * 1024 * 1024,
             keepalive_interval: Duration::from_secs(20),
             max_handshakes: 256,
         }
@@ -235,6 +245,55 @@ impl Boundary for BoundaryService {
             .bounded(self.gate.append_fact(&caller, message))
             .await?;
         Ok(Response::new(out.into()))
+    }
+
+    async fn append_facts(
+        &self,
+        request: Request<v1::AppendFactsRequest>,
+    ) -> Result<Response<v1::AppendFactsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let messages = request.into_inner().messages;
+        if messages.len() > bsfg_core::MAX_APPEND_FACTS {
+            return Err(status(BoundaryError::invalid(
+                "messages",
+                format!(
+                    "at most {} per call, got {}",
+                    bsfg_core::MAX_APPEND_FACTS,
+                    messages.len()
+                ),
+            )));
+        }
+        // A message that does not convert is that fact's answer; the rest go on.
+        let mut results: Vec<Option<Result<bsfg_core::AppendOutcome, BoundaryError>>> =
+            Vec::with_capacity(messages.len());
+        let mut at = Vec::with_capacity(messages.len());
+        let mut good = Vec::with_capacity(messages.len());
+        for (i, m) in messages.into_iter().enumerate() {
+            match Message::try_from(m) {
+                Ok(m) => {
+                    at.push(i);
+                    good.push(m);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let answers = self.bounded(self.gate.append_facts(&caller, good)).await?;
+        for (i, a) in at.into_iter().zip(answers) {
+            if let Some(slot) = results.get_mut(i) {
+                *slot = Some(a);
+            }
+        }
+        Ok(Response::new(v1::AppendFactsResponse {
+            results: results
+                .into_iter()
+                .map(|r| {
+                    bsfg_proto::append_result(r.unwrap_or_else(|| {
+                        Err(BoundaryError::Internal("no answer for this fact".into()))
+                    }))
+                })
+                .collect(),
+        }))
     }
 
     async fn fetch_facts(
@@ -496,6 +555,10 @@ pub async fn serve(
         .max_encoding_message_size(max);
     let router = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(config.adaptive_window))
+        .initial_connection_window_size(
+            (!config.adaptive_window).then_some(config.connection_window),
+        )
+        .initial_stream_window_size((!config.adaptive_window).then_some(config.stream_window))
         .max_concurrent_streams(Some(config.limits.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

@@ -67,6 +67,12 @@ pub struct MachineConfig {
     pub backoff_max: Duration,
     /// Seed of the backoff jitter (tests pass a fixed one).
     pub seed: u64,
+    /// At most one durable checkpoint per this long (zero: after every step). The
+    /// checkpoint the gap check uses follows every confirm in memory; the durable
+    /// one (read again after a failure or a restart) may be older, which only makes
+    /// the gap check look further back. A step that recorded a gap acceptance
+    /// always records it.
+    pub checkpoint_every: Duration,
 }
 
 /// The time an event arrives at: a monotonic instant for timers, and the wall clock
@@ -277,6 +283,14 @@ pub struct Machine {
     /// The frontier the last confirm returned: a page fetched before it is taken as
     /// at least that far.
     frontier_floor: u64,
+    /// The consumer's unconfirmed facts as the latest page reported them, and the
+    /// facts confirmed since: the link's lag in facts.
+    pending_seen: u64,
+    confirmed_since: u64,
+    /// When the checkpoint was last recorded durably, and whether the one in memory
+    /// is newer.
+    last_recorded: Option<Instant>,
+    unrecorded: bool,
     attempt: u32,
     accepting: Option<GapAcceptance>,
 }
@@ -296,6 +310,10 @@ impl Machine {
             prefetch_in_flight: false,
             prefetch_stale: false,
             frontier_floor: 0,
+            pending_seen: 0,
+            confirmed_since: 0,
+            last_recorded: None,
+            unrecorded: false,
             attempt: 0,
             accepting: None,
         }
@@ -356,7 +374,10 @@ impl Machine {
                 Err(e) => self.fail(now, boundary(Operation::Checkpoint, e)),
             },
             (Phase::Fetching, Event::Fetched(r)) => match r {
-                Ok(page) => self.got_page(now, page),
+                Ok(page) => {
+                    (self.pending_seen, self.confirmed_since) = (page.pending, 0);
+                    self.got_page(now, page)
+                }
                 Err(e) => self.fail(now, boundary(Operation::Fetch, e)),
             },
             (phase, Event::Prefetched(r)) => {
@@ -365,6 +386,7 @@ impl Machine {
                 let stale = std::mem::take(&mut self.prefetch_stale);
                 // A failed fetch ahead fails nothing: the next step fetches again.
                 if let (Ok(page), false) = (r, stale) {
+                    (self.pending_seen, self.confirmed_since) = (page.pending, 0);
                     self.prefetched = Some(page);
                 }
                 self.try_start(now);
@@ -514,26 +536,57 @@ impl Machine {
             (Stage::Confirming, Event::Confirmed(r)) => match r {
                 Ok(f) => {
                     w.report.frontier = f.offset;
-                    w.stage = Stage::RecordingCheckpoint;
-                    self.phase = Phase::Applying(w);
-                    self.emit(Action::RecordCheckpoint(f.offset));
+                    self.confirmed_since += w.report.fetched as u64;
+                    let every = self.config.checkpoint_every;
+                    let due = every.is_zero()
+                        || w.report.gap_accepted.is_some()
+                        || self
+                            .last_recorded
+                            .is_none_or(|t| now.instant.saturating_duration_since(t) >= every);
+                    if due {
+                        w.stage = Stage::RecordingCheckpoint;
+                        self.phase = Phase::Applying(w);
+                        self.emit(Action::RecordCheckpoint(f.offset));
+                    } else {
+                        // Kept in memory; recorded with a later step or at stop.
+                        self.checkpoint = Some(Some(Self::checkpoint_of(&w)));
+                        self.unrecorded = true;
+                        self.finish(now, w.report);
+                    }
                 }
                 Err(e) => self.fail(now, boundary(Operation::Confirm, e)),
             },
             (Stage::RecordingCheckpoint, Event::CheckpointRecorded(r)) => match r {
                 Ok(()) => {
-                    let c = match w.report.gap_accepted {
-                        Some((_, to)) if w.last.is_none() => to.max(w.report.frontier),
-                        _ => w.report.frontier,
-                    };
+                    let c = Self::checkpoint_of(&w);
                     w.report.checkpoint = Some(c);
                     self.checkpoint = Some(Some(c));
+                    self.last_recorded = Some(now.instant);
+                    self.unrecorded = false;
                     self.finish(now, w.report);
                 }
                 Err(e) => self.fail(now, boundary(Operation::Checkpoint, e)),
             },
             // Not an answer to what this step waits for.
             (_, _) => self.phase = Phase::Applying(w),
+        }
+    }
+
+    /// The checkpoint a confirmed step stands for.
+    fn checkpoint_of(w: &Work) -> u64 {
+        match w.report.gap_accepted {
+            Some((_, to)) if w.last.is_none() => to.max(w.report.frontier),
+            _ => w.report.frontier,
+        }
+    }
+
+    /// The checkpoint in memory when it is newer than the one recorded durably (a
+    /// link records it when it stops).
+    pub fn unrecorded_checkpoint(&self) -> Option<u64> {
+        if self.unrecorded {
+            self.checkpoint.flatten()
+        } else {
+            None
         }
     }
 
@@ -782,8 +835,9 @@ impl Machine {
         self.emit(Action::Confirm(last));
     }
 
-    fn finish(&mut self, now: Now, report: PullReport) {
+    fn finish(&mut self, now: Now, mut report: PullReport) {
         self.attempt = 0;
+        report.pending = self.pending_seen.saturating_sub(self.confirmed_since);
         // An acceptance holds until the step that finds its gap uses it (pages in
         // between may be empty while facts await redelivery).
         if report.gap_accepted.is_some() {
@@ -875,6 +929,7 @@ mod tests {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             seed: 7,
+            checkpoint_every: Duration::ZERO,
         }
     }
 
@@ -1138,6 +1193,56 @@ mod tests {
             (r.fetched, r.stored, r.frontier, r.checkpoint),
             (2, 2, 6, Some(6))
         );
+    }
+
+    #[test]
+    fn a_running_link_records_its_checkpoint_at_most_once_per_interval_and_keeps_it_in_memory() {
+        let mut cfg = config(Mode::Continuous, false);
+        cfg.checkpoint_every = Duration::from_secs(1);
+        let mut m = Machine::new(step(), cfg);
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
+        drain(&mut m);
+        // One step: fetched (with the next page ahead), appended, confirmed.
+        let step = |m: &mut Machine, t: u64, offsets: &[u64], first: bool| {
+            let p = page(1, 100, offsets[0] - 1, offsets);
+            let last = *offsets.last().unwrap();
+            if first {
+                m.handle(at(t), Event::Fetched(Ok(p)));
+            } else {
+                m.handle(at(t), Event::Prefetched(Ok(p)));
+            }
+            let facts = take_append(drain(m));
+            m.handle(at(t), appended(facts, &[]));
+            assert!(matches!(drain(m).as_slice(), [Action::Confirm(o)] if *o == last));
+            m.handle(at(t), Event::Confirmed(Ok(Frontier { offset: last })));
+            drain(m)
+        };
+        // The first confirm is recorded.
+        let a = step(&mut m, 10, &[5, 6], true);
+        assert!(
+            matches!(a.as_slice(), [Action::RecordCheckpoint(6)]),
+            "{a:?}"
+        );
+        m.handle(at(11), Event::CheckpointRecorded(Ok(())));
+        assert_eq!(m.unrecorded_checkpoint(), None);
+        drain(&mut m);
+        // 300 ms later: kept in memory only, the step done without a commit.
+        let a = step(&mut m, 310, &[7, 8], false);
+        let [Action::Stepped(r)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!((r.frontier, r.checkpoint), (8, None));
+        assert_eq!(m.unrecorded_checkpoint(), Some(8));
+        // A second after the last record: recorded again.
+        let a = step(&mut m, 1_020, &[9], false);
+        assert!(
+            matches!(a.as_slice(), [Action::RecordCheckpoint(9)]),
+            "{a:?}"
+        );
+        m.handle(at(1_021), Event::CheckpointRecorded(Ok(())));
+        assert_eq!(m.unrecorded_checkpoint(), None);
     }
 
     #[test]

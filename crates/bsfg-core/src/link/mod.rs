@@ -307,6 +307,10 @@ pub struct Filtered {
 /// Facts listed one by one in a filter record at most; beyond, only counted.
 pub const FILTER_RECORD_LISTED: usize = 200;
 
+/// A running link records its checkpoint durably at most this often (and when it
+/// stops): one disk commit per page fewer while it drains a backlog.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 /// The audit fact of what the intake policies filtered from one page of `stream`:
 /// subject `link:<link>`, predicate `facts_filtered`, in the receiving zone, its
 /// message_id derived from the link, the stream and the filtered offsets, so that
@@ -374,8 +378,11 @@ pub struct PullReport {
     pub filtered: usize,
     /// The source's frontier for the consumer after the step.
     pub frontier: u64,
-    /// The source's newest offset (lag in facts = `last_offset - frontier`).
+    /// The source's newest offset of the stream.
     pub last_offset: u64,
+    /// Facts the source's consumer holds that this step did not deliver and confirm
+    /// (the lag in facts: offsets are positions in the source's log, not counts).
+    pub pending: u64,
     /// Zone that served the page.
     pub source_zone: String,
     /// Source append time (Unix ms) of the newest fact of the page, if any.
@@ -504,6 +511,7 @@ async fn drive_once(
         backoff_min: Duration::ZERO,
         backoff_max: Duration::ZERO,
         seed: 0,
+        checkpoint_every: Duration::ZERO,
     };
     let mut machine = Machine::new(ports.step.clone(), config).accepting(accept_gap.cloned());
     machine.start(now());
@@ -992,7 +1000,7 @@ pub struct LinkStatus {
     pub frontier: u64,
     /// Source's newest offset at the last step.
     pub source_last_offset: u64,
-    /// `source_last_offset - frontier`.
+    /// Facts the source holds for this link's consumer that it has not confirmed.
     pub lag_facts: u64,
     /// 0 when caught up; otherwise how old the newest replicated fact was when it was
     /// stored here, plus the time since the last successful step (source clock vs
@@ -1053,6 +1061,7 @@ struct Progress {
     source_zone: String,
     frontier: u64,
     source_last_offset: u64,
+    source_pending: u64,
     last_page_lag_ms: i64,
     last_success_unix_ms: Option<i64>,
 }
@@ -1111,7 +1120,7 @@ impl LinkHandle {
         };
         let c = &self.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let lag_facts = p.source_last_offset.saturating_sub(p.frontier);
+        let lag_facts = p.source_pending;
         let lag_seconds = match (lag_facts, &p.state, p.last_success_unix_ms) {
             (0, LinkState::Running, _) => 0.0,
             (_, _, Some(t)) => {
@@ -1209,6 +1218,7 @@ impl Link {
                 source_zone,
                 frontier: 0,
                 source_last_offset: 0,
+                source_pending: 0,
                 last_page_lag_ms: 0,
                 last_success_unix_ms: None,
             }),
@@ -1283,6 +1293,7 @@ impl Link {
             backoff_min: settings.backoff_min,
             backoff_max: settings.backoff_max,
             seed: RandomState::new().hash_one(&settings.name),
+            checkpoint_every: CHECKPOINT_EVERY,
         };
         let mut machine = Machine::new(step.clone(), config);
         let mut acceptance_rx = self.shared.acceptance.subscribe();
@@ -1368,6 +1379,17 @@ impl Link {
             }
             machine.handle(now(), event);
         }
+        // The checkpoint of the last steps, if only kept in memory so far.
+        if let Some(c) = machine.unrecorded_checkpoint() {
+            let recorded = tokio::time::timeout(
+                settings.request_timeout,
+                self.destination.record_checkpoint(&settings.name, c),
+            )
+            .await;
+            if !matches!(recorded, Ok(Ok(()))) {
+                tracing::warn!(link = %settings.name, checkpoint = c, "could not record the link checkpoint at stop; the one recorded before stands (the gap check looks further back)");
+            }
+        }
         self.set_state(LinkState::Stopped);
         tracing::info!(link = %settings.name, "link stopped");
     }
@@ -1429,6 +1451,7 @@ impl Link {
             p.source_zone.clone_from(&report.source_zone);
             p.frontier = report.frontier;
             p.source_last_offset = report.last_offset;
+            p.source_pending = report.pending;
             if let Some(t) = report.newest_appended_at_unix_ms {
                 p.last_page_lag_ms = now - t;
             } else if report.last_offset <= report.frontier {

@@ -9,8 +9,8 @@
 //! changed payload `conflicting_duplicate`, deletes the look-up file and times its
 //! rebuild from the index stream (and checks the answers again).
 //!
-//! The layout measured is the bounded one in force (`bsfg_index`: 4096 reservation
-//! buckets, facts on `facts.<class>.<kind>.<writer><bb>`). The baseline, in the same
+//! The layout measured is the one in force (`bsfg_log`: 256 reservation buckets
+//! beside the facts, on `bsfg.log.facts.<class>.<kind>.<writer><bb>`). The baseline, in the same
 //! run on a fresh server, is the per-id layout it replaced (one index subject and one
 //! fact subject per id), written raw (`--baseline false` skips it).
 
@@ -91,7 +91,7 @@ pub async fn index(opts: IndexBench) -> anyhow::Result<()> {
     let monitor = nats.monitor_url();
     let base = server_memory(&monitor).await.unwrap_or(0);
     println!(
-        "# bsfg bench index: {} ids through the engine, nats-server with sync_interval: always; bounded layout (bsfg_index: 4096 reservation buckets + offset records; facts on 256 subjects per class, kind and gateway)",
+        "# bsfg bench index: {} ids through the engine, nats-server with sync_interval: always; one-stream log (bsfg_log: 256 reservation buckets beside the facts; facts on 256 subjects per class, kind and gateway)",
         per * samples
     );
     println!(

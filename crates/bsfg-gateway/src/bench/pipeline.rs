@@ -40,6 +40,11 @@ pub struct AppendBench {
     /// Force a publish mode (default: picked from the server's flush setting).
     #[arg(long, value_parser = ["atomic_batch", "pipelined"])]
     publish_mode: Option<String>,
+    /// Facts of the bulk comparison: appended by the engine in process, then by
+    /// `bsfg append --file` (this binary, as a producer runs it) through the
+    /// gateway. 0 skips it.
+    #[arg(long, default_value_t = 1_000_000)]
+    file_facts: usize,
 }
 
 /// A zone's API served over plaintext gRPC on a free loopback port, in process.
@@ -166,6 +171,7 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
         "| nats-server flush | raw publish msg/s | gRPC AppendFact facts/s | ratio | p50 ms | p99 ms | at half rate: facts/s | p50 ms | p99 ms |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
+    let mut bulks = Vec::new();
     for sync_always in [true, false] {
         let nats = NatsServer::start_with(NatsOptions {
             sync_always,
@@ -185,8 +191,8 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
             _ => None,
         };
         let zone = Arc::new(JetStreamZone::connect(cfg).await?);
-        let api: Arc<dyn BoundaryApi> =
-            Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
+        let engine = Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
+        let api: Arc<dyn BoundaryApi> = engine.clone();
         let served = Served::start(api).await?;
         let url = served.url.clone();
         let (max, lat) = load(
@@ -210,7 +216,22 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
             Some(half),
         )
         .await?;
+        let bulk = if opts.file_facts > 0 {
+            Some(
+                bulk(
+                    &engine,
+                    &url,
+                    opts.file_facts,
+                    opts.object_bytes,
+                    sync_always,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         served.stop().await;
+        bulks.push((sync_always, bulk));
         println!(
             "| {} | {raw:.0} | {max:.0} | {:.2}x | {:.1} | {:.1} | {paced:.0} | {:.1} | {:.1} |",
             if sync_always {
@@ -225,7 +246,78 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
             pct(&plat, 0.99),
         );
     }
+    if opts.file_facts > 0 {
+        println!();
+        println!(
+            "bulk: {} facts appended by the engine in process (1024 in flight), then by `bsfg append --file` through the gateway (AppendFacts calls of 500, 1000 facts in flight)",
+            opts.file_facts
+        );
+        println!("| nats-server flush | engine facts/s | bsfg append --file facts/s | ratio |");
+        println!("|---|---|---|---|");
+        for (sync_always, b) in bulks {
+            if let Some((engine, file)) = b {
+                println!(
+                    "| {} | {engine:.0} | {file:.0} | {:.2}x |",
+                    if sync_always {
+                        "sync_interval: always"
+                    } else {
+                        "default (lazy)"
+                    },
+                    file / engine
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The engine's own append rate (in process, 1024 appends in flight) and what
+/// `bsfg append --file` reaches through the gateway, over `n` facts each.
+async fn bulk(
+    engine: &Arc<Boundary>,
+    url: &str,
+    n: usize,
+    object_bytes: usize,
+    sync_always: bool,
+) -> anyhow::Result<(f64, f64)> {
+    use std::io::Write as _;
+    let tag = if sync_always { "always" } else { "lazy" };
+    let t = Instant::now();
+    load_backlog(engine, n, |i| {
+        bench_fact(&format!("engine-{tag}-{i}"), i, object_bytes)
+    })
+    .await?;
+    let engine_rate = n as f64 / t.elapsed().as_secs_f64();
+    let path = std::env::temp_dir().join(format!("bsfg-bench-{}-{tag}.jsonl", std::process::id()));
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for i in 0..n {
+            serde_json::to_writer(
+                &mut f,
+                &bench_fact(&format!("file-{tag}-{i}"), i, object_bytes),
+            )?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+    }
+    let exe = std::env::current_exe()?;
+    let t = Instant::now();
+    let out = tokio::process::Command::new(exe)
+        .args(["--url", url, "append", "--file"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await?;
+    let file_rate = n as f64 / t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path.with_extension("jsonl.bsfg-acked"));
+    anyhow::ensure!(
+        out.status.success(),
+        "bsfg append --file failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((engine_rate, file_rate))
 }
 
 /// Options of `bsfg bench replicate`.
@@ -261,13 +353,22 @@ async fn wait_until(
     Ok(())
 }
 
-/// Runs `bsfg bench replicate` and prints a markdown table.
+/// Runs `bsfg bench replicate` and prints a markdown table per flush setting:
+/// `sync_interval: always` (what BSFG ships), then the server's lazy default.
 pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
+    for sync_always in [true, false] {
+        replicate_once(&opts, sync_always).await?;
+    }
+    Ok(())
+}
+
+async fn replicate_once(opts: &ReplicateBench, sync_always: bool) -> anyhow::Result<()> {
     let n = opts.facts;
     let leaf_port = bsfg_testkit::free_port()?;
     let a_nats = NatsServer::start_with(NatsOptions {
         domain: Some("zone_a".into()),
         extra_config: format!("leafnodes {{\n  listen: 127.0.0.1:{leaf_port}\n}}"),
+        sync_always,
         ..Default::default()
     })
     .context("starting nats-server A (run scripts/setup.sh)")?;
@@ -276,12 +377,18 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
         extra_config: format!(
             "leafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ]\n}}"
         ),
+        sync_always,
         ..Default::default()
     })
     .context("starting nats-server B")?;
     let stored = serde_json::to_vec(&bench_fact("bench-0", 0, opts.object_bytes))?.len();
     println!(
-        "# bsfg bench replicate: backlog of {n} facts (stored record {stored} B), zone A -> zone B, two nats-servers with sync_interval: always, joined by a leaf node for the native baseline"
+        "# bsfg bench replicate: backlog of {n} facts (stored record {stored} B), zone A -> zone B, two nats-servers with {}, joined by a leaf node for the native baseline",
+        if sync_always {
+            "sync_interval: always"
+        } else {
+            "the default lazy flushing"
+        }
     );
     let base = bsfg_sink_jetstream::baseline::replication_baselines(
         (&a_nats.url(), "zone_a"),
@@ -307,10 +414,12 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     // receive (zones talk only through BSFG; their servers are never joined).
     let a_nats = NatsServer::start_with(NatsOptions {
         domain: Some("zone_a".into()),
+        sync_always,
         ..Default::default()
     })?;
     let b_nats = NatsServer::start_with(NatsOptions {
         domain: Some("zone_b".into()),
+        sync_always,
         ..Default::default()
     })?;
     let mut a_cfg = JetStreamConfig::new("zone_a", a_nats.url());
@@ -363,7 +472,9 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
             s.fetch_failures + s.append_failures + s.confirm_failures < 100,
             "link keeps failing: {s:?}"
         );
-        Ok(s.frontier as usize >= n)
+        // Offsets are positions in A's log, not counts: done when every fact is
+        // stored in B and the source holds none unconfirmed.
+        Ok(s.facts_stored as usize >= n && s.lag_facts == 0 && s.frontier > 0)
     })
     .await?;
     let bsfg_secs = t.elapsed().as_secs_f64();
@@ -375,12 +486,12 @@ pub async fn replicate(opts: ReplicateBench) -> anyhow::Result<()> {
     let mut crossing = Vec::new();
     for i in 0..opts.idle_samples {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let target = (n + i + 1) as u64;
         let t = Instant::now();
-        a_api
+        let target = a_api
             .append_fact(bench_fact(&format!("idle-{i}"), i, opts.object_bytes))
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .offset;
         while handle.status().frontier < target {
             anyhow::ensure!(
                 t.elapsed() < Duration::from_secs(30),

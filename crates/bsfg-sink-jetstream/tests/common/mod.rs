@@ -32,9 +32,46 @@ pub fn engine(z: &Arc<JetStreamZone>) -> Boundary {
 #[allow(unused_imports)] // not every test binary appends facts
 pub use bsfg_testkit::fixtures::step_completed as fact;
 
-/// Number of messages in a stream, read from the server.
+/// Number of messages in a stream, read from the server; for a class's stream
+/// (`facts_<class>`) the facts of that class in the zone log.
 pub async fn stream_messages(z: &JetStreamZone, stream: &str) -> u64 {
     let js = async_nats::jetstream::new(z.client().clone());
-    let mut s = js.get_stream(stream).await.expect("stream");
-    s.info().await.expect("info").state.messages
+    match stream.strip_prefix("facts_") {
+        Some(class) => class_facts(&js, class).await,
+        None => {
+            let mut s = js.get_stream(stream).await.expect("stream");
+            s.info().await.expect("info").state.messages
+        }
+    }
+}
+
+/// Facts of a class in the zone log.
+pub async fn class_facts(js: &async_nats::jetstream::Context, class: &str) -> u64 {
+    use futures::TryStreamExt;
+    let s = js
+        .get_stream(bsfg_sink_jetstream::index::LOG_STREAM)
+        .await
+        .expect("log stream");
+    let subjects: Vec<(String, usize)> = s
+        .info_with_subjects(bsfg_sink_jetstream::index::class_filter(class))
+        .await
+        .expect("info")
+        .try_collect()
+        .await
+        .expect("subjects");
+    subjects.iter().map(|(_, n)| *n as u64).sum()
+}
+
+/// Appends `<prefix><i>` for i in 0..n one after another; returns their offsets.
+pub async fn append_in_order(api: &Boundary, prefix: &str, n: i64) -> Vec<u64> {
+    use bsfg_core::BoundaryApi;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let o = api
+            .append_fact(fact(&format!("{prefix}{i}"), i))
+            .await
+            .expect("append");
+        out.push(o.offset);
+    }
+    out
 }
