@@ -33,7 +33,7 @@ use bsfg_core::{
 };
 
 use crate::append::{HDR_LINK, HDR_SOURCE_OFFSET, HDR_SOURCE_STREAM, HDR_SOURCE_ZONE};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 
 use crate::config::ConsumerConfig;
 use crate::error::SinkError;
@@ -332,31 +332,36 @@ impl ConsumerHandle {
             }
         };
         let acked: Vec<u64> = to_ack.iter().map(|(k, _)| *k).collect();
-        let acks: Vec<_> = to_ack
-            .into_iter()
-            .map(|(_, subject)| {
-                let client = client.clone();
-                async move {
-                    tokio::time::timeout(
-                        Duration::from_secs(5),
-                        client.request(subject, bytes::Bytes::from_static(b"+ACK")),
-                    )
+        // Acknowledgements travel in order on the one connection and the server
+        // applies a consumer's acks in the order it reads them: all but the last are
+        // published, the last is a request (double ack) answered after the ones
+        // before it. One round trip per confirm instead of one per fact. An ack the
+        // server did not apply leaves its fact unacknowledged: it is delivered again
+        // after ack_wait (at-least-once), and the frontier read below never covers it.
+        let mut to_ack = to_ack;
+        if let Some((_, last)) = to_ack.pop() {
+            let mut failed = 0usize;
+            for (_, subject) in to_ack {
+                if client
+                    .publish(subject, bytes::Bytes::from_static(b"+ACK"))
                     .await
+                    .is_err()
+                {
+                    failed += 1;
                 }
-            })
-            .collect();
-        let results: Vec<_> = futures::stream::iter(acks)
-            .buffer_unordered(256)
-            .collect()
+            }
+            let answered = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(last, bytes::Bytes::from_static(b"+ACK")),
+            )
             .await;
-        let failed = results.iter().filter(|r| !matches!(r, Ok(Ok(_)))).count();
-        if failed > 0 {
-            // Unacked facts are redelivered after ack_wait: at-least-once holds.
-            tracing::warn!(
-                consumer = name,
-                failed,
-                "some acknowledgements were not confirmed by the server"
-            );
+            if failed > 0 || !matches!(answered, Ok(Ok(_))) {
+                tracing::warn!(
+                    consumer = name,
+                    failed,
+                    "some acknowledgements were not confirmed by the server"
+                );
+            }
         }
         let info = self
             .consumer
