@@ -120,6 +120,39 @@ async fn existing(js: &jetstream::Context, name: &str) -> Result<Option<Stream>,
     }
 }
 
+/// Every message of a stream (on `filter`, when given), in order, through an ordered
+/// consumer.
+async fn read_all(
+    stream: &Stream,
+    filter: Option<String>,
+    op: &'static str,
+) -> Result<jetstream::consumer::pull::Ordered, SinkError> {
+    stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            filter_subject: filter.unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| SinkError::js("create consumer", e))?
+        .messages()
+        .await
+        .map_err(|e| SinkError::js(op, e))
+}
+
+/// A message read by [`read_all`] with its sequence, the messages still pending and
+/// when it was stored.
+fn next_of(
+    m: Option<Result<jetstream::Message, jetstream::consumer::pull::OrderedError>>,
+    op: &'static str,
+) -> Result<Option<(jetstream::Message, u64, u64, time::OffsetDateTime)>, SinkError> {
+    let Some(m) = m else { return Ok(None) };
+    let m = m.map_err(|e| SinkError::js(op, e))?;
+    let i = m.info().map_err(|e| SinkError::js(op, e))?;
+    let (seq, pending, published) = (i.stream_sequence, i.pending, i.published);
+    Ok(Some((m, seq, pending, published)))
+}
+
 fn js_err(op: &'static str) -> impl Fn(String) -> SinkError {
     move |message| SinkError::JetStream { op, message }
 }
@@ -181,23 +214,10 @@ pub async fn migrate_legacy(
         .clone();
     let last = info.state.last_sequence;
     if info.state.messages > 0 {
-        let consumer = legacy
-            .create_consumer(OrderedConfig {
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| SinkError::js("create consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| SinkError::js("read index", e))?;
+        let mut messages = read_all(&legacy, None, "read index").await?;
         let mut batch: Vec<Outbound> = Vec::new();
         let mut classes: HashMap<String, Stream> = HashMap::new();
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| SinkError::js("read index", e))?;
-            let mi = m.info().map_err(|e| SinkError::js("read index", e))?;
-            let (seq, pending) = (mi.stream_sequence, mi.pending);
+        while let Some((m, seq, pending, _)) = next_of(messages.next().await, "read index")? {
             report.read += 1;
             match serde_json::from_slice::<LegacyEntry>(&m.payload) {
                 Ok(mut e) => {
@@ -438,22 +458,10 @@ async fn migrate_two_stream(
             continue;
         }
         let last = info.state.last_sequence;
-        let consumer = old
-            .create_consumer(OrderedConfig {
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| SinkError::js("create consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| SinkError::js("read facts", e))?;
+        let mut messages = read_all(&old, None, "read facts").await?;
         let mut chunk = Vec::new();
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| SinkError::js("read facts", e))?;
-            let mi = m.info().map_err(|e| SinkError::js("read facts", e))?;
-            let (seq, pending, published) = (mi.stream_sequence, mi.pending, mi.published);
+        while let Some((m, seq, pending, published)) = next_of(messages.next().await, "read facts")?
+        {
             let get = |k: &str| {
                 m.headers
                     .as_ref()
@@ -523,24 +531,10 @@ async fn migrate_two_stream(
             .clone();
         if info.state.messages > 0 {
             let last = info.state.last_sequence;
-            let consumer = v2
-                .create_consumer(OrderedConfig {
-                    deliver_policy: DeliverPolicy::All,
-                    filter_subject: format!("{V2_PREFIX}.*"),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| SinkError::js("create consumer", e))?;
-            let mut messages = consumer
-                .messages()
-                .await
-                .map_err(|e| SinkError::js("read index", e))?;
+            let mut messages = read_all(&v2, Some(format!("{V2_PREFIX}.*")), "read index").await?;
             let mut kept: BTreeMap<u16, Vec<Reservation>> = BTreeMap::new();
             let mut pending_n = 0usize;
-            while let Some(m) = messages.next().await {
-                let m = m.map_err(|e| SinkError::js("read index", e))?;
-                let mi = m.info().map_err(|e| SinkError::js("read index", e))?;
-                let (seq, pending) = (mi.stream_sequence, mi.pending);
+            while let Some((m, seq, pending, _)) = next_of(messages.next().await, "read index")? {
                 if m.subject.as_str() != "bsfg.index.offsets" {
                     match serde_json::from_slice::<V2Reservation>(&m.payload) {
                         Ok(r) if moved.insert(token(&r.id)) => {
