@@ -2,7 +2,7 @@
 //! knows of it, kept in an embedded key-value store (redb) beside the gateway.
 //!
 //! The look-up is a cache of the index stream and never the truth: every entry comes
-//! from a reservation or offset record the stream holds, and `applied` says up to
+//! from a reservation the log holds, and `applied` says up to
 //! which index sequence the store has read the stream. A store that is lost, from
 //! another stream, or of another format is emptied and rebuilt from the stream at
 //! start-up.
@@ -51,8 +51,8 @@ pub struct Entry {
     pub stream: String,
     /// Fact subject in that stream.
     pub subject: String,
-    /// The fact subject's last sequence before the reservation: the fact, if stored,
-    /// lies after it.
+    /// Kept for the stored format; the one-stream log writes 0 (a reservation and
+    /// its fact are committed together, so nothing is ever read after it).
     pub after: u64,
     /// Where the fact was stored, once known.
     pub offset: Option<u64>,
