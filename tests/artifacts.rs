@@ -27,6 +27,7 @@ fn settings() -> LinkSettings {
         source_zone: "plant-a".into(),
         consumer: "to-enterprise".into(),
         page_size: 100,
+        pages_in_flight: bsfg_core::link::PAGES_IN_FLIGHT,
         wait: Duration::from_millis(500),
         streams: vec!["facts_operational".into()],
         backoff_min: Duration::from_millis(50),

@@ -402,6 +402,7 @@ async fn one_page_of_poison_among_good_facts_stores_the_good_quarantines_each_po
         source_zone: "plant-a".into(),
         consumer: "to-enterprise".into(),
         page_size: 100,
+        pages_in_flight: bsfg_core::link::PAGES_IN_FLIGHT,
         wait: Duration::from_millis(200),
         streams: vec![],
         backoff_min: Duration::from_millis(50),

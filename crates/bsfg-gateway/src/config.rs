@@ -125,6 +125,7 @@ const LINK_KEYS: &[&str] = &[
     "consumer",
     "classes",
     "page_size",
+    "pages_in_flight",
     "wait",
     "backoff_min",
     "backoff_max",
@@ -144,6 +145,7 @@ struct RawLink {
     #[serde(default)]
     classes: Vec<Spanned<String>>,
     page_size: Option<Spanned<u32>>,
+    pages_in_flight: Option<Spanned<u32>>,
     wait: Option<Spanned<String>>,
     backoff_min: Option<Spanned<String>>,
     backoff_max: Option<Spanned<String>>,
@@ -753,6 +755,19 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
                 ),
             );
         }
+        let pages_in_flight = rl
+            .pages_in_flight
+            .as_ref()
+            .map_or(bsfg_core::link::PAGES_IN_FLIGHT, |p| *p.get_ref() as usize);
+        if let Some(p) = &rl.pages_in_flight
+            && !(1..=64).contains(p.get_ref())
+        {
+            c.at(
+                p.span(),
+                key("pages_in_flight"),
+                "must be between 1 and 64 (pages between fetch and confirm; each holds up to page_size facts in memory and in the source consumer's max_ack_pending)",
+            );
+        }
         let wait = c.duration(&rl.wait, &key("wait"), Duration::from_secs(5));
         let backoff_min = c.duration(
             &rl.backoff_min,
@@ -810,6 +825,7 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
                 source_zone,
                 consumer: rl.consumer.get_ref().clone(),
                 page_size,
+                pages_in_flight,
                 wait,
                 streams,
                 backoff_min,
@@ -1836,6 +1852,7 @@ consumer = "to-plant-a"
             ("from-idmz", "to-plant-a", "plant-a")
         );
         assert_eq!((s.page_size, s.wait), (500, Duration::from_secs(5)));
+        assert_eq!(s.pages_in_flight, bsfg_core::link::PAGES_IN_FLIGHT);
         assert_eq!(
             (s.backoff_min, s.backoff_max),
             (Duration::from_millis(200), Duration::from_secs(30))
@@ -1903,6 +1920,12 @@ consumer = "to-plant-a"
                 "consumer = \"to-plant-a\"\npage_size = 50000",
                 "links[0].page_size",
                 "between 1 and",
+            ),
+            (
+                "consumer = \"to-plant-a\"",
+                "consumer = \"to-plant-a\"\npages_in_flight = 0",
+                "links[0].pages_in_flight",
+                "between 1 and 64",
             ),
             (
                 "consumer = \"to-plant-a\"",

@@ -19,10 +19,17 @@
 //!   after `min(checkpoint, frontier)` stops the step ([`Action::Gapped`]) until an
 //!   acceptance of exactly that range arrives; the acceptance is appended as a fact
 //!   before anything of the page;
-//! - **after any failure nothing cached survives**: the checkpoint is read again and a
-//!   page fetched ahead is dropped (it comes again after the consumer's ack wait);
-//! - **one fetch at a time**: a new step never fetches while the page fetched ahead
-//!   is still on its way.
+//! - **after any failure nothing cached survives**: the checkpoint is read again,
+//!   pages fetched ahead are dropped (they come again after the consumer's ack wait)
+//!   and answers to confirms still on their way are ignored;
+//! - **pages are applied one at a time, in the order their fetches were sent**; up
+//!   to [`MachineConfig::pages_in_flight`] pages are between their fetch and the
+//!   answer to their confirm: fetched ahead, being applied, or confirming. A page's
+//!   confirm is sent once its own appends are durable, and the pages before it were
+//!   applied before it, so a confirm never covers a fact not yet appended;
+//! - **a gap is judged only on a quiet link**: a page that shows a gap while confirms
+//!   of earlier pages are still on their way waits for their answers (the checkpoint
+//!   they move may close it) and is judged again.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -55,8 +62,12 @@ pub enum Mode {
 pub struct MachineConfig {
     /// Link or single step.
     pub mode: Mode,
-    /// Fetch the next page while a page with facts is applied (links do).
-    pub overlap: bool,
+    /// Pages between their fetch and the answer to their confirm, at most (at least
+    /// 1; links default to [`super::PAGES_IN_FLIGHT`]). 1: one page at a time, no
+    /// fetch ahead. With more, pages are fetched ahead while the source has a
+    /// backlog (a full page), at most one ahead otherwise, and a page is applied
+    /// while the confirms of the pages before it are on their way.
+    pub pages_in_flight: usize,
     /// The zone has intake policies: allowed facts are decided before any append.
     pub intake: bool,
     /// The zone's limits, under which fetched facts are validated.
@@ -103,8 +114,8 @@ pub enum Event {
     CheckpointRead(Result<Option<u64>, BoundaryError>),
     /// The answer to [`Action::Fetch`].
     Fetched(Result<FactPage, BoundaryError>),
-    /// The answer to [`Action::Prefetch`].
-    Prefetched(Result<FactPage, BoundaryError>),
+    /// The answer to [`Action::Prefetch`] with the same ticket.
+    Prefetched(u64, Result<FactPage, BoundaryError>),
     /// The answer to [`Action::Decide`]: the same facts, each with its verdict.
     Decided(Vec<(u64, ValidatedMessage, Verdict)>),
     /// The answer to [`Action::AppendGapRecord`].
@@ -117,8 +128,8 @@ pub enum Event {
     Appended(Vec<Appended>),
     /// The answer to [`Action::Quarantine`] (every entry kept, or the first failure).
     Quarantined(Result<(), BoundaryError>),
-    /// The answer to [`Action::Confirm`].
-    Confirmed(Result<Frontier, BoundaryError>),
+    /// The answer to [`Action::Confirm`] of this offset.
+    Confirmed(u64, Result<Frontier, BoundaryError>),
     /// The answer to [`Action::RecordCheckpoint`].
     CheckpointRecorded(Result<(), BoundaryError>),
     /// The instant of the last [`Action::SleepUntil`] has come.
@@ -136,8 +147,9 @@ pub enum Action {
     ReadCheckpoint,
     /// FetchFacts for the step's page.
     Fetch,
-    /// FetchFacts for the next page, while this one is applied.
-    Prefetch,
+    /// FetchFacts for a page ahead, while others are applied or confirmed; the
+    /// answer carries the ticket back.
+    Prefetch(u64),
     /// Run the intake policies on these validated facts (with their source offsets).
     Decide(Vec<(u64, ValidatedMessage)>),
     /// Append the record of an accepted gap.
@@ -206,7 +218,7 @@ enum Stage {
     Appending,
     Quarantining,
     RecordingFilter,
-    Confirming,
+    /// Only a gap acceptance on a page without facts: recorded before anything else.
     RecordingCheckpoint,
 }
 
@@ -260,6 +272,8 @@ enum Phase {
     ReadingCheckpoint,
     Fetching,
     Applying(Box<Work>),
+    /// A page that shows a gap, waiting for the confirms before it to be answered.
+    Parked(FactPage),
     BackingOff,
     Gapped(u64, u64),
     Done,
@@ -275,11 +289,21 @@ pub struct Machine {
     actions: VecDeque<Action>,
     /// The durable checkpoint as last read or recorded; `None`: read it again.
     checkpoint: Option<Option<u64>>,
-    /// The next page, fetched while the previous one was applied.
-    prefetched: Option<FactPage>,
-    prefetch_in_flight: bool,
-    /// The page on its way belongs to a step that failed: drop it when it comes.
-    prefetch_stale: bool,
+    /// Pages fetched ahead, in the order their fetches were sent: the ticket, and the
+    /// page once it came.
+    ahead: VecDeque<(u64, Option<FactPage>)>,
+    next_ticket: u64,
+    /// Pages whose confirm is on its way, in the order they were sent.
+    confirming: VecDeque<Box<Work>>,
+    /// The page whose checkpoint is being recorded, and that checkpoint.
+    recording: Option<(u64, Box<Work>)>,
+    /// The highest frontier a confirm returned since the last failure (answers may
+    /// come in any order; the checkpoint never moves back because of that).
+    run_high: Option<u64>,
+    /// The latest page had facts (the link is moving), and was full (the source
+    /// has a backlog: fill the window).
+    flowing: bool,
+    backlog: bool,
     /// The frontier the last confirm returned: a page fetched before it is taken as
     /// at least that far.
     frontier_floor: u64,
@@ -306,9 +330,13 @@ impl Machine {
             phase: Phase::Idle,
             actions: VecDeque::new(),
             checkpoint: None,
-            prefetched: None,
-            prefetch_in_flight: false,
-            prefetch_stale: false,
+            ahead: VecDeque::new(),
+            next_ticket: 0,
+            confirming: VecDeque::new(),
+            recording: None,
+            run_high: None,
+            flowing: false,
+            backlog: false,
             frontier_floor: 0,
             pending_seen: 0,
             confirmed_since: 0,
@@ -364,6 +392,15 @@ impl Machine {
     /// Feeds what happened. An event the current phase does not expect (an answer to
     /// an action of a step that already failed) changes nothing.
     pub fn handle(&mut self, now: Now, event: Event) {
+        // Answers that belong to no phase: pages ahead, confirms, checkpoint records.
+        let event = match event {
+            Event::Prefetched(ticket, r) => return self.prefetched(now, ticket, r),
+            Event::Confirmed(offset, r) => return self.confirmed(now, offset, r),
+            Event::CheckpointRecorded(r) if self.recording.is_some() => {
+                return self.recorded(now, r);
+            }
+            other => other,
+        };
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         match (phase, event) {
             (Phase::ReadingCheckpoint, Event::CheckpointRead(r)) => match r {
@@ -380,17 +417,6 @@ impl Machine {
                 }
                 Err(e) => self.fail(now, boundary(Operation::Fetch, e)),
             },
-            (phase, Event::Prefetched(r)) => {
-                self.phase = phase;
-                self.prefetch_in_flight = false;
-                let stale = std::mem::take(&mut self.prefetch_stale);
-                // A failed fetch ahead fails nothing: the next step fetches again.
-                if let (Ok(page), false) = (r, stale) {
-                    (self.pending_seen, self.confirmed_since) = (page.pending, 0);
-                    self.prefetched = Some(page);
-                }
-                self.try_start(now);
-            }
             (Phase::Applying(w), event) => self.apply(now, w, event),
             (Phase::BackingOff, Event::TimerFired) => self.try_start(now),
             (Phase::Gapped(from, to), Event::GapAccepted(a)) => {
@@ -533,34 +559,12 @@ impl Machine {
                 Ok(_) => self.confirm(now, w),
                 Err(e) => self.fail(now, boundary(Operation::Append, e)),
             },
-            (Stage::Confirming, Event::Confirmed(r)) => match r {
-                Ok(f) => {
-                    w.report.frontier = f.offset;
-                    self.confirmed_since += w.report.fetched as u64;
-                    let every = self.config.checkpoint_every;
-                    let due = every.is_zero()
-                        || w.report.gap_accepted.is_some()
-                        || self
-                            .last_recorded
-                            .is_none_or(|t| now.instant.saturating_duration_since(t) >= every);
-                    if due {
-                        w.stage = Stage::RecordingCheckpoint;
-                        self.phase = Phase::Applying(w);
-                        self.emit(Action::RecordCheckpoint(f.offset));
-                    } else {
-                        // Kept in memory; recorded with a later step or at stop.
-                        self.checkpoint = Some(Some(Self::checkpoint_of(&w)));
-                        self.unrecorded = true;
-                        self.finish(now, w.report);
-                    }
-                }
-                Err(e) => self.fail(now, boundary(Operation::Confirm, e)),
-            },
             (Stage::RecordingCheckpoint, Event::CheckpointRecorded(r)) => match r {
                 Ok(()) => {
                     let c = Self::checkpoint_of(&w);
                     w.report.checkpoint = Some(c);
                     self.checkpoint = Some(Some(c));
+                    self.run_high = Some(self.run_high.unwrap_or(0).max(c));
                     self.last_recorded = Some(now.instant);
                     self.unrecorded = false;
                     self.finish(now, w.report);
@@ -569,6 +573,139 @@ impl Machine {
             },
             // Not an answer to what this step waits for.
             (_, _) => self.phase = Phase::Applying(w),
+        }
+    }
+
+    /// A page fetched ahead came (or its fetch failed, which fails nothing: the step
+    /// that needs it fetches again). An answer to a fetch of a failed step is dropped.
+    fn prefetched(&mut self, now: Now, ticket: u64, r: Result<FactPage, BoundaryError>) {
+        let Some(i) = self
+            .ahead
+            .iter()
+            .position(|(t, p)| *t == ticket && p.is_none())
+        else {
+            return;
+        };
+        match r {
+            Ok(page) => {
+                (self.pending_seen, self.confirmed_since) = (page.pending, 0);
+                self.note_flow(&page);
+                self.ahead[i].1 = Some(page);
+                if matches!(self.phase, Phase::Idle) {
+                    self.try_start(now);
+                }
+                self.fill();
+            }
+            Err(_) => {
+                self.ahead.remove(i);
+                if matches!(self.phase, Phase::Idle) {
+                    self.try_start(now);
+                }
+            }
+        }
+    }
+
+    /// The answer to a page's confirm. A failure fails the link (what the page and
+    /// those after it appended comes again, and is absorbed as duplicates).
+    fn confirmed(&mut self, now: Now, offset: u64, r: Result<Frontier, BoundaryError>) {
+        let Some(i) = self.confirming.iter().position(|w| w.last == Some(offset)) else {
+            return;
+        };
+        let Some(mut w) = self.confirming.remove(i) else {
+            return;
+        };
+        let f = match r {
+            Ok(f) => f,
+            // The phase's page (if any) is dropped with the rest.
+            Err(e) => return self.fail(now, boundary(Operation::Confirm, e)),
+        };
+        w.report.frontier = f.offset;
+        self.confirmed_since += w.report.fetched as u64;
+        let c = Self::checkpoint_of(&w).max(self.run_high.unwrap_or(0));
+        self.run_high = Some(c);
+        self.checkpoint = Some(Some(c));
+        let every = self.config.checkpoint_every;
+        let due = self.recording.is_none()
+            && (every.is_zero()
+                || w.report.gap_accepted.is_some()
+                || self
+                    .last_recorded
+                    .is_none_or(|t| now.instant.saturating_duration_since(t) >= every));
+        if due {
+            self.recording = Some((c, w));
+            self.emit(Action::RecordCheckpoint(c));
+        } else {
+            // Kept in memory; recorded with a later step or at stop.
+            self.unrecorded = true;
+            self.settled(now, w.report);
+        }
+    }
+
+    /// The answer to recording a confirmed page's checkpoint.
+    fn recorded(&mut self, now: Now, r: Result<(), BoundaryError>) {
+        let Some((c, mut w)) = self.recording.take() else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                w.report.checkpoint = Some(c);
+                self.last_recorded = Some(now.instant);
+                self.unrecorded = self.checkpoint.flatten().is_some_and(|k| k > c);
+                self.settled(now, w.report);
+            }
+            Err(e) => self.fail(now, boundary(Operation::Checkpoint, e)),
+        }
+    }
+
+    /// A page confirmed (and its checkpoint recorded, when due) while the machine may
+    /// be busy with later pages: reports it, then lets what waited for it go on.
+    fn settled(&mut self, now: Now, report: PullReport) {
+        self.stepped(report);
+        match std::mem::replace(&mut self.phase, Phase::Idle) {
+            Phase::Idle => self.try_start(now),
+            Phase::Parked(mut page) if self.quiet() => {
+                page.frontier = page.frontier.max(self.frontier_floor);
+                self.got_page(now, page);
+            }
+            p => {
+                self.phase = p;
+                self.fill();
+            }
+        }
+    }
+
+    /// No confirm or checkpoint record is on its way.
+    fn quiet(&self) -> bool {
+        self.confirming.is_empty() && self.recording.is_none()
+    }
+
+    fn note_flow(&mut self, page: &FactPage) {
+        self.flowing = !page.facts.is_empty();
+        self.backlog = page.facts.len() >= self.step.limit.max(1) as usize;
+    }
+
+    /// Fetches pages ahead while the window has room: up to `pages_in_flight` pages
+    /// between fetch and confirm while the source has a backlog, one ahead while
+    /// it trickles, none while it is idle (the step's own fetch long-polls).
+    fn fill(&mut self) {
+        let p = self.config.pages_in_flight.max(1);
+        if self.config.mode != Mode::Continuous
+            || p < 2
+            || !self.flowing
+            || !matches!(self.phase, Phase::Applying(_) | Phase::Idle)
+        {
+            return;
+        }
+        let busy = self.confirming.len()
+            + usize::from(self.recording.is_some())
+            + usize::from(matches!(self.phase, Phase::Applying(_)));
+        let free = p.saturating_sub(busy);
+        let room = if self.backlog { free } else { free.min(1) };
+        while self.ahead.len() < room {
+            let ticket = self.next_ticket;
+            self.next_ticket += 1;
+            self.ahead.push_back((ticket, None));
+            self.emit(Action::Prefetch(ticket));
         }
     }
 
@@ -602,7 +739,11 @@ impl Machine {
     /// Starts a step when nothing is in the way: reads the checkpoint if it is not
     /// cached, then takes the page fetched ahead or fetches one.
     fn try_start(&mut self, now: Now) {
-        if !matches!(self.phase, Phase::Idle) || self.prefetch_in_flight {
+        if !matches!(self.phase, Phase::Idle) {
+            return;
+        }
+        let settling = self.confirming.len() + usize::from(self.recording.is_some());
+        if settling >= self.config.pages_in_flight.max(1) {
             return;
         }
         if self.checkpoint.is_none() {
@@ -613,13 +754,19 @@ impl Machine {
         }
     }
 
+    /// Takes the oldest page fetched ahead, waits for it if it is still on its way,
+    /// or fetches one.
     fn fetch(&mut self, now: Now) {
-        match self.prefetched.take() {
-            Some(mut page) => {
-                // It was read before the previous confirm: at least that far.
+        match self.ahead.front() {
+            Some((_, Some(_))) => {
+                let Some((_, Some(mut page))) = self.ahead.pop_front() else {
+                    return;
+                };
+                // It was read before earlier confirms: at least as far as they went.
                 page.frontier = page.frontier.max(self.frontier_floor);
                 self.got_page(now, page);
             }
+            Some((_, None)) => {}
             None => {
                 self.phase = Phase::Fetching;
                 self.emit(Action::Fetch);
@@ -663,6 +810,13 @@ impl Machine {
             ..Default::default()
         };
         let gap = super::find_gap(&page, base);
+        if gap.is_some() && !self.quiet() {
+            // Facts of pages still confirming may be what looks missing: judge again
+            // once their confirms moved the checkpoint.
+            self.phase = Phase::Parked(page);
+            return;
+        }
+        self.note_flow(&page);
         let mut w = Box::new(Work {
             last: page.facts.last().map(|f| f.offset),
             stream: page.stream,
@@ -696,8 +850,8 @@ impl Machine {
             match self.config.limits.try_validate(record) {
                 Ok(v) => {
                     w.report.gap_accepted = Some((missing_from, missing_to));
-                    self.start_prefetch(&w);
                     self.phase = Phase::Applying(w);
+                    self.fill();
                     self.emit(Action::AppendGapRecord(Box::new(v)));
                 }
                 Err(r) => self.fail(now, boundary(Operation::Append, r.error)),
@@ -708,19 +862,12 @@ impl Machine {
             // The source had nothing: the next step long-polls.
             return self.finish(now, w.report);
         }
-        self.start_prefetch(&w);
+        self.phase = Phase::Applying(w);
+        self.fill();
+        let Phase::Applying(w) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
         self.validate(now, w);
-    }
-
-    fn start_prefetch(&mut self, w: &Work) {
-        if self.config.overlap
-            && self.config.mode == Mode::Continuous
-            && !w.facts.is_empty()
-            && !self.prefetch_in_flight
-        {
-            self.prefetch_in_flight = true;
-            self.emit(Action::Prefetch);
-        }
     }
 
     /// Validates every fact under this zone's rules: policies judge, and the zone
@@ -825,35 +972,52 @@ impl Machine {
         }
     }
 
-    /// Every fact of the page is durably appended or kept: only now the confirm.
-    fn confirm(&mut self, now: Now, mut w: Box<Work>) {
+    /// Every fact of the page is durably appended or kept: only now the confirm. The
+    /// next page may be applied while it is on its way.
+    fn confirm(&mut self, now: Now, w: Box<Work>) {
         let Some(last) = w.last else {
             return self.finish(now, w.report);
         };
-        w.stage = Stage::Confirming;
-        self.phase = Phase::Applying(w);
+        self.confirming.push_back(w);
         self.emit(Action::Confirm(last));
+        self.phase = Phase::Idle;
+        self.try_start(now);
+        self.fill();
     }
 
-    fn finish(&mut self, now: Now, mut report: PullReport) {
+    /// A step ended without a confirm to wait for.
+    fn finish(&mut self, now: Now, report: PullReport) {
+        self.stepped(report);
+        if self.config.mode == Mode::Continuous {
+            self.phase = Phase::Idle;
+            self.try_start(now);
+        }
+    }
+
+    /// Reports a step that succeeded ([`Action::Stepped`], or [`Action::Done`] of a
+    /// single step).
+    fn stepped(&mut self, mut report: PullReport) {
         self.attempt = 0;
-        report.pending = self.pending_seen.saturating_sub(self.confirmed_since);
+        // The count a page reported was read when its fetch reached the source, and
+        // confirms of earlier pages may have landed after that: a frontier at the
+        // class's last offset means nothing is pending, whatever it said.
+        report.pending = if report.last_offset > 0 && report.frontier >= report.last_offset {
+            0
+        } else {
+            self.pending_seen.saturating_sub(self.confirmed_since)
+        };
         // An acceptance holds until the step that finds its gap uses it (pages in
         // between may be empty while facts await redelivery).
         if report.gap_accepted.is_some() {
             self.accepting = None;
         }
-        self.frontier_floor = report.frontier;
+        self.frontier_floor = self.frontier_floor.max(report.frontier);
         match self.config.mode {
             Mode::Once => {
                 self.phase = Phase::Done;
                 self.emit(Action::Done(Ok(report)));
             }
-            Mode::Continuous => {
-                self.phase = Phase::Idle;
-                self.emit(Action::Stepped(report));
-                self.try_start(now);
-            }
+            Mode::Continuous => self.emit(Action::Stepped(report)),
         }
     }
 
@@ -861,8 +1025,12 @@ impl Machine {
         // Read the durable checkpoint again; a page fetched ahead (if any) is dropped
         // and comes again after the consumer's ack wait.
         self.checkpoint = None;
-        self.prefetched = None;
-        self.prefetch_stale = self.prefetch_in_flight;
+        self.ahead.clear();
+        self.confirming.clear();
+        self.recording = None;
+        self.run_high = None;
+        self.flowing = false;
+        self.frontier_floor = 0;
         if self.config.mode == Mode::Once {
             self.phase = Phase::Done;
             self.emit(Action::Done(Err(error)));
@@ -923,7 +1091,7 @@ mod tests {
     fn config(mode: Mode, intake: bool) -> MachineConfig {
         MachineConfig {
             mode,
-            overlap: true,
+            pages_in_flight: 2,
             intake,
             limits: Limits::default(),
             backoff_min: Duration::from_millis(100),
@@ -1103,7 +1271,7 @@ mod tests {
             .map(|a| match a {
                 Action::ReadCheckpoint => "read_checkpoint",
                 Action::Fetch => "fetch",
-                Action::Prefetch => "prefetch",
+                Action::Prefetch(_) => "prefetch",
                 Action::Decide(_) => "decide",
                 Action::Carry(_) => "carry",
                 Action::AppendGapRecord(_) => "append_gap_record",
@@ -1177,7 +1345,7 @@ mod tests {
         m.handle(at(2), appended(facts, &[]));
         let a = drain(&mut m);
         assert!(matches!(a.as_slice(), [Action::Confirm(6)]), "{a:?}");
-        m.handle(at(3), Event::Confirmed(Ok(Frontier { offset: 6 })));
+        m.handle(at(3), Event::Confirmed(6, Ok(Frontier { offset: 6 })));
         let a = drain(&mut m);
         assert!(
             matches!(a.as_slice(), [Action::RecordCheckpoint(6)]),
@@ -1205,22 +1373,21 @@ mod tests {
         m.handle(at(0), Event::CheckpointRead(Ok(Some(4))));
         drain(&mut m);
         // One step: fetched (with the next page ahead), appended, confirmed.
-        let step = |m: &mut Machine, t: u64, offsets: &[u64], first: bool| {
+        let step = |m: &mut Machine, t: u64, offsets: &[u64], ahead: Option<u64>| {
             let p = page(1, 100, offsets[0] - 1, offsets);
             let last = *offsets.last().unwrap();
-            if first {
-                m.handle(at(t), Event::Fetched(Ok(p)));
-            } else {
-                m.handle(at(t), Event::Prefetched(Ok(p)));
+            match ahead {
+                None => m.handle(at(t), Event::Fetched(Ok(p))),
+                Some(ticket) => m.handle(at(t), Event::Prefetched(ticket, Ok(p))),
             }
             let facts = take_append(drain(m));
             m.handle(at(t), appended(facts, &[]));
             assert!(matches!(drain(m).as_slice(), [Action::Confirm(o)] if *o == last));
-            m.handle(at(t), Event::Confirmed(Ok(Frontier { offset: last })));
+            m.handle(at(t), Event::Confirmed(last, Ok(Frontier { offset: last })));
             drain(m)
         };
         // The first confirm is recorded.
-        let a = step(&mut m, 10, &[5, 6], true);
+        let a = step(&mut m, 10, &[5, 6], None);
         assert!(
             matches!(a.as_slice(), [Action::RecordCheckpoint(6)]),
             "{a:?}"
@@ -1229,14 +1396,14 @@ mod tests {
         assert_eq!(m.unrecorded_checkpoint(), None);
         drain(&mut m);
         // 300 ms later: kept in memory only, the step done without a commit.
-        let a = step(&mut m, 310, &[7, 8], false);
+        let a = step(&mut m, 310, &[7, 8], Some(0));
         let [Action::Stepped(r)] = a.as_slice() else {
             panic!("{a:?}")
         };
         assert_eq!((r.frontier, r.checkpoint), (8, None));
         assert_eq!(m.unrecorded_checkpoint(), Some(8));
         // A second after the last record: recorded again.
-        let a = step(&mut m, 1_020, &[9], false);
+        let a = step(&mut m, 1_020, &[9], Some(1));
         assert!(
             matches!(a.as_slice(), [Action::RecordCheckpoint(9)]),
             "{a:?}"
@@ -1266,7 +1433,7 @@ mod tests {
             "{a:?}"
         );
         // Late answers of the failed step change nothing.
-        m.handle(at(3), Event::Confirmed(Ok(Frontier { offset: 7 })));
+        m.handle(at(3), Event::Confirmed(7, Ok(Frontier { offset: 7 })));
         m.handle(at(3), Event::CheckpointRecorded(Ok(())));
         assert!(drain(&mut m).is_empty());
     }
@@ -1532,7 +1699,7 @@ mod tests {
         m.handle(at(5), Event::GapRecorded(ok_outcome(1, false)));
         let facts = take_append(drain(&mut m));
         m.handle(at(6), appended(facts, &[]));
-        m.handle(at(7), Event::Confirmed(Ok(Frontier { offset: 8 })));
+        m.handle(at(7), Event::Confirmed(8, Ok(Frontier { offset: 8 })));
         m.handle(at(8), Event::CheckpointRecorded(Ok(())));
         let a = drain(&mut m);
         let Some(Action::Stepped(r)) = a.iter().find(|a| matches!(a, Action::Stepped(_))) else {
@@ -1596,14 +1763,14 @@ mod tests {
         m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5, 6]))));
         let facts = take_append(drain(&mut m));
         // The page ahead arrives while this one is appended...
-        m.handle(at(2), Event::Prefetched(Ok(page(1, 10, 4, &[7, 8]))));
+        m.handle(at(2), Event::Prefetched(0, Ok(page(1, 10, 4, &[7, 8]))));
         assert!(drain(&mut m).is_empty());
         // ... and this one's confirm fails: the page ahead is gone.
         m.handle(at(3), appended(facts, &[]));
         drain(&mut m);
         m.handle(
             at(4),
-            Event::Confirmed(Err(BoundaryError::Unavailable("x".into()))),
+            Event::Confirmed(6, Err(BoundaryError::Unavailable("x".into()))),
         );
         assert_eq!(names(&drain(&mut m)), ["backing_off", "sleep_until"]);
         m.handle(at(5000), Event::TimerFired);
@@ -1614,7 +1781,7 @@ mod tests {
     }
 
     #[test]
-    fn a_page_ahead_still_on_its_way_when_the_step_fails_is_awaited_and_discarded() {
+    fn a_page_ahead_still_on_its_way_when_the_step_fails_is_discarded_when_it_comes() {
         let mut m = fetching(Some(4));
         m.handle(at(1), Event::Fetched(Ok(page(1, 10, 4, &[5]))));
         drain(&mut m);
@@ -1628,13 +1795,16 @@ mod tests {
         );
         drain(&mut m);
         m.handle(at(5000), Event::TimerFired);
-        // One fetch at a time: the next step waits for the page ahead ...
-        assert!(drain(&mut m).is_empty());
-        m.handle(at(5001), Event::Prefetched(Ok(page(1, 10, 4, &[6]))));
-        // ... which belongs to the failed step and is not applied.
         assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+        // The page ahead belongs to the failed step: it is not applied (it comes
+        // again after the consumer's ack wait).
+        m.handle(at(5001), Event::Prefetched(0, Ok(page(1, 10, 4, &[6]))));
+        assert!(drain(&mut m).is_empty());
         m.handle(at(5001), Event::CheckpointRead(Ok(Some(4))));
         assert_eq!(names(&drain(&mut m)), ["fetch"]);
+        m.handle(at(5002), Event::Fetched(Ok(page(1, 10, 4, &[5, 6]))));
+        let facts = take_append(drain(&mut m));
+        assert_eq!(facts.iter().map(|f| f.0).collect::<Vec<_>>(), [5, 6]);
     }
 
     #[test]
@@ -1644,10 +1814,10 @@ mod tests {
         let facts = take_append(drain(&mut m));
         // Read before the confirm below: frontier 4, and the stream's first retained
         // offset 7 (5 and 6 confirmed and removed by a work-queue retention).
-        m.handle(at(2), Event::Prefetched(Ok(page(7, 20, 4, &[7, 8]))));
+        m.handle(at(2), Event::Prefetched(0, Ok(page(7, 20, 4, &[7, 8]))));
         m.handle(at(3), appended(facts, &[]));
         drain(&mut m);
-        m.handle(at(4), Event::Confirmed(Ok(Frontier { offset: 6 })));
+        m.handle(at(4), Event::Confirmed(6, Ok(Frontier { offset: 6 })));
         drain(&mut m);
         m.handle(at(5), Event::CheckpointRecorded(Ok(())));
         let a = drain(&mut m);
@@ -1665,16 +1835,199 @@ mod tests {
         let facts = take_append(drain(&mut m));
         m.handle(
             at(2),
-            Event::Prefetched(Err(BoundaryError::Unavailable("x".into()))),
+            Event::Prefetched(0, Err(BoundaryError::Unavailable("x".into()))),
         );
         m.handle(at(3), appended(facts, &[]));
-        m.handle(at(4), Event::Confirmed(Ok(Frontier { offset: 5 })));
+        m.handle(at(4), Event::Confirmed(5, Ok(Frontier { offset: 5 })));
         m.handle(at(5), Event::CheckpointRecorded(Ok(())));
         let a = drain(&mut m);
+        // The next page is fetched while the confirm is on its way.
         assert_eq!(
             names(&a),
-            ["confirm", "record_checkpoint", "stepped", "fetch"]
+            ["confirm", "fetch", "record_checkpoint", "stepped"]
         );
+    }
+
+    /// A continuous machine with `n` pages in flight that has read checkpoint `ckpt`
+    /// and waits for its fetch.
+    fn windowed(n: usize, ckpt: Option<u64>) -> Machine {
+        let mut cfg = config(Mode::Continuous, false);
+        cfg.pages_in_flight = n;
+        let mut m = Machine::new(step(), cfg);
+        m.start(at(0));
+        drain(&mut m);
+        m.handle(at(0), Event::CheckpointRead(Ok(ckpt)));
+        assert_eq!(names(&drain(&mut m)), ["fetch"]);
+        m
+    }
+
+    /// A full page (the step's limit, 10 facts) from `from` on, of a stream holding
+    /// 1..=1000.
+    fn full(from: u64, frontier: u64) -> FactPage {
+        let offsets: Vec<u64> = (from..from + 10).collect();
+        page(1, 1000, frontier, &offsets)
+    }
+
+    fn offsets_of(facts: &[(u64, ValidatedMessage)]) -> Vec<u64> {
+        facts.iter().map(|f| f.0).collect()
+    }
+
+    #[test]
+    fn a_backlog_fills_the_window_and_pages_are_applied_in_the_order_their_fetches_were_sent() {
+        let mut m = windowed(4, Some(0));
+        m.handle(at(1), Event::Fetched(Ok(full(1, 0))));
+        let a = drain(&mut m);
+        // A full page: three more fetched ahead (four pages in flight).
+        assert_eq!(names(&a), ["prefetch", "prefetch", "prefetch", "append"]);
+        let first = take_append(a);
+        // The third page ahead comes first: it waits for the ones sent before it.
+        m.handle(at(2), Event::Prefetched(2, Ok(full(31, 0))));
+        m.handle(at(2), Event::Prefetched(0, Ok(full(11, 0))));
+        assert!(drain(&mut m).is_empty());
+        m.handle(at(3), appended(first, &[]));
+        // Page 1 confirmed; page 2 applied while that confirm is on its way.
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["confirm", "append"]);
+        assert!(matches!(a[0], Action::Confirm(10)));
+        let second = take_append(a);
+        assert_eq!(offsets_of(&second), (11..21).collect::<Vec<_>>());
+        m.handle(at(4), appended(second, &[]));
+        // Page 3 (ticket 1) has not come: nothing more is applied, and the window
+        // (2 confirming, 2 ahead) is full.
+        assert_eq!(names(&drain(&mut m)), ["confirm"]);
+        m.handle(at(5), Event::Prefetched(1, Ok(full(21, 0))));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["append"], "{a:?}");
+        assert_eq!(offsets_of(&take_append(a)), (21..31).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn confirms_answered_out_of_order_never_move_the_checkpoint_back() {
+        let mut m = windowed(4, Some(0));
+        m.handle(at(1), Event::Fetched(Ok(full(1, 0))));
+        let first = take_append(drain(&mut m));
+        m.handle(at(2), Event::Prefetched(0, Ok(full(11, 0))));
+        m.handle(at(3), appended(first, &[]));
+        let second = take_append(drain(&mut m));
+        m.handle(at(4), appended(second, &[]));
+        drain(&mut m);
+        // The second page's confirm answers first (frontier 20), then the first's
+        // (which read the frontier before: 10).
+        m.handle(at(5), Event::Confirmed(20, Ok(Frontier { offset: 20 })));
+        let a = drain(&mut m);
+        assert!(
+            matches!(a.as_slice(), [Action::RecordCheckpoint(20)]),
+            "{a:?}"
+        );
+        m.handle(at(6), Event::Confirmed(10, Ok(Frontier { offset: 10 })));
+        let a = drain(&mut m);
+        // Not due (a record is on its way): kept in memory, at 20, not 10.
+        assert_eq!(names(&a), ["stepped"]);
+        m.handle(at(7), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        let [Action::Stepped(r)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(r.checkpoint, Some(20));
+        assert_eq!(m.unrecorded_checkpoint(), None);
+    }
+
+    #[test]
+    fn a_gap_seen_while_earlier_confirms_are_on_their_way_is_judged_again_after_them() {
+        let mut m = windowed(4, Some(4));
+        m.handle(
+            at(1),
+            Event::Fetched(Ok(page(1, 100, 4, &(5..15).collect::<Vec<_>>()))),
+        );
+        let first = take_append(drain(&mut m));
+        // Read before page 1's confirm: 5..14 already removed (work-queue retention
+        // of confirmed facts elsewhere), frontier still 4.
+        m.handle(at(2), Event::Prefetched(0, Ok(page(15, 100, 4, &[15, 16]))));
+        m.handle(at(3), appended(first, &[]));
+        // It looks like a gap (5..14) while page 1 is confirming: nothing of it yet.
+        assert_eq!(names(&drain(&mut m)), ["confirm"]);
+        m.handle(at(4), Event::Confirmed(14, Ok(Frontier { offset: 14 })));
+        m.handle(at(5), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        // Judged again at checkpoint 14: no gap, applied (the pages still ahead fill
+        // the window).
+        assert_eq!(names(&a), ["record_checkpoint", "stepped", "append"]);
+        assert_eq!(offsets_of(&take_append(a)), [15, 16]);
+    }
+
+    #[test]
+    fn a_real_gap_behind_confirming_pages_still_stops_the_link_once_they_are_answered() {
+        let mut m = windowed(4, Some(4));
+        m.handle(at(1), Event::Fetched(Ok(full(5, 4))));
+        let first = take_append(drain(&mut m));
+        // 15..19 expired before this link saw them: the stream holds 20.. now.
+        let later: Vec<u64> = (20..30).collect();
+        m.handle(at(2), Event::Prefetched(0, Ok(page(20, 1000, 4, &later))));
+        m.handle(at(3), appended(first, &[]));
+        assert_eq!(names(&drain(&mut m)), ["confirm"]);
+        m.handle(at(4), Event::Confirmed(14, Ok(Frontier { offset: 14 })));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["record_checkpoint"]);
+        m.handle(at(5), Event::CheckpointRecorded(Ok(())));
+        let a = drain(&mut m);
+        assert!(
+            matches!(
+                a.as_slice(),
+                [
+                    Action::Stepped(_),
+                    Action::Gapped(PullError::Gap {
+                        missing_from: 15,
+                        missing_to: 19,
+                        ..
+                    })
+                ]
+            ),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_confirm_drops_every_page_in_flight_and_later_answers_change_nothing() {
+        let mut m = windowed(4, Some(0));
+        m.handle(at(1), Event::Fetched(Ok(full(1, 0))));
+        let first = take_append(drain(&mut m));
+        m.handle(at(2), Event::Prefetched(0, Ok(full(11, 0))));
+        m.handle(at(3), appended(first, &[]));
+        let second = take_append(drain(&mut m));
+        m.handle(
+            at(4),
+            Event::Confirmed(10, Err(BoundaryError::Unavailable("x".into()))),
+        );
+        assert_eq!(names(&drain(&mut m)), ["backing_off", "sleep_until"]);
+        // The second page's appends, the pages ahead and its confirm: all ignored.
+        m.handle(at(5), appended(second, &[]));
+        m.handle(at(5), Event::Prefetched(1, Ok(full(21, 0))));
+        m.handle(at(5), Event::Confirmed(20, Ok(Frontier { offset: 20 })));
+        assert!(drain(&mut m).is_empty());
+        assert_eq!(m.unrecorded_checkpoint(), None);
+        m.handle(at(5000), Event::TimerFired);
+        assert_eq!(names(&drain(&mut m)), ["read_checkpoint"]);
+    }
+
+    #[test]
+    fn one_page_in_flight_applies_one_page_at_a_time_without_fetching_ahead() {
+        let mut m = windowed(1, Some(0));
+        m.handle(at(1), Event::Fetched(Ok(full(1, 0))));
+        let a = drain(&mut m);
+        assert_eq!(names(&a), ["append"]);
+        m.handle(at(2), appended(take_append(a), &[]));
+        assert_eq!(names(&drain(&mut m)), ["confirm"]);
+        m.handle(at(3), Event::Confirmed(10, Ok(Frontier { offset: 10 })));
+        assert_eq!(names(&drain(&mut m)), ["record_checkpoint"]);
+        m.handle(at(4), Event::CheckpointRecorded(Ok(())));
+        assert_eq!(names(&drain(&mut m)), ["stepped", "fetch"]);
+    }
+
+    #[test]
+    fn a_trickle_fetches_one_page_ahead_whatever_the_window() {
+        let mut m = windowed(8, Some(0));
+        m.handle(at(1), Event::Fetched(Ok(page(1, 100, 0, &[1, 2]))));
+        assert_eq!(names(&drain(&mut m)), ["prefetch", "append"]);
     }
 
     #[test]
@@ -1708,7 +2061,7 @@ mod tests {
     #[test]
     fn a_malformed_stream_name_fails_the_page_as_a_whole_before_any_append() {
         let mut c = config(Mode::Continuous, false);
-        c.overlap = false;
+        c.pages_in_flight = 1;
         let mut st = step();
         st.streams.clear();
         let mut m = Machine::new(st, c);

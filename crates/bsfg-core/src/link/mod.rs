@@ -311,6 +311,11 @@ pub const FILTER_RECORD_LISTED: usize = 200;
 /// stops): one disk commit per page fewer while it drains a backlog.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// A link's pages between fetch and confirm unless its configuration says otherwise
+/// (`pages_in_flight`): chosen from `bsfg bench transports` across round-trip times
+/// (docs/benchmarks.md).
+pub const PAGES_IN_FLIGHT: usize = 4;
+
 /// The audit fact of what the intake policies filtered from one page of `stream`:
 /// subject `link:<link>`, predicate `facts_filtered`, in the receiving zone, its
 /// message_id derived from the link, the stream and the filtered offsets, so that
@@ -505,7 +510,7 @@ async fn drive_once(
 ) -> Result<PullReport, PullError> {
     let config = MachineConfig {
         mode: Mode::Once,
-        overlap: false,
+        pages_in_flight: 1,
         intake: !ports.intake.chain.is_empty(),
         limits: ports.destination.limits(),
         backoff_min: Duration::ZERO,
@@ -575,8 +580,8 @@ impl<'a> Ports<'a> {
                     async move { Event::Fetched(source.fetch_facts(step.fetch_request()).await) },
                 )
             }
-            Action::Prefetch => Box::pin(async move {
-                Event::Prefetched(source.fetch_facts(step.fetch_request()).await)
+            Action::Prefetch(ticket) => Box::pin(async move {
+                Event::Prefetched(ticket, source.fetch_facts(step.fetch_request()).await)
             }),
             Action::Decide(valid) => Box::pin(async move {
                 let ctx = PolicyContext {
@@ -656,7 +661,7 @@ impl<'a> Ports<'a> {
                 Event::Quarantined(Ok(()))
             }),
             Action::Confirm(offset) => Box::pin(async move {
-                Event::Confirmed(source.confirm_receipt(&step.consumer, offset).await)
+                Event::Confirmed(offset, source.confirm_receipt(&step.consumer, offset).await)
             }),
             Action::RecordCheckpoint(offset) => Box::pin(async move {
                 Event::CheckpointRecorded(destination.record_checkpoint(&step.link, offset).await)
@@ -887,6 +892,10 @@ pub struct LinkSettings {
     pub consumer: String,
     /// Facts per page.
     pub page_size: u32,
+    /// Pages between their fetch and the answer to their confirm, at most
+    /// ([`PAGES_IN_FLIGHT`] by default; 1 applies one page at a time with no fetch
+    /// ahead).
+    pub pages_in_flight: usize,
     /// Long-poll wait of an idle link.
     pub wait: Duration,
     /// Source streams the link may carry (`facts_<class>`); empty allows any.
@@ -1254,8 +1263,8 @@ impl Link {
     /// off (capped, jittered, exponential) and retries; at a gap it waits for an
     /// operator. Dropping a step half-way is safe: nothing is confirmed before its
     /// appends are durable. The decisions are the link's state machine's
-    /// ([`machine::Machine`]); this loop only executes its actions, at most one fetch
-    /// ahead overlapping the page being applied.
+    /// ([`machine::Machine`]); this loop only executes its actions, running its calls
+    /// concurrently: up to `pages_in_flight` pages between fetch and confirm.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let settings = self.shared.settings.clone();
         let step = PullStep {
@@ -1287,7 +1296,7 @@ impl Link {
         };
         let config = MachineConfig {
             mode: Mode::Continuous,
-            overlap: true,
+            pages_in_flight: settings.pages_in_flight.max(1),
             intake: !self.intake.chain.is_empty(),
             limits: self.destination.limits(),
             backoff_min: settings.backoff_min,

@@ -163,7 +163,7 @@ async fn matrix(
                     link,
                     api.clone(),
                     &format!("docs-{n}"),
-                    opts.page_size,
+                    (opts.page_size, bsfg_core::link::PAGES_IN_FLIGHT),
                     opts.window,
                     Some(opts.artifacts as u64),
                 )
@@ -172,7 +172,7 @@ async fn matrix(
                     link,
                     api,
                     &format!("facts-{n}"),
-                    opts.page_size,
+                    (opts.page_size, bsfg_core::link::PAGES_IN_FLIGHT),
                     opts.fact_window,
                     None,
                 )

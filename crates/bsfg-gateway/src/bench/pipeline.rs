@@ -332,6 +332,9 @@ pub struct ReplicateBench {
     /// Facts per FetchFacts page of the link (and per fetch of the raw baseline).
     #[arg(long, default_value_t = 1000)]
     page_size: u32,
+    /// The link's pages between fetch and confirm.
+    #[arg(long, default_value_t = bsfg_core::link::PAGES_IN_FLIGHT)]
+    pages_in_flight: usize,
     /// Single facts timed across the idle link (append in A until stored in B and
     /// confirmed) after the backlog.
     #[arg(long, default_value_t = 100)]
@@ -454,6 +457,7 @@ async fn replicate_once(opts: &ReplicateBench, sync_always: bool) -> anyhow::Res
             source_zone: "zone_a".into(),
             consumer: "to-b".into(),
             page_size: opts.page_size,
+            pages_in_flight: opts.pages_in_flight,
             wait: Duration::from_secs(1),
             streams: vec![],
             backoff_min: Duration::from_millis(50),

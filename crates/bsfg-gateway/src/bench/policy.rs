@@ -189,6 +189,7 @@ async fn drain(
             source_zone: "zone_a".into(),
             consumer: consumer.into(),
             page_size,
+            pages_in_flight: bsfg_core::link::PAGES_IN_FLIGHT,
             wait: Duration::from_secs(1),
             streams: vec![],
             backoff_min: Duration::from_millis(50),

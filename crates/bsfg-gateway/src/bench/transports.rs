@@ -49,6 +49,10 @@ pub struct TransportsBench {
     /// Facts per FetchFacts page.
     #[arg(long, default_value_t = 500)]
     page_size: u32,
+    /// The link's pages between fetch and confirm to compare (each value is a row of
+    /// every cell).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pages_in_flight: Vec<usize>,
     /// Bandwidth cap of the emulated link in Mbit/s, each way (default: none).
     #[arg(long)]
     rate_mbps: Option<f64>,
@@ -300,7 +304,8 @@ impl Source {
 
 /// Runs the matrix and prints one markdown table.
 pub async fn transports(opts: TransportsBench) -> anyhow::Result<()> {
-    let cells = opts.rtt_ms.len() * opts.loss_pct.len() * TRANSPORTS.len();
+    let cells =
+        opts.rtt_ms.len() * opts.loss_pct.len() * opts.pages_in_flight.len() * TRANSPORTS.len();
     let link = EmulatedLink::create(Profile::default(), Profile::default(), opts.seed)
         .context("the link emulator needs root (network namespaces, TUN devices)")?;
     let consumers: Vec<(String, &str)> = (0..cells)
@@ -330,9 +335,9 @@ async fn matrix(opts: &TransportsBench, link: &EmulatedLink, site: &Source) -> a
             ))
     );
     println!(
-        "| RTT | loss | transport | facts/s | vs gRPC | p99 fetch-to-confirm ms | pages | bytes on the wire | bytes/fact | failed calls |"
+        "| RTT | loss | pages in flight | transport | facts/s | vs gRPC | p99 fetch-to-confirm ms | pages | bytes on the wire | bytes/fact | failed calls |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut n = 0;
     for &rtt in &opts.rtt_ms {
         for &loss in &opts.loss_pct {
@@ -340,44 +345,46 @@ async fn matrix(opts: &TransportsBench, link: &EmulatedLink, site: &Source) -> a
                 profile(rtt, loss, opts.rate_mbps),
                 profile(rtt, loss, opts.rate_mbps),
             );
-            let mut grpc_rate = None;
-            for transport in TRANSPORTS {
-                let name = transport.0;
-                let (api, quic) = site.dial(link, transport)?;
-                let cell = run_cell(
-                    link,
-                    api,
-                    &format!("cell-{n}"),
-                    opts.page_size,
-                    opts.window,
-                    None,
-                )
-                .await?;
-                n += 1;
-                // Close the connection so that nothing of this cell still crosses
-                // the link during the next one.
-                if let Some(q) = quic {
-                    q.close().await;
+            for &in_flight in &opts.pages_in_flight {
+                let mut grpc_rate = None;
+                for transport in TRANSPORTS {
+                    let name = transport.0;
+                    let (api, quic) = site.dial(link, transport)?;
+                    let cell = run_cell(
+                        link,
+                        api,
+                        &format!("cell-{n}"),
+                        (opts.page_size, in_flight),
+                        opts.window,
+                        None,
+                    )
+                    .await?;
+                    n += 1;
+                    // Close the connection so that nothing of this cell still crosses
+                    // the link during the next one.
+                    if let Some(q) = quic {
+                        q.close().await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let vs = vs_grpc(&mut grpc_rate, cell.facts_per_sec);
+                    println!(
+                        "| {rtt} ms | {loss}% | {in_flight} | {name} | {:.0} | {vs} | {} | {} | {:.1} MB | {} | {} |",
+                        cell.facts_per_sec,
+                        if cell.pages == 0 {
+                            "no page".to_owned()
+                        } else {
+                            format!("{:.0}", cell.p99_ms)
+                        },
+                        cell.pages,
+                        cell.wire_bytes as f64 / 1e6,
+                        if cell.confirmed > 0 {
+                            format!("{:.0}", cell.wire_bytes as f64 / cell.confirmed as f64)
+                        } else {
+                            "-".to_owned()
+                        },
+                        cell.failures,
+                    );
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let vs = vs_grpc(&mut grpc_rate, cell.facts_per_sec);
-                println!(
-                    "| {rtt} ms | {loss}% | {name} | {:.0} | {vs} | {} | {} | {:.1} MB | {} | {} |",
-                    cell.facts_per_sec,
-                    if cell.pages == 0 {
-                        "no page".to_owned()
-                    } else {
-                        format!("{:.0}", cell.p99_ms)
-                    },
-                    cell.pages,
-                    cell.wire_bytes as f64 / 1e6,
-                    if cell.confirmed > 0 {
-                        format!("{:.0}", cell.wire_bytes as f64 / cell.confirmed as f64)
-                    } else {
-                        "-".to_owned()
-                    },
-                    cell.failures,
-                );
             }
         }
     }
@@ -429,12 +436,13 @@ pub(super) async fn load_facts(
 }
 
 /// One cell: a link from `source` (an already dialed transport client) into a fresh
-/// destination zone, for `window` or until it has confirmed `until`.
+/// destination zone, with pages of `page_size` and `pages_in_flight`, for `window` or
+/// until it has confirmed `until`.
 pub(super) async fn run_cell(
     link: &EmulatedLink,
     source: Arc<dyn BoundaryApi>,
     consumer: &str,
-    page_size: u32,
+    (page_size, pages_in_flight): (u32, usize),
     window: Duration,
     until: Option<u64>,
 ) -> anyhow::Result<Cell> {
@@ -457,6 +465,7 @@ pub(super) async fn run_cell(
             source_zone: "source".into(),
             consumer: consumer.to_owned(),
             page_size,
+            pages_in_flight,
             wait: Duration::from_secs(1),
             streams: vec![],
             backoff_min: Duration::from_millis(100),
