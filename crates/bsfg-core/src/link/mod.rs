@@ -314,7 +314,7 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// A link's pages between fetch and confirm unless its configuration says otherwise
 /// (`pages_in_flight`): chosen from `bsfg bench transports` across round-trip times
 /// (docs/benchmarks.md).
-pub const PAGES_IN_FLIGHT: usize = 4;
+pub const PAGES_IN_FLIGHT: usize = 8;
 
 /// The audit fact of what the intake policies filtered from one page of `stream`:
 /// subject `link:<link>`, predicate `facts_filtered`, in the receiving zone, its

@@ -51,7 +51,7 @@ pub struct TransportsBench {
     page_size: u32,
     /// The link's pages between fetch and confirm to compare (each value is a row of
     /// every cell).
-    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,16")]
     pages_in_flight: Vec<usize>,
     /// Bandwidth cap of the emulated link in Mbit/s, each way (default: none).
     #[arg(long)]
