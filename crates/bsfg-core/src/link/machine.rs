@@ -1901,14 +1901,21 @@ mod tests {
         assert_eq!(offsets_of(&take_append(a)), (21..31).collect::<Vec<_>>());
     }
 
-    #[test]
-    fn confirms_answered_out_of_order_never_move_the_checkpoint_back() {
+    /// A machine with four pages in flight: page 1..=10 appended and confirming,
+    /// page 11..=20 handed to the append port (its facts returned).
+    fn second_page_appending() -> (Machine, Vec<(u64, ValidatedMessage)>) {
         let mut m = windowed(4, Some(0));
         m.handle(at(1), Event::Fetched(Ok(full(1, 0))));
         let first = take_append(drain(&mut m));
         m.handle(at(2), Event::Prefetched(0, Ok(full(11, 0))));
         m.handle(at(3), appended(first, &[]));
         let second = take_append(drain(&mut m));
+        (m, second)
+    }
+
+    #[test]
+    fn confirms_answered_out_of_order_never_move_the_checkpoint_back() {
+        let (mut m, second) = second_page_appending();
         m.handle(at(4), appended(second, &[]));
         drain(&mut m);
         // The second page's confirm answers first (frontier 20), then the first's
@@ -1988,12 +1995,7 @@ mod tests {
 
     #[test]
     fn a_failed_confirm_drops_every_page_in_flight_and_later_answers_change_nothing() {
-        let mut m = windowed(4, Some(0));
-        m.handle(at(1), Event::Fetched(Ok(full(1, 0))));
-        let first = take_append(drain(&mut m));
-        m.handle(at(2), Event::Prefetched(0, Ok(full(11, 0))));
-        m.handle(at(3), appended(first, &[]));
-        let second = take_append(drain(&mut m));
+        let (mut m, second) = second_page_appending();
         m.handle(
             at(4),
             Event::Confirmed(10, Err(BoundaryError::Unavailable("x".into()))),
