@@ -528,6 +528,9 @@ pub trait ZoneStore: Send + Sync {
     /// take a round trip, so the gateway refreshes them in the background and keeps
     /// the last values when a read fails.
     fn gauges(&self) -> BoxFuture<'_, Result<Vec<Gauge>, SinkError>>;
+    /// `Ok` when the store answers now (for readiness probes: `/readyz`); the error
+    /// says what does not. Bounded by the store's own short timeout.
+    fn ready(&self) -> BoxFuture<'_, Result<(), SinkError>>;
     /// Makes sure every write answered has left the process (called at shutdown).
     fn close(&self) -> BoxFuture<'_, ()>;
 }

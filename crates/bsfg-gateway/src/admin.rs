@@ -1,6 +1,14 @@
 //! The admin endpoint (loopback only, no authentication): Prometheus metrics on
 //! `/metrics`, link status as JSON on `/status`, and the operator's deliberate gap
-//! acceptance on `POST /links/{name}/accept-gap?from=F&to=T&by=WHO`.
+//! acceptance on `POST /links/{name}/accept-gap?from=F&to=T&by=WHO`; `/healthz`
+//! (200 while the process serves) and `/readyz` (200 when the zone's store answers and
+//! the gateway is not stopping, 503 with the reason otherwise).
+//!
+//! Every request must name this endpoint in its `Host` (its listen address,
+//! `localhost`, `127.0.0.1` or `[::1]`, with its port or without) and may carry an
+//! `Origin` only of the same host: a web page a local browser opens cannot reach it
+//! through a DNS name that resolves to loopback, nor post to it from another site
+//! (403 otherwise).
 //!
 //! Metric names follow the contract (`bsfg_` prefix). Per link (labels `zone`,
 //! `link`, `consumer`): `bsfg_replication_lag_seconds`, `bsfg_replication_lag_facts`,
@@ -127,6 +135,10 @@ pub struct Admin {
     /// The idempotency index's size and the server's memory, refreshed in the
     /// background (`None` until the first reading).
     pub index: IndexGauge,
+    /// The zone's store, asked by `/readyz`.
+    pub store: Arc<dyn bsfg_core::component::ZoneStore>,
+    /// Turns true when the gateway stops (`/readyz` then answers 503).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The zone store's latest gauges ([`bsfg_core::component::ZoneStore::gauges`]),
@@ -863,6 +875,77 @@ async fn quarantine_drop(
     settle(&admin, q, bsfg_core::QuarantineAction::Drop).await
 }
 
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(admin): State<Arc<Admin>>) -> (StatusCode, String) {
+    if *admin.stopping.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "stopping\n".to_owned());
+    }
+    match admin.store.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the zone's store does not answer: {e}\n"),
+        ),
+    }
+}
+
+/// The `Host` values that name an endpoint listening on `addr` (loopback): its
+/// address and the loopback names, with its port or without (a name rebound to
+/// loopback by DNS is never one of them).
+fn own_hosts(addr: SocketAddr) -> Vec<String> {
+    let port = addr.port();
+    let ip = match addr.ip() {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    let mut hosts = Vec::new();
+    for name in [ip.as_str(), "localhost", "127.0.0.1", "[::1]"] {
+        for h in [format!("{name}:{port}"), name.to_owned()] {
+            if !hosts.contains(&h) {
+                hosts.push(h);
+            }
+        }
+    }
+    hosts
+}
+
+/// Why a request may not reach the admin endpoint, if it may not: its `Host` does not
+/// name this endpoint (a DNS name rebound to loopback), or it comes from a web page
+/// of another origin.
+fn foreign(hosts: &[String], headers: &axum::http::HeaderMap) -> Option<String> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    let Some(host) = host.filter(|h| hosts.iter().any(|o| o == h)) else {
+        return Some(format!(
+            "Host must name this endpoint ({}); got {:?}",
+            hosts.join(", "),
+            headers.get(header::HOST)
+        ));
+    };
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let same = origin
+            .to_str()
+            .is_ok_and(|o| o.eq_ignore_ascii_case(&format!("http://{host}")));
+        if !same {
+            return Some(format!(
+                "requests from web pages of another origin are refused (Origin {origin:?})"
+            ));
+        }
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|s| s.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Some("cross-site requests are refused".to_owned());
+    }
+    None
+}
+
 /// Binds the admin endpoint.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
@@ -874,7 +957,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let hosts = Arc::new(own_hosts(listener.local_addr()?));
     let app = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/links/{name}/accept-gap", post(accept_gap))
@@ -882,7 +968,21 @@ pub async fn serve(
         .route("/quarantine/entry", get(quarantine_show))
         .route("/quarantine/release", post(quarantine_release))
         .route("/quarantine/drop", post(quarantine_drop))
-        .with_state(Arc::new(admin));
+        .with_state(Arc::new(admin))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let hosts = hosts.clone();
+                async move {
+                    match foreign(&hosts, req.headers()) {
+                        Some(why) => {
+                            tracing::warn!(uri = %req.uri(), method = %req.method(), %why, "admin request refused");
+                            (StatusCode::FORBIDDEN, format!("{why}\n")).into_response()
+                        }
+                        None => next.run(req).await,
+                    }
+                }
+            },
+        ));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -197,6 +197,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         }
         let a = admin::Admin {
             index,
+            store: store.clone(),
+            stopping: stop_rx.clone(),
             zone: zone.clone(),
             engine: engine.clone(),
             policies: policies.list(),

@@ -407,6 +407,16 @@ impl ZoneStore for Store {
         .boxed()
     }
 
+    fn ready(&self) -> BoxFuture<'_, Result<(), ComponentSinkError>> {
+        async move {
+            self.0
+                .ready()
+                .await
+                .map_err(|e| ComponentSinkError::Failed(e.to_string()))
+        }
+        .boxed()
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
             let _ = self.0.client().flush().await;

@@ -315,6 +315,29 @@ impl JetStreamZone {
         self.mode
     }
 
+    /// `Ok` when the zone's nats-server is connected and its JetStream answers for
+    /// the log stream within two seconds.
+    pub async fn ready(&self) -> Result<(), BoundaryError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(BoundaryError::Unavailable(format!(
+                "not connected to nats-server ({})",
+                self.client.connection_state()
+            )));
+        }
+        let name = self.log.cached_info().config.name.clone();
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.js.get_stream(&name))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(BoundaryError::Unavailable(format!(
+                "JetStream does not answer for stream {name}: {e}"
+            ))),
+            Err(_) => Err(BoundaryError::Unavailable(format!(
+                "JetStream did not answer for stream {name} within 2s"
+            ))),
+        }
+    }
+
     /// The idempotency index's size and the server's memory now (see [`usage`]).
     pub async fn index_usage(&self) -> Result<IndexUsage, BoundaryError> {
         let server_memory_bytes = match &self.config.monitor_url {
