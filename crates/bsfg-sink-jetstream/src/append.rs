@@ -49,9 +49,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use crate::index::{self, BucketRecord, Head, HeadRecord, Reservation};
 use crate::lookup::{Entry, Lookup, Update};
 
-/// Header carrying the message_id on stored facts.
+/// Header carrying the message_id on facts of the older layouts (read by the
+/// migration, kept on the facts it copies). New facts do not carry it: the id and
+/// digest are in the stored form and in the fact's reservation.
 pub const HDR_MESSAGE_ID: &str = "Bsfg-Message-Id";
-/// Header carrying the payload digest (hex) on stored facts.
+/// Header carrying the payload digest (hex) on facts of the older layouts (see
+/// [`HDR_MESSAGE_ID`]).
 pub const HDR_DIGEST: &str = "Bsfg-Digest";
 /// Provenance of a replicated fact: the zone it was fetched from.
 pub const HDR_SOURCE_ZONE: &str = "Bsfg-Source-Zone";
@@ -92,10 +95,10 @@ const BATCH_HEADER_BYTES: usize = 128;
 /// 128 bytes).
 const NAME_MAX_BYTES: usize = 128;
 
-/// Bytes of the headers the pipeline puts beside a fact whose message_id is `id_len`
-/// bytes long, with provenance names (zone, stream, link) of these lengths: the
-/// `NATS/1.0` line, one `Key: value` line each, the closing blank line, and the
-/// atomic batch's own headers.
+/// Bytes of the headers a fact whose message_id is `id_len` bytes long can carry in
+/// the log, with provenance names (zone, stream, link) of these lengths: the
+/// `NATS/1.0` line, one `Key: value` line each (the id and digest lines only on facts
+/// a migration copied), the closing blank line, and the atomic batch's own headers.
 fn header_bytes(id_len: usize, provenance: Option<[usize; 3]>) -> usize {
     let line = |key: &str, value: usize| key.len() + 2 + value + 2;
     let provenance = provenance.map_or(0, |[zone, stream, link]| {
@@ -697,8 +700,6 @@ impl Appender {
             for (k, &i) in members.iter().enumerate() {
                 let j = &jobs[i];
                 let mut h = HeaderMap::new();
-                header(&mut h, HDR_MESSAGE_ID, j.msg.message_id());
-                header(&mut h, HDR_DIGEST, &j.msg.digest().to_hex());
                 if let Some(p) = j.msg.provenance() {
                     header(&mut h, HDR_SOURCE_ZONE, &p.zone);
                     header(&mut h, HDR_SOURCE_STREAM, &p.stream);

@@ -688,17 +688,20 @@ impl Machine {
     /// between fetch and confirm while the source has a backlog, one ahead while
     /// it trickles, none while it is idle (the step's own fetch long-polls).
     fn fill(&mut self) {
+        match self.phase {
+            Phase::Applying(_) => self.fill_beside(1),
+            Phase::Idle => self.fill_beside(0),
+            _ => {}
+        }
+    }
+
+    /// [`Machine::fill`] with `applying` pages being applied (0 or 1).
+    fn fill_beside(&mut self, applying: usize) {
         let p = self.config.pages_in_flight.max(1);
-        if self.config.mode != Mode::Continuous
-            || p < 2
-            || !self.flowing
-            || !matches!(self.phase, Phase::Applying(_) | Phase::Idle)
-        {
+        if self.config.mode != Mode::Continuous || p < 2 || !self.flowing {
             return;
         }
-        let busy = self.confirming.len()
-            + usize::from(self.recording.is_some())
-            + usize::from(matches!(self.phase, Phase::Applying(_)));
+        let busy = self.confirming.len() + usize::from(self.recording.is_some()) + applying;
         let free = p.saturating_sub(busy);
         let room = if self.backlog { free } else { free.min(1) };
         while self.ahead.len() < room {
@@ -757,17 +760,16 @@ impl Machine {
     /// Takes the oldest page fetched ahead, waits for it if it is still on its way,
     /// or fetches one.
     fn fetch(&mut self, now: Now) {
-        match self.ahead.front() {
-            Some((_, Some(_))) => {
-                let Some((_, Some(mut page))) = self.ahead.pop_front() else {
-                    return;
-                };
+        if self.ahead.front().is_some_and(|(_, page)| page.is_none()) {
+            return; // the oldest page ahead is still on its way
+        }
+        match self.ahead.pop_front() {
+            Some((_, Some(mut page))) => {
                 // It was read before earlier confirms: at least as far as they went.
                 page.frontier = page.frontier.max(self.frontier_floor);
                 self.got_page(now, page);
             }
-            Some((_, None)) => {}
-            None => {
+            _ => {
                 self.phase = Phase::Fetching;
                 self.emit(Action::Fetch);
             }
@@ -862,11 +864,7 @@ impl Machine {
             // The source had nothing: the next step long-polls.
             return self.finish(now, w.report);
         }
-        self.phase = Phase::Applying(w);
-        self.fill();
-        let Phase::Applying(w) = std::mem::replace(&mut self.phase, Phase::Idle) else {
-            return;
-        };
+        self.fill_beside(1);
         self.validate(now, w);
     }
 
