@@ -78,12 +78,26 @@ ENTERPRISE=grpcs://127.0.0.1:7463
 
 say "Starting zones plant, idmz and enterprise: nats-server + bsfg gateway each"
 for z in plant idmz enterprise; do
+  # The server's config includes certs/$z/nats-auth.conf, relative to itself.
   sed "s|/tmp/bsfg-examples/three-zones/$z|$DATA/$z|" "$EX/$z.nats.conf" > "$DATA/$z.nats.conf"
+  mkdir -p "$DATA/certs/$z" && cp -p "$EX/certs/$z/nats-auth.conf" "$DATA/certs/$z/"
   "$NATS" -c "$DATA/$z.nats.conf" > "$DATA/$z.nats.log" 2>&1 & PID[$z.nats]=$!
   wait_for "$DATA/$z.nats.log" "Server is ready"
   start_gateway "$z"
   echo "   zone $z is up: $(cat "$DATA/$z.gateway.out")"
 done
+
+say "A local process without the gateway's NATS credentials tries to write a fact straight into the plant's nats-server"
+exec 3<>/dev/tcp/127.0.0.1/4222
+printf 'CONNECT {"verbose":false}\r\nPUB bsfg.log.facts.operational.batch.x 8\r\nintruder\r\nPING\r\n' >&3
+answer=$(timeout 5 cat <&3 || true)
+exec 3<&-
+if ! grep -q "Authorization Violation" <<<"$answer"; then
+  echo "demo: the plant's nats-server did not refuse a process without credentials:" >&2
+  echo "$answer" >&2
+  exit 1
+fi
+echo "   refused: $(grep -o "\-ERR 'Authorization Violation'" <<<"$answer")"
 
 say "A producer in the plant stores a batch record, then appends facts about batch B1042"
 printf '%%PDF-1.7 batch B1042 record (demo)\n' > "$DATA/record.pdf"

@@ -227,6 +227,7 @@ impl Env {
                     let _ = rx.await;
                 }
                 .boxed(),
+                ready: bsfg_core::component::Readiness::always(),
             })
             .await
             .unwrap();

@@ -434,6 +434,42 @@ pub struct ServeContext {
     pub tls: Option<TlsMaterial>,
     /// Resolves when the gateway stops: stop accepting, finish what is in flight.
     pub stopped: BoxFuture<'static, ()>,
+    /// Whether the zone can serve now (its store answers, it is not stopping): what a
+    /// transport's own health service reports.
+    pub ready: Readiness,
+}
+
+/// Whether a zone can serve now, as the gateway last judged it (its store answers
+/// and it is not stopping). Cheap to clone; every clone sees the same value.
+#[derive(Debug, Clone)]
+pub struct Readiness(tokio::sync::watch::Receiver<bool>);
+
+impl Readiness {
+    /// A readiness the gateway sets through the returned sender; starts not ready.
+    pub fn channel() -> (tokio::sync::watch::Sender<bool>, Readiness) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Readiness(rx))
+    }
+
+    /// Always ready (tests, benchmarks: a listener with no store to ask).
+    pub fn always() -> Readiness {
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        // The value stays readable after the sender is gone.
+        drop(tx);
+        Readiness(rx)
+    }
+
+    /// The current judgement.
+    pub fn is_ready(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves with the new value when it changes; `None` once it can change no
+    /// more (the gateway dropped its sender).
+    pub async fn changed(&mut self) -> Option<bool> {
+        self.0.changed().await.ok()?;
+        Some(*self.0.borrow_and_update())
+    }
 }
 
 /// A listener bound and ready: where it listens and the future that serves.

@@ -8,7 +8,12 @@
 //! `localhost`, `127.0.0.1` or `[::1]`, with its port or without) and may carry an
 //! `Origin` only of the same host: a web page a local browser opens cannot reach it
 //! through a DNS name that resolves to loopback, nor post to it from another site
-//! (403 otherwise).
+//! (403 otherwise). Every state-changing call (a POST) must carry the zone's admin
+//! token (`Authorization: Bearer`, from `[admin] token_file`): 401 without it, 403
+//! with another, 403 when the gateway has none.
+//!
+//! A second, read-only listener (`[admin] metrics_listen`, any address) serves only
+//! `/metrics`, `/healthz` and `/readyz`, for a scraper on another host.
 //!
 //! Metric names follow the contract (`bsfg_` prefix). Per link (labels `zone`,
 //! `link`, `consumer`): `bsfg_replication_lag_seconds`, `bsfg_replication_lag_facts`,
@@ -951,13 +956,42 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// Serves the admin endpoint until `shutdown` resolves.
+/// Why a state-changing request (any method but GET and HEAD) may not proceed, if it
+/// may not: the gateway has no token, the request names none, or not this one.
+fn uncredentialed(
+    token: Option<&crate::config::AdminToken>,
+    headers: &axum::http::HeaderMap,
+) -> Option<(StatusCode, &'static str)> {
+    let Some(token) = token else {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "state-changing calls are refused: this gateway has no [admin] token_file",
+        ));
+    };
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match offered {
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            "state-changing calls need the admin token: Authorization: Bearer <token> (bsfg: --token-file, or --config with [admin] token_file)",
+        )),
+        Some(t) if token.matches(t) => None,
+        Some(_) => Some((StatusCode::FORBIDDEN, "the admin token does not match")),
+    }
+}
+
+/// Serves the admin endpoint until `shutdown` resolves. Every request must pass the
+/// Host/Origin check; every state-changing one must carry the zone's admin token.
 pub async fn serve(
-    admin: Admin,
+    admin: Arc<Admin>,
     listener: tokio::net::TcpListener,
+    token: Option<crate::config::AdminToken>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let hosts = Arc::new(own_hosts(listener.local_addr()?));
+    let token = Arc::new(token);
+    let zone = admin.zone.clone();
     let app = axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -968,21 +1002,51 @@ pub async fn serve(
         .route("/quarantine/entry", get(quarantine_show))
         .route("/quarantine/release", post(quarantine_release))
         .route("/quarantine/drop", post(quarantine_drop))
-        .with_state(Arc::new(admin))
+        .with_state(admin)
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let hosts = hosts.clone();
+                let (hosts, token, zone) = (hosts.clone(), token.clone(), zone.clone());
                 async move {
-                    match foreign(&hosts, req.headers()) {
-                        Some(why) => {
-                            tracing::warn!(uri = %req.uri(), method = %req.method(), %why, "admin request refused");
-                            (StatusCode::FORBIDDEN, format!("{why}\n")).into_response()
-                        }
-                        None => next.run(req).await,
+                    if let Some(why) = foreign(&hosts, req.headers()) {
+                        tracing::warn!(zone = %zone, uri = %req.uri(), method = %req.method(), %why, "admin request refused");
+                        return (StatusCode::FORBIDDEN, format!("{why}\n")).into_response();
                     }
+                    let reads = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+                    if !reads
+                        && let Some((code, why)) = uncredentialed(token.as_ref().as_ref(), req.headers())
+                    {
+                        tracing::warn!(zone = %zone, uri = %req.uri(), method = %req.method(), %why, "admin request refused");
+                        let mut resp = (code, format!("{why}\n")).into_response();
+                        if code == StatusCode::UNAUTHORIZED {
+                            resp.headers_mut().insert(
+                                header::WWW_AUTHENTICATE,
+                                axum::http::HeaderValue::from_static("Bearer realm=\"bsfg admin\""),
+                            );
+                        }
+                        return resp;
+                    }
+                    next.run(req).await
                 }
             },
         ));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves the read-only metrics listener until `shutdown` resolves: `GET /metrics`,
+/// `/healthz` and `/readyz` and nothing else (no status, no state change), so it may
+/// bind an address other hosts reach.
+pub async fn serve_metrics(
+    admin: Arc<Admin>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(admin);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -66,6 +66,32 @@ pub struct Issue {
     pub force: bool,
 }
 
+/// `bsfg certs admin-token`: a new admin credential.
+#[derive(clap::Args, Debug)]
+pub struct AdminTokenArgs {
+    /// The file to write (mode 0600); name it in `[admin] token_file`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `bsfg certs admin-token`: 32 bytes of the operating system's randomness, as 64 hex
+/// digits, in a file only its owner can read.
+pub fn admin_token(o: &AdminTokenArgs) -> anyhow::Result<Vec<PathBuf>> {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .context("reading the operating system's randomness")?;
+    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write(&o.out, &format!("{}\n", hex::encode(bytes)), true, o.force)?;
+    Ok(vec![o.out.clone()])
+}
+
 fn write(path: &Path, contents: &str, private: bool, force: bool) -> anyhow::Result<()> {
     if path.exists() && !force {
         anyhow::bail!("{} exists; pass --force to replace it", path.display());

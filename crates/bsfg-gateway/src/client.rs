@@ -708,8 +708,22 @@ pub async fn pull(
     }
 }
 
+/// A zone's admin endpoint and the token its state-changing calls need.
+#[derive(Debug, Clone)]
+pub struct AdminEndpoint {
+    /// `host:port`.
+    pub addr: String,
+    /// The admin token, sent with state-changing calls only.
+    pub token: Option<String>,
+}
+
 /// One HTTP/1.1 request to a zone's admin endpoint; returns status and body.
-async fn admin_request(addr: &str, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+async fn admin_request(
+    endpoint: &AdminEndpoint,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    let addr = endpoint.addr.as_str();
     use http_body_util::BodyExt as _;
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -719,11 +733,14 @@ async fn admin_request(addr: &str, method: &str, path: &str) -> anyhow::Result<(
             .await
             .map_err(|e| anyhow::anyhow!("admin endpoint {addr}: {e}"))?;
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, addr)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        .header(hyper::header::HOST, addr);
+    if let Some(token) = endpoint.token.as_ref().filter(|_| method != "GET") {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req.body(http_body_util::Empty::<bytes::Bytes>::new())?;
     let resp = sender
         .send_request(req)
         .await
@@ -752,9 +769,13 @@ fn ago(unix_ms: Option<i64>) -> String {
 }
 
 /// `bsfg status`: every link of the zone with its state, lag and last success.
-pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
-    let (code, body) = admin_request(addr, "GET", "/status").await?;
-    anyhow::ensure!(code == 200, "admin endpoint {addr} answered {code}: {body}");
+pub async fn status(endpoint: &AdminEndpoint, json: bool) -> anyhow::Result<()> {
+    let (code, body) = admin_request(endpoint, "GET", "/status").await?;
+    anyhow::ensure!(
+        code == 200,
+        "admin endpoint {} answered {code}: {body}",
+        endpoint.addr
+    );
     if json {
         println!("{}", body.trim());
         return Ok(());
@@ -810,7 +831,7 @@ pub async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
 
 /// `bsfg link accept-gap`: asks the zone to pass its link over exactly this gap.
 pub async fn accept_gap(
-    addr: &str,
+    endpoint: &AdminEndpoint,
     link: &str,
     from: u64,
     to: u64,
@@ -821,8 +842,12 @@ pub async fn accept_gap(
         ("to", to.to_string()),
         ("by", by.to_owned()),
     ])?;
-    let (code, body) =
-        admin_request(addr, "POST", &format!("/links/{link}/accept-gap?{query}")).await?;
+    let (code, body) = admin_request(
+        endpoint,
+        "POST",
+        &format!("/links/{link}/accept-gap?{query}"),
+    )
+    .await?;
     anyhow::ensure!(code == 200, "{}", body.trim());
     print!("{body}");
     Ok(())
@@ -1024,7 +1049,11 @@ pub enum QuarantineOp {
 }
 
 /// `bsfg quarantine ...`.
-pub async fn quarantine(addr: &str, op: QuarantineOp, json: bool) -> anyhow::Result<()> {
+pub async fn quarantine(
+    endpoint: &AdminEndpoint,
+    op: QuarantineOp,
+    json: bool,
+) -> anyhow::Result<()> {
     let q = |id: &str, payload: &Option<String>, by: Option<&str>| {
         let mut pairs = vec![("id", id)];
         if let Some(p) = payload {
@@ -1050,7 +1079,7 @@ pub async fn quarantine(addr: &str, op: QuarantineOp, json: bool) -> anyhow::Res
             format!("/quarantine/drop?{}", q(id, payload, Some(by))?),
         ),
     };
-    let (code, body) = admin_request(addr, method, &path).await?;
+    let (code, body) = admin_request(endpoint, method, &path).await?;
     anyhow::ensure!(code == 200, "{}", body.trim());
     match op {
         QuarantineOp::List { .. } if !json => {

@@ -187,6 +187,8 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Spanned<String>,
+    token_file: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -280,15 +282,164 @@ pub struct GatewayConfig {
     pub listeners: Vec<Listener>,
     /// Links pulling into this zone, in file order.
     pub links: Vec<LinkConfig>,
-    /// Loopback address of the admin endpoint (`/metrics`, `/status`, gap
-    /// acceptance), if any.
-    pub admin: Option<SocketAddr>,
+    /// The admin endpoint (`/metrics`, `/status`, gap acceptance, quarantine), if
+    /// any.
+    pub admin: Option<AdminSettings>,
     /// The zone's TLS identity, if it has one.
     pub tls: Option<TlsSettings>,
     /// What each peer identity may do (default deny).
     pub grants: Vec<bsfg_core::Grant>,
     /// WASM policies in file order; each joins the chain of every hook it names.
     pub policies: Vec<PolicyEntry>,
+}
+
+/// `[admin]`, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// Loopback address of the admin endpoint.
+    pub listen: SocketAddr,
+    /// The credential its state-changing calls need (`token_file`); without one they
+    /// are refused.
+    pub token: Option<AdminToken>,
+    /// Address of a read-only listener (`/metrics`, `/healthz`, `/readyz` only) that
+    /// may be any address, for a scraper on another host.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The admin credential read from a token file: at least 32 visible ASCII characters,
+/// the file not readable by every user. Its `Debug` shows the file, never the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    /// The file it was read from.
+    pub path: PathBuf,
+    secret: Arc<str>,
+}
+
+impl AdminToken {
+    /// Fewest characters a token may have.
+    pub const MIN_LEN: usize = 32;
+
+    /// Reads and checks a token file (trailing whitespace, e.g. the newline, is not
+    /// part of the token). The error is the rule it breaks.
+    pub fn read(path: &Path) -> Result<AdminToken, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| format!("cannot read the token file {}: {e}", path.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o007 != 0 {
+                return Err(format!(
+                    "the token file {} may be read or written by every user (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                ));
+            }
+        }
+        let token = text.trim_end();
+        if token.len() < Self::MIN_LEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "the token in {} must be at least {} visible ASCII characters with no spaces (`bsfg certs admin-token --out FILE` makes one)",
+                path.display(),
+                Self::MIN_LEN
+            ));
+        }
+        Ok(AdminToken {
+            path: path.to_path_buf(),
+            secret: token.into(),
+        })
+    }
+
+    /// The token, for a client's `Authorization: Bearer` header.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// True when `offered` is the token (compared in constant time).
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.secret.as_bytes().ct_eq(offered).into()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn socket_addr(c: &mut Checks, value: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+    match value.get_ref().parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            c.at(
+                value.span(),
+                key,
+                format!(
+                    "`{}` is not an IP address and port (e.g. 127.0.0.1:9464)",
+                    value.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn admin_section(
+    c: &mut Checks,
+    a: &RawAdmin,
+    base: &Path,
+    sockets: &HashSet<String>,
+) -> Option<AdminSettings> {
+    let listen = socket_addr(c, &a.listen, "admin.listen");
+    if let Some(addr) = listen
+        && !addr.ip().is_loopback()
+    {
+        c.at(
+            a.listen.span(),
+            "admin.listen",
+            format!("the admin endpoint may listen on loopback only ({addr} is not); `metrics_listen` serves metrics and probes on any address"),
+        );
+    }
+    let metrics_listen = a
+        .metrics_listen
+        .as_ref()
+        .and_then(|m| socket_addr(c, m, "admin.metrics_listen").map(|addr| (m, addr)));
+    for (value, key, addr) in [
+        listen.map(|addr| (&a.listen, "admin.listen", addr)),
+        metrics_listen.map(|(m, addr)| (m, "admin.metrics_listen", addr)),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if sockets.contains(&format!("tcp {addr}")) {
+            c.at(value.span(), key, format!("{addr} is used by a listener"));
+        }
+    }
+    if let (Some(l), Some((m, addr))) = (listen, metrics_listen)
+        && (l == addr || (l.port() == addr.port() && addr.ip().is_unspecified()))
+    {
+        c.at(
+            m.span(),
+            "admin.metrics_listen",
+            format!("{addr} overlaps `listen` ({l})"),
+        );
+    }
+    let token = a.token_file.as_ref().and_then(|t| {
+        AdminToken::read(&base.join(t.get_ref()))
+            .map_err(|rule| c.at(t.span(), "admin.token_file", rule))
+            .ok()
+    });
+    Some(AdminSettings {
+        listen: listen.filter(|a| a.ip().is_loopback())?,
+        token,
+        metrics_listen: metrics_listen.map(|(_, addr)| addr),
+    })
 }
 
 /// One `[[policies]]` entry, resolved (module path against the config's folder).
@@ -835,41 +986,10 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
         });
     }
 
-    let admin = raw.admin.as_ref().and_then(|a| {
-        match a.listen.get_ref().parse::<SocketAddr>() {
-            Ok(addr) if addr.ip().is_loopback() => Some(addr),
-            Ok(addr) => {
-                c.at(
-                    a.listen.span(),
-                    "admin.listen",
-                    format!("the admin endpoint has no authentication and may listen on loopback only; {addr} is not"),
-                );
-                None
-            }
-            Err(_) => {
-                c.at(
-                    a.listen.span(),
-                    "admin.listen",
-                    format!(
-                        "`{}` is not an IP address and port (e.g. 127.0.0.1:9464)",
-                        a.listen.get_ref()
-                    ),
-                );
-                None
-            }
-        }
-    });
-    if let Some(a) = admin
-        && sockets.contains(&format!("tcp {a}"))
-        && let Some(raw_admin) = &raw.admin
-    {
-        c.at(
-            raw_admin.listen.span(),
-            "admin.listen",
-            format!("{a} is used by a listener"),
-        );
-    }
-
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|a| admin_section(&mut c, a, base, &sockets));
     let tls = raw.tls.as_ref().and_then(|t| tls_section(&mut c, t, base));
     let declared: HashSet<String> = sink
         .as_ref()
@@ -1858,7 +1978,9 @@ consumer = "to-plant-a"
             (Duration::from_millis(200), Duration::from_secs(30))
         );
         assert!(s.streams.is_empty());
-        assert_eq!(c.admin, Some("127.0.0.1:9464".parse().expect("addr")));
+        let admin = c.admin.as_ref().expect("admin");
+        assert_eq!(admin.listen, "127.0.0.1:9464".parse().expect("addr"));
+        assert_eq!((admin.token.as_ref(), admin.metrics_listen), (None, None));
         // `[[link]]` is accepted as well.
         let singular = src.replace("[[links]]", "[[link]]");
         assert_eq!(
@@ -1985,6 +2107,198 @@ consumer = "to-plant-a"
                 .any(|p| p.key == "links[1].name" && p.message.contains("declared twice")),
             "{ps:?}"
         );
+    }
+
+    #[test]
+    fn an_admin_token_file_is_read_against_the_config_folder_and_a_metrics_listener_may_bind_any_address()
+     {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = "0123456789abcdef0123456789abcdef";
+        let file = dir.path().join("admin.token");
+        std::fs::write(&file, format!("{token}\n")).expect("write");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        }
+        let src = format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9464\"\ntoken_file = \"admin.token\"\nmetrics_listen = \"0.0.0.0:9465\"\n"
+        );
+        let c = parse(
+            &crate::registry::builtin(),
+            &dir.path().join("zone.toml"),
+            &src,
+        )
+        .expect("valid");
+        let admin = c.admin.expect("admin");
+        let t = admin.token.expect("token");
+        assert_eq!((t.path.as_path(), t.secret()), (file.as_path(), token));
+        assert!(t.matches(token.as_bytes()) && !t.matches(b"0123456789abcdef0123456789abcdeX"));
+        assert!(!format!("{t:?}").contains(token), "Debug shows no secret");
+        assert_eq!(
+            admin.metrics_listen,
+            Some("0.0.0.0:9465".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn a_weak_or_exposed_admin_token_file_or_an_overlapping_metrics_listener_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str, mode: u32| {
+            let f = dir.path().join(name);
+            std::fs::write(&f, text).expect("write");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            }
+            #[cfg(not(unix))]
+            let _ = mode;
+        };
+        write("short.token", "tooshort\n", 0o600);
+        write("spaced.token", "0123456789abcdef 0123456789abcdef\n", 0o600);
+        let mut cases = vec![
+            (
+                "token_file = \"missing.token\"",
+                "admin.token_file",
+                "cannot read",
+            ),
+            (
+                "token_file = \"short.token\"",
+                "admin.token_file",
+                "at least 32",
+            ),
+            (
+                "token_file = \"spaced.token\"",
+                "admin.token_file",
+                "no spaces",
+            ),
+            (
+                "metrics_listen = \"0.0.0.0:9464\"",
+                "admin.metrics_listen",
+                "overlaps",
+            ),
+            (
+                "metrics_listen = \"127.0.0.1:7443\"",
+                "admin.metrics_listen",
+                "used by a listener",
+            ),
+            (
+                "metrics_listen = \"nowhere\"",
+                "admin.metrics_listen",
+                "not an IP",
+            ),
+        ];
+        if cfg!(unix) {
+            write("open.token", "0123456789abcdef0123456789abcdef\n", 0o644);
+            cases.push((
+                "token_file = \"open.token\"",
+                "admin.token_file",
+                "chmod 600",
+            ));
+        }
+        for (line, key, words) in cases {
+            let src = format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:9464\"\n{line}\n");
+            let ps = parse(
+                &crate::registry::builtin(),
+                &dir.path().join("zone.toml"),
+                &src,
+            )
+            .expect_err(line)
+            .0;
+            assert!(
+                ps.iter().any(|p| p.key == key && p.message.contains(words)),
+                "{line}: {ps:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_sink_takes_one_kind_of_nats_credentials_from_private_files_and_tls_to_the_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let private = |name: &str, mode: u32| {
+            let f = dir.path().join(name);
+            std::fs::write(&f, "secret\n").expect("write");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            }
+            #[cfg(not(unix))]
+            let _ = mode;
+        };
+        for (name, mode) in [
+            ("nats.password", 0o600),
+            ("bsfg.nk", 0o400),
+            ("bsfg.creds", 0o640),
+            ("ca.pem", 0o644),
+            ("c.pem", 0o644),
+            ("c.key", 0o600),
+            ("open.password", 0o604),
+        ] {
+            private(name, mode);
+        }
+        let sink = |keys: &str| GOOD.replacen("[sink]\n", &format!("[sink]\n{keys}\n"), 1);
+        // Each kind of credential alone, and TLS with a CA and a client certificate.
+        for keys in [
+            "user = \"bsfg\"\npassword_file = \"nats.password\"",
+            "nkey_seed_file = \"bsfg.nk\"",
+            "credentials = \"bsfg.creds\"\ntls_ca = \"ca.pem\"\ntls_cert = \"c.pem\"\ntls_key = \"c.key\"",
+        ] {
+            parse(
+                &crate::registry::builtin(),
+                &dir.path().join("zone.toml"),
+                &sink(keys),
+            )
+            .unwrap_or_else(|e| panic!("{keys}: {e:?}"));
+        }
+        let url = sink("").replace("nats://", "tls://");
+        parse(
+            &crate::registry::builtin(),
+            &dir.path().join("zone.toml"),
+            &url,
+        )
+        .expect("tls://");
+        for (keys, key, words) in [
+            (
+                "user = \"bsfg\"\npassword_file = \"nats.password\"\nnkey_seed_file = \"bsfg.nk\"",
+                "sink",
+                "give one of",
+            ),
+            (
+                "user = \"bsfg\"",
+                "sink.password_file",
+                "needs `password_file`",
+            ),
+            (
+                "password_file = \"nats.password\"",
+                "sink.user",
+                "needs `user`",
+            ),
+            (
+                "user = \"bsfg\"\npassword_file = \"open.password\"",
+                "sink.password_file",
+                "chmod 600",
+            ),
+            (
+                "credentials = \"none.creds\"",
+                "sink.credentials",
+                "cannot read",
+            ),
+            ("tls_cert = \"c.pem\"", "sink.tls_cert", "go together"),
+        ] {
+            let ps = parse(
+                &crate::registry::builtin(),
+                &dir.path().join("zone.toml"),
+                &sink(keys),
+            )
+            .expect_err(keys)
+            .0;
+            assert!(
+                ps.iter().any(|p| p.key == key && p.message.contains(words)),
+                "{keys}: {ps:?}"
+            );
+        }
     }
 
     #[test]

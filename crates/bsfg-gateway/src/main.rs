@@ -214,33 +214,50 @@ enum Command {
     },
 }
 
-/// Where the zone's admin endpoint is: given, or read from its config file.
+/// Where the zone's admin endpoint is, and its token: given, or read from the zone's
+/// config file.
 #[derive(clap::Args)]
-#[group(required = true, multiple = false)]
 struct AdminArgs {
     /// The zone's admin endpoint, e.g. http://127.0.0.1:9464.
-    #[arg(long)]
+    #[arg(long, required_unless_present = "config", conflicts_with = "config")]
     admin: Option<String>,
-    /// The zone's TOML file (its `[admin] listen` is used).
+    /// The zone's TOML file (its `[admin] listen` and `token_file` are used).
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// The admin token file, for state-changing calls (default with --config: its
+    /// `[admin] token_file`).
+    #[arg(long, env = "BSFG_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 impl AdminArgs {
-    fn address(&self) -> anyhow::Result<String> {
+    fn endpoint(&self) -> anyhow::Result<client::AdminEndpoint> {
+        let given = self
+            .token_file
+            .as_deref()
+            .map(config::AdminToken::read)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if let Some(a) = &self.admin {
-            return Ok(a
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_owned());
+            return Ok(client::AdminEndpoint {
+                addr: a
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_owned(),
+                token: given.map(|t| t.secret().to_owned()),
+            });
         }
         let path = self
             .config
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("give --admin or --config"))?;
         let c = config::load(&registry::builtin(), path)?;
-        c.admin.map(|a| a.to_string()).ok_or_else(|| {
+        let a = c.admin.ok_or_else(|| {
             anyhow::anyhow!("{}: no [admin] listen address configured", path.display())
+        })?;
+        Ok(client::AdminEndpoint {
+            addr: a.listen.to_string(),
+            token: given.or(a.token).map(|t| t.secret().to_owned()),
         })
     }
 }
@@ -336,6 +353,9 @@ enum CertsCommand {
     Init(certs::Init),
     /// Issue a server and/or client certificate signed by the zone CA.
     Issue(certs::Issue),
+    /// Make an admin token file (`[admin] token_file`): the credential the admin
+    /// endpoint's state-changing calls need.
+    AdminToken(certs::AdminTokenArgs),
 }
 
 #[derive(Subcommand)]
@@ -511,8 +531,8 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             .map_err(op)
         }
         Command::Status { admin } => {
-            let addr = admin.address().map_err(|e| (2u8, e))?;
-            client::status(&addr, cli.json).await.map_err(op)
+            let endpoint = admin.endpoint().map_err(|e| (2u8, e))?;
+            client::status(&endpoint, cli.json).await.map_err(op)
         }
         Command::Link {
             which:
@@ -524,8 +544,8 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                     by,
                 },
         } => {
-            let addr = admin.address().map_err(|e| (2u8, e))?;
-            client::accept_gap(&addr, &link, from, to, &by)
+            let endpoint = admin.endpoint().map_err(|e| (2u8, e))?;
+            client::accept_gap(&endpoint, &link, from, to, &by)
                 .await
                 .map_err(op)
         }
@@ -556,13 +576,14 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
                     by,
                 } => (admin, client::QuarantineOp::Drop { id, payload, by }),
             };
-            let addr = admin.address().map_err(|e| (2u8, e))?;
-            client::quarantine(&addr, q, cli.json).await.map_err(op)
+            let endpoint = admin.endpoint().map_err(|e| (2u8, e))?;
+            client::quarantine(&endpoint, q, cli.json).await.map_err(op)
         }
         Command::Certs { which } => {
             let written = match &which {
                 CertsCommand::Init(o) => certs::init(o),
                 CertsCommand::Issue(o) => certs::issue(o),
+                CertsCommand::AdminToken(o) => certs::admin_token(o),
             }
             .map_err(op)?;
             for p in written {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use bsfg_core::component::{Security, ServeContext, TlsMaterial};
+use bsfg_core::component::{Readiness, Security, ServeContext, TlsMaterial};
 use bsfg_core::link::{Intake, Link};
 use bsfg_core::{Authorization, Boundary, BoundaryApi, Gate, Hook};
 use bsfg_tls::{ClientTls, Reloadable, ServerTls};
@@ -70,6 +70,34 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let mut tls_endpoints: Vec<Arc<dyn Reloadable>> = Vec::new();
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Readiness for the transports' health services: the store answers and the
+    // gateway is not stopping, judged every 2 s.
+    let (ready_tx, readiness) = Readiness::channel();
+    {
+        let (store, mut stop, zone) = (store.clone(), stop_rx.clone(), zone.clone());
+        tokio::spawn(async move {
+            loop {
+                let now = match store.ready().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        if *ready_tx.borrow() {
+                            tracing::warn!(zone = %zone, error = %e, "not ready: the zone's store does not answer");
+                        }
+                        false
+                    }
+                };
+                ready_tx.send_if_modified(|r| std::mem::replace(r, now) != now);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            let _ = ready_tx.send(false);
+            // Keep the sender until the listeners are gone, so they read "not
+            // serving" rather than a closed channel.
+            ready_tx.closed().await;
+        });
+    }
 
     // Links: each pulls from its source into this zone's engine, until stopped.
     let mut handles = Vec::new();
@@ -149,6 +177,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 served,
                 tls,
                 stopped: stopped.boxed(),
+                ready: readiness.clone(),
             })
             .await
             .with_context(|| format!("listener {}", l.url))?;
@@ -171,11 +200,19 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::Error::new(e).context(format!("listener {url}")))
         }));
     }
-    if let Some(addr) = cfg.admin {
+    if let Some(settings) = &cfg.admin {
+        let addr = settings.listen;
         let listener = admin::bind(addr)
             .await
             .with_context(|| format!("admin endpoint {addr}"))?;
-        tracing::info!(zone = %zone, %addr, "admin endpoint: /metrics, /status (loopback only)");
+        match &settings.token {
+            Some(t) => {
+                tracing::info!(zone = %zone, %addr, token_file = %t.path.display(), "admin endpoint: /metrics, /status, /healthz, /readyz (loopback only); state-changing calls need the admin token")
+            }
+            None => {
+                tracing::info!(zone = %zone, %addr, "admin endpoint: /metrics, /status, /healthz, /readyz (loopback only); state-changing calls are refused (no [admin] token_file)")
+            }
+        }
         let index: admin::IndexGauge = Arc::default();
         {
             // Refreshed in the background: reading the stream and /varz takes a round
@@ -195,7 +232,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 }
             });
         }
-        let a = admin::Admin {
+        let a = Arc::new(admin::Admin {
             index,
             store: store.clone(),
             stopping: stop_rx.clone(),
@@ -210,10 +247,26 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 authz: authz.clone(),
                 listeners: listener_stats.clone(),
             },
-        };
+        });
+        if let Some(maddr) = settings.metrics_listen {
+            let listener = admin::bind(maddr)
+                .await
+                .with_context(|| format!("metrics listener {maddr}"))?;
+            tracing::info!(zone = %zone, addr = %maddr, "metrics listener: /metrics, /healthz, /readyz (read-only)");
+            let mut rx = stop_rx.clone();
+            let a = a.clone();
+            servers.push(tokio::spawn(async move {
+                admin::serve_metrics(a, listener, async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+                .map_err(|e| anyhow::Error::new(e).context("metrics listener"))
+            }));
+        }
         let mut rx = stop_rx.clone();
+        let token = settings.token.clone();
         servers.push(tokio::spawn(async move {
-            admin::serve(a, listener, async move {
+            admin::serve(a, listener, token, async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             })
             .await
@@ -233,7 +286,8 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         cfg.listeners.len(),
         handles.len(),
         cfg.admin
-            .map(|a| format!(", admin on http://{a}"))
+            .as_ref()
+            .map(|a| format!(", admin on http://{}", a.listen))
             .unwrap_or_default()
     );
 

@@ -17,7 +17,8 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::{
-    ConsumerConfig, Durability, JetStreamConfig, JetStreamZone, PublishMode, SinkError, StreamClass,
+    ConsumerConfig, Durability, JetStreamConfig, JetStreamZone, NatsAuth, NatsTls, PublishMode,
+    SinkError, StreamClass,
 };
 
 /// The `[sink]` table of `type = "jetstream"` (without `type`).
@@ -38,6 +39,138 @@ struct RawJetStream {
     publish_mode: Option<Spanned<String>>,
     index_path: Option<String>,
     classes: Option<Vec<RawClass>>,
+    credentials: Option<Spanned<String>>,
+    nkey_seed_file: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+}
+
+/// Checks that a secret file (credentials, seed, password) can be read and is not
+/// readable by every user; returns its path resolved against the config's folder.
+fn secret_file(
+    c: &mut Checks,
+    base: &std::path::Path,
+    value: &Spanned<String>,
+    key: &str,
+) -> std::path::PathBuf {
+    let path = base.join(value.get_ref());
+    match std::fs::metadata(&path) {
+        Err(e) => c.at(
+            value.span(),
+            key,
+            format!("cannot read {}: {e}", path.display()),
+        ),
+        Ok(m) => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = m.permissions().mode();
+                if mode & 0o007 != 0 {
+                    c.at(
+                        value.span(),
+                        key,
+                        format!(
+                            "{} may be read or written by every user (mode {:o}); chmod 600 it",
+                            path.display(),
+                            mode & 0o777
+                        ),
+                    );
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = m;
+        }
+    }
+    path
+}
+
+/// Checks that a certificate file exists; returns its path resolved against the
+/// config's folder.
+fn plain_file(
+    c: &mut Checks,
+    base: &std::path::Path,
+    value: &Spanned<String>,
+    key: &str,
+) -> std::path::PathBuf {
+    let path = base.join(value.get_ref());
+    if let Err(e) = std::fs::metadata(&path) {
+        c.at(
+            value.span(),
+            key,
+            format!("cannot read {}: {e}", path.display()),
+        );
+    }
+    path
+}
+
+/// `[sink]` credentials and TLS to the nats-server.
+fn connection(
+    c: &mut Checks,
+    base: &std::path::Path,
+    js: &RawJetStream,
+    sink: &mut JetStreamConfig,
+) {
+    let methods: Vec<&Spanned<String>> = [&js.credentials, &js.nkey_seed_file, &js.user]
+        .into_iter()
+        .flatten()
+        .collect();
+    if let Some(second) = methods.get(1) {
+        c.at(
+            second.span(),
+            "sink",
+            "give one of credentials, nkey_seed_file, user (with password_file)",
+        );
+    }
+    sink.auth = if let Some(f) = &js.credentials {
+        NatsAuth::Credentials(secret_file(c, base, f, "sink.credentials"))
+    } else if let Some(f) = &js.nkey_seed_file {
+        NatsAuth::NkeySeedFile(secret_file(c, base, f, "sink.nkey_seed_file"))
+    } else if let Some(u) = &js.user {
+        match &js.password_file {
+            Some(f) => NatsAuth::UserPassword {
+                user: u.get_ref().clone(),
+                password_file: secret_file(c, base, f, "sink.password_file"),
+            },
+            None => {
+                c.at(
+                    u.span(),
+                    "sink.password_file",
+                    "`user` needs `password_file` (a file holding the password)",
+                );
+                NatsAuth::None
+            }
+        }
+    } else {
+        NatsAuth::None
+    };
+    if let (Some(f), None) = (&js.password_file, &js.user) {
+        c.at(f.span(), "sink.user", "`password_file` needs `user`");
+    }
+    let client = match (&js.tls_cert, &js.tls_key) {
+        (Some(cert), Some(key)) => Some((
+            plain_file(c, base, cert, "sink.tls_cert"),
+            secret_file(c, base, key, "sink.tls_key"),
+        )),
+        (Some(one), None) | (None, Some(one)) => {
+            c.at(
+                one.span(),
+                "sink.tls_cert",
+                "`tls_cert` and `tls_key` go together",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let ca = js
+        .tls_ca
+        .as_ref()
+        .map(|f| plain_file(c, base, f, "sink.tls_ca"));
+    if ca.is_some() || client.is_some() || js.url.get_ref().starts_with("tls://") {
+        sink.tls = Some(NatsTls { ca, client });
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,13 +214,17 @@ impl Sink for JetStreamSink {
         // Connect refuses a server that cannot hold a fact of this size with its headers.
         sink.max_fact_bytes = Some(zone.limits.max_fact_bytes);
         sink.max_id_bytes = zone.limits.max_id_bytes;
-        if !js.url.get_ref().starts_with("nats://") {
+        if !["nats://", "tls://"]
+            .iter()
+            .any(|p| js.url.get_ref().starts_with(p))
+        {
             c.at(
                 js.url.span(),
                 "sink.url",
-                "must be a nats:// URL of the zone-local nats-server",
+                "must be a nats:// (or tls://) URL of the zone-local nats-server",
             );
         }
+        connection(c, &zone.base_dir, &js, &mut sink);
         if let Some(d) = &js.domain {
             c.name(d, "sink.domain", names::validate_zone);
             sink.domain = Some(d.get_ref().clone());

@@ -63,6 +63,37 @@ impl ConsumerConfig {
     }
 }
 
+/// How the gateway proves who it is to the zone's nats-server. The secrets stay in
+/// their files and are read at each connect (a rotated file counts at the next
+/// start); none is kept in the configuration or logged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NatsAuth {
+    /// No credentials (a server without authorization).
+    #[default]
+    None,
+    /// A `.creds` file (user JWT and nkey seed), as `nsc` writes it.
+    Credentials(PathBuf),
+    /// A file holding an nkey seed (`SU...`).
+    NkeySeedFile(PathBuf),
+    /// A user name and a file holding its password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The file whose content (trailing whitespace removed) is the password.
+        password_file: PathBuf,
+    },
+}
+
+/// TLS to the zone's nats-server: required whenever set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NatsTls {
+    /// CA certificates (PEM) the server's certificate must chain to; `None` uses the
+    /// system's roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), when the server verifies clients.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
 /// Everything the sink needs to run a zone log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JetStreamConfig {
@@ -117,6 +148,10 @@ pub struct JetStreamConfig {
     pub max_fact_bytes: Option<usize>,
     /// The engine's `limits.max_id_bytes` (headers carry the message_id). Default 256.
     pub max_id_bytes: usize,
+    /// Credentials for the zone's nats-server. Default none.
+    pub auth: NatsAuth,
+    /// TLS to the zone's nats-server (required when set). Default none.
+    pub tls: Option<NatsTls>,
 }
 
 impl JetStreamConfig {
@@ -147,6 +182,8 @@ impl JetStreamConfig {
             object_chunk_size: 128 * 1024,
             max_fact_bytes: None,
             max_id_bytes: 256,
+            auth: NatsAuth::None,
+            tls: None,
         }
     }
 }

@@ -33,7 +33,7 @@ use bsfg_core::{
 };
 
 use crate::append::{HDR_LINK, HDR_SOURCE_OFFSET, HDR_SOURCE_STREAM, HDR_SOURCE_ZONE};
-use futures::TryStreamExt;
+use futures::StreamExt;
 
 use crate::config::ConsumerConfig;
 use crate::error::SinkError;
@@ -67,6 +67,17 @@ pub(crate) struct ConsumerHandle {
     deliveries: Mutex<Deliveries>,
     /// Page counter: every fetch is a new page.
     pages: std::sync::atomic::AtomicU64,
+    /// Most bytes (as the server counts them) one page loads: the server stops
+    /// delivering there, so a page of large facts is never loaded whole only to be
+    /// trimmed by its transport.
+    page_max_bytes: usize,
+}
+
+/// The byte budget of a page: twice the largest fact (a transport's message limit is at
+/// least that), plus room for the headers and subjects of the facts in it. Every
+/// stored fact fits it, so a page always carries at least one.
+pub(crate) fn page_budget(max_fact_bytes: Option<usize>) -> usize {
+    2 * max_fact_bytes.unwrap_or(bsfg_core::Limits::default().max_fact_bytes) + 64 * 1024
 }
 
 pub(crate) fn consumer_config(c: &ConsumerConfig) -> pull::Config {
@@ -99,6 +110,7 @@ pub(crate) async fn ensure(
     stream: &Stream,
     c: &ConsumerConfig,
     stream_name: String,
+    page_max_bytes: usize,
 ) -> Result<ConsumerHandle, SinkError> {
     let wanted = consumer_config(c);
     let consumer: PullConsumer = match stream.consumer_info(&c.name).await {
@@ -155,6 +167,7 @@ pub(crate) async fn ensure(
         consumer,
         deliveries: Mutex::new(Deliveries::default()),
         pages: std::sync::atomic::AtomicU64::new(0),
+        page_max_bytes,
     })
 }
 
@@ -180,21 +193,37 @@ impl ConsumerHandle {
         wait: Option<Duration>,
     ) -> Result<Vec<jetstream::Message>, BoundaryError> {
         let stream = match wait {
-            None => self.consumer.fetch().max_messages(limit).messages().await,
+            None => {
+                self.consumer
+                    .fetch()
+                    .max_messages(limit)
+                    .max_bytes(self.page_max_bytes)
+                    .messages()
+                    .await
+            }
             Some(w) => {
                 self.consumer
                     .batch()
                     .max_messages(limit)
+                    .max_bytes(self.page_max_bytes)
                     .expires(w)
                     .messages()
                     .await
             }
         }
         .map_err(|e| unavailable("fetch", e))?;
-        stream
-            .try_collect()
-            .await
-            .map_err(|e| unavailable("fetch", e))
+        let mut stream = std::pin::pin!(stream);
+        let mut msgs = Vec::new();
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(m) => msgs.push(m),
+                // The server ends a pull at its byte budget with this status: the page
+                // is what came before it.
+                Err(e) if e.to_string().contains("Exceeds MaxBytes") => break,
+                Err(e) => return Err(unavailable("fetch", e)),
+            }
+        }
+        Ok(msgs)
     }
 
     /// One page: whatever is ready now, else wait for the first fact up to `wait`.

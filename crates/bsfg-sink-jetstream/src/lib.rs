@@ -43,7 +43,7 @@ use tokio::sync::{RwLock, mpsc, oneshot};
 
 pub use append::PublishMode;
 pub use component::JetStreamSink;
-pub use config::{ConsumerConfig, JetStreamConfig, StreamClass};
+pub use config::{ConsumerConfig, JetStreamConfig, NatsAuth, NatsTls, StreamClass};
 pub use durability::Durability;
 pub use error::SinkError;
 pub use usage::IndexUsage;
@@ -94,8 +94,7 @@ fn check_fact_size(config: &JetStreamConfig, max_payload: usize) -> Result<(), S
 /// nothing when there is none. Every gateway of the zone must be stopped.
 pub async fn migrate_index(config: &JetStreamConfig) -> Result<migrate::Migration, SinkError> {
     validate_config(config)?;
-    let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}-migrate", config.zone));
-    let (client, js, _) = connect_client(config, options).await?;
+    let (client, js, _) = connect_client(config, "migrate", None).await?;
     migrate::migrate(&js, &client, config).await
 }
 
@@ -107,10 +106,7 @@ pub async fn check_server(
     config: &JetStreamConfig,
     timeout: std::time::Duration,
 ) -> Result<usize, SinkError> {
-    let options = async_nats::ConnectOptions::new()
-        .name(format!("bsfg-{}-check", config.zone))
-        .connection_timeout(timeout);
-    let (_, js, max_payload) = connect_client(config, options).await?;
+    let (_, js, max_payload) = connect_client(config, "check", Some(timeout)).await?;
     // A zone of an earlier layout is refused at start-up: say so here too.
     index::refuse_old(&js, &config.zone).await?;
     Ok(max_payload)
@@ -121,8 +117,17 @@ pub async fn check_server(
 /// zone's domain and that `max_payload`.
 async fn connect_client(
     config: &JetStreamConfig,
-    options: async_nats::ConnectOptions,
+    role: &str,
+    timeout: Option<std::time::Duration>,
 ) -> Result<(async_nats::Client, jetstream::Context, usize), SinkError> {
+    let name = match role {
+        "" => format!("bsfg-{}", config.zone),
+        r => format!("bsfg-{}-{r}", config.zone),
+    };
+    let mut options = connect_options(config).await?.name(name);
+    if let Some(t) = timeout {
+        options = options.connection_timeout(t);
+    }
     let client = options
         .connect(&config.url)
         .await
@@ -137,6 +142,50 @@ async fn connect_client(
         None => jetstream::new(client.clone()),
     };
     Ok((client, js, max_payload))
+}
+
+/// The connection's credentials and TLS, from [`JetStreamConfig::auth`] and
+/// [`JetStreamConfig::tls`]; the secret files are read here, each time.
+async fn connect_options(
+    config: &JetStreamConfig,
+) -> Result<async_nats::ConnectOptions, SinkError> {
+    let unreadable = |what: &str, path: &std::path::Path, e: std::io::Error| {
+        SinkError::Config(format!("cannot read the {what} {}: {e}", path.display()))
+    };
+    let mut options = match &config.auth {
+        NatsAuth::None => async_nats::ConnectOptions::new(),
+        NatsAuth::Credentials(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| unreadable("NATS credentials file", path, e))?,
+        NatsAuth::NkeySeedFile(path) => {
+            let seed = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| unreadable("nkey seed file", path, e))?;
+            async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
+        }
+        NatsAuth::UserPassword {
+            user,
+            password_file,
+        } => {
+            let password = tokio::fs::read_to_string(password_file)
+                .await
+                .map_err(|e| unreadable("NATS password file", password_file, e))?;
+            async_nats::ConnectOptions::with_user_and_password(
+                user.clone(),
+                password.trim_end().to_owned(),
+            )
+        }
+    };
+    if let Some(tls) = &config.tls {
+        options = options.require_tls(true);
+        if let Some(ca) = &tls.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &tls.client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    Ok(options)
 }
 
 fn validate_config(cfg: &JetStreamConfig) -> Result<(), SinkError> {
@@ -204,8 +253,7 @@ impl JetStreamZone {
     /// durability, and starts the append pipeline.
     pub async fn connect(config: JetStreamConfig) -> Result<Self, SinkError> {
         validate_config(&config)?;
-        let options = async_nats::ConnectOptions::new().name(format!("bsfg-{}", config.zone));
-        let (client, js, max_payload) = connect_client(&config, options).await?;
+        let (client, js, max_payload) = connect_client(&config, "", None).await?;
         index::refuse_old(&js, &config.zone).await?;
         let mut log = streams::ensure(&js, index::stream_config(&config)).await?;
         let created = log
@@ -405,7 +453,13 @@ impl JetStreamZone {
             .iter()
             .find(|k| k.name == c.class)
             .ok_or_else(|| SinkError::Config(format!("class `{}` is not configured", c.class)))?;
-        let handle = fetch::ensure(&self.log, c, class.stream_name()).await?;
+        let handle = fetch::ensure(
+            &self.log,
+            c,
+            class.stream_name(),
+            fetch::page_budget(self.config.max_fact_bytes),
+        )
+        .await?;
         self.consumers
             .write()
             .await

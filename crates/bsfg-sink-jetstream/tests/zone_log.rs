@@ -777,3 +777,49 @@ async fn an_index_horizon_shorter_than_a_class_retention_is_refused_before_anyth
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     assert!(js.get_stream("bsfg_index").await.is_err());
 }
+
+#[tokio::test]
+async fn a_page_of_large_facts_loads_no_more_than_its_byte_budget_and_the_rest_follows() {
+    let nats = server();
+    let mut cfg = config(&nats);
+    // A budget of 2 x 100 000 + 64 KiB: two or three facts of ~90 kB per page.
+    cfg.max_fact_bytes = Some(100_000);
+    let z = zone(cfg).await;
+    let api = engine(&z);
+    let big = "x".repeat(90_000);
+    for i in 0..20 {
+        let mut m = fact(&format!("big:{i}"), i);
+        m.fact.object_json = format!(r#"{{"blob":"{big}","i":{i}}}"#);
+        api.append_fact(m).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 20 {
+        let page = api
+            .fetch_facts(req("enterprise-pull", 1000, 0))
+            .await
+            .unwrap();
+        assert!(
+            !page.facts.is_empty(),
+            "every page carries at least one fact"
+        );
+        let bytes: usize = page
+            .facts
+            .iter()
+            .map(|f| f.message.fact.object_json.len())
+            .sum();
+        assert!(
+            page.facts.len() <= 3 && bytes <= 2 * 100_000 + 64 * 1024,
+            "{} facts, {bytes} bytes in one page",
+            page.facts.len()
+        );
+        let last = page.facts.last().unwrap().offset;
+        seen.extend(
+            page.facts
+                .iter()
+                .map(|f| f.message.envelope.message_id.clone()),
+        );
+        api.confirm_receipt("enterprise-pull", last).await.unwrap();
+    }
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!((seen.len(), unique.len()), (20, 20));
+}

@@ -111,9 +111,16 @@ impl Listen for GrpcListen {
             };
             let config = self.config.clone();
             let serve = async move {
-                crate::serve(ctx.gate, config, incoming, ctx.served, ctx.stopped)
-                    .await
-                    .map_err(|e| ComponentError::new("serving gRPC", e))
+                crate::serve(
+                    ctx.gate,
+                    config,
+                    incoming,
+                    ctx.served,
+                    ctx.ready,
+                    ctx.stopped,
+                )
+                .await
+                .map_err(|e| ComponentError::new("serving gRPC", e))
             }
             .boxed();
             Ok(Serving {

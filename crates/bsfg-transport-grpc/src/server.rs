@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bsfg_core::component::ServeLimits;
+use bsfg_core::component::{Readiness, ServeLimits};
 use bsfg_core::{BoundaryError, Caller, FetchRequest, Gate, Message};
 use bsfg_proto::transfer::{fit_page, object_body, read_parts};
 use bsfg_proto::v1::{
@@ -515,6 +515,30 @@ impl<S> tower::Layer<S> for ObserveLayer {
     }
 }
 
+/// Sets the server's (`""`) and the Boundary service's health.
+async fn set_health(health: &tonic_health::server::HealthReporter, ready: bool) {
+    let status = match ready {
+        true => tonic_health::ServingStatus::Serving,
+        false => tonic_health::ServingStatus::NotServing,
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <BoundaryServer<BoundaryService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Stops a background task when the serving future ends or is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Binds `addr` (port 0 picks a free port) and returns the listener and its address.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
     let l = TcpListener::bind(addr)
@@ -529,17 +553,30 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeEr
 /// Serves `gate` on `incoming` until `shutdown` resolves, then stops accepting and
 /// waits for the requests in flight to finish (graceful). Every refused request is
 /// counted in `stats` and logged with its peer.
+///
+/// The standard health service (`grpc.health.v1.Health`) answers `SERVING` for the
+/// whole server (`""`) and for `bsfg.v1.Boundary` while `ready` says so, and
+/// `NOT_SERVING` otherwise (the zone's store does not answer, or it is stopping);
+/// `Watch` streams every change.
 pub async fn serve(
     gate: Gate,
     config: ServerConfig,
     incoming: Incoming,
     stats: Arc<ServeStats>,
+    ready: Readiness,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<BoundaryServer<BoundaryService>>()
-        .await;
+    set_health(&health, ready.is_ready()).await;
+    let mirror = tokio::spawn({
+        let mut ready = ready;
+        async move {
+            while let Some(now) = ready.changed().await {
+                set_health(&health, now).await;
+            }
+        }
+    });
+    let _mirror = AbortOnDrop(mirror);
     // Both reflection versions: grpcurl, Postman and grpcio still speak v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -141,10 +141,21 @@ pub async fn read_raw(recv: &mut RecvStream, max: usize) -> Result<Option<Bytes>
     if size > max {
         return Err(WireError::TooLarge { size, max });
     }
-    let mut buf = BytesMut::zeroed(size);
-    recv.read_exact(&mut buf).await.map_err(read_error)?;
+    // The buffer grows with the bytes that arrive, not with the size announced: a
+    // peer that announces a large frame and stalls pins no more than it sent.
+    let mut buf = BytesMut::with_capacity(size.min(READ_CHUNK));
+    while buf.len() < size {
+        match recv.read_chunk(size - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(WireError::Truncated),
+            Err(e) => return Err(WireError::Stream(e.to_string())),
+        }
+    }
     Ok(Some(buf.freeze()))
 }
+
+/// What a frame's buffer starts with before its bytes arrive.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// Reads and decodes one frame; `None` when the stream ended cleanly before it.
 pub async fn read_frame<M: prost::Message + Default>(

@@ -217,6 +217,7 @@ impl Listen for UnixListen {
                     config,
                     Incoming::Peers(conns),
                     ctx.served,
+                    ctx.ready,
                     ctx.stopped,
                 )
                 .await

@@ -65,6 +65,7 @@ impl Served {
             ServerConfig::default(),
             bsfg_transport_grpc::Incoming::Plain(listener),
             Default::default(),
+            bsfg_core::component::Readiness::always(),
             async {
                 let _ = stop_rx.await;
             },

@@ -104,13 +104,20 @@ impl Gateway {
         }
     }
 
+    /// `bsfg --url <this gateway> <args>`, with this zone's admin token file (when
+    /// its config has one) in `BSFG_ADMIN_TOKEN_FILE`.
     pub fn bsfg(&self, args: &[&str]) -> Output {
-        Command::new(BSFG)
-            .arg("--url")
-            .arg(&self.url)
-            .args(args)
-            .output()
-            .unwrap()
+        let mut cmd = Command::new(BSFG);
+        let token = admin_token_file(&self.config);
+        if token.exists() {
+            cmd.env("BSFG_ADMIN_TOKEN_FILE", token);
+        }
+        cmd.arg("--url").arg(&self.url).args(args).output().unwrap()
+    }
+
+    /// The admin token file of this gateway's zone ([`ZoneFile::admin`]).
+    pub fn admin_token_file(&self) -> PathBuf {
+        admin_token_file(&self.config)
     }
 }
 
@@ -225,6 +232,14 @@ pub fn nats_for(domain: &str) -> NatsServer {
     .unwrap()
 }
 
+/// The admin token every test zone with an admin endpoint has.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123456789";
+
+/// Where [`ZoneFile::write`] puts the admin token of the zone file `config`.
+pub fn admin_token_file(config: &Path) -> PathBuf {
+    config.with_file_name("admin.token")
+}
+
 /// A zone's TOML file, section by section: the one template of the binary tests.
 /// Starts with `[zone]` and a JetStream `[sink]` on `nats` (its domain, if it has
 /// one, and its monitoring endpoint).
@@ -272,9 +287,15 @@ impl ZoneFile {
         ))
     }
 
-    /// The admin endpoint on loopback `port`.
+    /// The admin endpoint on loopback `port`, its token ([`ADMIN_TOKEN`]) in
+    /// `admin.token` beside the file.
     pub fn admin(self, port: u16) -> ZoneFile {
-        self.section(&format!("[admin]\nlisten = \"127.0.0.1:{port}\""))
+        self.admin_keys(port, "token_file = \"admin.token\"")
+    }
+
+    /// The admin endpoint on loopback `port` with these other keys.
+    pub fn admin_keys(self, port: u16, keys: &str) -> ZoneFile {
+        self.section(&format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n{keys}"))
     }
 
     /// A link `name` pulling `consumer` from `source`, retrying within 50 ms..1 s,
@@ -300,7 +321,17 @@ impl ZoneFile {
 
     /// Writes it to `path` and returns `path`.
     pub fn write(&self, path: &Path) -> PathBuf {
-        std::fs::write(path, self.text()).unwrap();
+        let text = self.text();
+        if text.contains("token_file = \"admin.token\"") {
+            let token = admin_token_file(path);
+            std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+        }
+        std::fs::write(path, text).unwrap();
         path.to_path_buf()
     }
 }
