@@ -326,6 +326,10 @@ pub struct ServeLimits {
     pub max_object_bytes: u64,
     /// Concurrent calls per connection. Default 256.
     pub max_concurrent_streams: u32,
+    /// Connections one peer identity may hold open at once on this listener (more are
+    /// refused at the handshake): with `max_concurrent_streams` and the transport's
+    /// flow-control windows, what one peer can make the gateway buffer. Default 8.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ServeLimits {
@@ -338,6 +342,7 @@ impl Default for ServeLimits {
             handshake_timeout: Duration::from_secs(10),
             max_object_bytes: 4 * 1024 * 1024 * 1024,
             max_concurrent_streams: 256,
+            max_connections_per_peer: 8,
         }
     }
 }

@@ -32,7 +32,9 @@
 //! and `bsfg_object_failures_total{operation}` (put_object, head_object, get_object).
 //! Security (label `zone`):
 //! `bsfg_certificate_expiry_timestamp_seconds{endpoint,role,name}`,
-//! `bsfg_tls_handshake_failures_total{endpoint,reason}`, `bsfg_tls_reloads_total`,
+//! `bsfg_tls_handshake_failures_total{endpoint,reason}` (`too_many_connections`: a
+//! peer identity at its `max_connections_per_peer`),
+//! `bsfg_tls_connections_revoked_total{endpoint}`, `bsfg_tls_reloads_total`,
 //! `bsfg_tls_reload_failures_total`, `bsfg_authz_denials_total{peer,operation}`,
 //! `bsfg_requests_refused_total{listener,peer,code}`. Policies (labels `zone`,
 //! `policy`): decisions, faults, fail-open, reloads, broken, instantiations, and
@@ -621,6 +623,19 @@ impl Collector {
             "bsfg_tls_handshake_failures",
             "TLS handshakes refused or failed, by endpoint and reason (unknown_ca, expired_certificate, not_tls, handshake_timeout, ...).",
             &handshakes,
+        )?;
+        let revoked: Vec<(Labels, ConstCounter<u64>)> = self
+            .security
+            .tls
+            .revoked()
+            .into_iter()
+            .map(|(endpoint, n)| (vec![zone(), ("endpoint", endpoint)], ConstCounter::new(n)))
+            .collect();
+        family(
+            e,
+            "bsfg_tls_connections_revoked",
+            "Open connections closed because a certificate reload left their peer untrusted (an anchor removed or replaced), by endpoint.",
+            &revoked,
         )?;
         family(
             e,

@@ -163,6 +163,7 @@ const LISTENER_KEYS: &[&str] = &[
     "max_message_bytes",
     "max_fetch_wait",
     "max_concurrent_streams",
+    "max_connections_per_peer",
     "request_timeout",
     "idle_timeout",
     "handshake_timeout",
@@ -177,6 +178,7 @@ struct RawListener {
     max_message_bytes: Option<Spanned<usize>>,
     max_fetch_wait: Option<Spanned<String>>,
     max_concurrent_streams: Option<Spanned<u32>>,
+    max_connections_per_peer: Option<Spanned<usize>>,
     request_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     handshake_timeout: Option<Spanned<String>>,
@@ -1089,6 +1091,12 @@ fn serve_limits(c: &mut Checks, rl: &RawListener, i: usize, zone: &Limits) -> Se
         &key("max_concurrent_streams"),
         1,
         l.max_concurrent_streams,
+    );
+    l.max_connections_per_peer = c.at_least(
+        &rl.max_connections_per_peer,
+        &key("max_connections_per_peer"),
+        1,
+        l.max_connections_per_peer,
     );
     l
 }

@@ -795,7 +795,7 @@ listen = "127.0.0.1:{admin}"
         .connect(&format!("127.0.0.1:{}", p.tls_port), "127.0.0.1")
         .await
         .unwrap();
-    let served = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let served = s.get_ref().get_ref().1.peer_certificates().unwrap()[0].clone();
     let (_, c) = x509_parser::parse_x509_certificate(&served).unwrap();
     assert_eq!(c.validity().not_after.timestamp(), new_server);
 
@@ -841,4 +841,97 @@ fn the_three_zone_example_validates_with_the_certificates_make_certs_makes() {
             text(&o.stderr)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn withdrawing_the_source_ca_stops_a_running_link_within_the_reload_interval_and_restoring_it_resumes()
+ {
+    let p = plant();
+    let nats = NatsServer::start().unwrap();
+    let [plain, admin] = free_ports();
+    // The idmz trusts the plant through its own copy of the plant CA.
+    let trust = p.dir.path().join("idmz-trust");
+    std::fs::create_dir_all(&trust).unwrap();
+    let plant_ca = std::fs::read(p.dir.path().join("plant/ca.pem")).unwrap();
+    std::fs::write(trust.join("plant-ca.pem"), &plant_ca).unwrap();
+    let cfg = ZoneFile::new("idmz", &nats)
+        .consumer("check", "operational")
+        .plaintext(plain)
+        .link(
+            "from-plant",
+            &format!("grpcs://127.0.0.1:{}", p.tls_port),
+            "to-idmz",
+            "ca = \"plant\"\nclasses = [\"operational\"]\nwait = \"200ms\"\nrequest_timeout = \"3s\"",
+        )
+        .section(
+            r#"[tls]
+cert = "idmz/idmz-bsfg.pem"
+key = "idmz/idmz-bsfg.key"
+reload_interval = "1s"
+trust = { plant = "idmz-trust/plant-ca.pem", idmz = "idmz/ca.pem" }"#,
+        )
+        .admin(admin)
+        .write(&p.dir.path().join("idmz.toml"));
+    let _idmz = Gateway::spawn(cfg, format!("grpc://127.0.0.1:{plain}"));
+    let stored = || {
+        let s = common::admin_status(admin);
+        let l = &s["links"][0];
+        (
+            l["facts_stored"].as_u64().unwrap_or(0),
+            l["state"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+
+    let producer = {
+        let local = p.local();
+        tokio::spawn(async move {
+            for i in 0..400 {
+                local
+                    .append_fact(fixtures::step_completed(&format!("rev-{i}"), i))
+                    .await
+                    .unwrap();
+                if i % 10 == 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+    };
+    bsfg_testkit::eventually_blocking("replication to start", Duration::from_secs(20), || {
+        let (n, _) = stored();
+        (n >= 50).then_some(()).ok_or(format!("{n}"))
+    });
+
+    // Withdraw the plant CA on the idmz: the open connection is closed at the next
+    // reload (1 s), the link's reconnect is refused, and nothing more is stored.
+    std::fs::write(trust.join("plant-ca.pem"), "").unwrap();
+    let started = Instant::now();
+    let link = [("endpoint", "link:from-plant")];
+    assert!(counter(admin, "bsfg_tls_connections_revoked_total", &link, 1) >= 1);
+    bsfg_testkit::eventually_blocking("the link to back off", Duration::from_secs(10), || {
+        match stored() {
+            (_, s) if s == "backing_off" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let stopped_after = started.elapsed();
+    assert!(counter(admin, "bsfg_tls_handshake_failures_total", &link, 1) >= 1);
+    let (held, _) = stored();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        stored().0,
+        held,
+        "nothing crosses while the CA is withdrawn"
+    );
+    assert!(held < 400, "the link stopped mid-stream ({held} stored)");
+    assert!(
+        stopped_after < Duration::from_secs(8),
+        "stopped {stopped_after:?} after the withdrawal"
+    );
+
+    // Restored: the link resumes and every fact arrives once.
+    std::fs::write(trust.join("plant-ca.pem"), &plant_ca).unwrap();
+    producer.await.unwrap();
+    let ids = ids_at(&format!("grpc://127.0.0.1:{plain}"), "check", 400);
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (400, 400));
 }

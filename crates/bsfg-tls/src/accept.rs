@@ -20,6 +20,9 @@ pub struct Accepted {
     pub peer: PeerIdentity,
     /// The peer's address.
     pub remote: SocketAddr,
+    /// Keeps the connection registered with its endpoint (closed when a reload leaves
+    /// its peer untrusted; counted against the peer's cap); drop it with the stream.
+    pub guard: Option<crate::LiveGuard>,
 }
 
 /// A stable name for why a handshake failed, for logs and the metric label.
@@ -107,14 +110,17 @@ pub fn alert_reason(code: u8, detail: &str, sent: bool) -> &'static str {
 
 /// Accepts TCP connections on `listener` and completes TLS handshakes concurrently
 /// (at most `max_handshakes` at once, each within `handshake_timeout`). Authenticated
-/// connections come out of the returned channel; every failure is logged with the
-/// peer's address and counted by reason in the endpoint's [`crate::TlsStats`]. The
-/// accept task ends when the receiver is dropped.
+/// connections come out of the returned channel, each registered with the endpoint
+/// (a peer identity holding `max_per_peer` connections already is refused:
+/// `too_many_connections`); every failure is logged with the peer's address and
+/// counted by reason in the endpoint's [`crate::TlsStats`]. The accept task ends when
+/// the receiver is dropped.
 pub fn accept(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     handshake_timeout: Duration,
     max_handshakes: usize,
+    max_per_peer: usize,
 ) -> mpsc::Receiver<Accepted> {
     let (tx, rx) = mpsc::channel(16);
     let permits = Arc::new(Semaphore::new(max_handshakes.max(1)));
@@ -142,6 +148,7 @@ pub fn accept(
                 let _permit = permit;
                 // Without TCP_NODELAY small replies wait for delayed ACKs (~40 ms).
                 let _ = tcp.set_nodelay(true);
+                let closer = crate::tcp_closer(&tcp);
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
                 let r = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(r) => r,
@@ -164,12 +171,38 @@ pub fn accept(
                     tracing::warn!(endpoint = %tls.endpoint, %remote, reason = "no_identity", "peer certificate carries no identity (no DNS name or common name)");
                     return;
                 };
+                let guard = match closer {
+                    Some(close) => {
+                        let chain = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                            .unwrap_or_default();
+                        let presented = crate::Presented {
+                            chain,
+                            server_name: None,
+                            identity: Some(peer.identity.clone()),
+                        };
+                        match tls.admit(presented, close, Some(max_per_peer)) {
+                            Ok(g) => Some(g),
+                            Err(e) => {
+                                tls.stats
+                                    .handshake_failed(&tls.endpoint, "too_many_connections");
+                                tracing::warn!(endpoint = %tls.endpoint, %remote, peer = %peer.identity, reason = "too_many_connections", error = %e, "connection refused");
+                                return;
+                            }
+                        }
+                    }
+                    None => None,
+                };
                 tracing::debug!(endpoint = %tls.endpoint, %remote, peer = %peer.identity, anchor = ?peer.anchor, "peer authenticated");
                 let _ = tx
                     .send(Accepted {
                         stream,
                         peer,
                         remote,
+                        guard,
                     })
                     .await;
             });

@@ -15,6 +15,12 @@
 //!   previous configuration stays; every reload and failure is logged and counted;
 //! - each certificate's expiry is exposed ([`Expiry`]) for a metric.
 //!
+//! - every connection is registered with its endpoint ([`Tls::admit`]) with the chain
+//!   its peer presented; after each reload the chains are checked again against the
+//!   new anchors and the connections whose peer is no longer trusted are closed
+//!   (revocation takes effect within the reload interval, not at the next
+//!   reconnect); a listener caps the connections of each peer identity.
+//!
 //! Transports use [`ServerTls`] / [`ClientTls`]; for TCP, [`accept`] runs handshakes
 //! concurrently, each under a deadline, and classifies every failure.
 
@@ -27,14 +33,18 @@ use std::time::Duration;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 
 mod accept;
+mod live;
 pub use accept::{Accepted, accept, alert_reason, failure_reason};
+pub use live::{Closer, LiveGuard, Presented, TooManyConnections, Tracked, tcp_closer};
 
 /// ALPN protocol of gRPC over TLS.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -131,6 +141,7 @@ pub struct TlsStats {
     handshake_failures: Mutex<BTreeMap<(String, &'static str), u64>>,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+    revoked: Mutex<BTreeMap<String, u64>>,
 }
 
 impl TlsStats {
@@ -154,6 +165,11 @@ impl TlsStats {
     /// Changed files that could not be loaded (the previous config stayed).
     pub fn reload_failures(&self) -> u64 {
         self.reload_failures.load(Ordering::Relaxed)
+    }
+    /// Open connections closed because a reload left their peer untrusted, by
+    /// endpoint.
+    pub fn revoked(&self) -> BTreeMap<String, u64> {
+        self.revoked.lock().map(|m| m.clone()).unwrap_or_default()
     }
 }
 
@@ -230,7 +246,9 @@ struct Material {
 }
 
 impl Material {
-    fn load(files: &TlsFiles) -> Result<Material, TlsError> {
+    /// Loads the files. Every anchor file may be empty only where `allow_no_anchor`
+    /// (a client then refuses every server); otherwise at least one must hold a CA.
+    fn load(files: &TlsFiles, allow_no_anchor: bool) -> Result<Material, TlsError> {
         let mut h = Sha256::new();
         let cert_bytes = read(&files.cert)?;
         let key_bytes = read(&files.key)?;
@@ -258,6 +276,12 @@ impl Material {
         for a in &files.trust {
             let bytes = read(&a.path)?;
             h.update(&bytes);
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                // Emptied on purpose: the anchor is withdrawn until its file holds a
+                // certificate again (its peers are refused, open connections closed).
+                tracing::warn!(anchor = %a.name, path = %a.path.display(), "trust anchor file is empty: the anchor is withdrawn and its peers are refused");
+                continue;
+            }
             for ca in certs(&a.path, &bytes)? {
                 roots.add(ca.clone()).map_err(|e| TlsError::Material {
                     path: a.path.clone(),
@@ -270,6 +294,12 @@ impl Material {
                 });
                 anchors.push((a.name.clone(), ca));
             }
+        }
+        if anchors.is_empty() && !allow_no_anchor {
+            return Err(TlsError::Material {
+                path: files.trust[0].path.clone(),
+                rule: "every trust anchor file is empty: no peer could be verified".into(),
+            });
         }
         Ok(Material {
             chain,
@@ -360,11 +390,60 @@ impl ClientCertVerifier for LoggingVerifier {
     }
 }
 
+/// Checks again what a connection's peer presented, against one loaded configuration.
+type Recheck = Box<dyn Fn(&Presented) -> Result<(), rustls::Error> + Send + Sync>;
+
+/// The verifier of a client whose every trust anchor is withdrawn: it trusts no
+/// server (`unknown_ca`).
+#[derive(Debug)]
+struct RefuseAll;
+
+impl rustls::client::danger::ServerCertVerifier for RefuseAll {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ))
+    }
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ))
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 struct Loaded<C> {
     config: Arc<C>,
     anchors: Vec<(String, CertificateDer<'static>)>,
     fingerprint: [u8; 32],
     expiries: Vec<Expiry>,
+    recheck: Recheck,
 }
 
 /// Something whose files can change under it.
@@ -393,6 +472,8 @@ pub struct Tls<C> {
     /// Fingerprint of the last set of files that failed to load: not retried (nor
     /// logged again) until they change once more.
     rejected: Mutex<Option<[u8; 32]>>,
+    /// Connections open through this endpoint.
+    live: Arc<live::Registry>,
 }
 
 /// The TLS side of a listener: requires and verifies client certificates.
@@ -418,7 +499,37 @@ impl<C> Tls<C> {
             build,
             current: RwLock::new(Arc::new(loaded)),
             rejected: Mutex::new(None),
+            live: Arc::default(),
         }))
+    }
+
+    /// Registers an open connection with what its peer presented and how to close it,
+    /// unless the peer's identity already holds `max_per_identity` connections here.
+    /// The connection stays registered while the guard lives; after every reload it
+    /// is checked again and closed if its peer is no longer trusted.
+    pub fn admit(
+        &self,
+        presented: Presented,
+        close: Closer,
+        max_per_identity: Option<usize>,
+    ) -> Result<LiveGuard, TooManyConnections> {
+        self.live.admit(presented, close, max_per_identity)
+    }
+
+    /// Connections registered now.
+    pub fn open_connections(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Closes every open connection whose peer `loaded` no longer trusts; counted and
+    /// logged.
+    fn revoke_untrusted(&self, loaded: &Loaded<C>) {
+        for (who, why) in self.live.revoke(&loaded.recheck) {
+            if let Ok(mut m) = self.stats.revoked.lock() {
+                *m.entry(self.endpoint.clone()).or_default() += 1;
+            }
+            tracing::warn!(endpoint = %self.endpoint, peer = %who, error = %why, "connection closed: its peer is no longer trusted after the reload");
+        }
     }
 
     fn loaded(&self) -> Arc<Loaded<C>> {
@@ -474,12 +585,14 @@ impl<C: Send + Sync> Reloadable for Tls<C> {
             Ok(None) => Ok(false),
             Ok(Some(loaded)) => {
                 let expiry = loaded.expiries.first().map(|e| e.not_after_unix);
+                let loaded = Arc::new(loaded);
                 match self.current.write() {
-                    Ok(mut g) => *g = Arc::new(loaded),
-                    Err(p) => *p.into_inner() = Arc::new(loaded),
+                    Ok(mut g) => *g = loaded.clone(),
+                    Err(p) => *p.into_inner() = loaded.clone(),
                 }
                 self.stats.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(endpoint, cert_not_after_unix = ?expiry, "TLS certificates reloaded; new connections use them");
+                self.revoke_untrusted(&loaded);
                 Ok(true)
             }
             Err(e) => {
@@ -502,14 +615,23 @@ fn build_server(
     alpn: &[Vec<u8>],
     endpoint: &str,
 ) -> Result<Loaded<rustls::ServerConfig>, TlsError> {
-    let m = Material::load(files)?;
+    let m = Material::load(files, false)?;
     let webpki = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let verifier = Arc::new(LoggingVerifier {
-        inner: webpki,
+        inner: webpki.clone(),
         from: files.identity_from,
         endpoint: endpoint.to_owned(),
+    });
+    let recheck: Recheck = Box::new(move |p: &Presented| {
+        let (leaf, rest) = p
+            .chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        webpki
+            .verify_client_cert(leaf, rest, UnixTime::now())
+            .map(|_| ())
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -523,6 +645,7 @@ fn build_server(
         anchors: m.anchors,
         fingerprint: m.fingerprint,
         expiries: m.expiries,
+        recheck,
     })
 }
 
@@ -531,10 +654,33 @@ fn build_client(
     alpn: &[Vec<u8>],
     _endpoint: &str,
 ) -> Result<Loaded<rustls::ClientConfig>, TlsError> {
-    let m = Material::load(files)?;
+    let m = Material::load(files, true)?;
+    // Every anchor withdrawn: no server is trusted until one comes back.
+    let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = if m.roots.is_empty() {
+        Arc::new(RefuseAll)
+    } else {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(m.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?
+    };
+    let webpki = verifier.clone();
+    let recheck: Recheck = Box::new(move |p: &Presented| {
+        let (leaf, rest) = p
+            .chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let name = p
+            .server_name
+            .as_ref()
+            .ok_or(rustls::Error::General("no server name".into()))?;
+        webpki
+            .verify_server_cert(leaf, rest, name, &[], UnixTime::now())
+            .map(|_| ())
+    });
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(m.roots.clone())
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(m.chain, m.key)?;
     config.alpn_protocols = alpn.to_vec();
     config.enable_early_data = false;
@@ -543,6 +689,7 @@ fn build_client(
         anchors: m.anchors,
         fingerprint: m.fingerprint,
         expiries: m.expiries,
+        recheck,
     })
 }
 
@@ -578,12 +725,14 @@ impl Tls<rustls::ClientConfig> {
     }
 
     /// Dials `addr` over TCP (no Nagle delay) and completes a TLS 1.3 handshake that
-    /// verifies the server as `server_name` (a DNS name or an IP address).
+    /// verifies the server as `server_name` (a DNS name or an IP address). The
+    /// connection is registered with this endpoint while the stream lives, and closed
+    /// when a reload leaves the server untrusted.
     pub async fn connect(
         &self,
         addr: &str,
         server_name: &str,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    ) -> std::io::Result<Tracked<tokio_rustls::client::TlsStream<TcpStream>>> {
         let name = ServerName::try_from(server_name.to_owned()).map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -592,15 +741,34 @@ impl Tls<rustls::ClientConfig> {
         })?;
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        let closer = tcp_closer(&tcp);
         let r = tokio_rustls::TlsConnector::from(self.config())
-            .connect(name, tcp)
+            .connect(name.clone(), tcp)
             .await;
-        if let Err(e) = &r {
-            let reason = failure_reason(e);
-            self.stats.handshake_failed(&self.endpoint, reason);
-            tracing::warn!(endpoint = %self.endpoint, %addr, server_name, reason, error = %e, "TLS handshake with the server failed");
-        }
-        r
+        let stream = match r {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = failure_reason(&e);
+                self.stats.handshake_failed(&self.endpoint, reason);
+                tracing::warn!(endpoint = %self.endpoint, %addr, server_name, reason, error = %e, "TLS handshake with the server failed");
+                return Err(e);
+            }
+        };
+        let guard = closer.and_then(|close| {
+            let chain = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let presented = Presented {
+                chain,
+                server_name: Some(name),
+                identity: None,
+            };
+            self.admit(presented, close, None).ok()
+        });
+        Ok(Tracked::new(stream, guard))
     }
 }
 
@@ -738,6 +906,124 @@ mod tests {
         assert!(!Arc::ptr_eq(&before, &tls.config()));
         assert_eq!(stats.reloads(), 1);
         assert_eq!(tls.expiries().len(), 2);
+    }
+
+    /// Files of an endpoint with identity `name` from `own`, trusting `anchors`.
+    fn files_in(dir: &Path, own: &Ca, name: &str, anchors: &[(&str, &Ca)]) -> TlsFiles {
+        let (cert, key) = leaf(own, name, name);
+        let files = TlsFiles {
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+            trust: anchors
+                .iter()
+                .map(|(a, _)| Anchor {
+                    name: (*a).into(),
+                    path: dir.join(format!("{name}-trusts-{a}.pem")),
+                })
+                .collect(),
+            identity_from: IdentityFrom::San,
+        };
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        for (t, (_, ca)) in files.trust.iter().zip(anchors) {
+            std::fs::write(&t.path, &ca.pem).unwrap();
+        }
+        files
+    }
+
+    /// Reads until the connection ends; true when it ended within 5 s.
+    async fn ends(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reload_that_withdraws_an_anchor_closes_the_open_connections_of_its_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plant, idmz) = (ca("plant"), ca("idmz"));
+        let server_files = files_in(
+            dir.path(),
+            &plant,
+            "plant-bsfg",
+            &[("plant", &plant), ("idmz", &idmz)],
+        );
+        let client_files = files_in(
+            dir.path(),
+            &idmz,
+            "idmz-bsfg",
+            &[("plant", &plant), ("idmz", &idmz)],
+        );
+        let stats = Arc::new(TlsStats::default());
+        let server =
+            ServerTls::new(server_files.clone(), vec![], "listener", stats.clone()).unwrap();
+        let client = ClientTls::new(client_files.clone(), vec![], "link", stats.clone()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut accepted = accept(listener, server.clone(), Duration::from_secs(5), 4, 2);
+
+        // Server side: the idmz anchor is withdrawn; idmz's open connection closes.
+        let mut c1 = client.connect(&addr, "plant-bsfg").await.unwrap();
+        let a1 = accepted.recv().await.unwrap();
+        assert_eq!(a1.peer.identity, "idmz-bsfg");
+        assert_eq!(server.open_connections(), 1);
+        std::fs::write(&server_files.trust[1].path, "").unwrap();
+        assert!(server.reload_if_changed().unwrap());
+        assert!(
+            ends(&mut c1).await,
+            "the server closed the revoked peer's connection"
+        );
+        assert_eq!(stats.revoked().get("listener"), Some(&1));
+        drop(a1);
+        assert_eq!(
+            server.open_connections(),
+            0,
+            "a closed connection is forgotten"
+        );
+        // A new handshake from that CA is refused.
+        let mut refused = client.connect(&addr, "plant-bsfg").await.unwrap();
+        assert!(
+            ends(&mut refused).await,
+            "the handshake fails on the server"
+        );
+        // Put back: served again.
+        std::fs::write(&server_files.trust[1].path, &idmz.pem).unwrap();
+        assert!(server.reload_if_changed().unwrap());
+        let _c2 = client.connect(&addr, "plant-bsfg").await.unwrap();
+        let a2 = accepted.recv().await.unwrap();
+
+        // The cap: two connections per identity, a third is refused.
+        let _c3 = client.connect(&addr, "plant-bsfg").await.unwrap();
+        let _a3 = accepted.recv().await.unwrap();
+        let mut c4 = client.connect(&addr, "plant-bsfg").await.unwrap();
+        assert!(
+            ends(&mut c4).await,
+            "a third connection of one identity is refused"
+        );
+        assert!(
+            stats
+                .handshake_failures()
+                .contains_key(&("listener".to_owned(), "too_many_connections"))
+        );
+
+        // Client side: the link withdraws the plant anchor; its connections close.
+        drop((c1, refused, c4));
+        assert_eq!(
+            client.open_connections(),
+            2,
+            "the client's live connections"
+        );
+        std::fs::write(&client_files.trust[0].path, "\n").unwrap();
+        assert!(client.reload_if_changed().unwrap());
+        let mut a2 = a2.stream;
+        assert!(
+            ends(&mut a2).await,
+            "the client closed its connection to the revoked server"
+        );
+        assert_eq!(stats.revoked().get("link"), Some(&2));
     }
 
     #[test]

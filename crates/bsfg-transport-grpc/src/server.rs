@@ -620,10 +620,11 @@ pub async fn serve(
                 tls,
                 config.limits.handshake_timeout,
                 config.max_handshakes,
+                config.limits.max_connections_per_peer,
             );
             let conns = tokio_stream::wrappers::ReceiverStream::new(accepted).map(|a| {
                 Ok::<_, std::io::Error>(Conn {
-                    inner: a.stream,
+                    inner: bsfg_tls::Tracked::new(a.stream, a.guard),
                     info: PeerInfo {
                         caller: Caller::Peer {
                             identity: a.peer.identity,

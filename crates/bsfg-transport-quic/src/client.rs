@@ -44,7 +44,9 @@ struct Inner {
     tls: Arc<ClientTls>,
     config: ClientConfig,
     transport: Arc<quinn::TransportConfig>,
-    conn: tokio::sync::Mutex<Option<Connection>>,
+    /// The live connection and its registration with the TLS endpoint (closed when a
+    /// reload leaves the server untrusted).
+    conn: tokio::sync::Mutex<Option<(Connection, Option<bsfg_tls::LiveGuard>)>>,
     connects: AtomicU64,
 }
 
@@ -120,8 +122,8 @@ impl QuicClient {
     pub async fn connection_stats(&self) -> Option<quinn::ConnectionStats> {
         let g = self.inner.conn.lock().await;
         g.as_ref()
-            .filter(|c| c.close_reason().is_none())
-            .map(|c| c.stats())
+            .filter(|(c, _)| c.close_reason().is_none())
+            .map(|(c, _)| c.stats())
     }
 
     /// Moves the client to a new local UDP socket bound to `addr`, as when the host's
@@ -143,7 +145,7 @@ impl QuicClient {
     /// Closes the connection gracefully (the server sees an application close, not a
     /// timeout). The next call connects again.
     pub async fn close(&self) {
-        if let Some(c) = self.inner.conn.lock().await.take() {
+        if let Some((c, _)) = self.inner.conn.lock().await.take() {
             c.close(VarInt::from_u32(0), b"client closing");
         }
     }
@@ -152,7 +154,7 @@ impl QuicClient {
     async fn connection(&self) -> Result<Connection, BoundaryError> {
         let inner = &self.inner;
         let mut slot = inner.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
+        if let Some((c, _)) = slot.as_ref() {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
@@ -197,7 +199,34 @@ impl QuicClient {
         };
         inner.connects.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(url = %inner.url, %addr, "QUIC connection established");
-        *slot = Some(conn.clone());
+        let chain = conn
+            .peer_identity()
+            .and_then(|any| {
+                any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .map(|b| *b)
+            .unwrap_or_default();
+        let guard = rustls_pki_types::ServerName::try_from(inner.server_name.clone())
+            .ok()
+            .and_then(|name| {
+                let closer = {
+                    let conn = conn.clone();
+                    Box::new(move || {
+                        conn.close(
+                            VarInt::from_u32(crate::server::CLOSE_REVOKED),
+                            b"server no longer trusted",
+                        )
+                    })
+                };
+                let presented = bsfg_tls::Presented {
+                    chain,
+                    server_name: Some(name),
+                    identity: None,
+                };
+                inner.tls.admit(presented, closer, None).ok()
+            });
+        *slot = Some((conn.clone(), guard));
         Ok(conn)
     }
 

@@ -24,6 +24,10 @@ use crate::wire::{self, Op, STATUS_ERROR, STATUS_OK, WireError};
 pub const CLOSE_SHUTDOWN: u32 = 0;
 /// Application close code: the peer presented no usable identity.
 pub const CLOSE_UNAUTHENTICATED: u32 = 1;
+/// Application close code: a reload of the trust anchors left the peer untrusted.
+pub const CLOSE_REVOKED: u32 = 2;
+/// Application close code: the peer's identity holds as many connections as it may.
+pub const CLOSE_TOO_MANY: u32 = 3;
 
 /// Why a QUIC listener could not start.
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +252,31 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<Ctx>) {
             b"no authenticated peer",
         );
         return;
+    };
+    // Registered for revocation and counted against the identity's cap.
+    let presented = bsfg_tls::Presented {
+        chain: certs.unwrap_or_default(),
+        server_name: None,
+        identity: Some(peer.identity.clone()),
+    };
+    let closer = {
+        let conn = conn.clone();
+        Box::new(move || conn.close(VarInt::from_u32(CLOSE_REVOKED), b"peer no longer trusted"))
+    };
+    let _guard = match ctx.tls.admit(
+        presented,
+        closer,
+        Some(ctx.config.limits.max_connections_per_peer),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            ctx.tls
+                .stats()
+                .handshake_failed(endpoint, "too_many_connections");
+            tracing::warn!(endpoint, %remote, peer = %peer.identity, reason = "too_many_connections", error = %e, "QUIC connection refused");
+            conn.close(VarInt::from_u32(CLOSE_TOO_MANY), b"too many connections");
+            return;
+        }
     };
     let caller = Caller::Peer {
         identity: peer.identity,

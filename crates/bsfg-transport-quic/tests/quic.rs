@@ -510,3 +510,83 @@ async fn malformed_calls_get_a_clear_error_naming_the_field_and_the_listener_kee
     );
     g.stop().await;
 }
+
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_announcing_large_frames_on_every_stream_it_may_open_pins_little_memory() {
+    let p = pkis();
+    let mut g = plant(&p).await;
+    let tls = client_tls(&p, &p.idmz, "idmz-bsfg");
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.config()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let limits = bsfg_core::component::ServeLimits::default();
+    let c = client(&p, g.addr, ClientConfig::default());
+    c.append_fact(fact("before", 1)).await.unwrap();
+    let before = rss();
+
+    // As many connections as one identity may hold (the client above holds one),
+    // each with as many streams as the server allows; every stream announces a 16 MiB
+    // AppendFact frame, sends 1 KiB of it and stalls.
+    let mut held = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 1..limits.max_connections_per_peer {
+        let conn = endpoint
+            .connect(g.addr, "plant-bsfg")
+            .unwrap()
+            .await
+            .unwrap();
+        for _ in 0..limits.max_concurrent_streams {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            let mut head = vec![1u8];
+            head.extend_from_slice(&(16u32 << 20).to_be_bytes());
+            head.extend_from_slice(&[0u8; 1024]);
+            send.write_all(&head).await.unwrap();
+            held.push((send, recv));
+        }
+        conns.push(conn);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "{} streams announcing 16 MiB each grew the process by {} MiB",
+        held.len(),
+        grown >> 20
+    );
+
+    // One more connection of that identity is refused; other callers are served.
+    let extra = endpoint
+        .connect(g.addr, "plant-bsfg")
+        .unwrap()
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.closed())
+        .await
+        .expect("the connection over the cap is closed");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(a)
+            if a.error_code == quinn::VarInt::from_u32(bsfg_transport_quic::server::CLOSE_TOO_MANY)),
+        "{closed:?}"
+    );
+    assert!(
+        g.tls_stats
+            .handshake_failures()
+            .keys()
+            .any(|(_, r)| *r == "too_many_connections")
+    );
+    let ok = c.append_fact(fact("during", 2)).await.unwrap();
+    assert!(!ok.duplicate);
+    drop((held, conns));
+    g.stop().await;
+}
