@@ -843,6 +843,24 @@ fn the_three_zone_example_validates_with_the_certificates_make_certs_makes() {
     }
 }
 
+#[test]
+fn the_cluster_zone_example_validates_and_lists_every_node() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let config = repo.join("examples/cluster-zone/plant.toml");
+    let o = Command::new(BSFG)
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let out = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("nats://127.0.0.1:4221,nats://127.0.0.1:4222,nats://127.0.0.1:4223"),
+        "{out}"
+    );
+    assert!(!out.contains("URL is invalid"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn withdrawing_the_source_ca_stops_a_running_link_within_the_reload_interval_and_restoring_it_resumes()
  {

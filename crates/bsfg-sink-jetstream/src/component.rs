@@ -214,15 +214,15 @@ impl Sink for JetStreamSink {
         // Connect refuses a server that cannot hold a fact of this size with its headers.
         sink.max_fact_bytes = Some(zone.limits.max_fact_bytes);
         sink.max_id_bytes = zone.limits.max_id_bytes;
-        if !["nats://", "tls://"]
-            .iter()
-            .any(|p| js.url.get_ref().starts_with(p))
-        {
-            c.at(
-                js.url.span(),
-                "sink.url",
-                "must be a nats:// (or tls://) URL of the zone-local nats-server",
-            );
+        for url in js.url.get_ref().split(',').map(str::trim) {
+            let scheme = ["nats://", "tls://"].iter().any(|p| url.starts_with(p));
+            if !scheme || url.parse::<async_nats::ServerAddr>().is_err() {
+                c.at(
+                    js.url.span(),
+                    "sink.url",
+                    format!("`{url}` is not a nats:// (or tls://) URL of the zone's nats-server (several servers of a cluster: comma-separated)"),
+                );
+            }
         }
         connection(c, &zone.base_dir, &js, &mut sink);
         if let Some(d) = &js.domain {

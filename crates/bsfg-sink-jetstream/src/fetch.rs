@@ -217,9 +217,16 @@ impl ConsumerHandle {
         while let Some(m) = stream.next().await {
             match m {
                 Ok(m) => msgs.push(m),
-                // The server ends a pull at its byte budget with this status: the page
-                // is what came before it.
-                Err(e) if e.to_string().contains("Exceeds MaxBytes") => break,
+                // The server ends a pull with a byte budget by one of these statuses
+                // (the budget reached, or the request done): the page is what came
+                // before it.
+                Err(e)
+                    if ["Exceeds MaxBytes", "Batch Completed"]
+                        .iter()
+                        .any(|s| e.to_string().contains(s)) =>
+                {
+                    break;
+                }
                 Err(e) => return Err(unavailable("fetch", e)),
             }
         }

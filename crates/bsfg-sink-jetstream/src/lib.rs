@@ -128,8 +128,17 @@ async fn connect_client(
     if let Some(t) = timeout {
         options = options.connection_timeout(t);
     }
+    // A zone on a cluster lists several of its servers (comma-separated): the client
+    // connects to any and fails over to the others (and to those the cluster
+    // announces).
+    let servers = config
+        .url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| SinkError::Config(format!("url `{}`: {e}", config.url)))?;
     let client = options
-        .connect(&config.url)
+        .connect(servers)
         .await
         .map_err(|source| SinkError::Connect {
             url: config.url.clone(),

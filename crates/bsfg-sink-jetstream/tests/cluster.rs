@@ -80,12 +80,15 @@ async fn append_until_stored(api: &Boundary, id: &str, i: usize) {
 async fn a_zone_on_a_three_node_cluster_appends_and_replicates_through_sigkills_of_the_leader_and_another_node()
  {
     let mut nodes = cluster();
-    let urls = nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",");
+    let urls = nodes
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
     let mut cfg = JetStreamConfig::new("plant", urls);
     cfg.replicas = 3;
-    cfg.consumers = vec![
-        ConsumerConfig::new("to-idmz", "operational").with_ack_wait(Duration::from_secs(2)),
-    ];
+    cfg.consumers =
+        vec![ConsumerConfig::new("to-idmz", "operational").with_ack_wait(Duration::from_secs(2))];
     // The cluster elects its meta leader after the routes connect.
     let deadline = Instant::now() + Duration::from_secs(60);
     let zone = loop {
@@ -121,7 +124,7 @@ async fn a_zone_on_a_three_node_cluster_appends_and_replicates_through_sigkills_
         })
     };
     let link = {
-        let (source, receiver) = (source.clone(), receiver.clone());
+        let (source, receiver, appended) = (source.clone(), receiver.clone(), appended.clone());
         tokio::spawn(async move {
             let step = PullStep {
                 link: "from-plant".into(),
@@ -132,23 +135,36 @@ async fn a_zone_on_a_three_node_cluster_appends_and_replicates_through_sigkills_
                 source_zone: "plant".into(),
                 local_zone: "idmz".into(),
             };
-            let deadline = Instant::now() + Duration::from_secs(240);
+            let deadline = Instant::now() + Duration::from_secs(120);
             let mut failures = 0;
             loop {
-                match tokio::time::timeout(
+                let last = match tokio::time::timeout(
                     Duration::from_secs(15),
                     pull_page(&source, &receiver, &step, None),
                 )
                 .await
                 {
-                    Ok(Ok(r)) if r.frontier >= FACTS as u64 && r.fetched == 0 => return failures,
-                    Ok(Ok(_)) => {}
-                    _ => {
+                    // Done: every fact appended, and the source has nothing beyond the
+                    // frontier.
+                    Ok(Ok(r))
+                        if appended.load(Ordering::Relaxed) == FACTS
+                            && r.fetched == 0
+                            && r.pending == 0
+                            && r.frontier >= r.last_offset =>
+                    {
+                        return failures;
+                    }
+                    Ok(Ok(r)) => format!("{r:?}"),
+                    other => {
                         failures += 1;
                         tokio::time::sleep(Duration::from_millis(200)).await;
+                        format!("{other:?}")
                     }
-                }
-                assert!(Instant::now() < deadline, "the link never caught up");
+                };
+                assert!(
+                    Instant::now() < deadline,
+                    "the link never caught up: {failures} failures, last {last}"
+                );
             }
         })
     };
@@ -185,7 +201,11 @@ async fn a_zone_on_a_three_node_cluster_appends_and_replicates_through_sigkills_
         let Some(last) = page.facts.last().map(|f| f.offset) else {
             break;
         };
-        ids.extend(page.facts.iter().map(|f| f.message.envelope.message_id.clone()));
+        ids.extend(
+            page.facts
+                .iter()
+                .map(|f| f.message.envelope.message_id.clone()),
+        );
         receiver.confirm_receipt("check", last).await.unwrap();
     }
     let unique: HashSet<&String> = ids.iter().collect();
