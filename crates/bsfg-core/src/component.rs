@@ -574,6 +574,12 @@ pub trait ZoneStore: Send + Sync {
     fn ready(&self) -> BoxFuture<'_, Result<(), SinkError>>;
     /// Makes sure every write answered has left the process (called at shutdown).
     fn close(&self) -> BoxFuture<'_, ()>;
+    /// The zone's link leases and this gateway's name as their holder, when the store
+    /// coordinates several gateways of a zone (each link then runs on one of them at
+    /// a time). `None`: every link runs here.
+    fn leases(&self) -> Option<(Arc<dyn crate::link::LinkLease>, String)> {
+        None
+    }
 }
 
 /// A configured sink.

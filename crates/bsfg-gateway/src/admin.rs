@@ -211,7 +211,14 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
-const STATES: &[&str] = &["starting", "running", "backing_off", "gapped", "stopped"];
+const STATES: &[&str] = &[
+    "starting",
+    "running",
+    "backing_off",
+    "gapped",
+    "standby",
+    "stopped",
+];
 
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -285,8 +292,23 @@ impl prometheus_client::collector::Collector for Collector {
         family(
             &mut e,
             "bsfg_link_state",
-            "1 for the link's current state (starting, running, backing_off, gapped, stopped).",
+            "1 for the link's current state (starting, running, backing_off, gapped, standby: another gateway of the zone runs it, stopped).",
             &state_rows,
+        )?;
+        let holders: Vec<(Labels, ConstGauge<i64>)> = statuses
+            .iter()
+            .filter_map(|s| {
+                let holder = s.holder.clone()?;
+                let mut l = labels(s);
+                l.push(("holder", holder));
+                Some((l, ConstGauge::new(1)))
+            })
+            .collect();
+        family(
+            &mut e,
+            "bsfg_link_lease_holder",
+            "1 for the gateway of the zone that holds the link's lease (runs it), as this gateway last saw it.",
+            &holders,
         )?;
 
         let mut fetches = counter(|s| s.fetch_requests);

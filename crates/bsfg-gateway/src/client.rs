@@ -800,6 +800,11 @@ pub async fn status(endpoint: &AdminEndpoint, json: bool) -> anyhow::Result<()> 
             } => format!(" (attempt {attempt}, retry in {retry_in_ms} ms; {op} failed: {error})"),
             _ => String::new(),
         };
+        let detail = match (&l.state, &l.holder) {
+            (LinkState::Standby, Some(h)) => format!(" (runs on {h})"),
+            (_, Some(h)) => format!("{detail} (held by {h})"),
+            _ => detail,
+        };
         println!(
             "  {} <- {}/{}: {}{detail}; frontier {} of {}, lag {} fact(s) / {:.3} s, last success {}",
             l.name,

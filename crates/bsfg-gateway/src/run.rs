@@ -138,11 +138,15 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .and_then(|t| t.server_name.clone())
             .unwrap_or_else(|| l.source.clone());
         let (link, handle) = Link::new(l.settings.clone(), source, Arc::new(engine.clone()));
-        let link = link.with_intake(Intake {
+        let mut link = link.with_intake(Intake {
             chain: intake_chain.clone(),
             zone: zone.clone(),
             peer,
         });
+        // Several gateways of a zone may run the same link: one at a time, by lease.
+        if let Some((lease, holder)) = store.leases() {
+            link = link.with_lease(lease, holder);
+        }
         handles.push(handle);
         link_tasks.push(tokio::spawn(link.run(stop_rx.clone())));
     }

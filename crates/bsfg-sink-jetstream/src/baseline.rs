@@ -230,3 +230,26 @@ pub async fn per_id_shape(
     publish_pipelined(&js, msgs, inflight).await?;
     Ok((to - from) as f64 / start.elapsed().as_secs_f64())
 }
+
+/// Facts of `class` in the zone log of the server at `url` (in JetStream domain
+/// `domain`), read from the stream's subject counts: for benchmarks that watch a
+/// zone fill up without a consumer.
+pub async fn class_facts(
+    url: &str,
+    domain: Option<&str>,
+    class: &str,
+) -> Result<u64, async_nats::Error> {
+    use futures::TryStreamExt as _;
+    let client = async_nats::connect(url).await?;
+    let js = match domain {
+        Some(d) => jetstream::with_domain(client, d),
+        None => jetstream::new(client),
+    };
+    let stream = js.get_stream(crate::index::LOG_STREAM).await?;
+    let subjects: Vec<(String, usize)> = stream
+        .info_with_subjects(crate::index::class_filter(class))
+        .await?
+        .try_collect()
+        .await?;
+    Ok(subjects.iter().map(|(_, n)| *n as u64).sum())
+}

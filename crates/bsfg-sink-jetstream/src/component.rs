@@ -46,6 +46,7 @@ struct RawJetStream {
     tls_ca: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
     tls_key: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
 }
 
 /// Checks that a secret file (credentials, seed, password) can be read and is not
@@ -255,6 +256,12 @@ impl Sink for JetStreamSink {
         );
         sink.index_max_age =
             c.duration(&js.index_max_age, "sink.index_max_age", sink.index_max_age);
+        sink.lease_ttl = c.duration(&js.lease_ttl, "sink.lease_ttl", sink.lease_ttl);
+        if let Some(l) = &js.lease_ttl
+            && sink.lease_ttl < Duration::from_secs(3)
+        {
+            c.at(l.span(), "sink.lease_ttl", "must be at least 3s");
+        }
         if let Some(b) = &js.max_batch {
             if !(1..=1000).contains(b.get_ref()) {
                 c.at(
@@ -552,6 +559,10 @@ impl ZoneStore for Store {
                 .map_err(|e| ComponentSinkError::Failed(e.to_string()))
         }
         .boxed()
+    }
+
+    fn leases(&self) -> Option<(Arc<dyn bsfg_core::link::LinkLease>, String)> {
+        Some((self.0.leases(), self.0.lease_holder()))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -152,6 +152,9 @@ pub struct JetStreamConfig {
     pub auth: NatsAuth,
     /// TLS to the zone's nats-server (required when set). Default none.
     pub tls: Option<NatsTls>,
+    /// How long a link's lease lasts without renewal: when its gateway dies, another
+    /// gateway of the zone takes the link over within it. Default 10 s.
+    pub lease_ttl: Duration,
 }
 
 impl JetStreamConfig {
@@ -184,6 +187,7 @@ impl JetStreamConfig {
             max_id_bytes: 256,
             auth: NatsAuth::None,
             tls: None,
+            lease_ttl: crate::lease::LEASE_TTL,
         }
     }
 }

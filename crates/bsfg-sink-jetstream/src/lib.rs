@@ -22,6 +22,7 @@ pub mod durability;
 pub mod error;
 mod fetch;
 pub mod index;
+pub mod lease;
 pub mod lookup;
 pub mod migrate;
 mod objects;
@@ -62,6 +63,8 @@ pub struct JetStreamZone {
     lookup: lookup::Lookup,
     /// This gateway's writer number (see [`lookup::Lookup::writer`]).
     writer: u16,
+    /// The zone's link leases.
+    leases: Arc<lease::Leases>,
     consumers: RwLock<HashMap<String, Arc<fetch::ConsumerHandle>>>,
     buckets: RwLock<HashMap<String, jetstream::object_store::ObjectStore>>,
     durability: Durability,
@@ -326,10 +329,12 @@ impl JetStreamZone {
         let writer = lookup
             .writer()
             .map_err(|e| SinkError::Lookup(e.to_string()))?;
+        let leases = Arc::new(lease::Leases::open(&js, config.lease_ttl, config.replicas).await?);
         let zone = JetStreamZone {
             log,
             lookup,
             writer,
+            leases,
             max_payload,
             mode,
             config,
@@ -450,6 +455,25 @@ impl JetStreamZone {
     /// The NATS client (shared connection), for tools and tests.
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    /// Creates or verifies a durable consumer at run time.
+    /// The zone's link leases.
+    pub fn leases(&self) -> Arc<lease::Leases> {
+        self.leases.clone()
+    }
+
+    /// This gateway's name as a lease holder: the host and the writer number of its
+    /// look-up file, so a restarted gateway (same file) takes its own leases back at
+    /// once, and two gateways of a zone never share a name.
+    pub fn lease_holder(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "gateway".into());
+        format!("{host}/{:04x}", self.writer)
     }
 
     /// Creates or verifies a durable consumer at run time.
@@ -645,13 +669,45 @@ impl FactLog for JetStreamZone {
     }
 
     async fn record_link_checkpoint(&self, link: &str, offset: u64) -> Result<(), BoundaryError> {
-        let ack = self
-            .js
-            .publish(links_subject(link), offset.to_string().into())
-            .await
-            .map_err(|e| checkpoint_unavailable(link, e))?;
-        ack.await.map_err(|e| checkpoint_unavailable(link, e))?;
-        Ok(())
+        // Compare-and-set on the subject's last sequence: the checkpoint only moves
+        // forward, whichever gateway of the zone records it (several may, around a
+        // lease's hand-over).
+        for _ in 0..8 {
+            let (seq, current) = match self
+                .links
+                .direct_get_last_for_subject(links_subject(link))
+                .await
+            {
+                Ok(m) => (
+                    m.sequence,
+                    std::str::from_utf8(&m.payload)
+                        .ok()
+                        .and_then(|s| s.parse::<u64>().ok()),
+                ),
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => (0, None),
+                Err(e) => return Err(checkpoint_unavailable(link, e)),
+            };
+            if current.is_some_and(|c| c >= offset) {
+                return Ok(());
+            }
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(offset.to_string().into())
+                .expected_last_subject_sequence(seq);
+            let ack = self
+                .js
+                .send_publish(links_subject(link), publish)
+                .await
+                .map_err(|e| checkpoint_unavailable(link, e))?;
+            match ack.await {
+                Ok(_) => return Ok(()),
+                // Another gateway recorded in between: read it again.
+                Err(e) if e.to_string().contains("wrong last sequence") => continue,
+                Err(e) => return Err(checkpoint_unavailable(link, e)),
+            }
+        }
+        Err(BoundaryError::Unavailable(format!(
+            "checkpoint of link `{link}`: recorded concurrently too often; retried"
+        )))
     }
 
     async fn quarantine(&self, entry: &QuarantineEntry) -> Result<bool, BoundaryError> {

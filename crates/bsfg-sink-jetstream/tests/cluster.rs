@@ -15,40 +15,15 @@ use bsfg_core::link::{PullStep, pull_page};
 use bsfg_core::{Boundary, BoundaryApi, FetchRequest, Limits};
 use bsfg_sink_jetstream::{ConsumerConfig, JetStreamConfig, JetStreamZone};
 use bsfg_testkit::fixtures::step_completed as fact;
-use bsfg_testkit::{NatsOptions, NatsServer, free_port};
+use bsfg_testkit::{NatsOptions, NatsServer};
 
 const FACTS: usize = 1500;
 
-/// Three nats-servers routed to each other as cluster `bsfg`.
-fn cluster() -> Vec<NatsServer> {
-    let routes: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
-    let list = routes
-        .iter()
-        .map(|p| format!("nats-route://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    routes
-        .iter()
-        .map(|port| {
-            NatsServer::start_with(NatsOptions {
-                extra_config: format!(
-                    "cluster {{\n  name: bsfg\n  listen: 127.0.0.1:{port}\n  routes: [{list}]\n}}"
-                ),
-                ..Default::default()
-            })
-            .unwrap()
-        })
-        .collect()
-}
-
-/// The cluster node whose server name (`bsfg_test_<client port>`) is `name`.
+/// The cluster node whose server name is `name`.
 fn node_named(nodes: &[NatsServer], name: &str) -> usize {
     nodes
         .iter()
-        .position(|n| {
-            let port = n.url().rsplit(':').next().unwrap_or_default().to_owned();
-            name == format!("bsfg_test_{port}")
-        })
+        .position(|n| n.server_name() == name)
         .unwrap_or_else(|| panic!("no node is {name}"))
 }
 
@@ -79,7 +54,7 @@ async fn append_until_stored(api: &Boundary, id: &str, i: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_on_a_three_node_cluster_appends_and_replicates_through_sigkills_of_the_leader_and_another_node()
  {
-    let mut nodes = cluster();
+    let mut nodes = bsfg_testkit::start_cluster(3, NatsOptions::default()).unwrap();
     let urls = nodes
         .iter()
         .map(NatsServer::url)

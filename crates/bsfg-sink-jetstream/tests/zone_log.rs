@@ -823,3 +823,26 @@ async fn a_page_of_large_facts_loads_no_more_than_its_byte_budget_and_the_rest_f
     let unique: HashSet<_> = seen.iter().collect();
     assert_eq!((seen.len(), unique.len()), (20, 20));
 }
+
+#[tokio::test]
+async fn a_link_checkpoint_only_moves_forward_whoever_records_it() {
+    use bsfg_core::FactLog;
+    let nats = server();
+    let one = zone(config(&nats)).await;
+    let mut other_cfg = config(&nats);
+    other_cfg.index_path = None;
+    let two = zone(other_cfg).await;
+    assert_eq!(one.link_checkpoint("from-plant").await.unwrap(), None);
+    one.record_link_checkpoint("from-plant", 50).await.unwrap();
+    // A gateway behind (an older page's confirm) does not move it back.
+    two.record_link_checkpoint("from-plant", 30).await.unwrap();
+    assert_eq!(one.link_checkpoint("from-plant").await.unwrap(), Some(50));
+    // Both recording at once: the highest stands.
+    let (a, b) = futures::join!(
+        one.record_link_checkpoint("from-plant", 70),
+        two.record_link_checkpoint("from-plant", 90)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(two.link_checkpoint("from-plant").await.unwrap(), Some(90));
+}

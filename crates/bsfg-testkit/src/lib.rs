@@ -133,7 +133,36 @@ pub fn nats_server_binary() -> Result<PathBuf, TestkitError> {
     Err(TestkitError::BinaryNotFound)
 }
 
+/// Starts `n` nats-servers routed to each other as JetStream cluster `bsfg` (each
+/// with its own store; server names `bsfg_test_<client port>`), with `options` for
+/// each. The cluster elects its meta leader shortly after the last one starts.
+pub fn start_cluster(n: usize, options: NatsOptions) -> Result<Vec<NatsServer>, TestkitError> {
+    let routes: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let list = routes
+        .iter()
+        .map(|p| format!("nats-route://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    routes
+        .iter()
+        .map(|port| {
+            NatsServer::start_with(NatsOptions {
+                extra_config: format!(
+                    "{}\ncluster {{\n  name: bsfg\n  listen: 127.0.0.1:{port}\n  routes: [{list}]\n}}",
+                    options.extra_config
+                ),
+                ..options.clone()
+            })
+        })
+        .collect()
+}
+
 impl NatsServer {
+    /// The server's name in a cluster (`bsfg_test_<client port>`).
+    pub fn server_name(&self) -> String {
+        format!("bsfg_test_{}", self.port)
+    }
+
     /// Starts a server with default options (no domain, `sync_interval: always`).
     pub fn start() -> Result<Self, TestkitError> {
         Self::start_with(NatsOptions::default())

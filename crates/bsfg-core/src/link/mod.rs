@@ -935,21 +935,50 @@ pub enum LinkState {
         /// Last missing offset.
         missing_to: u64,
     },
+    /// Another gateway of the zone holds the link's lease and runs it; this one
+    /// takes over when that lease expires.
+    Standby,
     /// Shut down.
     Stopped,
 }
 
 impl LinkState {
-    /// Short name: `starting`, `running`, `backing_off`, `gapped`, `stopped`.
+    /// Short name: `starting`, `running`, `backing_off`, `gapped`, `standby`,
+    /// `stopped`.
     pub fn name(&self) -> &'static str {
         match self {
             LinkState::Starting => "starting",
             LinkState::Running => "running",
             LinkState::BackingOff { .. } => "backing_off",
             LinkState::Gapped { .. } => "gapped",
+            LinkState::Standby => "standby",
             LinkState::Stopped => "stopped",
         }
     }
+}
+
+/// The lease that lets exactly one gateway of a zone run a link at a time, kept in
+/// the zone's store (compare-and-set on a revision, expiring unless renewed).
+#[async_trait]
+pub trait LinkLease: Send + Sync {
+    /// Takes the lease of `link` for `holder`, or renews it when `holder` has it
+    /// already, for [`LinkLease::ttl`] from now. `Ok(None)`: `holder` has it;
+    /// `Ok(Some(other))`: `other` has it. An error leaves the lease as it was.
+    async fn claim(&self, link: &str, holder: &str) -> Result<Option<String>, BoundaryError>;
+    /// Gives the lease up if `holder` has it (at a clean stop), so another gateway
+    /// takes over at once rather than after the ttl.
+    async fn release(&self, link: &str, holder: &str);
+    /// How long a lease lasts without renewal.
+    fn ttl(&self) -> Duration;
+}
+
+/// How a link's run ended.
+enum Ended {
+    /// The gateway stops.
+    Shutdown,
+    /// The lease was lost (another gateway has it, or it could not be renewed in
+    /// time): this gateway stops pulling.
+    LeaseLost,
 }
 
 /// Counters of one link, monotonic since the gateway started.
@@ -1005,6 +1034,10 @@ pub struct LinkStatus {
     /// Current state.
     #[serde(flatten)]
     pub state: LinkState,
+    /// Which gateway of the zone holds the link's lease (runs it), when the zone
+    /// coordinates its gateways by leases.
+    #[serde(default)]
+    pub holder: Option<String>,
     /// Source frontier of the consumer after the last step.
     pub frontier: u64,
     /// Source's newest offset at the last step.
@@ -1067,6 +1100,7 @@ pub struct LinkStatus {
 #[derive(Debug, Clone)]
 struct Progress {
     state: LinkState,
+    holder: Option<String>,
     source_zone: String,
     frontier: u64,
     source_last_offset: u64,
@@ -1142,6 +1176,7 @@ impl LinkHandle {
             consumer: self.shared.settings.consumer.clone(),
             source_zone: p.source_zone,
             state: p.state,
+            holder: p.holder,
             frontier: p.frontier,
             source_last_offset: p.source_last_offset,
             lag_facts,
@@ -1208,6 +1243,7 @@ pub struct Link {
     source: Arc<dyn BoundaryApi>,
     destination: Arc<dyn Destination>,
     intake: Intake,
+    lease: Option<(Arc<dyn LinkLease>, String)>,
 }
 
 impl Link {
@@ -1224,6 +1260,7 @@ impl Link {
             counters: LinkCounters::default(),
             progress: Mutex::new(Progress {
                 state: LinkState::Starting,
+                holder: None,
                 source_zone,
                 frontier: 0,
                 source_last_offset: 0,
@@ -1242,9 +1279,24 @@ impl Link {
                 source,
                 destination,
                 intake: Intake::default(),
+                lease: None,
             },
             handle,
         )
+    }
+
+    /// Runs the link only while `holder` (this gateway) holds its lease: the other
+    /// gateways of the zone with the same link stand by and take over when the
+    /// holder's lease expires (default: no lease, the link always runs).
+    pub fn with_lease(mut self, lease: Arc<dyn LinkLease>, holder: String) -> Self {
+        self.lease = Some((lease, holder));
+        self
+    }
+
+    fn set_holder(&self, holder: Option<String>) {
+        if let Ok(mut p) = self.shared.progress.lock() {
+            p.holder = holder;
+        }
     }
 
     /// Decides every page at intake before it is appended (default: no policies).
@@ -1266,6 +1318,98 @@ impl Link {
     /// ([`machine::Machine`]); this loop only executes its actions, running its calls
     /// concurrently: up to `pages_in_flight` pages between fetch and confirm.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Some((lease, holder)) = self.lease.clone() else {
+            let (_never, mut lost) = watch::channel(false);
+            self.drive(&mut shutdown, &mut lost).await;
+            self.set_state(LinkState::Stopped);
+            tracing::info!(link = %self.shared.settings.name, "link stopped");
+            return;
+        };
+        let name = self.shared.settings.name.clone();
+        let ttl = lease.ttl();
+        let renew_every = ttl / 3;
+        loop {
+            // Stand by until the lease is this gateway's.
+            loop {
+                match lease.claim(&name, &holder).await {
+                    Ok(None) => break,
+                    Ok(Some(other)) => {
+                        if self
+                            .shared
+                            .progress
+                            .lock()
+                            .is_ok_and(|p| p.holder.as_ref() != Some(&other))
+                        {
+                            tracing::info!(link = %name, holder = %other, "link runs on another gateway of the zone; standing by");
+                        }
+                        self.set_holder(Some(other));
+                        self.set_state(LinkState::Standby);
+                    }
+                    Err(e) => {
+                        tracing::warn!(link = %name, error = %e, "cannot read the link's lease; retrying");
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => {
+                        self.set_state(LinkState::Stopped);
+                        return;
+                    }
+                    _ = tokio::time::sleep(renew_every) => {}
+                }
+            }
+            tracing::info!(link = %name, %holder, "link lease taken; this gateway runs the link");
+            self.set_holder(Some(holder.clone()));
+            // Renewed in the background; lost when another holder shows, or when no
+            // renewal succeeded for two thirds of the ttl (before it can expire for
+            // the others).
+            let (lost_tx, mut lost) = watch::channel(false);
+            let renewal = {
+                let (lease, name, holder) = (lease.clone(), name.clone(), holder.clone());
+                tokio::spawn(async move {
+                    let mut last_ok = Instant::now();
+                    loop {
+                        tokio::time::sleep(renew_every).await;
+                        match lease.claim(&name, &holder).await {
+                            Ok(None) => last_ok = Instant::now(),
+                            Ok(Some(other)) => {
+                                tracing::warn!(link = %name, holder = %other, "link lease taken by another gateway; this one stops pulling");
+                                break;
+                            }
+                            Err(e) if last_ok.elapsed() >= ttl * 2 / 3 => {
+                                tracing::warn!(link = %name, error = %e, "link lease not renewed in time; this gateway stops pulling");
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(link = %name, error = %e, "link lease renewal failed; retrying");
+                            }
+                        }
+                    }
+                    let _ = lost_tx.send(true);
+                })
+            };
+            let ended = self.drive(&mut shutdown, &mut lost).await;
+            renewal.abort();
+            match ended {
+                Ended::Shutdown => {
+                    lease.release(&name, &holder).await;
+                    self.set_state(LinkState::Stopped);
+                    tracing::info!(link = %name, "link stopped; lease released");
+                    return;
+                }
+                Ended::LeaseLost => {
+                    self.set_holder(None);
+                    self.set_state(LinkState::Standby);
+                }
+            }
+        }
+    }
+
+    /// Drives the link's machine until the gateway stops or `lost` turns true.
+    async fn drive(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        lost: &mut watch::Receiver<bool>,
+    ) -> Ended {
         let settings = self.shared.settings.clone();
         let step = PullStep {
             link: settings.name.clone(),
@@ -1310,6 +1454,7 @@ impl Link {
         let mut timer: Option<Instant> = None;
         let mut next: Option<Event> = None;
         tracing::info!(link = %settings.name, consumer = %settings.consumer, "link started");
+        let mut ended = Ended::Shutdown;
         machine.start(now());
         loop {
             while let Some(action) = machine.poll_action() {
@@ -1352,11 +1497,19 @@ impl Link {
             if *shutdown.borrow() {
                 break;
             }
+            if *lost.borrow() {
+                ended = Ended::LeaseLost;
+                break;
+            }
             let event = match next.take() {
                 Some(e) => e,
                 None => tokio::select! {
                     biased;
                     _ = shutdown.changed() => break,
+                    _ = lost.changed() => {
+                        ended = Ended::LeaseLost;
+                        break;
+                    }
                     Some(e) = calls.next(), if !calls.is_empty() => e,
                     _ = sleep_until(timer), if timer.is_some() => {
                         timer = None;
@@ -1399,8 +1552,7 @@ impl Link {
                 tracing::warn!(link = %settings.name, checkpoint = c, "could not record the link checkpoint at stop; the one recorded before stands (the gap check looks further back)");
             }
         }
-        self.set_state(LinkState::Stopped);
-        tracing::info!(link = %settings.name, "link stopped");
+        ended
     }
 
     fn gapped(&self, gap: PullError) {

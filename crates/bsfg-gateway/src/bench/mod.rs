@@ -6,6 +6,7 @@ pub mod artifacts;
 pub mod index;
 pub mod pipeline;
 pub mod policy;
+pub mod soak;
 pub mod transports;
 
 use clap::Subcommand;
@@ -30,6 +31,10 @@ pub enum BenchCommand {
     /// What remembering message_ids costs the zone's nats-server: memory and disk per
     /// million ids, and the append rate as the index grows.
     Index(index::IndexBench),
+    /// Before go-live: N facts across three zones (real gateways and nats-servers)
+    /// through seeded SIGKILLs, blackholes and a lossy QUIC hop; every zone's stream
+    /// read back and compared (0 lost, 0 duplicated).
+    Soak(soak::SoakBench),
 }
 
 /// Runs one benchmark.
@@ -45,5 +50,6 @@ pub async fn run(which: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Artifacts(opts) => artifacts::artifacts(opts).await,
         BenchCommand::Index(opts) => index::index(opts).await,
         BenchCommand::Policy(opts) => policy::policy(opts).await,
+        BenchCommand::Soak(opts) => soak::soak(opts).await,
     }
 }

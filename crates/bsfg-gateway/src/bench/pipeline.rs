@@ -45,6 +45,11 @@ pub struct AppendBench {
     /// gateway. 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     file_facts: usize,
+    /// Instead: a zone on a three-node JetStream cluster (replicas = 3) served by
+    /// this many gateways at once (each its own zone store and gRPC listener, in this
+    /// process), e.g. `1,2,3`; the clients are spread over the gateways.
+    #[arg(long, value_delimiter = ',')]
+    cluster_gateways: Vec<usize>,
 }
 
 /// A zone's API served over plaintext gRPC on a free loopback port, in process.
@@ -163,6 +168,9 @@ async fn load(
 
 /// Runs the benchmark and prints a markdown table.
 pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
+    if !opts.cluster_gateways.is_empty() {
+        return cluster_gateways(&opts).await;
+    }
     let stored = serde_json::to_vec(&bench_fact("bench-0", 0, opts.object_bytes))?.len();
     println!(
         "# bsfg bench append: {} facts, {} gRPC clients x {} in flight, object_json {} B (stored record {stored} B)",
@@ -267,6 +275,76 @@ pub async fn append(opts: AppendBench) -> anyhow::Result<()> {
                     file / engine
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// Appends into one zone on a three-node cluster through 1, 2, 3... gateways.
+async fn cluster_gateways(opts: &AppendBench) -> anyhow::Result<()> {
+    println!(
+        "# bsfg bench append --cluster-gateways: {} facts per row into one zone on a three-node JetStream cluster (replicas = 3, sync_interval: always), {} gRPC clients x {} in flight spread over the gateways, object_json {} B",
+        opts.facts, opts.clients, opts.inflight, opts.object_bytes
+    );
+    println!("| gateways | facts/s | vs one gateway | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|");
+    let nodes = bsfg_testkit::start_cluster(3, NatsOptions::default())
+        .context("starting a three-node cluster (run scripts/setup.sh)")?;
+    let urls = nodes
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut one = None;
+    for (row, &g) in opts.cluster_gateways.iter().enumerate() {
+        anyhow::ensure!(g >= 1, "--cluster-gateways: at least 1");
+        let mut served = Vec::new();
+        for _ in 0..g {
+            let mut cfg = JetStreamConfig::new("bench", urls.clone());
+            cfg.replicas = 3;
+            // Each gateway keeps its own look-up (in memory here) and writer number.
+            cfg.index_path = None;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let zone = loop {
+                match JetStreamZone::connect(cfg.clone()).await {
+                    Ok(z) => break Arc::new(z),
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "cluster not ready yet");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let api: Arc<dyn BoundaryApi> =
+                Arc::new(Boundary::new(zone.clone(), zone, Limits::default()));
+            served.push(Served::start(api).await?);
+        }
+        let start = Instant::now();
+        let names: Vec<String> = (0..g).map(|i| format!("c{row}g{i}")).collect();
+        let runs = served.iter().zip(&names).map(|(s, name)| {
+            load(
+                &s.url,
+                name,
+                opts.facts / g,
+                (opts.clients / g).max(1),
+                opts.inflight,
+                opts.object_bytes,
+                None,
+            )
+        });
+        let results = futures::future::try_join_all(runs).await?;
+        let rate = (opts.facts / g * g) as f64 / start.elapsed().as_secs_f64();
+        let mut lat: Vec<Duration> = results.into_iter().flat_map(|(_, l)| l).collect();
+        lat.sort();
+        let base = *one.get_or_insert(rate);
+        println!(
+            "| {g} | {rate:.0} | {:.2}x | {:.1} | {:.1} |",
+            rate / base,
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
+        for s in served {
+            s.stop().await;
         }
     }
     Ok(())
