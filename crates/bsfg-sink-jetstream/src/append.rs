@@ -66,8 +66,14 @@ pub const HDR_SOURCE_OFFSET: &str = "Bsfg-Source-Offset";
 pub const HDR_LINK: &str = "Bsfg-Link";
 const HDR_EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
-/// Rounds of compare-and-set before an append gives up with `unavailable`.
+/// Rounds of compare-and-set an append tries at least before it may give up with
+/// `unavailable`.
 const MAX_ATTEMPTS: usize = 8;
+
+/// How long a batch keeps trying after [`MAX_ATTEMPTS`] lost rounds: several gateways
+/// appending to one class contend on its head every round, and an append that waits
+/// its turn is better than one that fails under load.
+const SETTLE_BUDGET: Duration = Duration::from_secs(15);
 
 /// How many rounds a gateway prepares while one commits. Correctness is the same in
 /// both: every round is one atomic batch with per-bucket and per-class
@@ -555,30 +561,42 @@ impl Appender {
     }
 
     /// Commits a batch that fits, again after each lost compare-and-set (reading the
-    /// index and the heads, answering what became known) up to [`MAX_ATTEMPTS`].
+    /// index and the heads, answering what became known), for at least
+    /// [`MAX_ATTEMPTS`] rounds and [`SETTLE_BUDGET`].
     async fn commit_settled(&self, mut jobs: Vec<Job>) {
-        for attempt in 0..MAX_ATTEMPTS {
+        let started = std::time::Instant::now();
+        for attempt in 0.. {
             if jobs.is_empty() {
                 return;
+            }
+            if attempt >= MAX_ATTEMPTS && started.elapsed() >= SETTLE_BUDGET {
+                break;
             }
             if attempt > 0 {
                 // Somebody reserved in one of our buckets or wrote one of our
                 // classes: read the index to its end, the heads again, and look the
                 // ids up again.
                 let classes = jobs.iter().map(|j| j.class.clone()).collect();
-                if attempt >= 2
-                    && let Err(e) = self.reread_buckets(&jobs).await
-                {
-                    fail_with(jobs, &e);
-                    return;
-                }
-                if let Err(e) = self.catch_up().await {
-                    fail_with(jobs, &e);
-                    return;
-                }
-                if let Err(e) = self.read_heads(&classes).await {
-                    fail_with(jobs, &e);
-                    return;
+                let reread = async {
+                    if attempt >= 2 {
+                        self.reread_buckets(&jobs).await?;
+                    }
+                    self.catch_up().await?;
+                    self.read_heads(&classes).await
+                };
+                match reread.await {
+                    Ok(()) => {}
+                    // A read that fails in the middle of a contended round (a cluster
+                    // node electing, a replica behind) is tried again within the budget.
+                    Err(e) if started.elapsed() < SETTLE_BUDGET => {
+                        tracing::debug!(error = %e, attempt, "re-reading the index failed; retrying");
+                        backoff(attempt).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        fail_with(jobs, &e);
+                        return;
+                    }
                 }
                 jobs = self.unknown(jobs).await;
                 if jobs.is_empty() {
@@ -830,7 +848,7 @@ pub(crate) async fn publish_batch(
             .map_err(|e| WriteError::Other(format!("publish: {e}")))?;
         return match ack.await {
             Ok(a) => Ok(vec![a.sequence]),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
+            Err(e) if lost_compare_and_set(&e) => Err(WriteError::Taken),
             Err(e) => Err(WriteError::Other(format!("publish ack: {e}"))),
         };
     }
@@ -869,9 +887,16 @@ pub(crate) async fn publish_batch(
             // sequence.
             Ok((a.sequence + 1 - n..=a.sequence).collect())
         }
-        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(WriteError::Taken),
+        Err(e) if lost_compare_and_set(&e) => Err(WriteError::Taken),
         Err(e) => Err(WriteError::Other(format!("batch commit: {e}"))),
     }
+}
+
+/// True when a publish was refused because a compare-and-set header no longer held
+/// (another writer went first): error 10071 for a plain publish, 10164 for an
+/// atomic batch (which async-nats does not map to `WrongLastSequence`).
+fn lost_compare_and_set(e: &jetstream::context::PublishError) -> bool {
+    e.kind() == PublishErrorKind::WrongLastSequence || e.to_string().contains("wrong last sequence")
 }
 
 /// A short, jittered pause after a lost compare-and-set, growing with the attempt, so
