@@ -197,6 +197,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawZone {
     name: Spanned<String>,
+    stop_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -274,6 +275,9 @@ pub struct LinkConfig {
 pub struct GatewayConfig {
     /// Zone name.
     pub zone: String,
+    /// How long a stop (SIGINT/SIGTERM) waits for the work in flight before the
+    /// gateway exits anyway, saying what it could not finish. Default 30 s.
+    pub stop_timeout: Duration,
     /// Validation limits of the engine.
     pub limits: Limits,
     /// The zone's store, as its sink checked it.
@@ -591,6 +595,11 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
 
     c.name(&raw.zone.name, "zone.name", names::validate_zone);
     let zone = raw.zone.name.get_ref().clone();
+    let stop_timeout = c.duration(
+        &raw.zone.stop_timeout,
+        "zone.stop_timeout",
+        Duration::from_secs(30),
+    );
 
     let mut limits = Limits::default();
     if let Some(v) = &raw.limits.max_fact_bytes {
@@ -1022,6 +1031,7 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
     match sink {
         Some((sink, sink_type)) if c.problems.is_empty() => Ok(GatewayConfig {
             zone,
+            stop_timeout,
             limits,
             sink,
             sink_type,

@@ -622,7 +622,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, e)) => {
             eprintln!("bsfg: {e:#}");
-            ExitCode::from(code)
+            // Exit now: a gateway whose stop timed out may have tasks still blocked on
+            // an unreachable store, which dropping the runtime would wait for.
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            std::process::exit(i32::from(code))
         }
     }
 }

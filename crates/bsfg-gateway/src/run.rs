@@ -301,7 +301,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         _ = shutdown_signal() => None,
         Some(r) = running.next() => Some(r),
     };
-    tracing::info!(zone = %zone, "stopping: no new requests; finishing those in flight");
+    tracing::info!(zone = %zone, grace = ?cfg.stop_timeout, "stopping: no new requests; finishing those in flight");
     let _ = stop_tx.send(true);
     let mut outcome = match failed {
         Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a listener stopped unexpectedly")),
@@ -309,21 +309,58 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         Some(Err(e)) => Err(anyhow::Error::new(e).context("listener task")),
         None => Ok(()),
     };
-    // Links stop between steps or drop a step in flight; neither confirms anything
-    // that is not durably appended.
-    for t in link_tasks {
-        let _ = t.await;
-    }
-    while let Some(r) = running.next().await {
-        if let Err(e) = r.context("listener task").and_then(|r| r) {
-            tracing::error!(zone = %zone, error = %e, "listener failed while stopping");
-            if outcome.is_ok() {
-                outcome = Err(e);
+    // Everything below is bounded by the grace period: a zone whose nats-server is
+    // gone must still stop (what could not finish is named, and comes again: nothing
+    // unconfirmed is lost).
+    let links_left = std::sync::atomic::AtomicUsize::new(link_tasks.len());
+    let listeners_left = std::sync::atomic::AtomicUsize::new(running.len());
+    let store_closed = std::sync::atomic::AtomicBool::new(false);
+    let finish = async {
+        // Links stop between steps or drop a step in flight; neither confirms
+        // anything that is not durably appended.
+        for t in link_tasks {
+            let _ = t.await;
+            links_left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        while let Some(r) = running.next().await {
+            listeners_left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = r.context("listener task").and_then(|r| r) {
+                tracing::error!(zone = %zone, error = %e, "listener failed while stopping");
+                if outcome.is_ok() {
+                    outcome = Err(e);
+                }
             }
         }
+        // Every request was answered; make sure the last writes left the client.
+        store.close().await;
+        store_closed.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    if tokio::time::timeout(cfg.stop_timeout, finish)
+        .await
+        .is_err()
+    {
+        let load =
+            |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+        let mut left = Vec::new();
+        if load(&links_left) > 0 {
+            left.push(format!("{} link(s) still stopping", load(&links_left)));
+        }
+        if load(&listeners_left) > 0 {
+            left.push(format!(
+                "{} listener(s) still answering requests in flight",
+                load(&listeners_left)
+            ));
+        }
+        if !store_closed.load(std::sync::atomic::Ordering::Relaxed) {
+            left.push("the zone store's last writes not confirmed flushed".to_owned());
+        }
+        let what = left.join(", ");
+        tracing::error!(zone = %zone, grace = ?cfg.stop_timeout, unfinished = %what, "stop timed out; exiting anyway (unanswered requests are retried by their callers; unconfirmed facts come again)");
+        return Err(anyhow::anyhow!(
+            "stop timed out after {}: {what}",
+            humantime::format_duration(cfg.stop_timeout)
+        ));
     }
-    // Every request was answered; make sure the last writes left the client.
-    store.close().await;
     if outcome.is_ok() {
         tracing::info!(zone = %zone, "stopped cleanly");
     }
