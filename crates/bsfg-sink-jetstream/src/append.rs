@@ -895,7 +895,7 @@ pub(crate) async fn publish_batch(
 /// True when a publish was refused because a compare-and-set header no longer held
 /// (another writer went first): error 10071 for a plain publish, 10164 for an
 /// atomic batch (which async-nats does not map to `WrongLastSequence`).
-fn lost_compare_and_set(e: &jetstream::context::PublishError) -> bool {
+pub(crate) fn lost_compare_and_set(e: &jetstream::context::PublishError) -> bool {
     e.kind() == PublishErrorKind::WrongLastSequence || e.to_string().contains("wrong last sequence")
 }
 

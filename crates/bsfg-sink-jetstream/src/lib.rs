@@ -701,7 +701,7 @@ impl FactLog for JetStreamZone {
             match ack.await {
                 Ok(_) => return Ok(()),
                 // Another gateway recorded in between: read it again.
-                Err(e) if e.to_string().contains("wrong last sequence") => continue,
+                Err(e) if append::lost_compare_and_set(&e) => continue,
                 Err(e) => return Err(checkpoint_unavailable(link, e)),
             }
         }

@@ -114,6 +114,9 @@ pub struct PeerInfo {
 struct Conn<S> {
     inner: S,
     info: PeerInfo,
+    /// Keeps a TLS connection registered with its endpoint (revocation, the
+    /// per-peer cap) while tonic serves it.
+    _guard: Option<bsfg_tls::LiveGuard>,
 }
 
 impl<S> tonic::transport::server::Connected for Conn<S> {
@@ -624,7 +627,8 @@ pub async fn serve(
             );
             let conns = tokio_stream::wrappers::ReceiverStream::new(accepted).map(|a| {
                 Ok::<_, std::io::Error>(Conn {
-                    inner: bsfg_tls::Tracked::new(a.stream, a.guard),
+                    inner: a.stream,
+                    _guard: a.guard,
                     info: PeerInfo {
                         caller: Caller::Peer {
                             identity: a.peer.identity,
@@ -641,6 +645,7 @@ pub async fn serve(
                 c.map(|c| Conn {
                     inner: c.io,
                     info: c.info,
+                    _guard: None,
                 })
             });
             router.serve_with_incoming_shutdown(conns, shutdown).await?
