@@ -6,6 +6,8 @@
 //! settings, a listener's serving limits and the security rules of each scheme's
 //! kind); every component reads and checks its own keys. [`load`] checks everything
 //! before anything starts, and reports each problem as `file:line:column: key: rule`.
+//! String values may take `${VAR}` and `${VAR:-default}` from the environment
+//! ([`env`]); secrets have only `*_file` keys, so none is ever written in the file.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -20,6 +22,8 @@ use bsfg_core::component::{
 };
 use bsfg_core::{Limits, names};
 use serde::Deserialize;
+
+pub mod env;
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +223,7 @@ struct RawSinkType {
 /// A listener, resolved: its transport's checked plan.
 #[derive(Debug, Clone)]
 pub struct Listener {
-    /// The URL as written (`grpcs://0.0.0.0:7443`).
+    /// The URL as written, after `${VAR}` expansion (`grpcs://0.0.0.0:7443`).
     pub url: String,
     /// Its scheme, as the transport registered it.
     pub scheme: &'static Scheme,
@@ -568,6 +572,18 @@ fn is_plaintext(s: &Security) -> bool {
 /// Parses and checks config text; `path` is only used in messages and to resolve
 /// relative paths.
 pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfig, Problems> {
+    parse_with_env(registry, path, src, &|name| std::env::var(name).ok())
+}
+
+/// [`parse`] with the environment `${VAR}` references read from `lookup`: every
+/// string value is expanded before it is checked; a reference that cannot be
+/// expanded is a problem at that value's line, and only those are reported.
+pub fn parse_with_env(
+    registry: &Registry,
+    path: &Path,
+    src: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<GatewayConfig, Problems> {
     let syntax = |e: toml::de::Error| {
         let (line, column) = e.span().map_or((0, 0), |s| line_col(src, s.start));
         Problems(vec![Problem {
@@ -581,6 +597,14 @@ pub fn parse(registry: &Registry, path: &Path, src: &str) -> Result<GatewayConfi
     let doc = DeTable::parse(src).map_err(syntax)?;
     let doc_span = doc.span();
     let mut root = doc.into_inner();
+    let unexpanded = env::expand_table(&mut root, lookup);
+    if !unexpanded.is_empty() {
+        let mut c = Checks::default();
+        for p in unexpanded {
+            c.at(p.span, p.key, p.rule);
+        }
+        return Err(located(path, src, c));
+    }
     let raw_sink = take(&mut root, "sink", None);
     let raw_consumers = take(&mut root, "consumers", None);
     let raw_listeners = take(&mut root, "listeners", None);
@@ -1437,6 +1461,66 @@ insecure = true
         parse(&crate::registry::builtin(), Path::new("zone.toml"), src)
             .expect_err("must be refused")
             .0
+    }
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn environment_references_in_string_values_expand_with_their_defaults() {
+        let src = GOOD
+            .replace("name = \"plant-a\"", "name = \"${ZONE}\"")
+            .replace(
+                "nats://127.0.0.1:4222",
+                "${NATS_URL:-nats://127.0.0.1:4222}",
+            )
+            .replace(
+                "grpc://127.0.0.1:7443",
+                "grpc://${LISTEN_HOST}:${LISTEN_PORT:-7443}",
+            )
+            + "# a comment may say ${ANYTHING}\n";
+        let env = env_of(&[("ZONE", "plant-b"), ("LISTEN_HOST", "127.0.0.2")]);
+        let cfg = parse_with_env(
+            &crate::registry::builtin(),
+            Path::new("zone.toml"),
+            &src,
+            &env,
+        )
+        .expect("expands");
+        assert_eq!(cfg.zone, "plant-b");
+        assert_eq!(cfg.listeners[0].url, "grpc://127.0.0.2:7443");
+    }
+
+    #[test]
+    fn an_unset_variable_is_a_problem_at_its_file_line_and_key() {
+        let src = GOOD
+            .replace("name = \"plant-a\"", "name = \"${ZONE}\"")
+            .replace("grpc://127.0.0.1:7443", "grpc://${LISTEN_HOST}:7443");
+        let env = env_of(&[]);
+        let problems = parse_with_env(
+            &crate::registry::builtin(),
+            Path::new("zone.toml"),
+            &src,
+            &env,
+        )
+        .expect_err("unset variables are refused")
+        .0;
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 2, "{shown:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].key.as_str()),
+            (3, "zone.name")
+        );
+        assert!(shown[0].starts_with("zone.toml:3:"), "{shown:?}");
+        assert!(shown[0].contains("ZONE is not set"), "{shown:?}");
+        assert_eq!(problems[1].key, "listeners[0].url");
+        assert!(shown[1].contains("LISTEN_HOST"), "{shown:?}");
     }
 
     /// Every section, for the fuzzer to start from.

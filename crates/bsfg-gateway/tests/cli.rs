@@ -220,6 +220,45 @@ fn broken_configs_exit_non_zero_with_file_line_and_key() {
 }
 
 #[test]
+fn validate_takes_values_from_the_environment_and_names_an_unset_variable_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("zone.toml");
+    std::fs::write(
+        &cfg,
+        "[zone]\nname = \"${BSFG_TEST_ZONE}\"\n\n[sink]\ntype = \"jetstream\"\nurl = \"${BSFG_TEST_NATS:-nats://127.0.0.1:4222}\"\n\n[[listeners]]\nurl = \"grpc://127.0.0.1:${BSFG_TEST_PORT}\"\ninsecure = true\n",
+    )
+    .unwrap();
+    let validate = |env: &[(&str, &str)]| {
+        let mut cmd = Command::new(BSFG);
+        cmd.args(["validate", "--config"]).arg(&cfg);
+        cmd.env_remove("BSFG_TEST_ZONE")
+            .env_remove("BSFG_TEST_PORT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = validate(&[("BSFG_TEST_ZONE", "plant-b"), ("BSFG_TEST_PORT", "7999")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("ok: zone plant-b"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = validate(&[("BSFG_TEST_PORT", "7999")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    let path = cfg.display().to_string();
+    assert!(
+        err.contains(&format!(
+            "{path}:2:8: zone.name: environment variable BSFG_TEST_ZONE is not set"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn sigterm_during_a_stream_of_appends_loses_no_acknowledged_fact() {
     let nats = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
