@@ -63,3 +63,19 @@ for app in plugins/python/*/app.py; do
     mv "$out.tmp" "$out"
   fi
 done
+# promtool, to check the Prometheus alerting rules and the dashboard's queries in the
+# tests: Debian's prometheus package, unpacked into .tools (not installed system-wide).
+if [ -x .tools/bin/promtool ] && .tools/bin/promtool --version > /dev/null 2>&1; then
+  echo "setup: promtool already in .tools/bin"
+else
+  echo "setup: fetching promtool (Debian package prometheus) into .tools/prometheus"
+  rm -rf .tools/prometheus && mkdir -p .tools/prometheus
+  if ! (cd .tools/prometheus && apt-get download prometheus > /dev/null 2>&1); then
+    # A fresh machine may have no package lists yet (needs root, as CI runs).
+    apt-get update -qq > /dev/null
+    (cd .tools/prometheus && apt-get download prometheus > /dev/null)
+  fi
+  dpkg-deb -x .tools/prometheus/prometheus_*.deb .tools/prometheus/root
+  ln -sf ../prometheus/root/usr/bin/promtool .tools/bin/promtool
+  .tools/bin/promtool --version | head -1
+fi

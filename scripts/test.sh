@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export BSFG_NATS_SERVER="$PWD/.tools/bin/nats-server"
+export BSFG_PROMTOOL="$PWD/.tools/bin/promtool"
 # A one-off build gains nothing from incremental state, which would double target/.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo fmt --all -- --check

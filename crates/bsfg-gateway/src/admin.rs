@@ -39,7 +39,9 @@
 //! `bsfg_requests_refused_total{listener,peer,code}`. Policies (labels `zone`,
 //! `policy`): decisions, faults, fail-open, reloads, broken, instantiations, and
 //! `bsfg_policy_sandbox_refusals_total{what}` (filesystem, environment, arguments,
-//! network: what a guest reached for in WASI and did not get).
+//! network: what a guest reached for in WASI and did not get). The gateway (label
+//! `zone`): `bsfg_ready` (1 ready, 0 not: the store does not answer or it is
+//! stopping) and the idempotency index's and server's gauges.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -146,6 +148,8 @@ pub struct Admin {
     pub store: Arc<dyn bsfg_core::component::ZoneStore>,
     /// Turns true when the gateway stops (`/readyz` then answers 503).
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The gateway's last judgement of readiness (every 2 s), as `bsfg_ready`.
+    pub ready: bsfg_core::component::Readiness,
 }
 
 /// The zone store's latest gauges ([`bsfg_core::component::ZoneStore::gauges`]),
@@ -191,6 +195,7 @@ struct Collector {
     api: Arc<ApiMetrics>,
     security: Security,
     index: IndexGauge,
+    ready: bsfg_core::component::Readiness,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -488,6 +493,15 @@ impl Collector {
     fn encode_index(&self, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let gauges = self.index.lock().map(|g| g.clone()).unwrap_or_default();
         let zone: Labels = vec![("zone", self.zone.clone())];
+        family(
+            e,
+            "bsfg_ready",
+            "1 while the gateway is ready (its store answers and it is not stopping; judged every 2 s), else 0.",
+            &[(
+                zone.clone(),
+                ConstGauge::new(i64::from(self.ready.is_ready())),
+            )],
+        )?;
         for g in gauges {
             family(
                 e,
@@ -533,8 +547,14 @@ impl Collector {
             }
             decisions.push((with(n, "verdict", "allow"), ConstCounter::new(s.allowed)));
             decisions.push((with(n, "verdict", "deny"), ConstCounter::new(s.denied)));
-            for (kind, c) in &s.faults {
-                faults.push((with(n, "kind", kind), ConstCounter::new(*c)));
+            // Every kind from the start (at 0), so rates and alerts see the series.
+            for kind in bsfg_policy_wasm::Fault::KINDS {
+                let c = s
+                    .faults
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map_or(0, |(_, c)| *c);
+                faults.push((with(n, "kind", kind), ConstCounter::new(c)));
             }
             for (r, c) in [
                 ("applied", s.reloads_applied),
@@ -733,6 +753,7 @@ impl Admin {
             api: self.api.clone(),
             security: self.security.clone(),
             index: self.index.clone(),
+            ready: self.ready.clone(),
         }));
         r
     }

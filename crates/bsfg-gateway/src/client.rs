@@ -834,6 +834,75 @@ pub async fn status(endpoint: &AdminEndpoint, json: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `bsfg status --check`: judges the zone against the runbook's thresholds
+/// ([`crate::check`]), prints one summary line and each finding, and returns the
+/// level (its number is the exit code). An endpoint that does not answer is critical.
+pub async fn check(endpoint: &AdminEndpoint, json: bool) -> crate::check::Level {
+    use crate::check::{Finding, Level};
+    match observe(endpoint).await {
+        Ok(o) => {
+            let findings = crate::check::judge(&o);
+            let level = crate::check::worst(&findings);
+            if json {
+                let items: Vec<serde_json::Value> = findings
+                    .iter()
+                    .map(|f| serde_json::json!({"level": f.level.word(), "alert": f.alert, "text": f.text}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"zone": o.zone, "level": level.word(), "exit_code": level as i32, "findings": items})
+                );
+            } else {
+                print!("{}", crate::check::report(&o, &findings));
+            }
+            level
+        }
+        Err(e) => {
+            let f = Finding {
+                level: Level::Critical,
+                alert: crate::check::GATEWAY_DOWN.alert,
+                text: format!("{e:#}"),
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"level": "CRITICAL", "exit_code": 2, "findings": [{"level": "CRITICAL", "alert": f.alert, "text": f.text}]})
+                );
+            } else {
+                println!(
+                    "BSFG CRITICAL - admin endpoint {}: {e:#}\n{f}",
+                    endpoint.addr
+                );
+            }
+            Level::Critical
+        }
+    }
+}
+
+async fn observe(endpoint: &AdminEndpoint) -> anyhow::Result<crate::check::Observed> {
+    let get = |path: &'static str| admin_request(endpoint, "GET", path);
+    let (ready, _) = get("/readyz").await?;
+    let (code, body) = get("/status").await?;
+    anyhow::ensure!(code == 200, "/status answered {code}: {body}");
+    let status: crate::admin::ZoneStatus = serde_json::from_str(&body)?;
+    let (code, metrics) = get("/metrics").await?;
+    anyhow::ensure!(code == 200, "/metrics answered {code}: {metrics}");
+    let (code, body) = get("/quarantine?limit=1000").await?;
+    anyhow::ensure!(code == 200, "/quarantine answered {code}: {body}");
+    let quarantined = serde_json::from_str::<Vec<serde_json::Value>>(&body)?.len();
+    let now_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    Ok(crate::check::Observed {
+        zone: status.zone,
+        ready: ready == 200,
+        links: status.links,
+        quarantined,
+        metrics,
+        now_unix_s,
+    })
+}
+
 /// `bsfg link accept-gap`: asks the zone to pass its link over exactly this gap.
 pub async fn accept_gap(
     endpoint: &AdminEndpoint,

@@ -11,6 +11,7 @@ mod admin;
 #[cfg(feature = "bench")]
 mod bench;
 mod certs;
+mod check;
 mod client;
 mod config;
 mod policies;
@@ -43,6 +44,15 @@ struct Cli {
     /// Machine-readable JSON output (one object per line).
     #[arg(long, global = true)]
     json: bool,
+    /// Log lines on stderr as `text` (for people) or `json` (one object per line, the
+    /// event's fields and its span's `zone`, `link`, `consumer`, `peer` as keys).
+    #[arg(long, global = true, env = "BSFG_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// What to log: a level (`error`, `warn`, `info`, `debug`, `trace`) or filter
+    /// directives (`info,bsfg_core=debug`). Default: RUST_LOG, else `info` (with the
+    /// NATS, HTTP/2 and tower libraries at `warn`).
+    #[arg(long, global = true, env = "BSFG_LOG_LEVEL")]
+    log_level: Option<String>,
     #[command(flatten)]
     tls: client::TlsArgs,
     #[command(subcommand)]
@@ -147,6 +157,11 @@ enum Command {
     Status {
         #[command(flatten)]
         admin: AdminArgs,
+        /// Judge the zone against the runbook's thresholds (docs/operations.md) and
+        /// exit like a monitoring check: 0 ok, 1 warning, 2 critical (also when the
+        /// admin endpoint does not answer).
+        #[arg(long)]
+        check: bool,
     },
     /// Try a WASM policy module without a gateway.
     Policy {
@@ -371,16 +386,54 @@ enum IndexCommand {
     },
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,async_nats=warn,h2=warn,tower=warn")
-    });
-    let _ = tracing_subscriber::fmt()
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `2026-12-02T10:00:00Z  INFO link{zone=.. link=..}: message key=value`.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, the
+    /// event's fields, and `span` with the zone, link, consumer and peer.
+    Json,
+}
+
+/// Starts logging to stderr; a bad `--log-level` is a usage error (exit 2).
+fn init_tracing(format: LogFormat, level: Option<&str>) -> Result<(), (u8, anyhow::Error)> {
+    const DEFAULT: &str = "info,async_nats=warn,h2=warn,tower=warn";
+    let filter = match level {
+        Some(l) => {
+            // A bare level keeps the noisy libraries at warn, as the default does.
+            let directives = match l {
+                "error" | "warn" | "info" | "debug" | "trace" => {
+                    format!("{l},async_nats=warn,h2=warn,tower=warn")
+                }
+                other => other.to_owned(),
+            };
+            tracing_subscriber::EnvFilter::try_new(&directives).map_err(|e| {
+                (
+                    2u8,
+                    anyhow::anyhow!("--log-level {l:?}: {e} (a level such as info or debug, or directives such as info,bsfg_core=debug)"),
+                )
+            })?
+        }
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT)),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let _ = match format {
         // Colour codes only for a person at a terminal; log files stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+    Ok(())
 }
 
 async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
@@ -436,7 +489,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         }
         Command::Run { config } => {
             let c = config::load(&registry::builtin(), &config).map_err(|p| (2u8, p.into()))?;
-            init_tracing();
+            init_tracing(cli.log_format, cli.log_level.as_deref())?;
             // A configuration the zone's store refuses (a max_fact_bytes its server
             // cannot hold, a stream that conflicts) is a configuration problem: 2.
             run::run(c).await.map_err(|e| {
@@ -530,8 +583,14 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             .await
             .map_err(op)
         }
-        Command::Status { admin } => {
+        Command::Status { admin, check } => {
             let endpoint = admin.endpoint().map_err(|e| (2u8, e))?;
+            if check {
+                let level = client::check(&endpoint, cli.json).await;
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                std::process::exit(level as i32);
+            }
             client::status(&endpoint, cli.json).await.map_err(op)
         }
         Command::Link {
@@ -552,7 +611,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::Policy {
             which: PolicyCommand::Test(t),
         } => {
-            init_tracing();
+            init_tracing(cli.log_format, cli.log_level.as_deref())?;
             client::policy_test(t, cli.json).map_err(op)
         }
         Command::Quarantine { which } => {

@@ -148,7 +148,19 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             link = link.with_lease(lease, holder);
         }
         handles.push(handle);
-        link_tasks.push(tokio::spawn(link.run(stop_rx.clone())));
+        // Every line the link logs carries the zone, the link, the source's consumer
+        // and the peer it pulls from.
+        let span = tracing::info_span!(
+            "link",
+            zone = %zone,
+            link = %name,
+            consumer = %l.settings.consumer,
+            peer = %l.source
+        );
+        link_tasks.push(tokio::spawn(tracing::Instrument::instrument(
+            link.run(stop_rx.clone()),
+            span,
+        )));
     }
 
     let mut servers = Vec::new();
@@ -240,6 +252,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             index,
             store: store.clone(),
             stopping: stop_rx.clone(),
+            ready: readiness.clone(),
             zone: zone.clone(),
             engine: engine.clone(),
             policies: policies.list(),

@@ -251,6 +251,24 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
         "{human}"
     );
 
+    // As a monitoring check: critical (2), naming the alert and the range.
+    let check = enterprise.gw.bsfg(&[
+        "status",
+        "--check",
+        "--admin",
+        &format!("127.0.0.1:{}", enterprise.admin),
+    ]);
+    let said = text(&check.stdout);
+    assert_eq!(check.status.code(), Some(2), "{said}");
+    assert!(
+        said.starts_with("BSFG CRITICAL - zone enterprise: link from-plant"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("CRITICAL BsfgLinkGapped: link from-plant <- plant/to-enterprise gapped at offsets {from}..={to}")),
+        "{said}"
+    );
+
     let admin = format!("http://127.0.0.1:{}", enterprise.admin);
     let wrong = enterprise.gw.bsfg(&[
         "link",
@@ -309,6 +327,30 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     let s = status(&enterprise);
     assert_eq!(s["links"][0]["state"], "running");
     assert_eq!(s["links"][0]["gaps_accepted"], 1);
+    // Past the gap the check is ok again (0); a gateway that does not answer is
+    // critical.
+    let check = enterprise.gw.bsfg(&[
+        "status",
+        "--check",
+        "--admin",
+        &format!("127.0.0.1:{}", enterprise.admin),
+    ]);
+    assert_eq!(check.status.code(), Some(0), "{}", text(&check.stdout));
+    assert!(text(&check.stdout).starts_with("BSFG OK - zone enterprise"));
+    let admin_port = enterprise.admin;
+    assert!(enterprise.gw.sigterm().success());
+    let check = enterprise.gw.bsfg(&[
+        "status",
+        "--check",
+        "--admin",
+        &format!("127.0.0.1:{admin_port}"),
+    ]);
+    assert_eq!(check.status.code(), Some(2), "{}", text(&check.stdout));
+    assert!(
+        text(&check.stdout).contains("CRITICAL BsfgGatewayDown"),
+        "{}",
+        text(&check.stdout)
+    );
 }
 
 /// Resident memory of a process: (current, peak) in KiB, from /proc.

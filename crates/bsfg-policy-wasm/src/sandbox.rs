@@ -90,6 +90,11 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// Every [`Fault::kind`], so a metric can show each at 0 before the first fault.
+    pub const KINDS: [&'static str; 7] = [
+        "deadline", "memory", "fuel", "trap", "count", "other", "broken",
+    ];
+
     /// Metric label: `deadline`, `memory`, `fuel`, `trap`, `count`, `other`, `broken`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -43,8 +43,24 @@ impl Gateway {
         Self::spawn_in(None, config, url)
     }
 
+    /// Starts the gateway with these environment variables set (e.g.
+    /// `BSFG_LOG_FORMAT=json`); its log is the config's path with `.log`.
+    #[allow(dead_code)]
+    pub fn spawn_env(config: PathBuf, url: String, env: &[(&str, &str)]) -> Gateway {
+        Self::spawn_in_env(None, config, url, env)
+    }
+
     /// Starts the gateway inside the network namespace `netns`, if any.
     pub fn spawn_in(netns: Option<String>, config: PathBuf, url: String) -> Gateway {
+        Self::spawn_in_env(netns, config, url, &[])
+    }
+
+    fn spawn_in_env(
+        netns: Option<String>,
+        config: PathBuf,
+        url: String,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         // The gateway's log goes beside its config, to explain a failed start.
         let log = config.with_extension("log");
         let mut cmd = match &netns {
@@ -55,6 +71,7 @@ impl Gateway {
             }
             None => Command::new(BSFG),
         };
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .args(["run", "--config"])
             .arg(&config)
