@@ -17,6 +17,7 @@ mod config;
 mod policies;
 mod registry;
 mod run;
+mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

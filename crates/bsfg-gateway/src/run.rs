@@ -37,6 +37,49 @@ async fn shutdown_signal() {
     }
 }
 
+/// On SIGHUP (`systemctl reload`): every TLS endpoint's files are checked and
+/// reloaded now rather than at the next `reload_interval` (policies reload on the
+/// same signal in `policies::watch`). Always listening, so a SIGHUP never ends the
+/// process, whatever the zone configures.
+async fn reload_on_hangup(
+    zone: String,
+    tls: Vec<Arc<dyn Reloadable>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!(zone = %zone, "cannot listen for SIGHUP; reloads happen on file changes only");
+            return;
+        };
+        loop {
+            tokio::select! {
+                r = hup.recv() => if r.is_none() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let mono = sd_notify::NotifyState::monotonic_usec_now().ok();
+            let mut states = vec![sd_notify::NotifyState::Reloading];
+            states.extend(mono);
+            crate::systemd::notify(&states);
+            let (mut reloaded, mut failed) = (0, 0);
+            for e in &tls {
+                match e.reload_if_changed() {
+                    Ok(true) => reloaded += 1,
+                    Ok(false) => {}
+                    Err(_) => failed += 1,
+                }
+            }
+            tracing::info!(zone = %zone, endpoints = tls.len(), reloaded, failed, "SIGHUP: certificates checked, reloaded where changed");
+            crate::systemd::notify(&[sd_notify::NotifyState::Ready]);
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (zone, tls, stop);
+    }
+}
+
 /// Runs the zone. Returns after a signal once every listener has stopped accepting
 /// and every request in flight (appends included) has been answered.
 pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
@@ -298,8 +341,13 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
     }
-    println!(
-        "bsfg: zone {zone} ready ({} listener(s), {} link(s){})",
+    tokio::spawn(reload_on_hangup(
+        zone.clone(),
+        tls_endpoints.clone(),
+        stop_rx.clone(),
+    ));
+    let summary = format!(
+        "zone {zone} ready ({} listener(s), {} link(s){})",
         cfg.listeners.len(),
         handles.len(),
         cfg.admin
@@ -307,6 +355,15 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .map(|a| format!(", admin on http://{}", a.listen))
             .unwrap_or_default()
     );
+    println!("bsfg: {summary}");
+    crate::systemd::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&summary),
+    ]);
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tracing::info!(zone = %zone, ?interval, "pinging the service manager's watchdog");
+        tokio::spawn(crate::systemd::watchdog(interval, stop_rx.clone()));
+    }
 
     // Stop on a signal, or as soon as any listener fails (the others stop too).
     let mut running: futures::stream::FuturesUnordered<_> = servers.into_iter().collect();
@@ -315,6 +372,10 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         Some(r) = running.next() => Some(r),
     };
     tracing::info!(zone = %zone, grace = ?cfg.stop_timeout, "stopping: no new requests; finishing those in flight");
+    crate::systemd::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: finishing the work in flight"),
+    ]);
     let _ = stop_tx.send(true);
     let mut outcome = match failed {
         Some(Ok(Ok(()))) => Err(anyhow::anyhow!("a listener stopped unexpectedly")),
