@@ -21,6 +21,7 @@ mod systemd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bsfg_core::component::SinkError;
@@ -392,13 +393,57 @@ enum IndexCommand {
 enum LogFormat {
     /// `2026-12-02T10:00:00Z  INFO link{zone=.. link=..}: message key=value`.
     Text,
-    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, the
-    /// event's fields, and `span` with the zone, link, consumer and peer.
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, `zone`
+    /// (every line of `run`), the event's fields, and `span` with the link's zone,
+    /// link, consumer and peer or a request's peer.
     Json,
 }
 
-/// Starts logging to stderr; a bad `--log-level` is a usage error (exit 2).
-fn init_tracing(format: LogFormat, level: Option<&str>) -> Result<(), (u8, anyhow::Error)> {
+/// A JSON log line's writer: adds `"zone"` to every line that has none, so a line
+/// logged by a task outside the zone's spans (a request, the store) still says which
+/// zone wrote it. One writer per event; the line is written whole when it is dropped.
+struct ZoneLine {
+    zone: Option<Arc<str>>,
+    line: Vec<u8>,
+}
+
+impl std::io::Write for ZoneLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ZoneLine {
+    fn drop(&mut self) {
+        use std::io::Write as _;
+        let line = std::mem::take(&mut self.line);
+        let mut err = std::io::stderr().lock();
+        if let Some(zone) = &self.zone
+            && let Ok(mut fields) =
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&line)
+            && !fields.contains_key("zone")
+        {
+            fields.insert("zone".into(), serde_json::Value::String(zone.to_string()));
+            if serde_json::to_writer(&mut err, &fields).is_ok() {
+                let _ = err.write_all(b"\n");
+                return;
+            }
+        }
+        let _ = err.write_all(&line);
+    }
+}
+
+/// Starts logging to stderr; a bad `--log-level` is a usage error (exit 2). `zone`
+/// (for `run`) is added to every JSON line that does not name one.
+fn init_tracing(
+    format: LogFormat,
+    level: Option<&str>,
+    zone: Option<&str>,
+) -> Result<(), (u8, anyhow::Error)> {
     const DEFAULT: &str = "info,async_nats=warn,h2=warn,tower=warn";
     let filter = match level {
         Some(l) => {
@@ -428,6 +473,13 @@ fn init_tracing(format: LogFormat, level: Option<&str>) -> Result<(), (u8, anyho
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init(),
         LogFormat::Json => builder
+            .with_writer({
+                let zone: Option<Arc<str>> = zone.map(Arc::from);
+                move || ZoneLine {
+                    zone: zone.clone(),
+                    line: Vec::with_capacity(256),
+                }
+            })
             .json()
             .flatten_event(true)
             .with_current_span(true)
@@ -490,7 +542,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         }
         Command::Run { config } => {
             let c = config::load(&registry::builtin(), &config).map_err(|p| (2u8, p.into()))?;
-            init_tracing(cli.log_format, cli.log_level.as_deref())?;
+            init_tracing(cli.log_format, cli.log_level.as_deref(), Some(&c.zone))?;
             // A configuration the zone's store refuses (a max_fact_bytes its server
             // cannot hold, a stream that conflicts) is a configuration problem: 2.
             run::run(c).await.map_err(|e| {
@@ -612,7 +664,7 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
         Command::Policy {
             which: PolicyCommand::Test(t),
         } => {
-            init_tracing(cli.log_format, cli.log_level.as_deref())?;
+            init_tracing(cli.log_format, cli.log_level.as_deref(), None)?;
             client::policy_test(t, cli.json).map_err(op)
         }
         Command::Quarantine { which } => {

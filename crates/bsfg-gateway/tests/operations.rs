@@ -304,6 +304,16 @@ async fn every_metric_the_dashboard_and_rules_name_is_exposed_by_a_live_gateway(
     );
     assert_eq!(link_line["level"], "INFO");
     assert!(lines.iter().all(|l| l["timestamp"].is_string()));
+    // Every line names the zone, and a request's lines its peer.
+    let stray: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["zone"] != "enterprise").collect();
+    assert!(stray.is_empty(), "lines without the zone: {stray:?}");
+    let refused = lines
+        .iter()
+        .find(|l| l["message"] == "request refused")
+        .unwrap_or_else(|| panic!("no refused request in {log}"));
+    assert_eq!(refused["span"]["peer"], "local", "{refused}");
+    assert_eq!(refused["code"], "invalid_argument", "{refused}");
 }
 
 #[test]

@@ -496,7 +496,7 @@ where
                         .get("grpc-message")
                         .and_then(|m| m.to_str().ok())
                         .unwrap_or("");
-                    tracing::info!(code = name, message, "request refused");
+                    tracing::info!(code = name, detail = message, "request refused");
                 }
                 Ok(resp)
             },

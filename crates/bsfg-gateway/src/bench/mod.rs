@@ -41,7 +41,7 @@ pub enum BenchCommand {
 pub async fn run(which: BenchCommand) -> anyhow::Result<()> {
     // The append benchmark prints its table alone; the others log what they set up.
     if !matches!(which, BenchCommand::Append(_)) {
-        let _ = crate::init_tracing(crate::LogFormat::Text, None);
+        let _ = crate::init_tracing(crate::LogFormat::Text, None, None);
     }
     match which {
         BenchCommand::Append(opts) => pipeline::append(opts).await,
