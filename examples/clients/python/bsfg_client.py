@@ -23,6 +23,20 @@ RETRYABLE_CODES = {
 }
 
 
+def add_connection_args(parser):
+    """--target and the mutual-TLS options, shared by the examples."""
+    parser.add_argument("--target", required=True, help="HOST:PORT of the gateway")
+    parser.add_argument("--ca", help="the zone CA (a grpcs:// listener)")
+    parser.add_argument("--cert", help="this client's certificate")
+    parser.add_argument("--key", help="its private key")
+    parser.add_argument("--server-name", help="when the address is not in its certificate")
+
+
+def channel_for(args):
+    """The channel `add_connection_args` describes."""
+    return channel(args.target, args.ca, args.cert, args.key, args.server_name)
+
+
 def channel(target, ca=None, cert=None, key=None, server_name=None):
     """A channel to HOST:PORT: plaintext (a loopback listener) or mutual TLS."""
     if ca is None:

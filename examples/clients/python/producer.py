@@ -23,7 +23,7 @@ import time
 
 from bsfg.v1 import boundary_pb2, boundary_pb2_grpc
 
-from bsfg_client import Refusal, channel
+from bsfg_client import Refusal, add_connection_args, channel_for
 
 
 def fact(args, step, obj):
@@ -69,7 +69,7 @@ def append(stub, message, retry_for):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--target", required=True, help="HOST:PORT of the gateway")
+    add_connection_args(p)
     p.add_argument("--batch", default="B1042")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--from-zone", default="plant-a")
@@ -78,15 +78,9 @@ def main():
                    help="seconds to keep retrying one fact")
     p.add_argument("--invalid", action="store_true",
                    help="also send a fact the contract refuses (a 64-bit number)")
-    p.add_argument("--ca")
-    p.add_argument("--cert")
-    p.add_argument("--key")
-    p.add_argument("--server-name")
     args = p.parse_args()
 
-    stub = boundary_pb2_grpc.BoundaryStub(
-        channel(args.target, args.ca, args.cert, args.key, args.server_name)
-    )
+    stub = boundary_pb2_grpc.BoundaryStub(channel_for(args))
     report = {"appended": [], "duplicates": [], "refused": [], "retries": 0}
     for step in range(1, args.steps + 1):
         m = fact(args, step, {"step": step, "operator": "jdoe"})

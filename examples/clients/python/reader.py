@@ -21,7 +21,7 @@ import sys
 
 from bsfg.v1 import boundary_pb2, boundary_pb2_grpc
 
-from bsfg_client import Refusal, channel
+from bsfg_client import Refusal, add_connection_args, channel_for
 
 
 def seen_ids(path):
@@ -33,22 +33,16 @@ def seen_ids(path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--target", required=True)
+    add_connection_args(p)
     p.add_argument("--consumer", required=True)
     p.add_argument("--out", required=True, help="JSON lines, one per fact processed")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--wait-ms", type=int, default=2000)
     p.add_argument("--idle-pages", type=int, default=2)
     p.add_argument("--max-facts", type=int, default=0)
-    p.add_argument("--ca")
-    p.add_argument("--cert")
-    p.add_argument("--key")
-    p.add_argument("--server-name")
     args = p.parse_args()
 
-    stub = boundary_pb2_grpc.BoundaryStub(
-        channel(args.target, args.ca, args.cert, args.key, args.server_name)
-    )
+    stub = boundary_pb2_grpc.BoundaryStub(channel_for(args))
     seen = seen_ids(args.out)
     processed = replays = idle = 0
     frontier = None
