@@ -1,7 +1,8 @@
 //! The Python producer and reader of `examples/clients/python`, with stubs generated
 //! from `proto/bsfg/v1/boundary.proto` by grpcio-tools, against a live gateway: the
 //! producer retries through a gateway that is not up yet and reads ErrorInfo reasons;
-//! the reader fetches, processes and confirms every fact exactly once.
+//! the reader fetches, processes and confirms every fact exactly once; both over
+//! mutual TLS with a granted client certificate, and a refused claim is final.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -151,4 +152,95 @@ fn the_python_producer_retries_idempotently_and_the_reader_confirms_each_fact_on
         (second["processed"].as_u64(), second["replays"].as_u64()),
         (Some(0), Some(0))
     );
+}
+
+fn bsfg(args: &[&str]) {
+    let o = Command::new(common::BSFG).args(args).output().unwrap();
+    assert!(o.status.success(), "bsfg {args:?}: {}", text(&o.stderr));
+}
+
+#[test]
+fn the_python_examples_talk_mutual_tls_with_a_granted_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let stubs = dir.path().join("gen");
+    generate(&stubs);
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
+    bsfg(&["certs", "init", "--zone", "plant-a", "--dir", &d("ca")]);
+    let ca = d("ca");
+    bsfg(&[
+        "certs",
+        "issue",
+        "--dir",
+        &ca,
+        "--name",
+        "plant-a-bsfg",
+        "--server",
+        "--ip",
+        "127.0.0.1",
+    ]);
+    bsfg(&[
+        "certs",
+        "issue",
+        "--dir",
+        &ca,
+        "--name",
+        "mes-producer",
+        "--client",
+    ]);
+    let nats = NatsServer::start().unwrap();
+    let [port, plain] = free_ports();
+    let config = ZoneFile::new("plant-a", &nats)
+        .consumer("reporting", "operational")
+        .section(&format!("[[listeners]]\nurl = \"grpcs://127.0.0.1:{port}\""))
+        .plaintext(plain)
+        .section("[tls]\ncert = \"ca/plant-a-bsfg.pem\"\nkey = \"ca/plant-a-bsfg.key\"\ntrust = { plant-a = \"ca/ca.pem\" }")
+        .section("[[peers]]\nidentity = \"mes-producer\"\nca = \"plant-a\"\nclaim_from_zones = [\"plant-a\"]\nto_zones = [\"*\"]\nconsumers = [\"reporting\"]")
+        .write(&dir.path().join("zone.toml"));
+    let _gw = Gateway::spawn(config, format!("grpc://127.0.0.1:{plain}"));
+    let target = format!("127.0.0.1:{port}");
+    let tls = |c: &mut Command| {
+        c.args(["--ca", &d("ca/ca.pem"), "--cert", &d("ca/mes-producer.pem")])
+            .args(["--key", &d("ca/mes-producer.key")]);
+    };
+    let mut producer = example(&stubs, "producer.py");
+    producer.args(["--target", &target, "--batch", "T1", "--steps", "5"]);
+    tls(&mut producer);
+    let out = producer.output().unwrap();
+    let report = json_of(&out);
+    assert!(out.status.success(), "{report}\n{}", text(&out.stderr));
+    assert_eq!(report["appended"].as_array().unwrap().len(), 5, "{report}");
+
+    // A zone the certificate may not claim: permission_denied, final, not retried.
+    let mut denied = example(&stubs, "producer.py");
+    denied.args([
+        "--target",
+        &target,
+        "--from-zone",
+        "enterprise",
+        "--steps",
+        "1",
+    ]);
+    tls(&mut denied);
+    let report = json_of(&denied.output().unwrap());
+    assert_eq!(
+        report["refused"][0]["reason"], "permission_denied",
+        "{report}"
+    );
+    assert_eq!(report["retries"], 0, "{report}");
+
+    let mut reader = example(&stubs, "reader.py");
+    reader
+        .args([
+            "--target",
+            &target,
+            "--consumer",
+            "reporting",
+            "--wait-ms",
+            "300",
+            "--out",
+        ])
+        .arg(dir.path().join("seen.jsonl"));
+    tls(&mut reader);
+    let r = json_of(&reader.output().unwrap());
+    assert_eq!(r["processed"], 5, "{r}");
 }
