@@ -84,6 +84,14 @@ async fn reload_on_hangup(
 /// and every request in flight (appends included) has been answered.
 pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let zone = cfg.zone.clone();
+    // The watchdog is pinged from the start: opening a large zone (rebuilding the
+    // look-up from the stream) may take minutes, and the pings prove the runtime
+    // lives through it and through the stop's grace period.
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        tracing::info!(zone = %zone, ?interval, "pinging the service manager's watchdog");
+        tokio::spawn(crate::systemd::watchdog(interval));
+    }
+    crate::systemd::notify(&[sd_notify::NotifyState::Status("opening the zone's store")]);
     let store = cfg.sink.open().await.with_context(|| {
         format!(
             "zone {zone}: opening the zone's store at {}",
@@ -360,10 +368,6 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&summary),
     ]);
-    if let Some(interval) = crate::systemd::watchdog_interval() {
-        tracing::info!(zone = %zone, ?interval, "pinging the service manager's watchdog");
-        tokio::spawn(crate::systemd::watchdog(interval, stop_rx.clone()));
-    }
 
     // Stop on a signal, or as soon as any listener fails (the others stop too).
     let mut running: futures::stream::FuturesUnordered<_> = servers.into_iter().collect();

@@ -29,16 +29,14 @@ pub fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-/// Pings the watchdog every `interval` until `stop` turns true: proof that the
-/// runtime still schedules tasks (a store outage is readiness, not a hang, so it does
-/// not stop the pings and does not get the gateway restarted).
-pub async fn watchdog(interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Pings the watchdog every `interval` for as long as the process runs: proof that
+/// the runtime still schedules tasks (a store outage is readiness, not a hang, so it
+/// does not stop the pings and does not get the gateway restarted).
+pub async fn watchdog(interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => notify(&[NotifyState::Watchdog]),
-            _ = stop.wait_for(|s| *s) => return,
-        }
+        tick.tick().await;
+        notify(&[NotifyState::Watchdog]);
     }
 }
