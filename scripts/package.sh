@@ -58,7 +58,8 @@ for ex in single-zone two-zones three-zones cluster-zone; do
     -exec install -m 0644 {} "$root/usr/share/doc/bsfg/examples/$ex/" \;
 done
 install -m 0644 examples/grafana/bsfg-zones.json "$root/usr/share/bsfg/grafana/"
-install -m 0644 examples/prometheus/bsfg-rules.yml "$root/usr/share/bsfg/prometheus/"
+install -m 0644 examples/prometheus/bsfg-rules.yml examples/prometheus/bsfg-rules.test.yml \
+  "$root/usr/share/bsfg/prometheus/"
 cat > "$root/usr/share/doc/bsfg/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: bsfg

@@ -91,7 +91,7 @@ fn bsfg(args: &[&str]) {
 }
 
 #[test]
-fn every_rule_and_dashboard_query_parses() {
+fn every_rule_and_dashboard_query_parses_and_the_rules_fire_as_the_runbook_says() {
     let rules = repo().join("examples/prometheus/bsfg-rules.yml");
     let out = Command::new(promtool())
         .args(["check", "rules"])
@@ -101,6 +101,19 @@ fn every_rule_and_dashboard_query_parses() {
     assert!(
         out.status.success(),
         "promtool check rules: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // The rules' behaviour on series as a gateway exposes them: a gapped link fires,
+    // a standby link never stalls, thresholds at their levels.
+    let out = Command::new(promtool())
+        .args(["test", "rules"])
+        .arg(repo().join("examples/prometheus/bsfg-rules.test.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}{}",
         text(&out.stdout),
         text(&out.stderr)
     );
