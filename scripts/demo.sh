@@ -138,6 +138,8 @@ kill -TERM "${PID[idmz.gw]}"; wait "${PID[idmz.gw]}" && echo "   idmz gateway st
 append_steps B1043 1 20
 sleep 1
 run status --config $EX/enterprise.toml
+say "A monitoring check of the idmz zone (exit codes as Nagios: 0 ok, 1 warning, 2 critical; docs/operations.md)"
+run status --check --config $EX/idmz.toml || echo "   exit code $?"
 
 say "The idmz gateway comes back; both links resume by themselves and catch up"
 start_gateway idmz
@@ -154,6 +156,8 @@ cmp "$DATA/record.pdf" "$DATA/record.enterprise.pdf" && echo "   byte for byte t
 run quarantine list --config $EX/enterprise.toml
 say "An operator reviews it and releases it: it is appended as it was, and the release is recorded as a fact"
 run quarantine release --config $EX/enterprise.toml --id plant:batch:B1043:recipe:1 --by demo-operator
+say "The same check of the enterprise zone: nothing held in quarantine, links within limits"
+run status --check --config $EX/enterprise.toml || echo "   exit code $?"
 
 say "A reader in the enterprise zone fetches and confirms what arrived (via = where the link got it)"
 run --url $ENTERPRISE "${READER[@]}" fetch --consumer reporting --limit 40 --confirm

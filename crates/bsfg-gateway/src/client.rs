@@ -858,10 +858,15 @@ pub async fn check(endpoint: &AdminEndpoint, json: bool) -> crate::check::Level 
             level
         }
         Err(e) => {
+            let msg = format!("{e:#}");
             let f = Finding {
                 level: Level::Critical,
                 alert: crate::check::GATEWAY_DOWN.alert,
-                text: format!("{e:#}"),
+                text: if msg.contains(&endpoint.addr) {
+                    msg
+                } else {
+                    format!("admin endpoint {}: {msg}", endpoint.addr)
+                },
             };
             if json {
                 println!(
@@ -869,10 +874,7 @@ pub async fn check(endpoint: &AdminEndpoint, json: bool) -> crate::check::Level 
                     serde_json::json!({"level": "CRITICAL", "exit_code": 2, "findings": [{"level": "CRITICAL", "alert": f.alert, "text": f.text}]})
                 );
             } else {
-                println!(
-                    "BSFG CRITICAL - admin endpoint {}: {e:#}\n{f}",
-                    endpoint.addr
-                );
+                println!("BSFG CRITICAL - {}\n{f}", f.text);
             }
             Level::Critical
         }
