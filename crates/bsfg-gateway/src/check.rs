@@ -104,6 +104,32 @@ pub const NOT_READY: Threshold = Threshold {
     critical: Some(0.0),
 };
 
+/// The limits a check applies where a site may set its own (`bsfg status --check
+/// --lag-warning 5 ...`, as it would edit the alerting rules): the runbook's by
+/// default.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// [`LINK_STALLED`], seconds.
+    pub stalled: Threshold,
+    /// [`REPLICATION_LAG`], seconds.
+    pub lag: Threshold,
+    /// [`REPLICATION_BACKLOG`], facts.
+    pub backlog: Threshold,
+    /// [`CERTIFICATE_EXPIRY`], days left.
+    pub certificate_days: Threshold,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            stalled: LINK_STALLED,
+            lag: REPLICATION_LAG,
+            backlog: REPLICATION_BACKLOG,
+            certificate_days: CERTIFICATE_EXPIRY,
+        }
+    }
+}
+
 /// One thing the check found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
@@ -136,6 +162,8 @@ pub struct Observed {
     pub metrics: String,
     /// Now, Unix seconds.
     pub now_unix_s: f64,
+    /// What to judge against.
+    pub limits: Limits,
 }
 
 /// Samples of one metric in Prometheus text: (the labels part, value).
@@ -224,7 +252,7 @@ pub fn judge(o: &Observed) -> Vec<Finding> {
             .last_success_unix_ms
             .map(|t| (o.now_unix_s - t as f64 / 1000.0).max(0.0));
         let stalled = match (idle_s, &l.state) {
-            (Some(s), _) => above(&LINK_STALLED, s),
+            (Some(s), _) => above(&o.limits.stalled, s),
             // Never succeeded since start: judged once it has been failing a while.
             (None, LinkState::BackingOff { .. }) => Level::Warning,
             (None, _) => Level::Ok,
@@ -242,12 +270,12 @@ pub fn judge(o: &Observed) -> Vec<Finding> {
             },
         );
         push(
-            above(&REPLICATION_LAG, l.lag_seconds),
+            above(&o.limits.lag, l.lag_seconds),
             &REPLICATION_LAG,
             format!("{name}: lag {:.3} s", l.lag_seconds),
         );
         push(
-            above(&REPLICATION_BACKLOG, l.lag_facts as f64),
+            above(&o.limits.backlog, l.lag_facts as f64),
             &REPLICATION_BACKLOG,
             format!(
                 "{name}: {} fact(s) not yet confirmed at the source",
@@ -276,7 +304,7 @@ pub fn judge(o: &Observed) -> Vec<Finding> {
     for (labels, not_after) in samples(&o.metrics, "bsfg_certificate_expiry_timestamp_seconds") {
         let days = (not_after - o.now_unix_s) / 86_400.0;
         push(
-            below(&CERTIFICATE_EXPIRY, days),
+            below(&o.limits.certificate_days, days),
             &CERTIFICATE_EXPIRY,
             format!(
                 "{} certificate {} of {} expires in {days:.1} day(s)",
@@ -365,6 +393,7 @@ mod tests {
                 NOW + 300.0 * 86_400.0
             ),
             now_unix_s: NOW,
+            limits: Limits::default(),
         }
     }
 
@@ -457,6 +486,18 @@ mod tests {
             );
             assert_eq!(worst(&judge(&o)), want, "{days} days");
         }
+    }
+
+    #[test]
+    fn a_site_may_set_its_own_limits() {
+        let mut l = link(LinkState::Running);
+        l.lag_seconds = 3.0;
+        let mut o = zone(vec![l]);
+        assert_eq!(levels(&o), [(Level::Warning, "BsfgReplicationLag")]);
+        o.limits.lag.warning = Some(5.0);
+        assert_eq!(levels(&o), []);
+        o.limits.lag.critical = Some(2.0);
+        assert_eq!(levels(&o), [(Level::Critical, "BsfgReplicationLag")]);
     }
 
     /// The alerting rules use the same numbers as the check: each alert of

@@ -837,9 +837,13 @@ pub async fn status(endpoint: &AdminEndpoint, json: bool) -> anyhow::Result<()> 
 /// `bsfg status --check`: judges the zone against the runbook's thresholds
 /// ([`crate::check`]), prints one summary line and each finding, and returns the
 /// level (its number is the exit code). An endpoint that does not answer is critical.
-pub async fn check(endpoint: &AdminEndpoint, json: bool) -> crate::check::Level {
+pub async fn check(
+    endpoint: &AdminEndpoint,
+    limits: crate::check::Limits,
+    json: bool,
+) -> crate::check::Level {
     use crate::check::{Finding, Level};
-    match observe(endpoint).await {
+    match observe(endpoint, limits).await {
         Ok(o) => {
             let findings = crate::check::judge(&o);
             let level = crate::check::worst(&findings);
@@ -881,7 +885,10 @@ pub async fn check(endpoint: &AdminEndpoint, json: bool) -> crate::check::Level 
     }
 }
 
-async fn observe(endpoint: &AdminEndpoint) -> anyhow::Result<crate::check::Observed> {
+async fn observe(
+    endpoint: &AdminEndpoint,
+    limits: crate::check::Limits,
+) -> anyhow::Result<crate::check::Observed> {
     let get = |path: &'static str| admin_request(endpoint, "GET", path);
     let (ready, _) = get("/readyz").await?;
     let (code, body) = get("/status").await?;
@@ -902,6 +909,7 @@ async fn observe(endpoint: &AdminEndpoint) -> anyhow::Result<crate::check::Obser
         quarantined,
         metrics,
         now_unix_s,
+        limits,
     })
 }
 

@@ -164,6 +164,8 @@ enum Command {
         /// admin endpoint does not answer).
         #[arg(long)]
         check: bool,
+        #[command(flatten)]
+        limits: CheckLimits,
     },
     /// Try a WASM policy module without a gateway.
     Policy {
@@ -386,6 +388,55 @@ enum IndexCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+/// `bsfg status --check` limits a site sets for itself (as it would edit the alerting
+/// rules); unset, the runbook's.
+#[derive(clap::Args, Debug, Default)]
+struct CheckLimits {
+    /// Seconds without a successful link step before a warning [default: 60].
+    #[arg(long, value_name = "SECONDS", requires = "check")]
+    stalled_warning: Option<f64>,
+    /// ... before critical [default: 900].
+    #[arg(long, value_name = "SECONDS", requires = "check")]
+    stalled_critical: Option<f64>,
+    /// Replication lag before a warning [default: 1].
+    #[arg(long, value_name = "SECONDS", requires = "check")]
+    lag_warning: Option<f64>,
+    /// ... before critical [default: 300].
+    #[arg(long, value_name = "SECONDS", requires = "check")]
+    lag_critical: Option<f64>,
+    /// Facts waiting at a link's source before a warning [default: 10000].
+    #[arg(long, value_name = "FACTS", requires = "check")]
+    backlog_warning: Option<f64>,
+    /// ... before critical [default: 1000000].
+    #[arg(long, value_name = "FACTS", requires = "check")]
+    backlog_critical: Option<f64>,
+    /// Days left on a certificate below which it warns [default: 14].
+    #[arg(long, value_name = "DAYS", requires = "check")]
+    certificate_warning_days: Option<f64>,
+    /// ... below which it is critical [default: 3].
+    #[arg(long, value_name = "DAYS", requires = "check")]
+    certificate_critical_days: Option<f64>,
+}
+
+impl CheckLimits {
+    fn limits(&self) -> check::Limits {
+        let mut l = check::Limits::default();
+        let set = |t: &mut check::Threshold, w: Option<f64>, c: Option<f64>| {
+            t.warning = w.or(t.warning);
+            t.critical = c.or(t.critical);
+        };
+        set(&mut l.stalled, self.stalled_warning, self.stalled_critical);
+        set(&mut l.lag, self.lag_warning, self.lag_critical);
+        set(&mut l.backlog, self.backlog_warning, self.backlog_critical);
+        set(
+            &mut l.certificate_days,
+            self.certificate_warning_days,
+            self.certificate_critical_days,
+        );
+        l
+    }
 }
 
 /// How log lines are written.
@@ -636,10 +687,14 @@ async fn dispatch(cli: Cli) -> Result<(), (u8, anyhow::Error)> {
             .await
             .map_err(op)
         }
-        Command::Status { admin, check } => {
+        Command::Status {
+            admin,
+            check,
+            limits,
+        } => {
             let endpoint = admin.endpoint().map_err(|e| (2u8, e))?;
             if check {
-                let level = client::check(&endpoint, cli.json).await;
+                let level = client::check(&endpoint, limits.limits(), cli.json).await;
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
                 std::process::exit(level as i32);

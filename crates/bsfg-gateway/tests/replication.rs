@@ -337,6 +337,17 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     ]);
     assert_eq!(check.status.code(), Some(0), "{}", text(&check.stdout));
     assert!(text(&check.stdout).starts_with("BSFG OK - zone enterprise"));
+    // A site's own limit: any time since the last step is too long here.
+    let check = enterprise.gw.bsfg(&[
+        "status",
+        "--check",
+        "--stalled-warning",
+        "0",
+        "--admin",
+        &format!("127.0.0.1:{}", enterprise.admin),
+    ]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check.stdout));
+    assert!(text(&check.stdout).contains("WARNING BsfgLinkStalled: link from-plant"));
     let admin_port = enterprise.admin;
     assert!(enterprise.gw.sigterm().success());
     let check = enterprise.gw.bsfg(&[
