@@ -68,15 +68,16 @@ async fn reload(p: &Arc<WasmPolicy>, why: &'static str) {
 }
 
 /// Reloads a policy whose module file changed (checked every [`RELOAD_POLL`]), and
-/// every policy on SIGHUP, until `stop`.
-pub async fn watch(policies: Policies, mut stop: watch::Receiver<bool>) {
+/// every policy on SIGHUP (`hup`, registered before the gateway said it was ready),
+/// until `stop`.
+pub async fn watch(policies: Policies, hup: crate::run::Hangup, mut stop: watch::Receiver<bool>) {
     if policies.all.is_empty() {
         return;
     }
     let list = policies.list();
     let mut stamps: Vec<_> = list.iter().map(|p| stamp(&p.config().module)).collect();
     #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hup = hup;
     let mut tick = tokio::time::interval(RELOAD_POLL);
     loop {
         #[cfg(unix)]

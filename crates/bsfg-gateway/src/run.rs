@@ -37,22 +37,42 @@ async fn shutdown_signal() {
     }
 }
 
+/// The SIGHUP listener, registered before the gateway says it is ready: from then
+/// on a SIGHUP never ends the process, whatever the zone configures (the default
+/// action of SIGHUP is to terminate).
+#[cfg(unix)]
+pub type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+pub type Hangup = Option<()>;
+
+pub fn listen_for_hangup(zone: &str) -> Hangup {
+    #[cfg(unix)]
+    {
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        if hup.is_none() {
+            tracing::warn!(zone = %zone, "cannot listen for SIGHUP; reloads happen on file changes only");
+        }
+        hup
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = zone;
+        None
+    }
+}
+
 /// On SIGHUP (`systemctl reload`): every TLS endpoint's files are checked and
 /// reloaded now rather than at the next `reload_interval` (policies reload on the
-/// same signal in `policies::watch`). Always listening, so a SIGHUP never ends the
-/// process, whatever the zone configures.
+/// same signal in `policies::watch`).
 async fn reload_on_hangup(
     zone: String,
+    hup: Hangup,
     tls: Vec<Arc<dyn Reloadable>>,
     mut stop: watch::Receiver<bool>,
 ) {
     #[cfg(unix)]
     {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            tracing::warn!(zone = %zone, "cannot listen for SIGHUP; reloads happen on file changes only");
-            return;
-        };
+        let Some(mut hup) = hup else { return };
         loop {
             tokio::select! {
                 r = hup.recv() => if r.is_none() { return },
@@ -76,7 +96,7 @@ async fn reload_on_hangup(
     }
     #[cfg(not(unix))]
     {
-        let _ = (zone, tls, stop);
+        let _ = (zone, hup, tls, stop);
     }
 }
 
@@ -341,7 +361,11 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             .map_err(|e| anyhow::Error::new(e).context("admin endpoint"))
         }));
     }
-    tokio::spawn(crate::policies::watch(policies.clone(), stop_rx.clone()));
+    tokio::spawn(crate::policies::watch(
+        policies.clone(),
+        listen_for_hangup(&zone),
+        stop_rx.clone(),
+    ));
     if let Some(t) = &cfg.tls {
         tokio::spawn(bsfg_tls::watch(
             tls_endpoints.clone(),
@@ -351,6 +375,7 @@ pub async fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
     tokio::spawn(reload_on_hangup(
         zone.clone(),
+        listen_for_hangup(&zone),
         tls_endpoints.clone(),
         stop_rx.clone(),
     ));
