@@ -597,13 +597,10 @@ pub fn parse_with_env(
     let doc = DeTable::parse(src).map_err(syntax)?;
     let doc_span = doc.span();
     let mut root = doc.into_inner();
-    let unexpanded = env::expand_table(&mut root, lookup);
-    if !unexpanded.is_empty() {
-        let mut c = Checks::default();
-        for p in unexpanded {
-            c.at(p.span, p.key, p.rule);
-        }
-        return Err(located(path, src, c));
+    let mut unexpanded = Checks::default();
+    env::expand_table(&mut root, lookup, &mut unexpanded);
+    if !unexpanded.problems.is_empty() {
+        return Err(located(path, src, unexpanded));
     }
     let raw_sink = take(&mut root, "sink", None);
     let raw_consumers = take(&mut root, "consumers", None);

@@ -15,13 +15,7 @@ use common::{Gateway, ZoneFile};
 
 /// Resident memory of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    kb * 1024
+    bsfg_testkit::memory_bytes(&pid.to_string()).unwrap().0
 }
 
 type Frames =

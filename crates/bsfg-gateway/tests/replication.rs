@@ -364,18 +364,10 @@ async fn a_link_past_lost_facts_is_gapped_in_status_and_metrics_until_an_operato
     );
 }
 
-/// Resident memory of a process: (current, peak) in KiB, from /proc.
+/// Resident memory of a process: (current, peak) in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let (now, peak) = bsfg_testkit::memory_bytes(&pid.to_string()).unwrap();
+    (now / 1024, peak / 1024)
 }
 
 /// A receiving gateway streams a 256 MiB artifact from its source into its own

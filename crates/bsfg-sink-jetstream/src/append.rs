@@ -578,10 +578,12 @@ impl Appender {
                 // ids up again.
                 let classes = jobs.iter().map(|j| j.class.clone()).collect();
                 let reread = async {
+                    // Re-reading the buckets ends by reading the index to its end.
                     if attempt >= 2 {
                         self.reread_buckets(&jobs).await?;
+                    } else {
+                        self.catch_up().await?;
                     }
-                    self.catch_up().await?;
                     self.read_heads(&classes).await
                 };
                 match reread.await {

@@ -81,6 +81,16 @@ impl Leases {
             .map_err(|e| unavailable("read", e))?;
         Ok(entry.filter(|e| e.operation == kv::Operation::Put))
     }
+
+    /// Who holds `link`'s lease now, after a write of ours lost to another's.
+    async fn holder_now(&self, link: &str) -> Result<Option<String>, BoundaryError> {
+        Ok(Some(
+            self.current(link)
+                .await?
+                .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+                .unwrap_or_default(),
+        ))
+    }
 }
 
 #[async_trait]
@@ -92,23 +102,15 @@ impl LinkLease for Leases {
                 match self.store.update(key(link), value, e.revision).await {
                     Ok(_) => Ok(None),
                     // Someone wrote in between: whoever it is holds it now.
-                    Err(_) => Ok(Some(
-                        self.current(link)
-                            .await?
-                            .map(|e| String::from_utf8_lossy(&e.value).into_owned())
-                            .unwrap_or_default(),
-                    )),
+                    Err(_) => self.holder_now(link).await,
                 }
             }
             Some(e) => Ok(Some(String::from_utf8_lossy(&e.value).into_owned())),
             None => match self.store.create(key(link), value).await {
                 Ok(_) => Ok(None),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Some(
-                    self.current(link)
-                        .await?
-                        .map(|e| String::from_utf8_lossy(&e.value).into_owned())
-                        .unwrap_or_default(),
-                )),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    self.holder_now(link).await
+                }
                 Err(e) => Err(unavailable("create", e)),
             },
         }

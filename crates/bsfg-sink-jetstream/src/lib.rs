@@ -457,7 +457,6 @@ impl JetStreamZone {
         &self.client
     }
 
-    /// Creates or verifies a durable consumer at run time.
     /// The zone's link leases.
     pub fn leases(&self) -> Arc<lease::Leases> {
         self.leases.clone()

@@ -349,6 +349,22 @@ impl Drop for NatsServer {
     }
 }
 
+/// Memory of a process from `/proc/<pid>/status` (`pid` = `"self"` for this one):
+/// (resident, peak resident) in bytes; 0 for a field the kernel does not report.
+/// For the tests and benchmarks that bound what a gateway holds.
+pub fn memory_bytes(pid: &str) -> std::io::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
 /// Minimal HTTP/1.0 GET against 127.0.0.1; returns the status code and body.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;

@@ -513,13 +513,7 @@ async fn malformed_calls_get_a_clear_error_naming_the_field_and_the_listener_kee
 
 /// This process's resident memory, in bytes.
 fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
-    kb * 1024
+    bsfg_testkit::memory_bytes("self").unwrap().0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

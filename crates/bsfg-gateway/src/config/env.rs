@@ -7,33 +7,19 @@
 //! default is a problem; `${VAR:-}` makes an empty default explicit.
 
 use std::borrow::Cow;
-use std::ops::Range;
 
-use toml::Spanned;
-use toml::de::{DeTable, DeValue};
-
-/// One variable that could not be expanded: where (the string's span), which key,
-/// and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvProblem {
-    /// The span of the string value holding the reference.
-    pub span: Range<usize>,
-    /// The dotted key of that value (`listeners[0].address`).
-    pub key: String,
-    /// What is wrong, naming the variable.
-    pub rule: String,
-}
+use bsfg_core::component::{Checks, DeTable, DeValue, Spanned};
 
 /// Expands every string value of `doc` in place through `lookup` (the process
-/// environment in the gateway; a map in tests). Returns every reference that could not
-/// be expanded; the values holding one are left as written.
+/// environment in the gateway; a map in tests). Every reference that could not be
+/// expanded is recorded in `c` at its value's span and key; the values holding one
+/// are left as written.
 pub fn expand_table(
     doc: &mut DeTable<'_>,
     lookup: &dyn Fn(&str) -> Option<String>,
-) -> Vec<EnvProblem> {
-    let mut problems = Vec::new();
-    table(doc, "", lookup, &mut problems);
-    problems
+    c: &mut Checks,
+) {
+    table(doc, "", lookup, c);
 }
 
 fn join(prefix: &str, key: &str) -> String {
@@ -48,7 +34,7 @@ fn table(
     t: &mut DeTable<'_>,
     prefix: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
-    out: &mut Vec<EnvProblem>,
+    out: &mut Checks,
 ) {
     for (k, v) in t.iter_mut() {
         let key = join(prefix, k.get_ref());
@@ -60,18 +46,18 @@ fn value(
     v: &mut Spanned<DeValue<'_>>,
     key: &str,
     lookup: &dyn Fn(&str) -> Option<String>,
-    out: &mut Vec<EnvProblem>,
+    out: &mut Checks,
 ) {
     let span = v.span();
     match v.get_mut() {
         DeValue::String(s) if s.contains('$') => match expand(s, lookup) {
             Ok(Some(new)) => *s = Cow::Owned(new),
             Ok(None) => {}
-            Err(rules) => out.extend(rules.into_iter().map(|rule| EnvProblem {
-                span: span.clone(),
-                key: key.to_owned(),
-                rule,
-            })),
+            Err(rules) => {
+                for rule in rules {
+                    out.at(span.clone(), key, rule);
+                }
+            }
         },
         DeValue::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
